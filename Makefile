@@ -1,0 +1,41 @@
+# Each target sets itself up: a fresh clone needs only Python 3.10+ and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_MINUTES ?= 3
+# torch is pinned here: 2.13.0 resolves to the CPU build on machines that carry it
+# and keeps pip from pulling gigabytes of CUDA packages by accident.
+TORCH := torch==2.13.0
+
+.PHONY: demo test bench lint proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	DEMO_MINUTES=$(DEMO_MINUTES) $(PY) examples/demo.py
+
+test: $(VENV)/.installed-dev lint
+	$(PY) -m pytest -q --durations=5
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy protocol coordinator
+
+bench: $(VENV)/.installed-dev
+	@echo "no benchmarks yet"
+
+proto: $(VENV)/.installed-dev
+	bash scripts/gen_proto.sh .
+
+clean:
+	rm -rf $(VENV) demo-data .pytest_cache .ruff_cache .mypy_cache

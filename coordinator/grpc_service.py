@@ -1,0 +1,161 @@
+"""The gRPC service nodes talk to. Handlers only translate.
+
+Each method parses its request (envelope, payload, session), calls a domain
+function in :mod:`peers`, :mod:`leases` or :mod:`runs`, and formats the
+answer. Every failure becomes a status code with a message; none changes
+stored state.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from crowdtrain.coordinator import leases, peers, runs
+from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol import coordinator_pb2 as pb
+from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
+from crowdtrain.protocol.errors import CrowdtrainError, IdentityError
+from crowdtrain.protocol.identity import OpenedEnvelope, ReplayGuard, open_envelope
+from crowdtrain.protocol.messages import (
+    HeartbeatPayload,
+    PayloadError,
+    ReceiptPayload,
+    RegisterPayload,
+    parse_payload,
+)
+from crowdtrain.protocol.rpc import (
+    KIND_HEARTBEAT,
+    KIND_RECEIPT,
+    KIND_REGISTER,
+    envelope_from_pb,
+)
+
+logger = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (peers.SessionError, grpc.StatusCode.UNAUTHENTICATED),
+    (IdentityError, grpc.StatusCode.UNAUTHENTICATED),
+    (runs.UnknownRunError, grpc.StatusCode.NOT_FOUND),
+    (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
+    (leases.ReceiptError, grpc.StatusCode.FAILED_PRECONDITION),
+    (CrowdtrainError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+R = TypeVar("R")
+
+
+def _translating(
+    method: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    """Turn our errors into gRPC status codes with their message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except CrowdtrainError as e:
+            code = next(c for t, c in _STATUS if isinstance(e, t))
+            logger.info("%s refused: %s", method.__name__, e)
+            await context.abort(code, str(e))
+            raise AssertionError("unreachable") from None
+
+    return wrapper
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        store: Store,
+        config: peers.PeerConfig,
+        initial_peers: Callable[[], list[str]],
+        http_url: str,
+    ):
+        self.store = store
+        self.config = config
+        self.initial_peers = initial_peers
+        self.http_url = http_url
+        self.guard = ReplayGuard()
+
+    def _run_info(self, run: runs.PublishedRun) -> pb.RunInfo:
+        return pb.RunInfo(
+            run_id=run.id,
+            spec_toml=run.row["spec_toml"],
+            spec_hash=run.row["spec_hash"],
+            manifest_json=run.row["manifest_json"],
+            manifest_hash=run.row["manifest_hash"],
+            step=run.row["step"],
+            shard_base_url=f"{self.http_url}/api/runs/{run.id}/shards",
+        )
+
+    def _open(
+        self, message: pb.Envelope, kind: str, session: peers.Session | None = None
+    ) -> OpenedEnvelope:
+        return open_envelope(
+            envelope_from_pb(message),
+            kind,
+            self.guard,
+            expected_public_key=session.public_key if session else None,
+        )
+
+    @_translating
+    async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
+        run = runs.get_run(self.store, request.run_id)
+        opened = self._open(request.envelope, KIND_REGISTER)
+        info = parse_payload(RegisterPayload, opened.payload)
+        session = peers.register(self.store, self.config, run.id, opened, info)
+        logger.info("peer %s (%s) registered for run %s", session.peer_id, info.name, run.id)
+        return pb.RegisterReply(
+            peer_id=session.peer_id,
+            session_token=session.token,
+            session_ttl_s=self.config.session_ttl_s,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            run=self._run_info(runs.get_run(self.store, run.id)),
+            initial_peers=self.initial_peers(),
+        )
+
+    @_translating
+    async def GetRun(self, request: pb.GetRunRequest, context: Any) -> pb.RunInfo:
+        return self._run_info(runs.get_run(self.store, request.run_id))
+
+    @_translating
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatReply:
+        session = peers.authenticate(self.store, request.session_token)
+        opened = self._open(request.envelope, KIND_HEARTBEAT, session)
+        beat = parse_payload(HeartbeatPayload, opened.payload)
+        run = runs.get_run(self.store, session.run_id)
+        peers.heartbeat(self.store, self.config, session, beat, run.spec.data.lease_s)
+        view = runs.run_view(self.store, session.run_id)
+        return pb.HeartbeatReply(step=view["step"], num_peers=view["num_peers"])
+
+    @_translating
+    async def LeaseShards(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseReply:
+        session = peers.authenticate(self.store, request.session_token)
+        run = runs.get_run(self.store, session.run_id)
+        granted = leases.grant(self.store, run, session, request.max_shards)
+        return pb.LeaseReply(
+            leases=[
+                pb.Lease(shard_id=g.shard_id, epoch=g.epoch, expires_in_s=g.expires_in_s)
+                for g in granted
+            ]
+        )
+
+    @_translating
+    async def ReportShard(self, request: pb.ShardReport, context: Any) -> pb.ShardReportReply:
+        session = peers.authenticate(self.store, request.session_token)
+        opened = self._open(request.envelope, KIND_RECEIPT, session)
+        receipt = parse_payload(ReceiptPayload, opened.payload)
+        run = runs.get_run(self.store, session.run_id)
+        leases.complete(self.store, run, session, receipt)
+        return pb.ShardReportReply(accepted=True)
+
+    @_translating
+    async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
+        session = peers.authenticate(self.store, request.session_token)
+        peers.leave(self.store, session)
+        logger.info("peer %s left run %s", session.peer_id, session.run_id)
+        return pb.LeaveReply()

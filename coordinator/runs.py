@@ -1,0 +1,241 @@
+"""Publishing runs and the coordinator's view of them.
+
+``publish`` checks a run spec against its data before anything is stored;
+the view functions turn stored rows into the JSON that people, notebooks and
+nodes read. No HTTP or gRPC here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol.errors import CrowdtrainError, SpecError
+from crowdtrain.protocol.runspec import RunSpec, load_spec, parse_spec
+from crowdtrain.protocol.shards import ShardManifest, load_manifest, verify_shard
+
+# A peer that has not sent a heartbeat for this long is shown as gone.
+PEER_TIMEOUT_S = 20.0
+
+
+class UnknownRunError(CrowdtrainError):
+    """A run id that was never published here."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    run_id: str
+    spec_hash: str
+    manifest_hash: str
+    num_train_shards: int
+    already_published: bool
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A run spec checked against its data, ready to store."""
+
+    spec: RunSpec
+    spec_text: str
+    manifest: ShardManifest
+    data_path: Path
+    source: str
+
+
+def prepare_publication(spec_path: str | Path, data_path: str | Path) -> Publication:
+    """Check a run spec and its data without touching any store.
+
+    Reads the spec, the manifest and every shard (sha256 verified); raises a
+    :class:`CrowdtrainError` that names the key or file at fault.
+    """
+    spec = load_spec(spec_path)
+    resolved = Path(data_path).resolve()
+    manifest = load_manifest(resolved)
+    check_spec_against_data(spec, manifest, source=str(spec_path))
+    for entry in manifest.shards:
+        verify_shard(resolved / entry.file, entry)
+    return Publication(
+        spec=spec,
+        spec_text=Path(spec_path).read_text(encoding="utf-8"),
+        manifest=manifest,
+        data_path=resolved,
+        source=str(spec_path),
+    )
+
+
+def publish(store: Store, publication: Publication) -> PublishResult:
+    """Make a checked run visible to nodes, in one insert.
+
+    Publishing the same spec and data twice is a no-op; the same run id with
+    anything else is refused.
+    """
+    spec, manifest = publication.spec, publication.manifest
+    existing = store.get_run(spec.run.id)
+    if existing is not None:
+        if existing["spec_hash"] == spec.hash and existing["manifest_hash"] == manifest.hash:
+            return _result(spec, manifest, already_published=True)
+        raise SpecError(
+            f"{publication.source}: run '{spec.run.id}' is already published here with a "
+            "different spec or data; choose a new [run] id"
+        )
+    store.insert_run(
+        {
+            "id": spec.run.id,
+            "spec_toml": publication.spec_text,
+            "spec_hash": spec.hash,
+            "manifest_json": manifest.to_json(),
+            "manifest_hash": manifest.hash,
+            "data_path": str(publication.data_path),
+            "published_at": time.time(),
+        }
+    )
+    store.ensure_epoch(spec.run.id, 0, epoch_order(spec, manifest, 0))
+    return _result(spec, manifest, already_published=False)
+
+
+def _result(spec: RunSpec, manifest: ShardManifest, already_published: bool) -> PublishResult:
+    return PublishResult(
+        run_id=spec.run.id,
+        spec_hash=spec.hash,
+        manifest_hash=manifest.hash,
+        num_train_shards=len(manifest.train_shards),
+        already_published=already_published,
+    )
+
+
+def check_spec_against_data(spec: RunSpec, manifest: ShardManifest, source: str) -> None:
+    """Refuse a spec whose model cannot read the prepared data."""
+    if spec.data.tokenizer != manifest.tokenizer:
+        raise SpecError(
+            f"{source}: [data] tokenizer is {spec.data.tokenizer!r} but the data was prepared "
+            f"with {manifest.tokenizer!r}"
+        )
+    if spec.model.vocab_size != manifest.vocab_size:
+        raise SpecError(
+            f"{source}: [model] vocab_size must be {manifest.vocab_size} to match the data, "
+            f"got {spec.model.vocab_size}"
+        )
+    if not manifest.train_shards or not manifest.val_shards:
+        raise SpecError(f"{source}: the data needs at least one train and one validation shard")
+    shortest = min(s.num_tokens for s in manifest.shards)
+    if shortest < spec.model.seq_len + 1:
+        raise SpecError(
+            f"{source}: [model] seq_len {spec.model.seq_len} is longer than the shortest "
+            f"shard ({shortest} tokens); lower seq_len or prepare larger shards"
+        )
+
+
+def epoch_order(spec: RunSpec, manifest: ShardManifest, epoch: int) -> list[str]:
+    """The order shards are handed out in an epoch, seeded by (run seed, epoch)."""
+    ids = sorted(s.id for s in manifest.train_shards)
+    random.Random(f"{spec.run.seed}:{epoch}").shuffle(ids)
+    return ids
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    """A stored run with its spec and manifest parsed."""
+
+    row: dict[str, Any]
+    spec: RunSpec
+    manifest: ShardManifest
+
+    @property
+    def id(self) -> str:
+        return self.spec.run.id
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.row["data_path"])
+
+
+def get_run(store: Store, run_id: str) -> PublishedRun:
+    row = store.get_run(run_id)
+    if row is None:
+        known = ", ".join(r["id"] for r in store.list_runs()) or "none"
+        raise UnknownRunError(f"no run '{run_id}' on this coordinator; runs here: {known}")
+    return PublishedRun(
+        row=row,
+        spec=parse_spec(row["spec_toml"], source=f"run {run_id}"),
+        manifest=ShardManifest.from_json(row["manifest_json"]),
+    )
+
+
+def peer_state(peer: dict[str, Any], now: float) -> str:
+    if peer["state"] == "left":
+        return "left"
+    return "active" if now - peer["last_seen"] <= PEER_TIMEOUT_S else "gone"
+
+
+def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict[str, Any]]:
+    get_run(store, run_id)
+    now = time.time() if now is None else now
+    totals = store.peer_totals(run_id)
+    zero = {"num_tokens": 0, "num_sequences": 0}
+    return [
+        {
+            "peer_id": p["peer_id"],
+            "name": p["name"],
+            "device": p["device"],
+            "state": peer_state(p, now),
+            "num_tokens": totals.get(p["peer_id"], zero)["num_tokens"],
+            "num_sequences": totals.get(p["peer_id"], zero)["num_sequences"],
+            "tokens_per_s": p["tokens_per_s"],
+            "loss": p["loss"],
+            "step": p["step"],
+            "registered_at": p["registered_at"],
+            "last_seen": p["last_seen"],
+        }
+        for p in store.list_peers(run_id)
+    ]
+
+
+def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, Any]:
+    run = get_run(store, run_id)
+    now = time.time() if now is None else now
+    peers = peers_view(store, run_id, now)
+    evals = store.list_evals(run_id)
+    totals = store.run_totals(run_id)
+    epoch = store.current_epoch(run_id) or 0
+    counts = store.epoch_counts(run_id, epoch)
+    latest = evals[-1] if evals else None
+    return {
+        "id": run.id,
+        "description": run.spec.run.description,
+        "step": run.row["step"],
+        "num_tokens": totals["num_tokens"],
+        "num_sequences": totals["num_sequences"],
+        "val_loss": latest["val_loss"] if latest else None,
+        "val_bits_per_byte": latest["bits_per_byte"] if latest else None,
+        "val_step": latest["step"] if latest else None,
+        "first_val_loss": evals[0]["val_loss"] if evals else None,
+        "num_peers": sum(1 for p in peers if p["state"] == "active"),
+        "tokens_per_s": sum(p["tokens_per_s"] for p in peers if p["state"] == "active"),
+        "epoch": epoch,
+        "shards": {
+            "total": sum(counts.values()),
+            "pending": counts.get("pending", 0),
+            "leased": counts.get("leased", 0),
+            "done": counts.get("done", 0),
+        },
+        "spec_hash": run.row["spec_hash"],
+        "manifest_hash": run.row["manifest_hash"],
+        "published_at": run.row["published_at"],
+        "spec": run.spec.to_dict(),
+    }
+
+
+def list_runs_view(store: Store) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in run_view(store, r["id"]).items() if k != "spec"}
+        for r in store.list_runs()
+    ]
+
+
+def evals_view(store: Store, run_id: str) -> list[dict[str, Any]]:
+    get_run(store, run_id)
+    return store.list_evals(run_id)

@@ -1,0 +1,359 @@
+"""The coordinator's storage: SQLite in WAL mode, and the only place SQL lives.
+
+Every write is one transaction with ``synchronous=FULL``: once a method
+returns, the record survives a crash. Methods take and return plain rows
+(dicts); the domain modules give them meaning.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from crowdtrain.protocol.errors import CrowdtrainError
+
+DB_NAME = "coordinator.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    spec_toml TEXT NOT NULL,
+    spec_hash TEXT NOT NULL,
+    manifest_json TEXT NOT NULL,
+    manifest_hash TEXT NOT NULL,
+    data_path TEXT NOT NULL,
+    published_at REAL NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS peers (
+    run_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    public_key BLOB NOT NULL,
+    name TEXT NOT NULL,
+    device TEXT NOT NULL DEFAULT '',
+    versions TEXT NOT NULL DEFAULT '',
+    registered_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'active',
+    tokens_per_s REAL NOT NULL DEFAULT 0,
+    loss REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, peer_id)
+);
+CREATE TABLE IF NOT EXISTS peer_counters (
+    run_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    session_key TEXT NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    num_sequences INTEGER NOT NULL,
+    PRIMARY KEY (run_id, peer_id, session_key)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    token TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evals (
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    val_loss REAL NOT NULL,
+    bits_per_byte REAL NOT NULL,
+    peer_id TEXT NOT NULL,
+    time REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evals_by_run ON evals (run_id, step);
+CREATE TABLE IF NOT EXISTS shards (
+    run_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    shard_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    holder TEXT,
+    lease_expires REAL,
+    num_completions INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, epoch, shard_id)
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    run_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    shard_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    num_sequences INTEGER NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    loss_sum REAL NOT NULL,
+    started REAL NOT NULL,
+    finished REAL NOT NULL,
+    received_at REAL NOT NULL
+);
+"""
+
+
+class StoreError(CrowdtrainError):
+    """The data folder or its database cannot be used."""
+
+
+class Store:
+    """One SQLite database in a coordinator's data folder.
+
+    Safe to share between threads: calls are serialised by a lock, which
+    costs little next to SQLite's own fsync per commit.
+    """
+
+    def __init__(self, data_dir: str | Path, create: bool = True):
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / DB_NAME
+        if not create and not self.path.exists():
+            raise StoreError(
+                f"{self.data_dir} is not a coordinator data folder (no {DB_NAME}); "
+                "start `crowdtrain-coordinator serve --data-dir` on it first, or check the path"
+            )
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise StoreError(f"--data-dir {self.data_dir} is a file, not a folder")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            # executescript commits on its own; every statement in it is idempotent.
+            self._db.executescript(_SCHEMA)
+            with self.transaction() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path} is not a usable SQLite database: {e}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: everything inside commits together or not at all."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute(sql, args).fetchone()
+        return dict(row) if row is not None else None
+
+    def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    # runs
+
+    def insert_run(self, run: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO runs (id, spec_toml, spec_hash, manifest_json, manifest_hash,"
+                " data_path, published_at) VALUES (:id, :spec_toml, :spec_hash, :manifest_json,"
+                " :manifest_hash, :data_path, :published_at)",
+                run,
+            )
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM runs ORDER BY published_at")
+
+    def raise_run_step(self, run_id: str, step: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET step = MAX(step, ?) WHERE id = ?", (step, run_id))
+
+    # peers and sessions
+
+    def upsert_peer(self, peer: dict[str, Any], session: dict[str, Any]) -> None:
+        """Record a registration and its session token in one transaction."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO peers (run_id, peer_id, public_key, name, device, versions,"
+                " registered_at, last_seen, state) VALUES (:run_id, :peer_id, :public_key, :name,"
+                " :device, :versions, :now, :now, 'active')"
+                " ON CONFLICT (run_id, peer_id) DO UPDATE SET name = :name, device = :device,"
+                " versions = :versions, last_seen = :now, state = 'active'",
+                peer,
+            )
+            db.execute("DELETE FROM sessions WHERE expires_at < ?", (peer["now"],))
+            db.execute(
+                "INSERT INTO sessions (token, run_id, peer_id, expires_at)"
+                " VALUES (:token, :run_id, :peer_id, :expires_at)",
+                session,
+            )
+
+    def get_session(self, token: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM sessions WHERE token = ?", (token,))
+
+    def extend_session(self, token: str, expires_at: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE sessions SET expires_at = ? WHERE token = ?", (expires_at, token))
+
+    def end_session(self, token: str, run_id: str, peer_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM sessions WHERE token = ?", (token,))
+            db.execute(
+                "UPDATE peers SET state = 'left', last_seen = ? WHERE run_id = ? AND peer_id = ?",
+                (time.time(), run_id, peer_id),
+            )
+            db.execute(
+                "UPDATE shards SET state = 'pending', holder = NULL, lease_expires = NULL"
+                " WHERE run_id = ? AND holder = ? AND state = 'leased'",
+                (run_id, peer_id),
+            )
+
+    def get_peer(self, run_id: str, peer_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM peers WHERE run_id = ? AND peer_id = ?", (run_id, peer_id))
+
+    def list_peers(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM peers WHERE run_id = ? ORDER BY registered_at", (run_id,))
+
+    def record_heartbeat(self, update: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
+        """Apply one heartbeat. Counters are cumulative per node process
+        (``session_key``) and only ever rise, so a heartbeat applied twice, or
+        two processes sharing one identity, count once each."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO peer_counters (run_id, peer_id, session_key, num_tokens,"
+                " num_sequences) VALUES (:run_id, :peer_id, :session_key, :num_tokens,"
+                " :num_sequences) ON CONFLICT (run_id, peer_id, session_key) DO UPDATE SET"
+                " num_tokens = MAX(num_tokens, :num_tokens),"
+                " num_sequences = MAX(num_sequences, :num_sequences)",
+                update,
+            )
+            db.execute(
+                "UPDATE peers SET last_seen = :now, state = 'active', tokens_per_s = :tokens_per_s,"
+                " loss = :loss, step = :step, device = :device"
+                " WHERE run_id = :run_id AND peer_id = :peer_id",
+                update,
+            )
+            db.execute("UPDATE runs SET step = MAX(step, :step) WHERE id = :run_id", update)
+            if evaluation is not None:
+                db.execute(
+                    "INSERT INTO evals (run_id, step, num_tokens, val_loss, bits_per_byte,"
+                    " peer_id, time) VALUES (:run_id, :step, :num_tokens, :val_loss,"
+                    " :bits_per_byte, :peer_id, :time)",
+                    evaluation,
+                )
+
+    def peer_totals(self, run_id: str) -> dict[str, dict[str, int]]:
+        """Tokens and sequences per peer, summed over its node processes."""
+        rows = self._all(
+            "SELECT peer_id, SUM(num_tokens) AS num_tokens, SUM(num_sequences) AS num_sequences"
+            " FROM peer_counters WHERE run_id = ? GROUP BY peer_id",
+            (run_id,),
+        )
+        return {r["peer_id"]: r for r in rows}
+
+    def run_totals(self, run_id: str) -> dict[str, Any]:
+        row = self._one(
+            "SELECT COALESCE(SUM(num_tokens), 0) AS num_tokens,"
+            " COALESCE(SUM(num_sequences), 0) AS num_sequences"
+            " FROM peer_counters WHERE run_id = ?",
+            (run_id,),
+        )
+        assert row is not None
+        return row
+
+    def list_evals(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT step, num_tokens, val_loss, bits_per_byte, peer_id, time FROM evals"
+            " WHERE run_id = ? ORDER BY step, time",
+            (run_id,),
+        )
+
+    # shards, leases and receipts
+
+    def ensure_epoch(self, run_id: str, epoch: int, shard_ids: list[str]) -> None:
+        """Create the rows of an epoch once, in the given (already shuffled) order."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO shards (run_id, epoch, shard_id, position)"
+                " VALUES (?, ?, ?, ?)",
+                [(run_id, epoch, sid, i) for i, sid in enumerate(shard_ids)],
+            )
+
+    def current_epoch(self, run_id: str) -> int | None:
+        row = self._one("SELECT MAX(epoch) AS epoch FROM shards WHERE run_id = ?", (run_id,))
+        return None if row is None or row["epoch"] is None else int(row["epoch"])
+
+    def grant_leases(
+        self, run_id: str, epoch: int, peer_id: str, max_shards: int, now: float, expires: float
+    ) -> list[str]:
+        """Lease up to ``max_shards`` pending or expired shards of ``epoch`` to a peer."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT shard_id FROM shards WHERE run_id = ? AND epoch = ? AND"
+                " (state = 'pending' OR (state = 'leased' AND lease_expires < ?))"
+                " ORDER BY position LIMIT ?",
+                (run_id, epoch, now, max_shards),
+            ).fetchall()
+            granted = [r["shard_id"] for r in rows]
+            db.executemany(
+                "UPDATE shards SET state = 'leased', holder = ?, lease_expires = ?"
+                " WHERE run_id = ? AND epoch = ? AND shard_id = ?",
+                [(peer_id, expires, run_id, epoch, sid) for sid in granted],
+            )
+        return granted
+
+    def renew_leases(self, run_id: str, peer_id: str, expires: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE shards SET lease_expires = ? WHERE run_id = ? AND holder = ?"
+                " AND state = 'leased'",
+                (expires, run_id, peer_id),
+            )
+
+    def epoch_counts(self, run_id: str, epoch: int) -> dict[str, int]:
+        rows = self._all(
+            "SELECT state, COUNT(*) AS n FROM shards WHERE run_id = ? AND epoch = ? GROUP BY state",
+            (run_id, epoch),
+        )
+        return {r["state"]: r["n"] for r in rows}
+
+    def get_shard(self, run_id: str, epoch: int, shard_id: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM shards WHERE run_id = ? AND epoch = ? AND shard_id = ?",
+            (run_id, epoch, shard_id),
+        )
+
+    def complete_shard(self, receipt: dict[str, Any]) -> None:
+        """Store a receipt and mark its shard done, in one transaction."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO receipts (run_id, peer_id, shard_id, epoch, num_sequences,"
+                " num_tokens, loss_sum, started, finished, received_at) VALUES (:run_id,"
+                " :peer_id, :shard_id, :epoch, :num_sequences, :num_tokens, :loss_sum,"
+                " :started, :finished, :received_at)",
+                receipt,
+            )
+            db.execute(
+                "UPDATE shards SET state = 'done', holder = NULL, lease_expires = NULL,"
+                " num_completions = num_completions + 1"
+                " WHERE run_id = :run_id AND epoch = :epoch AND shard_id = :shard_id",
+                receipt,
+            )
+
+    def list_receipts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM receipts WHERE run_id = ? ORDER BY received_at", (run_id,))

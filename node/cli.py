@@ -1,0 +1,141 @@
+"""``crowdtrain-node``: join a run and train, or show this node's identity.
+
+Thin: flags become a :class:`NodeConfig`, and the same :class:`Node` the
+notebook API uses does the work. Ctrl-C or SIGTERM leaves at the next
+micro-batch: the coordinator is told, the averagers and DHT shut down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from crowdtrain.protocol.errors import CrowdtrainError
+
+DEFAULT_HOME = Path.home() / ".crowdtrain"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crowdtrain-node", description="Lend this machine to a crowdtrain run."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    join = sub.add_parser("join", help="join a run and train until stopped")
+    join.add_argument("url", help="the coordinator's URL, e.g. http://coordinator:8470")
+    join.add_argument("--run", required=True, help="the run id to join")
+    join.add_argument("--home", type=Path, default=DEFAULT_HOME, help="identity and shard cache")
+    join.add_argument("--name", default="", help="how this node is shown to others")
+    join.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    join.add_argument("--max-seconds", type=float, default=None, help="leave after this long")
+    join.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    join.add_argument(
+        "--progress",
+        default="auto",
+        choices=["auto", "bar", "log", "none"],
+        help="progress display",
+    )
+    join.add_argument(
+        "--dht-host", default="127.0.0.1", help="address for peer traffic (0.0.0.0 for all)"
+    )
+    join.add_argument("--dht-port", type=int, default=0, help="port for peer traffic (0: any)")
+    join.add_argument(
+        "--announce-host", default=None, help="public address peers should dial, if behind NAT"
+    )
+    join.add_argument(
+        "--client-mode",
+        action="store_true",
+        help="take part without accepting connections (behind NAT or a firewall)",
+    )
+
+    ident = sub.add_parser("identity", help="show this node's public identity")
+    ident.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        for noisy in ("hivemind", "asyncio", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _COMMANDS[args.command](args)
+    except CrowdtrainError as e:
+        print(f"crowdtrain-node: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("crowdtrain-node: interrupted", file=sys.stderr)
+        return 130
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from crowdtrain.protocol.identity import Identity
+
+    path = args.home / "identity.pem"
+    identity = Identity.load_or_create(path)
+    print(
+        f"peer id     {identity.peer_id}\npublic key  {identity.public_key.hex()}\nkey file    {path}"
+    )
+    return 0
+
+
+def _join(args: argparse.Namespace) -> int:
+    from crowdtrain.node.trainer import Node, NodeConfig
+
+    node = Node(
+        NodeConfig(
+            url=args.url,
+            run_id=args.run,
+            home=args.home,
+            name=args.name,
+            device=args.device,
+            threads=args.threads,
+            progress=args.progress,
+            dht_host=args.dht_host,
+            dht_port=args.dht_port,
+            announce_host=args.announce_host,
+            client_mode=args.client_mode,
+        )
+    )
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        if node.stop_event.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger(__name__).info("leaving the run (again to force)")
+        node.stop_event.set()
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        node.start()
+        # hivemind set SIGINT to be ignored while it started; take both signals back.
+        signal.signal(signal.SIGINT, leave)
+        signal.signal(signal.SIGTERM, leave)
+        stats = node.train(seconds=args.max_seconds)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        node.shutdown()
+    print(
+        f"left run {args.run}: {stats.num_tokens:,} tokens trained, step {stats.step}, "
+        f"checkpoint {node.checkpoint_path}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+_COMMANDS = {"join": _join, "identity": _identity}
+
+if __name__ == "__main__":
+    sys.exit(main())

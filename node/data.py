@@ -1,0 +1,211 @@
+"""A node's data: verified shards on disk and the batches cut from them.
+
+:class:`ShardCache` downloads shards and checks each sha256 (one retry, then
+a clear error). :class:`ShardStream` turns leased shards into micro-batches
+in an order seeded by (run seed, epoch, shard), and accounts for each shard
+so a receipt can be sent when it is done. Knows nothing about gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crowdtrain.protocol.errors import ShardError
+from crowdtrain.protocol.shards import ShardEntry, ShardManifest, read_shard, verify_shard
+
+logger = logging.getLogger(__name__)
+
+
+class ShardCache:
+    """Shards of one run's data in a local folder, each checked against the manifest."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: ShardManifest,
+        base_url: str,
+        download: Callable[[str, Path], None],
+    ):
+        self.folder = folder
+        self.manifest = manifest
+        self.base_url = base_url.rstrip("/")
+        self._download = download
+        self._entries = {s.id: s for s in manifest.shards}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def entry(self, shard_id: str) -> ShardEntry:
+        try:
+            return self._entries[shard_id]
+        except KeyError:
+            raise ShardError(f"shard {shard_id!r} is not in the run's manifest") from None
+
+    def fetch(self, shard_id: str) -> Path:
+        """The verified local path of a shard, downloading it (at most twice) if needed."""
+        entry = self.entry(shard_id)
+        path = self.folder / entry.file
+        if path.exists():
+            try:
+                verify_shard(path, entry)
+                return path
+            except ShardError:
+                logger.warning("cached shard %s is damaged; downloading it again", shard_id)
+                path.unlink()
+        for attempt in (1, 2):
+            self._download(f"{self.base_url}/{shard_id}", path)
+            try:
+                verify_shard(path, entry)
+                return path
+            except ShardError as e:
+                path.unlink(missing_ok=True)
+                if attempt == 2:
+                    raise ShardError(
+                        f"shard {shard_id} failed its sha256 check twice ({e}); the "
+                        "coordinator's copy does not match the run's manifest: tell the run's "
+                        "operator, who should prepare and publish the data again"
+                    ) from None
+                logger.warning("shard %s failed its sha256 check; downloading it again", shard_id)
+        raise AssertionError("unreachable")
+
+
+def sequence_seed(run_seed: int, epoch: int, shard_id: str, replay: int = 0) -> int:
+    """A seed for the order of sequences within a shard; every node derives the same one."""
+    text = f"{run_seed}:{epoch}:{shard_id}:{replay}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
+
+
+def num_windows(num_tokens: int, seq_len: int) -> int:
+    """How many inputs of ``seq_len`` (plus one target token) a shard holds."""
+    return max(0, (num_tokens - 1) // seq_len)
+
+
+def window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
+    start = index * seq_len
+    return tokens[start : start + seq_len + 1]
+
+
+def validation_sequences(path: Path, entry: ShardEntry, seq_len: int, count: int) -> np.ndarray:
+    """The first ``count`` windows of the validation shard, as int64 [count, seq_len + 1]."""
+    tokens = read_shard(path, entry)
+    n = min(count, num_windows(len(tokens), seq_len))
+    return np.stack([window(tokens, i, seq_len) for i in range(n)]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class LeasedShard:
+    shard_id: str
+    epoch: int
+    path: Path
+    entry: ShardEntry
+
+
+@dataclass
+class ShardProgress:
+    """What a node did with one shard; becomes its receipt."""
+
+    shard: LeasedShard
+    replay: int
+    num_batches: int
+    started: float
+    num_sequences: int = 0
+    num_tokens: int = 0
+    loss_sum: float = 0.0
+    batches_done: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.batches_done >= self.num_batches
+
+    def receipt(self) -> dict:
+        return {
+            "shard_id": self.shard.shard_id,
+            "epoch": self.shard.epoch,
+            "num_sequences": self.num_sequences,
+            "num_tokens": self.num_tokens,
+            "loss_sum": self.loss_sum,
+            "started": self.started,
+            "finished": time.time(),
+        }
+
+
+class ShardStream:
+    """Micro-batches from leased shards, one shard at a time.
+
+    Leased shards are queued by a background thread with :meth:`offer`; when
+    the queue runs dry the current shard is replayed in a new order, so
+    training never waits for data. A batch never spans two shards (the few
+    sequences left at a shard's end are skipped), so each batch's loss is
+    credited to exactly one shard.
+    """
+
+    def __init__(self, run_seed: int, seq_len: int, batch_size: int):
+        self.run_seed = run_seed
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self._queue: deque[LeasedShard] = deque()
+        self._lock = threading.Lock()
+        self._current: ShardProgress | None = None
+        self._tokens: np.ndarray | None = None
+        self._order: np.ndarray | None = None
+        self._cursor = 0
+        self.num_replays = 0
+
+    def offer(self, shard: LeasedShard) -> None:
+        with self._lock:
+            self._queue.append(shard)
+
+    @property
+    def num_queued(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    @property
+    def has_data(self) -> bool:
+        return self._current is not None or self.num_queued > 0
+
+    def _start(self, shard: LeasedShard, replay: int) -> None:
+        tokens = read_shard(shard.path, shard.entry)
+        n = num_windows(len(tokens), self.seq_len)
+        num_batches = n // self.batch_size
+        if num_batches == 0:
+            raise ShardError(
+                f"shard {shard.shard_id} holds {n} sequences, fewer than one micro-batch "
+                f"({self.batch_size}); the run's shards are too small for its batch size"
+            )
+        rng = np.random.default_rng(
+            sequence_seed(self.run_seed, shard.epoch, shard.shard_id, replay)
+        )
+        self._tokens = tokens
+        self._order = rng.permutation(n)[: num_batches * self.batch_size]
+        self._cursor = 0
+        self._current = ShardProgress(
+            shard=shard, replay=replay, num_batches=num_batches, started=time.time()
+        )
+
+    def next_batch(self) -> tuple[np.ndarray, ShardProgress]:
+        """The next micro-batch, int64 [batch_size, seq_len + 1], and the shard it came from."""
+        current = self._current
+        if current is None or self._cursor >= len(self._order):  # type: ignore[arg-type]
+            with self._lock:
+                following = self._queue.popleft() if self._queue else None
+            if following is not None:
+                self._start(following, replay=0)
+            elif current is not None:
+                self.num_replays += 1
+                logger.info("no new shard yet; replaying %s", current.shard.shard_id)
+                self._start(current.shard, replay=current.replay + 1)
+            else:
+                raise ShardError("no shard to train on; lease one first")
+        assert self._current is not None and self._order is not None and self._tokens is not None
+        indices = self._order[self._cursor : self._cursor + self.batch_size]
+        self._cursor += self.batch_size
+        batch = np.stack([window(self._tokens, int(i), self.seq_len) for i in indices])
+        return batch.astype(np.int64), self._current

@@ -1,0 +1,466 @@
+"""The node: join a run, then train with hivemind until told to stop.
+
+:class:`Node` does the whole join (identity, registration, spec and data
+checks, model, DHT, collaborative optimizer) in :meth:`Node.start` and
+trains in :meth:`Node.train`; the command line and the notebook API both
+drive it. Create it in the process's main thread: hivemind installs signal
+handlers there.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import numpy as np
+import torch
+from hivemind.optim.grad_averager import GradientAverager
+
+from crowdtrain.model import GPT, GPTConfig, evaluate, save_checkpoint
+from crowdtrain.node.client import CoordinatorClient, CoordinatorError, Registration, discover
+from crowdtrain.node.data import ShardCache, ShardStream, validation_sequences
+from crowdtrain.node.link import CoordinatorLink
+from crowdtrain.node.progress import Progress
+from crowdtrain.protocol.errors import CrowdtrainError, SpecError
+from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.runspec import RunSpec, parse_spec
+from crowdtrain.protocol.shards import ShardManifest
+
+logger = logging.getLogger(__name__)
+
+# How long a node keeps asking for its first shard while every shard is leased.
+_FIRST_LEASE_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to join; the command line fills it from flags."""
+
+    url: str
+    run_id: str
+    home: Path = Path.home() / ".crowdtrain"
+    name: str = ""
+    device: str = "auto"
+    threads: int | None = None
+    progress: str = "auto"
+    dht_host: str = "127.0.0.1"
+    dht_port: int = 0
+    announce_host: str | None = None
+    client_mode: bool = False
+
+
+def pick_device(requested: str) -> torch.device:
+    """The device to train on; ``auto`` prefers CUDA, then MPS, then CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise CrowdtrainError("--device cuda asked for, but torch sees no CUDA GPU here")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise CrowdtrainError("--device mps asked for, but torch sees no Apple GPU here")
+    if requested not in ("cpu", "cuda", "mps"):
+        raise CrowdtrainError(f"--device must be auto, cpu, cuda or mps, got {requested!r}")
+    return torch.device(requested)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def gpt_config(spec: RunSpec) -> GPTConfig:
+    m = spec.model
+    return GPTConfig(
+        vocab_size=m.vocab_size,
+        seq_len=m.seq_len,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        d_model=m.d_model,
+        mlp_ratio=m.mlp_ratio,
+        positions=m.positions,
+        dropout=m.dropout,
+    )
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW that clips the (already averaged) gradient norm before each step.
+
+    hivemind applies the optimizer to the swarm's averaged gradients, so
+    clipping belongs here rather than in the training loop.
+    """
+
+    def __init__(self, params: Any, max_grad_norm: float, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.max_grad_norm > 0:
+            grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        return super().step(closure)
+
+
+def _warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+    )
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms' gains are left alone, as in nanoGPT."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class NodeStats:
+    """Counters a node reports; cumulative since this node process started."""
+
+    session_key: str
+    num_tokens: int = 0
+    num_sequences: int = 0
+    tokens_per_s: float = 0.0
+    loss: float | None = None
+    step: int = 0
+    num_peers: int = 0
+    val_loss: float | None = None
+    num_skipped_steps: int = 0
+
+
+class Node:
+    """One peer of a run. Call :meth:`start`, then :meth:`train`, then :meth:`shutdown`."""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.stop_event = threading.Event()
+        self.fatal: CrowdtrainError | None = None
+        self.stats = NodeStats(session_key=uuid.uuid4().hex)
+        self.model: GPT | None = None
+        self.optimizer: hivemind.Optimizer | None = None
+        self.dht: hivemind.DHT | None = None
+        self.link: CoordinatorLink | None = None
+        self.client: CoordinatorClient | None = None
+        self._rate_window: list[tuple[float, int]] = []
+        self._last_eval_step = -1
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.home / "runs" / self.config.run_id
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.safetensors"
+
+    # joining
+
+    def start(self) -> None:
+        """Join the run: every check that can fail does so before hivemind starts."""
+        cfg = self.config
+        self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        endpoints = discover(cfg.url)
+        self.identity = Identity.load_or_create(cfg.home / "identity.pem")
+        self.name = cfg.name or f"{socket.gethostname()}-{self.identity.peer_id[:6]}"
+        self.client = CoordinatorClient(cfg.url, endpoints["grpc_target"], self.identity)
+        registration = self._register()
+        self.spec, self.manifest = self._check_run(registration)
+        logger.info(
+            "crowdtrain %s, run %s, spec %s, data %s, device %s, torch %s, hivemind %s",
+            version("crowdtrain"),
+            self.spec.run.id,
+            self.spec.hash[:16],
+            self.manifest.hash[:16],
+            describe_device(self.device),
+            torch.__version__,
+            hivemind.__version__,
+        )
+
+        self.cache = ShardCache(
+            self.run_dir / "shards" / self.manifest.hash[:16],
+            self.manifest,
+            registration.run.shard_base_url,
+            self.client.download,
+        )
+        val_entry = self.manifest.val_shards[0]
+        self.val_sequences = torch.from_numpy(
+            validation_sequences(
+                self.cache.fetch(val_entry.id),
+                val_entry,
+                self.spec.model.seq_len,
+                self.spec.eval.num_sequences,
+            )
+        )
+        self.stream = ShardStream(
+            self.spec.run.seed, self.spec.model.seq_len, self.spec.optimizer.micro_batch_size
+        )
+        self.link = CoordinatorLink(
+            client=self.client,
+            register=lambda: self._register().session_token,
+            token=registration.session_token,
+            interval_s=registration.heartbeat_interval_s,
+            stats=self._heartbeat_payload,
+            stream=self.stream,
+            cache=self.cache,
+            on_fatal=self._on_fatal,
+        )
+        self._first_lease()
+
+        torch.manual_seed(self.spec.run.seed)
+        self.model = GPT(gpt_config(self.spec)).to(self.device)
+        self._start_swarm(registration)
+        self.link.start()
+        if registration.run.step > 0 or self.optimizer.tracker.global_epoch > 0:
+            self._load_state_from_peers()
+
+    def _register(self) -> Registration:
+        assert self.client is not None
+        versions = f"crowdtrain={version('crowdtrain')} torch={torch.__version__}"
+        return self.client.register(
+            self.config.run_id, self.name, describe_device(self.device), versions
+        )
+
+    def _check_run(self, registration: Registration) -> tuple[RunSpec, ShardManifest]:
+        run = registration.run
+        spec = parse_spec(run.spec_toml, source=f"run {run.run_id} from the coordinator")
+        if spec.hash != run.spec_hash:
+            raise SpecError(
+                f"run {run.run_id}: the spec's hash {spec.hash[:16]} does not match the "
+                f"published {run.spec_hash[:16]}; this crowdtrain may be too old or too new "
+                "for the coordinator"
+            )
+        manifest = ShardManifest.from_json(run.manifest_json)
+        if manifest.hash != run.manifest_hash:
+            raise SpecError(f"run {run.run_id}: the data manifest does not match its hash")
+        return spec, manifest
+
+    def _first_lease(self) -> None:
+        assert self.link is not None
+        deadline = time.monotonic() + _FIRST_LEASE_WAIT_S
+        while not self.link.lease_and_fetch(2):
+            if time.monotonic() > deadline:
+                raise CrowdtrainError(
+                    "every shard of the current epoch is leased to other peers; "
+                    "try again when their leases end"
+                )
+            time.sleep(2.0)
+
+    def _start_swarm(self, registration: Registration) -> None:
+        cfg, swarm, opt = self.config, self.spec.swarm, self.spec.optimizer
+        announce = None
+        if cfg.announce_host:
+            announce = [f"/ip4/{cfg.announce_host}/tcp/{cfg.dht_port}"]
+        # Tear the gRPC channel down around the fork: hivemind forks its DHT and
+        # averager processes, and gRPC's threads must not be copied into them.
+        assert self.client is not None
+        self.client.suspend()
+        self.dht = hivemind.DHT(
+            initial_peers=registration.initial_peers,
+            start=True,
+            host_maddrs=[f"/ip4/{cfg.dht_host}/tcp/{cfg.dht_port}"],
+            announce_maddrs=announce,
+            client_mode=cfg.client_mode,
+        )
+        assert self.model is not None
+        self.optimizer = hivemind.Optimizer(
+            dht=self.dht,
+            run_id=self.spec.run.id,
+            target_batch_size=opt.target_batch_size,
+            batch_size_per_step=opt.micro_batch_size,
+            params=_param_groups(self.model, opt.weight_decay),
+            optimizer=partial(
+                ClippedAdamW, lr=opt.lr, betas=opt.betas, max_grad_norm=opt.grad_clip
+            ),
+            scheduler=partial(_warmup, warmup_steps=opt.warmup_steps),
+            matchmaking_time=swarm.matchmaking_time_s,
+            averaging_timeout=swarm.averaging_timeout_s,
+            load_state_timeout=swarm.load_state_timeout_s,
+            average_state_every=swarm.average_state_every,
+            # hivemind inverts this flag internally; passing the DHT's own value is safe.
+            client_mode=self.dht.client_mode,
+            grad_averager_factory=partial(
+                GradientAverager, request_timeout=swarm.request_timeout_s
+            ),
+            averager_opts={"request_timeout": swarm.request_timeout_s},
+            tracker_opts={"metadata_expiration": swarm.metadata_expiration_s},
+            verbose=False,
+        )
+        self.client.reopen()
+
+    def _load_state_from_peers(self) -> None:
+        assert self.optimizer is not None
+        logger.info("run under way; loading the latest state from peers")
+        started = time.monotonic()
+        try:
+            self.optimizer.load_state_from_peers()
+        except Exception as e:  # a failed download is not fatal: hivemind retries at the next step
+            logger.warning("could not load state from peers yet: %s", e)
+            return
+        logger.info(
+            "loaded state of step %d in %.1fs",
+            self.optimizer.local_epoch,
+            time.monotonic() - started,
+        )
+
+    def _on_fatal(self, error: CrowdtrainError) -> None:
+        self.fatal = error
+        self.stop_event.set()
+
+    # training
+
+    def _heartbeat_payload(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "session_key": s.session_key,
+            "num_tokens": s.num_tokens,
+            "num_sequences": s.num_sequences,
+            "tokens_per_s": s.tokens_per_s,
+            "loss": s.loss if s.loss is not None and math.isfinite(s.loss) else None,
+            "step": s.step,
+            "device": describe_device(self.device),
+        }
+
+    def evaluate(self) -> float:
+        """Validation loss on the held-out shard now; queued for the coordinator."""
+        assert self.model is not None and self.link is not None
+        result = evaluate(self.model, self.val_sequences, batch_size=16, device=self.device)
+        self.stats.val_loss = result.loss
+        self._last_eval_step = self.stats.step
+        self.link.send_evaluation(
+            {
+                "step": self.stats.step,
+                "num_tokens": self.stats.num_tokens,
+                "loss": result.loss,
+                "bits_per_byte": result.bits_per_byte,
+            }
+        )
+        return result.loss
+
+    def train(self, steps: int | None = None, seconds: float | None = None) -> NodeStats:
+        """Train until ``steps`` more swarm steps, ``seconds`` pass, or :attr:`stop_event`.
+
+        Raises the error that stopped training early, if any (a damaged shard,
+        say). Returns the node's counters.
+        """
+        assert self.model is not None and self.optimizer is not None and self.link is not None
+        model, opt = self.model, self.optimizer
+        model.train()
+        start_step = opt.local_epoch
+        self.stats.step = start_step
+        deadline = time.monotonic() + seconds if seconds is not None else math.inf
+        if self._last_eval_step < 0:
+            self.evaluate()
+        progress = Progress(self.config.progress, self.name)
+        losses: list[float] = []
+        try:
+            while not self.stop_event.is_set() and time.monotonic() < deadline:
+                if steps is not None and opt.local_epoch - start_step >= steps:
+                    break
+                batch, shard = self.stream.next_batch()
+                batch_t = torch.from_numpy(batch).to(self.device)
+                _, loss = model(batch_t[:, :-1], batch_t[:, 1:])
+                assert loss is not None
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    self.stats.num_skipped_steps += 1
+                    opt.zero_grad()
+                    logger.warning("non-finite loss; skipping this micro-batch")
+                    continue
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                self._account(batch, loss_value, shard, losses)
+                progress.update(self.stats, batch.shape[0] * (batch.shape[1] - 1))
+                if opt.local_epoch != self.stats.step:
+                    self._on_new_step(opt.local_epoch)
+        finally:
+            progress.close()
+        if self.fatal is not None:
+            raise self.fatal
+        return self.stats
+
+    def _account(self, batch: np.ndarray, loss: float, shard: Any, losses: list[float]) -> None:
+        assert self.optimizer is not None
+        num_tokens = batch.shape[0] * (batch.shape[1] - 1)
+        self.stats.num_tokens += num_tokens
+        self.stats.num_sequences += batch.shape[0]
+        losses.append(loss)
+        del losses[:-20]
+        self.stats.loss = sum(losses) / len(losses)
+        now = time.monotonic()
+        self._rate_window.append((now, num_tokens))
+        while len(self._rate_window) > 2 and now - self._rate_window[0][0] > 10.0:
+            self._rate_window.pop(0)
+        span = now - self._rate_window[0][0]
+        if span > 0:
+            self.stats.tokens_per_s = sum(n for _, n in self._rate_window[1:]) / span
+        self.stats.num_peers = self.optimizer.tracker.global_progress.num_peers
+        shard.batches_done += 1
+        shard.num_sequences += batch.shape[0]
+        shard.num_tokens += num_tokens
+        shard.loss_sum += loss * batch.shape[0]
+        if shard.done and shard.replay == 0:
+            assert self.link is not None
+            self.link.send_receipt(shard.receipt())
+
+    def _on_new_step(self, step: int) -> None:
+        self.stats.step = step
+        if step - max(self._last_eval_step, 0) >= self.spec.eval.every_steps:
+            self.evaluate()
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> Path:
+        """Write the live model to ``<home>/runs/<run>/checkpoint.safetensors``."""
+        assert self.model is not None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        save_checkpoint(
+            self.checkpoint_path,
+            state,
+            {
+                "run_id": self.spec.run.id,
+                "spec_hash": self.spec.hash,
+                "step": str(self.stats.step),
+                "num_tokens": str(self.stats.num_tokens),
+            },
+        )
+        return self.checkpoint_path
+
+    def shutdown(self) -> None:
+        """Leave the run: checkpoint, tell the coordinator, stop averagers and the DHT."""
+        if self.model is not None and self.optimizer is not None:
+            try:
+                self.save_checkpoint()
+            except CrowdtrainError as e:
+                logger.warning("could not save the last checkpoint: %s", e)
+        if self.link is not None:
+            self.link.shutdown(leave=True)
+        if self.optimizer is not None:
+            self.optimizer.shutdown()
+            self.optimizer = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        if self.client is not None:
+            self.client.close()
+
+
+__all__ = ["Node", "NodeConfig", "NodeStats", "CoordinatorError", "pick_device"]

@@ -1,0 +1,209 @@
+"""Ed25519 identities and signed, replay-proof envelopes.
+
+An envelope is msgpack ``{kind, nonce, timestamp, payload}`` signed by the
+sender's key. :func:`open_envelope` checks the signature, the kind, the age and
+the nonce (through a :class:`ReplayGuard`) before anyone reads the payload.
+Knows nothing about gRPC or storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from crowdtrain.protocol.errors import IdentityError
+
+MAX_ENVELOPE_BYTES = 64 * 1024
+DEFAULT_MAX_AGE_S = 120.0
+_NONCE_BYTES = 16
+
+
+def peer_id_of(public_key: bytes) -> str:
+    """A short, stable name for a public key: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+class Identity:
+    """An Ed25519 key pair that signs a peer's messages."""
+
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self._private_key = private_key
+        self.public_key = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.peer_id = peer_id_of(self.public_key)
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: str | Path) -> Identity:
+        """Load the key at ``path``, or create one there (mode 0600) on first run."""
+        path = Path(path)
+        if path.exists():
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (ValueError, TypeError) as e:
+                raise IdentityError(
+                    f"identity key {path} is not a valid PEM private key ({e}); "
+                    "move it away to create a new identity"
+                ) from None
+            if not isinstance(key, Ed25519PrivateKey):
+                raise IdentityError(f"identity key {path} is not an Ed25519 key")
+            return cls(key)
+        identity = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pem = identity._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)  # a leftover could carry looser permissions
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        os.replace(tmp, path)
+        return identity
+
+    def sign(self, data: bytes) -> bytes:
+        return self._private_key.sign(data)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A signed message as it travels: body (msgpack), signature, sender's public key."""
+
+    body: bytes
+    signature: bytes
+    public_key: bytes
+
+
+@dataclass(frozen=True)
+class OpenedEnvelope:
+    """A verified envelope: who sent it and what it says."""
+
+    peer_id: str
+    public_key: bytes
+    kind: str
+    timestamp: float
+    payload: dict[str, Any]
+
+
+def seal(identity: Identity, kind: str, payload: dict[str, Any]) -> Envelope:
+    """Sign ``payload`` as a message of ``kind`` with a fresh nonce and the current time."""
+    body = msgpack.packb(
+        {
+            "kind": kind,
+            "nonce": os.urandom(_NONCE_BYTES),
+            "timestamp": time.time(),
+            "payload": payload,
+        },
+        use_bin_type=True,
+    )
+    return Envelope(body=body, signature=identity.sign(body), public_key=identity.public_key)
+
+
+def unpack_strict(data: bytes) -> Any:
+    """msgpack decoding with bounded sizes and no extension types."""
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise IdentityError(f"message of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_ENVELOPE_BYTES,
+            max_str_len=MAX_ENVELOPE_BYTES,
+            max_array_len=4096,
+            max_map_len=4096,
+            max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises many types for malformed input
+        raise IdentityError(f"malformed msgpack: {type(e).__name__}") from None
+
+
+def open_envelope(
+    envelope: Envelope,
+    kind: str,
+    guard: ReplayGuard,
+    expected_public_key: bytes | None = None,
+    max_age_s: float = DEFAULT_MAX_AGE_S,
+) -> OpenedEnvelope:
+    """Verify an envelope and return its contents, or raise :class:`IdentityError`.
+
+    Checks, in order: the public key's form, the sender (when
+    ``expected_public_key`` is given), the signature, the body's shape, the
+    kind, the age and the nonce. Nothing is recorded unless every check passes.
+    """
+    if len(envelope.public_key) != 32:
+        raise IdentityError("public key must be 32 bytes of Ed25519")
+    if expected_public_key is not None and envelope.public_key != expected_public_key:
+        raise IdentityError("message signed by a different key than the session's peer")
+    try:
+        Ed25519PublicKey.from_public_bytes(envelope.public_key).verify(
+            envelope.signature, envelope.body
+        )
+    except (InvalidSignature, ValueError):
+        raise IdentityError("signature does not verify") from None
+    body = unpack_strict(envelope.body)
+    if not isinstance(body, dict) or set(body) != {"kind", "nonce", "timestamp", "payload"}:
+        raise IdentityError("envelope body must have exactly kind, nonce, timestamp, payload")
+    if body["kind"] != kind:
+        raise IdentityError(f"expected a {kind!r} message, got {body['kind']!r}")
+    nonce, timestamp, payload = body["nonce"], body["timestamp"], body["payload"]
+    if not isinstance(nonce, bytes) or len(nonce) != _NONCE_BYTES:
+        raise IdentityError("nonce must be 16 bytes")
+    if (
+        not isinstance(timestamp, int | float)
+        or isinstance(timestamp, bool)
+        or not math.isfinite(timestamp)
+    ):
+        raise IdentityError("timestamp must be a finite number")
+    if not isinstance(payload, dict):
+        raise IdentityError("payload must be a map")
+    age = time.time() - float(timestamp)
+    if abs(age) > max_age_s:
+        raise IdentityError(
+            f"message timestamp is {age:+.0f}s off the coordinator's clock "
+            f"(limit {max_age_s:.0f}s); check this machine's clock"
+        )
+    guard.check_and_remember(envelope.public_key, nonce, float(timestamp))
+    return OpenedEnvelope(
+        peer_id=peer_id_of(envelope.public_key),
+        public_key=envelope.public_key,
+        kind=kind,
+        timestamp=float(timestamp),
+        payload=payload,
+    )
+
+
+class ReplayGuard:
+    """Remembers nonces for as long as their messages could still pass the age check."""
+
+    def __init__(self, max_age_s: float = DEFAULT_MAX_AGE_S):
+        self.max_age_s = max_age_s
+        self._seen: dict[tuple[bytes, bytes], float] = {}
+        self._lock = threading.Lock()
+
+    def check_and_remember(self, public_key: bytes, nonce: bytes, timestamp: float) -> None:
+        now = time.time()
+        with self._lock:
+            if len(self._seen) > 10_000:
+                horizon = now - 2 * self.max_age_s
+                self._seen = {k: t for k, t in self._seen.items() if t > horizon}
+            if (public_key, nonce) in self._seen:
+                raise IdentityError("replayed message: this nonce was already used")
+            self._seen[(public_key, nonce)] = timestamp

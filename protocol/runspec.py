@@ -1,0 +1,307 @@
+"""The run spec: a TOML file that says what a run trains and how.
+
+Parsed once into frozen, typed sections; unknown or ill-typed keys are an
+error that names the key and what was expected. :meth:`RunSpec.hash` pins a
+spec by its resolved values (defaults filled in), not by its formatting.
+Knows nothing about models, networking or storage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+from crowdtrain.protocol.errors import SpecError
+
+RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """Who the run is: its id (used in URLs and as hivemind's run_id) and seed."""
+
+    id: str
+    description: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The GPT's shape; see :class:`crowdtrain.model.GPTConfig`."""
+
+    vocab_size: int
+    seq_len: int
+    num_layers: int
+    num_heads: int
+    d_model: int
+    mlp_ratio: int = 4
+    positions: Literal["rotary", "learned"] = "rotary"
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """How the data is cut and handed out."""
+
+    tokenizer: Literal["byte"] = "byte"
+    lease_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    """The collaborative optimizer.
+
+    ``target_batch_size`` is in sequences per collaborative step, summed over
+    all peers; ``micro_batch_size`` is what one forward pass holds on a node.
+    """
+
+    target_batch_size: int
+    mode: Literal["sync"] = "sync"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    micro_batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class SwarmSection:
+    """hivemind timings. Short values suit loopback; raise them on slow links."""
+
+    matchmaking_time_s: float = 3.0
+    averaging_timeout_s: float = 10.0
+    request_timeout_s: float = 1.0
+    metadata_expiration_s: float = 15.0
+    average_state_every: int = 100
+    load_state_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """How often nodes measure validation loss on the held-out shard."""
+
+    every_steps: int = 5
+    num_sequences: int = 64
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A whole run spec. Build it with :func:`parse_spec` or :func:`load_spec`."""
+
+    run: RunSection
+    model: ModelSection
+    optimizer: OptimizerSection
+    data: DataSection = field(default_factory=DataSection)
+    swarm: SwarmSection = field(default_factory=SwarmSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All values, defaults included, as plain JSON-able types."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved spec."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "model": ModelSection,
+    "optimizer": OptimizerSection,
+    "data": DataSection,
+    "swarm": SwarmSection,
+    "eval": EvalSection,
+}
+_REQUIRED_SECTIONS = ("run", "model", "optimizer")
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    """Read and validate a run spec file; raises :class:`SpecError` naming the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(
+            f"run spec {path} does not exist; pass the path of a .toml run spec"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"run spec {path} cannot be read: {e}") from None
+    return parse_spec(text, source=str(path))
+
+
+def parse_spec(text: str, source: str = "run spec") -> RunSpec:
+    """Parse and validate run spec TOML text."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{source}: not valid TOML: {e}") from None
+    _check_keys(raw, _SECTIONS, source, where="")
+    for name in _REQUIRED_SECTIONS:
+        if name not in raw:
+            raise SpecError(f"{source}: missing section [{name}]")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise SpecError(f"{source}: [{name}] must be a table, got {_describe(table)}")
+        sections[name] = _build_section(cls, table, source, name)
+    spec = RunSpec(**sections)
+    _validate(spec, source)
+    return spec
+
+
+def _check_keys(table: dict, allowed: typing.Iterable[str], source: str, where: str) -> None:
+    allowed = list(allowed)
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            label = f"[{where}] {key}" if where else f"[{key}]"
+            raise SpecError(
+                f"{source}: unknown key {label}; {hint}expected one of: {', '.join(allowed)}"
+            )
+
+
+def _build_section(cls: type, table: dict, source: str, name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(table, fields, source, where=name)
+    values = {}
+    for key, f in fields.items():
+        if key in table:
+            values[key] = _coerce(table[key], hints[key], f"{source}: [{name}] {key}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpecError(f"{source}: missing key [{name}] {key} ({_type_name(hints[key])})")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, label: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            options = " or ".join(repr(c) for c in choices)
+            raise SpecError(f"{label} must be {options}, got {_describe(value)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list) or len(value) != len(args):
+            raise SpecError(
+                f"{label} must be a list of {len(args)} numbers, got {_describe(value)}"
+            )
+        return tuple(_coerce(v, a, label) for v, a in zip(value, args, strict=True))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{label} must be true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"{label} must be an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"{label} must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise SpecError(f"{label} must be a finite number, got {value}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SpecError(f"{label} must be a string, got {_describe(value)}")
+        return value
+    raise AssertionError(f"unsupported spec type {hint!r}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(hint))
+    if isinstance(hint, types.GenericAlias):
+        return "list"
+    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(hint, str(hint))
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list"}.get(
+        type(value), "table" if isinstance(value, dict) else type(value).__name__
+    )
+    text = repr(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _validate(spec: RunSpec, source: str) -> None:
+    """Cross-field checks; each names the key and what it must be."""
+
+    def fail(key: str, message: str) -> typing.NoReturn:
+        raise SpecError(f"{source}: {key} {message}")
+
+    if not RUN_ID_PATTERN.match(spec.run.id):
+        fail(
+            "[run] id",
+            f"must be 1-63 lowercase letters, digits, '-' or '_', got {spec.run.id!r}",
+        )
+    m = spec.model
+    for key in ("vocab_size", "seq_len", "num_layers", "num_heads", "d_model", "mlp_ratio"):
+        if getattr(m, key) < 1:
+            fail(f"[model] {key}", f"must be at least 1, got {getattr(m, key)}")
+    if m.vocab_size < 2:
+        fail("[model] vocab_size", f"must be at least 2, got {m.vocab_size}")
+    if m.d_model % m.num_heads:
+        fail(
+            "[model] d_model",
+            f"must be divisible by num_heads ({m.num_heads}), got {m.d_model}",
+        )
+    if m.positions == "rotary" and (m.d_model // m.num_heads) % 2:
+        fail("[model] d_model", "/ num_heads must be even for rotary positions")
+    if not 0.0 <= m.dropout < 1.0:
+        fail("[model] dropout", f"must be in [0, 1), got {m.dropout}")
+    if spec.data.tokenizer == "byte" and m.vocab_size != 256:
+        fail("[model] vocab_size", f"must be 256 for the byte tokenizer, got {m.vocab_size}")
+    if spec.data.lease_s <= 0:
+        fail("[data] lease_s", f"must be positive, got {spec.data.lease_s}")
+    o = spec.optimizer
+    if o.lr <= 0 or o.lr > 1:
+        fail("[optimizer] lr", f"must be in (0, 1], got {o.lr}")
+    if o.weight_decay < 0:
+        fail("[optimizer] weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if not all(0 <= b < 1 for b in o.betas):
+        fail("[optimizer] betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if o.warmup_steps < 0:
+        fail("[optimizer] warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.grad_clip < 0:
+        fail("[optimizer] grad_clip", f"must be >= 0 (0 turns clipping off), got {o.grad_clip}")
+    if o.micro_batch_size < 1:
+        fail("[optimizer] micro_batch_size", f"must be at least 1, got {o.micro_batch_size}")
+    if o.target_batch_size < o.micro_batch_size:
+        fail(
+            "[optimizer] target_batch_size",
+            f"must be at least micro_batch_size ({o.micro_batch_size}), got {o.target_batch_size}",
+        )
+    s = spec.swarm
+    for key in (
+        "matchmaking_time_s",
+        "averaging_timeout_s",
+        "request_timeout_s",
+        "metadata_expiration_s",
+        "load_state_timeout_s",
+    ):
+        if getattr(s, key) <= 0:
+            fail(f"[swarm] {key}", f"must be positive, got {getattr(s, key)}")
+    if s.average_state_every < 1:
+        fail("[swarm] average_state_every", f"must be at least 1, got {s.average_state_every}")
+    if spec.eval.every_steps < 1:
+        fail("[eval] every_steps", f"must be at least 1, got {spec.eval.every_steps}")
+    if spec.eval.num_sequences < 1:
+        fail("[eval] num_sequences", f"must be at least 1, got {spec.eval.num_sequences}")

@@ -1,0 +1,479 @@
+import dataclasses
+import shutil
+
+import pytest
+
+from crowdtrain.coordinator import leases, peers
+from crowdtrain.coordinator.peers import PeerConfig, SessionError
+from crowdtrain.coordinator.prepare import PrepareConfig, prepare_data
+from crowdtrain.coordinator.runs import (
+    UnknownRunError,
+    check_spec_against_data,
+    get_run,
+    peers_view,
+    prepare_publication,
+    publish,
+    run_view,
+)
+from crowdtrain.coordinator.store import Store, StoreError
+from crowdtrain.protocol.errors import ShardError, SpecError
+from crowdtrain.protocol.identity import Identity, ReplayGuard, open_envelope, seal
+from crowdtrain.protocol.messages import (
+    Evaluation,
+    HeartbeatPayload,
+    ReceiptPayload,
+    RegisterPayload,
+)
+from crowdtrain.protocol.runspec import load_spec
+
+SPEC = """
+[run]
+id = "unit-run"
+description = "a run for unit tests"
+
+[model]
+vocab_size = {vocab_size}
+seq_len = {seq_len}
+num_layers = 2
+num_heads = 2
+d_model = {d_model}
+
+[optimizer]
+target_batch_size = 16
+micro_batch_size = 4
+"""
+
+CONFIG = PeerConfig()
+LEASE_S = 600.0
+
+
+def _write_spec(path, vocab_size=256, seq_len=32, d_model=16):
+    path.write_text(
+        SPEC.format(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model), encoding="utf-8"
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared data folder of 20 train shards (the last 501 tokens) and one val shard."""
+    root = tmp_path_factory.mktemp("prepared")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        line = f"document {i}: the quick brown fox jumps over the lazy dog.\n"
+        (corpus / f"doc{i:02d}.txt").write_text(line * 50, encoding="utf-8")
+    out = root / "data"
+    manifest = prepare_data(
+        PrepareConfig(sources=(corpus,), out=out, shard_tokens=1024, val_fraction=0.2)
+    )
+    assert len(manifest.train_shards) == 20 and len(manifest.val_shards) == 1
+    assert min(s.num_tokens for s in manifest.shards) == 501
+    return out
+
+
+@pytest.fixture
+def data(prepared, tmp_path):
+    """A private copy of the data folder, free to tamper with."""
+    return shutil.copytree(prepared, tmp_path / "data")
+
+
+@pytest.fixture
+def spec_path(tmp_path):
+    return _write_spec(tmp_path / "run.toml")
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = Store(tmp_path / "coordinator")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def run(store, spec_path, data):
+    result = publish(store, prepare_publication(spec_path, data))
+    assert not result.already_published
+    return get_run(store, result.run_id)
+
+
+def _join(store, run_id, identity=None, name="laptop"):
+    """Register a peer the way the gRPC handler does: a verified envelope and a parsed payload."""
+    identity = identity or Identity.generate()
+    info = RegisterPayload(name=name, device="cpu", versions="crowdtrain test")
+    envelope = seal(identity, "register", info.model_dump())
+    opened = open_envelope(envelope, "register", ReplayGuard())
+    return peers.register(store, CONFIG, run_id, opened, info)
+
+
+def _beat(session_key="session-aaaa", num_tokens=0, evaluation=None, step=0):
+    return HeartbeatPayload(
+        session_key=session_key,
+        num_tokens=num_tokens,
+        num_sequences=num_tokens // 32,
+        tokens_per_s=100.0,
+        loss=3.0,
+        step=step,
+        evaluation=evaluation,
+    )
+
+
+def _receipt(shard_id, epoch=0, started=1000.0, finished=1010.0):
+    return ReceiptPayload(
+        shard_id=shard_id,
+        epoch=epoch,
+        num_sequences=31,
+        num_tokens=992,
+        loss_sum=90.0,
+        started=started,
+        finished=finished,
+    )
+
+
+# publishing
+
+
+def test_publish_stores_the_run(store, spec_path, data):
+    publication = prepare_publication(spec_path, data)
+    result = publish(store, publication)
+    assert result.run_id == "unit-run"
+    assert result.num_train_shards == 20
+    assert result.spec_hash == load_spec(spec_path).hash
+    assert not result.already_published
+
+    run = get_run(store, "unit-run")
+    assert run.id == "unit-run"
+    assert run.spec == load_spec(spec_path)
+    assert run.manifest == publication.manifest
+    assert run.data_path == data.resolve()
+    assert run.row["spec_toml"] == spec_path.read_text(encoding="utf-8")
+
+    view = run_view(store, "unit-run")
+    assert view["id"] == "unit-run"
+    assert view["description"] == "a run for unit tests"
+    assert (view["step"], view["num_tokens"], view["num_peers"]) == (0, 0, 0)
+    assert view["val_loss"] is None and view["val_step"] is None
+    assert view["shards"] == {"total": 20, "pending": 20, "leased": 0, "done": 0}
+    assert view["spec_hash"] == result.spec_hash
+    assert view["spec"]["model"]["seq_len"] == 32
+
+
+def test_unknown_run_lists_the_runs_there(run, store):
+    with pytest.raises(UnknownRunError, match="no run 'other'.*runs here: unit-run"):
+        run_view(store, "other")
+
+
+def test_publishing_again_is_a_no_op(run, store, spec_path, data):
+    before = store.get_run("unit-run")
+    again = publish(store, prepare_publication(spec_path, data))
+    assert again.already_published
+    assert again.spec_hash == before["spec_hash"]
+    assert store.get_run("unit-run") == before
+    assert len(store.list_runs()) == 1
+
+
+def test_reformatted_spec_counts_as_the_same_run(run, store, spec_path, data, tmp_path):
+    commented = tmp_path / "commented.toml"
+    commented.write_text("# same values, new comments\n" + spec_path.read_text(), encoding="utf-8")
+    assert publish(store, prepare_publication(commented, data)).already_published
+
+
+def test_changed_spec_with_the_same_id_is_refused(run, store, data, tmp_path):
+    before = store.get_run("unit-run")
+    changed = _write_spec(tmp_path / "changed.toml", d_model=32)
+    with pytest.raises(SpecError) as info:
+        publish(store, prepare_publication(changed, data))
+    message = str(info.value)
+    assert str(changed) in message
+    assert "run 'unit-run' is already published" in message
+    assert "choose a new [run] id" in message
+    assert store.get_run("unit-run") == before
+    assert run_view(store, "unit-run")["spec"]["model"]["d_model"] == 16
+
+
+def test_changed_data_with_the_same_id_is_refused(run, store, spec_path, tmp_path):
+    corpus = tmp_path / "other-corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"d{i}.txt").write_text(f"other text {i}\n" * 200, encoding="utf-8")
+    other = tmp_path / "other-data"
+    prepare_data(PrepareConfig(sources=(corpus,), out=other, shard_tokens=1024, val_fraction=0.2))
+    before = store.get_run("unit-run")
+    with pytest.raises(SpecError, match="different spec or data"):
+        publish(store, prepare_publication(spec_path, other))
+    assert store.get_run("unit-run") == before
+
+
+def test_spec_with_wrong_vocab_size_is_refused(data, tmp_path):
+    spec = _write_spec(tmp_path / "vocab.toml", vocab_size=512)
+    with pytest.raises(SpecError, match=r"\[model\] vocab_size must be 256"):
+        prepare_publication(spec, data)
+
+
+def test_data_with_another_vocab_size_is_refused(data, spec_path):
+    manifest = prepare_publication(spec_path, data).manifest
+    spec = load_spec(spec_path)
+    with pytest.raises(SpecError) as info:
+        check_spec_against_data(spec, dataclasses.replace(manifest, vocab_size=128), "run.toml")
+    assert "[model] vocab_size must be 128 to match the data, got 256" in str(info.value)
+    with pytest.raises(SpecError, match=r"\[data\] tokenizer is 'byte'.*prepared with 'bpe'"):
+        check_spec_against_data(spec, dataclasses.replace(manifest, tokenizer="bpe"), "run.toml")
+
+
+def test_seq_len_longer_than_a_shard_is_refused(data, tmp_path):
+    spec = _write_spec(tmp_path / "long.toml", seq_len=501)
+    with pytest.raises(SpecError) as info:
+        prepare_publication(spec, data)
+    message = str(info.value)
+    assert "[model] seq_len 501 is longer than the shortest shard (501 tokens)" in message
+    assert "lower seq_len or prepare larger shards" in message
+    assert prepare_publication(_write_spec(tmp_path / "fits.toml", seq_len=500), data)
+
+
+def test_tampered_shard_is_refused_by_name(data, spec_path):
+    shard = data / "train-00003.bin"
+    content = bytearray(shard.read_bytes())
+    content[-1] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    with pytest.raises(ShardError) as info:
+        prepare_publication(spec_path, data)
+    assert "'train-00003'" in str(info.value)
+    assert "fails its checksum" in str(info.value)
+
+
+def test_missing_shard_is_refused_by_name(data, spec_path):
+    (data / "val-00000.bin").unlink()
+    with pytest.raises(ShardError, match="shard 'val-00000' is missing"):
+        prepare_publication(spec_path, data)
+
+
+def test_run_survives_reopening_the_store(run, store, tmp_path):
+    store.close()
+    reopened = Store(tmp_path / "coordinator", create=False)
+    try:
+        assert get_run(reopened, "unit-run").spec == run.spec
+        assert run_view(reopened, "unit-run")["shards"]["pending"] == 20
+    finally:
+        reopened.close()
+
+
+def test_store_refuses_a_folder_that_is_not_one(tmp_path):
+    with pytest.raises(StoreError, match="not a coordinator data folder"):
+        Store(tmp_path / "nowhere", create=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="is a file, not a folder"):
+        Store(tmp_path / "file")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "coordinator.db").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(StoreError, match="not a usable SQLite database"):
+        Store(broken)
+
+
+# peers
+
+
+def test_register_lists_the_peer(run, store):
+    session = _join(store, run.id, name="gpu-box")
+    assert peers.authenticate(store, session.token) == session
+    [peer] = peers_view(store, run.id)
+    assert (peer["peer_id"], peer["name"], peer["state"]) == (session.peer_id, "gpu-box", "active")
+    assert run_view(store, run.id)["num_peers"] == 1
+
+
+def test_register_for_an_unknown_run_is_refused(run, store):
+    with pytest.raises(UnknownRunError):
+        _join(store, "no-such-run")
+    assert peers_view(store, run.id) == []
+
+
+def test_heartbeat_counts_tokens_once(run, store):
+    session = _join(store, run.id)
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2), LEASE_S)
+    assert run_view(store, run.id)["num_tokens"] == 1000
+
+    # The same heartbeat again (a retry) changes nothing.
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2), LEASE_S)
+    view = run_view(store, run.id)
+    assert view["num_tokens"] == 1000 and view["step"] == 2
+
+    # Counters are cumulative within a node session.
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1500, step=3), LEASE_S)
+    assert run_view(store, run.id)["num_tokens"] == 1500
+
+    # A late, older heartbeat of the same session does not lower the total.
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1200, step=3), LEASE_S)
+    assert run_view(store, run.id)["num_tokens"] == 1500
+
+
+def test_new_node_session_adds_on_top(run, store):
+    session = _join(store, run.id)
+    peers.heartbeat(store, CONFIG, session, _beat("session-aaaa", num_tokens=1000), LEASE_S)
+    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300), LEASE_S)
+    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300), LEASE_S)
+    [peer] = peers_view(store, run.id)
+    assert peer["num_tokens"] == 1300
+    assert run_view(store, run.id)["num_tokens"] == 1300
+
+
+def test_tokens_of_two_peers_add_up(run, store):
+    first = _join(store, run.id, name="one")
+    second = _join(store, run.id, name="two")
+    peers.heartbeat(store, CONFIG, first, _beat(num_tokens=1000), LEASE_S)
+    peers.heartbeat(store, CONFIG, second, _beat(num_tokens=700), LEASE_S)
+    view = run_view(store, run.id)
+    assert view["num_tokens"] == 1700 and view["num_peers"] == 2
+
+
+def test_interleaved_sessions_of_one_peer_are_not_double_counted(run, store):
+    identity = Identity.generate()
+    first = _join(store, run.id, identity=identity)
+    second = _join(store, run.id, identity=identity)
+    for _ in range(2):
+        peers.heartbeat(store, CONFIG, first, _beat("session-aaaa", num_tokens=1000), LEASE_S)
+        peers.heartbeat(store, CONFIG, second, _beat("session-bbbb", num_tokens=500), LEASE_S)
+    assert run_view(store, run.id)["num_tokens"] == 1500
+
+
+def test_evaluation_shows_up_as_val_loss(run, store):
+    session = _join(store, run.id)
+    first = Evaluation(step=5, num_tokens=5000, loss=3.5, bits_per_byte=5.05)
+    peers.heartbeat(
+        store, CONFIG, session, _beat(num_tokens=5000, evaluation=first, step=5), LEASE_S
+    )
+    later = Evaluation(step=10, num_tokens=9000, loss=2.25, bits_per_byte=3.25)
+    peers.heartbeat(
+        store, CONFIG, session, _beat(num_tokens=9000, evaluation=later, step=10), LEASE_S
+    )
+    view = run_view(store, run.id)
+    assert view["val_loss"] == 2.25
+    assert view["val_bits_per_byte"] == 3.25
+    assert view["val_step"] == 10
+    assert view["first_val_loss"] == 3.5
+    assert view["step"] == 10
+
+
+def test_leave_shows_peer_as_left_and_ends_its_session(run, store):
+    session = _join(store, run.id)
+    peers.leave(store, session)
+    [peer] = peers_view(store, run.id)
+    assert peer["state"] == "left"
+    assert run_view(store, run.id)["num_peers"] == 0
+    with pytest.raises(SessionError, match="register again"):
+        peers.authenticate(store, session.token)
+
+
+def test_unknown_session_token_is_refused(store):
+    with pytest.raises(SessionError):
+        peers.authenticate(store, "not-a-token")
+    with pytest.raises(SessionError):
+        peers.authenticate(store, "")
+
+
+# leases and receipts
+
+
+def test_grant_hands_out_distinct_shards(run, store):
+    first = _join(store, run.id, name="one")
+    second = _join(store, run.id, name="two")
+    one = leases.grant(store, run, first, max_shards=3)
+    two = leases.grant(store, run, second, max_shards=3)
+    assert len(one) == len(two) == 3
+    assert not {lease.shard_id for lease in one} & {lease.shard_id for lease in two}
+    assert all(lease.epoch == 0 and lease.expires_in_s == LEASE_S for lease in one + two)
+    assert all(lease.shard_id.startswith("train-") for lease in one + two)
+    assert run_view(store, run.id)["shards"] == {
+        "total": 20,
+        "pending": 14,
+        "leased": 6,
+        "done": 0,
+    }
+
+
+def test_grant_caps_the_number_of_shards(run, store):
+    session = _join(store, run.id)
+    assert len(leases.grant(store, run, session, max_shards=1000)) == leases.MAX_SHARDS_PER_LEASE
+    assert len(leases.grant(store, run, session, max_shards=0)) == 1
+
+
+def test_receipt_from_a_peer_without_the_lease_is_refused(run, store):
+    holder = _join(store, run.id, name="holder")
+    other = _join(store, run.id, name="other")
+    [lease] = leases.grant(store, run, holder, max_shards=1)
+    with pytest.raises(leases.ReceiptError, match="is not leased to this peer"):
+        leases.complete(store, run, other, _receipt(lease.shard_id))
+    assert store.list_receipts(run.id) == []
+    assert store.get_shard(run.id, 0, lease.shard_id)["holder"] == holder.peer_id
+    assert run_view(store, run.id)["shards"]["done"] == 0
+
+
+def test_receipt_for_an_unknown_shard_is_refused(run, store):
+    session = _join(store, run.id)
+    leases.grant(store, run, session, max_shards=1)
+    with pytest.raises(leases.ReceiptError, match="no shard 'train-99999' in epoch 0"):
+        leases.complete(store, run, session, _receipt("train-99999"))
+    with pytest.raises(leases.ReceiptError, match="no shard"):
+        leases.complete(store, run, session, _receipt("train-00000", epoch=1))
+    assert store.list_receipts(run.id) == []
+
+
+def test_receipt_that_ends_before_it_starts_is_refused(run, store):
+    session = _join(store, run.id)
+    [lease] = leases.grant(store, run, session, max_shards=1)
+    with pytest.raises(leases.ReceiptError, match="finishes before it starts"):
+        leases.complete(store, run, session, _receipt(lease.shard_id, started=20.0, finished=10.0))
+    assert store.list_receipts(run.id) == []
+
+
+def test_good_receipt_completes_the_shard_once(run, store):
+    session = _join(store, run.id)
+    [lease] = leases.grant(store, run, session, max_shards=1)
+    leases.complete(store, run, session, _receipt(lease.shard_id))
+    shard = store.get_shard(run.id, 0, lease.shard_id)
+    assert (shard["state"], shard["holder"], shard["num_completions"]) == ("done", None, 1)
+    [stored] = store.list_receipts(run.id)
+    assert (stored["peer_id"], stored["shard_id"], stored["num_tokens"]) == (
+        session.peer_id,
+        lease.shard_id,
+        992,
+    )
+    assert run_view(store, run.id)["shards"]["done"] == 1
+
+    with pytest.raises(leases.ReceiptError, match="not leased to this peer"):
+        leases.complete(store, run, session, _receipt(lease.shard_id))
+    assert len(store.list_receipts(run.id)) == 1
+    new = leases.grant(store, run, session, max_shards=8)
+    assert lease.shard_id not in {lease.shard_id for lease in new}
+
+
+def test_leave_returns_leased_shards_to_pending(run, store):
+    leaving = _join(store, run.id, name="leaving")
+    staying = _join(store, run.id, name="staying")
+    held = {lease.shard_id for lease in leases.grant(store, run, leaving, max_shards=4)}
+    kept = {lease.shard_id for lease in leases.grant(store, run, staying, max_shards=2)}
+    peers.leave(store, leaving)
+    assert run_view(store, run.id)["shards"] == {"total": 20, "pending": 18, "leased": 2, "done": 0}
+    for shard_id in held:
+        shard = store.get_shard(run.id, 0, shard_id)
+        assert (shard["state"], shard["holder"]) == ("pending", None)
+    # The returned shards are handed out again, first in line.
+    regranted = {lease.shard_id for lease in leases.grant(store, run, staying, max_shards=4)}
+    assert regranted == held
+    assert not regranted & kept
+
+
+def test_finished_epoch_starts_the_next(run, store):
+    session = _join(store, run.id)
+    done = []
+    while len(done) < 20:
+        granted = leases.grant(store, run, session, max_shards=8)
+        assert granted and all(lease.epoch == 0 for lease in granted)
+        for lease in granted:
+            leases.complete(store, run, session, _receipt(lease.shard_id))
+            done.append(lease.shard_id)
+    assert sorted(done) == sorted(s.id for s in run.manifest.train_shards)
+    [lease] = leases.grant(store, run, session, max_shards=1)
+    assert lease.epoch == 1
+    view = run_view(store, run.id)
+    assert view["epoch"] == 1
+    assert view["shards"] == {"total": 20, "pending": 19, "leased": 1, "done": 0}

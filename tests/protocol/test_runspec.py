@@ -1,0 +1,295 @@
+from pathlib import Path
+
+import pytest
+
+from crowdtrain.protocol.errors import SpecError
+from crowdtrain.protocol.runspec import RunSpec, load_spec, parse_spec
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "stdlib-tiny.toml"
+
+MINIMAL = """
+[run]
+id = "tiny"
+
+[model]
+vocab_size = 256
+seq_len = 32
+num_layers = 2
+num_heads = 2
+d_model = 16
+
+[optimizer]
+target_batch_size = 16
+"""
+
+
+def _spec_text(**sections: dict) -> str:
+    """The minimal spec with keys of ``sections`` replaced (a value of None drops the key)."""
+    tables = {
+        "run": {"id": '"tiny"'},
+        "model": {
+            "vocab_size": "256",
+            "seq_len": "32",
+            "num_layers": "2",
+            "num_heads": "2",
+            "d_model": "16",
+        },
+        "optimizer": {"target_batch_size": "16"},
+    }
+    for name, changes in sections.items():
+        table = tables.setdefault(name, {})
+        for key, value in changes.items():
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+    return "\n".join(
+        f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in table.items())
+        for name, table in tables.items()
+    )
+
+
+def _error(text: str) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, source="spec.toml")
+    message = str(info.value)
+    assert message.startswith("spec.toml: ")
+    return message
+
+
+def test_example_spec_loads():
+    spec = load_spec(EXAMPLE)
+    assert isinstance(spec, RunSpec)
+    assert spec.run.id == "stdlib-tiny"
+    assert (spec.model.vocab_size, spec.model.seq_len, spec.model.d_model) == (256, 128, 192)
+    assert spec.data.lease_s == 600.0 and isinstance(spec.data.lease_s, float)
+    assert spec.optimizer.warmup_steps == 20
+    # Keys the file leaves out get their defaults.
+    assert spec.optimizer.betas == (0.9, 0.95)
+    assert spec.model.mlp_ratio == 4
+    assert spec.swarm.load_state_timeout_s == 60.0
+
+
+def test_minimal_spec_fills_defaults():
+    spec = parse_spec(MINIMAL)
+    assert spec.run.description == "" and spec.run.seed == 0
+    assert spec.model.positions == "rotary" and spec.model.dropout == 0.0
+    assert spec.data.tokenizer == "byte" and spec.data.lease_s == 600.0
+    assert spec.optimizer.mode == "sync"
+    assert spec.optimizer.lr == 3e-3 and spec.optimizer.micro_batch_size == 16
+    assert spec.swarm.matchmaking_time_s == 3.0
+    assert (spec.eval.every_steps, spec.eval.num_sequences) == (5, 64)
+    assert spec.to_dict()["optimizer"]["betas"] == [0.9, 0.95]
+
+
+def test_integer_is_accepted_where_a_number_is_expected():
+    spec = parse_spec(_spec_text(optimizer={"lr": "1"}, data={"lease_s": "30"}))
+    assert spec.optimizer.lr == 1.0 and isinstance(spec.optimizer.lr, float)
+    assert spec.data.lease_s == 30.0
+
+
+def test_hash_is_stable_and_ignores_formatting():
+    spec = parse_spec(MINIMAL)
+    assert spec.hash == parse_spec(MINIMAL).hash
+    assert len(spec.hash) == 64
+    reordered = """
+# the same run, written differently
+[optimizer]
+target_batch_size    =   16   # sequences
+
+[model]
+d_model = 16
+num_heads = 2
+num_layers = 2
+seq_len = 32
+vocab_size = 256
+
+[run]
+id = 'tiny'
+"""
+    assert parse_spec(reordered).hash == spec.hash
+
+
+def test_hash_covers_defaults_written_out():
+    explicit = _spec_text(
+        optimizer={"lr": "0.003", "betas": "[0.9, 0.95]"}, data={"lease_s": "600"}
+    )
+    assert parse_spec(explicit).hash == parse_spec(MINIMAL).hash
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"run": {"seed": "1"}},
+        {"run": {"description": '"other"'}},
+        {"model": {"num_layers": "3"}},
+        {"optimizer": {"lr": "0.002"}},
+        {"eval": {"every_steps": "6"}},
+    ],
+)
+def test_hash_changes_with_any_value(changes):
+    assert parse_spec(_spec_text(**changes)).hash != parse_spec(MINIMAL).hash
+
+
+def test_unknown_section():
+    message = _error(MINIMAL + "\n[modle]\nx = 1\n")
+    assert "unknown key [modle]" in message
+    assert "did you mean 'model'?" in message
+
+
+def test_typo_key_suggests_close_match():
+    message = _error(_spec_text(optimizer={"lrr": "0.01"}))
+    assert "unknown key [optimizer] lrr" in message
+    assert "did you mean 'lr'?" in message
+    assert "target_batch_size" in message  # lists what is allowed
+
+
+def test_unknown_key_without_close_match_lists_choices():
+    message = _error(_spec_text(run={"zzzzzz": "1"}))
+    assert "unknown key [run] zzzzzz" in message
+    assert "did you mean" not in message
+    assert "expected one of: id, description, seed" in message
+
+
+@pytest.mark.parametrize("section", ["run", "model", "optimizer"])
+def test_missing_required_section(section):
+    blocks = _spec_text().split("\n\n")
+    text = "\n\n".join(b for b in blocks if not b.startswith(f"[{section}]"))
+    message = _error(text)
+    assert f"missing section [{section}]" in message
+
+
+@pytest.mark.parametrize(
+    "section, key, kind",
+    [
+        ("run", "id", "string"),
+        ("model", "d_model", "integer"),
+        ("optimizer", "target_batch_size", "integer"),
+    ],
+)
+def test_missing_required_key(section, key, kind):
+    message = _error(_spec_text(**{section: {key: None}}))
+    assert f"missing key [{section}] {key} ({kind})" in message
+
+
+def test_section_that_is_not_a_table():
+    message = _error("eval = 3\n" + _spec_text())
+    assert "[eval] must be a table, got integer 3" in message
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"optimizer": {"lr": '"0.01"'}}, "[optimizer] lr must be a number, got string '0.01'"),
+        ({"model": {"d_model": "16.0"}}, "[model] d_model must be an integer, got number 16.0"),
+        ({"model": {"num_layers": "true"}}, "[model] num_layers must be an integer, got boolean"),
+        ({"optimizer": {"lr": "true"}}, "[optimizer] lr must be a number, got boolean"),
+        ({"run": {"id": "7"}}, "[run] id must be a string, got integer 7"),
+        ({"run": {"seed": '"0"'}}, "[run] seed must be an integer, got string '0'"),
+        (
+            {"optimizer": {"betas": "[0.9]"}},
+            "[optimizer] betas must be a list of 2 numbers, got list [0.9]",
+        ),
+        (
+            {"optimizer": {"betas": "[0.9, 0.95, 0.99]"}},
+            "[optimizer] betas must be a list of 2 numbers",
+        ),
+        (
+            {"optimizer": {"betas": "0.9"}},
+            "[optimizer] betas must be a list of 2 numbers, got number 0.9",
+        ),
+        ({"optimizer": {"betas": '[0.9, "x"]'}}, "[optimizer] betas must be a number, got string"),
+        (
+            {"model": {"positions": '"alibi"'}},
+            "[model] positions must be 'rotary' or 'learned', got string 'alibi'",
+        ),
+        ({"optimizer": {"mode": '"async"'}}, "[optimizer] mode must be 'sync', got string 'async'"),
+        ({"data": {"tokenizer": '"bpe"'}}, "[data] tokenizer must be 'byte', got string 'bpe'"),
+    ],
+)
+def test_wrong_types_name_key_and_expectation(changes, expected):
+    assert expected in _error(_spec_text(**changes))
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (
+            {"model": {"d_model": "18", "num_heads": "4"}},
+            "[model] d_model must be divisible by num_heads (4), got 18",
+        ),
+        (
+            {"model": {"d_model": "18", "num_heads": "2"}},
+            "[model] d_model / num_heads must be even for rotary positions",
+        ),
+        (
+            {"model": {"vocab_size": "512"}},
+            "[model] vocab_size must be 256 for the byte tokenizer, got 512",
+        ),
+        (
+            {"optimizer": {"target_batch_size": "8", "micro_batch_size": "16"}},
+            "[optimizer] target_batch_size must be at least micro_batch_size (16), got 8",
+        ),
+        ({"run": {"id": '"My Run"'}}, "[run] id must be 1-63 lowercase letters"),
+        ({"run": {"id": '""'}}, "[run] id must be 1-63 lowercase letters"),
+        ({"run": {"id": '"-leading-dash"'}}, "[run] id must be 1-63 lowercase letters"),
+        ({"run": {"id": '"' + "a" * 64 + '"'}}, "[run] id must be 1-63 lowercase letters"),
+        ({"swarm": {"averaging_timeout_s": "0"}}, "[swarm] averaging_timeout_s must be positive"),
+        ({"swarm": {"request_timeout_s": "-1.5"}}, "[swarm] request_timeout_s must be positive"),
+        ({"swarm": {"average_state_every": "0"}}, "[swarm] average_state_every must be at least 1"),
+        ({"data": {"lease_s": "0"}}, "[data] lease_s must be positive"),
+        ({"model": {"dropout": "1.0"}}, "[model] dropout must be in [0, 1)"),
+        ({"optimizer": {"lr": "0"}}, "[optimizer] lr must be in (0, 1]"),
+        ({"optimizer": {"betas": "[0.9, 1.0]"}}, "[optimizer] betas must be two numbers in [0, 1)"),
+        ({"eval": {"num_sequences": "0"}}, "[eval] num_sequences must be at least 1"),
+        ({"model": {"num_heads": "0"}}, "[model] num_heads must be at least 1, got 0"),
+    ],
+)
+def test_cross_field_checks(changes, expected):
+    assert expected in _error(_spec_text(**changes))
+
+
+def test_odd_head_dim_is_fine_with_learned_positions():
+    spec = parse_spec(
+        _spec_text(model={"d_model": "18", "num_heads": "2", "positions": '"learned"'})
+    )
+    assert spec.model.d_model // spec.model.num_heads == 9
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"optimizer": {"lr": "nan"}}, "[optimizer] lr"),
+        ({"data": {"lease_s": "nan"}}, "[data] lease_s"),
+        ({"swarm": {"averaging_timeout_s": "nan"}}, "[swarm] averaging_timeout_s"),
+    ],
+)
+def test_nan_values_are_refused(changes, key):
+    assert key in _error(_spec_text(**changes))
+
+
+def test_invalid_toml():
+    message = _error(MINIMAL + "\n[model\n")
+    assert "not valid TOML" in message
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.toml"
+    with pytest.raises(SpecError, match="does not exist") as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_spec_names_the_file_in_errors(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(_spec_text(optimizer={"lrr": "0.01"}), encoding="utf-8")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}: unknown key [optimizer] lrr")
+
+
+def test_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(MINIMAL.replace('"tiny"', '"tiny"\ndescription = "caf\xe9"').encode("latin-1"))
+    with pytest.raises(SpecError, match="cannot be read"):
+        load_spec(path)

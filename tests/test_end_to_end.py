@@ -1,0 +1,41 @@
+"""Two real nodes train one model through a real coordinator, on loopback."""
+
+import signal
+
+import pytest
+
+from tests.swarm import Swarm, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_nodes_train_together(swarm: Swarm) -> None:
+    data = swarm.prepare()
+    published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+
+    timed = swarm.start_node("node-a", "--max-seconds", "45")
+    interrupted = swarm.start_node("node-b")
+
+    def two_active_peers_with_tokens():
+        peers = swarm.get("/api/runs/tiny/peers")
+        active = [p for p in peers if p["state"] == "active" and p["num_tokens"] > 0]
+        return len(active) == 2
+
+    swarm.wait_for(two_active_peers_with_tokens, timeout=120, what="two peers training")
+    assert timed.wait(timeout=150) == 0, timed.output()
+    # Ctrl-C: the node leaves cleanly and the coordinator marks it as gone.
+    assert swarm.stop(interrupted, signal.SIGINT, timeout=60) == 0, interrupted.output()
+
+    run = swarm.get("/api/runs/tiny")
+    peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert set(peers) == {"node-a", "node-b"}
+    assert all(p["num_tokens"] > 0 for p in peers.values())
+    assert all(p["state"] == "left" for p in peers.values()), peers
+    assert run["step"] >= 2, run
+    assert run["first_val_loss"] > 5.0, run
+    assert run["val_loss"] < run["first_val_loss"] - 1.0, run
+    assert run["num_tokens"] == sum(p["num_tokens"] for p in peers.values())
+    for name in ("node-a", "node-b"):
+        assert (swarm.root / name / "runs" / "tiny" / "checkpoint.safetensors").exists()
