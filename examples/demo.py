@@ -172,7 +172,7 @@ def main() -> int:
             now = time.monotonic()
             if now - last_view >= 5:
                 view, last_view = coordinator_view(url), now
-            nodes = [f"{c.name}: {c.last_line}"[:160] for c in children[1:]]
+            nodes = [c.last_line[:160] for c in children[1:]]
             block = [*nodes, *view]
             if interactive:
                 sys.stdout.write("\x1b[F\x1b[2K" * drawn + "\n".join(block) + "\n")

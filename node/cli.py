@@ -65,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
-        for noisy in ("hivemind", "asyncio", "httpx"):
+        for noisy in ("hivemind", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # hivemind's averagers leave cancelled asyncio tasks behind on every
+        # partial round; asyncio reports them as errors that no user can act on.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         return _COMMANDS[args.command](args)
     except CrowdtrainError as e:

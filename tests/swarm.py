@@ -44,7 +44,7 @@ lr = 0.005
 warmup_steps = 2
 
 [swarm]
-matchmaking_time_s = 2.0
+matchmaking_time_s = 1.0
 averaging_timeout_s = 10.0
 request_timeout_s = 1.0
 metadata_expiration_s = 10.0
@@ -135,7 +135,11 @@ class Swarm:
             str(data),
         )
 
-    def start_coordinator(self, timeout: float = 90) -> Process:
+    def start_coordinator(
+        self, timeout: float = 90, http_port: int = 0, grpc_port: int = 0, dht_port: int = 0
+    ) -> Process:
+        ports_file = self.coord_dir / "ports.json"
+        ports_file.unlink(missing_ok=True)  # a killed coordinator leaves its file behind
         process = self._spawn(
             "coordinator",
             [
@@ -144,14 +148,13 @@ class Swarm:
                 "--data-dir",
                 str(self.coord_dir),
                 "--http-port",
-                "0",
+                str(http_port),
                 "--grpc-port",
-                "0",
+                str(grpc_port),
                 "--dht-port",
-                "0",
+                str(dht_port),
             ],
         )
-        ports_file = self.coord_dir / "ports.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.popen.poll() is not None:
