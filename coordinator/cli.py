@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
+        # hivemind reads its level once, at import, from this variable.
+        os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
         for noisy in ("hivemind", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # hivemind's averagers leave cancelled asyncio tasks behind on every

@@ -79,19 +79,20 @@ def authenticate(store: Store, token: str) -> Session:
 def heartbeat(
     store: Store, config: PeerConfig, session: Session, beat: HeartbeatPayload, lease_s: float
 ) -> None:
-    """Apply a heartbeat: counters, liveness, an evaluation; renews session and leases."""
+    """Apply a heartbeat: counters, liveness, evaluations; renews session and leases."""
     now = time.time()
-    evaluation = None
-    if beat.evaluation is not None:
-        evaluation = {
+    evaluations = [
+        {
             "run_id": session.run_id,
             "peer_id": session.peer_id,
-            "step": beat.evaluation.step,
-            "num_tokens": beat.evaluation.num_tokens,
-            "val_loss": beat.evaluation.loss,
-            "bits_per_byte": beat.evaluation.bits_per_byte,
+            "step": e.step,
+            "num_tokens": e.num_tokens,
+            "val_loss": e.loss,
+            "bits_per_byte": e.bits_per_byte,
             "time": now,
         }
+        for e in beat.evaluations
+    ]
     store.record_heartbeat(
         {
             "run_id": session.run_id,
@@ -105,7 +106,7 @@ def heartbeat(
             "device": beat.device,
             "now": now,
         },
-        evaluation,
+        evaluations,
     )
     store.extend_session(session.token, now + config.session_ttl_s)
     store.renew_leases(session.run_id, session.peer_id, now + lease_s)

@@ -229,7 +229,7 @@ class Store:
     def list_peers(self, run_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM peers WHERE run_id = ? ORDER BY registered_at", (run_id,))
 
-    def record_heartbeat(self, update: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
+    def record_heartbeat(self, update: dict[str, Any], evaluations: list[dict[str, Any]]) -> None:
         """Apply one heartbeat. Counters are cumulative per node process
         (``session_key``) and only ever rise, so a heartbeat applied twice, or
         two processes sharing one identity, count once each."""
@@ -249,13 +249,12 @@ class Store:
                 update,
             )
             db.execute("UPDATE runs SET step = MAX(step, :step) WHERE id = :run_id", update)
-            if evaluation is not None:
-                db.execute(
-                    "INSERT INTO evals (run_id, step, num_tokens, val_loss, bits_per_byte,"
-                    " peer_id, time) VALUES (:run_id, :step, :num_tokens, :val_loss,"
-                    " :bits_per_byte, :peer_id, :time)",
-                    evaluation,
-                )
+            db.executemany(
+                "INSERT INTO evals (run_id, step, num_tokens, val_loss, bits_per_byte,"
+                " peer_id, time) VALUES (:run_id, :step, :num_tokens, :val_loss,"
+                " :bits_per_byte, :peer_id, :time)",
+                evaluations,
+            )
 
     def peer_totals(self, run_id: str) -> dict[str, dict[str, int]]:
         """Tokens and sequences per peer, summed over its node processes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not args.verbose:
+        # hivemind reads its level once, at import, from this variable.
+        os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
         for noisy in ("hivemind", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # hivemind's averagers leave cancelled asyncio tasks behind on every
@@ -94,6 +97,12 @@ def _identity(args: argparse.Namespace) -> int:
 def _join(args: argparse.Namespace) -> int:
     from crowdtrain.node.trainer import Node, NodeConfig
 
+    if not args.verbose:
+        # When averagers stop, the DHT process logs a traceback for each request
+        # they left half-sent; it is hivemind's shutdown noise, not a fault.
+        logging.getLogger("hivemind.dht.dht").setLevel(logging.CRITICAL)
+    owner = os.getpid()
+
     node = Node(
         NodeConfig(
             url=args.url,
@@ -111,9 +120,13 @@ def _join(args: argparse.Namespace) -> int:
     )
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:  # a hivemind child forked with this handler: just exit
+            os._exit(128 + signum)
         raise KeyboardInterrupt
 
     def leave(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:
+            os._exit(128 + signum)
         if node.stop_event.is_set():
             raise KeyboardInterrupt
         logging.getLogger(__name__).info("leaving the run (again to force)")

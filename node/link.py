@@ -21,6 +21,9 @@ from crowdtrain.protocol.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
 
+# As many as a heartbeat may carry (see HeartbeatPayload).
+_MAX_EVALUATIONS = 32
+
 
 class CoordinatorLink:
     """Heartbeats, receipts and shard prefetch in one daemon thread."""
@@ -107,11 +110,10 @@ class CoordinatorLink:
 
     def _tick(self) -> None:
         payload = self._stats()
-        evaluation = self._evaluations[0] if self._evaluations else None
-        if evaluation is not None:
-            payload["evaluation"] = evaluation
+        pending = list(self._evaluations)[:_MAX_EVALUATIONS]
+        payload["evaluations"] = pending
         reply = self._with_session(lambda token: self.client.heartbeat(token, payload))
-        if evaluation is not None:
+        for _ in pending:
             self._evaluations.popleft()
         self.swarm_step, self.num_peers = reply.step, reply.num_peers
         while self._receipts:
@@ -135,8 +137,7 @@ class CoordinatorLink:
             return
         try:
             payload = self._stats()
-            if self._evaluations:
-                payload["evaluation"] = self._evaluations.popleft()
+            payload["evaluations"] = list(self._evaluations)[-_MAX_EVALUATIONS:]
             self.client.heartbeat(self.token, payload)
             for receipt in self._receipts:
                 self.client.report(self.token, receipt)

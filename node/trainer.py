@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
@@ -310,7 +311,10 @@ class Node:
         logger.info("run under way; loading the latest state from peers")
         started = time.monotonic()
         try:
-            self.optimizer.load_state_from_peers()
+            with warnings.catch_warnings():
+                # hivemind fast-forwards the learning-rate schedule to the loaded step.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                self.optimizer.load_state_from_peers()
         except Exception as e:  # a failed download is not fatal: hivemind retries at the next step
             logger.warning("could not load state from peers yet: %s", e)
             return

@@ -61,7 +61,8 @@ class HeartbeatPayload(_Payload):
     loss: Annotated[float, Field(ge=0, le=1e4)] | None = None
     step: Count
     device: ShortText = ""
-    evaluation: Evaluation | None = None
+    # Measurements made since the last acknowledged heartbeat, oldest first.
+    evaluations: Annotated[list[Evaluation], Field(max_length=32)] = []
 
 
 class ReceiptPayload(_Payload):

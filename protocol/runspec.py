@@ -299,6 +299,12 @@ def _validate(spec: RunSpec, source: str) -> None:
     ):
         if getattr(s, key) <= 0:
             fail(f"[swarm] {key}", f"must be positive, got {getattr(s, key)}")
+    if s.request_timeout_s >= s.matchmaking_time_s:
+        fail(
+            "[swarm] request_timeout_s",
+            f"must be shorter than matchmaking_time_s ({s.matchmaking_time_s}), got "
+            f"{s.request_timeout_s}: hivemind's matchmaking can deadlock otherwise",
+        )
     if s.average_state_every < 1:
         fail("[swarm] average_state_every", f"must be at least 1, got {s.average_state_every}")
     if spec.eval.every_steps < 1:

@@ -46,7 +46,7 @@ warmup_steps = 2
 [swarm]
 matchmaking_time_s = 1.0
 averaging_timeout_s = 10.0
-request_timeout_s = 1.0
+request_timeout_s = 0.5
 metadata_expiration_s = 10.0
 
 [eval]

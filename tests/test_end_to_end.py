@@ -1,5 +1,6 @@
 """Two real nodes train one model through a real coordinator, on loopback."""
 
+import os
 import signal
 
 import pytest
@@ -9,14 +10,24 @@ from tests.swarm import Swarm, write_spec
 pytestmark = pytest.mark.slow
 
 
+def group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_two_nodes_train_together(swarm: Swarm) -> None:
     data = swarm.prepare()
     published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
     assert published.returncode == 0, published.stderr
-    swarm.start_coordinator()
+    coordinator = swarm.start_coordinator()
 
-    timed = swarm.start_node("node-a", "--max-seconds", "45")
-    interrupted = swarm.start_node("node-b")
+    first = swarm.start_node("node-a", "--max-seconds", "50")
+    swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 2, 120, "node-a's first steps")
+    # The run is under way: the second node loads the swarm's state before training.
+    late = swarm.start_node("node-b")
 
     def two_active_peers_with_tokens():
         peers = swarm.get("/api/runs/tiny/peers")
@@ -24,9 +35,10 @@ def test_two_nodes_train_together(swarm: Swarm) -> None:
         return len(active) == 2
 
     swarm.wait_for(two_active_peers_with_tokens, timeout=120, what="two peers training")
-    assert timed.wait(timeout=150) == 0, timed.output()
-    # Ctrl-C: the node leaves cleanly and the coordinator marks it as gone.
-    assert swarm.stop(interrupted, signal.SIGINT, timeout=60) == 0, interrupted.output()
+    assert first.wait(timeout=150) == 0, first.output()
+    # Ctrl-C: the node leaves cleanly and the coordinator marks it as left.
+    assert swarm.stop(late, signal.SIGINT, timeout=60) == 0, late.output()
+    assert "loaded state of step" in late.output(), late.output()
 
     run = swarm.get("/api/runs/tiny")
     peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
@@ -39,3 +51,9 @@ def test_two_nodes_train_together(swarm: Swarm) -> None:
     assert run["num_tokens"] == sum(p["num_tokens"] for p in peers.values())
     for name in ("node-a", "node-b"):
         assert (swarm.root / name / "runs" / "tiny" / "checkpoint.safetensors").exists()
+
+    # SIGTERM stops the whole coordinator: servers, DHT and its p2p daemon.
+    coordinator.popen.send_signal(signal.SIGTERM)
+    assert coordinator.wait(timeout=60) == 0, coordinator.output()
+    assert not group_alive(coordinator.popen.pid), "the coordinator left processes behind"
+    assert not (swarm.coord_dir / "ports.json").exists()

@@ -114,7 +114,7 @@ def _beat(session_key="session-aaaa", num_tokens=0, evaluation=None, step=0):
         tokens_per_s=100.0,
         loss=3.0,
         step=step,
-        evaluation=evaluation,
+        evaluations=[evaluation] if evaluation is not None else [],
     )
 
 

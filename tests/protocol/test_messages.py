@@ -19,7 +19,7 @@ HEARTBEAT = {
     "loss": 2.5,
     "step": 3,
     "device": "cpu",
-    "evaluation": {"step": 3, "num_tokens": 4096, "loss": 2.4, "bits_per_byte": 3.46},
+    "evaluations": [{"step": 3, "num_tokens": 4096, "loss": 2.4, "bits_per_byte": 3.46}],
 }
 RECEIPT = {
     "shard_id": "train-00000",
@@ -52,14 +52,14 @@ def test_register_payload_parses():
 def test_heartbeat_payload_parses_with_evaluation():
     beat = parse_payload(HeartbeatPayload, HEARTBEAT)
     assert beat.num_tokens == 4096 and beat.step == 3
-    assert isinstance(beat.evaluation, Evaluation)
-    assert beat.evaluation.loss == 2.4
+    assert isinstance(beat.evaluations[0], Evaluation)
+    assert beat.evaluations[0].loss == 2.4
 
 
 def test_heartbeat_payload_defaults():
     minimal = {k: HEARTBEAT[k] for k in ("session_key", "num_tokens", "num_sequences", "step")}
     beat = parse_payload(HeartbeatPayload, {**minimal, "tokens_per_s": 0})
-    assert beat.loss is None and beat.evaluation is None and beat.device == ""
+    assert beat.loss is None and beat.evaluations == [] and beat.device == ""
     assert beat.tokens_per_s == 0.0
 
 
@@ -84,8 +84,8 @@ def test_parsed_payload_is_frozen():
         (ReceiptPayload, {**RECEIPT, "peer_id": "someone-else"}, "peer_id"),
         (
             HeartbeatPayload,
-            {**HEARTBEAT, "evaluation": {**HEARTBEAT["evaluation"], "extra": 1}},
-            "evaluation.extra",
+            {**HEARTBEAT, "evaluations": [{**HEARTBEAT["evaluations"][0], "extra": 1}]},
+            "evaluations.0.extra",
         ),
     ],
 )
@@ -107,8 +107,8 @@ def test_extra_keys_are_refused(model, payload, field):
         (ReceiptPayload, {**RECEIPT, "loss_sum": -1.0}, "loss_sum"),
         (
             HeartbeatPayload,
-            {**HEARTBEAT, "evaluation": {**HEARTBEAT["evaluation"], "num_tokens": -1}},
-            "evaluation.num_tokens",
+            {**HEARTBEAT, "evaluations": [{**HEARTBEAT["evaluations"][0], "num_tokens": -1}]},
+            "evaluations.0.num_tokens",
         ),
     ],
 )
@@ -140,8 +140,8 @@ def test_non_finite_floats_are_refused(model, base, field, value):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_evaluation_loss_is_refused(value):
-    payload = {**HEARTBEAT, "evaluation": {**HEARTBEAT["evaluation"], "loss": value}}
-    assert "bad HeartbeatPayload: evaluation.loss:" in _error(HeartbeatPayload, payload)
+    payload = {**HEARTBEAT, "evaluations": [{**HEARTBEAT["evaluations"][0], "loss": value}]}
+    assert "bad HeartbeatPayload: evaluations.0.loss:" in _error(HeartbeatPayload, payload)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +151,12 @@ def test_non_finite_evaluation_loss_is_refused(value):
         (HeartbeatPayload, {**HEARTBEAT, "step": 3.0}, "step"),
         (HeartbeatPayload, {**HEARTBEAT, "step": True}, "step"),
         (HeartbeatPayload, {**HEARTBEAT, "tokens_per_s": "fast"}, "tokens_per_s"),
-        (HeartbeatPayload, {**HEARTBEAT, "evaluation": [1, 2]}, "evaluation"),
+        (HeartbeatPayload, {**HEARTBEAT, "evaluations": [1, 2]}, "evaluations.0"),
+        (
+            HeartbeatPayload,
+            {**HEARTBEAT, "evaluations": HEARTBEAT["evaluations"] * 33},
+            "evaluations",
+        ),
         (ReceiptPayload, {**RECEIPT, "epoch": "0"}, "epoch"),
         (ReceiptPayload, {**RECEIPT, "shard_id": 7}, "shard_id"),
         (RegisterPayload, {**REGISTER, "name": b"laptop"}, "name"),

@@ -237,6 +237,10 @@ def test_wrong_types_name_key_and_expectation(changes, expected):
         ({"swarm": {"averaging_timeout_s": "0"}}, "[swarm] averaging_timeout_s must be positive"),
         ({"swarm": {"request_timeout_s": "-1.5"}}, "[swarm] request_timeout_s must be positive"),
         ({"swarm": {"average_state_every": "0"}}, "[swarm] average_state_every must be at least 1"),
+        (
+            {"swarm": {"matchmaking_time_s": "1.0", "request_timeout_s": "1.0"}},
+            "[swarm] request_timeout_s must be shorter than matchmaking_time_s (1.0)",
+        ),
         ({"data": {"lease_s": "0"}}, "[data] lease_s must be positive"),
         ({"model": {"dropout": "1.0"}}, "[model] dropout must be in [0, 1)"),
         ({"optimizer": {"lr": "0"}}, "[optimizer] lr must be in (0, 1]"),
