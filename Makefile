@@ -32,7 +32,7 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/mypy protocol coordinator
 
 bench: $(VENV)/.installed-dev
-	@echo "no benchmarks yet"
+	$(PY) bench/run.py
 
 proto: $(VENV)/.installed-dev
 	bash scripts/gen_proto.sh .

@@ -24,18 +24,50 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    prep = sub.add_parser("prepare-data", help="turn text into token shards and a manifest")
+    prep = sub.add_parser(
+        "prepare-data",
+        help="turn a corpus into token shards and a manifest",
+        description="Read a corpus, tokenize it (bytes or a BPE trained on it) and write "
+        "token shards, a manifest and, for bpe, tokenizer.json into --out.",
+    )
     prep.add_argument(
         "--source",
         nargs="+",
         required=True,
-        metavar="stdlib|PATH",
-        help="'stdlib' for Python's own standard library, or text files and folders",
+        metavar="SOURCE",
+        help="'stdlib' (Python's own standard library), text files and folders, .jsonl or "
+        ".parquet files, a folder saved by datasets' save_to_disk, or hf:NAME[:SPLIT]",
     )
     prep.add_argument("--out", required=True, type=Path, help="folder to write shards into")
     prep.add_argument("--shard-tokens", type=int, default=1_048_576, help="tokens per shard")
     prep.add_argument(
         "--val-fraction", type=float, default=0.005, help="share of documents held out"
+    )
+    prep.add_argument(
+        "--max-val-tokens",
+        type=int,
+        default=262_144,
+        help="most text bytes (so tokens) held out for validation",
+    )
+    prep.add_argument(
+        "--text-field",
+        default="text",
+        help="field (JSON Lines, datasets) or column (Parquet) holding the text",
+    )
+    prep.add_argument(
+        "--split", default="train", help="split of a dataset dict or an hf: source without one"
+    )
+    prep.add_argument(
+        "--tokenizer", choices=("byte", "bpe"), default="byte", help="byte-level or a trained BPE"
+    )
+    prep.add_argument(
+        "--vocab-size", type=int, default=None, help="BPE vocabulary, 257..65535 (default 4096)"
+    )
+    prep.add_argument(
+        "--bpe-train-bytes",
+        type=int,
+        default=100_000_000,
+        help="train the BPE on this many bytes from the start of the corpus",
     )
 
     srv = sub.add_parser("serve", help="run the coordinator (gRPC, HTTP, DHT)")
@@ -86,11 +118,18 @@ def _prepare(args: argparse.Namespace) -> int:
             out=args.out,
             shard_tokens=args.shard_tokens,
             val_fraction=args.val_fraction,
+            max_val_tokens=args.max_val_tokens,
+            text_field=args.text_field,
+            split=args.split,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            bpe_train_bytes=args.bpe_train_bytes,
         )
     )
     print(
         f"prepared {args.out}: {len(manifest.train_shards)} train shards "
         f"({manifest.num_train_tokens:,} tokens), {len(manifest.val_shards)} validation shard, "
+        f"{manifest.tokenizer} tokenizer ({manifest.vocab_size} ids), "
         f"manifest {manifest.hash[:16]}"
     )
     return 0

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import grpc
 
 from crowdtrain.coordinator import leases, peers, runs
+from crowdtrain.coordinator.leases import LeaseBook
+from crowdtrain.coordinator.metrics import Refusals
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
@@ -60,6 +62,7 @@ def _translating(
             return await method(self, request, context)
         except CrowdtrainError as e:
             code = next(c for t, c in _STATUS if isinstance(e, t))
+            self.refusals.count(method.__name__, code.name)
             logger.info("%s refused: %s", method.__name__, e)
             await context.abort(code, str(e))
             raise AssertionError("unreachable") from None
@@ -74,8 +77,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         config: peers.PeerConfig,
         initial_peers: Callable[[], list[str]],
         http_url: str,
+        leases: LeaseBook,
+        refusals: Refusals,
     ):
         self.store = store
+        self.leases = leases
+        self.refusals = refusals
         self.config = config
         self.initial_peers = initial_peers
         self.http_url = http_url
@@ -128,7 +135,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         opened = self._open(request.envelope, KIND_HEARTBEAT, session)
         beat = parse_payload(HeartbeatPayload, opened.payload)
         run = runs.get_run(self.store, session.run_id)
-        peers.heartbeat(self.store, self.config, session, beat, run.spec.data.lease_s)
+        peers.heartbeat(self.store, self.config, session, beat)
+        self.leases.renew(run, session)
         view = runs.run_view(self.store, session.run_id)
         return pb.HeartbeatReply(step=view["step"], num_peers=view["num_peers"])
 
@@ -136,7 +144,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def LeaseShards(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseReply:
         session = peers.authenticate(self.store, request.session_token)
         run = runs.get_run(self.store, session.run_id)
-        granted = leases.grant(self.store, run, session, request.max_shards)
+        granted = self.leases.grant(run, session, request.max_shards, resume=request.resume)
         return pb.LeaseReply(
             leases=[
                 pb.Lease(shard_id=g.shard_id, epoch=g.epoch, expires_in_s=g.expires_in_s)
@@ -150,12 +158,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         opened = self._open(request.envelope, KIND_RECEIPT, session)
         receipt = parse_payload(ReceiptPayload, opened.payload)
         run = runs.get_run(self.store, session.run_id)
-        leases.complete(self.store, run, session, receipt)
+        self.leases.complete(run, session, receipt)
         return pb.ShardReportReply(accepted=True)
 
     @_translating
     async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
         session = peers.authenticate(self.store, request.session_token)
+        self.leases.release(session)
         peers.leave(self.store, session)
         logger.info("peer %s left run %s", session.peer_id, session.run_id)
         return pb.LeaveReply()

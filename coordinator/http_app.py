@@ -16,7 +16,10 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse
 
 from crowdtrain.coordinator import runs
+from crowdtrain.coordinator.leases import LeaseBook
+from crowdtrain.coordinator.metrics import Refusals
 from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol.errors import CrowdtrainError
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,9 @@ class Endpoints:
     initial_peers: Callable[[], list[str]]
 
 
-def create_app(store: Store, endpoints: Endpoints) -> FastAPI:
+def create_app(
+    store: Store, endpoints: Endpoints, leases: LeaseBook, refusals: Refusals
+) -> FastAPI:
     app = FastAPI(
         title="crowdtrain coordinator",
         version=version("crowdtrain"),
@@ -71,6 +76,20 @@ def create_app(store: Store, endpoints: Endpoints) -> FastAPI:
     def get_evals(run_id: str) -> list[dict[str, Any]]:
         """Validation loss over steps and tokens, oldest first."""
         return run_or_404(lambda: runs.evals_view(store, run_id))
+
+    @app.get("/api/runs/{run_id}/coverage")
+    def get_coverage(run_id: str, epoch: int | None = None) -> dict[str, Any]:
+        """Each shard of an epoch (the current one unless ``?epoch=N``): pending, leased or done."""
+        run = run_or_404(lambda: runs.get_run(store, run_id))
+        try:
+            return leases.coverage(run, epoch)
+        except CrowdtrainError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+
+    @app.get("/api/refusals")
+    def get_refusals() -> list[dict[str, Any]]:
+        """Requests from nodes that were refused since this coordinator started, by reason."""
+        return refusals.snapshot()
 
     @app.get("/api/runs/{run_id}/shards/{shard_id}")
     def get_shard(run_id: str, shard_id: str) -> FileResponse:

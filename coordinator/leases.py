@@ -1,14 +1,20 @@
-"""Shard leases and receipts.
+"""Shard leases, their expiry, receipts and coverage.
 
 A node leases shards of the current epoch; a lease lasts ``[data] lease_s``
-and is renewed by heartbeats; a receipt completes its shard. When every shard
-of an epoch is done, the next epoch starts in a fresh order.
+from its grant or its holder's last heartbeat, measured on this process's
+monotonic clock (never a node's clock, never wall time). Deadlines live in
+memory; after a restart every stored lease gets a fresh ``lease_s``, so a
+restart never takes a shard from a live node. A receipt completes its shard;
+when every shard of an epoch is done, the next epoch starts in a fresh order.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from crowdtrain.coordinator.peers import Session
 from crowdtrain.coordinator.runs import PublishedRun, epoch_order
@@ -16,11 +22,13 @@ from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.messages import ReceiptPayload
 
+logger = logging.getLogger(__name__)
+
 MAX_SHARDS_PER_LEASE = 8
 
 
 class ReceiptError(CrowdtrainError):
-    """A receipt that does not match a lease the peer holds."""
+    """A receipt that does not match a lease the peer holds or held."""
 
 
 @dataclass(frozen=True)
@@ -30,48 +38,151 @@ class Lease:
     expires_in_s: float
 
 
-def grant(store: Store, run: PublishedRun, session: Session, max_shards: int) -> list[Lease]:
-    """Lease up to ``max_shards`` shards; none when every shard is held by live peers."""
-    max_shards = max(1, min(max_shards, MAX_SHARDS_PER_LEASE))
-    now = time.time()
-    epoch = _current_epoch(store, run)
-    granted = store.grant_leases(
-        run.id, epoch, session.peer_id, max_shards, now, now + run.spec.data.lease_s
-    )
-    return [Lease(shard_id=s, epoch=epoch, expires_in_s=run.spec.data.lease_s) for s in granted]
+_Key = tuple[str, int, str, str]  # run, epoch, shard, peer
 
 
-def _current_epoch(store: Store, run: PublishedRun) -> int:
-    epoch = store.current_epoch(run.id) or 0
-    counts = store.epoch_counts(run.id, epoch)
-    if counts and set(counts) == {"done"}:
-        epoch += 1
-        store.ensure_epoch(run.id, epoch, epoch_order(run.spec, run.manifest, epoch))
-    return epoch
+class LeaseBook:
+    """All leases of one coordinator process, with their deadlines."""
 
+    def __init__(self, store: Store, clock: Any = time.monotonic):
+        self.store = store
+        self._clock = clock
+        self._started = clock()
+        self._deadlines: dict[_Key, float] = {}
+        self._lock = threading.RLock()
 
-def complete(store: Store, run: PublishedRun, session: Session, receipt: ReceiptPayload) -> None:
-    """Record a receipt for a shard the peer holds (or held until it expired unclaimed)."""
-    shard = store.get_shard(run.id, receipt.epoch, receipt.shard_id)
-    if shard is None:
-        raise ReceiptError(
-            f"no shard {receipt.shard_id!r} in epoch {receipt.epoch} of run {run.id!r}"
-        )
-    if shard["holder"] != session.peer_id:
-        raise ReceiptError(f"shard {receipt.shard_id!r} is not leased to this peer")
-    if receipt.finished < receipt.started:
-        raise ReceiptError("receipt finishes before it starts")
-    store.complete_shard(
-        {
-            "run_id": run.id,
-            "peer_id": session.peer_id,
-            "shard_id": receipt.shard_id,
-            "epoch": receipt.epoch,
-            "num_sequences": receipt.num_sequences,
-            "num_tokens": receipt.num_tokens,
-            "loss_sum": receipt.loss_sum,
-            "started": receipt.started,
-            "finished": receipt.finished,
-            "received_at": time.time(),
-        }
-    )
+    def _deadline(self, run: PublishedRun) -> float:
+        return self._clock() + run.spec.data.lease_s
+
+    def _expire_overdue(self, run: PublishedRun) -> None:
+        now = self._clock()
+        for row in self.store.active_leases(run.id):
+            key = (run.id, row["epoch"], row["shard_id"], row["peer_id"])
+            deadline = self._deadlines.get(key)
+            if deadline is None:
+                # Granted before this process started: the holder gets a full lease_s
+                # from the start, as if it had just renewed.
+                self._deadlines[key] = deadline = self._started + run.spec.data.lease_s
+            if deadline < now:
+                logger.info(
+                    "lease of %s (epoch %d) by %s expired",
+                    row["shard_id"],
+                    row["epoch"],
+                    row["peer_id"],
+                )
+                self.store.expire_lease(run.id, row["epoch"], row["shard_id"], row["peer_id"])
+                del self._deadlines[key]
+
+    def current_epoch(self, run: PublishedRun) -> int:
+        """The epoch being handed out; starts the next one when this one is done."""
+        with self._lock:
+            epoch = self.store.current_epoch(run.id) or 0
+            counts = self.store.epoch_counts(run.id, epoch)
+            if counts and set(counts) == {"done"}:
+                epoch += 1
+                self.store.ensure_epoch(run.id, epoch, epoch_order(run.spec, run.manifest, epoch))
+                logger.info("run %s: epoch %d complete; epoch %d starts", run.id, epoch - 1, epoch)
+            return epoch
+
+    def grant(
+        self, run: PublishedRun, session: Session, max_shards: int, resume: bool = False
+    ) -> list[Lease]:
+        """Lease up to ``max_shards`` shards to a peer.
+
+        With ``resume`` (a node that just started), the peer's own live leases
+        come first, so it can finish what it was training before a restart.
+        Returns nothing when every remaining shard of the epoch is held by live
+        peers; the node then keeps training on what it has.
+        """
+        max_shards = max(1, min(max_shards, MAX_SHARDS_PER_LEASE))
+        with self._lock:
+            self._expire_overdue(run)
+            leases: list[Lease] = []
+            if resume:
+                for row in self.store.peer_leases(run.id, session.peer_id)[:max_shards]:
+                    key = (run.id, row["epoch"], row["shard_id"], session.peer_id)
+                    self._deadlines[key] = self._deadline(run)
+                    leases.append(Lease(row["shard_id"], row["epoch"], run.spec.data.lease_s))
+            epoch = self.current_epoch(run)
+            wanted = max_shards - len(leases)
+            shard_ids = self.store.pending_shards(run.id, epoch, wanted) if wanted > 0 else []
+            self.store.grant_leases(run.id, epoch, session.peer_id, shard_ids)
+            for shard_id in shard_ids:
+                self._deadlines[(run.id, epoch, shard_id, session.peer_id)] = self._deadline(run)
+                leases.append(Lease(shard_id, epoch, run.spec.data.lease_s))
+            return leases
+
+    def renew(self, run: PublishedRun, session: Session) -> None:
+        """A heartbeat: every live lease of the peer runs for lease_s from now."""
+        with self._lock:
+            self._expire_overdue(run)
+            deadline = self._deadline(run)
+            for key in self._deadlines:
+                if key[0] == run.id and key[3] == session.peer_id:
+                    self._deadlines[key] = deadline
+
+    def release(self, session: Session) -> None:
+        """A peer left on purpose: its leases return at once."""
+        with self._lock:
+            for key in [
+                k for k in self._deadlines if k[0] == session.run_id and k[3] == session.peer_id
+            ]:
+                del self._deadlines[key]
+            self.store.return_leases(session.run_id, session.peer_id)
+
+    def complete(self, run: PublishedRun, session: Session, receipt: ReceiptPayload) -> None:
+        """Record a receipt for a shard the peer holds, or held until its lease expired."""
+        if receipt.finished < receipt.started:
+            raise ReceiptError("receipt finishes before it starts")
+        with self._lock:
+            self._expire_overdue(run)
+            lease = self.store.get_lease(run.id, receipt.epoch, receipt.shard_id, session.peer_id)
+            if lease is None:
+                raise ReceiptError(
+                    f"shard {receipt.shard_id!r} of epoch {receipt.epoch} was never leased to "
+                    "this peer"
+                )
+            if lease["state"] == "completed":
+                raise ReceiptError(
+                    f"shard {receipt.shard_id!r} of epoch {receipt.epoch} was already receipted"
+                )
+            if lease["state"] == "returned":
+                raise ReceiptError(f"the lease on shard {receipt.shard_id!r} was given back")
+            self.store.complete_shard(
+                {
+                    "run_id": run.id,
+                    "peer_id": session.peer_id,
+                    "shard_id": receipt.shard_id,
+                    "epoch": receipt.epoch,
+                    "num_sequences": receipt.num_sequences,
+                    "num_tokens": receipt.num_tokens,
+                    "loss_sum": receipt.loss_sum,
+                    "started": receipt.started,
+                    "finished": receipt.finished,
+                    "received_at": time.time(),
+                }
+            )
+            self._deadlines.pop((run.id, receipt.epoch, receipt.shard_id, session.peer_id), None)
+
+    def coverage(self, run: PublishedRun, epoch: int | None = None) -> dict[str, Any]:
+        """Each shard of an epoch (the current one by default): pending, leased or done."""
+        with self._lock:
+            self._expire_overdue(run)
+            current = self.store.current_epoch(run.id) or 0
+            epoch = current if epoch is None else epoch
+            if not 0 <= epoch <= current:
+                raise CrowdtrainError(
+                    f"epoch {epoch} has not started; the current one is {current}"
+                )
+            return {
+                "epoch": epoch,
+                "shards": [
+                    {
+                        "shard": row["shard_id"],
+                        "state": row["state"],
+                        "holder": row["holder"],
+                        "num_completions": row["num_completions"],
+                    }
+                    for row in self.store.epoch_shards(run.id, epoch)
+                ],
+            }

@@ -76,10 +76,8 @@ def authenticate(store: Store, token: str) -> Session:
     )
 
 
-def heartbeat(
-    store: Store, config: PeerConfig, session: Session, beat: HeartbeatPayload, lease_s: float
-) -> None:
-    """Apply a heartbeat: counters, liveness, evaluations; renews session and leases."""
+def heartbeat(store: Store, config: PeerConfig, session: Session, beat: HeartbeatPayload) -> None:
+    """Apply a heartbeat: counters, liveness, evaluations; renews the session."""
     now = time.time()
     evaluations = [
         {
@@ -109,7 +107,6 @@ def heartbeat(
         evaluations,
     )
     store.extend_session(session.token, now + config.session_ttl_s)
-    store.renew_leases(session.run_id, session.peer_id, now + lease_s)
 
 
 def leave(store: Store, session: Session) -> None:

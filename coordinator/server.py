@@ -26,6 +26,8 @@ import uvicorn
 
 from crowdtrain.coordinator.grpc_service import CoordinatorService
 from crowdtrain.coordinator.http_app import Endpoints, create_app
+from crowdtrain.coordinator.leases import LeaseBook
+from crowdtrain.coordinator.metrics import Refusals
 from crowdtrain.coordinator.peers import PeerConfig
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm import SwarmPeer, SwarmProgress, poll_progress
@@ -149,9 +151,14 @@ async def _serve_async(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    leases = LeaseBook(store)
+    refusals = Refusals()
     grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_CoordinatorServicer_to_server(
-        CoordinatorService(store, config.peers, lambda: swarm.initial_peers, http_url), grpc_server
+        CoordinatorService(
+            store, config.peers, lambda: swarm.initial_peers, http_url, leases, refusals
+        ),
+        grpc_server,
     )
     try:
         bound = grpc_server.add_insecure_port(f"{config.host}:{grpc_port}")
@@ -163,7 +170,9 @@ async def _serve_async(
         )
     await grpc_server.start()
 
-    app = create_app(store, Endpoints(http_url, grpc_target, lambda: swarm.initial_peers))
+    app = create_app(
+        store, Endpoints(http_url, grpc_target, lambda: swarm.initial_peers), leases, refusals
+    )
     http_server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="off"))
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]))
 

@@ -78,10 +78,19 @@ CREATE TABLE IF NOT EXISTS shards (
     position INTEGER NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
     holder TEXT,
-    lease_expires REAL,
     num_completions INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, epoch, shard_id)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    shard_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    granted_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run_id, epoch, shard_id, peer_id)
+);
+CREATE INDEX IF NOT EXISTS active_leases ON leases (run_id, state);
 CREATE TABLE IF NOT EXISTS receipts (
     run_id TEXT NOT NULL,
     peer_id TEXT NOT NULL,
@@ -217,11 +226,7 @@ class Store:
                 "UPDATE peers SET state = 'left', last_seen = ? WHERE run_id = ? AND peer_id = ?",
                 (time.time(), run_id, peer_id),
             )
-            db.execute(
-                "UPDATE shards SET state = 'pending', holder = NULL, lease_expires = NULL"
-                " WHERE run_id = ? AND holder = ? AND state = 'leased'",
-                (run_id, peer_id),
-            )
+            self._return_leases(db, run_id, peer_id)
 
     def get_peer(self, run_id: str, peer_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM peers WHERE run_id = ? AND peer_id = ?", (run_id, peer_id))
@@ -297,32 +302,83 @@ class Store:
         row = self._one("SELECT MAX(epoch) AS epoch FROM shards WHERE run_id = ?", (run_id,))
         return None if row is None or row["epoch"] is None else int(row["epoch"])
 
-    def grant_leases(
-        self, run_id: str, epoch: int, peer_id: str, max_shards: int, now: float, expires: float
-    ) -> list[str]:
-        """Lease up to ``max_shards`` pending or expired shards of ``epoch`` to a peer."""
+    def grant_leases(self, run_id: str, epoch: int, peer_id: str, shard_ids: list[str]) -> None:
+        """Lease shards to a peer; each must be pending (the caller checked)."""
+        now = time.time()
         with self.transaction() as db:
-            rows = db.execute(
-                "SELECT shard_id FROM shards WHERE run_id = ? AND epoch = ? AND"
-                " (state = 'pending' OR (state = 'leased' AND lease_expires < ?))"
-                " ORDER BY position LIMIT ?",
-                (run_id, epoch, now, max_shards),
-            ).fetchall()
-            granted = [r["shard_id"] for r in rows]
-            db.executemany(
-                "UPDATE shards SET state = 'leased', holder = ?, lease_expires = ?"
-                " WHERE run_id = ? AND epoch = ? AND shard_id = ?",
-                [(peer_id, expires, run_id, epoch, sid) for sid in granted],
-            )
-        return granted
+            for shard_id in shard_ids:
+                updated = db.execute(
+                    "UPDATE shards SET state = 'leased', holder = ? WHERE run_id = ? AND epoch = ?"
+                    " AND shard_id = ? AND state = 'pending'",
+                    (peer_id, run_id, epoch, shard_id),
+                ).rowcount
+                assert updated == 1, f"shard {shard_id} was not pending"
+                db.execute(
+                    "INSERT OR REPLACE INTO leases (run_id, epoch, shard_id, peer_id, granted_at,"
+                    " state) VALUES (?, ?, ?, ?, ?, 'active')",
+                    (run_id, epoch, shard_id, peer_id, now),
+                )
 
-    def renew_leases(self, run_id: str, peer_id: str, expires: float) -> None:
+    def pending_shards(self, run_id: str, epoch: int, limit: int) -> list[str]:
+        rows = self._all(
+            "SELECT shard_id FROM shards WHERE run_id = ? AND epoch = ? AND state = 'pending'"
+            " ORDER BY position LIMIT ?",
+            (run_id, epoch, limit),
+        )
+        return [r["shard_id"] for r in rows]
+
+    def expire_lease(self, run_id: str, epoch: int, shard_id: str, peer_id: str) -> None:
+        """A lease ran out: its shard goes back to pending; a late receipt still counts."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE shards SET lease_expires = ? WHERE run_id = ? AND holder = ?"
-                " AND state = 'leased'",
-                (expires, run_id, peer_id),
+                "UPDATE leases SET state = 'expired' WHERE run_id = ? AND epoch = ?"
+                " AND shard_id = ? AND peer_id = ? AND state = 'active'",
+                (run_id, epoch, shard_id, peer_id),
             )
+            db.execute(
+                "UPDATE shards SET state = 'pending', holder = NULL WHERE run_id = ?"
+                " AND epoch = ? AND shard_id = ? AND holder = ? AND state = 'leased'",
+                (run_id, epoch, shard_id, peer_id),
+            )
+
+    def active_leases(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            return self._all("SELECT * FROM leases WHERE state = 'active'")
+        return self._all("SELECT * FROM leases WHERE run_id = ? AND state = 'active'", (run_id,))
+
+    def peer_leases(self, run_id: str, peer_id: str) -> list[dict[str, Any]]:
+        """A peer's active leases, oldest first."""
+        return self._all(
+            "SELECT l.* FROM leases l JOIN shards s USING (run_id, epoch, shard_id)"
+            " WHERE l.run_id = ? AND l.peer_id = ? AND l.state = 'active'"
+            " ORDER BY l.epoch, s.position",
+            (run_id, peer_id),
+        )
+
+    def get_lease(
+        self, run_id: str, epoch: int, shard_id: str, peer_id: str
+    ) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM leases WHERE run_id = ? AND epoch = ? AND shard_id = ? AND peer_id = ?",
+            (run_id, epoch, shard_id, peer_id),
+        )
+
+    def return_leases(self, run_id: str, peer_id: str) -> None:
+        with self.transaction() as db:
+            self._return_leases(db, run_id, peer_id)
+
+    @staticmethod
+    def _return_leases(db: sqlite3.Connection, run_id: str, peer_id: str) -> None:
+        db.execute(
+            "UPDATE leases SET state = 'returned' WHERE run_id = ? AND peer_id = ?"
+            " AND state = 'active'",
+            (run_id, peer_id),
+        )
+        db.execute(
+            "UPDATE shards SET state = 'pending', holder = NULL"
+            " WHERE run_id = ? AND holder = ? AND state = 'leased'",
+            (run_id, peer_id),
+        )
 
     def epoch_counts(self, run_id: str, epoch: int) -> dict[str, int]:
         rows = self._all(
@@ -331,6 +387,13 @@ class Store:
         )
         return {r["state"]: r["n"] for r in rows}
 
+    def epoch_shards(self, run_id: str, epoch: int) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT shard_id, state, holder, num_completions FROM shards"
+            " WHERE run_id = ? AND epoch = ? ORDER BY position",
+            (run_id, epoch),
+        )
+
     def get_shard(self, run_id: str, epoch: int, shard_id: str) -> dict[str, Any] | None:
         return self._one(
             "SELECT * FROM shards WHERE run_id = ? AND epoch = ? AND shard_id = ?",
@@ -338,7 +401,7 @@ class Store:
         )
 
     def complete_shard(self, receipt: dict[str, Any]) -> None:
-        """Store a receipt and mark its shard done, in one transaction."""
+        """Store a receipt, close its lease and mark its shard done, in one transaction."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO receipts (run_id, peer_id, shard_id, epoch, num_sequences,"
@@ -348,9 +411,16 @@ class Store:
                 receipt,
             )
             db.execute(
-                "UPDATE shards SET state = 'done', holder = NULL, lease_expires = NULL,"
-                " num_completions = num_completions + 1"
-                " WHERE run_id = :run_id AND epoch = :epoch AND shard_id = :shard_id",
+                "UPDATE leases SET state = 'completed' WHERE run_id = :run_id AND epoch = :epoch"
+                " AND shard_id = :shard_id AND peer_id = :peer_id",
+                receipt,
+            )
+            # Another peer may hold it now (this peer's lease had expired): the shard
+            # is done all the same, and that peer's receipt, if it comes, is a second
+            # completion.
+            db.execute(
+                "UPDATE shards SET num_completions = num_completions + 1, state = 'done',"
+                " holder = NULL WHERE run_id = :run_id AND epoch = :epoch AND shard_id = :shard_id",
                 receipt,
             )
 

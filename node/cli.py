@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--max-seconds", type=float, default=None, help="leave after this long")
     join.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     join.add_argument(
+        "--cache-size",
+        type=_size,
+        default="4G",
+        help="bound on the shard cache on disk, e.g. 500M or 20G (default 4G)",
+    )
+    join.add_argument(
         "--progress",
         default="auto",
         choices=["auto", "bar", "log", "none"],
@@ -57,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     ident = sub.add_parser("identity", help="show this node's public identity")
     ident.add_argument("--home", type=Path, default=DEFAULT_HOME)
     return parser
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """A byte count such as 800M or 20G."""
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 800M or 20G") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +139,7 @@ def _join(args: argparse.Namespace) -> int:
             dht_port=args.dht_port,
             announce_host=args.announce_host,
             client_mode=args.client_mode,
+            cache_bytes=args.cache_size,
         )
     )
 
@@ -143,8 +167,10 @@ def _join(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         node.shutdown()
+    share = 100 * stats.data_wait_s / stats.train_s if stats.train_s else 0.0
     print(
         f"left run {args.run}: {stats.num_tokens:,} tokens trained, step {stats.step}, "
+        f"data wait {stats.data_wait_s:.2f}s of {stats.train_s:.1f}s training ({share:.2f}%), "
         f"checkpoint {node.checkpoint_path}",
         file=sys.stderr,
     )

@@ -142,9 +142,10 @@ class CoordinatorClient:
             pb.HeartbeatRequest(session_token=token, envelope=envelope_to_pb(envelope)),
         )
 
-    def lease(self, token: str, max_shards: int) -> list[pb.Lease]:
+    def lease(self, token: str, max_shards: int, resume: bool = False) -> list[pb.Lease]:
         reply = self._call(
-            "LeaseShards", pb.LeaseRequest(session_token=token, max_shards=max_shards)
+            "LeaseShards",
+            pb.LeaseRequest(session_token=token, max_shards=max_shards, resume=resume),
         )
         return list(reply.leases)
 

@@ -34,13 +34,42 @@ class ShardCache:
         manifest: ShardManifest,
         base_url: str,
         download: Callable[[str, Path], None],
+        max_bytes: int | None = None,
     ):
         self.folder = folder
         self.manifest = manifest
         self.base_url = base_url.rstrip("/")
+        self.max_bytes = max_bytes
         self._download = download
         self._entries = {s.id: s for s in manifest.shards}
+        self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
+
+    def evict(self, keep: set[str]) -> list[str]:
+        """Delete the least recently used shards until the cache fits ``max_bytes``.
+
+        Shards named in ``keep`` (being trained, queued, the validation shard)
+        are never deleted, so the cache may exceed its bound by those alone.
+        """
+        if self.max_bytes is None:
+            return []
+        with self._lock:
+            files = {e.file: e.id for e in self.manifest.shards}
+            present = [p for p in self.folder.iterdir() if p.name in files]
+            total = sum(p.stat().st_size for p in present)
+            evicted = []
+            for path in sorted(present, key=lambda p: p.stat().st_mtime):
+                if total <= self.max_bytes:
+                    break
+                shard_id = files[path.name]
+                if shard_id in keep:
+                    continue
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)
+                evicted.append(shard_id)
+        if evicted:
+            logger.info("cache over its bound; removed %d shards", len(evicted))
+        return evicted
 
     def entry(self, shard_id: str) -> ShardEntry:
         try:
@@ -55,6 +84,7 @@ class ShardCache:
         if path.exists():
             try:
                 verify_shard(path, entry)
+                path.touch()  # most recently used
                 return path
             except ShardError:
                 logger.warning("cached shard %s is damaged; downloading it again", shard_id)
@@ -146,10 +176,19 @@ class ShardStream:
     credited to exactly one shard.
     """
 
-    def __init__(self, run_seed: int, seq_len: int, batch_size: int):
+    def __init__(
+        self,
+        run_seed: int,
+        seq_len: int,
+        batch_size: int,
+        resume: dict | None = None,
+        on_shard_taken: Callable[[], None] | None = None,
+    ):
         self.run_seed = run_seed
         self.seq_len = seq_len
         self.batch_size = batch_size
+        self._resume = resume
+        self._on_shard_taken = on_shard_taken
         self._queue: deque[LeasedShard] = deque()
         self._lock = threading.Lock()
         self._current: ShardProgress | None = None
@@ -157,10 +196,39 @@ class ShardStream:
         self._order: np.ndarray | None = None
         self._cursor = 0
         self.num_replays = 0
+        self.data_wait_s = 0.0
 
     def offer(self, shard: LeasedShard) -> None:
+        """Queue a verified shard; the one a restarted node was training goes first."""
         with self._lock:
-            self._queue.append(shard)
+            r = self._resume
+            if r is not None and (r["shard_id"], r["epoch"]) == (shard.shard_id, shard.epoch):
+                self._queue.appendleft(shard)
+            else:
+                self._queue.append(shard)
+
+    def pinned(self) -> set[str]:
+        """Shards the stream still needs on disk."""
+        with self._lock:
+            ids = {s.shard_id for s in self._queue}
+        if self._current is not None:
+            ids.add(self._current.shard.shard_id)
+        return ids
+
+    def position(self) -> dict | None:
+        """Where training is in the current shard, for resuming after a restart."""
+        c = self._current
+        if c is None or c.replay != 0:
+            return None
+        return {
+            "shard_id": c.shard.shard_id,
+            "epoch": c.shard.epoch,
+            "batches_done": c.batches_done,
+            "num_sequences": c.num_sequences,
+            "num_tokens": c.num_tokens,
+            "loss_sum": c.loss_sum,
+            "started": c.started,
+        }
 
     @property
     def num_queued(self) -> int:
@@ -189,15 +257,40 @@ class ShardStream:
         self._current = ShardProgress(
             shard=shard, replay=replay, num_batches=num_batches, started=time.time()
         )
+        r, self._resume = self._resume, None
+        if (
+            r is not None
+            and replay == 0
+            and (r["shard_id"], r["epoch"]) == (shard.shard_id, shard.epoch)
+        ):
+            done = min(int(r["batches_done"]), num_batches)
+            self._cursor = done * self.batch_size
+            c = self._current
+            c.batches_done, c.num_sequences, c.num_tokens = (
+                done,
+                r["num_sequences"],
+                r["num_tokens"],
+            )
+            c.loss_sum, c.started = float(r["loss_sum"]), float(r["started"])
+            logger.info("resuming shard %s at batch %d of %d", shard.shard_id, done, num_batches)
 
     def next_batch(self) -> tuple[np.ndarray, ShardProgress]:
         """The next micro-batch, int64 [batch_size, seq_len + 1], and the shard it came from."""
+        started = time.perf_counter()
+        try:
+            return self._next_batch()
+        finally:
+            self.data_wait_s += time.perf_counter() - started
+
+    def _next_batch(self) -> tuple[np.ndarray, ShardProgress]:
         current = self._current
         if current is None or self._cursor >= len(self._order):  # type: ignore[arg-type]
             with self._lock:
                 following = self._queue.popleft() if self._queue else None
             if following is not None:
                 self._start(following, replay=0)
+                if self._on_shard_taken is not None:
+                    self._on_shard_taken()
             elif current is not None:
                 self.num_replays += 1
                 logger.info("no new shard yet; replaying %s", current.shard.shard_id)

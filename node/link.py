@@ -1,10 +1,11 @@
 """The node's background link to its coordinator.
 
-One thread that heartbeats, sends shard receipts, and keeps the next shard
-leased, downloaded and verified before training needs it. It never blocks
-training: when the coordinator is unreachable it logs once, keeps what it
-has to send, and tries again every interval; when the session expired it
-registers again.
+Two daemon threads. The heartbeat thread reports counters and evaluations,
+renews leases and sends shard receipts every interval. The prefetch thread
+keeps the next shards leased, downloaded and verified before training needs
+them, woken as soon as training takes a shard. Neither ever blocks training:
+when the coordinator is unreachable they log once, keep what they have to
+send, and try again; when the session expired they register again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _MAX_EVALUATIONS = 32
 
 
 class CoordinatorLink:
-    """Heartbeats, receipts and shard prefetch in one daemon thread."""
+    """Heartbeats, receipts and shard prefetch."""
 
     def __init__(
         self,
@@ -35,30 +36,40 @@ class CoordinatorLink:
         token: str,
         interval_s: float,
         stats: Callable[[], dict[str, Any]],
-        stream: ShardStream,
         cache: ShardCache,
         on_fatal: Callable[[CrowdtrainError], None],
-        prefetch: int = 1,
+        prefetch: int = 2,
     ):
         self.client = client
         self._register = register
         self.token = token
         self.interval_s = interval_s
         self._stats = stats
-        self.stream = stream
         self.cache = cache
         self._on_fatal = on_fatal
         self.prefetch = prefetch
+        self.stream: ShardStream | None = None
         self.connected = True
         self.swarm_step = 0
         self.num_peers = 0
         self._receipts: deque[dict[str, Any]] = deque()
         self._evaluations: deque[dict[str, Any]] = deque()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="coordinator-link", daemon=True)
+        self._want_shards = threading.Event()
+        self._token_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._beat_loop, name="coordinator-heartbeat", daemon=True),
+            threading.Thread(target=self._prefetch_loop, name="shard-prefetch", daemon=True),
+        ]
 
-    def start(self) -> None:
-        self._thread.start()
+    def start(self, stream: ShardStream) -> None:
+        self.stream = stream
+        for thread in self._threads:
+            thread.start()
+
+    def want_shards(self) -> None:
+        """Training took a queued shard: top the queue up now."""
+        self._want_shards.set()
 
     def send_receipt(self, receipt: dict[str, Any]) -> None:
         self._receipts.append(receipt)
@@ -66,12 +77,12 @@ class CoordinatorLink:
     def send_evaluation(self, evaluation: dict[str, Any]) -> None:
         self._evaluations.append(evaluation)
 
-    def lease_and_fetch(self, max_shards: int = 1) -> int:
-        """Lease shards and queue them once verified on disk; returns how many."""
-        leases = self._with_session(lambda token: self.client.lease(token, max_shards))
+    def lease_and_fetch(self, stream: ShardStream, max_shards: int, resume: bool = False) -> int:
+        """Lease shards and queue each once verified on disk; returns how many."""
+        leases = self._with_session(lambda token: self.client.lease(token, max_shards, resume))
         for lease in leases:
             path = self.cache.fetch(lease.shard_id)
-            self.stream.offer(
+            stream.offer(
                 LeasedShard(
                     shard_id=lease.shard_id,
                     epoch=lease.epoch,
@@ -79,36 +90,47 @@ class CoordinatorLink:
                     entry=self.cache.entry(lease.shard_id),
                 )
             )
+        if leases:
+            self.cache.evict(keep=stream.pinned() | {s.id for s in self.cache.manifest.val_shards})
         return len(leases)
 
     def _with_session(self, call: Callable[[str], Any]) -> Any:
+        token = self.token
         try:
-            return call(self.token)
+            return call(token)
         except CoordinatorError as e:
             if not e.unauthenticated:
                 raise
-            logger.info("session expired; registering again")
-            self.token = self._register()
+            with self._token_lock:
+                if self.token == token:
+                    logger.info("session expired; registering again")
+                    self.token = self._register()
             return call(self.token)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self._tick()
-                if not self.connected:
-                    logger.info("coordinator reachable again")
-                self.connected = True
-            except CoordinatorError as e:
-                if self.connected:
-                    logger.warning("lost the coordinator (%s); training goes on", e)
-                self.connected = False
-            except CrowdtrainError as e:
-                self._on_fatal(e)
-                return
-            except Exception:  # the link must never take training down
-                logger.exception("coordinator link failed; retrying")
+    def _guarded(self, what: Callable[[], None]) -> bool:
+        """Run one round; False when the link must stop (a fatal error)."""
+        try:
+            what()
+            if not self.connected:
+                logger.info("coordinator reachable again")
+            self.connected = True
+        except CoordinatorError as e:
+            if self.connected:
+                logger.warning("lost the coordinator (%s); training goes on", e)
+            self.connected = False
+        except CrowdtrainError as e:
+            self._on_fatal(e)
+            return False
+        except Exception:  # the link must never take training down
+            logger.exception("coordinator link failed; retrying")
+        return True
 
-    def _tick(self) -> None:
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if not self._guarded(self._beat):
+                return
+
+    def _beat(self) -> None:
         payload = self._stats()
         pending = list(self._evaluations)[:_MAX_EVALUATIONS]
         payload["evaluations"] = pending
@@ -120,19 +142,36 @@ class CoordinatorLink:
             receipt = self._receipts[0]
             try:
                 self._with_session(lambda token, r=receipt: self.client.report(token, r))
+                logger.info(
+                    "receipt for shard %s (epoch %d) accepted",
+                    receipt["shard_id"],
+                    receipt["epoch"],
+                )
             except CoordinatorError as e:
                 if e.unreachable:
                     raise
                 logger.warning("receipt for shard %s refused: %s", receipt["shard_id"], e)
             self._receipts.popleft()
-        if self.stream.num_queued < self.prefetch:
-            self.lease_and_fetch(1)
+
+    def _prefetch_loop(self) -> None:
+        assert self.stream is not None
+        stream = self.stream
+        while not self._stop.is_set():
+            self._want_shards.wait(self.interval_s)
+            self._want_shards.clear()
+            if self._stop.is_set():
+                return
+            missing = self.prefetch - stream.num_queued
+            if missing > 0 and not self._guarded(lambda n=missing: self.lease_and_fetch(stream, n)):
+                return
 
     def shutdown(self, leave: bool = True) -> None:
-        """Stop the thread, flush what can be sent, and leave the run."""
+        """Stop the threads, flush what can be sent, and leave the run."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=2 * self.interval_s + 15)
+        self._want_shards.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=2 * self.interval_s + 15)
         if not leave:
             return
         try:

@@ -9,8 +9,10 @@ handlers there.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -41,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # How long a node keeps asking for its first shard while every shard is leased.
 _FIRST_LEASE_WAIT_S = 60.0
+# How often a node records its place in the current shard.
+_POSITION_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class NodeConfig:
     dht_port: int = 0
     announce_host: str | None = None
     client_mode: bool = False
+    cache_bytes: int | None = 4 << 30
+    prefetch_shards: int = 2
 
 
 def pick_device(requested: str) -> torch.device:
@@ -144,6 +150,8 @@ class NodeStats:
     num_peers: int = 0
     val_loss: float | None = None
     num_skipped_steps: int = 0
+    train_s: float = 0.0
+    data_wait_s: float = 0.0
 
 
 class Node:
@@ -169,6 +177,28 @@ class Node:
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.safetensors"
+
+    @property
+    def position_path(self) -> Path:
+        return self.run_dir / "position.json"
+
+    def _load_position(self) -> dict | None:
+        """Where this node was in its shard when it last stopped, if it was this data."""
+        try:
+            saved = json.loads(self.position_path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or saved.get("manifest_hash") != self.manifest.hash:
+            return None
+        return saved.get("position")
+
+    def save_position(self) -> None:
+        """Remember the shard and batch being trained (atomically), to resume after a restart."""
+        position = self.stream.position()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.position_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"manifest_hash": self.manifest.hash, "position": position}))
+        os.replace(tmp, self.position_path)
 
     # joining
 
@@ -200,6 +230,7 @@ class Node:
             self.manifest,
             registration.run.shard_base_url,
             self.client.download,
+            max_bytes=cfg.cache_bytes,
         )
         val_entry = self.manifest.val_shards[0]
         self.val_sequences = torch.from_numpy(
@@ -210,25 +241,29 @@ class Node:
                 self.spec.eval.num_sequences,
             )
         )
-        self.stream = ShardStream(
-            self.spec.run.seed, self.spec.model.seq_len, self.spec.optimizer.micro_batch_size
-        )
         self.link = CoordinatorLink(
             client=self.client,
             register=lambda: self._register().session_token,
             token=registration.session_token,
             interval_s=registration.heartbeat_interval_s,
             stats=self._heartbeat_payload,
-            stream=self.stream,
             cache=self.cache,
             on_fatal=self._on_fatal,
+            prefetch=cfg.prefetch_shards,
+        )
+        self.stream = ShardStream(
+            self.spec.run.seed,
+            self.spec.model.seq_len,
+            self.spec.optimizer.micro_batch_size,
+            resume=self._load_position(),
+            on_shard_taken=self.link.want_shards,
         )
         self._first_lease()
 
         torch.manual_seed(self.spec.run.seed)
         self.model = GPT(gpt_config(self.spec)).to(self.device)
         self._start_swarm(registration)
-        self.link.start()
+        self.link.start(self.stream)
         if registration.run.step > 0 or self.optimizer.tracker.global_epoch > 0:
             self._load_state_from_peers()
 
@@ -256,7 +291,7 @@ class Node:
     def _first_lease(self) -> None:
         assert self.link is not None
         deadline = time.monotonic() + _FIRST_LEASE_WAIT_S
-        while not self.link.lease_and_fetch(2):
+        while not self.link.lease_and_fetch(self.stream, self.config.prefetch_shards, resume=True):
             if time.monotonic() > deadline:
                 raise CrowdtrainError(
                     "every shard of the current epoch is leased to other peers; "
@@ -374,6 +409,9 @@ class Node:
             self.evaluate()
         progress = Progress(self.config.progress, self.name)
         losses: list[float] = []
+        started = time.monotonic()
+        wait_before = self.stream.data_wait_s
+        last_saved = started
         try:
             while not self.stop_event.is_set() and time.monotonic() < deadline:
                 if steps is not None and opt.local_epoch - start_step >= steps:
@@ -395,8 +433,14 @@ class Node:
                 progress.update(self.stats, batch.shape[0] * (batch.shape[1] - 1))
                 if opt.local_epoch != self.stats.step:
                     self._on_new_step(opt.local_epoch)
+                if time.monotonic() - last_saved > _POSITION_EVERY_S:
+                    self.save_position()
+                    last_saved = time.monotonic()
         finally:
             progress.close()
+            self.stats.train_s += time.monotonic() - started
+            self.stats.data_wait_s += self.stream.data_wait_s - wait_before
+            self.save_position()
         if self.fatal is not None:
             raise self.fatal
         return self.stats

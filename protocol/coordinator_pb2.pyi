@@ -81,12 +81,14 @@ class HeartbeatReply(_message.Message):
     def __init__(self, step: _Optional[int] = ..., num_peers: _Optional[int] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("session_token", "max_shards")
+    __slots__ = ("session_token", "max_shards", "resume")
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     session_token: str
     max_shards: int
-    def __init__(self, session_token: _Optional[str] = ..., max_shards: _Optional[int] = ...) -> None: ...
+    resume: bool
+    def __init__(self, session_token: _Optional[str] = ..., max_shards: _Optional[int] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class Lease(_message.Message):
     __slots__ = ("shard_id", "epoch", "expires_in_s")

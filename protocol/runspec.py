@@ -54,7 +54,7 @@ class ModelSection:
 class DataSection:
     """How the data is cut and handed out."""
 
-    tokenizer: Literal["byte"] = "byte"
+    tokenizer: Literal["byte", "bpe"] = "byte"
     lease_s: float = 600.0
 
 

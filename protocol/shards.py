@@ -23,7 +23,7 @@ from crowdtrain.protocol.errors import ShardError
 
 MAGIC = b"CTSHARD1"
 SHARD_VERSION = 1
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 
 # magic, format version, dtype code, 5 reserved zero bytes, number of tokens
@@ -42,6 +42,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 Split = Literal["train", "val"]
 SPLITS: tuple[Split, ...] = ("train", "val")
+TOKENIZERS = ("byte", "bpe")
+"""Tokenizer names a manifest may give; every one but ``byte`` comes with a file."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,9 @@ class ShardEntry:
 
     ``file`` is a plain file name inside the data folder, never a path, so a
     node can store a downloaded shard without trusting the manifest with its
-    file system.
+    file system. ``num_bytes`` counts the UTF-8 bytes of the text behind the
+    shard's tokens, each end of document as one byte: a loss in nats per token
+    becomes bits per byte as ``loss / ln 2 * num_tokens / num_bytes``.
     """
 
     id: str
@@ -59,6 +63,7 @@ class ShardEntry:
     num_tokens: int
     size_bytes: int
     sha256: str
+    num_bytes: int
 
     def __post_init__(self) -> None:
         if not _SAFE_NAME.fullmatch(self.id):
@@ -75,6 +80,8 @@ class ShardEntry:
             )
         if self.num_tokens < 0:
             raise ShardError(f"shard {self.id!r} has a bad num_tokens: {self.num_tokens} < 0")
+        if self.num_bytes < 0:
+            raise ShardError(f"shard {self.id!r} has a bad num_bytes: {self.num_bytes} < 0")
         if not _SHA256.fullmatch(self.sha256):
             raise ShardError(
                 f"shard {self.id!r} has a bad sha256: {self.sha256!r} is not 64 lowercase hex digits"
@@ -87,6 +94,8 @@ class ShardManifest:
 
     ``hash`` pins the data of a run: two manifests with the same hash list the
     same bytes. ``source`` is a human description of where the text came from.
+    A ``bpe`` tokenizer is the file ``tokenizer_file`` beside the manifest,
+    pinned by ``tokenizer_sha256``; ``byte`` has neither (both ``None``).
     """
 
     version: int
@@ -95,6 +104,8 @@ class ShardManifest:
     dtype: str
     shards: tuple[ShardEntry, ...]
     source: str
+    tokenizer_file: str | None = None
+    tokenizer_sha256: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shards", tuple(self.shards))
@@ -104,6 +115,19 @@ class ShardManifest:
             raise ShardError(
                 f"manifest key 'dtype' is {self.dtype!r}; use one of {', '.join(DTYPES)}"
             )
+        if self.tokenizer not in TOKENIZERS:
+            raise ShardError(
+                f"manifest key 'tokenizer' is {self.tokenizer!r}; use one of {', '.join(TOKENIZERS)}"
+            )
+        if self.tokenizer_file is not None and not _SAFE_NAME.fullmatch(self.tokenizer_file):
+            raise ShardError(
+                f"manifest key 'tokenizer_file' is {self.tokenizer_file!r}; use a plain file name"
+            )
+        if self.tokenizer_sha256 is not None and not _SHA256.fullmatch(self.tokenizer_sha256):
+            raise ShardError(
+                f"manifest key 'tokenizer_sha256' is {self.tokenizer_sha256!r}; "
+                "use 64 lowercase hex digits"
+            )
         itemsize = DTYPES[self.dtype]
         if not 0 < self.vocab_size <= 1 << (8 * itemsize):
             raise ShardError(
@@ -111,6 +135,8 @@ class ShardManifest:
             )
         for key in ("id", "file"):
             values = [getattr(s, key) for s in self.shards]
+            if key == "file" and self.tokenizer_file is not None:
+                values.append(self.tokenizer_file)
             duplicates = sorted({v for v in values if values.count(v) > 1})
             if duplicates:
                 raise ShardError(f"manifest lists shard {key} {duplicates[0]!r} more than once")
@@ -120,6 +146,11 @@ class ShardManifest:
                 raise ShardError(
                     f"shard {shard.id!r} has a bad size_bytes: {shard.num_tokens} {self.dtype} "
                     f"tokens take {expected} bytes, not {shard.size_bytes}"
+                )
+            if self.tokenizer == "byte" and shard.num_bytes != shard.num_tokens:
+                raise ShardError(
+                    f"shard {shard.id!r} has a bad num_bytes: {shard.num_tokens} byte tokens "
+                    f"are {shard.num_tokens} bytes, not {shard.num_bytes}"
                 )
 
     @property
@@ -155,36 +186,65 @@ class ShardManifest:
             raise ShardError(f"manifest is not valid JSON: {e}") from e
         version = data.get("version") if isinstance(data, dict) else None
         if isinstance(version, int) and version != MANIFEST_VERSION:
-            # A newer format may have other keys: say "upgrade", not "unknown key".
+            # Another format has other keys: say what to do, not "unknown key".
             raise _unsupported_version(version)
         fields = _fields(data, _MANIFEST_KEYS, prefix="")
         shards = tuple(
             ShardEntry(**_fields(item, _ENTRY_KEYS, prefix=f"shards[{i}]."))
             for i, item in enumerate(fields.pop("shards"))
         )
-        return cls(shards=shards, **fields)
+        manifest = cls(shards=shards, **fields)
+        manifest._check_tokenizer_file()
+        return manifest
+
+    def _check_tokenizer_file(self) -> None:
+        """Refuse a tokenizer without its pinned file, or a byte tokenizer with one.
+
+        Checked where manifests are read, not on construction, so code may
+        build variants of a manifest in memory.
+        """
+        has_file = (self.tokenizer_file is not None, self.tokenizer_sha256 is not None)
+        if self.tokenizer == "byte" and any(has_file):
+            raise ShardError(
+                "manifest keys 'tokenizer_file' and 'tokenizer_sha256' must be null "
+                "for the byte tokenizer"
+            )
+        if self.tokenizer != "byte" and not all(has_file):
+            raise ShardError(
+                f"manifest keys 'tokenizer_file' and 'tokenizer_sha256' must be set "
+                f"for the {self.tokenizer} tokenizer"
+            )
 
 
-_MANIFEST_KEYS: dict[str, type] = {
+_MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
     "version": int,
     "tokenizer": str,
     "vocab_size": int,
     "dtype": str,
     "shards": list,
     "source": str,
+    "tokenizer_file": (str, type(None)),
+    "tokenizer_sha256": (str, type(None)),
 }
-_ENTRY_KEYS: dict[str, type] = {
+_ENTRY_KEYS: dict[str, type | tuple[type, ...]] = {
     "id": str,
     "file": str,
     "split": str,
     "num_tokens": int,
     "size_bytes": int,
     "sha256": str,
+    "num_bytes": int,
 }
-_JSON_KINDS = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+_JSON_KINDS = {
+    str: "a string",
+    int: "an integer",
+    list: "a list",
+    dict: "an object",
+    type(None): "null",
+}
 
 
-def _fields(value: Any, spec: dict[str, type], prefix: str) -> dict[str, Any]:
+def _fields(value: Any, spec: dict[str, type | tuple[type, ...]], prefix: str) -> dict[str, Any]:
     """Check that ``value`` is an object with exactly the keys of ``spec``, each of its type."""
     if not isinstance(value, dict):
         where = f"manifest key '{prefix[:-1]}'" if prefix else "manifest"
@@ -199,14 +259,21 @@ def _fields(value: Any, spec: dict[str, type], prefix: str) -> dict[str, Any]:
         if key not in value:
             raise ShardError(f"manifest is missing key '{prefix}{key}'")
         item = value[key]
-        if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(item, kinds) or (int in kinds and isinstance(item, bool)):
+            expected = " or ".join(_JSON_KINDS[k] for k in kinds)
             raise ShardError(
-                f"manifest key '{prefix}{key}' must be {_JSON_KINDS[kind]}, got {_json_kind(item)}"
+                f"manifest key '{prefix}{key}' must be {expected}, got {_json_kind(item)}"
             )
     return dict(value)
 
 
 def _unsupported_version(version: int) -> ShardError:
+    if version < MANIFEST_VERSION:
+        return ShardError(
+            f"manifest version {version} was prepared by an older crowdtrain (this one reads "
+            f"version {MANIFEST_VERSION}); run `crowdtrain-coordinator prepare-data` again"
+        )
     return ShardError(
         f"manifest version {version} is not supported "
         f"(this crowdtrain reads version {MANIFEST_VERSION}); upgrade crowdtrain"

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,22 @@ num_sequences = 32
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a command to completion, capturing its output."""
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def small_corpus(folder: Path, num_bytes: int) -> Path:
+    """A folder of the standard library's first source files, about ``num_bytes`` in all."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_bytes()
+        if not text or b"\0" in text or len(text) > 16_384:
+            continue  # small files only, so shard counts follow num_bytes closely
+        (folder / path.name).write_bytes(text)
+        total += len(text)
+        if total >= num_bytes:
+            break
+    return folder
 
 
 def write_spec(path: Path, run_id: str = "tiny", lease_s: float = 600.0) -> Path:
@@ -109,13 +126,13 @@ class Swarm:
         self.processes.append(process)
         return process
 
-    def prepare(self, shard_tokens: int = 262_144) -> Path:
+    def prepare(self, shard_tokens: int = 262_144, source: str = "stdlib") -> Path:
         data = self.root / "data"
         result = run_cli(
             COORDINATOR,
             "prepare-data",
             "--source",
-            "stdlib",
+            source,
             "--out",
             str(data),
             "--shard-tokens",

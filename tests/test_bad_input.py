@@ -173,3 +173,66 @@ def test_tampered_shard_stops_the_node_naming_it(swarm: Swarm) -> None:
     assert "shard train-" in error[0]
     assert folder_digest(data) == tampered
     assert db_rows(swarm.coord_dir)["receipts"] == []
+
+
+def test_hostile_control_plane_requests_are_refused_counted_and_change_nothing(
+    live: Swarm,
+) -> None:
+    import time
+
+    import grpc
+
+    from crowdtrain.node.client import CoordinatorClient, CoordinatorError
+    from crowdtrain.protocol import coordinator_pb2 as pb
+    from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
+    from crowdtrain.protocol.identity import Identity, seal
+    from crowdtrain.protocol.rpc import KIND_RECEIPT, envelope_to_pb
+
+    identity = Identity.generate()
+    target = live.get("/api/endpoints")["grpc_target"]
+    client = CoordinatorClient(live.url, target, identity)
+    stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(target))
+
+    def receipt(shard_id: str, epoch: int = 0) -> dict:
+        now = time.time()
+        return {
+            "shard_id": shard_id,
+            "epoch": epoch,
+            "num_sequences": 8,
+            "num_tokens": 512,
+            "loss_sum": 40.0,
+            "started": now - 5,
+            "finished": now,
+        }
+
+    token = client.register("tiny", "probe", "cpu", "").session_token
+    [lease] = client.lease(token, 1)
+    envelope = envelope_to_pb(seal(identity, KIND_RECEIPT, receipt(lease.shard_id)))
+    assert stub.ReportShard(pb.ShardReport(session_token=token, envelope=envelope)).accepted
+    before = db_rows(live.coord_dir)
+    refused_before = sum(r["count"] for r in live.get("/api/refusals"))
+
+    cases = [
+        (lambda: client.lease("not-a-session", 1), "register again"),
+        (lambda: client.report(token, receipt("train-00000", epoch=7)), "never leased"),
+        (lambda: client.report(token, receipt(lease.shard_id)), "already receipted"),
+        (
+            lambda: stub.ReportShard(pb.ShardReport(session_token=token, envelope=envelope)),
+            "replayed",
+        ),
+        (lambda: client.heartbeat(token, {"session_key": "x" * 16}), "HeartbeatPayload"),
+        (lambda: client.register("no-such-run", "probe", "cpu", ""), "no run 'no-such-run'"),
+    ]
+    for call, message in cases:
+        with pytest.raises((CoordinatorError, grpc.RpcError)) as refused:
+            call()
+        text = (
+            refused.value.details()
+            if isinstance(refused.value, grpc.RpcError)
+            else str(refused.value)
+        )
+        assert message in text, text
+    assert db_rows(live.coord_dir) == before
+    refused = sum(r["count"] for r in live.get("/api/refusals"))
+    assert refused - refused_before == len(cases)
+    client.close()

@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from crowdtrain.coordinator import leases, peers
+from crowdtrain.coordinator.leases import LeaseBook
 from crowdtrain.coordinator.peers import PeerConfig, SessionError
 from crowdtrain.coordinator.prepare import PrepareConfig, prepare_data
 from crowdtrain.coordinator.runs import (
@@ -44,7 +45,7 @@ micro_batch_size = 4
 """
 
 CONFIG = PeerConfig()
-LEASE_S = 600.0
+LEASE_S = 600.0  # the default [data] lease_s; SPEC does not set it
 
 
 def _write_spec(path, vocab_size=256, seq_len=32, d_model=16):
@@ -88,6 +89,11 @@ def store(tmp_path):
     store = Store(tmp_path / "coordinator")
     yield store
     store.close()
+
+
+@pytest.fixture
+def book(store):
+    return LeaseBook(store)
 
 
 @pytest.fixture
@@ -289,28 +295,28 @@ def test_register_for_an_unknown_run_is_refused(run, store):
 
 def test_heartbeat_counts_tokens_once(run, store):
     session = _join(store, run.id)
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2), LEASE_S)
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2))
     assert run_view(store, run.id)["num_tokens"] == 1000
 
     # The same heartbeat again (a retry) changes nothing.
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2), LEASE_S)
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2))
     view = run_view(store, run.id)
     assert view["num_tokens"] == 1000 and view["step"] == 2
 
     # Counters are cumulative within a node session.
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1500, step=3), LEASE_S)
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1500, step=3))
     assert run_view(store, run.id)["num_tokens"] == 1500
 
     # A late, older heartbeat of the same session does not lower the total.
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1200, step=3), LEASE_S)
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1200, step=3))
     assert run_view(store, run.id)["num_tokens"] == 1500
 
 
 def test_new_node_session_adds_on_top(run, store):
     session = _join(store, run.id)
-    peers.heartbeat(store, CONFIG, session, _beat("session-aaaa", num_tokens=1000), LEASE_S)
-    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300), LEASE_S)
-    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300), LEASE_S)
+    peers.heartbeat(store, CONFIG, session, _beat("session-aaaa", num_tokens=1000))
+    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300))
+    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300))
     [peer] = peers_view(store, run.id)
     assert peer["num_tokens"] == 1300
     assert run_view(store, run.id)["num_tokens"] == 1300
@@ -319,8 +325,8 @@ def test_new_node_session_adds_on_top(run, store):
 def test_tokens_of_two_peers_add_up(run, store):
     first = _join(store, run.id, name="one")
     second = _join(store, run.id, name="two")
-    peers.heartbeat(store, CONFIG, first, _beat(num_tokens=1000), LEASE_S)
-    peers.heartbeat(store, CONFIG, second, _beat(num_tokens=700), LEASE_S)
+    peers.heartbeat(store, CONFIG, first, _beat(num_tokens=1000))
+    peers.heartbeat(store, CONFIG, second, _beat(num_tokens=700))
     view = run_view(store, run.id)
     assert view["num_tokens"] == 1700 and view["num_peers"] == 2
 
@@ -330,21 +336,17 @@ def test_interleaved_sessions_of_one_peer_are_not_double_counted(run, store):
     first = _join(store, run.id, identity=identity)
     second = _join(store, run.id, identity=identity)
     for _ in range(2):
-        peers.heartbeat(store, CONFIG, first, _beat("session-aaaa", num_tokens=1000), LEASE_S)
-        peers.heartbeat(store, CONFIG, second, _beat("session-bbbb", num_tokens=500), LEASE_S)
+        peers.heartbeat(store, CONFIG, first, _beat("session-aaaa", num_tokens=1000))
+        peers.heartbeat(store, CONFIG, second, _beat("session-bbbb", num_tokens=500))
     assert run_view(store, run.id)["num_tokens"] == 1500
 
 
 def test_evaluation_shows_up_as_val_loss(run, store):
     session = _join(store, run.id)
     first = Evaluation(step=5, num_tokens=5000, loss=3.5, bits_per_byte=5.05)
-    peers.heartbeat(
-        store, CONFIG, session, _beat(num_tokens=5000, evaluation=first, step=5), LEASE_S
-    )
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=5000, evaluation=first, step=5))
     later = Evaluation(step=10, num_tokens=9000, loss=2.25, bits_per_byte=3.25)
-    peers.heartbeat(
-        store, CONFIG, session, _beat(num_tokens=9000, evaluation=later, step=10), LEASE_S
-    )
+    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=9000, evaluation=later, step=10))
     view = run_view(store, run.id)
     assert view["val_loss"] == 2.25
     assert view["val_bits_per_byte"] == 3.25
@@ -373,11 +375,11 @@ def test_unknown_session_token_is_refused(store):
 # leases and receipts
 
 
-def test_grant_hands_out_distinct_shards(run, store):
+def test_grant_hands_out_distinct_shards(run, store, book):
     first = _join(store, run.id, name="one")
     second = _join(store, run.id, name="two")
-    one = leases.grant(store, run, first, max_shards=3)
-    two = leases.grant(store, run, second, max_shards=3)
+    one = book.grant(run, first, max_shards=3)
+    two = book.grant(run, second, max_shards=3)
     assert len(one) == len(two) == 3
     assert not {lease.shard_id for lease in one} & {lease.shard_id for lease in two}
     assert all(lease.epoch == 0 and lease.expires_in_s == LEASE_S for lease in one + two)
@@ -390,45 +392,49 @@ def test_grant_hands_out_distinct_shards(run, store):
     }
 
 
-def test_grant_caps_the_number_of_shards(run, store):
+def test_grant_caps_the_number_of_shards(run, store, book):
     session = _join(store, run.id)
-    assert len(leases.grant(store, run, session, max_shards=1000)) == leases.MAX_SHARDS_PER_LEASE
-    assert len(leases.grant(store, run, session, max_shards=0)) == 1
+    assert len(book.grant(run, session, max_shards=1000)) == leases.MAX_SHARDS_PER_LEASE
+    assert len(book.grant(run, session, max_shards=0)) == 1
 
 
-def test_receipt_from_a_peer_without_the_lease_is_refused(run, store):
+def test_receipt_from_a_peer_without_the_lease_is_refused(run, store, book):
     holder = _join(store, run.id, name="holder")
     other = _join(store, run.id, name="other")
-    [lease] = leases.grant(store, run, holder, max_shards=1)
-    with pytest.raises(leases.ReceiptError, match="is not leased to this peer"):
-        leases.complete(store, run, other, _receipt(lease.shard_id))
+    [lease] = book.grant(run, holder, max_shards=1)
+    with pytest.raises(leases.ReceiptError, match="was never leased to this peer"):
+        book.complete(run, other, _receipt(lease.shard_id))
     assert store.list_receipts(run.id) == []
     assert store.get_shard(run.id, 0, lease.shard_id)["holder"] == holder.peer_id
     assert run_view(store, run.id)["shards"]["done"] == 0
 
 
-def test_receipt_for_an_unknown_shard_is_refused(run, store):
+def test_receipt_for_an_unknown_shard_is_refused(run, store, book):
     session = _join(store, run.id)
-    leases.grant(store, run, session, max_shards=1)
-    with pytest.raises(leases.ReceiptError, match="no shard 'train-99999' in epoch 0"):
-        leases.complete(store, run, session, _receipt("train-99999"))
-    with pytest.raises(leases.ReceiptError, match="no shard"):
-        leases.complete(store, run, session, _receipt("train-00000", epoch=1))
+    book.grant(run, session, max_shards=1)
+    with pytest.raises(
+        leases.ReceiptError, match="shard 'train-99999' of epoch 0 was never leased to this peer"
+    ):
+        book.complete(run, session, _receipt("train-99999"))
+    with pytest.raises(
+        leases.ReceiptError, match="shard 'train-00000' of epoch 1 was never leased to this peer"
+    ):
+        book.complete(run, session, _receipt("train-00000", epoch=1))
     assert store.list_receipts(run.id) == []
 
 
-def test_receipt_that_ends_before_it_starts_is_refused(run, store):
+def test_receipt_that_ends_before_it_starts_is_refused(run, store, book):
     session = _join(store, run.id)
-    [lease] = leases.grant(store, run, session, max_shards=1)
+    [lease] = book.grant(run, session, max_shards=1)
     with pytest.raises(leases.ReceiptError, match="finishes before it starts"):
-        leases.complete(store, run, session, _receipt(lease.shard_id, started=20.0, finished=10.0))
+        book.complete(run, session, _receipt(lease.shard_id, started=20.0, finished=10.0))
     assert store.list_receipts(run.id) == []
 
 
-def test_good_receipt_completes_the_shard_once(run, store):
+def test_good_receipt_completes_the_shard_once(run, store, book):
     session = _join(store, run.id)
-    [lease] = leases.grant(store, run, session, max_shards=1)
-    leases.complete(store, run, session, _receipt(lease.shard_id))
+    [lease] = book.grant(run, session, max_shards=1)
+    book.complete(run, session, _receipt(lease.shard_id))
     shard = store.get_shard(run.id, 0, lease.shard_id)
     assert (shard["state"], shard["holder"], shard["num_completions"]) == ("done", None, 1)
     [stored] = store.list_receipts(run.id)
@@ -439,40 +445,40 @@ def test_good_receipt_completes_the_shard_once(run, store):
     )
     assert run_view(store, run.id)["shards"]["done"] == 1
 
-    with pytest.raises(leases.ReceiptError, match="not leased to this peer"):
-        leases.complete(store, run, session, _receipt(lease.shard_id))
+    with pytest.raises(leases.ReceiptError, match="was already receipted"):
+        book.complete(run, session, _receipt(lease.shard_id))
     assert len(store.list_receipts(run.id)) == 1
-    new = leases.grant(store, run, session, max_shards=8)
+    new = book.grant(run, session, max_shards=8)
     assert lease.shard_id not in {lease.shard_id for lease in new}
 
 
-def test_leave_returns_leased_shards_to_pending(run, store):
+def test_leave_returns_leased_shards_to_pending(run, store, book):
     leaving = _join(store, run.id, name="leaving")
     staying = _join(store, run.id, name="staying")
-    held = {lease.shard_id for lease in leases.grant(store, run, leaving, max_shards=4)}
-    kept = {lease.shard_id for lease in leases.grant(store, run, staying, max_shards=2)}
+    held = {lease.shard_id for lease in book.grant(run, leaving, max_shards=4)}
+    kept = {lease.shard_id for lease in book.grant(run, staying, max_shards=2)}
     peers.leave(store, leaving)
     assert run_view(store, run.id)["shards"] == {"total": 20, "pending": 18, "leased": 2, "done": 0}
     for shard_id in held:
         shard = store.get_shard(run.id, 0, shard_id)
         assert (shard["state"], shard["holder"]) == ("pending", None)
     # The returned shards are handed out again, first in line.
-    regranted = {lease.shard_id for lease in leases.grant(store, run, staying, max_shards=4)}
+    regranted = {lease.shard_id for lease in book.grant(run, staying, max_shards=4)}
     assert regranted == held
     assert not regranted & kept
 
 
-def test_finished_epoch_starts_the_next(run, store):
+def test_finished_epoch_starts_the_next(run, store, book):
     session = _join(store, run.id)
     done = []
     while len(done) < 20:
-        granted = leases.grant(store, run, session, max_shards=8)
+        granted = book.grant(run, session, max_shards=8)
         assert granted and all(lease.epoch == 0 for lease in granted)
         for lease in granted:
-            leases.complete(store, run, session, _receipt(lease.shard_id))
+            book.complete(run, session, _receipt(lease.shard_id))
             done.append(lease.shard_id)
     assert sorted(done) == sorted(s.id for s in run.manifest.train_shards)
-    [lease] = leases.grant(store, run, session, max_shards=1)
+    [lease] = book.grant(run, session, max_shards=1)
     assert lease.epoch == 1
     view = run_view(store, run.id)
     assert view["epoch"] == 1

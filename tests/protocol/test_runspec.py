@@ -204,7 +204,10 @@ def test_section_that_is_not_a_table():
             "[model] positions must be 'rotary' or 'learned', got string 'alibi'",
         ),
         ({"optimizer": {"mode": '"async"'}}, "[optimizer] mode must be 'sync', got string 'async'"),
-        ({"data": {"tokenizer": '"bpe"'}}, "[data] tokenizer must be 'byte', got string 'bpe'"),
+        (
+            {"data": {"tokenizer": '"wordpiece"'}},
+            "[data] tokenizer must be 'byte' or 'bpe', got string 'wordpiece'",
+        ),
     ],
 )
 def test_wrong_types_name_key_and_expectation(changes, expected):

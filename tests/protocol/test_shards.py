@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -20,19 +21,19 @@ def _shard(tmp_path):
     """A uint16 shard of 1000 tokens and its manifest entry."""
     path = tmp_path / "train-00000.bin"
     size_bytes, sha256 = write_shard(path, np.arange(1000), "uint16")
-    return path, ShardEntry("train-00000", path.name, "train", 1000, size_bytes, sha256)
+    return path, ShardEntry("train-00000", path.name, "train", 1000, size_bytes, sha256, 3000)
 
 
 def _manifest(**changes):
     fields = dict(
-        version=1,
+        version=2,
         tokenizer="byte",
         vocab_size=256,
         dtype="uint8",
         shards=(
-            ShardEntry("train-00000", "train-00000.bin", "train", 1000, 1024, "a" * 64),
-            ShardEntry("train-00001", "train-00001.bin", "train", 10, 34, "b" * 64),
-            ShardEntry("val-00000", "val-00000.bin", "val", 100, 124, "c" * 64),
+            ShardEntry("train-00000", "train-00000.bin", "train", 1000, 1024, "a" * 64, 1000),
+            ShardEntry("train-00001", "train-00001.bin", "train", 10, 34, "b" * 64, 10),
+            ShardEntry("val-00000", "val-00000.bin", "val", 100, 124, "c" * 64, 100),
         ),
         source="3 documents from tests",
     )
@@ -47,7 +48,7 @@ def test_shard_round_trip_for_each_dtype(tmp_path, dtype, high):
     size_bytes, sha256 = write_shard(path, tokens, dtype)
     assert size_bytes == path.stat().st_size == HEADER_SIZE + len(tokens) * np.dtype(dtype).itemsize
     assert sha256 == sha256_file(path)
-    entry = ShardEntry("s", "s.bin", "train", len(tokens), size_bytes, sha256)
+    entry = ShardEntry("s", "s.bin", "train", len(tokens), size_bytes, sha256, len(tokens))
     for expected in (None, entry):
         read = read_shard(path, expected)
         assert read.dtype == np.dtype(dtype)
@@ -158,6 +159,13 @@ def _edited(edit):
         (lambda d: d["shards"][0].update(size_bytes=5), "bad size_bytes"),
         (lambda d: d["shards"][0].update(split="test"), "bad split"),
         (lambda d: d.update(dtype="int8"), "'dtype'"),
+        (lambda d: d["shards"][0].pop("num_bytes"), "'shards[0].num_bytes'"),
+        (lambda d: d["shards"][0].update(num_bytes=-1), "bad num_bytes: -1 < 0"),
+        (lambda d: d["shards"][0].update(num_bytes=999), "bad num_bytes: 1000 byte tokens"),
+        (lambda d: d.pop("tokenizer_file"), "'tokenizer_file'"),
+        (lambda d: d.update(tokenizer_sha256=5), "'tokenizer_sha256' must be a string or null"),
+        (lambda d: d.update(tokenizer="wordpiece"), "'tokenizer' is 'wordpiece'"),
+        (lambda d: d.update(tokenizer_file="tokenizer.json"), "must be null for the byte"),
     ],
 )
 def test_bad_manifest_key_is_named(edit, key):
@@ -166,8 +174,67 @@ def test_bad_manifest_key_is_named(edit, key):
 
 
 def test_newer_manifest_version_asks_for_an_upgrade():
-    text = _edited(lambda d: d.update(version=2, new_key=1))
-    with pytest.raises(ShardError, match="version 2 is not supported.*upgrade crowdtrain"):
+    text = _edited(lambda d: d.update(version=3, new_key=1))
+    with pytest.raises(ShardError, match="version 3 is not supported.*upgrade crowdtrain"):
+        ShardManifest.from_json(text)
+
+
+def test_version_1_manifest_asks_to_prepare_again(tmp_path):
+    def to_v1(data):
+        data.update(version=1)
+        del data["tokenizer_file"], data["tokenizer_sha256"]
+        for shard in data["shards"]:
+            del shard["num_bytes"]
+
+    (tmp_path / "manifest.json").write_text(_edited(to_v1))
+    with pytest.raises(ShardError) as info:
+        load_manifest(tmp_path)
+    message = str(info.value)
+    assert "manifest version 1 was prepared by an older crowdtrain" in message
+    assert "run `crowdtrain-coordinator prepare-data` again" in message
+
+
+def _bpe_manifest(**changes):
+    fields = dict(
+        tokenizer="bpe",
+        vocab_size=4096,
+        dtype="uint16",
+        shards=(
+            ShardEntry("train-00000", "train-00000.bin", "train", 1000, 2024, "a" * 64, 3400),
+            ShardEntry("val-00000", "val-00000.bin", "val", 100, 224, "c" * 64, 350),
+        ),
+        tokenizer_file="tokenizer.json",
+        tokenizer_sha256="d" * 64,
+    )
+    fields.update(changes)
+    return _manifest(**fields)
+
+
+def test_bpe_manifest_pins_its_tokenizer_file():
+    manifest = _bpe_manifest()
+    assert ShardManifest.from_json(manifest.to_json()) == manifest
+    data = json.loads(manifest.to_json())
+    assert (data["tokenizer_file"], data["tokenizer_sha256"]) == ("tokenizer.json", "d" * 64)
+    assert [s["num_bytes"] for s in data["shards"]] == [3400, 350]
+    assert _bpe_manifest(tokenizer_sha256="e" * 64).hash != manifest.hash
+    byte = json.loads(_manifest().to_json())
+    assert byte["tokenizer_file"] is None and byte["tokenizer_sha256"] is None
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"tokenizer_file": None}, "'tokenizer_file' and 'tokenizer_sha256' must be set for"),
+        ({"tokenizer_file": "../tokenizer.json"}, "use a plain file name"),
+        ({"tokenizer_file": "train-00000.bin"}, "file 'train-00000.bin' more than once"),
+        ({"tokenizer_sha256": None}, "'tokenizer_sha256' must be set for the bpe tokenizer"),
+        ({"tokenizer_sha256": "D" * 64}, "use 64 lowercase hex digits"),
+        ({"vocab_size": 70000}, "'vocab_size' is 70000, which uint16 cannot hold"),
+    ],
+)
+def test_bad_bpe_manifest_is_refused(changes, message):
+    text = json.dumps({**json.loads(_bpe_manifest().to_json()), **changes})
+    with pytest.raises(ShardError, match=re.escape(message)):
         ShardManifest.from_json(text)
 
 

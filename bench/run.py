@@ -1,0 +1,86 @@
+"""`make bench`: run every benchmark here and write BENCHMARKS.md.
+
+Each benchmark is a script that writes a markdown table to the path given by
+``--out``; this file adds the machine, the date and the command that made
+each figure. Long runs live here, never in the test suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+# (title, what it shows and the goal, script, extra arguments)
+BENCHMARKS = [
+    (
+        "Data wait per step",
+        "Time a node spends getting its next micro-batch (shard switches, prefetch "
+        "misses, batch assembly) as a share of its training time, two nodes on the "
+        "bundled corpus with the demo's run spec. Goal: under 1%.",
+        "data_wait.py",
+        ["--seconds", "120"],
+    ),
+    (
+        "prepare-data",
+        "Throughput in MB of text per second (bytes and BPE) on the bundled corpus, and "
+        "peak memory on a corpus 10x larger against the bundled one. Goal: under 1.5x.",
+        "prepare_bench.py",
+        [],
+    ),
+]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
+    )
+
+
+def main() -> int:
+    only = set(sys.argv[1:])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for title, about, script, extra in BENCHMARKS:
+        if only and script.removesuffix(".py") not in only:
+            continue
+        out = RESULTS / f"{script.removesuffix('.py')}.md"
+        command = ["python", f"bench/{script}", *extra, "--out", str(out.relative_to(ROOT))]
+        print(f"== {title}: {' '.join(command)}", flush=True)
+        started = time.monotonic()
+        subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
+        took = time.monotonic() - started
+        sections.append(
+            f"## {title}\n\n{about}\n\n`{' '.join(command)}` ({took:.0f} s)\n\n{out.read_text()}"
+        )
+    today = datetime.date.today().isoformat()
+    text = (
+        "# Benchmarks\n\n"
+        f"Made by `make bench` on {today}.\n\nMachine: {machine()}.\n\n" + "\n".join(sections)
+    )
+    (ROOT / "BENCHMARKS.md").write_text(text)
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""Reading a corpus as documents: text files, JSON Lines, Parquet and Hugging Face datasets.
+
+Owns finding the documents of each source, their stable keys, and what is
+skipped as bad input and why. Knows nothing about tokenizers, shards or the
+train/validation split; :mod:`crowdtrain.coordinator.prepare` drives it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import struct
+import sysconfig
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from crowdtrain.protocol.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+STDLIB = "stdlib"
+"""The source name for this Python's own standard library (its ``.py`` files)."""
+
+HUB_PREFIX = "hf:"
+"""Sources ``hf:NAME[:SPLIT]`` are Hugging Face hub datasets, streamed once."""
+
+JSONL_SUFFIX = ".jsonl"
+PARQUET_SUFFIX = ".parquet"
+TEXT_SUFFIXES = frozenset(
+    {".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".py", ".json", ".csv", ".tsv"}
+)
+"""Suffixes (any case) of the plain text files taken from a source folder, besides
+``.jsonl`` and ``.parquet``; a file named explicitly as a source is taken
+whatever its suffix."""
+
+DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+"""Files that make a folder a ``datasets`` folder (written by ``save_to_disk``)."""
+
+_STDLIB_SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_PARQUET_BATCH_ROWS = 1024
+_WARNINGS_PER_REASON = 5
+_BINARY_PROBE_BYTES = 8000  # as git and grep do
+_SPOOL_RECORD = struct.Struct("<QQ")  # index in the stream, UTF-8 bytes that follow
+
+Progress = Callable[[int], None]
+"""Called with the number of bytes of the source just read."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: ``key`` is stable across runs and machines and decides its split."""
+
+    key: str
+    text: str
+    data: bytes  # the UTF-8 bytes of text
+
+
+class Skips:
+    """Counts what is skipped, by reason, and logs the first few of each reason."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.counts: Counter[str] = Counter()
+        self._quiet = quiet
+
+    def skip(self, reason: str, where: str, problem: str, fix: str = "") -> None:
+        """Count one skipped file, line or record: ``where`` names it, ``fix`` says what to do."""
+        self.counts[reason] += 1
+        if self._quiet or self.counts[reason] > _WARNINGS_PER_REASON:
+            return
+        more = (
+            f" (more skipped for being {reason} are counted, not logged)"
+            if self.counts[reason] == _WARNINGS_PER_REASON
+            else ""
+        )
+        # An empty file is common (an __init__.py) and harmless: worth a note, not a warning.
+        level = logging.INFO if reason == "empty" else logging.WARNING
+        logger.log(level, "skipping %s: %s%s%s", where, problem, f"; {fix}" if fix else "", more)
+
+    def empty(self, where: str, problem: str = "it is empty") -> None:
+        self.skip("empty", where, problem)
+
+    def binary(self, where: str) -> None:
+        self.skip(
+            "with NUL bytes",
+            where,
+            "it contains NUL bytes, so it is not text",
+            "remove it from the source",
+        )
+
+    def not_utf8(self, where: str, problem: str) -> None:
+        self.skip("not UTF-8", where, problem, "save it as UTF-8 to include it")
+
+    def not_string(self, where: str, field: str, value: Any) -> None:
+        self.skip("not a string", where, f"field '{field}' is {_json_kind(value)}, not a string")
+
+    def missing(self, where: str, field: str) -> None:
+        self.skip(f"without '{field}'", where, f"the record has no field '{field}'")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        """``"3 skipped: 2 empty, 1 not UTF-8"``, or ``"none skipped"``."""
+        if not self.counts:
+            return "none skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+        return f"{self.total} skipped: {parts}"
+
+
+class _Source(Protocol):
+    @property
+    def size_bytes(self) -> int | None:
+        """Bytes on disk, for the progress bar; None when unknown."""
+        ...
+
+    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        """``(key, text)`` of each document, in a fixed order; the same on every call."""
+        ...
+
+
+class Corpus:
+    """Every document of the sources, in a fixed order, as many times as asked.
+
+    ``sources`` are ``"stdlib"``, text files and folders (searched for
+    :data:`TEXT_SUFFIXES`, ``.jsonl`` and ``.parquet``, skipping hidden names),
+    ``.jsonl`` and ``.parquet`` files, ``datasets`` folders made by
+    ``save_to_disk`` and ``hf:NAME[:SPLIT]``. JSON Lines, Parquet and datasets
+    take their text from ``text_field``; a folder holding a dataset dict and a
+    hub dataset without ``:SPLIT`` use ``split``. Hub datasets are streamed
+    once and kept in an unnamed temporary file in ``spool_dir`` for later
+    reads. Files under ``exclude`` are never read.
+    """
+
+    def __init__(
+        self,
+        sources: tuple[str, ...],
+        text_field: str,
+        split: str,
+        exclude: Path,
+        spool_dir: Path,
+    ) -> None:
+        self.sources = sources
+        self._seen: set[tuple[int, int]] = set()  # (device, inode) of the files read
+        self._parts: list[_Source] = _resolve(
+            sources, text_field, split, exclude, spool_dir, self._seen
+        )
+        sizes = [part.size_bytes for part in self._parts]
+        self.size_bytes: int | None = None if None in sizes else sum(s or 0 for s in sizes)
+
+    def documents(self, skips: Skips, progress: Progress) -> Iterator[Document]:
+        """Each usable document once, in corpus order; what is not usable goes to ``skips``."""
+        self._seen.clear()
+        for part in self._parts:
+            for key, text in part.read(skips, progress):
+                try:
+                    data = text.encode("utf-8")
+                except UnicodeEncodeError:
+                    skips.not_utf8(key, "its text has a lone surrogate")
+                    continue
+                if not data:
+                    skips.empty(key)
+                elif b"\0" in data:
+                    skips.binary(key)
+                else:
+                    yield Document(key, text, data)
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"the Python {platform.python_version()} standard library" if s == STDLIB else s
+            for s in self.sources
+        )
+
+    def close(self) -> None:
+        for part in self._parts:
+            if isinstance(part, _HubDataset):
+                part.close()
+
+
+def _resolve(
+    sources: tuple[str, ...],
+    text_field: str,
+    split: str,
+    exclude: Path,
+    spool_dir: Path,
+    seen: set[tuple[int, int]],
+) -> list[_Source]:
+    parts: list[_Source] = []
+    for source in sources:
+        if source == STDLIB:
+            stdlib = Path(sysconfig.get_paths()["stdlib"])
+            parts.append(_Files(stdlib, text_field, exclude, seen, _STDLIB_RULES))
+        elif source.startswith(HUB_PREFIX):
+            name, _, hub_split = source[len(HUB_PREFIX) :].partition(":")
+            if not name:
+                raise DataError(f"source {source} names no dataset; pass hf:NAME or hf:NAME:SPLIT")
+            parts.append(_HubDataset(name, hub_split or split, text_field, spool_dir))
+        elif any((Path(source) / marker).is_file() for marker in DATASET_MARKERS):
+            parts.append(_DatasetFolder(Path(source), split, text_field))
+        elif os.path.isdir(source):
+            parts.append(_Files(Path(source), text_field, exclude, seen, _FOLDER_RULES))
+        elif os.path.isfile(source):
+            parts.append(_Files(Path(source), text_field, exclude, seen))
+        elif os.path.exists(source):
+            raise DataError(f"source {source} is neither a file nor a folder; pass text files")
+        else:
+            raise DataError(
+                f"source {source} does not exist; pass --source with folders or files "
+                f"of UTF-8 text, .jsonl, .parquet, a datasets folder, hf:NAME (or {STDLIB})"
+            )
+    return parts
+
+
+_Rules = tuple[Callable[[str], bool], Callable[[str], bool]]
+"""Which folders to enter and which files to take, by name."""
+
+_STDLIB_RULES: _Rules = (
+    lambda folder: folder not in _STDLIB_SKIPPED_FOLDERS,
+    lambda file: file.endswith(".py"),
+)
+_FOLDER_RULES: _Rules = (
+    lambda folder: not folder.startswith("."),
+    lambda file: (
+        not file.startswith(".")
+        and os.path.splitext(file)[1].lower() in {*TEXT_SUFFIXES, JSONL_SUFFIX, PARQUET_SUFFIX}
+    ),
+)
+
+
+def _walk(folder: str, prefix: str, rules: _Rules, exclude: str) -> Iterator[tuple[str, str, bool]]:
+    """``(path, name, is_link)`` of the files under ``folder``, sorted by ``name`` (their
+    path relative to the root, with '/'). Lists one folder at a time, so memory holds
+    one listing per level, never the whole tree; never enters ``exclude``."""
+    try:
+        with os.scandir(folder) as entries:
+            children = []
+            for entry in entries:
+                try:
+                    is_folder = entry.is_dir()
+                    is_link = entry.is_symlink()
+                except OSError:
+                    is_folder = is_link = False
+                if is_folder and is_link:
+                    continue  # like os.walk: never follow links to folders
+                # A folder sorts as "name/": names come in the order of their full paths.
+                key = entry.name + "/" if is_folder else entry.name
+                children.append((key, is_folder, is_link, entry.name))
+    except OSError as e:
+        logger.warning("skipping folder %s: %s", folder, e.strerror)
+        return
+    keep_folder, keep_file = rules
+    for _, is_folder, is_link, name in sorted(children):
+        path = os.path.join(folder, name)
+        if is_folder and keep_folder(name) and not _is_within(os.path.realpath(path), exclude):
+            yield from _walk(path, f"{prefix}{name}/", rules, exclude)
+        elif not is_folder and keep_file(name):
+            yield path, f"{prefix}{name}", is_link
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class _Files:
+    """A file named as a source, or every kept file under a folder, each read once.
+
+    Keys are paths relative to the folder (the file's name for a file named
+    as a source). A file already read from an earlier source, or one under
+    ``exclude``, is left out.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        text_field: str,
+        exclude: Path,
+        seen: set[tuple[int, int]],
+        rules: _Rules | None = None,  # None: path is a file
+    ) -> None:
+        self.path = path
+        self.text_field = text_field
+        self.exclude = str(exclude)
+        self._seen = seen
+        self._rules = rules
+        self.size_bytes: int | None = 0
+        for file, _, _ in self._files():
+            try:
+                self.size_bytes += os.stat(file).st_size
+            except OSError:
+                pass
+
+    def _files(self) -> Iterator[tuple[str, str, bool]]:
+        if self._rules is None:
+            yield str(self.path), self.path.name, True
+        elif not _is_within(os.path.realpath(self.path), self.exclude):
+            yield from _walk(str(self.path), "", self._rules, self.exclude)
+
+    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        for file, name, check_real_path in self._files():
+            try:
+                stat = os.stat(file)
+            except OSError as e:
+                skips.skip("unreadable", file, f"it cannot be read ({e.strerror})")
+                continue
+            if (stat.st_dev, stat.st_ino) in self._seen:
+                continue
+            # --out may sit inside a source folder: never read our own output.
+            if check_real_path and _is_within(os.path.realpath(file), self.exclude):
+                continue
+            self._seen.add((stat.st_dev, stat.st_ino))
+            path = Path(file)
+            suffix = path.suffix.lower()
+            reader: _Source
+            if suffix == JSONL_SUFFIX:
+                reader = _JsonLines(path, name, stat.st_size, self.text_field)
+            elif suffix == PARQUET_SUFFIX:
+                reader = _Parquet(path, name, stat.st_size, self.text_field)
+            else:
+                reader = _TextFile(path, name, stat.st_size)
+            yield from reader.read(skips, progress)
+
+
+@dataclass
+class _TextFile:
+    """A whole file is one document; its key is its path relative to its source."""
+
+    path: Path
+    name: str
+    size_bytes: int
+
+    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        where = str(self.path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            skips.skip("unreadable", where, f"it cannot be read ({e.strerror})")
+            return
+        finally:
+            progress(self.size_bytes)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            skips.not_utf8(where, f"it is not valid UTF-8 (byte {e.start})")
+            return
+        if b"\0" in data:
+            skips.binary(where)
+        elif not data:
+            skips.empty(where)
+        else:
+            yield self.name, text
+
+
+@dataclass
+class _JsonLines:
+    """One document per line, from ``text_field``; keys are ``name:line``."""
+
+    path: Path
+    name: str
+    size_bytes: int
+    text_field: str
+
+    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        num_lines = 0
+        fields = _Fields(self.text_field, str(self.path))
+        try:
+            with self.path.open("rb") as f:
+                # JSON never holds a raw NUL: one near the start means a binary file.
+                if b"\0" in f.read(_BINARY_PROBE_BYTES):
+                    progress(self.size_bytes)
+                    skips.binary(str(self.path))
+                    return
+                f.seek(0)
+                for number, line in enumerate(f, start=1):
+                    progress(len(line))
+                    if not line.strip():
+                        continue
+                    num_lines += 1
+                    where = f"{self.path} line {number}"
+                    try:
+                        record = json.loads(line.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        skips.not_utf8(where, f"byte {e.start} is not UTF-8")
+                        continue
+                    except ValueError as e:
+                        skips.skip(
+                            "not a JSON object", where, f"it is not JSON ({e})", "fix or remove it"
+                        )
+                        continue
+                    if not isinstance(record, dict):
+                        skips.skip(
+                            "not a JSON object",
+                            where,
+                            f"it is a JSON {type(record).__name__}, not an object",
+                            'write one object per line, like {"text": "..."}',
+                        )
+                    elif (text := fields.text(record, where, skips)) is not None:
+                        yield f"{self.name}:{number}", text
+        except OSError as e:
+            raise DataError(f"cannot read {self.path}: {e.strerror}; run again") from e
+        fields.check()
+        if not num_lines:
+            skips.empty(str(self.path), "it has no lines")
+
+
+@dataclass
+class _Parquet:
+    """Rows of the column ``text_field``, read a batch at a time; keys are ``name:row``."""
+
+    path: Path
+    name: str
+    size_bytes: int
+    text_field: str
+
+    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.size_bytes == 0:
+            skips.empty(str(self.path))
+            return
+        try:
+            # Pre-buffering reads ahead across row groups: memory would grow with the file.
+            parquet = pq.ParquetFile(self.path, pre_buffer=False)
+        except (pa.ArrowException, OSError) as e:
+            progress(self.size_bytes)
+            skips.skip(
+                "not Parquet", str(self.path), f"it is not a Parquet file ({e})", "remove it"
+            )
+            return
+        schema = parquet.schema_arrow
+        field = self.text_field
+        if field not in schema.names:
+            raise DataError(
+                f"{self.path}: no column '{field}' (columns: {_names(schema.names)}); "
+                "pass --text-field with the column that holds the text"
+            )
+        kind = schema.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(
+                f"{self.path}: column '{field}' holds {kind}, not text (columns: "
+                f"{_names(schema.names)}); pass --text-field with a string column"
+            )
+        num_rows = max(parquet.metadata.num_rows, 1)
+        row = done = 0
+        try:
+            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+                for value in batch.column(0).to_pylist():
+                    if value is None:
+                        skips.not_string(f"{self.path} row {row}", field, value)
+                    else:
+                        yield f"{self.name}:{row}", value
+                    row += 1
+                step = self.size_bytes * row // num_rows - done
+                progress(step)
+                done += step
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"cannot read {self.path} near row {row}: {e}") from e
+        progress(self.size_bytes - done)
+
+
+class _DatasetFolder:
+    """A folder saved by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``;
+    keys are ``folder:index`` (``folder/split:index`` for a dict)."""
+
+    def __init__(self, path: Path, split: str, text_field: str) -> None:
+        self.path = path
+        self.split = split
+        self.text_field = text_field
+        # A dict keeps each split in a subfolder of its name.
+        files = (path / split if (path / DATASET_MARKERS[0]).is_file() else path).glob("*.arrow")
+        self.size_bytes: int | None = sum(f.stat().st_size for f in files if f.is_file())
+
+    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        import datasets
+        import pyarrow as pa
+
+        try:
+            loaded = datasets.load_from_disk(str(self.path))
+        except Exception as e:  # datasets raises many kinds for a broken folder
+            raise DataError(
+                f"{self.path} looks like a datasets folder but cannot be loaded ({e}); "
+                "save it again with save_to_disk"
+            ) from e
+        name = self.path.resolve().name
+        if isinstance(loaded, datasets.DatasetDict):
+            if self.split not in loaded:
+                raise DataError(
+                    f"{self.path} has no split '{self.split}' (splits: {_names(loaded)}); "
+                    "pass --split with one of them"
+                )
+            loaded = loaded[self.split]
+            name = f"{name}/{self.split}"
+        if not isinstance(loaded, datasets.Dataset):
+            raise DataError(f"{self.path} is not a datasets folder of rows; save it again")
+        _check_features(loaded.features, self.text_field, str(self.path))
+        # Its Arrow files are read as streams, a batch at a time: datasets would map
+        # them into memory, and the mapped pages count as ours.
+        files = [item["filename"] for item in loaded.cache_files]
+        index = 0
+        for file in files:
+            size = os.path.getsize(file)
+            try:
+                with pa.OSFile(file) as f, pa.ipc.open_stream(f) as reader:
+                    for batch in reader:
+                        for value in batch.column(self.text_field).to_pylist():
+                            if isinstance(value, str):
+                                yield f"{name}:{index}", value
+                            else:
+                                skips.not_string(f"{self.path} row {index}", self.text_field, value)
+                            index += 1
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"cannot read {file} near row {index}: {e}") from e
+            progress(size)
+        if index != len(loaded):
+            raise DataError(
+                f"{self.path}: read {index} rows of {len(loaded)}; this datasets folder "
+                "has a layout crowdtrain does not know, save it again with save_to_disk"
+            )
+
+
+class _HubDataset:
+    """A hub dataset streamed through ``datasets.load_dataset(..., streaming=True)``.
+
+    The first read streams it and keeps its documents in an unnamed temporary
+    file; later reads replay that file, so the hub is read once and every read
+    sees the same documents. Keys are ``NAME/SPLIT:index``.
+    """
+
+    size_bytes: int | None = None
+
+    def __init__(self, name: str, split: str, text_field: str, spool_dir: Path) -> None:
+        self.name = name
+        self.split = split
+        self.text_field = text_field
+        self._spool_dir = spool_dir
+        self._spool: IO[bytes] | None = None
+
+    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        prefix = f"{self.name}/{self.split}"
+        if self._spool is not None:
+            yield from _replay(self._spool, prefix, progress)
+            return
+        spool = tempfile.TemporaryFile(prefix=".crowdtrain-spool.", dir=self._spool_dir)
+        try:
+            for index, text in self._stream(skips):
+                data = text.encode("utf-8", "surrogatepass")
+                spool.write(_SPOOL_RECORD.pack(index, len(data)))
+                spool.write(data)
+                progress(len(data))
+                yield f"{prefix}:{index}", text
+        except BaseException:
+            spool.close()
+            raise
+        self._spool = spool
+
+    def _stream(self, skips: Skips) -> Iterator[tuple[int, str]]:
+        import datasets
+
+        source = f"{HUB_PREFIX}{self.name}"
+        try:
+            stream = datasets.load_dataset(self.name, split=self.split, streaming=True)
+        except Exception as e:  # network, missing dataset or split: all the user's to fix
+            raise DataError(
+                f"cannot open {source} split '{self.split}' ({e}); check the name and split "
+                f"(pass {source}:SPLIT or --split), or pass a folder made by save_to_disk"
+            ) from e
+        features = getattr(stream, "features", None)
+        if features is not None:
+            _check_features(features, self.text_field, source)
+        fields = _Fields(self.text_field, source)
+        for index, record in enumerate(stream):
+            if (text := fields.text(record, f"{source} row {index}", skips)) is not None:
+                yield index, text
+        fields.check()
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+def _replay(spool: IO[bytes], prefix: str, progress: Progress) -> Iterator[tuple[str, str]]:
+    spool.seek(0)
+    while header := spool.read(_SPOOL_RECORD.size):
+        index, size = _SPOOL_RECORD.unpack(header)
+        data = spool.read(size)
+        progress(size)
+        yield f"{prefix}:{index}", data.decode("utf-8", "surrogatepass")
+
+
+class _Fields:
+    """Takes the text field out of records; refuses a source where no record has it."""
+
+    def __init__(self, field: str, source: str) -> None:
+        self.field = field
+        self.source = source
+        self.num_records = self.num_with_field = 0
+        self.other_fields: set[str] = set()
+
+    def text(self, record: dict[str, Any], where: str, skips: Skips) -> str | None:
+        """The record's text, or None when it is skipped (counted in ``skips``)."""
+        self.num_records += 1
+        if self.field not in record:
+            if len(self.other_fields) < 100:
+                self.other_fields.update(record)
+            skips.missing(where, self.field)
+            return None
+        self.num_with_field += 1
+        value = record[self.field]
+        if not isinstance(value, str):
+            skips.not_string(where, self.field, value)
+            return None
+        return value
+
+    def check(self) -> None:
+        """Raise when there were records and none had the field: --text-field is wrong."""
+        if self.num_records and not self.num_with_field:
+            raise DataError(
+                f"{self.source}: no record has the field '{self.field}' (fields found: "
+                f"{_names(self.other_fields)}); pass --text-field with the field that holds "
+                "the text"
+            )
+
+
+def _check_features(features: Any, field: str, where: str) -> None:
+    """Refuse a dataset whose ``field`` is missing or does not hold strings."""
+    import datasets
+
+    if field not in features:
+        raise DataError(
+            f"{where}: no field '{field}' (fields: {_names(features)}); "
+            "pass --text-field with the field that holds the text"
+        )
+    feature = features[field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise DataError(
+            f"{where}: field '{field}' holds {feature}, not text (fields: {_names(features)}); "
+            "pass --text-field with a string field"
+        )
+
+
+def _names(names: Any) -> str:
+    listed = sorted(str(name) for name in names)
+    if not listed:
+        return "none"
+    shown = ", ".join(f"'{name}'" for name in listed[:20])
+    return shown + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "a list",
+        dict: "an object",
+    }
+    return "null" if value is None else kinds.get(type(value), f"a {type(value).__name__}")

@@ -1,0 +1,178 @@
+"""A node's shard cache and batch stream, without a coordinator."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crowdtrain.node.data import LeasedShard, ShardCache, ShardStream
+from crowdtrain.protocol.errors import ShardError
+from crowdtrain.protocol.shards import MANIFEST_VERSION, ShardEntry, ShardManifest, write_shard
+
+SEQ_LEN = 16
+
+
+def make_data(folder: Path, num_shards: int = 4, num_tokens: int = 1000) -> ShardManifest:
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    rng = np.random.default_rng(0)
+    for i in range(num_shards + 1):
+        split = "val" if i == num_shards else "train"
+        name = f"{split}-{i:05d}"
+        tokens = rng.integers(0, 256, num_tokens, dtype=np.uint8)
+        size, sha = write_shard(folder / f"{name}.bin", tokens, "uint8")
+        entries.append(
+            ShardEntry(
+                id=name,
+                file=f"{name}.bin",
+                split=split,
+                num_tokens=num_tokens,
+                size_bytes=size,
+                sha256=sha,
+                num_bytes=num_tokens,
+            )
+        )
+    return ShardManifest(
+        version=MANIFEST_VERSION,
+        tokenizer="byte",
+        vocab_size=256,
+        dtype="uint8",
+        shards=tuple(entries),
+        source="test",
+    )
+
+
+class Server:
+    """Stands in for the coordinator's HTTP shard route; can serve damaged bytes."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.requests: list[str] = []
+        self.damage = 0
+
+    def download(self, url: str, dest: Path) -> None:
+        shard_id = url.rsplit("/", 1)[1]
+        self.requests.append(shard_id)
+        data = bytearray((self.folder / f"{shard_id}.bin").read_bytes())
+        if self.damage:
+            self.damage -= 1
+            data[-1] ^= 0xFF
+        dest.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> tuple[ShardManifest, Server]:
+    manifest = make_data(tmp_path / "origin")
+    return manifest, Server(tmp_path / "origin")
+
+
+def test_fetch_downloads_once_and_reuses_the_verified_file(tmp_path, served) -> None:
+    manifest, server = served
+    cache = ShardCache(tmp_path / "cache", manifest, "http://c/shards", server.download)
+    path = cache.fetch("train-00000")
+    assert cache.fetch("train-00000") == path
+    assert server.requests == ["train-00000"]
+
+
+def test_a_damaged_download_is_fetched_again_once(tmp_path, served) -> None:
+    manifest, server = served
+    server.damage = 1
+    cache = ShardCache(tmp_path / "cache", manifest, "http://c/shards", server.download)
+    cache.fetch("train-00001")
+    assert server.requests == ["train-00001", "train-00001"]
+
+
+def test_two_damaged_downloads_stop_with_the_shard_named(tmp_path, served) -> None:
+    manifest, server = served
+    server.damage = 2
+    cache = ShardCache(tmp_path / "cache", manifest, "http://c/shards", server.download)
+    with pytest.raises(ShardError, match="shard train-00002 failed its sha256 check twice"):
+        cache.fetch("train-00002")
+    assert not (tmp_path / "cache" / "train-00002.bin").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cached_file_is_replaced(tmp_path, served, damage) -> None:
+    manifest, server = served
+    cache = ShardCache(tmp_path / "cache", manifest, "http://c/shards", server.download)
+    path = cache.fetch("train-00000")
+    raw = bytearray(path.read_bytes())
+    path.write_bytes(bytes(raw[:-10]) if damage == "truncate" else bytes(raw[:-1] + b"\0"))
+    cache.fetch("train-00000")
+    assert server.requests == ["train-00000", "train-00000"]
+
+
+def test_a_shard_not_in_the_manifest_is_refused(tmp_path, served) -> None:
+    manifest, server = served
+    cache = ShardCache(tmp_path / "cache", manifest, "http://c/shards", server.download)
+    with pytest.raises(ShardError, match="not in the run's manifest"):
+        cache.fetch("../etc/passwd")
+
+
+def test_the_cache_stays_within_its_bound_but_keeps_pinned_shards(tmp_path, served) -> None:
+    manifest, server = served
+    one = manifest.shards[0].size_bytes
+    cache = ShardCache(
+        tmp_path / "cache", manifest, "http://c/shards", server.download, max_bytes=2 * one
+    )
+    for i in range(4):
+        cache.fetch(f"train-0000{i}")
+    evicted = cache.evict(keep={"train-00000"})
+    left = sorted(p.stem for p in (tmp_path / "cache").glob("*.bin"))
+    assert "train-00000" in left and len(left) == 2
+    assert set(evicted) == {"train-00001", "train-00002"}
+
+
+def stream_of(manifest, folder, resume=None) -> ShardStream:
+    stream = ShardStream(run_seed=3, seq_len=SEQ_LEN, batch_size=4, resume=resume)
+    for entry in manifest.train_shards[:2]:
+        stream.offer(LeasedShard(entry.id, 0, folder / entry.file, entry))
+    return stream
+
+
+def drain(stream: ShardStream, n: int) -> list[np.ndarray]:
+    return [stream.next_batch()[0] for _ in range(n)]
+
+
+def test_the_order_within_a_shard_is_the_same_on_every_node(tmp_path, served) -> None:
+    manifest, _ = served
+    origin = tmp_path / "origin"
+    first, second = drain(stream_of(manifest, origin), 5), drain(stream_of(manifest, origin), 5)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+    assert first[0].shape == (4, SEQ_LEN + 1) and first[0].dtype == np.int64
+
+
+def test_a_shard_is_replayed_in_a_new_order_when_no_new_one_came(tmp_path, served) -> None:
+    manifest, _ = served
+    entry = manifest.train_shards[0]
+    stream = ShardStream(run_seed=3, seq_len=SEQ_LEN, batch_size=4)
+    stream.offer(LeasedShard(entry.id, 0, tmp_path / "origin" / entry.file, entry))
+    per_pass = (entry.num_tokens - 1) // SEQ_LEN // 4
+    first = drain(stream, per_pass)
+    _, progress = stream.next_batch()
+    assert progress.replay == 1 and stream.num_replays == 1
+    assert not np.array_equal(first[0], stream.next_batch()[0])
+
+
+def test_a_restarted_node_resumes_where_it_was(tmp_path, served) -> None:
+    manifest, _ = served
+    origin = tmp_path / "origin"
+    stream = stream_of(manifest, origin)
+    drain(stream, 3)
+    position = stream.position()
+    assert position is not None and position["batches_done"] == 0  # not yet credited
+    _, progress = stream.next_batch()
+    progress.batches_done = 4
+    progress.num_sequences = 16
+    position = stream.position()
+    reference = drain(stream_of(manifest, origin), 8)[4:]
+    resumed = stream_of(manifest, origin, resume=position)
+    batches = drain(resumed, 4)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, reference, strict=True))
+
+
+def test_data_wait_is_accounted(tmp_path, served) -> None:
+    manifest, _ = served
+    stream = stream_of(manifest, tmp_path / "origin")
+    drain(stream, 3)
+    assert stream.data_wait_s > 0

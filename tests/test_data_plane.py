@@ -1,0 +1,121 @@
+"""Leases never lose data: crashed nodes, a crashed coordinator, many shards (real processes)."""
+
+import re
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.swarm import Process, Swarm, small_corpus, write_spec
+
+pytestmark = pytest.mark.slow
+
+_ACCEPTED = re.compile(r"receipt for shard (\S+) \(epoch (\d+)\) accepted")
+
+
+def receipts(swarm: Swarm) -> list[tuple[str, str, int]]:
+    """(peer_id, shard_id, epoch) of every stored receipt, read from the database itself."""
+    db = sqlite3.connect(f"file:{swarm.coord_dir / 'coordinator.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT peer_id, shard_id, epoch FROM receipts").fetchall()
+    finally:
+        db.close()
+
+
+def peer_ids(swarm: Swarm) -> dict[str, str]:
+    return {p["name"]: p["peer_id"] for p in swarm.get("/api/runs/tiny/peers")}
+
+
+def coverage(swarm: Swarm, epoch: int = 0) -> list[dict]:
+    return swarm.get(f"/api/runs/tiny/coverage?epoch={epoch}")["shards"]
+
+
+def epoch_done(swarm: Swarm, epoch: int = 0):
+    shards = coverage(swarm, epoch)
+    return all(s["state"] == "done" for s in shards) and shards
+
+
+def start_run(swarm: Swarm, corpus_bytes: int, shard_tokens: int, lease_s: float) -> Path:
+    corpus = small_corpus(swarm.root / "corpus", corpus_bytes)
+    data = swarm.prepare(shard_tokens=shard_tokens, source=str(corpus))
+    spec = write_spec(swarm.root / "tiny.toml", lease_s=lease_s)
+    assert swarm.publish(spec, data).returncode == 0
+    return data
+
+
+def accepted(node: Process) -> set[tuple[str, int]]:
+    return {(m[1], int(m[2])) for m in _ACCEPTED.finditer(node.output())}
+
+
+def test_killed_node_loses_no_shard(swarm: Swarm) -> None:
+    start_run(swarm, corpus_bytes=100_000, shard_tokens=4096, lease_s=6)
+    swarm.start_coordinator()
+    doomed = swarm.start_node("doomed")
+    survivor = swarm.start_node("survivor")
+    swarm.wait_for(lambda: len(accepted(doomed)) >= 1, 180, "the doomed node's first receipt")
+
+    ids = peer_ids(swarm)
+    held = {s["shard"] for s in coverage(swarm) if s["holder"] == ids["doomed"]}
+    assert held, "the doomed node holds no lease"
+    swarm.stop(doomed, signal.SIGKILL)
+
+    swarm.wait_for(lambda: epoch_done(swarm), 300, "epoch 0 to complete")
+    shards = coverage(swarm)
+    assert all(s["num_completions"] >= 1 for s in shards)
+    duplicates = {s["shard"] for s in shards if s["num_completions"] > 1}
+    assert duplicates <= held, "only shards whose lease expired may be trained twice"
+    stored = receipts(swarm)
+    by_doomed = {shard for peer, shard, _ in stored if peer == ids["doomed"]}
+    by_survivor = {shard for peer, shard, _ in stored if peer == ids["survivor"]}
+    assert held - by_doomed <= by_survivor, "the doomed node's shards went to the survivor"
+    assert swarm.stop(survivor, signal.SIGINT) == 0, survivor.output()
+
+
+def test_coordinator_crash_loses_no_acknowledged_receipt(swarm: Swarm) -> None:
+    start_run(swarm, corpus_bytes=120_000, shard_tokens=4096, lease_s=30)
+    first = swarm.start_coordinator()
+    ports = dict(swarm.ports)
+    nodes = [swarm.start_node(f"node-{i}") for i in range(3)]
+    swarm.wait_for(
+        lambda: sum(len(accepted(n)) for n in nodes) >= 4, 240, "receipts before the crash"
+    )
+    swarm.stop(first, signal.SIGKILL)
+    killed_at = time.time()
+    acknowledged = {(n.name, shard, epoch) for n in nodes for shard, epoch in accepted(n)}
+
+    swarm.start_coordinator(
+        http_port=ports["http_port"], grpc_port=ports["grpc_port"], dht_port=ports["dht_port"]
+    )
+    ids = peer_ids(swarm)
+    stored = set(receipts(swarm))
+    for name, shard, epoch in acknowledged:
+        assert (ids[name], shard, epoch) in stored, f"{name}'s receipt for {shard} was lost"
+
+    swarm.wait_for(lambda: epoch_done(swarm), 300, "epoch 0 to complete after the restart")
+    assert all(s["num_completions"] >= 1 for s in coverage(swarm))
+    assert time.time() - killed_at < 300
+    for node in nodes:
+        assert node.popen.poll() is None, node.output()
+        assert "coordinator reachable again" in node.output()
+        assert swarm.stop(node, signal.SIGINT) == 0, node.output()
+
+
+def test_one_epoch_of_100_shards_each_exactly_once(swarm: Swarm) -> None:
+    start_run(swarm, corpus_bytes=110_000, shard_tokens=1024, lease_s=600)
+    swarm.start_coordinator()
+    assert swarm.get("/api/runs/tiny")["shards"]["total"] >= 100
+    nodes = [swarm.start_node(f"node-{i}") for i in range(3)]
+
+    swarm.wait_for(lambda: epoch_done(swarm), 300, "epoch 0 to complete")
+    for node in nodes:
+        assert swarm.stop(node, signal.SIGINT) == 0, node.output()
+    shards = coverage(swarm)
+    assert all(s["num_completions"] == 1 for s in shards), [
+        s for s in shards if s["num_completions"] != 1
+    ]
+    epoch0 = [r for r in receipts(swarm) if r[2] == 0]
+    assert len(epoch0) == len(shards)
+    assert len({shard for _, shard, _ in epoch0}) == len(shards)
+    assert len({peer for peer, _, _ in epoch0}) == 3, "every node trained part of the epoch"
