@@ -1,7 +1,9 @@
-"""Reading a corpus as documents: text files, JSON Lines, Parquet and Hugging Face datasets.
+"""Reading a corpus as documents: which kind each source is, and text and JSON Lines files.
 
 Owns finding the documents of each source, their stable keys, and what is
-skipped as bad input and why. Knows nothing about tokenizers, shards or the
+skipped as bad input and why. Parquet, ``datasets`` folders and hub datasets
+are read by :mod:`crowdtrain.coordinator.arrow_sources`, imported only when a
+source needs it. Knows nothing about tokenizers, shards or the
 train/validation split; :mod:`crowdtrain.coordinator.prepare` drives it.
 """
 
@@ -11,14 +13,12 @@ import json
 import logging
 import os
 import platform
-import struct
 import sysconfig
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from crowdtrain.protocol.errors import DataError
 
@@ -43,10 +43,8 @@ DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 """Files that make a folder a ``datasets`` folder (written by ``save_to_disk``)."""
 
 _STDLIB_SKIPPED_FOLDERS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-_PARQUET_BATCH_ROWS = 1024
 _WARNINGS_PER_REASON = 5
 _BINARY_PROBE_BYTES = 8000  # as git and grep do
-_SPOOL_RECORD = struct.Struct("<QQ")  # index in the stream, UTF-8 bytes that follow
 
 Progress = Callable[[int], None]
 """Called with the number of bytes of the source just read."""
@@ -179,8 +177,9 @@ class Corpus:
 
     def close(self) -> None:
         for part in self._parts:
-            if isinstance(part, _HubDataset):
-                part.close()
+            close = getattr(part, "close", None)  # only a hub dataset holds a file open
+            if close is not None:
+                close()
 
 
 def _resolve(
@@ -191,6 +190,9 @@ def _resolve(
     spool_dir: Path,
     seen: set[tuple[int, int]],
 ) -> list[_Source]:
+    # arrow_sources builds on this module (Skips, Fields): imported here, not at the top.
+    from crowdtrain.coordinator.arrow_sources import DatasetFolder, HubDataset
+
     parts: list[_Source] = []
     for source in sources:
         if source == STDLIB:
@@ -200,9 +202,9 @@ def _resolve(
             name, _, hub_split = source[len(HUB_PREFIX) :].partition(":")
             if not name:
                 raise DataError(f"source {source} names no dataset; pass hf:NAME or hf:NAME:SPLIT")
-            parts.append(_HubDataset(name, hub_split or split, text_field, spool_dir))
+            parts.append(HubDataset(name, hub_split or split, text_field, spool_dir))
         elif any((Path(source) / marker).is_file() for marker in DATASET_MARKERS):
-            parts.append(_DatasetFolder(Path(source), split, text_field))
+            parts.append(DatasetFolder(Path(source), split, text_field))
         elif os.path.isdir(source):
             parts.append(_Files(Path(source), text_field, exclude, seen, _FOLDER_RULES))
         elif os.path.isfile(source):
@@ -302,6 +304,8 @@ class _Files:
             yield from _walk(str(self.path), "", self._rules, self.exclude)
 
     def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
+        from crowdtrain.coordinator.arrow_sources import ParquetSource  # see _resolve
+
         for file, name, check_real_path in self._files():
             try:
                 stat = os.stat(file)
@@ -320,7 +324,7 @@ class _Files:
             if suffix == JSONL_SUFFIX:
                 reader = _JsonLines(path, name, stat.st_size, self.text_field)
             elif suffix == PARQUET_SUFFIX:
-                reader = _Parquet(path, name, stat.st_size, self.text_field)
+                reader = ParquetSource(path, name, stat.st_size, self.text_field)
             else:
                 reader = _TextFile(path, name, stat.st_size)
             yield from reader.read(skips, progress)
@@ -367,7 +371,7 @@ class _JsonLines:
 
     def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
         num_lines = 0
-        fields = _Fields(self.text_field, str(self.path))
+        fields = Fields(self.text_field, str(self.path))
         try:
             with self.path.open("rb") as f:
                 # JSON never holds a raw NUL: one near the start means a binary file.
@@ -408,193 +412,7 @@ class _JsonLines:
             skips.empty(str(self.path), "it has no lines")
 
 
-@dataclass
-class _Parquet:
-    """Rows of the column ``text_field``, read a batch at a time; keys are ``name:row``."""
-
-    path: Path
-    name: str
-    size_bytes: int
-    text_field: str
-
-    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if self.size_bytes == 0:
-            skips.empty(str(self.path))
-            return
-        try:
-            # Pre-buffering reads ahead across row groups: memory would grow with the file.
-            parquet = pq.ParquetFile(self.path, pre_buffer=False)
-        except (pa.ArrowException, OSError) as e:
-            progress(self.size_bytes)
-            skips.skip(
-                "not Parquet", str(self.path), f"it is not a Parquet file ({e})", "remove it"
-            )
-            return
-        schema = parquet.schema_arrow
-        field = self.text_field
-        if field not in schema.names:
-            raise DataError(
-                f"{self.path}: no column '{field}' (columns: {_names(schema.names)}); "
-                "pass --text-field with the column that holds the text"
-            )
-        kind = schema.field(field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(
-                f"{self.path}: column '{field}' holds {kind}, not text (columns: "
-                f"{_names(schema.names)}); pass --text-field with a string column"
-            )
-        num_rows = max(parquet.metadata.num_rows, 1)
-        row = done = 0
-        try:
-            for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
-                for value in batch.column(0).to_pylist():
-                    if value is None:
-                        skips.not_string(f"{self.path} row {row}", field, value)
-                    else:
-                        yield f"{self.name}:{row}", value
-                    row += 1
-                step = self.size_bytes * row // num_rows - done
-                progress(step)
-                done += step
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"cannot read {self.path} near row {row}: {e}") from e
-        progress(self.size_bytes - done)
-
-
-class _DatasetFolder:
-    """A folder saved by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``;
-    keys are ``folder:index`` (``folder/split:index`` for a dict)."""
-
-    def __init__(self, path: Path, split: str, text_field: str) -> None:
-        self.path = path
-        self.split = split
-        self.text_field = text_field
-        # A dict keeps each split in a subfolder of its name.
-        files = (path / split if (path / DATASET_MARKERS[0]).is_file() else path).glob("*.arrow")
-        self.size_bytes: int | None = sum(f.stat().st_size for f in files if f.is_file())
-
-    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
-        import datasets
-        import pyarrow as pa
-
-        try:
-            loaded = datasets.load_from_disk(str(self.path))
-        except Exception as e:  # datasets raises many kinds for a broken folder
-            raise DataError(
-                f"{self.path} looks like a datasets folder but cannot be loaded ({e}); "
-                "save it again with save_to_disk"
-            ) from e
-        name = self.path.resolve().name
-        if isinstance(loaded, datasets.DatasetDict):
-            if self.split not in loaded:
-                raise DataError(
-                    f"{self.path} has no split '{self.split}' (splits: {_names(loaded)}); "
-                    "pass --split with one of them"
-                )
-            loaded = loaded[self.split]
-            name = f"{name}/{self.split}"
-        if not isinstance(loaded, datasets.Dataset):
-            raise DataError(f"{self.path} is not a datasets folder of rows; save it again")
-        _check_features(loaded.features, self.text_field, str(self.path))
-        # Its Arrow files are read as streams, a batch at a time: datasets would map
-        # them into memory, and the mapped pages count as ours.
-        files = [item["filename"] for item in loaded.cache_files]
-        index = 0
-        for file in files:
-            size = os.path.getsize(file)
-            try:
-                with pa.OSFile(file) as f, pa.ipc.open_stream(f) as reader:
-                    for batch in reader:
-                        for value in batch.column(self.text_field).to_pylist():
-                            if isinstance(value, str):
-                                yield f"{name}:{index}", value
-                            else:
-                                skips.not_string(f"{self.path} row {index}", self.text_field, value)
-                            index += 1
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"cannot read {file} near row {index}: {e}") from e
-            progress(size)
-        if index != len(loaded):
-            raise DataError(
-                f"{self.path}: read {index} rows of {len(loaded)}; this datasets folder "
-                "has a layout crowdtrain does not know, save it again with save_to_disk"
-            )
-
-
-class _HubDataset:
-    """A hub dataset streamed through ``datasets.load_dataset(..., streaming=True)``.
-
-    The first read streams it and keeps its documents in an unnamed temporary
-    file; later reads replay that file, so the hub is read once and every read
-    sees the same documents. Keys are ``NAME/SPLIT:index``.
-    """
-
-    size_bytes: int | None = None
-
-    def __init__(self, name: str, split: str, text_field: str, spool_dir: Path) -> None:
-        self.name = name
-        self.split = split
-        self.text_field = text_field
-        self._spool_dir = spool_dir
-        self._spool: IO[bytes] | None = None
-
-    def read(self, skips: Skips, progress: Progress) -> Iterator[tuple[str, str]]:
-        prefix = f"{self.name}/{self.split}"
-        if self._spool is not None:
-            yield from _replay(self._spool, prefix, progress)
-            return
-        spool = tempfile.TemporaryFile(prefix=".crowdtrain-spool.", dir=self._spool_dir)
-        try:
-            for index, text in self._stream(skips):
-                data = text.encode("utf-8", "surrogatepass")
-                spool.write(_SPOOL_RECORD.pack(index, len(data)))
-                spool.write(data)
-                progress(len(data))
-                yield f"{prefix}:{index}", text
-        except BaseException:
-            spool.close()
-            raise
-        self._spool = spool
-
-    def _stream(self, skips: Skips) -> Iterator[tuple[int, str]]:
-        import datasets
-
-        source = f"{HUB_PREFIX}{self.name}"
-        try:
-            stream = datasets.load_dataset(self.name, split=self.split, streaming=True)
-        except Exception as e:  # network, missing dataset or split: all the user's to fix
-            raise DataError(
-                f"cannot open {source} split '{self.split}' ({e}); check the name and split "
-                f"(pass {source}:SPLIT or --split), or pass a folder made by save_to_disk"
-            ) from e
-        features = getattr(stream, "features", None)
-        if features is not None:
-            _check_features(features, self.text_field, source)
-        fields = _Fields(self.text_field, source)
-        for index, record in enumerate(stream):
-            if (text := fields.text(record, f"{source} row {index}", skips)) is not None:
-                yield index, text
-        fields.check()
-
-    def close(self) -> None:
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-
-
-def _replay(spool: IO[bytes], prefix: str, progress: Progress) -> Iterator[tuple[str, str]]:
-    spool.seek(0)
-    while header := spool.read(_SPOOL_RECORD.size):
-        index, size = _SPOOL_RECORD.unpack(header)
-        data = spool.read(size)
-        progress(size)
-        yield f"{prefix}:{index}", data.decode("utf-8", "surrogatepass")
-
-
-class _Fields:
+class Fields:
     """Takes the text field out of records; refuses a source where no record has it."""
 
     def __init__(self, field: str, source: str) -> None:
@@ -623,29 +441,13 @@ class _Fields:
         if self.num_records and not self.num_with_field:
             raise DataError(
                 f"{self.source}: no record has the field '{self.field}' (fields found: "
-                f"{_names(self.other_fields)}); pass --text-field with the field that holds "
+                f"{quote_names(self.other_fields)}); pass --text-field with the field that holds "
                 "the text"
             )
 
 
-def _check_features(features: Any, field: str, where: str) -> None:
-    """Refuse a dataset whose ``field`` is missing or does not hold strings."""
-    import datasets
-
-    if field not in features:
-        raise DataError(
-            f"{where}: no field '{field}' (fields: {_names(features)}); "
-            "pass --text-field with the field that holds the text"
-        )
-    feature = features[field]
-    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-        raise DataError(
-            f"{where}: field '{field}' holds {feature}, not text (fields: {_names(features)}); "
-            "pass --text-field with a string field"
-        )
-
-
-def _names(names: Any) -> str:
+def quote_names(names: Any) -> str:
+    """``"'a', 'b'"`` sorted, for messages: at most 20, then how many more; ``"none"``."""
     listed = sorted(str(name) for name in names)
     if not listed:
         return "none"

@@ -86,6 +86,20 @@ def create_app(
         except CrowdtrainError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
 
+    @app.get("/api/runs/{run_id}/tokenizer")
+    def get_tokenizer(run_id: str) -> FileResponse:
+        """The run's BPE tokenizer (tokenizer.json), pinned by the manifest's sha256."""
+        run = run_or_404(lambda: runs.get_run(store, run_id))
+        name = run.manifest.tokenizer_file
+        if name is None:
+            raise HTTPException(status_code=404, detail=f"run {run_id!r} uses byte tokens")
+        path = run.data_path / name
+        if not path.is_file():
+            raise HTTPException(
+                status_code=410, detail="the tokenizer is missing on the coordinator"
+            )
+        return FileResponse(path, media_type="application/json", filename=name)
+
     @app.get("/api/refusals")
     def get_refusals() -> list[dict[str, Any]]:
         """Requests from nodes that were refused since this coordinator started, by reason."""

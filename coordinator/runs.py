@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from crowdtrain.coordinator.store import Store
-from crowdtrain.protocol.errors import CrowdtrainError, SpecError
+from crowdtrain.protocol.errors import CrowdtrainError, ShardError, SpecError
 from crowdtrain.protocol.runspec import RunSpec, load_spec, parse_spec
-from crowdtrain.protocol.shards import ShardManifest, load_manifest, verify_shard
+from crowdtrain.protocol.shards import ShardManifest, load_manifest, sha256_file, verify_shard
 
 # A peer that has not sent a heartbeat for this long is shown as gone.
 PEER_TIMEOUT_S = 20.0
@@ -58,6 +58,13 @@ def prepare_publication(spec_path: str | Path, data_path: str | Path) -> Publica
     check_spec_against_data(spec, manifest, source=str(spec_path))
     for entry in manifest.shards:
         verify_shard(resolved / entry.file, entry)
+    if manifest.tokenizer_file is not None:
+        tokenizer = resolved / manifest.tokenizer_file
+        if not tokenizer.is_file() or sha256_file(tokenizer) != manifest.tokenizer_sha256:
+            raise ShardError(
+                f"{tokenizer} is missing or does not match the manifest's sha256; "
+                "prepare the data again"
+            )
     return Publication(
         spec=spec,
         spec_text=Path(spec_path).read_text(encoding="utf-8"),

@@ -233,6 +233,8 @@ class Node:
             max_bytes=cfg.cache_bytes,
         )
         val_entry = self.manifest.val_shards[0]
+        # Bytes of text behind each token: 1 for bytes, about 3-4 for BPE.
+        self.bytes_per_token = val_entry.num_bytes / max(1, val_entry.num_tokens)
         self.val_sequences = torch.from_numpy(
             validation_sequences(
                 self.cache.fetch(val_entry.id),
@@ -380,7 +382,13 @@ class Node:
     def evaluate(self) -> float:
         """Validation loss on the held-out shard now; queued for the coordinator."""
         assert self.model is not None and self.link is not None
-        result = evaluate(self.model, self.val_sequences, batch_size=16, device=self.device)
+        result = evaluate(
+            self.model,
+            self.val_sequences,
+            batch_size=16,
+            bytes_per_token=self.bytes_per_token,
+            device=self.device,
+        )
         self.stats.val_loss = result.loss
         self._last_eval_step = self.stats.step
         self.link.send_evaluation(

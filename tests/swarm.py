@@ -29,13 +29,14 @@ id = "{run_id}"
 seed = 1
 
 [model]
-vocab_size = 256
+vocab_size = {vocab_size}
 seq_len = 64
 num_layers = 2
 num_heads = 2
 d_model = 64
 
 [data]
+tokenizer = "{tokenizer}"
 lease_s = {lease_s}
 
 [optimizer]
@@ -77,8 +78,16 @@ def small_corpus(folder: Path, num_bytes: int) -> Path:
     return folder
 
 
-def write_spec(path: Path, run_id: str = "tiny", lease_s: float = 600.0) -> Path:
-    path.write_text(TINY_SPEC.format(run_id=run_id, lease_s=lease_s))
+def write_spec(
+    path: Path,
+    run_id: str = "tiny",
+    lease_s: float = 600.0,
+    tokenizer: str = "byte",
+    vocab_size: int = 256,
+) -> Path:
+    path.write_text(
+        TINY_SPEC.format(run_id=run_id, lease_s=lease_s, tokenizer=tokenizer, vocab_size=vocab_size)
+    )
     return path
 
 
@@ -126,7 +135,7 @@ class Swarm:
         self.processes.append(process)
         return process
 
-    def prepare(self, shard_tokens: int = 262_144, source: str = "stdlib") -> Path:
+    def prepare(self, shard_tokens: int = 262_144, source: str = "stdlib", *extra: str) -> Path:
         data = self.root / "data"
         result = run_cli(
             COORDINATOR,
@@ -137,6 +146,7 @@ class Swarm:
             str(data),
             "--shard-tokens",
             str(shard_tokens),
+            *extra,
         )
         assert result.returncode == 0, result.stderr
         return data

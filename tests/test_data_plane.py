@@ -1,5 +1,6 @@
 """Leases never lose data: crashed nodes, a crashed coordinator, many shards (real processes)."""
 
+import json
 import re
 import signal
 import sqlite3
@@ -119,3 +120,54 @@ def test_one_epoch_of_100_shards_each_exactly_once(swarm: Swarm) -> None:
     assert len(epoch0) == len(shards)
     assert len({shard for _, shard, _ in epoch0}) == len(shards)
     assert len({peer for peer, _, _ in epoch0}) == 3, "every node trained part of the epoch"
+
+
+def test_a_restarted_node_resumes_mid_shard(swarm: Swarm) -> None:
+    start_run(swarm, corpus_bytes=300_000, shard_tokens=131_072, lease_s=600)
+    swarm.start_coordinator()
+    first = swarm.start_node("node-a")
+    position = swarm.root / "node-a" / "runs" / "tiny" / "position.json"
+
+    def mid_shard() -> bool:
+        try:
+            saved = json.loads(position.read_text())["position"]
+        except (OSError, ValueError, TypeError):
+            return False
+        return bool(saved) and saved["batches_done"] > 0
+
+    swarm.wait_for(mid_shard, 180, "the node to record its place in a shard")
+    saved = json.loads(position.read_text())["position"]
+    swarm.stop(first, signal.SIGKILL)
+
+    again = swarm.start_node("node-a")
+    swarm.wait_for(lambda: "resuming shard" in again.output(), 120, "the node to resume")
+    line = next(ln for ln in again.output().splitlines() if "resuming shard" in ln)
+    assert f"resuming shard {saved['shard_id']} at batch" in line
+    resumed_at = int(re.search(r"at batch (\d+)", line)[1])
+    assert resumed_at >= saved["batches_done"]
+    assert swarm.stop(again, signal.SIGINT) == 0, again.output()
+
+
+def test_a_bpe_run_trains_end_to_end(swarm: Swarm) -> None:
+    import hashlib
+
+    import httpx
+
+    corpus = small_corpus(swarm.root / "corpus", 200_000)
+    data = swarm.prepare(
+        16_384, str(corpus), "--tokenizer", "bpe", "--vocab-size", "512", "--val-fraction", "0.1"
+    )
+    spec = write_spec(swarm.root / "bpe.toml", tokenizer="bpe", vocab_size=512)
+    assert swarm.publish(spec, data).returncode == 0
+    swarm.start_coordinator()
+    served = httpx.get(f"{swarm.url}/api/runs/tiny/tokenizer", timeout=10)
+    assert served.status_code == 200
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert hashlib.sha256(served.content).hexdigest() == manifest["tokenizer_sha256"]
+
+    node = swarm.start_node("node-a", "--max-seconds", "15")
+    assert node.wait(timeout=180) == 0, node.output()
+    run = swarm.get("/api/runs/tiny")
+    assert run["num_tokens"] > 0
+    # BPE tokens carry several bytes each, so bits per byte is well under loss / ln 2.
+    assert run["val_bits_per_byte"] < 0.6 * run["val_loss"] / 0.6931

@@ -4,6 +4,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -47,9 +48,10 @@ def _summary(caplog):
 def _refused(tmp_path, message, *sources, **changes):
     """Preparing fails with ``message`` and leaves nothing behind."""
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(DataError, match=re.escape(message)):
+    with pytest.raises(DataError, match=re.escape(message)) as refused:
         _prepare(tmp_path, *sources, out="refused", **changes)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    return refused.value
 
 
 def _write_jsonl(path, lines):
@@ -250,6 +252,40 @@ def test_hub_dataset_that_cannot_be_opened_is_refused(tmp_path, monkeypatch):
     _refused(
         tmp_path, "cannot open hf:corpus split 'train' (no network); check the name", "hf:corpus"
     )
+
+
+def _without_the_corpus_extra(monkeypatch):
+    for module in ("pyarrow", "pyarrow.parquet", "datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
+
+
+@pytest.mark.parametrize(
+    ("kind", "needs"),
+    [
+        ("parquet", "reading Parquet needs pyarrow"),
+        ("datasets folder", "reading a datasets folder needs datasets"),
+        ("hub", "reading a hub dataset needs datasets"),
+    ],
+)
+def test_arrow_source_without_the_corpus_extra_names_it(tmp_path, monkeypatch, kind, needs):
+    if kind == "parquet":
+        source = _write_parquet(tmp_path / "docs.parquet", "text", TEXTS)
+    elif kind == "datasets folder":
+        source = tmp_path / "ds"
+        Dataset.from_dict({"text": TEXTS}).save_to_disk(source)
+    else:
+        source = "hf:someone/corpus"
+    _without_the_corpus_extra(monkeypatch)
+    message = f"{needs}: pip install 'crowdtrain[corpus]'"
+    assert str(_refused(tmp_path, message, source)) == message
+
+
+def test_text_and_jsonl_need_no_corpus_extra(tmp_path, monkeypatch):
+    _without_the_corpus_extra(monkeypatch)
+    (tmp_path / "a.txt").write_text(TEXTS[0])
+    path = _write_jsonl(tmp_path / "b.jsonl", [json.dumps({"text": t}) for t in TEXTS[1:]])
+    manifest = _prepare(tmp_path, tmp_path / "a.txt", path)
+    assert sorted(_documents(tmp_path / "data", manifest)) == sorted(TEXTS)
 
 
 def test_corpus_of_bad_records_only_is_refused_with_the_counts(tmp_path):
