@@ -29,12 +29,15 @@ _LEFT = re.compile(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--shard-tokens", type=int, default=16_384)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="crowdtrain-bench-") as tmp:
         swarm = Swarm(root=Path(tmp))
         try:
-            data = swarm.prepare(shard_tokens=1_048_576)
+            # Small shards, so each node switches shards every few seconds and the
+            # prefetch is exercised, not only batch assembly.
+            data = swarm.prepare(shard_tokens=args.shard_tokens)
             published = swarm.publish(ROOT / "examples" / "stdlib-tiny.toml", data)
             assert published.returncode == 0, published.stderr
             swarm.start_coordinator()
@@ -49,16 +52,19 @@ def main() -> int:
                 if match is None:
                     raise SystemExit(f"{node.name} did not report:\n{node.output()[-2000:]}")
                 tokens, step, wait_s, train_s = match.groups()
-                rows.append((node.name, tokens, int(step), float(wait_s), float(train_s)))
+                shards = node.output().count("accepted")
+                rows.append((node.name, tokens, int(step), shards, float(wait_s), float(train_s)))
         finally:
             swarm.stop_all()
     lines = [
-        "| node | tokens | steps | data wait | training time | share |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"Shards of {args.shard_tokens:,} tokens; each node trained for {args.seconds:.0f} s.",
+        "",
+        "| node | tokens | steps | shards completed | data wait | training time | share |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, tokens, step, wait_s, train_s in rows:
+    for name, tokens, step, shards, wait_s, train_s in rows:
         lines.append(
-            f"| {name} | {tokens} | {step} | {wait_s:.2f} s | {train_s:.1f} s "
+            f"| {name} | {tokens} | {step} | {shards} | {wait_s:.2f} s | {train_s:.1f} s "
             f"| {100 * wait_s / train_s:.2f}% |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,22 +56,37 @@ def machine() -> str:
     )
 
 
+def _fragment(path: Path) -> str:
+    """A benchmark's markdown, less any heading of its own (this file titles it)."""
+    lines = path.read_text().splitlines()
+    while lines and (lines[0].startswith("#") or not lines[0].strip()):
+        lines.pop(0)
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
-    only = set(sys.argv[1:])
+    """Run the benchmarks named on the command line (all by default) and rebuild
+    BENCHMARKS.md from every benchmark's latest results.
+
+    ``--reuse`` runs nothing and only rebuilds BENCHMARKS.md.
+    """
+    args = sys.argv[1:]
+    reuse = "--reuse" in args
+    only = {a for a in args if a != "--reuse"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     sections = []
     for title, about, script, extra in BENCHMARKS:
-        if only and script.removesuffix(".py") not in only:
-            continue
         out = RESULTS / f"{script.removesuffix('.py')}.md"
         command = ["python", f"bench/{script}", *extra, "--out", str(out.relative_to(ROOT))]
-        print(f"== {title}: {' '.join(command)}", flush=True)
-        started = time.monotonic()
-        subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
-        took = time.monotonic() - started
-        sections.append(
-            f"## {title}\n\n{about}\n\n`{' '.join(command)}` ({took:.0f} s)\n\n{out.read_text()}"
-        )
+        took = ""
+        if not reuse and (not only or script.removesuffix(".py") in only):
+            print(f"== {title}: {' '.join(command)}", flush=True)
+            started = time.monotonic()
+            subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
+            took = f" ({time.monotonic() - started:.0f} s)"
+        if not out.exists():
+            continue
+        sections.append(f"## {title}\n\n{about}\n\n`{' '.join(command)}`{took}\n\n{_fragment(out)}")
     today = datetime.date.today().isoformat()
     text = (
         "# Benchmarks\n\n"

@@ -136,7 +136,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         beat = parse_payload(HeartbeatPayload, opened.payload)
         run = runs.get_run(self.store, session.run_id)
         peers.heartbeat(self.store, self.config, session, beat)
-        self.leases.renew(run, session)
+        self.leases.renew(run, session, {(h.shard_id, h.epoch) for h in beat.leases})
         view = runs.run_view(self.store, session.run_id)
         return pb.HeartbeatReply(step=view["step"], num_peers=view["num_peers"])
 

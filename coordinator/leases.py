@@ -112,13 +112,19 @@ class LeaseBook:
                 leases.append(Lease(shard_id, epoch, run.spec.data.lease_s))
             return leases
 
-    def renew(self, run: PublishedRun, session: Session) -> None:
-        """A heartbeat: every live lease of the peer runs for lease_s from now."""
+    def renew(
+        self, run: PublishedRun, session: Session, held: set[tuple[str, int]] | None = None
+    ) -> None:
+        """A heartbeat: the peer's leases it says it ``held`` ((shard, epoch); all when
+        None) run for lease_s from now. A lease the node no longer knows of (lost
+        in a crash between grant and download, say) is left to expire."""
         with self._lock:
             self._expire_overdue(run)
             deadline = self._deadline(run)
             for key in self._deadlines:
-                if key[0] == run.id and key[3] == session.peer_id:
+                if key[0] != run.id or key[3] != session.peer_id:
+                    continue
+                if held is None or (key[2], key[1]) in held:
                     self._deadlines[key] = deadline
 
     def release(self, session: Session) -> None:

@@ -215,6 +215,14 @@ class ShardStream:
             ids.add(self._current.shard.shard_id)
         return ids
 
+    def held(self) -> list[tuple[str, int]]:
+        """(shard, epoch) of every lease the stream holds: queued and current."""
+        with self._lock:
+            held = [(s.shard_id, s.epoch) for s in self._queue]
+        if self._current is not None:
+            held.append((self._current.shard.shard_id, self._current.shard.epoch))
+        return held
+
     def position(self) -> dict | None:
         """Where training is in the current shard, for resuming after a restart."""
         c = self._current

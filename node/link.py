@@ -53,6 +53,10 @@ class CoordinatorLink:
         self.swarm_step = 0
         self.num_peers = 0
         self._receipts: deque[dict[str, Any]] = deque()
+        # Leased but not yet downloaded and verified (a download failed): fetched
+        # again before any new lease is asked for, and renewed meanwhile.
+        self._unfetched: deque[Any] = deque()
+        self._unfetched_lock = threading.Lock()
         self._evaluations: deque[dict[str, Any]] = deque()
         self._stop = threading.Event()
         self._want_shards = threading.Event()
@@ -78,10 +82,20 @@ class CoordinatorLink:
         self._evaluations.append(evaluation)
 
     def lease_and_fetch(self, stream: ShardStream, max_shards: int, resume: bool = False) -> int:
-        """Lease shards and queue each once verified on disk; returns how many."""
-        leases = self._with_session(lambda token: self.client.lease(token, max_shards, resume))
+        """Lease shards and queue each once verified on disk; returns how many.
+
+        A lease whose download fails stays owed: it is fetched on the next call.
+        """
+        if not self._unfetched:
+            granted = self._with_session(lambda token: self.client.lease(token, max_shards, resume))
+            with self._unfetched_lock:
+                self._unfetched.extend(granted)
+        with self._unfetched_lock:
+            leases = list(self._unfetched)
         for lease in leases:
             path = self.cache.fetch(lease.shard_id)
+            with self._unfetched_lock:
+                self._unfetched.popleft()
             stream.offer(
                 LeasedShard(
                     shard_id=lease.shard_id,
@@ -93,6 +107,12 @@ class CoordinatorLink:
         if leases:
             self.cache.evict(keep=stream.pinned() | {s.id for s in self.cache.manifest.val_shards})
         return len(leases)
+
+    def _held(self) -> list[dict[str, Any]]:
+        held = self.stream.held() if self.stream is not None else []
+        with self._unfetched_lock:
+            held += [(lease.shard_id, lease.epoch) for lease in self._unfetched]
+        return [{"shard_id": s, "epoch": e} for s, e in held[:64]]
 
     def _with_session(self, call: Callable[[str], Any]) -> Any:
         token = self.token
@@ -134,6 +154,7 @@ class CoordinatorLink:
         payload = self._stats()
         pending = list(self._evaluations)[:_MAX_EVALUATIONS]
         payload["evaluations"] = pending
+        payload["leases"] = self._held()
         reply = self._with_session(lambda token: self.client.heartbeat(token, payload))
         for _ in pending:
             self._evaluations.popleft()
@@ -177,6 +198,7 @@ class CoordinatorLink:
         try:
             payload = self._stats()
             payload["evaluations"] = list(self._evaluations)[-_MAX_EVALUATIONS:]
+            payload["leases"] = self._held()
             self.client.heartbeat(self.token, payload)
             for receipt in self._receipts:
                 self.client.report(self.token, receipt)

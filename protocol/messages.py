@@ -51,6 +51,13 @@ class Evaluation(_Payload):
     bits_per_byte: Annotated[float, Field(ge=0, le=1e4)]
 
 
+class HeldLease(_Payload):
+    """A shard a node still holds: queued, downloading or being trained."""
+
+    shard_id: Annotated[str, Field(min_length=1, max_length=64)]
+    epoch: Count
+
+
 class HeartbeatPayload(_Payload):
     """A node's counters since it started (``session_key`` names that start)."""
 
@@ -63,6 +70,8 @@ class HeartbeatPayload(_Payload):
     device: ShortText = ""
     # Measurements made since the last acknowledged heartbeat, oldest first.
     evaluations: Annotated[list[Evaluation], Field(max_length=32)] = []
+    # The leases this heartbeat renews; any other lease of the node runs out.
+    leases: Annotated[list[HeldLease], Field(max_length=64)] = []
 
 
 class ReceiptPayload(_Payload):

@@ -174,6 +174,19 @@ def test_renewed_lease_is_kept(run, store, book, clock):
     assert _shards(book, run)[lease.shard_id][:2] == ("pending", None)
 
 
+def test_a_lease_the_node_no_longer_reports_runs_out(run, store, book, clock):
+    """A node that lost a lease (say, a download cut by a coordinator crash) does not
+    keep it alive by heartbeating: only the leases it reports are renewed."""
+    holder = _join(store, run.id, name="holder")
+    kept, lost = book.grant(run, holder, max_shards=2)
+    for _ in range(3):
+        clock.advance(0.8 * LEASE_S)
+        book.renew(run, holder, {(kept.shard_id, kept.epoch)})
+    shards = _shards(book, run)
+    assert shards[kept.shard_id] == ("leased", holder.peer_id, 0)
+    assert shards[lost.shard_id][:2] == ("pending", None)
+
+
 def test_late_receipt_of_an_expired_lease_counts_as_a_second_completion(run, store, book, clock):
     slow = _join(store, run.id, name="slow")
     fast = _join(store, run.id, name="fast")
