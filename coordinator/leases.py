@@ -91,8 +91,8 @@ class LeaseBook:
 
         With ``resume`` (a node that just started), the peer's own live leases
         come first, so it can finish what it was training before a restart.
-        Returns nothing when every remaining shard of the epoch is held by live
-        peers; the node then keeps training on what it has.
+        A peer that already holds shards gets nothing more while every shard of
+        the open epochs is held by live peers; it keeps training on what it has.
         """
         max_shards = max(1, min(max_shards, MAX_SHARDS_PER_LEASE))
         with self._lock:
@@ -103,14 +103,41 @@ class LeaseBook:
                     key = (run.id, row["epoch"], row["shard_id"], session.peer_id)
                     self._deadlines[key] = self._deadline(run)
                     leases.append(Lease(row["shard_id"], row["epoch"], run.spec.data.lease_s))
-            epoch = self.current_epoch(run)
             wanted = max_shards - len(leases)
-            shard_ids = self.store.pending_shards(run.id, epoch, wanted) if wanted > 0 else []
+            if wanted > 0:
+                holds_some = bool(leases) or bool(self.store.peer_leases(run.id, session.peer_id))
+                leases += self._grant_pending(run, session, wanted, may_open=not holds_some)
+            return leases
+
+    def _grant_pending(
+        self, run: PublishedRun, session: Session, wanted: int, may_open: bool
+    ) -> list[Lease]:
+        """Pending shards, oldest unfinished epoch first.
+
+        When every shard of every open epoch is leased or done, the next epoch
+        opens early for a peer that would otherwise get nothing: a node joining
+        while the last shards of an epoch are held by others still gets data,
+        and the epoch still ends only when all its shards are done.
+        """
+        epoch = self.current_epoch(run)
+        latest = self.store.latest_epoch(run.id) or 0
+        granted: list[Lease] = []
+        while wanted > 0:
+            shard_ids = self.store.pending_shards(run.id, epoch, wanted)
             self.store.grant_leases(run.id, epoch, session.peer_id, shard_ids)
             for shard_id in shard_ids:
                 self._deadlines[(run.id, epoch, shard_id, session.peer_id)] = self._deadline(run)
-                leases.append(Lease(shard_id, epoch, run.spec.data.lease_s))
-            return leases
+                granted.append(Lease(shard_id, epoch, run.spec.data.lease_s))
+            wanted -= len(shard_ids)
+            if epoch < latest:
+                epoch += 1
+            elif granted or wanted == 0 or not may_open:
+                break
+            else:
+                epoch = latest = latest + 1
+                self.store.ensure_epoch(run.id, epoch, epoch_order(run.spec, run.manifest, epoch))
+                logger.info("run %s: every shard is leased; epoch %d opens early", run.id, epoch)
+        return granted
 
     def renew(
         self, run: PublishedRun, session: Session, held: set[tuple[str, int]] | None = None

@@ -299,6 +299,16 @@ class Store:
             )
 
     def current_epoch(self, run_id: str) -> int | None:
+        """The oldest epoch with a shard not done yet, else the latest (all done)."""
+        row = self._one(
+            "SELECT MIN(epoch) AS epoch FROM shards WHERE run_id = ? AND state != 'done'",
+            (run_id,),
+        )
+        if row is not None and row["epoch"] is not None:
+            return int(row["epoch"])
+        return self.latest_epoch(run_id)
+
+    def latest_epoch(self, run_id: str) -> int | None:
         row = self._one("SELECT MAX(epoch) AS epoch FROM shards WHERE run_id = ?", (run_id,))
         return None if row is None or row["epoch"] is None else int(row["epoch"])
 

@@ -52,7 +52,7 @@ def accepted(node: Process) -> set[tuple[str, int]]:
 
 def test_killed_node_loses_no_shard(swarm: Swarm) -> None:
     start_run(swarm, corpus_bytes=100_000, shard_tokens=4096, lease_s=6)
-    swarm.start_coordinator()
+    coordinator = swarm.start_coordinator()
     doomed = swarm.start_node("doomed")
     survivor = swarm.start_node("survivor")
     swarm.wait_for(lambda: len(accepted(doomed)) >= 1, 180, "the doomed node's first receipt")
@@ -66,11 +66,13 @@ def test_killed_node_loses_no_shard(swarm: Swarm) -> None:
     shards = coverage(swarm)
     assert all(s["num_completions"] >= 1 for s in shards)
     duplicates = {s["shard"] for s in shards if s["num_completions"] > 1}
-    assert duplicates <= held, "only shards whose lease expired may be trained twice"
+    expired = set(re.findall(r"lease of (\S+) \(epoch 0\) by \S+ expired", coordinator.output()))
+    assert duplicates <= expired, "only shards whose lease expired may be trained twice"
     stored = receipts(swarm)
     by_doomed = {shard for peer, shard, _ in stored if peer == ids["doomed"]}
     by_survivor = {shard for peer, shard, _ in stored if peer == ids["survivor"]}
     assert held - by_doomed <= by_survivor, "the doomed node's shards went to the survivor"
+    assert held - by_doomed <= expired, "they were handed on only after their lease expired"
     assert swarm.stop(survivor, signal.SIGINT) == 0, survivor.output()
 
 

@@ -356,3 +356,27 @@ def test_one_epoch_three_peers_every_shard_exactly_once(run, store, book):
     receipts = store.list_receipts(run.id)
     assert len(receipts) == NUM_SHARDS
     assert {r["peer_id"] for r in receipts} == {s.peer_id for s in sessions}
+
+
+def test_a_peer_with_nothing_gets_the_next_epoch_while_the_last_shards_are_held(run, store, book):
+    """A node joining while every remaining shard is leased still gets data; the
+    epoch still ends only when its own shards are done."""
+    busy = _join(store, run.id, name="busy")
+    held = []
+    while True:
+        granted = book.grant(run, busy, max_shards=8)
+        if not granted:
+            break
+        held += granted
+    assert {lease.epoch for lease in held} == {0} and len(held) == NUM_SHARDS
+
+    newcomer = _join(store, run.id, name="newcomer")
+    early = book.grant(run, newcomer, max_shards=2)
+    assert len(early) == 2 and {lease.epoch for lease in early} == {1}
+    assert book.coverage(run)["epoch"] == 0
+    assert book.grant(run, newcomer, max_shards=2)  # the newest epoch still has shards
+
+    for lease in held:
+        book.complete(run, busy, _receipt(lease.shard_id))
+    assert all(v == ("done", None, 1) for v in _shards(book, run, 0).values())
+    assert book.coverage(run)["epoch"] == 1
