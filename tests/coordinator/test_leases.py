@@ -4,18 +4,15 @@ import dataclasses
 
 import pytest
 
-from crowdtrain.coordinator import peers
 from crowdtrain.coordinator.leases import LeaseBook, ReceiptError
-from crowdtrain.coordinator.peers import PeerConfig
-from crowdtrain.coordinator.prepare import PrepareConfig, prepare_data
 from crowdtrain.coordinator.runs import epoch_order, get_run, prepare_publication, publish
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import CrowdtrainError
-from crowdtrain.protocol.identity import Identity, ReplayGuard, open_envelope, seal
-from crowdtrain.protocol.messages import ReceiptPayload, RegisterPayload
+from crowdtrain.protocol.messages import ReceiptPayload
+from tests.coordinator.conftest import NUM_SHARDS
+from tests.coordinator.registration import join_peer as _join
 
 LEASE_S = 10.0
-NUM_SHARDS = 20
 
 SPEC = f"""
 [run]
@@ -51,30 +48,6 @@ class FakeClock:
         self.now_s += seconds
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A prepared data folder of 20 train shards and one val shard."""
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(10):
-        line = f"document {i}: the quick brown fox jumps over the lazy dog.\n"
-        (corpus / f"doc{i:02d}.txt").write_text(line * 50, encoding="utf-8")
-    out = root / "data"
-    manifest = prepare_data(
-        PrepareConfig(sources=(corpus,), out=out, shard_tokens=1024, val_fraction=0.2)
-    )
-    assert len(manifest.train_shards) == NUM_SHARDS
-    return out
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "coordinator")
-    yield store
-    store.close()
-
-
 @pytest.fixture
 def run(store, prepared, tmp_path):
     spec_path = tmp_path / "run.toml"
@@ -93,14 +66,6 @@ def clock():
 @pytest.fixture
 def book(store, clock):
     return LeaseBook(store, clock=clock)
-
-
-def _join(store, run_id, name="laptop"):
-    """Register a peer the way the gRPC handler does: a verified envelope and a parsed payload."""
-    identity = Identity.generate()
-    info = RegisterPayload(name=name, device="cpu", versions="crowdtrain test")
-    opened = open_envelope(seal(identity, "register", info.model_dump()), "register", ReplayGuard())
-    return peers.register(store, PeerConfig(), run_id, opened, info)
 
 
 def _receipt(shard_id, epoch=0):

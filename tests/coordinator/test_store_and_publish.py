@@ -18,14 +18,14 @@ from crowdtrain.coordinator.runs import (
 )
 from crowdtrain.coordinator.store import Store, StoreError
 from crowdtrain.protocol.errors import ShardError, SpecError
-from crowdtrain.protocol.identity import Identity, ReplayGuard, open_envelope, seal
+from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.messages import (
     Evaluation,
     HeartbeatPayload,
     ReceiptPayload,
-    RegisterPayload,
 )
 from crowdtrain.protocol.runspec import load_spec
+from tests.coordinator.registration import join_peer as _join
 
 SPEC = """
 [run]
@@ -55,24 +55,6 @@ def _write_spec(path, vocab_size=256, seq_len=32, d_model=16):
     return path
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A prepared data folder of 20 train shards (the last 501 tokens) and one val shard."""
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(10):
-        line = f"document {i}: the quick brown fox jumps over the lazy dog.\n"
-        (corpus / f"doc{i:02d}.txt").write_text(line * 50, encoding="utf-8")
-    out = root / "data"
-    manifest = prepare_data(
-        PrepareConfig(sources=(corpus,), out=out, shard_tokens=1024, val_fraction=0.2)
-    )
-    assert len(manifest.train_shards) == 20 and len(manifest.val_shards) == 1
-    assert min(s.num_tokens for s in manifest.shards) == 501
-    return out
-
-
 @pytest.fixture
 def data(prepared, tmp_path):
     """A private copy of the data folder, free to tamper with."""
@@ -85,13 +67,6 @@ def spec_path(tmp_path):
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(tmp_path / "coordinator")
-    yield store
-    store.close()
-
-
-@pytest.fixture
 def book(store):
     return LeaseBook(store)
 
@@ -101,15 +76,6 @@ def run(store, spec_path, data):
     result = publish(store, prepare_publication(spec_path, data))
     assert not result.already_published
     return get_run(store, result.run_id)
-
-
-def _join(store, run_id, identity=None, name="laptop"):
-    """Register a peer the way the gRPC handler does: a verified envelope and a parsed payload."""
-    identity = identity or Identity.generate()
-    info = RegisterPayload(name=name, device="cpu", versions="crowdtrain test")
-    envelope = seal(identity, "register", info.model_dump())
-    opened = open_envelope(envelope, "register", ReplayGuard())
-    return peers.register(store, CONFIG, run_id, opened, info)
 
 
 def _beat(session_key="session-aaaa", num_tokens=0, evaluation=None, step=0):
