@@ -137,8 +137,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         run = runs.get_run(self.store, session.run_id)
         peers.heartbeat(self.store, self.config, session, beat)
         self.leases.renew(run, session, {(h.shard_id, h.epoch) for h in beat.leases})
-        view = runs.run_view(self.store, session.run_id)
-        return pb.HeartbeatReply(step=view["step"], num_peers=view["num_peers"])
+        stored = self.store.get_run(session.run_id)
+        assert stored is not None, "a session's run is never deleted"
+        return pb.HeartbeatReply(
+            step=stored["step"], num_peers=runs.num_active_peers(self.store, session.run_id)
+        )
 
     @_translating
     async def LeaseShards(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseReply:

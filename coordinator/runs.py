@@ -165,11 +165,31 @@ def get_run(store: Store, run_id: str) -> PublishedRun:
     if row is None:
         known = ", ".join(r["id"] for r in store.list_runs()) or "none"
         raise UnknownRunError(f"no run '{run_id}' on this coordinator; runs here: {known}")
-    return PublishedRun(
-        row=row,
-        spec=parse_spec(row["spec_toml"], source=f"run {run_id}"),
-        manifest=ShardManifest.from_json(row["manifest_json"]),
-    )
+    spec, manifest = _parsed(row)
+    return PublishedRun(row=row, spec=spec, manifest=manifest)
+
+
+# A published run's spec and manifest never change, and every node request needs
+# them: parse each once (a manifest of many shards is slow to parse), keyed by hash.
+_PARSED: dict[tuple[str, str], tuple[RunSpec, ShardManifest]] = {}
+
+
+def _parsed(row: dict[str, Any]) -> tuple[RunSpec, ShardManifest]:
+    key = (row["spec_hash"], row["manifest_hash"])
+    if key not in _PARSED:
+        if len(_PARSED) >= 64:
+            _PARSED.clear()
+        _PARSED[key] = (
+            parse_spec(row["spec_toml"], source=f"run {row['id']}"),
+            ShardManifest.from_json(row["manifest_json"]),
+        )
+    return _PARSED[key]
+
+
+def num_active_peers(store: Store, run_id: str, now: float | None = None) -> int:
+    """Peers that heartbeat within PEER_TIMEOUT_S and have not left."""
+    now = time.time() if now is None else now
+    return store.count_live_peers(run_id, since=now - PEER_TIMEOUT_S)
 
 
 def peer_state(peer: dict[str, Any], now: float) -> str:

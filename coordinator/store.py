@@ -234,6 +234,14 @@ class Store:
     def list_peers(self, run_id: str) -> list[dict[str, Any]]:
         return self._all("SELECT * FROM peers WHERE run_id = ? ORDER BY registered_at", (run_id,))
 
+    def count_live_peers(self, run_id: str, since: float) -> int:
+        row = self._one(
+            "SELECT COUNT(*) AS n FROM peers WHERE run_id = ? AND state != 'left'"
+            " AND last_seen >= ?",
+            (run_id, since),
+        )
+        return int(row["n"]) if row else 0
+
     def record_heartbeat(self, update: dict[str, Any], evaluations: list[dict[str, Any]]) -> None:
         """Apply one heartbeat. Counters are cumulative per node process
         (``session_key``) and only ever rise, so a heartbeat applied twice, or

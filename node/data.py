@@ -243,10 +243,6 @@ class ShardStream:
         with self._lock:
             return len(self._queue)
 
-    @property
-    def has_data(self) -> bool:
-        return self._current is not None or self.num_queued > 0
-
     def _start(self, shard: LeasedShard, replay: int) -> None:
         tokens = read_shard(shard.path, shard.entry)
         n = num_windows(len(tokens), self.seq_len)

@@ -50,8 +50,6 @@ class CoordinatorLink:
         self.prefetch = prefetch
         self.stream: ShardStream | None = None
         self.connected = True
-        self.swarm_step = 0
-        self.num_peers = 0
         self._receipts: deque[dict[str, Any]] = deque()
         # Leased but not yet downloaded and verified (a download failed): fetched
         # again before any new lease is asked for, and renewed meanwhile.
@@ -155,10 +153,9 @@ class CoordinatorLink:
         pending = list(self._evaluations)[:_MAX_EVALUATIONS]
         payload["evaluations"] = pending
         payload["leases"] = self._held()
-        reply = self._with_session(lambda token: self.client.heartbeat(token, payload))
+        self._with_session(lambda token: self.client.heartbeat(token, payload))
         for _ in pending:
             self._evaluations.popleft()
-        self.swarm_step, self.num_peers = reply.step, reply.num_peers
         while self._receipts:
             receipt = self._receipts[0]
             try:
