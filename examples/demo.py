@@ -22,6 +22,9 @@ from pathlib import Path
 
 import httpx
 
+from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.shards import load_manifest
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RUN_ID = "stdlib-tiny"
@@ -103,6 +106,15 @@ def coordinator_view(url: str) -> list[str]:
     return lines
 
 
+def _usable(data: Path) -> bool:
+    """Whether an earlier demo's prepared data can be reused (same format, intact manifest)."""
+    try:
+        load_manifest(data)
+    except CrowdtrainError:
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=float(os.environ.get("DEMO_MINUTES", 3)))
@@ -116,7 +128,7 @@ def main() -> int:
     # Each demo starts a fresh run; the prepared corpus is kept between demos.
     for stale in (coord, *(work / name for name in NODES)):
         shutil.rmtree(stale, ignore_errors=True)
-    if not (data / "manifest.json").exists():
+    if not _usable(data):
         print("preparing the bundled corpus (Python's standard library)...")
         run(coordinator_bin, "prepare-data", "--source", "stdlib", "--out", str(data))
     run(
