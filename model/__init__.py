@@ -8,6 +8,7 @@ from crowdtrain.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_into,
+    params_sha256,
     save_checkpoint,
     sha256_file,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "lm_loss",
     "load_checkpoint",
     "load_into",
+    "params_sha256",
     "save_checkpoint",
     "sha256_file",
 ]

@@ -43,6 +43,21 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def params_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hex sha256 of a state dict's values, independent of file format and device.
+
+    Hashes, for each tensor in name order: its name, dtype, shape and the bytes
+    of its contiguous CPU copy. Two peers holding bit-identical parameters get
+    the same hash; any change of a value, name, shape or dtype changes it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     state_dict: dict[str, torch.Tensor],
