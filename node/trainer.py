@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import hivemind
+import httpx
 import numpy as np
 import torch
-from hivemind.optim.grad_averager import GradientAverager
 
 from crowdtrain.model import GPT, GPTConfig, evaluate, save_checkpoint
 from crowdtrain.node.client import CoordinatorClient, CoordinatorError, Registration, discover
 from crowdtrain.node.data import ShardCache, ShardStream, validation_sequences
+from crowdtrain.node.guard import SwarmGuard
+from crowdtrain.node.guarded import GuardedGradientAverager, GuardedOptimizer
 from crowdtrain.node.link import CoordinatorLink
 from crowdtrain.node.progress import Progress
 from crowdtrain.protocol.errors import CrowdtrainError, SpecError
@@ -45,6 +47,10 @@ logger = logging.getLogger(__name__)
 _FIRST_LEASE_WAIT_S = 60.0
 # How often a node records its place in the current shard.
 _POSITION_EVERY_S = 5.0
+# Micro-batches in a row with a non-finite loss or gradient before a node gives up.
+MAX_NON_FINITE_IN_ROW = 25
+# Test hook: every Nth micro-batch's gradient becomes Inf.
+INF_GRAD_ENV = "CROWDTRAIN_TEST_INF_GRAD_EVERY"
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,34 @@ class NodeConfig:
     client_mode: bool = False
     cache_bytes: int | None = 4 << 30
     prefetch_shards: int = 2
+
+
+def _inf_grad_every() -> int:
+    value = os.environ.get(INF_GRAD_ENV, "")
+    if not value:
+        return 0
+    try:
+        every = int(value)
+    except ValueError:
+        raise CrowdtrainError(f"{INF_GRAD_ENV}={value!r} must be a whole number") from None
+    logger.warning(
+        "!!! %s=%d: TEST HOOK, every %d-th micro-batch's gradient is made Inf !!!",
+        INF_GRAD_ENV,
+        every,
+        every,
+    )
+    return max(0, every)
+
+
+def _poison_gradient(model: torch.nn.Module) -> None:
+    grad = next(p.grad for p in model.parameters() if p.grad is not None)
+    grad.view(-1)[0] = math.inf
+
+
+def _gradients_finite(model: torch.nn.Module) -> bool:
+    """True when every gradient value is finite (one device sync)."""
+    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def pick_device(requested: str) -> torch.device:
@@ -167,6 +201,8 @@ class Node:
         self.dht: hivemind.DHT | None = None
         self.link: CoordinatorLink | None = None
         self.client: CoordinatorClient | None = None
+        self.guard: SwarmGuard | None = None
+        self._num_non_finite_in_row = 0
         self._rate_window: list[tuple[float, int]] = []
         self._last_eval_step = -1
 
@@ -318,7 +354,12 @@ class Node:
             client_mode=cfg.client_mode,
         )
         assert self.model is not None
-        self.optimizer = hivemind.Optimizer(
+        self.guard = SwarmGuard(self.run_dir / "guard", opt.target_batch_size)
+        self.guard.coordinator_step = self._fresh_coordinator_step
+        self.guard.checkpoint_sha256 = self._checkpoint_sha256
+        self.guard.named_parameters = list(self.model.named_parameters(remove_duplicate=False))
+        self.optimizer = GuardedOptimizer(
+            swarm_guard=self.guard,
             dht=self.dht,
             run_id=self.spec.run.id,
             target_batch_size=opt.target_batch_size,
@@ -335,13 +376,16 @@ class Node:
             # hivemind inverts this flag internally; passing the DHT's own value is safe.
             client_mode=self.dht.client_mode,
             grad_averager_factory=partial(
-                GradientAverager, request_timeout=swarm.request_timeout_s
+                GuardedGradientAverager,
+                guard=self.guard.config,
+                request_timeout=swarm.request_timeout_s,
             ),
             averager_opts={"request_timeout": swarm.request_timeout_s},
             tracker_opts={"metadata_expiration": swarm.metadata_expiration_s},
             verbose=False,
         )
         self.client.reopen()
+        logger.info("joined the swarm as %s", self.dht.peer_id.to_base58())
 
     def _load_state_from_peers(self) -> None:
         assert self.optimizer is not None
@@ -355,11 +399,50 @@ class Node:
         except Exception as e:  # a failed download is not fatal: hivemind retries at the next step
             logger.warning("could not load state from peers yet: %s", e)
             return
+        refusal = getattr(self.optimizer, "last_refusal", None)
+        if refusal is not None:
+            logger.warning(
+                "refused the state peers served (%s); training from step %d until a peer "
+                "serves state the coordinator agrees with",
+                refusal,
+                self.optimizer.local_epoch,
+            )
+            return
         logger.info(
             "loaded state of step %d in %.1fs",
             self.optimizer.local_epoch,
             time.monotonic() - started,
         )
+
+    def _coordinator_get(self, path: str) -> Any:
+        """GET one of the coordinator's public JSON routes; None when it answers 404."""
+        cfg = self.config
+        response = httpx.get(
+            f"{cfg.url.rstrip('/')}/api/runs/{cfg.run_id}{path}",
+            timeout=5.0,
+        )
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def _fresh_coordinator_step(self) -> int | None:
+        """The step the coordinator records now (the heartbeat's may be seconds old)."""
+        try:
+            return int(self._coordinator_get("")["step"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            logger.info("could not ask the coordinator for its step (%s)", e)
+            return None
+
+    def _checkpoint_sha256(self, step: int) -> str | None:
+        """The params_sha256 of the coordinator's checkpoint of ``step``, if it keeps one."""
+        try:
+            found = self._coordinator_get(f"/checkpoints/{step}")
+        except (httpx.HTTPError, ValueError) as e:
+            logger.info("could not ask the coordinator for its checkpoint of step %d (%s)", step, e)
+            return None
+        sha256 = found.get("sha256") if isinstance(found, dict) else None
+        return sha256 if isinstance(sha256, str) and sha256 else None
 
     def _on_fatal(self, error: CrowdtrainError) -> None:
         self.fatal = error
@@ -420,6 +503,8 @@ class Node:
         started = time.monotonic()
         wait_before = self.stream.data_wait_s
         last_saved = started
+        inf_every = _inf_grad_every()
+        num_micro_batches = 0
         try:
             while not self.stop_event.is_set() and time.monotonic() < deadline:
                 if steps is not None and opt.local_epoch - start_step >= steps:
@@ -430,11 +515,19 @@ class Node:
                 assert loss is not None
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
-                    self.stats.num_skipped_steps += 1
                     opt.zero_grad()
-                    logger.warning("non-finite loss; skipping this micro-batch")
+                    self._skip_non_finite("loss")
                     continue
                 loss.backward()
+                num_micro_batches += 1
+                if inf_every and num_micro_batches % inf_every == 0:
+                    _poison_gradient(model)
+                if not _gradients_finite(model):
+                    # Never into the average: hivemind accumulates gradients in opt.step().
+                    opt.zero_grad()
+                    self._skip_non_finite("gradients")
+                    continue
+                self._num_non_finite_in_row = 0
                 opt.step()
                 opt.zero_grad()
                 self._account(batch, loss_value, shard, losses)
@@ -452,6 +545,23 @@ class Node:
         if self.fatal is not None:
             raise self.fatal
         return self.stats
+
+    def _skip_non_finite(self, what: str) -> None:
+        """Count a skipped micro-batch; too many in a row stop the node with advice."""
+        self.stats.num_skipped_steps += 1
+        self._num_non_finite_in_row += 1
+        logger.warning(
+            "non-finite %s; skipped this micro-batch (%d skipped since start)",
+            what,
+            self.stats.num_skipped_steps,
+        )
+        if self._num_non_finite_in_row >= MAX_NON_FINITE_IN_ROW:
+            raise CrowdtrainError(
+                f"{self._num_non_finite_in_row} micro-batches in a row had non-finite {what}; "
+                "this device or its settings cannot train this run. Check the hardware (GPU "
+                "driver, temperature, memory errors), turn mixed precision off, or lower the "
+                "learning rate or micro-batch size, then join again"
+            )
 
     def _account(self, batch: np.ndarray, loss: float, shard: Any, losses: list[float]) -> None:
         assert self.optimizer is not None

@@ -120,7 +120,7 @@ class Swarm:
     def url(self) -> str:
         return self.ports["http_url"]
 
-    def _spawn(self, name: str, args: list[str]) -> Process:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         log = self.root / f"{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(
@@ -129,7 +129,7 @@ class Swarm:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         process = Process(name, popen, log)
         self.processes.append(process)
@@ -197,7 +197,10 @@ class Swarm:
             raise AssertionError(f"coordinator not ready in {timeout}s:\n{process.output()}")
         return process
 
-    def start_node(self, name: str, *extra: str, run_id: str = "tiny") -> Process:
+    def start_node(
+        self, name: str, *extra: str, run_id: str = "tiny", env: dict[str, str] | None = None
+    ) -> Process:
+        """Start ``crowdtrain-node join`` with its home in ``root/name``; ``env`` adds variables."""
         return self._spawn(
             name,
             [
@@ -216,6 +219,7 @@ class Swarm:
                 "log",
                 *extra,
             ],
+            env=env,
         )
 
     def get(self, path: str) -> Any:

@@ -1,0 +1,481 @@
+"""Checks on what swarm peers send each other: averaging parts, their weights, downloaded state.
+
+hivemind's all-reduce adds whatever tensor a groupmate sends, scaled by
+whatever weight it claims, and a new peer loads whatever state the first
+peer it asks serves. Here every part is checked before it is accumulated
+(it deserializes, is floating point, has the expected shape, is finite, its
+weight is within the sender's allowance, its norm is within
+:data:`NORM_BOUND` times ours) and every averaged result a reducer returns
+is checked before it is used. A sender that fails is dropped for the round
+and reported; downloaded state is refused when its step or parameters
+disagree with what the coordinator recorded.
+
+The all-reduce runs inside hivemind's forked averager processes, so they and
+the trainer share only two files in the guard's folder: ``roster.json``
+(allowances, written by the trainer) and ``reports.jsonl`` (dropped senders,
+appended by the averagers). Knows nothing about the coordinator itself: the
+node passes the roster in and carries the reports out. The hivemind classes
+that use these checks live in ``guarded.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import (
+    aiter_with_timeout,
+    amap_in_executor,
+    attach_event_on_finished,
+)
+
+from crowdtrain.model import params_sha256
+from crowdtrain.protocol.errors import CrowdtrainError
+
+logger = logging.getLogger(__name__)
+
+NORM_BOUND = 50.0
+"""A part may be at most this many times the norm of our own part of the same slice.
+
+Honest peers' mean gradients over similar batches differ by a few times at
+most; a part scaled by -1000 does not pass."""
+
+STEP_TOLERANCE = 10
+"""Downloaded state may be this many steps ahead of or behind the coordinator's step."""
+
+COORDINATOR_LAG_S = 8.0
+"""The coordinator reads the swarm's step from the DHT every 5 s: state that is
+further ahead is checked again after this long before it is refused."""
+
+ATTACK_ENV = "CROWDTRAIN_TEST_ATTACK"
+"""Test hook: ``nan``, ``scale``, ``weight`` or ``cycle`` makes this node a hostile peer."""
+
+ATTACKS = ("nan", "scale", "weight")
+
+# Reasons a part or a result is dropped; reports carry them to the coordinator.
+MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM = (
+    "malformed",
+    "dtype",
+    "shape",
+    "weight",
+    "non-finite",
+    "norm",
+)
+
+_MAX_REPORTS = 32  # as many as a heartbeat carries
+
+
+def part_problem(
+    part: torch.Tensor | None,
+    weight: float,
+    expected_shape: torch.Size,
+    local_part: torch.Tensor | None,
+    max_weight: float,
+) -> str | None:
+    """Why a received averaging part must not be accumulated, or None when it may.
+
+    ``part`` is None when it did not deserialize. ``local_part`` is our own
+    part of the same slice; the norm is compared with it only when it is
+    non-zero and both weights count.
+    """
+    if part is None:
+        return MALFORMED
+    if not part.dtype.is_floating_point:
+        return DTYPE
+    if part.shape != expected_shape:
+        return SHAPE
+    if not math.isfinite(weight) or weight < 0 or weight > max_weight:
+        return WEIGHT
+    if not bool(torch.isfinite(part).all()):
+        return NON_FINITE
+    if weight > 0 and local_part is not None and _too_large(part, local_part, NORM_BOUND):
+        return NORM
+    return None
+
+
+def result_problem(
+    delta: torch.Tensor | None, expected_shape: torch.Size, local_part: torch.Tensor | None
+) -> str | None:
+    """Why an averaged result (average minus our part) from a reducer must not be used."""
+    if delta is None:
+        return MALFORMED
+    if not delta.dtype.is_floating_point:
+        return DTYPE
+    if delta.shape != expected_shape:
+        return SHAPE
+    if not bool(torch.isfinite(delta).all()):
+        return NON_FINITE
+    # An honest average is within NORM_BOUND of the reducer's part, which is close to ours.
+    if local_part is not None and _too_large(delta, local_part, NORM_BOUND + 1):
+        return NORM
+    return None
+
+
+def _too_large(tensor: torch.Tensor, reference: torch.Tensor, bound: float) -> bool:
+    reference_norm = float(reference.float().norm())
+    return reference_norm > 0 and float(tensor.float().norm()) > bound * reference_norm
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What the averager processes need; copied into them when hivemind forks."""
+
+    folder: Path
+    unknown_max_weight: float
+    attack: str = ""
+
+    @property
+    def roster_path(self) -> Path:
+        return self.folder / "roster.json"
+
+    @property
+    def reports_path(self) -> Path:
+        return self.folder / "reports.jsonl"
+
+    def read_roster(self) -> dict[str, float]:
+        try:
+            roster = json.loads(self.roster_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(roster, dict):
+            return {}
+        return {str(k): float(v) for k, v in roster.items() if isinstance(v, int | float)}
+
+    def report(self, dht_peer_id: str, reason: str) -> None:
+        """Append one dropped sender; one write per line keeps concurrent appends whole."""
+        line = json.dumps({"dht_peer_id": dht_peer_id, "reason": reason, "count": 1}) + "\n"
+        fd = os.open(self.reports_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+class GuardedAllReduceRunner(AllReduceRunner):
+    """An AllReduceRunner that checks every part and every result it receives.
+
+    ``max_weight`` maps a sender to the largest weight it may claim. A sender
+    whose part fails is banned for the round (its later parts are excluded,
+    its earlier ones had passed), its stream is closed and it is reported; a
+    reducer whose result fails is treated as failed (our own values are used
+    for what it had not yet returned) and reported.
+    """
+
+    def __init__(
+        self,
+        *,
+        guard: GuardConfig,
+        max_weight: Callable[[PeerID], float],
+        attack: str = "",
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self._guard, self._max_weight, self._attack = guard, max_weight, attack
+
+    def _drop(self, peer_id: PeerID, reason: str, what: str) -> None:
+        logger.warning("dropped averaging %s from peer %s: %s", what, peer_id.to_base58(), reason)
+        self._guard.report(peer_id.to_base58(), reason)
+
+    def _local_part(self, part_index: int) -> torch.Tensor | None:
+        if self.weight <= 0 or part_index >= len(self.parts_for_local_averaging):
+            return None
+        return self.parts_for_local_averaging[part_index]
+
+    async def _accumulate_parts_streaming(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        sender = self.sender_peer_ids[sender_index]
+        max_weight = self._max_weight(sender)
+        reducer = self.tensor_part_reducer
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight, part_compression in amap_in_executor(
+                _deserialize_part,
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                if part_index >= reducer.num_parts:
+                    self._drop(sender, SHAPE, "parts")
+                    break
+                problem = part_problem(
+                    tensor_part,
+                    weight,
+                    reducer.part_shapes[part_index],
+                    self._local_part(part_index),
+                    max_weight,
+                )
+                if problem is not None:
+                    self._drop(sender, problem, "parts")
+                    await self._ban_sender(sender)
+                    yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                    break
+                try:
+                    averaged_part = await reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                    part_index += 1
+                except BannedException:
+                    break  # banned meanwhile (a timeout): nothing more of it is needed
+
+                serialized_delta = await loop.run_in_executor(
+                    None,
+                    lambda p=averaged_part, t=tensor_part, c=part_compression: (
+                        serialize_torch_tensor(p - t, c)
+                    ),
+                )
+                yield averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta
+                )
+        finally:
+            if part_index != reducer.num_parts:
+                await self._ban_sender(sender)
+
+    async def _communicate_with_peer(self, peer_id: PeerID) -> None:
+        """hivemind's exchange with one reducer, with each returned result checked."""
+        if peer_id == self.peer_id:
+            await super()._communicate_with_peer(peer_id)
+            return
+        container = self.tensor_part_container
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        try:
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(
+                self._generate_input_for_peer(peer_index), done_sending
+            )
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+
+            part_index = 0
+            async for delta, code in amap_in_executor(
+                _deserialize_result,
+                aiter_with_timeout(stream, self.reducer_timeout),
+                max_prefetch=container.prefetch,
+            ):
+                if code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(
+                        f"{peer_id} sent {averaging_pb2.MessageCode.Name(code)}"
+                    )
+                sent = container._input_parts_by_peer[peer_index]
+                if part_index >= len(sent):
+                    raise AllreduceException(f"{peer_id} sent more parts than it was given")
+                ours = sent[part_index][0]
+                problem = result_problem(delta, ours.shape, ours if self.weight > 0 else None)
+                if problem is not None:
+                    self._drop(peer_id, problem, "results")
+                    if peer_id in self.sender_peer_ids:
+                        await self._ban_sender(peer_id)
+                    raise AllreduceException(f"{peer_id} returned a bad result: {problem}")
+                container.register_processed_part(peer_index, part_index, delta)
+                part_index += 1
+
+            if part_index != container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(
+                    f"peer {peer_id} sent {part_index} parts, but we expected "
+                    f"{container.num_parts_by_peer[peer_index]}"
+                )
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug("caught %r when communicating with %s", e, peer_id, exc_info=True)
+            container.register_failed_reducer(peer_index)
+            raise
+
+    async def _generate_input_for_peer(
+        self, peer_index: int
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            if self._attack:
+                _corrupt(message, self._attack)
+            yield message
+
+
+def _deserialize_part(
+    message: averaging_pb2.AveragingData,
+) -> tuple[torch.Tensor | None, float, Any]:
+    try:
+        part = deserialize_torch_tensor(message.tensor_part)
+    except Exception:  # any garbage a peer sends is a malformed part, never a crash
+        part = None
+    return part, message.weight, message.tensor_part.compression
+
+
+def _deserialize_result(message: averaging_pb2.AveragingData) -> tuple[torch.Tensor | None, int]:
+    if message.code != averaging_pb2.AVERAGED_PART:
+        return None, message.code
+    try:
+        return deserialize_torch_tensor(message.tensor_part), message.code
+    except Exception:
+        return None, message.code
+
+
+def _corrupt(message: averaging_pb2.AveragingData, attack: str) -> None:
+    """Test hook: turn an honest outgoing part into a hostile one, in place."""
+    if attack == "weight":
+        message.weight = max(message.weight, 1.0) * 100
+        return
+    part = deserialize_torch_tensor(message.tensor_part)
+    part = torch.full_like(part, math.nan) if attack == "nan" else part * -1000
+    message.tensor_part.CopyFrom(serialize_torch_tensor(part))
+
+
+def state_problem(
+    guard: SwarmGuard,
+    main_parameters: Sequence[torch.Tensor],
+    metadata: Any,
+    tensors: Sequence[torch.Tensor],
+) -> str | None:
+    """Why state downloaded from a peer must not be loaded, or None when it may.
+
+    ``main_parameters`` are the model's parameters in the order the download
+    lists them (hivemind sends parameters first, then optimizer statistics).
+    """
+    epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return "it carries no step"
+    step = guard.coordinator_step()
+    if step is not None and epoch < step - STEP_TOLERANCE:
+        return f"its step {epoch} is behind the coordinator's step {step}"
+    if step is not None and epoch > step + STEP_TOLERANCE:
+        # The coordinator may not have read the latest steps yet: ask again once.
+        time.sleep(guard.coordinator_lag_s)
+        later = guard.coordinator_step()
+        if later is None or epoch > later + STEP_TOLERANCE:
+            return f"its step {epoch} is ahead of the coordinator's step {later or step}"
+    if len(tensors) < len(main_parameters):
+        return f"it holds {len(tensors)} tensors, fewer than the model's {len(main_parameters)}"
+    for ours, theirs in zip(main_parameters, tensors, strict=False):
+        if theirs.shape != ours.shape or not theirs.dtype.is_floating_point:
+            return "its parameters do not fit this model"
+        if not bool(torch.isfinite(theirs).all()):
+            return "its parameters are not finite"
+    expected = guard.checkpoint_sha256(epoch)
+    if expected is not None:
+        actual = params_sha256(guard.named_state(main_parameters, tensors))
+        if actual != expected:
+            return (
+                f"its parameters (sha256 {actual[:16]}) differ from the coordinator's "
+                f"checkpoint of step {epoch} ({expected[:16]})"
+            )
+    return None
+
+
+def _no_step() -> int | None:
+    return None
+
+
+def _no_checkpoint(step: int) -> str | None:
+    return None
+
+
+class SwarmGuard:
+    """The trainer's side of the guard: allowances in, reports out, state checks configured.
+
+    ``coordinator_step()`` gives the step the coordinator recorded (None when
+    unknown) and ``checkpoint_sha256(step)`` the :func:`params_sha256` of the
+    coordinator's checkpoint of ``step`` (None when it has none); either may
+    raise, which skips that check. ``named_parameters`` names the model's
+    parameters (tied ones under each name) for hashing downloaded state.
+    Start it before hivemind: a previous session's files are removed.
+    """
+
+    def __init__(self, folder: Path, target_batch_size: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        attack = os.environ.get(ATTACK_ENV, "")
+        if attack and attack not in (*ATTACKS, "cycle"):
+            raise CrowdtrainError(
+                f"{ATTACK_ENV}={attack!r}: use one of {', '.join(ATTACKS)} or cycle, or unset it"
+            )
+        if attack:
+            logger.warning(
+                "!!! %s=%s: THIS NODE IS A HOSTILE TEST PEER and corrupts what it sends "
+                "to the swarm; never set this outside tests !!!",
+                ATTACK_ENV,
+                attack,
+            )
+        self.config = GuardConfig(folder, float(target_batch_size), attack)
+        self.config.reports_path.unlink(missing_ok=True)
+        self.config.roster_path.unlink(missing_ok=True)
+        self._offset = 0
+        self._lock = threading.Lock()
+        self.coordinator_step: Callable[[], int | None] = _no_step
+        self.checkpoint_sha256: Callable[[int], str | None] = _no_checkpoint
+        self.named_parameters: list[tuple[str, torch.Tensor]] = []
+        self.coordinator_lag_s = COORDINATOR_LAG_S
+
+    def update_roster(self, roster: dict[str, float]) -> None:
+        """Set each peer's largest averaging weight (``{dht_peer_id: max_weight}``).
+
+        Takes effect from the next averaging round. Peers not listed may claim
+        up to the run's target batch size.
+        """
+        tmp = self.config.roster_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(k): float(v) for k, v in roster.items()}))
+        os.replace(tmp, self.config.roster_path)
+
+    def drain_reports(self) -> list[dict[str, Any]]:
+        """Senders dropped since the last call: ``{dht_peer_id, reason, count}``, largest first."""
+        with self._lock:
+            try:
+                with open(self.config.reports_path, "rb") as file:
+                    file.seek(self._offset)
+                    data = file.read()
+            except FileNotFoundError:
+                return []
+            complete = data[: data.rfind(b"\n") + 1]
+            self._offset += len(complete)
+        counts: dict[tuple[str, str], int] = {}
+        for line in complete.splitlines():
+            try:
+                report = json.loads(line)
+                key = (str(report["dht_peer_id"]), str(report["reason"]))
+                counts[key] = counts.get(key, 0) + int(report["count"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        reports = [
+            {"dht_peer_id": peer, "reason": reason, "count": count}
+            for (peer, reason), count in counts.items()
+        ]
+        reports.sort(key=lambda r: -r["count"])
+        return reports[:_MAX_REPORTS]
+
+    def named_state(
+        self, main_parameters: Sequence[torch.Tensor], tensors: Iterable[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Downloaded parameters under the model's names, as a checkpoint holds them."""
+        names: dict[int, list[str]] = {}
+        for name, param in self.named_parameters:
+            names.setdefault(id(param), []).append(name)
+        state: dict[str, torch.Tensor] = {}
+        for param, tensor in zip(main_parameters, tensors, strict=False):
+            for name in names.get(id(param), []):
+                state[name] = tensor
+        return state
+
+
+__all__ = [
+    "ATTACK_ENV",
+    "NORM_BOUND",
+    "STEP_TOLERANCE",
+    "GuardConfig",
+    "GuardedAllReduceRunner",
+    "SwarmGuard",
+    "part_problem",
+    "result_problem",
+    "state_problem",
+]

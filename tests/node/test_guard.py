@@ -1,0 +1,335 @@
+"""The guard drops hostile averaging parts and results, reports their senders, and hashes state.
+
+The all-reduce tests run hivemind's real protocol between three in-process
+peers (each with its own p2p daemon), one of them hostile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+from hivemind.proto import averaging_pb2
+
+from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
+from crowdtrain.node.guard import (
+    NORM_BOUND,
+    STEP_TOLERANCE,
+    GuardConfig,
+    GuardedAllReduceRunner,
+    SwarmGuard,
+    part_problem,
+    result_problem,
+    state_problem,
+)
+from crowdtrain.protocol.errors import CrowdtrainError
+
+SHAPE = torch.Size([1000])
+
+
+@pytest.fixture
+def local() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(SHAPE)
+
+
+def test_an_honest_part_is_accepted(local: torch.Tensor) -> None:
+    part = local + 0.5 * torch.randn(SHAPE)
+    assert part_problem(part, 16.0, SHAPE, local, max_weight=64.0) is None
+    # a zero-weight part (a peer tagging along) is not compared by norm
+    assert part_problem(part * 1e6, 0.0, SHAPE, local, max_weight=64.0) is None
+    # nothing to compare with when our own part is zero
+    assert part_problem(part * 1e6, 16.0, SHAPE, torch.zeros(SHAPE), max_weight=64.0) is None
+
+
+@pytest.mark.parametrize(
+    ("make", "weight", "reason"),
+    [
+        (lambda x: torch.full_like(x, math.nan), 16.0, "non-finite"),
+        (lambda x: x.clone().index_fill_(0, torch.tensor([7]), math.inf), 16.0, "non-finite"),
+        (lambda x: x[:999].clone(), 16.0, "shape"),
+        (lambda x: x.reshape(10, 100).clone(), 16.0, "shape"),
+        (lambda x: x.to(torch.int64), 16.0, "dtype"),
+        (lambda x: x, 1600.0, "weight"),
+        (lambda x: x, -1.0, "weight"),
+        (lambda x: x, math.nan, "weight"),
+        (lambda x: x * -1000, 16.0, "norm"),
+        (lambda x: x * (NORM_BOUND + 1), 16.0, "norm"),
+    ],
+)
+def test_hostile_parts_are_refused_with_their_reason(
+    local: torch.Tensor, make, weight: float, reason: str
+) -> None:
+    assert part_problem(make(local), weight, SHAPE, local, max_weight=64.0) == reason
+
+
+def test_a_part_that_does_not_deserialize_is_malformed(local: torch.Tensor) -> None:
+    assert part_problem(None, 16.0, SHAPE, local, 64.0) == "malformed"
+
+
+def test_results_are_checked(local: torch.Tensor) -> None:
+    assert result_problem(0.1 * local, SHAPE, local) is None
+    assert result_problem(torch.full_like(local, math.nan), SHAPE, local) == "non-finite"
+    assert result_problem(local * -1000, SHAPE, local) == "norm"
+    assert result_problem(local[:10], SHAPE, local) == "shape"
+    assert result_problem(None, SHAPE, local) == "malformed"
+
+
+def test_reports_are_aggregated_and_drained_once(tmp_path: Path) -> None:
+    guard = SwarmGuard(tmp_path / "guard", target_batch_size=32)
+    assert guard.drain_reports() == []
+    config = guard.config  # what the averager processes hold
+    for _ in range(3):
+        config.report("QmBad", "non-finite")
+    config.report("QmBad", "norm")
+    config.report("QmOther", "weight")
+    with open(config.reports_path, "a") as file:
+        file.write('{"dht_peer_id": "QmHalf", "reas')  # an append still being written
+    assert guard.drain_reports() == [
+        {"dht_peer_id": "QmBad", "reason": "non-finite", "count": 3},
+        {"dht_peer_id": "QmBad", "reason": "norm", "count": 1},
+        {"dht_peer_id": "QmOther", "reason": "weight", "count": 1},
+    ]
+    assert guard.drain_reports() == []
+    with open(config.reports_path, "a") as file:
+        file.write('on": "shape", "count": 1}\n')
+    assert guard.drain_reports() == [{"dht_peer_id": "QmHalf", "reason": "shape", "count": 1}]
+
+
+def test_roster_reaches_the_averagers_and_a_restart_starts_clean(tmp_path: Path) -> None:
+    guard = SwarmGuard(tmp_path, target_batch_size=32)
+    assert guard.config.read_roster() == {}
+    guard.update_roster({"QmA": 64, "QmBanned": 0})
+    assert guard.config.read_roster() == {"QmA": 64.0, "QmBanned": 0.0}
+    assert guard.config.unknown_max_weight == 32.0
+    guard.config.report("QmA", "norm")
+    again = SwarmGuard(tmp_path, target_batch_size=32)
+    assert again.drain_reports() == []
+    assert again.config.read_roster() == {}
+
+
+def test_an_unknown_attack_hook_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CROWDTRAIN_TEST_ATTACK", "sometimes")
+    with pytest.raises(CrowdtrainError, match="CROWDTRAIN_TEST_ATTACK"):
+        SwarmGuard(tmp_path, target_batch_size=32)
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=256, seq_len=16, num_layers=1, num_heads=2, d_model=16))
+
+
+def test_params_sha256_matches_a_checkpoint_and_changes_with_any_value(tmp_path: Path) -> None:
+    model = _model()
+    state = model.state_dict()
+    digest = params_sha256(state)
+    path = tmp_path / "step-3.safetensors"
+    save_checkpoint(path, state, {"step": "3"})
+    assert params_sha256(load_checkpoint(path)[0]) == digest
+    assert params_sha256(dict(reversed(list(state.items())))) == digest
+
+    changed = {k: v.clone() for k, v in state.items()}
+    name = next(iter(changed))
+    changed[name].view(-1)[0] += 1e-6
+    assert params_sha256(changed) != digest
+    renamed = dict(state)
+    renamed["extra." + name] = renamed.pop(name)
+    assert params_sha256(renamed) != digest
+    assert params_sha256({k: v.double() for k, v in state.items()}) != digest
+
+
+def test_downloaded_parameters_hash_like_the_checkpoint(tmp_path: Path) -> None:
+    """State arrives as a flat list in the optimizer's order; tied weights count under each name."""
+    model = _model()
+    guard = SwarmGuard(tmp_path, target_batch_size=32)
+    guard.named_parameters = list(model.named_parameters(remove_duplicate=False))
+    main = list(reversed(list(model.parameters())))  # any order the optimizer uses
+    downloaded = [p.detach().clone() for p in main]
+    assert params_sha256(guard.named_state(main, downloaded)) == params_sha256(model.state_dict())
+
+
+class Coordinator:
+    """What the coordinator says, step by step, and the checkpoint hashes it keeps."""
+
+    def __init__(self, *steps: int | None, checkpoints: dict[int, str] | None = None):
+        self.steps = list(steps)
+        self.checkpoints = checkpoints or {}
+
+    def step(self) -> int | None:
+        return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
+
+
+def _state_guard(tmp_path: Path, model: GPT, coordinator: Coordinator) -> SwarmGuard:
+    guard = SwarmGuard(tmp_path, target_batch_size=32)
+    guard.named_parameters = list(model.named_parameters(remove_duplicate=False))
+    guard.coordinator_step = coordinator.step
+    guard.checkpoint_sha256 = coordinator.checkpoints.get
+    guard.coordinator_lag_s = 0.0
+    return guard
+
+
+def _download(model: GPT, epoch: int) -> tuple[dict, list[torch.Tensor]]:
+    """What a peer serves: metadata and parameters, then optimizer statistics."""
+    params = [p.detach().clone() for p in model.parameters()]
+    return {"epoch": epoch}, params + [torch.zeros(3)]
+
+
+def test_state_at_the_coordinators_step_is_accepted(tmp_path: Path) -> None:
+    model = _model()
+    main = list(model.parameters())
+    digest = params_sha256(model.state_dict())
+    guard = _state_guard(tmp_path, model, Coordinator(40, checkpoints={41: digest}))
+    assert state_problem(guard, main, *_download(model, 41)) is None
+    assert state_problem(guard, main, *_download(model, 40 + STEP_TOLERANCE)) is None
+    # without a coordinator step or a checkpoint there is nothing to compare with
+    guard.coordinator_step = lambda: None
+    assert state_problem(guard, main, *_download(model, 10_000)) is None
+
+
+def test_state_the_coordinator_disagrees_with_is_refused(tmp_path: Path) -> None:
+    model = _model()
+    main = list(model.parameters())
+    digest = params_sha256(model.state_dict())
+    guard = _state_guard(tmp_path, model, Coordinator(40, checkpoints={40: digest}))
+    assert "ahead" in state_problem(guard, main, *_download(model, 1_000_000))
+    assert "behind" in state_problem(guard, main, *_download(model, 40 - STEP_TOLERANCE - 1))
+    assert "no step" in state_problem(guard, main, {}, _download(model, 40)[1])
+
+    metadata, tensors = _download(model, 40)
+    tensors[0] = tensors[0] + 1e-3
+    assert "differ from the coordinator's checkpoint of step 40" in state_problem(
+        guard, main, metadata, tensors
+    )
+    tensors[0] = torch.full_like(tensors[0], math.nan)
+    assert "not finite" in state_problem(guard, main, metadata, tensors)
+    tensors[0] = tensors[0][:1]
+    assert "do not fit" in state_problem(guard, main, metadata, tensors)
+    assert "fewer" in state_problem(guard, main, metadata, tensors[:2])
+
+
+def test_state_ahead_of_a_lagging_coordinator_is_asked_about_again(tmp_path: Path) -> None:
+    model = _model()
+    main = list(model.parameters())
+    # The coordinator read the DHT a few seconds ago (step 40); the swarm is at 75.
+    guard = _state_guard(tmp_path, model, Coordinator(40, 80))
+    assert state_problem(guard, main, *_download(model, 75)) is None
+    guard = _state_guard(tmp_path, model, Coordinator(40, 41))
+    assert "ahead" in state_problem(guard, main, *_download(model, 75))
+
+
+# The all-reduce between real peers.
+
+
+class HostileReducer(GuardedAllReduceRunner):
+    """Averages honestly but returns NaN results to the peers whose slice it reduces."""
+
+    async def _accumulate_parts_streaming(self, stream, sender_index):
+        async for message in super()._accumulate_parts_streaming(stream, sender_index):
+            if message.code == averaging_pb2.AVERAGED_PART:
+                message = averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART,
+                    tensor_part=_nan_like(message.tensor_part),
+                )
+            yield message
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name):
+        return GuardedAllReduceRunner._get_handle_name(namespace, method_name)
+
+
+def _nan_like(serialized):
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+    return serialize_torch_tensor(torch.full_like(deserialize_torch_tensor(serialized), math.nan))
+
+
+async def _all_reduce(folder: Path, attack: str, hostile_reducer: bool) -> list[torch.Tensor]:
+    """Three peers average [1, 3, 5] (as vectors); the third is hostile. Returns the results."""
+    p2ps = [await P2P.create()]
+    maddrs = await p2ps[0].get_visible_maddrs()
+    p2ps += [await P2P.create(initial_peers=maddrs) for _ in range(2)]
+    try:
+        peer_ids = [p.peer_id for p in p2ps]
+        tensors = [[torch.full((3000,), v), torch.full((17,), v)] for v in (1.0, 3.0, 5.0)]
+        runners = []
+        for index, p2p in enumerate(p2ps):
+            hostile = index == 2
+            guard = GuardConfig(folder / f"peer{index}", unknown_max_weight=10.0)
+            guard.folder.mkdir(parents=True)
+            cls = HostileReducer if hostile and hostile_reducer else GuardedAllReduceRunner
+            runner = cls(
+                guard=guard,
+                max_weight=lambda peer_id: 10.0,
+                attack=attack if hostile else "",
+                p2p=p2p,
+                servicer_type=GuardedAllReduceRunner,
+                prefix=None,
+                group_id=b"group",
+                tensors=[t.clone() for t in tensors[index]],
+                weight=1.0,
+                ordered_peer_ids=peer_ids,
+                peer_fractions=(1.0, 1.0, 1.0),
+                part_size_bytes=1024,
+                sender_timeout=5.0,
+                reducer_timeout=10.0,
+            )
+            await runner.add_p2p_handlers(p2p)
+            runners.append(runner)
+
+        async def run(runner: GuardedAllReduceRunner) -> None:
+            local = runner.tensor_part_container.local_tensors
+            index = 0
+            async for delta in runner:
+                local[index].add_(delta)
+                index += 1
+
+        await asyncio.wait_for(asyncio.gather(*(run(r) for r in runners)), timeout=60)
+        return [torch.cat(r.tensor_part_container.local_tensors) for r in runners[:2]]
+    finally:
+        for p2p in p2ps:
+            await p2p.shutdown()
+
+
+def _reports(folder: Path) -> list[dict]:
+    path = folder / "reports.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"), [("nan", "non-finite"), ("scale", "norm"), ("weight", "weight")]
+)
+def test_a_hostile_senders_parts_are_dropped_and_reported(
+    tmp_path: Path, attack: str, reason: str
+) -> None:
+    results = asyncio.run(_all_reduce(tmp_path, attack, hostile_reducer=False))
+    for result in results:
+        assert torch.isfinite(result).all()
+        # Slices that honest peers reduced average the honest values only (2); the
+        # hostile peer's own slice averaged its honest local value too (3).
+        values = set(result.unique().tolist())
+        assert 2.0 in values and values <= {2.0, 3.0}, values
+    hostile = None
+    for index in (0, 1):
+        reports = _reports(tmp_path / f"peer{index}")
+        assert reports and {r["reason"] for r in reports} == {reason}, reports
+        assert len({r["dht_peer_id"] for r in reports}) == 1
+        hostile = hostile or reports[0]["dht_peer_id"]
+        assert reports[0]["dht_peer_id"] == hostile
+    assert _reports(tmp_path / "peer2") == []
+
+
+def test_a_hostile_reducers_results_are_not_used(tmp_path: Path) -> None:
+    results = asyncio.run(_all_reduce(tmp_path, "", hostile_reducer=True))
+    for index, result in enumerate(results):
+        assert torch.isfinite(result).all()
+        # The hostile reducer's slice keeps our own value. Elsewhere the average is 3, or 2
+        # for parts that arrived after its sender was banned for its bad results.
+        own = (1.0, 3.0)[index]
+        values = set(result.unique().tolist())
+        assert own in values and values <= {own, 2.0, 3.0}, values
+        assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"non-finite"}

@@ -1,0 +1,113 @@
+"""Hostile and broken peers in a swarm of real processes.
+
+Three nodes train one run: an attacker that sends NaN parts, parts scaled by
+-1000 and weights claimed 100x (one per averaging round, through a test hook),
+an honest node whose every 4th gradient is Inf (another hook) and a plain
+honest node. The honest nodes drop and report the attacker's parts, skip
+their own broken steps, and keep a finite, improving model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+
+import pytest
+import torch
+
+from crowdtrain.model import load_checkpoint
+from tests.swarm import Swarm, write_spec
+
+pytestmark = pytest.mark.slow
+
+HONEST = ("honest-inf", "honest")
+REASONS = {"non-finite", "norm", "weight"}
+
+
+def reports(swarm: Swarm, name: str) -> list[dict]:
+    path = swarm.root / name / "runs" / "tiny" / "guard" / "reports.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def dht_peer_id(swarm: Swarm, name: str) -> str:
+    log = (swarm.root / f"{name}.log").read_text(errors="replace")
+    found = re.search(r"joined the swarm as (\w+)", log)
+    assert found, log[-3000:]
+    return found.group(1)
+
+
+def evals_of(swarm: Swarm, name: str) -> list[float]:
+    peer_id = {p["name"]: p["peer_id"] for p in swarm.get("/api/runs/tiny/peers")}[name]
+    return [e["val_loss"] for e in swarm.get("/api/runs/tiny/evals") if e["peer_id"] == peer_id]
+
+
+def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -> None:
+    data = swarm.prepare()
+    published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+    nodes = {
+        "honest-inf": swarm.start_node("honest-inf", env={"CROWDTRAIN_TEST_INF_GRAD_EVERY": "4"}),
+        "honest": swarm.start_node("honest"),
+        "attacker": swarm.start_node("attacker", env={"CROWDTRAIN_TEST_ATTACK": "cycle"}),
+    }
+
+    def attacker_dropped_and_honest_improved() -> bool:
+        if not all(reports(swarm, name) for name in HONEST):
+            return False
+        for name in HONEST:
+            losses = evals_of(swarm, name)
+            if len(losses) < 3 or losses[-1] > losses[0] - 0.5:
+                return False
+        return True
+
+    swarm.wait_for(
+        attacker_dropped_and_honest_improved,
+        timeout=300,
+        what="both honest nodes to drop the attacker's parts and improve",
+    )
+    # Everyone leaves at once (a peer left alone would wait for a group).
+    for process in nodes.values():
+        process.popen.send_signal(signal.SIGINT)
+    for name in HONEST:
+        assert nodes[name].wait(timeout=90) == 0, nodes[name].output()[-5000:]
+
+    attacker = dht_peer_id(swarm, "attacker")
+    reasons: set[str] = set()
+    for name in HONEST:
+        seen = reports(swarm, name)
+        # Only the attacker was ever dropped: no honest peer was refused by mistake.
+        assert {r["dht_peer_id"] for r in seen} == {attacker}, seen
+        reasons |= {r["reason"] for r in seen}
+        state, _ = load_checkpoint(swarm.root / name / "runs" / "tiny" / "checkpoint.safetensors")
+        assert all(torch.isfinite(t).all() for t in state.values()), name
+        losses = evals_of(swarm, name)
+        assert losses[-1] < losses[0] - 0.5, (name, losses)
+    # The first round's attack is NaN; later rounds are refused for their norm or
+    # weight (every part once the coordinator flags the attacker and bounds it to 0).
+    assert "non-finite" in reasons and reasons <= REASONS, reasons
+
+    output = nodes["honest-inf"].output()
+    assert "non-finite gradients; skipped this micro-batch" in output, output[-3000:]
+    assert "skipped this micro-batch" not in nodes["honest"].output()
+
+    peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert peers["attacker"]["flagged"], peers["attacker"]
+    assert not any(peers[name]["flagged"] for name in HONEST), peers
+
+
+def test_a_node_whose_gradients_are_never_finite_stops_with_advice(swarm: Swarm) -> None:
+    data = swarm.prepare()
+    published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+    node = swarm.start_node("broken", env={"CROWDTRAIN_TEST_INF_GRAD_EVERY": "1"})
+    assert node.wait(timeout=180) == 1, node.output()[-3000:]
+    output = node.output()
+    assert "25 micro-batches in a row had non-finite gradients" in output, output[-3000:]
+    assert "mixed precision" in output
+    state, _ = load_checkpoint(swarm.root / "broken" / "runs" / "tiny" / "checkpoint.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())
