@@ -13,7 +13,14 @@ from crowdtrain.model.checkpoint import (
     sha256_file,
 )
 from crowdtrain.model.evaluate import EvalResult, evaluate
-from crowdtrain.model.gpt import GPT, GPTConfig, estimate_flops_per_token, lm_loss
+from crowdtrain.model.gpt import (
+    GPT,
+    GPTConfig,
+    estimate_flops_per_token,
+    lm_loss,
+    sequence_losses,
+)
+from crowdtrain.model.params import param_groups
 from crowdtrain.model.tokenizer import EOD_BYTE, ByteTokenizer, Tokenizer
 
 __all__ = [
@@ -29,7 +36,9 @@ __all__ = [
     "lm_loss",
     "load_checkpoint",
     "load_into",
+    "param_groups",
     "params_sha256",
     "save_checkpoint",
+    "sequence_losses",
     "sha256_file",
 ]

@@ -1,8 +1,9 @@
 """The GPT decoder that a run trains, its config, and its compute estimate.
 
-Owns the architecture (``GPTConfig``, ``GPT``), the language-model loss and
-``estimate_flops_per_token``. Knows nothing about data, optimizers, devices
-beyond the tensors it is given, files or networking.
+Owns the architecture (``GPTConfig``, ``GPT``), the language-model loss (over
+all tokens, or per sequence) and ``estimate_flops_per_token``. Knows nothing
+about data, optimizers, devices beyond the tensors it is given, files or
+networking.
 """
 
 from __future__ import annotations
@@ -105,6 +106,19 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     vocabulary loses the small differences that the loss is made of.
     """
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sequence, ``[B]`` float32, in nats.
+
+    Same arithmetic as :func:`lm_loss` (float32 log-softmax), averaged per row
+    of ``logits`` ``[B, T, V]`` and ``targets`` ``[B, T]`` instead of over all.
+    """
+    B, T, V = logits.shape
+    per_token = F.cross_entropy(
+        logits.float().reshape(-1, V), targets.reshape(-1), reduction="none"
+    )  # [B * T]
+    return per_token.view(B, T).mean(dim=1)
 
 
 def _rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:

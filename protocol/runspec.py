@@ -97,6 +97,25 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class VerifySection:
+    """How the coordinator checks what peers claim.
+
+    Every ``checkpoint_every_s`` the coordinator's keeper downloads the
+    swarm's state and keeps it as a checkpoint. A ``spot_check_fraction`` of
+    receipts is spot-checked: the verifier recomputes the loss of
+    ``spot_check_sequences`` sequences of a batch the node trained, with the
+    checkpoint of that batch's step, and refuses the receipt when any differs
+    from the node's claim by more than ``loss_tolerance`` nats. Raise the
+    tolerance for runs whose nodes train in reduced precision on varied GPUs.
+    """
+
+    checkpoint_every_s: float = 60.0
+    spot_check_fraction: float = 0.1
+    spot_check_sequences: int = 4
+    loss_tolerance: float = 0.1
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """A whole run spec. Build it with :func:`parse_spec` or :func:`load_spec`."""
 
@@ -106,6 +125,7 @@ class RunSpec:
     data: DataSection = field(default_factory=DataSection)
     swarm: SwarmSection = field(default_factory=SwarmSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    verify: VerifySection = field(default_factory=VerifySection)
 
     def to_dict(self) -> dict[str, Any]:
         """All values, defaults included, as plain JSON-able types."""
@@ -125,6 +145,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataSection,
     "swarm": SwarmSection,
     "eval": EvalSection,
+    "verify": VerifySection,
 }
 _REQUIRED_SECTIONS = ("run", "model", "optimizer")
 
@@ -311,3 +332,21 @@ def _validate(spec: RunSpec, source: str) -> None:
         fail("[eval] every_steps", f"must be at least 1, got {spec.eval.every_steps}")
     if spec.eval.num_sequences < 1:
         fail("[eval] num_sequences", f"must be at least 1, got {spec.eval.num_sequences}")
+    v = spec.verify
+    if not 1.0 <= v.checkpoint_every_s <= 86_400.0:
+        fail(
+            "[verify] checkpoint_every_s",
+            f"must be between 1 and 86400 seconds, got {v.checkpoint_every_s}",
+        )
+    if not 0.0 <= v.spot_check_fraction <= 1.0:
+        fail(
+            "[verify] spot_check_fraction",
+            f"must be in [0, 1] (0 turns spot checks off), got {v.spot_check_fraction}",
+        )
+    if not 1 <= v.spot_check_sequences <= 8:
+        fail(
+            "[verify] spot_check_sequences",
+            f"must be 1 to 8 (a receipt sample holds 8 losses), got {v.spot_check_sequences}",
+        )
+    if not 0.0 < v.loss_tolerance <= 10.0:
+        fail("[verify] loss_tolerance", f"must be in (0, 10] nats, got {v.loss_tolerance}")

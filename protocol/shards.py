@@ -459,3 +459,54 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     except OSError as e:
         raise ShardError(f"cannot read {path}: {e.strerror}") from e
     return digest.hexdigest()
+
+
+# Sequence order: nodes train a shard's windows in this order and the coordinator's
+# verifier cuts the same batches from it, so both must use this one implementation.
+
+
+def sequence_seed(run_seed: int, epoch: int, shard_id: str, replay: int = 0) -> int:
+    """A seed for the order of sequences within a shard; every node derives the same one."""
+    text = f"{run_seed}:{epoch}:{shard_id}:{replay}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
+
+
+def num_windows(num_tokens: int, seq_len: int) -> int:
+    """How many inputs of ``seq_len`` (plus one target token) a shard holds."""
+    return max(0, (num_tokens - 1) // seq_len)
+
+
+def window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
+    """Window ``index`` of a shard: ``seq_len + 1`` tokens (inputs and the last target)."""
+    start = index * seq_len
+    return tokens[start : start + seq_len + 1]
+
+
+def sequence_order(
+    run_seed: int,
+    epoch: int,
+    shard_id: str,
+    num_tokens: int,
+    seq_len: int,
+    batch_size: int,
+    replay: int = 0,
+) -> np.ndarray:
+    """The window indices of a shard in training order, cut to whole micro-batches.
+
+    Micro-batch ``b`` is ``order[b * batch_size : (b + 1) * batch_size]``; the
+    few windows left over at the end are never trained.
+    """
+    n = num_windows(num_tokens, seq_len)
+    num_batches = n // batch_size
+    rng = np.random.default_rng(sequence_seed(run_seed, epoch, shard_id, replay))
+    return rng.permutation(n)[: num_batches * batch_size]
+
+
+def batch_windows(
+    tokens: np.ndarray, order: np.ndarray, batch: int, batch_size: int, seq_len: int
+) -> np.ndarray:
+    """Micro-batch ``batch`` of a shard in ``order``: int64 ``[batch_size, seq_len + 1]``."""
+    indices = order[batch * batch_size : (batch + 1) * batch_size]
+    if len(indices) == 0:
+        raise ShardError(f"micro-batch {batch} is past the end of the shard's order")
+    return np.stack([window(tokens, int(i), seq_len) for i in indices]).astype(np.int64)
