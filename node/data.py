@@ -8,19 +8,27 @@ so a receipt can be sent when it is done. Knows nothing about gRPC.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from crowdtrain.protocol.errors import ShardError
-from crowdtrain.protocol.shards import ShardEntry, ShardManifest, read_shard, verify_shard
+from crowdtrain.protocol.shards import (
+    ShardEntry,
+    ShardManifest,
+    batch_windows,
+    num_windows,
+    read_shard,
+    sequence_order,
+    verify_shard,
+    window,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,22 +114,6 @@ class ShardCache:
         raise AssertionError("unreachable")
 
 
-def sequence_seed(run_seed: int, epoch: int, shard_id: str, replay: int = 0) -> int:
-    """A seed for the order of sequences within a shard; every node derives the same one."""
-    text = f"{run_seed}:{epoch}:{shard_id}:{replay}".encode()
-    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
-
-
-def num_windows(num_tokens: int, seq_len: int) -> int:
-    """How many inputs of ``seq_len`` (plus one target token) a shard holds."""
-    return max(0, (num_tokens - 1) // seq_len)
-
-
-def window(tokens: np.ndarray, index: int, seq_len: int) -> np.ndarray:
-    start = index * seq_len
-    return tokens[start : start + seq_len + 1]
-
-
 def validation_sequences(path: Path, entry: ShardEntry, seq_len: int, count: int) -> np.ndarray:
     """The first ``count`` windows of the validation shard, as int64 [count, seq_len + 1]."""
     tokens = read_shard(path, entry)
@@ -137,22 +129,48 @@ class LeasedShard:
     entry: ShardEntry
 
 
+# At most this many samples per receipt, and losses per sample (see ReceiptSample).
+MAX_RECEIPT_SAMPLES = 256
+SAMPLE_SEQUENCES = 8
+
+
 @dataclass
 class ShardProgress:
-    """What a node did with one shard; becomes its receipt."""
+    """What a node did with one shard; becomes its receipt.
+
+    ``samples`` hold, for the first micro-batch trained at each swarm step, the
+    step, the batch's index in the shard's order and the losses of its first
+    sequences: the coordinator's verifier recomputes them from its checkpoint
+    of that step. ``batch`` is the index of the micro-batch handed out last.
+    """
 
     shard: LeasedShard
     replay: int
     num_batches: int
     started: float
+    batch_size: int = 1
     num_sequences: int = 0
     num_tokens: int = 0
     loss_sum: float = 0.0
     batches_done: int = 0
+    batch: int = -1
+    samples: list[dict] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
         return self.batches_done >= self.num_batches
+
+    def wants_sample(self, step: int) -> bool:
+        """Whether the batch being trained at ``step`` should be recorded as a sample."""
+        if self.replay != 0 or len(self.samples) >= MAX_RECEIPT_SAMPLES:
+            return False
+        return not self.samples or self.samples[-1]["step"] != step
+
+    def add_sample(self, step: int, losses: list[float]) -> None:
+        """Record the losses of the current batch's first sequences, trained at ``step``."""
+        self.samples.append(
+            {"step": step, "batch": self.batch, "losses": losses[:SAMPLE_SEQUENCES]}
+        )
 
     def receipt(self) -> dict:
         return {
@@ -163,6 +181,8 @@ class ShardProgress:
             "loss_sum": self.loss_sum,
             "started": self.started,
             "finished": time.time(),
+            "micro_batch_size": self.batch_size,
+            "samples": list(self.samples),
         }
 
 
@@ -236,6 +256,7 @@ class ShardStream:
             "num_tokens": c.num_tokens,
             "loss_sum": c.loss_sum,
             "started": c.started,
+            "samples": c.samples,
         }
 
     @property
@@ -252,14 +273,23 @@ class ShardStream:
                 f"shard {shard.shard_id} holds {n} sequences, fewer than one micro-batch "
                 f"({self.batch_size}); the run's shards are too small for its batch size"
             )
-        rng = np.random.default_rng(
-            sequence_seed(self.run_seed, shard.epoch, shard.shard_id, replay)
-        )
         self._tokens = tokens
-        self._order = rng.permutation(n)[: num_batches * self.batch_size]
+        self._order = sequence_order(
+            self.run_seed,
+            shard.epoch,
+            shard.shard_id,
+            len(tokens),
+            self.seq_len,
+            self.batch_size,
+            replay,
+        )
         self._cursor = 0
         self._current = ShardProgress(
-            shard=shard, replay=replay, num_batches=num_batches, started=time.time()
+            shard=shard,
+            replay=replay,
+            num_batches=num_batches,
+            started=time.time(),
+            batch_size=self.batch_size,
         )
         r, self._resume = self._resume, None
         if (
@@ -276,6 +306,7 @@ class ShardStream:
                 r["num_tokens"],
             )
             c.loss_sum, c.started = float(r["loss_sum"]), float(r["started"])
+            c.samples = list(r.get("samples", []))
             logger.info("resuming shard %s at batch %d of %d", shard.shard_id, done, num_batches)
 
     def next_batch(self) -> tuple[np.ndarray, ShardProgress]:
@@ -302,7 +333,8 @@ class ShardStream:
             else:
                 raise ShardError("no shard to train on; lease one first")
         assert self._current is not None and self._order is not None and self._tokens is not None
-        indices = self._order[self._cursor : self._cursor + self.batch_size]
+        index = self._cursor // self.batch_size
         self._cursor += self.batch_size
-        batch = np.stack([window(self._tokens, int(i), self.seq_len) for i in indices])
-        return batch.astype(np.int64), self._current
+        self._current.batch = index
+        batch = batch_windows(self._tokens, self._order, index, self.batch_size, self.seq_len)
+        return batch, self._current

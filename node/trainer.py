@@ -29,9 +29,22 @@ import httpx
 import numpy as np
 import torch
 
-from crowdtrain.model import GPT, GPTConfig, evaluate, save_checkpoint
+from crowdtrain.model import (
+    GPT,
+    GPTConfig,
+    evaluate,
+    param_groups,
+    save_checkpoint,
+    sequence_losses,
+)
 from crowdtrain.node.client import CoordinatorClient, CoordinatorError, Registration, discover
-from crowdtrain.node.data import ShardCache, ShardStream, validation_sequences
+from crowdtrain.node.data import (
+    SAMPLE_SEQUENCES,
+    ShardCache,
+    ShardProgress,
+    ShardStream,
+    validation_sequences,
+)
 from crowdtrain.node.guard import SwarmGuard
 from crowdtrain.node.guarded import GuardedGradientAverager, GuardedOptimizer
 from crowdtrain.node.link import CoordinatorLink
@@ -159,16 +172,6 @@ def _warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
     )
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: norms' gains are left alone, as in nanoGPT."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 @dataclass
@@ -364,7 +367,7 @@ class Node:
             run_id=self.spec.run.id,
             target_batch_size=opt.target_batch_size,
             batch_size_per_step=opt.micro_batch_size,
-            params=_param_groups(self.model, opt.weight_decay),
+            params=param_groups(self.model, opt.weight_decay),
             optimizer=partial(
                 ClippedAdamW, lr=opt.lr, betas=opt.betas, max_grad_norm=opt.grad_clip
             ),
@@ -511,8 +514,10 @@ class Node:
                     break
                 batch, shard = self.stream.next_batch()
                 batch_t = torch.from_numpy(batch).to(self.device)
-                _, loss = model(batch_t[:, :-1], batch_t[:, 1:])
+                logits, loss = model(batch_t[:, :-1], batch_t[:, 1:])
                 assert loss is not None
+                sample = self._sample_losses(shard, logits, batch_t)
+                del logits
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     opt.zero_grad()
@@ -530,7 +535,7 @@ class Node:
                 self._num_non_finite_in_row = 0
                 opt.step()
                 opt.zero_grad()
-                self._account(batch, loss_value, shard, losses)
+                self._account(batch, loss_value, shard, losses, sample)
                 progress.update(self.stats, batch.shape[0] * (batch.shape[1] - 1))
                 if opt.local_epoch != self.stats.step:
                     self._on_new_step(opt.local_epoch)
@@ -563,7 +568,27 @@ class Node:
                 "learning rate or micro-batch size, then join again"
             )
 
-    def _account(self, batch: np.ndarray, loss: float, shard: Any, losses: list[float]) -> None:
+    def _sample_losses(
+        self, shard: ShardProgress, logits: torch.Tensor, batch: torch.Tensor
+    ) -> list[float] | None:
+        """Per-sequence losses of the batch's first sequences, if it is the shard's first
+        batch at this swarm step (parameters change only between steps, so the
+        coordinator can recompute them from its checkpoint of the step)."""
+        if not shard.wants_sample(self.stats.step):
+            return None
+        with torch.no_grad():
+            n = SAMPLE_SEQUENCES
+            return sequence_losses(logits[:n].detach(), batch[:n, 1:]).tolist()
+
+    def _account(
+        self,
+        batch: np.ndarray,
+        loss: float,
+        shard: ShardProgress,
+        losses: list[float],
+        sample: list[float] | None = None,
+    ) -> None:
+        """Count a trained micro-batch; ``self.stats.step`` is still the step its forward ran at."""
         assert self.optimizer is not None
         num_tokens = batch.shape[0] * (batch.shape[1] - 1)
         self.stats.num_tokens += num_tokens
@@ -579,6 +604,8 @@ class Node:
         if span > 0:
             self.stats.tokens_per_s = sum(n for _, n in self._rate_window[1:]) / span
         self.stats.num_peers = self.optimizer.tracker.global_progress.num_peers
+        if sample is not None and all(math.isfinite(x) for x in sample):
+            shard.add_sample(self.stats.step, sample)
         shard.batches_done += 1
         shard.num_sequences += batch.shape[0]
         shard.num_tokens += num_tokens
