@@ -2,13 +2,17 @@
 
 The coordinator never takes part in averaging; it only gives nodes a first
 peer to dial and reads the signed progress records nodes publish, which are
-claims (self-reported), shown as the swarm's step.
+claims (self-reported), shown as the swarm's step. It keeps a short history
+of each peer's records (:class:`ProgressHistory`), the evidence the ledger
+holds receipts against.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +20,16 @@ from typing import Any
 import hivemind
 from hivemind.dht.schema import RSASignatureValidator, SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
+from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration
 
 logger = logging.getLogger(__name__)
 
 _READ_TIMEOUT_S = 5.0
+# How long, and how many, progress observations are kept per peer: enough to
+# cover any shard a receipt accounts for.
+HISTORY_KEEP_S = 3600.0
+HISTORY_MAX_PER_PEER = 2048
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,73 @@ class SwarmProgress:
     step: int
     num_peers: int
     samples_per_second: float
+
+
+@dataclass(frozen=True)
+class ProgressObservation:
+    """One peer's signed progress record as the coordinator saw it at ``seen_at``
+    (coordinator clock). ``progress_key`` is the record's subkey in hex: the
+    public key that signed it. ``dht_peer_id`` is what the record says (base58)."""
+
+    seen_at: float
+    progress_key: str
+    dht_peer_id: str
+    epoch: int
+    samples_accumulated: int
+    samples_per_second: float
+
+
+_OWNER_PREFIX, _OWNER_SUFFIX = (
+    part.hex() for part in RSASignatureValidator.PUBLIC_KEY_FORMAT.split(b"_key_")
+)
+
+
+def subkey_hex(progress_key: str) -> str:
+    """A progress record's subkey in hex, from a node's ``progress_key``: the subkey itself
+    (``[owner:<key>]``) or just the public key inside it."""
+    key = progress_key.lower()
+    if not key or key.startswith(_OWNER_PREFIX):
+        return key
+    return f"{_OWNER_PREFIX}{key}{_OWNER_SUFFIX}"
+
+
+class ProgressHistory:
+    """Recent progress observations of every peer of every run. Thread-safe."""
+
+    def __init__(
+        self, keep_s: float = HISTORY_KEEP_S, max_per_peer: int = HISTORY_MAX_PER_PEER
+    ) -> None:
+        self.keep_s = keep_s
+        self.max_per_peer = max_per_peer
+        self._runs: dict[str, dict[str, deque[ProgressObservation]]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, run_id: str, observation: ProgressObservation) -> None:
+        with self._lock:
+            peers = self._runs.setdefault(run_id, {})
+            seen = peers.setdefault(observation.progress_key, deque(maxlen=self.max_per_peer))
+            seen.append(observation)
+            horizon = observation.seen_at - self.keep_s
+            for key in [k for k, q in peers.items() if q and q[-1].seen_at < horizon]:
+                del peers[key]
+            while seen and seen[0].seen_at < horizon:
+                seen.popleft()
+
+    def between(
+        self, run_id: str, start: float, end: float, progress_key: str = "", dht_peer_id: str = ""
+    ) -> list[ProgressObservation]:
+        """Observations seen in ``[start, end]`` of the records signed by ``progress_key``,
+        or, when that is empty, of records that name ``dht_peer_id``."""
+        if not progress_key and not dht_peer_id:
+            return []
+        progress_key = subkey_hex(progress_key)
+        with self._lock:
+            peers = self._runs.get(run_id, {})
+            if progress_key:
+                candidates = list(peers.get(progress_key, ()))
+            else:
+                candidates = [o for q in peers.values() for o in q if o.dht_peer_id == dht_peer_id]
+        return [o for o in candidates if start <= o.seen_at <= end]
 
 
 class SwarmPeer:
@@ -47,6 +123,7 @@ class SwarmPeer:
         )
         self._signature_validator = RSASignatureValidator()
         self._watched: set[str] = set()
+        self.history = ProgressHistory()
         self._lock = threading.Lock()
 
     @property
@@ -87,7 +164,16 @@ class SwarmPeer:
             return None
         if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
             return None
-        records = [r for r in (_record(v) for v in found.value.values()) if r is not None]
+        now = time.time()
+        records = []
+        for subkey, value in found.value.items():
+            record = _record(value)
+            if record is None:
+                continue
+            records.append(record)
+            seen = _observation(now, subkey, record) if isinstance(subkey, bytes) else None
+            if seen is not None:
+                self.history.add(run_id, seen)
         if not records:
             return None
         return SwarmProgress(
@@ -107,16 +193,41 @@ def _record(value: Any) -> dict[str, Any] | None:
     return None
 
 
+def _observation(now: float, subkey: bytes, record: dict[str, Any]) -> ProgressObservation | None:
+    try:
+        dht_peer_id = PeerID(record.get("peer_id", b"")).to_base58()
+    except Exception:  # a malformed id is the record owner's problem, not ours
+        dht_peer_id = ""
+    try:
+        return ProgressObservation(
+            seen_at=now,
+            progress_key=subkey.hex(),
+            dht_peer_id=dht_peer_id,
+            epoch=int(record["epoch"]),
+            samples_accumulated=int(record.get("samples_accumulated", 0)),
+            samples_per_second=float(record["samples_per_second"]),
+        )
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def poll_progress(
     swarm: SwarmPeer,
     run_ids: Callable[[], list[str]],
     on_progress: Callable[[str, SwarmProgress], None],
     stop: threading.Event,
-    interval_s: float = 5.0,
+    interval_s: float = 3.0,
+    after_read: Callable[[str], None] | None = None,
 ) -> None:
-    """Read every run's progress every ``interval_s`` until ``stop`` is set."""
+    """Read every run's progress every ``interval_s`` until ``stop`` is set; ``after_read``
+    (the ledger's recheck of receipts waiting for this evidence) runs after each read."""
     while not stop.wait(interval_s):
         for run_id in run_ids():
             progress = swarm.read_progress(run_id)
             if progress is not None:
                 on_progress(run_id, progress)
+            if after_read is not None:
+                try:
+                    after_read(run_id)
+                except Exception:  # the poller must outlive any one run's trouble
+                    logger.exception("after reading the progress of %s", run_id)

@@ -1,0 +1,201 @@
+"""The checkpoint keeper: downloads a run's state from its swarm and keeps it as checkpoints.
+
+For each run it holds one hivemind ``TrainingStateAverager`` in client mode,
+shaped like the nodes' (the same parameter groups and an AdamW of the same
+shapes, under the prefix ``{run_id}_state_averager``), and asks it to load
+the state of the swarm's best peer. The parameters are saved as a
+params-only safetensors file ``checkpoints/<run>/step-<step>.safetensors``
+in the coordinator's data folder, recorded with their :func:`params_sha256`
+in the store, and only the newest ``keep`` files are kept (their hashes stay).
+Runs in the verifier process, never in the coordinator's serving process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from crowdtrain.coordinator.ledger import CHECKPOINTS_DIR
+from crowdtrain.coordinator.runs import PublishedRun
+from crowdtrain.coordinator.store import Store
+from crowdtrain.model import GPT, GPTConfig, param_groups, params_sha256, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+KEEP_CHECKPOINTS = 8
+# Downloads per pull until two in a row agree (see Keeper.pull).
+MAX_DOWNLOADS = 4
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.safetensors"
+
+
+def gpt_config(run: PublishedRun) -> GPTConfig:
+    """The run's model shape; the spec's [model] keys are GPTConfig's fields."""
+    return GPTConfig(**dataclasses.asdict(run.spec.model))
+
+
+def tree_cpu_s() -> float:
+    """CPU seconds used by this process and every live process it started (Linux /proc);
+    hivemind does its downloading in child processes. Elsewhere: this process only."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats: dict[int, tuple[int, float]] = {}
+    try:
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                text = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2 :].split()
+            # fields[1] is the parent pid; fields[11], fields[12] are utime, stime.
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    except OSError:
+        return time.process_time()
+    me = os.getpid()
+    total, frontier = 0.0, [me]
+    seen = {me}
+    while frontier:
+        pid = frontier.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        for child, (parent, _) in stats.items():
+            if parent == pid and child not in seen:
+                seen.add(child)
+                frontier.append(child)
+    return total
+
+
+class Keeper:
+    """Pulls runs' state from their swarms into checkpoints. Create it in the main thread:
+    hivemind's averagers install signal handlers when they start."""
+
+    def __init__(self, store: Store, dht: hivemind.DHT, keep: int = KEEP_CHECKPOINTS):
+        self.store = store
+        self.dht = dht
+        self.keep = keep
+        self.folder = store.data_dir / CHECKPOINTS_DIR
+        self._averagers: dict[str, tuple[TrainingStateAverager, GPT]] = {}
+
+    def _averager(self, run: PublishedRun) -> tuple[TrainingStateAverager, GPT]:
+        if run.id not in self._averagers:
+            torch.manual_seed(run.spec.run.seed)
+            model = GPT(gpt_config(run))
+            averager = TrainingStateAverager(
+                dht=self.dht,
+                prefix=f"{run.id}_state_averager",
+                optimizer=torch.optim.AdamW,
+                params=param_groups(model, run.spec.optimizer.weight_decay),
+                client_mode=True,
+                request_timeout=max(1.0, run.spec.swarm.request_timeout_s),
+                start=True,
+            )
+            self._averagers[run.id] = (averager, model)
+        return self._averagers[run.id]
+
+    def _download(self, run: PublishedRun, timeout_s: float) -> tuple[int, str] | None:
+        """Load the state of the swarm's best peer into this run's model: (step, sha256)."""
+        averager, model = self._averager(run)
+        averager.local_epoch = -1  # stays below 0 unless a download succeeds
+        try:
+            averager.load_state_from_peers(timeout=timeout_s)
+        except Exception as e:  # no peer, a timeout, a peer that left mid-download
+            logger.info("run %s: could not download the swarm's state: %s", run.id, e)
+            return None
+        if averager.local_epoch < 0:
+            logger.info("run %s: no peer shared its state", run.id)
+            return None
+        return averager.local_epoch, params_sha256(model.state_dict())
+
+    def pull(self, run: PublishedRun, timeout_s: float) -> dict[str, Any] | None:
+        """Download the swarm's state and save it if it is a step not kept yet.
+
+        hivemind reads a peer's step and parameters at two moments, so a download
+        taken as the peer steps can label one step's parameters with the next
+        step. A checkpoint is therefore kept only when two downloads in a row
+        agree on both. Returns the stored checkpoint row, or None when no peer
+        answered in ``timeout_s``, the downloads never agreed, the state was not
+        finite, or that step is already kept.
+        """
+        cpu_started = tree_cpu_s()
+        _, model = self._averager(run)
+        agreed = None
+        previous = self._download(run, timeout_s)
+        for _ in range(MAX_DOWNLOADS - 1):
+            if previous is None:
+                return None
+            latest = self._download(run, timeout_s)
+            if latest == previous:
+                agreed = latest
+                break
+            previous = latest
+        if agreed is None:
+            logger.info("run %s: the swarm stepped during every download; next time", run.id)
+            return None
+        step, sha256 = agreed
+        # Not copied: the tied embedding stays one tensor, saved once; nothing else writes
+        # these parameters until the next pull, in this thread.
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+            logger.warning("run %s: the swarm's state at step %d is not finite", run.id, step)
+            return None
+        existing = self.store.get_checkpoint(run.id, step)
+        if existing is not None:
+            if existing["sha256"] != sha256:
+                logger.warning(
+                    "run %s: peers hold different parameters at step %d; keeping the first",
+                    run.id,
+                    step,
+                )
+            return None
+        folder = self.folder / run.id
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / checkpoint_name(step)
+        file_sha256 = save_checkpoint(
+            path,
+            state,
+            {
+                "run_id": run.id,
+                "spec_hash": run.spec.hash,
+                "step": str(step),
+                "params_sha256": sha256,
+            },
+        )
+        row = {
+            "run_id": run.id,
+            "step": step,
+            "sha256": sha256,
+            "file": path.name,
+            "file_sha256": file_sha256,
+            "num_bytes": path.stat().st_size,
+            "spec_hash": run.spec.hash,
+            "created_at": time.time(),
+            "cpu_s": max(0.0, tree_cpu_s() - cpu_started),
+        }
+        self.store.insert_checkpoint(row)
+        self._prune(run.id)
+        logger.info("run %s: checkpoint of step %d (%s)", run.id, step, sha256[:16])
+        return row
+
+    def _prune(self, run_id: str) -> None:
+        kept = [c for c in self.store.list_checkpoints(run_id) if c["file"]]
+        for old in kept[: max(0, len(kept) - self.keep)]:
+            (self.folder / run_id / old["file"]).unlink(missing_ok=True)
+            self.store.forget_checkpoint_file(run_id, old["step"])
+
+    def shutdown(self) -> None:
+        for averager, _ in self._averagers.values():
+            try:
+                averager.shutdown()
+            except Exception as e:  # shutting down must go on for the others
+                logger.debug("averager shutdown failed: %s", e)
+        self._averagers.clear()

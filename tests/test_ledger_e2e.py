@@ -1,0 +1,151 @@
+"""The contribution ledger with real processes: a coordinator (and its verifier) and nodes.
+
+A receipt forged by a real peer (its own key, tokens inflated 10x) is stored but
+not credited and flags the peer; a receipt signed by another key is refused;
+two honest nodes end with every receipt verified, spot checks included.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import pytest
+
+from crowdtrain.model import load_checkpoint, params_sha256
+from crowdtrain.node.client import CoordinatorClient, CoordinatorError
+from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.shards import load_manifest, num_windows
+from tests.swarm import Swarm, write_spec
+
+pytestmark = pytest.mark.slow
+
+# Small shards, so receipts come every few seconds.
+SHARD_TOKENS = 16_384
+SEQ_LEN, MICRO_BATCH = 64, 8
+
+VERIFY = """
+[verify]
+checkpoint_every_s = {every}
+spot_check_fraction = {fraction}
+"""
+
+
+def start_run(swarm: Swarm, fraction: float, every: float = 3.0) -> None:
+    data = swarm.prepare(SHARD_TOKENS)
+    spec = write_spec(swarm.root / "tiny.toml")
+    spec.write_text(spec.read_text() + VERIFY.format(every=every, fraction=fraction))
+    published = swarm.publish(spec, data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+
+
+def ledger(swarm: Swarm) -> dict:
+    return swarm.get("/api/runs/tiny/ledger")
+
+
+def peer_named(swarm: Swarm, name: str) -> dict:
+    """The ledger of a peer; an empty one until it registers."""
+    return next((p for p in ledger(swarm)["peers"] if p["name"] == name), {})
+
+
+def test_a_forged_receipt_is_not_credited_and_flags_its_peer(swarm: Swarm) -> None:
+    start_run(swarm, fraction=0.0)
+    swarm.start_node("node-a")
+    swarm.wait_for(
+        lambda: peer_named(swarm, "node-a").get("verified_shards", 0) >= 1, 90, "an honest receipt"
+    )
+
+    # The node's own key, as a cheater running its own node has it.
+    identity = Identity.load_or_create(swarm.root / "node-a" / "identity.pem")
+    client = CoordinatorClient(swarm.url, swarm.ports["grpc_target"], identity)
+    try:
+        token = client.register("tiny", "node-a", "cpu", "forger").session_token
+        (lease,) = client.lease(token, 1)
+        granted = time.time()
+        manifest = load_manifest(swarm.root / "data")
+        entry = next(s for s in manifest.shards if s.id == lease.shard_id)
+        honest = num_windows(entry.num_tokens, SEQ_LEN) // MICRO_BATCH * MICRO_BATCH
+        time.sleep(2.0)
+        step = swarm.get("/api/runs/tiny")["step"]
+        forged = {
+            "shard_id": lease.shard_id,
+            "epoch": lease.epoch,
+            "num_sequences": 10 * honest,
+            "num_tokens": 10 * honest * SEQ_LEN,
+            "loss_sum": 10 * honest * 2.5,
+            "started": granted,
+            "finished": time.time(),
+            "micro_batch_size": MICRO_BATCH,
+            "samples": [{"step": step, "batch": 0, "losses": [2.5] * MICRO_BATCH}],
+        }
+        # Signed by another key with the peer's session: refused, nothing stored.
+        stranger = CoordinatorClient(swarm.url, swarm.ports["grpc_target"], Identity.generate())
+        try:
+            with pytest.raises(CoordinatorError) as refused:
+                stranger.report(token, forged)
+            assert refused.value.unauthenticated, refused.value
+        finally:
+            stranger.close()
+        assert all(r["shard_id"] != lease.shard_id for r in ledger(swarm)["receipts"])
+
+        # Signed by the peer itself: stored (the shard is done), never credited.
+        assert client.report(token, forged)
+    finally:
+        client.close()
+
+    receipt = next(r for r in ledger(swarm)["receipts"] if r["shard_id"] == lease.shard_id)
+    assert receipt["status"] == "rejected", receipt
+    assert receipt["checks"]["possible"] == "failed" and f"at most {honest}" in receipt["reason"]
+    node = peer_named(swarm, "node-a")
+    assert node["flagged"] and lease.shard_id in node["flagged"], node
+    assert node["num_rejected"] == 1
+    assert node["verified_tokens"] <= node["num_tokens"] - 10 * honest * SEQ_LEN
+    (entry_on_board,) = swarm.get("/api/runs/tiny/leaderboard")
+    assert entry_on_board["flagged"] == node["flagged"]
+    (shown,) = swarm.get("/api/runs/tiny/peers")
+    assert shown["num_rejected"] == 1
+
+
+def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
+    start_run(swarm, fraction=1.0)
+    nodes = [swarm.start_node(name) for name in ("node-a", "node-b")]
+
+    def both_verified() -> bool:
+        peers = ledger(swarm)["peers"]
+        return len(peers) == 2 and all(p["verified_shards"] >= 2 for p in peers)
+
+    swarm.wait_for(both_verified, 90, "verified receipts from both nodes")
+    for node in nodes:  # Ctrl-C: each leaves cleanly, sending the receipts it still holds
+        node.popen.send_signal(signal.SIGINT)
+    for node in nodes:
+        assert node.wait(timeout=60) == 0, node.output()
+
+    def settled() -> dict | None:
+        view = ledger(swarm)
+        return view if all(r["status"] != "pending" for r in view["receipts"]) else None
+
+    view = swarm.wait_for(settled, 60, "every spot check to finish")
+    not_verified = [r for r in view["receipts"] if r["status"] != "verified"]
+    assert not not_verified, not_verified
+    for peer in view["peers"]:
+        assert peer["verified_fraction"] == 1.0, peer
+        assert peer["num_rejected"] == 0 and peer["flagged"] is None, peer
+    assert sum(p["verified_share"] for p in view["peers"]) == pytest.approx(1.0)
+    spot = [r["checks"]["spot"] for r in view["receipts"]]
+    assert "passed" in spot, view["receipts"]
+    # The keeper's checkpoints: each file holds the parameters its listed hash names.
+    checkpoints = swarm.get("/api/runs/tiny/checkpoints")
+    latest = next(c for c in reversed(checkpoints) if c["available"])
+    assert swarm.get(f"/api/runs/tiny/checkpoints/{latest['step']}") == latest
+    response = httpx.get(f"{swarm.url}/api/runs/tiny/checkpoints/{latest['step']}/file")
+    response.raise_for_status()
+    path = swarm.root / "latest.safetensors"
+    path.write_bytes(response.content)
+    state, metadata = load_checkpoint(path)
+    assert params_sha256(state) == latest["sha256"] == metadata["params_sha256"]
+    assert metadata["step"] == str(latest["step"])
+    costs = view["costs"]
+    assert costs["num_spot_checks"] >= 1 and costs["cpu_s_per_verified_receipt"] > 0
+    print("verification costs:", costs)
