@@ -127,6 +127,7 @@ def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
         return view if all(r["status"] != "pending" for r in view["receipts"]) else None
 
     view = swarm.wait_for(settled, 60, "every spot check to finish")
+    print("verification costs:", view["costs"])  # figures for the closing note (-s)
     not_verified = [r for r in view["receipts"] if r["status"] != "verified"]
     assert not not_verified, not_verified
     for peer in view["peers"]:
@@ -148,4 +149,3 @@ def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
     assert metadata["step"] == str(latest["step"])
     costs = view["costs"]
     assert costs["num_spot_checks"] >= 1 and costs["cpu_s_per_verified_receipt"] > 0
-    print("verification costs:", costs)
