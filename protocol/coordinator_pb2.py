@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%crowdtrain/protocol/coordinator.proto\x12\rcrowdtrain.v1\"?\n\x08\x45nvelope\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"L\n\x0fRegisterRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x17.crowdtrain.v1.Envelope\"\x93\x01\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tspec_toml\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x15\n\rmanifest_json\x18\x04 \x01(\t\x12\x15\n\rmanifest_hash\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12\x16\n\x0eshard_base_url\x18\x07 \x01(\t\"\xa8\x01\n\rRegisterReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x15\n\rsession_ttl_s\x18\x03 \x01(\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12#\n\x03run\x18\x05 \x01(\x0b\x32\x16.crowdtrain.v1.RunInfo\x12\x15\n\rinitial_peers\x18\x06 \x03(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"T\n\x10HeartbeatRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12)\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x17.crowdtrain.v1.Envelope\"1\n\x0eHeartbeatReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tnum_peers\x18\x02 \x01(\x05\"I\n\x0cLeaseRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12\x12\n\nmax_shards\x18\x02 \x01(\x05\x12\x0e\n\x06resume\x18\x03 \x01(\x08\">\n\x05Lease\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x14\n\x0c\x65xpires_in_s\x18\x03 \x01(\x01\"2\n\nLeaseReply\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.crowdtrain.v1.Lease\"O\n\x0bShardReport\x12\x15\n\rsession_token\x18\x01 \x01(\t\x12)\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x17.crowdtrain.v1.Envelope\"$\n\x10ShardReportReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"%\n\x0cLeaveRequest\x12\x15\n\rsession_token\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xb8\x03\n\x0b\x43oordinator\x12H\n\x08Register\x12\x1e.crowdtrain.v1.RegisterRequest\x1a\x1c.crowdtrain.v1.RegisterReply\x12>\n\x06GetRun\x12\x1c.crowdtrain.v1.GetRunRequest\x1a\x16.crowdtrain.v1.RunInfo\x12K\n\tHeartbeat\x12\x1f.crowdtrain.v1.HeartbeatRequest\x1a\x1d.crowdtrain.v1.HeartbeatReply\x12\x45\n\x0bLeaseShards\x12\x1b.crowdtrain.v1.LeaseRequest\x1a\x19.crowdtrain.v1.LeaseReply\x12J\n\x0bReportShard\x12\x1a.crowdtrain.v1.ShardReport\x1a\x1f.crowdtrain.v1.ShardReportReply\x12?\n\x05Leave\x12\x1b.crowdtrain.v1.LeaveRequest\x1a\x19.crowdtrain.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%crowdtrain/protocol/coordinator.proto\x12\rcrowdtrain.v1\"?\n\x08\x45nvelope\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\"\"\n\x10\x43hallengeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"Y\n\x0e\x43hallengeReply\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\x12\x14\n\x0c\x65xpires_in_s\x18\x02 \x01(\x01\x12\x1e\n\x16\x63oordinator_public_key\x18\x03 \x01(\x0c\"L\n\x0fRegisterRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x17.crowdtrain.v1.Envelope\"\xca\x01\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tspec_toml\x18\x02 \x01(\t\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x15\n\rmanifest_json\x18\x04 \x01(\t\x12\x15\n\rmanifest_hash\x18\x05 \x01(\t\x12\x0c\n\x04step\x18\x06 \x01(\x03\x12\x16\n\x0eshard_base_url\x18\x07 \x01(\t\x12\x1e\n\x16\x63oordinator_public_key\x18\x08 \x01(\x0c\x12\x15\n\rrun_signature\x18\t \x01(\x0c\"\xa8\x01\n\rRegisterReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x15\n\rsession_ttl_s\x18\x03 \x01(\x01\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\x12#\n\x03run\x18\x05 \x01(\x0b\x32\x16.crowdtrain.v1.RunInfo\x12\x15\n\rinitial_peers\x18\x06 \x03(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"C\n\x10HeartbeatRequest\x12)\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x17.crowdtrain.v1.EnvelopeJ\x04\x08\x01\x10\x02\"8\n\rPeerAllowance\x12\x13\n\x0b\x64ht_peer_id\x18\x01 \x01(\t\x12\x12\n\nmax_weight\x18\x02 \x01(\x01\"\x90\x01\n\x0eHeartbeatReply\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tnum_peers\x18\x02 \x01(\x05\x12,\n\x06roster\x18\x03 \x03(\x0b\x32\x1c.crowdtrain.v1.PeerAllowance\x12\x17\n\x0fverified_tokens\x18\x04 \x01(\x03\x12\x16\n\x0everified_share\x18\x05 \x01(\x01\"8\n\x0cLeaseRequest\x12\x12\n\nmax_shards\x18\x02 \x01(\x05\x12\x0e\n\x06resume\x18\x03 \x01(\x08J\x04\x08\x01\x10\x02\">\n\x05Lease\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x14\n\x0c\x65xpires_in_s\x18\x03 \x01(\x01\"2\n\nLeaseReply\x12$\n\x06leases\x18\x01 \x03(\x0b\x32\x14.crowdtrain.v1.Lease\">\n\x0bShardReport\x12)\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x17.crowdtrain.v1.EnvelopeJ\x04\x08\x01\x10\x02\"$\n\x10ShardReportReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x0e\n\x0cLeaveRequest\"\x0c\n\nLeaveReply2\x85\x04\n\x0b\x43oordinator\x12K\n\tChallenge\x12\x1f.crowdtrain.v1.ChallengeRequest\x1a\x1d.crowdtrain.v1.ChallengeReply\x12H\n\x08Register\x12\x1e.crowdtrain.v1.RegisterRequest\x1a\x1c.crowdtrain.v1.RegisterReply\x12>\n\x06GetRun\x12\x1c.crowdtrain.v1.GetRunRequest\x1a\x16.crowdtrain.v1.RunInfo\x12K\n\tHeartbeat\x12\x1f.crowdtrain.v1.HeartbeatRequest\x1a\x1d.crowdtrain.v1.HeartbeatReply\x12\x45\n\x0bLeaseShards\x12\x1b.crowdtrain.v1.LeaseRequest\x1a\x19.crowdtrain.v1.LeaseReply\x12J\n\x0bReportShard\x12\x1a.crowdtrain.v1.ShardReport\x1a\x1f.crowdtrain.v1.ShardReportReply\x12?\n\x05Leave\x12\x1b.crowdtrain.v1.LeaveRequest\x1a\x19.crowdtrain.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENVELOPE']._serialized_start=56
   _globals['_ENVELOPE']._serialized_end=119
-  _globals['_REGISTERREQUEST']._serialized_start=121
-  _globals['_REGISTERREQUEST']._serialized_end=197
-  _globals['_RUNINFO']._serialized_start=200
-  _globals['_RUNINFO']._serialized_end=347
-  _globals['_REGISTERREPLY']._serialized_start=350
-  _globals['_REGISTERREPLY']._serialized_end=518
-  _globals['_GETRUNREQUEST']._serialized_start=520
-  _globals['_GETRUNREQUEST']._serialized_end=551
-  _globals['_HEARTBEATREQUEST']._serialized_start=553
-  _globals['_HEARTBEATREQUEST']._serialized_end=637
-  _globals['_HEARTBEATREPLY']._serialized_start=639
-  _globals['_HEARTBEATREPLY']._serialized_end=688
-  _globals['_LEASEREQUEST']._serialized_start=690
-  _globals['_LEASEREQUEST']._serialized_end=763
-  _globals['_LEASE']._serialized_start=765
-  _globals['_LEASE']._serialized_end=827
-  _globals['_LEASEREPLY']._serialized_start=829
-  _globals['_LEASEREPLY']._serialized_end=879
-  _globals['_SHARDREPORT']._serialized_start=881
-  _globals['_SHARDREPORT']._serialized_end=960
-  _globals['_SHARDREPORTREPLY']._serialized_start=962
-  _globals['_SHARDREPORTREPLY']._serialized_end=998
-  _globals['_LEAVEREQUEST']._serialized_start=1000
-  _globals['_LEAVEREQUEST']._serialized_end=1037
-  _globals['_LEAVEREPLY']._serialized_start=1039
-  _globals['_LEAVEREPLY']._serialized_end=1051
-  _globals['_COORDINATOR']._serialized_start=1054
-  _globals['_COORDINATOR']._serialized_end=1494
+  _globals['_CHALLENGEREQUEST']._serialized_start=121
+  _globals['_CHALLENGEREQUEST']._serialized_end=155
+  _globals['_CHALLENGEREPLY']._serialized_start=157
+  _globals['_CHALLENGEREPLY']._serialized_end=246
+  _globals['_REGISTERREQUEST']._serialized_start=248
+  _globals['_REGISTERREQUEST']._serialized_end=324
+  _globals['_RUNINFO']._serialized_start=327
+  _globals['_RUNINFO']._serialized_end=529
+  _globals['_REGISTERREPLY']._serialized_start=532
+  _globals['_REGISTERREPLY']._serialized_end=700
+  _globals['_GETRUNREQUEST']._serialized_start=702
+  _globals['_GETRUNREQUEST']._serialized_end=733
+  _globals['_HEARTBEATREQUEST']._serialized_start=735
+  _globals['_HEARTBEATREQUEST']._serialized_end=802
+  _globals['_PEERALLOWANCE']._serialized_start=804
+  _globals['_PEERALLOWANCE']._serialized_end=860
+  _globals['_HEARTBEATREPLY']._serialized_start=863
+  _globals['_HEARTBEATREPLY']._serialized_end=1007
+  _globals['_LEASEREQUEST']._serialized_start=1009
+  _globals['_LEASEREQUEST']._serialized_end=1065
+  _globals['_LEASE']._serialized_start=1067
+  _globals['_LEASE']._serialized_end=1129
+  _globals['_LEASEREPLY']._serialized_start=1131
+  _globals['_LEASEREPLY']._serialized_end=1181
+  _globals['_SHARDREPORT']._serialized_start=1183
+  _globals['_SHARDREPORT']._serialized_end=1245
+  _globals['_SHARDREPORTREPLY']._serialized_start=1247
+  _globals['_SHARDREPORTREPLY']._serialized_end=1283
+  _globals['_LEAVEREQUEST']._serialized_start=1285
+  _globals['_LEAVEREQUEST']._serialized_end=1299
+  _globals['_LEAVEREPLY']._serialized_start=1301
+  _globals['_LEAVEREPLY']._serialized_end=1313
+  _globals['_COORDINATOR']._serialized_start=1316
+  _globals['_COORDINATOR']._serialized_end=1833
 # @@protoc_insertion_point(module_scope)

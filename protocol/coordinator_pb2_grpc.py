@@ -34,6 +34,11 @@ class CoordinatorStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Challenge = channel.unary_unary(
+                '/crowdtrain.v1.Coordinator/Challenge',
+                request_serializer=crowdtrain_dot_protocol_dot_coordinator__pb2.ChallengeRequest.SerializeToString,
+                response_deserializer=crowdtrain_dot_protocol_dot_coordinator__pb2.ChallengeReply.FromString,
+                _registered_method=True)
         self.Register = channel.unary_unary(
                 '/crowdtrain.v1.Coordinator/Register',
                 request_serializer=crowdtrain_dot_protocol_dot_coordinator__pb2.RegisterRequest.SerializeToString,
@@ -68,6 +73,13 @@ class CoordinatorStub:
 
 class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Challenge(self, request, context):
+        """A one-time value for the node to sign in Register.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
         """Signed registration; answers a session token that later calls carry.
@@ -111,6 +123,11 @@ class CoordinatorServicer:
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Challenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Challenge,
+                    request_deserializer=crowdtrain_dot_protocol_dot_coordinator__pb2.ChallengeRequest.FromString,
+                    response_serializer=crowdtrain_dot_protocol_dot_coordinator__pb2.ChallengeReply.SerializeToString,
+            ),
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=crowdtrain_dot_protocol_dot_coordinator__pb2.RegisterRequest.FromString,
@@ -151,6 +168,33 @@ def add_CoordinatorServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Challenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crowdtrain.v1.Coordinator/Challenge',
+            crowdtrain_dot_protocol_dot_coordinator__pb2.ChallengeRequest.SerializeToString,
+            crowdtrain_dot_protocol_dot_coordinator__pb2.ChallengeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Register(request,

@@ -23,3 +23,11 @@ class DataError(CrowdtrainError):
 
 class IdentityError(CrowdtrainError):
     """A key or signed envelope that is missing, malformed or does not verify."""
+
+
+class MalformedMessageError(IdentityError):
+    """A message that is too large or not in the expected format (whoever signed it)."""
+
+
+class AccessError(CrowdtrainError):
+    """A peer or operator that is known but not allowed to do this."""

@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from crowdtrain.protocol.errors import IdentityError
+from crowdtrain.protocol.errors import IdentityError, MalformedMessageError
 
 MAX_ENVELOPE_BYTES = 64 * 1024
 DEFAULT_MAX_AGE_S = 120.0
@@ -119,7 +120,9 @@ def seal(identity: Identity, kind: str, payload: dict[str, Any]) -> Envelope:
 def unpack_strict(data: bytes) -> Any:
     """msgpack decoding with bounded sizes and no extension types."""
     if len(data) > MAX_ENVELOPE_BYTES:
-        raise IdentityError(f"message of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}")
+        raise MalformedMessageError(
+            f"message of {len(data)} bytes exceeds the limit of {MAX_ENVELOPE_BYTES}"
+        )
     try:
         return msgpack.unpackb(
             data,
@@ -132,7 +135,7 @@ def unpack_strict(data: bytes) -> Any:
             max_ext_len=0,
         )
     except Exception as e:  # msgpack raises many types for malformed input
-        raise IdentityError(f"malformed msgpack: {type(e).__name__}") from None
+        raise MalformedMessageError(f"malformed msgpack: {type(e).__name__}") from None
 
 
 def open_envelope(
@@ -148,6 +151,10 @@ def open_envelope(
     ``expected_public_key`` is given), the signature, the body's shape, the
     kind, the age and the nonce. Nothing is recorded unless every check passes.
     """
+    if len(envelope.body) > MAX_ENVELOPE_BYTES:
+        raise MalformedMessageError(
+            f"envelope body of {len(envelope.body)} bytes exceeds the limit of {MAX_ENVELOPE_BYTES}"
+        )
     if len(envelope.public_key) != 32:
         raise IdentityError("public key must be 32 bytes of Ed25519")
     if expected_public_key is not None and envelope.public_key != expected_public_key:
@@ -160,20 +167,22 @@ def open_envelope(
         raise IdentityError("signature does not verify") from None
     body = unpack_strict(envelope.body)
     if not isinstance(body, dict) or set(body) != {"kind", "nonce", "timestamp", "payload"}:
-        raise IdentityError("envelope body must have exactly kind, nonce, timestamp, payload")
+        raise MalformedMessageError(
+            "envelope body must have exactly kind, nonce, timestamp, payload"
+        )
     if body["kind"] != kind:
         raise IdentityError(f"expected a {kind!r} message, got {body['kind']!r}")
     nonce, timestamp, payload = body["nonce"], body["timestamp"], body["payload"]
     if not isinstance(nonce, bytes) or len(nonce) != _NONCE_BYTES:
-        raise IdentityError("nonce must be 16 bytes")
+        raise MalformedMessageError("nonce must be 16 bytes")
     if (
         not isinstance(timestamp, int | float)
         or isinstance(timestamp, bool)
         or not math.isfinite(timestamp)
     ):
-        raise IdentityError("timestamp must be a finite number")
+        raise MalformedMessageError("timestamp must be a finite number")
     if not isinstance(payload, dict):
-        raise IdentityError("payload must be a map")
+        raise MalformedMessageError("payload must be a map")
     age = time.time() - float(timestamp)
     if abs(age) > max_age_s:
         raise IdentityError(
@@ -190,13 +199,27 @@ def open_envelope(
     )
 
 
-class ReplayGuard:
-    """Remembers nonces for as long as their messages could still pass the age check."""
+NonceJournal = Callable[[bytes, bytes, float], None]
 
-    def __init__(self, max_age_s: float = DEFAULT_MAX_AGE_S):
+
+class ReplayGuard:
+    """Remembers nonces for as long as their messages could still pass the age check.
+
+    ``journal`` (optional) is told of every nonce accepted, so a coordinator
+    can write them down and, after a restart, seed a new guard with
+    :meth:`remember` and still refuse a replay from before the restart.
+    """
+
+    def __init__(self, max_age_s: float = DEFAULT_MAX_AGE_S, journal: NonceJournal | None = None):
         self.max_age_s = max_age_s
+        self._journal = journal
         self._seen: dict[tuple[bytes, bytes], float] = {}
         self._lock = threading.Lock()
+
+    def remember(self, public_key: bytes, nonce: bytes, timestamp: float) -> None:
+        """Mark a nonce as used without checking it (seeding from a journal)."""
+        with self._lock:
+            self._seen[(public_key, nonce)] = timestamp
 
     def check_and_remember(self, public_key: bytes, nonce: bytes, timestamp: float) -> None:
         now = time.time()
@@ -206,4 +229,24 @@ class ReplayGuard:
                 self._seen = {k: t for k, t in self._seen.items() if t > horizon}
             if (public_key, nonce) in self._seen:
                 raise IdentityError("replayed message: this nonce was already used")
+            if self._journal is not None:
+                self._journal(public_key, nonce, timestamp)
             self._seen[(public_key, nonce)] = timestamp
+
+
+RUN_STATEMENT_PREFIX = b"crowdtrain-run/v1"
+
+
+def run_statement(run_id: str, spec_hash: str, manifest_hash: str) -> bytes:
+    """What a coordinator signs to vouch for a published run."""
+    return b"\0".join(
+        [RUN_STATEMENT_PREFIX, run_id.encode(), spec_hash.encode(), manifest_hash.encode()]
+    )
+
+
+def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> None:
+    """Raise :class:`IdentityError` unless ``signature`` is ``public_key``'s over ``data``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        raise IdentityError("signature does not verify") from None

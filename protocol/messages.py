@@ -35,11 +35,18 @@ class _Payload(BaseModel):
 
 
 class RegisterPayload(_Payload):
-    """Who a node is: shown on the dashboard and logged for bug reports."""
+    """Who a node is, and its answer to the coordinator's challenge.
 
+    ``challenge`` is the one-time value the coordinator just handed out;
+    signing it proves the key is held now. ``invite`` is needed once, on a
+    run whose ``[access] mode`` is ``invite``.
+    """
+
+    challenge: Annotated[bytes, Field(min_length=16, max_length=64)]
     name: Annotated[str, Field(min_length=1, max_length=64)]
     device: ShortText
     versions: Annotated[str, Field(max_length=512)] = ""
+    invite: Annotated[str, Field(max_length=128)] = ""
 
 
 class Evaluation(_Payload):
@@ -58,6 +65,14 @@ class HeldLease(_Payload):
     epoch: Count
 
 
+class PeerReport(_Payload):
+    """Averaging parts from one sender that this node dropped, and why."""
+
+    dht_peer_id: Annotated[str, Field(min_length=1, max_length=128)]
+    reason: Annotated[str, Field(min_length=1, max_length=64)]
+    count: Annotated[int, Field(ge=1, le=2**31)]
+
+
 class HeartbeatPayload(_Payload):
     """A node's counters since it started (``session_key`` names that start)."""
 
@@ -72,6 +87,27 @@ class HeartbeatPayload(_Payload):
     evaluations: Annotated[list[Evaluation], Field(max_length=32)] = []
     # The leases this heartbeat renews; any other lease of the node runs out.
     leases: Annotated[list[HeldLease], Field(max_length=64)] = []
+    # The node's identities in the swarm: its hivemind peer id and the public key
+    # that signs its progress records (hex). Empty until its DHT runs.
+    dht_peer_id: Annotated[str, Field(max_length=128)] = ""
+    progress_key: Annotated[str, Field(max_length=2048, pattern=r"^[0-9a-f]*$")] = ""
+    # Micro-batches skipped because their gradients were not finite.
+    num_skipped_steps: Count = 0
+    # Senders whose averaging parts this node dropped since the last heartbeat.
+    reports: Annotated[list[PeerReport], Field(max_length=32)] = []
+
+
+class ReceiptSample(_Payload):
+    """The first micro-batch a node trained at swarm step ``step``.
+
+    ``batch`` is its index within the shard's seeded order; ``losses`` are
+    the per-sequence losses of its first sequences, so a verifier holding the
+    checkpoint of ``step`` can recompute them.
+    """
+
+    step: Count
+    batch: Annotated[int, Field(ge=0, le=2**31)]
+    losses: Annotated[list[Annotated[float, Field(ge=0, le=1e4)]], Field(max_length=8)]
 
 
 class ReceiptPayload(_Payload):
@@ -84,6 +120,8 @@ class ReceiptPayload(_Payload):
     loss_sum: Annotated[float, Field(ge=0)]
     started: Annotated[float, Field(ge=0)]
     finished: Annotated[float, Field(ge=0)]
+    micro_batch_size: Annotated[int, Field(ge=1, le=65536)] = 1
+    samples: Annotated[list[ReceiptSample], Field(max_length=256)] = []
 
 
 def parse_payload(model: type[_Payload], payload: dict[str, Any]) -> Any:

@@ -25,6 +25,7 @@ import tomllib
 from crowdtrain.protocol.errors import SpecError
 
 RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+PUBLIC_KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,16 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class AccessSection:
+    """Who may join: anyone (``open``), holders of an invite code made by
+    ``crowdtrain-coordinator invite`` (``invite``), or the listed Ed25519 public
+    keys, hex as ``crowdtrain-node identity`` prints them (``allowlist``)."""
+
+    mode: Literal["open", "invite", "allowlist"] = "open"
+    allowlist: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class VerifySection:
     """How the coordinator checks what peers claim.
 
@@ -125,6 +136,7 @@ class RunSpec:
     data: DataSection = field(default_factory=DataSection)
     swarm: SwarmSection = field(default_factory=SwarmSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    access: AccessSection = field(default_factory=AccessSection)
     verify: VerifySection = field(default_factory=VerifySection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +157,7 @@ _SECTIONS: dict[str, type] = {
     "data": DataSection,
     "swarm": SwarmSection,
     "eval": EvalSection,
+    "access": AccessSection,
     "verify": VerifySection,
 }
 _REQUIRED_SECTIONS = ("run", "model", "optimizer")
@@ -218,6 +231,11 @@ def _coerce(value: Any, hint: Any, label: str) -> Any:
             options = " or ".join(repr(c) for c in choices)
             raise SpecError(f"{label} must be {options}, got {_describe(value)}")
         return value
+    if origin is tuple and typing.get_args(hint)[-1] is Ellipsis:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise SpecError(f"{label} must be a list, got {_describe(value)}")
+        return tuple(_coerce(v, item, label) for v in value)
     if origin is tuple:
         args = typing.get_args(hint)
         if not isinstance(value, list) or len(value) != len(args):
@@ -332,6 +350,18 @@ def _validate(spec: RunSpec, source: str) -> None:
         fail("[eval] every_steps", f"must be at least 1, got {spec.eval.every_steps}")
     if spec.eval.num_sequences < 1:
         fail("[eval] num_sequences", f"must be at least 1, got {spec.eval.num_sequences}")
+    a = spec.access
+    for key in a.allowlist:
+        if not PUBLIC_KEY_PATTERN.match(key):
+            fail(
+                "[access] allowlist",
+                f"entries must be 64 lowercase hex digits (an Ed25519 public key as "
+                f"`crowdtrain-node identity` prints it), got {key!r}",
+            )
+    if a.mode == "allowlist" and not a.allowlist:
+        fail("[access] allowlist", "must name at least one public key when mode = 'allowlist'")
+    if a.mode != "allowlist" and a.allowlist:
+        fail("[access] allowlist", f"is only read when mode = 'allowlist' (mode is {a.mode!r})")
     v = spec.verify
     if not 1.0 <= v.checkpoint_every_s <= 86_400.0:
         fail(

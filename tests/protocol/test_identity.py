@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from crowdtrain.protocol import identity as identity_module
-from crowdtrain.protocol.errors import IdentityError
+from crowdtrain.protocol.errors import IdentityError, MalformedMessageError
 from crowdtrain.protocol.identity import (
     MAX_ENVELOPE_BYTES,
     Envelope,
@@ -17,8 +17,10 @@ from crowdtrain.protocol.identity import (
     ReplayGuard,
     open_envelope,
     peer_id_of,
+    run_statement,
     seal,
     unpack_strict,
+    verify_signature,
 )
 
 PAYLOAD = {"name": "laptop", "device": "cpu", "versions": "crowdtrain 0.1.0"}
@@ -242,7 +244,7 @@ def test_unpack_strict_round_trips_small_input():
 
 def test_unpack_strict_refuses_oversize_input():
     data = msgpack.packb(b"x" * MAX_ENVELOPE_BYTES, use_bin_type=True)
-    with pytest.raises(IdentityError, match=f"exceeds {MAX_ENVELOPE_BYTES}"):
+    with pytest.raises(IdentityError, match=f"exceeds the limit of {MAX_ENVELOPE_BYTES}"):
         unpack_strict(data)
 
 
@@ -260,3 +262,38 @@ def test_oversize_envelope_is_refused_after_signature(alice):
     envelope = seal(alice, "register", {"blob": b"x" * MAX_ENVELOPE_BYTES})
     with pytest.raises(IdentityError, match="exceeds"):
         open_envelope(envelope, "register", ReplayGuard())
+
+
+def test_malformed_bodies_are_their_own_kind_of_error(alice):
+    data = b"\xc1not msgpack"
+    envelope = Envelope(body=data, signature=alice.sign(data), public_key=alice.public_key)
+    with pytest.raises(MalformedMessageError):
+        open_envelope(envelope, "register", ReplayGuard())
+
+
+def test_journal_sees_accepted_nonces_and_seeds_a_new_guard(alice):
+    journal: list[tuple[bytes, bytes, float]] = []
+    guard = ReplayGuard(journal=lambda k, n, t: journal.append((k, n, t)))
+    envelope = seal(alice, "heartbeat", PAYLOAD)
+    with pytest.raises(IdentityError):
+        open_envelope(envelope, "register", guard)
+    assert journal == []
+    open_envelope(envelope, "heartbeat", guard)
+    assert len(journal) == 1
+    restarted = ReplayGuard()
+    for entry in journal:
+        restarted.remember(*entry)
+    with pytest.raises(IdentityError, match="replayed message"):
+        open_envelope(envelope, "heartbeat", restarted)
+
+
+def test_run_statement_signature_verifies_only_for_its_key_and_fields(alice):
+    statement = run_statement("demo", "a" * 64, "b" * 64)
+    signature = alice.sign(statement)
+    verify_signature(alice.public_key, signature, statement)
+    with pytest.raises(IdentityError):
+        verify_signature(alice.public_key, signature, run_statement("demo", "a" * 64, "c" * 64))
+    with pytest.raises(IdentityError):
+        verify_signature(Identity.generate().public_key, signature, statement)
+    with pytest.raises(IdentityError):
+        verify_signature(b"short", signature, statement)

@@ -10,7 +10,12 @@ from crowdtrain.protocol.messages import (
     parse_payload,
 )
 
-REGISTER = {"name": "laptop", "device": "cuda:0 NVIDIA H100", "versions": "crowdtrain 0.1.0"}
+REGISTER = {
+    "challenge": b"c" * 32,
+    "name": "laptop",
+    "device": "cuda:0 NVIDIA H100",
+    "versions": "crowdtrain 0.1.0",
+}
 HEARTBEAT = {
     "session_key": "0123456789abcdef",
     "num_tokens": 4096,
@@ -46,7 +51,9 @@ def test_register_payload_parses():
         "cuda:0 NVIDIA H100",
         "crowdtrain 0.1.0",
     )
-    assert parse_payload(RegisterPayload, {"name": "n", "device": ""}).versions == ""
+    minimal = {"challenge": b"c" * 16, "name": "n", "device": ""}
+    assert parse_payload(RegisterPayload, minimal).versions == ""
+    assert parse_payload(RegisterPayload, minimal).invite == ""
 
 
 def test_heartbeat_payload_parses_with_evaluation():
@@ -188,3 +195,57 @@ def test_text_of_wrong_length_is_refused(model, payload, field):
 @pytest.mark.parametrize("model", [RegisterPayload, HeartbeatPayload, ReceiptPayload])
 def test_missing_required_field_is_refused(model):
     assert "Field required" in _error(model, {})
+
+
+@pytest.mark.parametrize(
+    "model, payload, field",
+    [
+        (RegisterPayload, {**REGISTER, "challenge": b"short"}, "challenge"),
+        (RegisterPayload, {**REGISTER, "challenge": "c" * 32}, "challenge"),
+        (RegisterPayload, {**REGISTER, "invite": "i" * 129}, "invite"),
+        (HeartbeatPayload, {**HEARTBEAT, "progress_key": "not hex"}, "progress_key"),
+        (HeartbeatPayload, {**HEARTBEAT, "dht_peer_id": "p" * 129}, "dht_peer_id"),
+        (
+            HeartbeatPayload,
+            {**HEARTBEAT, "reports": [{"dht_peer_id": "p", "reason": "nan", "count": 0}]},
+            "reports",
+        ),
+        (
+            HeartbeatPayload,
+            {**HEARTBEAT, "reports": [{"dht_peer_id": "p", "reason": "nan", "count": 1}] * 33},
+            "reports",
+        ),
+        (
+            ReceiptPayload,
+            {**RECEIPT, "samples": [{"step": 1, "batch": 0, "losses": [float("nan")]}]},
+            "samples",
+        ),
+        (
+            ReceiptPayload,
+            {**RECEIPT, "samples": [{"step": 1, "batch": 0, "losses": [1.0] * 9}]},
+            "samples",
+        ),
+        (ReceiptPayload, {**RECEIPT, "micro_batch_size": 0}, "micro_batch_size"),
+    ],
+)
+def test_trust_fields_are_bounded(model, payload, field):
+    assert field in _error(model, payload)
+
+
+def test_trust_fields_parse():
+    beat = parse_payload(
+        HeartbeatPayload,
+        {
+            **HEARTBEAT,
+            "dht_peer_id": "12D3KooW",
+            "progress_key": "00ff",
+            "num_skipped_steps": 2,
+            "reports": [{"dht_peer_id": "12D3KooX", "reason": "non-finite", "count": 3}],
+        },
+    )
+    assert beat.reports[0].count == 3 and beat.num_skipped_steps == 2
+    receipt = parse_payload(
+        ReceiptPayload,
+        {**RECEIPT, "micro_batch_size": 8, "samples": [{"step": 4, "batch": 2, "losses": [2.5]}]},
+    )
+    assert receipt.samples[0].losses == [2.5]

@@ -300,3 +300,38 @@ def test_file_that_is_not_utf8(tmp_path):
     path.write_bytes(MINIMAL.replace('"tiny"', '"tiny"\ndescription = "caf\xe9"').encode("latin-1"))
     with pytest.raises(SpecError, match="cannot be read"):
         load_spec(path)
+
+
+def _with_access(table: str) -> str:
+    return (
+        '[run]\nid = "r"\n[model]\nvocab_size = 256\nseq_len = 8\nnum_layers = 1\n'
+        "num_heads = 1\nd_model = 8\n[optimizer]\ntarget_batch_size = 16\n" + table
+    )
+
+
+def test_access_defaults_to_open():
+    assert parse_spec(_with_access("")).access.mode == "open"
+
+
+def test_allowlist_is_parsed_as_a_tuple_of_keys():
+    key = "ab" * 32
+    spec = parse_spec(_with_access(f'[access]\nmode = "allowlist"\nallowlist = ["{key}"]\n'))
+    assert spec.access.allowlist == (key,)
+    assert spec.to_dict()["access"]["allowlist"] == [key]
+
+
+@pytest.mark.parametrize(
+    "table, expected",
+    [
+        ('[access]\nmode = "allowlist"\n', "must name at least one public key"),
+        ('[access]\nmode = "allowlist"\nallowlist = ["nothex"]\n', "64 lowercase hex"),
+        ('[access]\nmode = "allowlist"\nallowlist = "ab"\n', "must be a list"),
+        ('[access]\nmode = "allowlist"\nallowlist = [1]\n', "must be a string"),
+        (f'[access]\nallowlist = ["{"ab" * 32}"]\n', "only read when mode = 'allowlist'"),
+        ('[access]\nmode = "closed"\n', "must be 'open' or 'invite' or 'allowlist'"),
+        ('[access]\nmodes = "open"\n', "did you mean 'mode'"),
+    ],
+)
+def test_bad_access_sections_are_refused(table, expected):
+    with pytest.raises(SpecError, match=expected):
+        parse_spec(_with_access(table))
