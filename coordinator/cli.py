@@ -8,10 +8,14 @@ status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
+import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 from crowdtrain.protocol.errors import CrowdtrainError
 
@@ -77,12 +81,60 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--http-port", type=int, default=8470, help="0 picks a free port")
     srv.add_argument("--grpc-port", type=int, default=8471, help="0 picks a free port")
     srv.add_argument("--dht-port", type=int, default=8472, help="0 picks a free port")
+    srv.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (TLS)")
+    srv.add_argument("--tls-key", type=Path, default=None, help="PEM private key (TLS)")
+    srv.add_argument(
+        "--session-ttl",
+        type=float,
+        default=900.0,
+        help="seconds a node's session token lasts before it signs a new challenge",
+    )
 
     pub = sub.add_parser("publish", help="validate a run spec and make the run visible")
     pub.add_argument("spec", type=Path, help="the run spec (.toml)")
     pub.add_argument("--data-dir", required=True, type=Path, help="the coordinator's own folder")
     pub.add_argument("--data", required=True, type=Path, help="folder made by prepare-data")
+
+    inv = sub.add_parser(
+        "invite",
+        help="make an invite code for an invite-only run",
+        description="Ask the running coordinator for a new invite code (needs the admin key).",
+    )
+    _admin_flags(inv)
+    inv.add_argument("--run", required=True, help="the run id")
+    inv.add_argument("--uses", type=int, default=1, help="registrations it admits (0: any)")
+    inv.add_argument("--expires-in", type=float, default=None, help="seconds until it expires")
+    inv.add_argument("--note", default="", help="a reminder of whom it is for")
+
+    ban = sub.add_parser("ban", help="ban a peer from a run (needs the admin key)")
+    _admin_flags(ban)
+    ban.add_argument("peer_id", help="the peer id shown by /api/runs/RUN/peers")
+    ban.add_argument("--run", required=True, help="the run id")
+    ban.add_argument("--reason", required=True, help="why (shown to the peer)")
+
+    unban = sub.add_parser("unban", help="lift a ban (needs the admin key)")
+    _admin_flags(unban)
+    unban.add_argument("peer_id", help="the banned peer's id")
+    unban.add_argument("--run", required=True, help="the run id")
     return parser
+
+
+def _admin_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the coordinator's folder: its URL and admin key are read from there",
+    )
+    parser.add_argument("--url", default=None, help="the coordinator's URL (default: --data-dir's)")
+    parser.add_argument(
+        "--admin-key",
+        type=Path,
+        default=None,
+        help="file holding the admin key (default: admin.key in --data-dir, or the "
+        "CROWDTRAIN_ADMIN_KEY variable)",
+    )
+    parser.add_argument("--ca-cert", type=Path, default=None, help="CA to trust for https")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +188,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from crowdtrain.coordinator.peers import PeerConfig
     from crowdtrain.coordinator.server import ServeConfig, serve
 
     def announce(ports: dict) -> None:
@@ -146,6 +199,8 @@ def _serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    if not args.session_ttl > 0:
+        raise CrowdtrainError(f"--session-ttl must be positive, got {args.session_ttl}")
     serve(
         ServeConfig(
             data_dir=args.data_dir,
@@ -154,6 +209,9 @@ def _serve(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             grpc_port=args.grpc_port,
             dht_port=args.dht_port,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            peers=PeerConfig(session_ttl_s=args.session_ttl),
         ),
         on_ready=announce,
     )
@@ -162,6 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from crowdtrain.coordinator.admin import coordinator_identity
     from crowdtrain.coordinator.runs import prepare_publication, publish
     from crowdtrain.coordinator.store import Store
 
@@ -170,7 +229,9 @@ def _publish(args: argparse.Namespace) -> int:
         raise CrowdtrainError(f"--data-dir {args.data_dir} is a file, not a folder")
     store = Store(args.data_dir)
     try:
-        result = publish(store, publication)
+        # Publishing signs the run with the coordinator's key, which lives in the
+        # data folder: having that folder is what makes one its operator.
+        result = publish(store, publication, coordinator_identity(args.data_dir))
     finally:
         store.close()
     verb = "already published" if result.already_published else "published"
@@ -181,7 +242,91 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"prepare-data": _prepare, "serve": _serve, "publish": _publish}
+def _admin_request(args: argparse.Namespace, method: str, path: str, body: dict | None) -> Any:
+    """One call to the running coordinator's admin API; its JSON answer."""
+    import httpx
+
+    url = args.url
+    if url is None and args.data_dir is not None:
+        ports = args.data_dir / "ports.json"
+        try:
+            url = json.loads(ports.read_text())["http_url"]
+        except (OSError, ValueError, KeyError):
+            raise CrowdtrainError(
+                f"no running coordinator found in {args.data_dir} (no {ports.name}); start "
+                "`crowdtrain-coordinator serve` there or pass --url"
+            ) from None
+    if url is None:
+        raise CrowdtrainError("pass --data-dir (the coordinator's folder) or --url")
+    key = os.environ.get("CROWDTRAIN_ADMIN_KEY", "")
+    key_file = args.admin_key or (args.data_dir / "admin.key" if args.data_dir else None)
+    if key_file is not None:
+        try:
+            key = key_file.read_text().strip()
+        except OSError as e:
+            raise CrowdtrainError(f"cannot read the admin key {key_file}: {e.strerror}") from None
+    if not key:
+        raise CrowdtrainError("no admin key: pass --admin-key FILE or --data-dir")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{32,256}", key):
+        raise CrowdtrainError(
+            f"{key_file or 'CROWDTRAIN_ADMIN_KEY'} does not hold an admin key (one line of "
+            "letters, digits, - and _, as admin.key in the coordinator's folder)"
+        )
+    verify: Any = ssl.create_default_context(cafile=str(args.ca_cert)) if args.ca_cert else True
+    try:
+        response = httpx.request(
+            method,
+            f"{url.rstrip('/')}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30.0,
+            verify=verify,
+        )
+    except httpx.HTTPError as e:
+        raise CrowdtrainError(f"cannot reach the coordinator at {url}: {e}") from None
+    if response.status_code >= 400:
+        try:
+            detail = response.json()["detail"]
+        except (ValueError, KeyError, TypeError):
+            detail = response.text[:200]
+        raise CrowdtrainError(f"the coordinator refused (HTTP {response.status_code}): {detail}")
+    return response.json()
+
+
+def _invite(args: argparse.Namespace) -> int:
+    body = {"uses": args.uses, "expires_in_s": args.expires_in, "note": args.note}
+    invite = _admin_request(args, "POST", f"/api/admin/runs/{args.run}/invites", body)
+    uses = "any number of" if invite["uses"] == 0 else str(invite["uses"])
+    print(invite["code"])
+    print(
+        f"invite for run {invite['run_id']}: {uses} registration(s); a node joins with "
+        f"`crowdtrain-node join URL --run {invite['run_id']} --invite {invite['code']}`",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _ban(args: argparse.Namespace) -> int:
+    body = {"peer_id": args.peer_id, "reason": args.reason}
+    _admin_request(args, "POST", f"/api/admin/runs/{args.run}/bans", body)
+    print(f"banned peer {args.peer_id} from run {args.run}")
+    return 0
+
+
+def _unban(args: argparse.Namespace) -> int:
+    _admin_request(args, "DELETE", f"/api/admin/runs/{args.run}/bans/{args.peer_id}", None)
+    print(f"peer {args.peer_id} may join run {args.run} again")
+    return 0
+
+
+_COMMANDS = {
+    "prepare-data": _prepare,
+    "serve": _serve,
+    "publish": _publish,
+    "invite": _invite,
+    "ban": _ban,
+    "unban": _unban,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,28 +1,44 @@
 """The gRPC service nodes talk to. Handlers only translate.
 
-Each method parses its request (envelope, payload, session), calls a domain
-function in :mod:`peers`, :mod:`leases` or :mod:`runs`, and formats the
-answer. Every failure becomes a status code with a message; none changes
-stored state.
+Each method parses its request (envelope, payload), calls a domain function
+in :mod:`peers`, :mod:`leases` or :mod:`runs`, and formats the answer. The
+session was already checked by :class:`~crowdtrain.coordinator.auth.SessionInterceptor`.
+Every failure becomes a status code with a message; none changes stored
+state (a signed session message's nonce is journalled, so a replay stays
+refused after a restart).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from crowdtrain.coordinator import leases, peers, runs
+from crowdtrain.coordinator.auth import ChallengeBook, current_session
 from crowdtrain.coordinator.leases import LeaseBook
+from crowdtrain.coordinator.ledger import Ledger, peer_credit
 from crowdtrain.coordinator.metrics import Refusals
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
-from crowdtrain.protocol.errors import CrowdtrainError, IdentityError
-from crowdtrain.protocol.identity import OpenedEnvelope, ReplayGuard, open_envelope
+from crowdtrain.protocol.errors import (
+    AccessError,
+    CrowdtrainError,
+    IdentityError,
+    MalformedMessageError,
+)
+from crowdtrain.protocol.identity import (
+    DEFAULT_MAX_AGE_S,
+    Identity,
+    OpenedEnvelope,
+    ReplayGuard,
+    open_envelope,
+)
 from crowdtrain.protocol.messages import (
     HeartbeatPayload,
     PayloadError,
@@ -41,7 +57,9 @@ logger = logging.getLogger(__name__)
 
 _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (peers.SessionError, grpc.StatusCode.UNAUTHENTICATED),
+    (MalformedMessageError, grpc.StatusCode.INVALID_ARGUMENT),
     (IdentityError, grpc.StatusCode.UNAUTHENTICATED),
+    (AccessError, grpc.StatusCode.PERMISSION_DENIED),
     (runs.UnknownRunError, grpc.StatusCode.NOT_FOUND),
     (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
     (leases.ReceiptError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -49,6 +67,7 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
 ]
 
 R = TypeVar("R")
+_MAX_DETAIL_CHARS = 1024
 
 
 def _translating(
@@ -64,7 +83,8 @@ def _translating(
             code = next(c for t, c in _STATUS if isinstance(e, t))
             self.refusals.count(method.__name__, code.name)
             logger.info("%s refused: %s", method.__name__, e)
-            await context.abort(code, str(e))
+            # Details travel in gRPC trailers, which clients cap at a few KiB.
+            await context.abort(code, str(e)[:_MAX_DETAIL_CHARS])
             raise AssertionError("unreachable") from None
 
     return wrapper
@@ -79,14 +99,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         http_url: str,
         leases: LeaseBook,
         refusals: Refusals,
+        identity: Identity,
+        ledger: Ledger | None = None,
     ):
         self.store = store
+        self.ledger = ledger
         self.leases = leases
         self.refusals = refusals
         self.config = config
         self.initial_peers = initial_peers
         self.http_url = http_url
-        self.guard = ReplayGuard()
+        self.identity = identity
+        self.challenges = ChallengeBook()
+        # Registration is protected by its one-time challenge; session messages by
+        # nonces journalled in the store, so a restart does not reopen a replay window.
+        self.register_guard = ReplayGuard()
+        self.session_guard = ReplayGuard(journal=store.remember_nonce)
+        for row in store.recent_nonces(since=time.time() - 2 * DEFAULT_MAX_AGE_S):
+            self.session_guard.remember(row["public_key"], row["nonce"], row["timestamp"])
 
     def _run_info(self, run: runs.PublishedRun) -> pb.RunInfo:
         return pb.RunInfo(
@@ -97,24 +127,37 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             manifest_hash=run.row["manifest_hash"],
             step=run.row["step"],
             shard_base_url=f"{self.http_url}/api/runs/{run.id}/shards",
+            coordinator_public_key=self.identity.public_key,
+            run_signature=run.row["run_signature"],
         )
 
-    def _open(
-        self, message: pb.Envelope, kind: str, session: peers.Session | None = None
-    ) -> OpenedEnvelope:
+    def _open(self, message: pb.Envelope, kind: str, session: peers.Session) -> OpenedEnvelope:
         return open_envelope(
             envelope_from_pb(message),
             kind,
-            self.guard,
-            expected_public_key=session.public_key if session else None,
+            self.session_guard,
+            expected_public_key=session.public_key,
+        )
+
+    @_translating
+    async def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
+        run = runs.get_run(self.store, request.run_id)
+        return pb.ChallengeReply(
+            challenge=self.challenges.issue(run.id),
+            expires_in_s=self.challenges.ttl_s,
+            coordinator_public_key=self.identity.public_key,
         )
 
     @_translating
     async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
         run = runs.get_run(self.store, request.run_id)
-        opened = self._open(request.envelope, KIND_REGISTER)
+        opened = open_envelope(
+            envelope_from_pb(request.envelope), KIND_REGISTER, self.register_guard
+        )
         info = parse_payload(RegisterPayload, opened.payload)
+        self.challenges.check(info.challenge, run.id)
         session = peers.register(self.store, self.config, run.id, opened, info)
+        self.challenges.consume(info.challenge)
         logger.info("peer %s (%s) registered for run %s", session.peer_id, info.name, run.id)
         return pb.RegisterReply(
             peer_id=session.peer_id,
@@ -131,21 +174,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_translating
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatReply:
-        session = peers.authenticate(self.store, request.session_token)
+        session = current_session()
         opened = self._open(request.envelope, KIND_HEARTBEAT, session)
         beat = parse_payload(HeartbeatPayload, opened.payload)
         run = runs.get_run(self.store, session.run_id)
-        peers.heartbeat(self.store, self.config, session, beat)
+        peers.heartbeat(self.store, session, beat)
         self.leases.renew(run, session, {(h.shard_id, h.epoch) for h in beat.leases})
         stored = self.store.get_run(session.run_id)
         assert stored is not None, "a session's run is never deleted"
+        credit = peer_credit(self.store, run.id).get(session.peer_id, {})
         return pb.HeartbeatReply(
-            step=stored["step"], num_peers=runs.num_active_peers(self.store, session.run_id)
+            step=stored["step"],
+            num_peers=runs.num_active_peers(self.store, session.run_id),
+            roster=[
+                pb.PeerAllowance(dht_peer_id=dht_id, max_weight=weight)
+                for dht_id, weight in peers.roster(self.store, run)
+            ],
+            verified_tokens=int(credit.get("verified_tokens", 0)),
+            verified_share=float(credit.get("verified_share", 0.0)),
         )
 
     @_translating
     async def LeaseShards(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseReply:
-        session = peers.authenticate(self.store, request.session_token)
+        session = current_session()
         run = runs.get_run(self.store, session.run_id)
         granted = self.leases.grant(run, session, request.max_shards, resume=request.resume)
         return pb.LeaseReply(
@@ -157,16 +208,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_translating
     async def ReportShard(self, request: pb.ShardReport, context: Any) -> pb.ShardReportReply:
-        session = peers.authenticate(self.store, request.session_token)
+        session = current_session()
         opened = self._open(request.envelope, KIND_RECEIPT, session)
         receipt = parse_payload(ReceiptPayload, opened.payload)
         run = runs.get_run(self.store, session.run_id)
         self.leases.complete(run, session, receipt)
+        if self.ledger is not None:
+            self.ledger.assess(run, session, receipt, sent_at=opened.timestamp)
         return pb.ShardReportReply(accepted=True)
 
     @_translating
     async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
-        session = peers.authenticate(self.store, request.session_token)
+        session = current_session()
         self.leases.release(session)
         peers.leave(self.store, session)
         logger.info("peer %s left run %s", session.peer_id, session.run_id)

@@ -163,6 +163,12 @@ class LeaseBook:
                 del self._deadlines[key]
             self.store.return_leases(session.run_id, session.peer_id)
 
+    def forget(self, run_id: str, peer_id: str) -> None:
+        """Drop a peer's deadlines (its leases were returned in the store, e.g. by a ban)."""
+        with self._lock:
+            for key in [k for k in self._deadlines if k[0] == run_id and k[3] == peer_id]:
+                del self._deadlines[key]
+
     def complete(self, run: PublishedRun, session: Session, receipt: ReceiptPayload) -> None:
         """Record a receipt for a shard the peer holds, or held until its lease expired."""
         if receipt.finished < receipt.started:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crowdtrain.coordinator.ledger import peer_credit
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import CrowdtrainError, ShardError, SpecError
+from crowdtrain.protocol.identity import Identity, run_statement
 from crowdtrain.protocol.runspec import RunSpec, load_spec, parse_spec
 from crowdtrain.protocol.shards import ShardManifest, load_manifest, sha256_file, verify_shard
 
@@ -53,9 +55,18 @@ def prepare_publication(spec_path: str | Path, data_path: str | Path) -> Publica
     :class:`CrowdtrainError` that names the key or file at fault.
     """
     spec = load_spec(spec_path)
+    return check_publication(
+        spec, Path(spec_path).read_text(encoding="utf-8"), data_path, str(spec_path)
+    )
+
+
+def check_publication(
+    spec: RunSpec, spec_text: str, data_path: str | Path, source: str
+) -> Publication:
+    """:func:`prepare_publication` for a spec already parsed (from a file or a request)."""
     resolved = Path(data_path).resolve()
     manifest = load_manifest(resolved)
-    check_spec_against_data(spec, manifest, source=str(spec_path))
+    check_spec_against_data(spec, manifest, source=source)
     for entry in manifest.shards:
         verify_shard(resolved / entry.file, entry)
     if manifest.tokenizer_file is not None:
@@ -66,16 +77,12 @@ def prepare_publication(spec_path: str | Path, data_path: str | Path) -> Publica
                 "prepare the data again"
             )
     return Publication(
-        spec=spec,
-        spec_text=Path(spec_path).read_text(encoding="utf-8"),
-        manifest=manifest,
-        data_path=resolved,
-        source=str(spec_path),
+        spec=spec, spec_text=spec_text, manifest=manifest, data_path=resolved, source=source
     )
 
 
-def publish(store: Store, publication: Publication) -> PublishResult:
-    """Make a checked run visible to nodes, in one insert.
+def publish(store: Store, publication: Publication, identity: Identity) -> PublishResult:
+    """Make a checked run visible to nodes, in one insert, signed by the coordinator's key.
 
     Publishing the same spec and data twice is a no-op; the same run id with
     anything else is refused.
@@ -98,6 +105,7 @@ def publish(store: Store, publication: Publication) -> PublishResult:
             "manifest_hash": manifest.hash,
             "data_path": str(publication.data_path),
             "published_at": time.time(),
+            "run_signature": identity.sign(run_statement(spec.run.id, spec.hash, manifest.hash)),
         }
     )
     store.ensure_epoch(spec.run.id, 0, epoch_order(spec, manifest, 0))
@@ -164,7 +172,8 @@ def get_run(store: Store, run_id: str) -> PublishedRun:
     row = store.get_run(run_id)
     if row is None:
         known = ", ".join(r["id"] for r in store.list_runs()) or "none"
-        raise UnknownRunError(f"no run '{run_id}' on this coordinator; runs here: {known}")
+        shown = run_id if len(run_id) <= 64 else run_id[:64] + "..."
+        raise UnknownRunError(f"no run '{shown}' on this coordinator; runs here: {known}")
     spec, manifest = _parsed(row)
     return PublishedRun(row=row, spec=spec, manifest=manifest)
 
@@ -193,15 +202,20 @@ def num_active_peers(store: Store, run_id: str, now: float | None = None) -> int
 
 
 def peer_state(peer: dict[str, Any], now: float) -> str:
-    if peer["state"] == "left":
-        return "left"
+    if peer["state"] in ("left", "banned"):
+        return str(peer["state"])
     return "active" if now - peer["last_seen"] <= PEER_TIMEOUT_S else "gone"
+
+
+# What the peers view shows of each peer's ledger (the full ledger is its own view).
+_CREDIT_KEYS = ("verified_tokens", "verified_flops", "verified_share", "num_rejected")
 
 
 def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict[str, Any]]:
     get_run(store, run_id)
     now = time.time() if now is None else now
     totals = store.peer_totals(run_id)
+    credit = peer_credit(store, run_id)
     zero = {"num_tokens": 0, "num_sequences": 0}
     return [
         {
@@ -216,6 +230,11 @@ def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict
             "step": p["step"],
             "registered_at": p["registered_at"],
             "last_seen": p["last_seen"],
+            "admitted_via": p["admitted_via"],
+            "flagged": p["flagged"],
+            "num_skipped_steps": p["num_skipped_steps"],
+            "dht_peer_id": p["dht_peer_id"],
+            **{k: credit.get(p["peer_id"], {}).get(k, 0) for k in _CREDIT_KEYS},
         }
         for p in store.list_peers(run_id)
     ]

@@ -24,13 +24,18 @@ from pathlib import Path
 import grpc
 import uvicorn
 
+from crowdtrain.coordinator.admin import admin_key, coordinator_identity
+from crowdtrain.coordinator.auth import SessionInterceptor
 from crowdtrain.coordinator.grpc_service import CoordinatorService
 from crowdtrain.coordinator.http_app import Endpoints, create_app
 from crowdtrain.coordinator.leases import LeaseBook
+from crowdtrain.coordinator.ledger import Ledger
 from crowdtrain.coordinator.metrics import Refusals
-from crowdtrain.coordinator.peers import PeerConfig
+from crowdtrain.coordinator.peers import PeerConfig, authenticate
+from crowdtrain.coordinator.runs import get_run
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm import SwarmPeer, SwarmProgress, poll_progress
+from crowdtrain.coordinator.verifier import start_verifier, stop_verifier
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.rpc import SERVER_OPTIONS
@@ -51,6 +56,11 @@ class ServeConfig:
     dht_port: int = 8472
     public_host: str | None = None
     peers: PeerConfig = PeerConfig()
+    # PEM files; with both, gRPC and HTTP speak TLS only.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # A verifier process beside the coordinator: checkpoints and spot checks.
+    verifier: bool = True
 
 
 class PortInUseError(CrowdtrainError):
@@ -71,6 +81,18 @@ def _bind(host: str, port: int, what: str, flag: str) -> socket.socket:
             ) from None
         raise CrowdtrainError(f"cannot listen on {host}:{port} for {what}: {e.strerror}") from None
     return sock
+
+
+def _read_tls(config: ServeConfig) -> tuple[bytes, bytes] | None:
+    """(certificate chain, private key) PEM bytes, or None without TLS."""
+    if config.tls_cert is None and config.tls_key is None:
+        return None
+    if config.tls_cert is None or config.tls_key is None:
+        raise CrowdtrainError("TLS needs both --tls-cert and --tls-key")
+    try:
+        return config.tls_cert.read_bytes(), config.tls_key.read_bytes()
+    except OSError as e:
+        raise CrowdtrainError(f"cannot read the TLS certificate or key: {e}") from None
 
 
 def _free_port(host: str, port: int, what: str, flag: str) -> int:
@@ -112,6 +134,7 @@ def serve(config: ServeConfig, on_ready: ReadyCallback | None = None) -> None:
     data_dir = config.data_dir
     if data_dir.exists() and not data_dir.is_dir():
         raise CrowdtrainError(f"--data-dir {data_dir} is a file, not a folder")
+    tls = _read_tls(config)
     store = Store(data_dir)
     (data_dir / PORTS_FILE).unlink(missing_ok=True)
     http_sock = _bind(config.host, config.http_port, "HTTP", "--http-port")
@@ -126,7 +149,7 @@ def serve(config: ServeConfig, on_ready: ReadyCallback | None = None) -> None:
     try:
         for run in store.list_runs():
             swarm.watch(run["id"])
-        asyncio.run(_serve_async(config, store, swarm, http_sock, grpc_port, on_ready))
+        asyncio.run(_serve_async(config, store, swarm, http_sock, grpc_port, tls, on_ready))
     finally:
         swarm.shutdown()
         http_sock.close()
@@ -139,12 +162,15 @@ async def _serve_async(
     swarm: SwarmPeer,
     http_sock: socket.socket,
     grpc_port: int,
+    tls: tuple[bytes, bytes] | None,
     on_ready: ReadyCallback | None,
 ) -> None:
     public = config.public_host or config.host
     http_port = http_sock.getsockname()[1]
-    http_url = f"http://{public}:{http_port}"
+    http_url = f"{'https' if tls else 'http'}://{public}:{http_port}"
     grpc_target = f"{public}:{grpc_port}"
+    identity = coordinator_identity(config.data_dir)
+    admin = admin_key(config.data_dir)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -152,16 +178,33 @@ async def _serve_async(
         loop.add_signal_handler(sig, stop.set)
 
     leases = LeaseBook(store)
+    ledger = Ledger(store, swarm.history)
     refusals = Refusals()
-    grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
+    grpc_server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        interceptors=[SessionInterceptor(lambda token: authenticate(store, token), refusals)],
+    )
     pb_grpc.add_CoordinatorServicer_to_server(
         CoordinatorService(
-            store, config.peers, lambda: swarm.initial_peers, http_url, leases, refusals
+            store,
+            config.peers,
+            lambda: swarm.initial_peers,
+            http_url,
+            leases,
+            refusals,
+            identity,
+            ledger=ledger,
         ),
         grpc_server,
     )
+    address = f"{config.host}:{grpc_port}"
     try:
-        bound = grpc_server.add_insecure_port(f"{config.host}:{grpc_port}")
+        if tls:
+            bound = grpc_server.add_secure_port(
+                address, grpc.ssl_server_credentials([(tls[1], tls[0])])
+            )
+        else:
+            bound = grpc_server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if bound != grpc_port:
@@ -170,10 +213,23 @@ async def _serve_async(
         )
     await grpc_server.start()
 
-    app = create_app(
-        store, Endpoints(http_url, grpc_target, lambda: swarm.initial_peers), leases, refusals
+    endpoints = Endpoints(
+        http_url,
+        grpc_target,
+        lambda: swarm.initial_peers,
+        grpc_tls=tls is not None,
+        coordinator_public_key=identity.public_key.hex(),
     )
-    http_server = _Uvicorn(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    app = create_app(store, endpoints, leases, refusals, admin_key=admin, identity=identity)
+    http_server = _Uvicorn(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=str(config.tls_cert) if tls else None,
+            ssl_keyfile=str(config.tls_key) if tls else None,
+        )
+    )
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]))
 
     poll_stop = threading.Event()
@@ -184,6 +240,7 @@ async def _serve_async(
     poller = threading.Thread(
         target=poll_progress,
         args=(swarm, lambda: [r["id"] for r in store.list_runs()], on_progress, poll_stop),
+        kwargs={"after_read": lambda run_id: ledger.recheck_waiting(get_run(store, run_id))},
         name="swarm-progress",
         daemon=True,
     )
@@ -203,8 +260,11 @@ async def _serve_async(
         "dht_port": swarm.port,
         "http_url": http_url,
         "grpc_target": grpc_target,
+        "grpc_tls": tls is not None,
         "initial_peers": swarm.initial_peers,
+        "coordinator_public_key": identity.public_key.hex(),
     }
+    verifier = start_verifier(config.data_dir, swarm.initial_peers) if config.verifier else None
     with _ports_file(config.data_dir, ports):
         logger.info(
             "coordinator ready: http %s, grpc %s, dht %s", http_url, grpc_target, swarm.port
@@ -218,6 +278,8 @@ async def _serve_async(
         await grpc_server.stop(grace=2.0)
         await http_task
         poller.join(timeout=_POLL_JOIN_S)
+        if verifier is not None:
+            stop_verifier(verifier)
 
 
 _POLL_JOIN_S = 6.0

@@ -18,7 +18,9 @@ from typing import Any
 from crowdtrain.protocol.errors import CrowdtrainError
 
 DB_NAME = "coordinator.db"
-SCHEMA_VERSION = 1
+# Longer than any signed message may be old (protocol.identity.DEFAULT_MAX_AGE_S).
+_NONCE_KEEP_S = 600.0
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,7 +32,8 @@ CREATE TABLE IF NOT EXISTS runs (
     manifest_hash TEXT NOT NULL,
     data_path TEXT NOT NULL,
     published_at REAL NOT NULL,
-    step INTEGER NOT NULL DEFAULT 0
+    step INTEGER NOT NULL DEFAULT 0,
+    run_signature BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS peers (
     run_id TEXT NOT NULL,
@@ -45,8 +48,14 @@ CREATE TABLE IF NOT EXISTS peers (
     tokens_per_s REAL NOT NULL DEFAULT 0,
     loss REAL,
     step INTEGER NOT NULL DEFAULT 0,
+    admitted_via TEXT NOT NULL DEFAULT 'open',
+    dht_peer_id TEXT NOT NULL DEFAULT '',
+    progress_key TEXT NOT NULL DEFAULT '',
+    num_skipped_steps INTEGER NOT NULL DEFAULT 0,
+    flagged TEXT,
     PRIMARY KEY (run_id, peer_id)
 );
+CREATE INDEX IF NOT EXISTS peers_by_dht_id ON peers (run_id, dht_peer_id);
 CREATE TABLE IF NOT EXISTS peer_counters (
     run_id TEXT NOT NULL,
     peer_id TEXT NOT NULL,
@@ -56,10 +65,45 @@ CREATE TABLE IF NOT EXISTS peer_counters (
     PRIMARY KEY (run_id, peer_id, session_key)
 );
 CREATE TABLE IF NOT EXISTS sessions (
-    token TEXT PRIMARY KEY,
+    token_hash TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
     peer_id TEXT NOT NULL,
     expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    public_key BLOB NOT NULL,
+    nonce BLOB NOT NULL,
+    timestamp REAL NOT NULL,
+    PRIMARY KEY (public_key, nonce)
+);
+CREATE INDEX IF NOT EXISTS nonces_by_time ON nonces (timestamp);
+CREATE TABLE IF NOT EXISTS invites (
+    code_hash TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    max_uses INTEGER NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 0,
+    expires_at REAL,
+    note TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS bans (
+    run_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    banned_at REAL NOT NULL,
+    PRIMARY KEY (run_id, peer_id)
+);
+CREATE TABLE IF NOT EXISTS peer_reports (
+    run_id TEXT NOT NULL,
+    reporter TEXT NOT NULL,
+    dht_peer_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL,
+    PRIMARY KEY (run_id, reporter, dht_peer_id, reason)
 );
 CREATE TABLE IF NOT EXISTS evals (
     run_id TEXT NOT NULL,
@@ -183,8 +227,17 @@ class Store:
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),
                 )
+                found = db.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'"
+                ).fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path} is not a usable SQLite database: {e}") from None
+        if found != str(SCHEMA_VERSION):
+            self._db.close()
+            raise StoreError(
+                f"{self.path} was written by another crowdtrain version (store format {found}, "
+                f"this one reads {SCHEMA_VERSION}); start this coordinator on a new --data-dir"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -217,8 +270,8 @@ class Store:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO runs (id, spec_toml, spec_hash, manifest_json, manifest_hash,"
-                " data_path, published_at) VALUES (:id, :spec_toml, :spec_hash, :manifest_json,"
-                " :manifest_hash, :data_path, :published_at)",
+                " data_path, published_at, run_signature) VALUES (:id, :spec_toml, :spec_hash,"
+                " :manifest_json, :manifest_hash, :data_path, :published_at, :run_signature)",
                 run,
             )
 
@@ -234,34 +287,46 @@ class Store:
 
     # peers and sessions
 
-    def upsert_peer(self, peer: dict[str, Any], session: dict[str, Any]) -> None:
-        """Record a registration and its session token in one transaction."""
+    def upsert_peer(
+        self, peer: dict[str, Any], session: dict[str, Any], invite_hash: str | None = None
+    ) -> None:
+        """Record a registration and its session in one transaction.
+
+        ``invite_hash`` (a new peer's invite code) is spent in the same
+        transaction; :class:`StoreError` if it is no longer usable, and then
+        nothing is written.
+        """
         with self.transaction() as db:
+            if invite_hash is not None:
+                spent = db.execute(
+                    "UPDATE invites SET uses = uses + 1 WHERE code_hash = ? AND run_id = ?"
+                    " AND revoked = 0 AND (max_uses = 0 OR uses < max_uses)"
+                    " AND (expires_at IS NULL OR expires_at > ?)",
+                    (invite_hash, peer["run_id"], peer["now"]),
+                ).rowcount
+                if spent != 1:
+                    raise StoreError("the invite code is used up or has expired")
             db.execute(
                 "INSERT INTO peers (run_id, peer_id, public_key, name, device, versions,"
-                " registered_at, last_seen, state) VALUES (:run_id, :peer_id, :public_key, :name,"
-                " :device, :versions, :now, :now, 'active')"
+                " registered_at, last_seen, state, admitted_via) VALUES (:run_id, :peer_id,"
+                " :public_key, :name, :device, :versions, :now, :now, 'active', :admitted_via)"
                 " ON CONFLICT (run_id, peer_id) DO UPDATE SET name = :name, device = :device,"
                 " versions = :versions, last_seen = :now, state = 'active'",
                 peer,
             )
             db.execute("DELETE FROM sessions WHERE expires_at < ?", (peer["now"],))
             db.execute(
-                "INSERT INTO sessions (token, run_id, peer_id, expires_at)"
-                " VALUES (:token, :run_id, :peer_id, :expires_at)",
+                "INSERT INTO sessions (token_hash, run_id, peer_id, expires_at)"
+                " VALUES (:token_hash, :run_id, :peer_id, :expires_at)",
                 session,
             )
 
-    def get_session(self, token: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM sessions WHERE token = ?", (token,))
+    def get_session(self, token_hash: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM sessions WHERE token_hash = ?", (token_hash,))
 
-    def extend_session(self, token: str, expires_at: float) -> None:
+    def end_session(self, token_hash: str, run_id: str, peer_id: str) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE sessions SET expires_at = ? WHERE token = ?", (expires_at, token))
-
-    def end_session(self, token: str, run_id: str, peer_id: str) -> None:
-        with self.transaction() as db:
-            db.execute("DELETE FROM sessions WHERE token = ?", (token,))
+            db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
             db.execute(
                 "UPDATE peers SET state = 'left', last_seen = ? WHERE run_id = ? AND peer_id = ?",
                 (time.time(), run_id, peer_id),
@@ -297,7 +362,8 @@ class Store:
             )
             db.execute(
                 "UPDATE peers SET last_seen = :now, state = 'active', tokens_per_s = :tokens_per_s,"
-                " loss = :loss, step = :step, device = :device"
+                " loss = :loss, step = :step, device = :device,"
+                " num_skipped_steps = MAX(num_skipped_steps, :num_skipped_steps)"
                 " WHERE run_id = :run_id AND peer_id = :peer_id",
                 update,
             )
@@ -308,6 +374,116 @@ class Store:
                 " :bits_per_byte, :peer_id, :time)",
                 evaluations,
             )
+
+    def set_swarm_ids(self, run_id: str, peer_id: str, dht_peer_id: str, progress_key: str) -> None:
+        """Remember which hivemind identities belong to a peer (from its signed heartbeat)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE peers SET dht_peer_id = ?, progress_key = ? WHERE run_id = ?"
+                " AND peer_id = ?",
+                (dht_peer_id, progress_key, run_id, peer_id),
+            )
+
+    def peer_by_dht_id(self, run_id: str, dht_peer_id: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM peers WHERE run_id = ? AND dht_peer_id = ?", (run_id, dht_peer_id)
+        )
+
+    def flag_peer(self, run_id: str, peer_id: str, reason: str) -> None:
+        """Mark a peer as suspect (shown on the API and dashboard); the first reason stays."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE peers SET flagged = COALESCE(flagged, ?) WHERE run_id = ? AND peer_id = ?",
+                (reason[:500], run_id, peer_id),
+            )
+
+    # nonces, invites, bans and reports
+
+    def remember_nonce(self, public_key: bytes, nonce: bytes, timestamp: float) -> None:
+        """Journal a used nonce; ones older than any message could be are dropped."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM nonces WHERE timestamp < ?", (time.time() - _NONCE_KEEP_S,))
+            db.execute(
+                "INSERT OR IGNORE INTO nonces (public_key, nonce, timestamp) VALUES (?, ?, ?)",
+                (public_key, nonce, timestamp),
+            )
+
+    def recent_nonces(self, since: float) -> list[dict[str, Any]]:
+        """Nonces still young enough to be replayed; older ones are deleted."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM nonces WHERE timestamp < ?", (since,))
+        return self._all("SELECT * FROM nonces")
+
+    def insert_invite(self, invite: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO invites (code_hash, run_id, prefix, max_uses, expires_at, note,"
+                " created_at) VALUES (:code_hash, :run_id, :prefix, :max_uses, :expires_at,"
+                " :note, :created_at)",
+                invite,
+            )
+
+    def get_invite(self, code_hash: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM invites WHERE code_hash = ?", (code_hash,))
+
+    def list_invites(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT prefix, max_uses, uses, expires_at, note, created_at, revoked FROM invites"
+            " WHERE run_id = ? ORDER BY created_at",
+            (run_id,),
+        )
+
+    def ban(self, run_id: str, peer_id: str, reason: str, now: float) -> None:
+        """Ban a peer from a run: its sessions end and its leases return, at once."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO bans (run_id, peer_id, reason, banned_at)"
+                " VALUES (?, ?, ?, ?)",
+                (run_id, peer_id, reason, now),
+            )
+            db.execute("DELETE FROM sessions WHERE run_id = ? AND peer_id = ?", (run_id, peer_id))
+            db.execute(
+                "UPDATE peers SET state = 'banned' WHERE run_id = ? AND peer_id = ?",
+                (run_id, peer_id),
+            )
+            self._return_leases(db, run_id, peer_id)
+
+    def unban(self, run_id: str, peer_id: str) -> bool:
+        with self.transaction() as db:
+            removed = db.execute(
+                "DELETE FROM bans WHERE run_id = ? AND peer_id = ?", (run_id, peer_id)
+            ).rowcount
+            db.execute(
+                "UPDATE peers SET state = 'left' WHERE run_id = ? AND peer_id = ?"
+                " AND state = 'banned'",
+                (run_id, peer_id),
+            )
+        return removed == 1
+
+    def get_ban(self, run_id: str, peer_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM bans WHERE run_id = ? AND peer_id = ?", (run_id, peer_id))
+
+    def is_banned(self, run_id: str, peer_id: str) -> bool:
+        return self.get_ban(run_id, peer_id) is not None
+
+    def list_bans(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM bans WHERE run_id = ? ORDER BY banned_at", (run_id,))
+
+    def record_reports(self, reports: list[dict[str, Any]]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO peer_reports (run_id, reporter, dht_peer_id, reason, count,"
+                " first_at, last_at) VALUES (:run_id, :reporter, :dht_peer_id, :reason, :count,"
+                " :now, :now) ON CONFLICT (run_id, reporter, dht_peer_id, reason) DO UPDATE"
+                " SET count = count + :count, last_at = :now",
+                reports,
+            )
+
+    def reports_about(self, run_id: str, dht_peer_id: str) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT * FROM peer_reports WHERE run_id = ? AND dht_peer_id = ?",
+            (run_id, dht_peer_id),
+        )
 
     def peer_totals(self, run_id: str) -> dict[str, dict[str, int]]:
         """Tokens and sequences per peer, summed over its node processes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -55,6 +56,25 @@ metadata_expiration_s = 10.0
 every_steps = 2
 num_sequences = 32
 """
+
+
+# The nonce journal records every signed session message that reached the
+# coordinator, refused or not (a refused message's nonce stays spent).
+JOURNAL_TABLES = {"nonces"}
+
+
+def db_rows(coord_dir: Path) -> dict[str, list]:
+    """Every row of every table of a coordinator's database but its nonce journal."""
+    db = sqlite3.connect(coord_dir / "coordinator.db")
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {
+            t: db.execute(f"SELECT * FROM {t}").fetchall()
+            for t in sorted(tables)
+            if t not in JOURNAL_TABLES
+        }
+    finally:
+        db.close()
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -163,8 +183,14 @@ class Swarm:
         )
 
     def start_coordinator(
-        self, timeout: float = 90, http_port: int = 0, grpc_port: int = 0, dht_port: int = 0
+        self,
+        *extra: str,
+        timeout: float = 90,
+        http_port: int = 0,
+        grpc_port: int = 0,
+        dht_port: int = 0,
     ) -> Process:
+        """Start ``crowdtrain-coordinator serve`` on free ports; ``extra`` adds flags."""
         ports_file = self.coord_dir / "ports.json"
         ports_file.unlink(missing_ok=True)  # a killed coordinator leaves its file behind
         process = self._spawn(
@@ -180,6 +206,7 @@ class Swarm:
                 str(grpc_port),
                 "--dht-port",
                 str(dht_port),
+                *extra,
             ],
         )
         deadline = time.monotonic() + timeout

@@ -2,13 +2,12 @@
 
 import hashlib
 import socket
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.swarm import COORDINATOR, NODE, Swarm, run_cli, write_spec
+from tests.swarm import COORDINATOR, NODE, Swarm, db_rows, run_cli, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +27,6 @@ def folder_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def db_rows(coord_dir: Path) -> dict[str, list]:
-    db = sqlite3.connect(coord_dir / "coordinator.db")
-    try:
-        return {
-            t: db.execute(f"SELECT * FROM {t}").fetchall()
-            for t in ("runs", "peers", "sessions", "receipts")
-        }
-    finally:
-        db.close()
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +196,8 @@ def test_hostile_control_plane_requests_are_refused_counted_and_change_nothing(
     token = client.register("tiny", "probe", "cpu", "").session_token
     [lease] = client.lease(token, 1)
     envelope = envelope_to_pb(seal(identity, KIND_RECEIPT, receipt(lease.shard_id)))
-    assert stub.ReportShard(pb.ShardReport(session_token=token, envelope=envelope)).accepted
+    auth = (("authorization", f"Bearer {token}"),)
+    assert stub.ReportShard(pb.ShardReport(envelope=envelope), metadata=auth).accepted
     before = db_rows(live.coord_dir)
     refused_before = sum(r["count"] for r in live.get("/api/refusals"))
 
@@ -217,7 +206,7 @@ def test_hostile_control_plane_requests_are_refused_counted_and_change_nothing(
         (lambda: client.report(token, receipt("train-00000", epoch=7)), "never leased"),
         (lambda: client.report(token, receipt(lease.shard_id)), "already receipted"),
         (
-            lambda: stub.ReportShard(pb.ShardReport(session_token=token, envelope=envelope)),
+            lambda: stub.ReportShard(pb.ShardReport(envelope=envelope), metadata=auth),
             "replayed",
         ),
         (lambda: client.heartbeat(token, {"session_key": "x" * 16}), "HeartbeatPayload"),

@@ -10,6 +10,7 @@ from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.messages import ReceiptPayload
 from tests.coordinator.conftest import NUM_SHARDS
+from tests.coordinator.registration import COORDINATOR_KEY
 from tests.coordinator.registration import join_peer as _join
 
 LEASE_S = 10.0
@@ -52,7 +53,7 @@ class FakeClock:
 def run(store, prepared, tmp_path):
     spec_path = tmp_path / "run.toml"
     spec_path.write_text(SPEC, encoding="utf-8")
-    result = publish(store, prepare_publication(spec_path, prepared))
+    result = publish(store, prepare_publication(spec_path, prepared), COORDINATOR_KEY)
     run = get_run(store, result.run_id)
     assert run.spec.data.lease_s == LEASE_S
     return run

@@ -25,6 +25,7 @@ from crowdtrain.protocol.messages import (
     ReceiptPayload,
 )
 from crowdtrain.protocol.runspec import load_spec
+from tests.coordinator.registration import COORDINATOR_KEY
 from tests.coordinator.registration import join_peer as _join
 
 SPEC = """
@@ -73,7 +74,7 @@ def book(store):
 
 @pytest.fixture
 def run(store, spec_path, data):
-    result = publish(store, prepare_publication(spec_path, data))
+    result = publish(store, prepare_publication(spec_path, data), COORDINATOR_KEY)
     assert not result.already_published
     return get_run(store, result.run_id)
 
@@ -107,7 +108,7 @@ def _receipt(shard_id, epoch=0, started=1000.0, finished=1010.0):
 
 def test_publish_stores_the_run(store, spec_path, data):
     publication = prepare_publication(spec_path, data)
-    result = publish(store, publication)
+    result = publish(store, publication, COORDINATOR_KEY)
     assert result.run_id == "unit-run"
     assert result.num_train_shards == 20
     assert result.spec_hash == load_spec(spec_path).hash
@@ -137,7 +138,7 @@ def test_unknown_run_lists_the_runs_there(run, store):
 
 def test_publishing_again_is_a_no_op(run, store, spec_path, data):
     before = store.get_run("unit-run")
-    again = publish(store, prepare_publication(spec_path, data))
+    again = publish(store, prepare_publication(spec_path, data), COORDINATOR_KEY)
     assert again.already_published
     assert again.spec_hash == before["spec_hash"]
     assert store.get_run("unit-run") == before
@@ -147,14 +148,14 @@ def test_publishing_again_is_a_no_op(run, store, spec_path, data):
 def test_reformatted_spec_counts_as_the_same_run(run, store, spec_path, data, tmp_path):
     commented = tmp_path / "commented.toml"
     commented.write_text("# same values, new comments\n" + spec_path.read_text(), encoding="utf-8")
-    assert publish(store, prepare_publication(commented, data)).already_published
+    assert publish(store, prepare_publication(commented, data), COORDINATOR_KEY).already_published
 
 
 def test_changed_spec_with_the_same_id_is_refused(run, store, data, tmp_path):
     before = store.get_run("unit-run")
     changed = _write_spec(tmp_path / "changed.toml", d_model=32)
     with pytest.raises(SpecError) as info:
-        publish(store, prepare_publication(changed, data))
+        publish(store, prepare_publication(changed, data), COORDINATOR_KEY)
     message = str(info.value)
     assert str(changed) in message
     assert "run 'unit-run' is already published" in message
@@ -172,7 +173,7 @@ def test_changed_data_with_the_same_id_is_refused(run, store, spec_path, tmp_pat
     prepare_data(PrepareConfig(sources=(corpus,), out=other, shard_tokens=1024, val_fraction=0.2))
     before = store.get_run("unit-run")
     with pytest.raises(SpecError, match="different spec or data"):
-        publish(store, prepare_publication(spec_path, other))
+        publish(store, prepare_publication(spec_path, other), COORDINATOR_KEY)
     assert store.get_run("unit-run") == before
 
 
@@ -261,28 +262,28 @@ def test_register_for_an_unknown_run_is_refused(run, store):
 
 def test_heartbeat_counts_tokens_once(run, store):
     session = _join(store, run.id)
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2))
+    peers.heartbeat(store, session, _beat(num_tokens=1000, step=2))
     assert run_view(store, run.id)["num_tokens"] == 1000
 
     # The same heartbeat again (a retry) changes nothing.
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1000, step=2))
+    peers.heartbeat(store, session, _beat(num_tokens=1000, step=2))
     view = run_view(store, run.id)
     assert view["num_tokens"] == 1000 and view["step"] == 2
 
     # Counters are cumulative within a node session.
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1500, step=3))
+    peers.heartbeat(store, session, _beat(num_tokens=1500, step=3))
     assert run_view(store, run.id)["num_tokens"] == 1500
 
     # A late, older heartbeat of the same session does not lower the total.
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=1200, step=3))
+    peers.heartbeat(store, session, _beat(num_tokens=1200, step=3))
     assert run_view(store, run.id)["num_tokens"] == 1500
 
 
 def test_new_node_session_adds_on_top(run, store):
     session = _join(store, run.id)
-    peers.heartbeat(store, CONFIG, session, _beat("session-aaaa", num_tokens=1000))
-    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300))
-    peers.heartbeat(store, CONFIG, session, _beat("session-bbbb", num_tokens=300))
+    peers.heartbeat(store, session, _beat("session-aaaa", num_tokens=1000))
+    peers.heartbeat(store, session, _beat("session-bbbb", num_tokens=300))
+    peers.heartbeat(store, session, _beat("session-bbbb", num_tokens=300))
     [peer] = peers_view(store, run.id)
     assert peer["num_tokens"] == 1300
     assert run_view(store, run.id)["num_tokens"] == 1300
@@ -291,8 +292,8 @@ def test_new_node_session_adds_on_top(run, store):
 def test_tokens_of_two_peers_add_up(run, store):
     first = _join(store, run.id, name="one")
     second = _join(store, run.id, name="two")
-    peers.heartbeat(store, CONFIG, first, _beat(num_tokens=1000))
-    peers.heartbeat(store, CONFIG, second, _beat(num_tokens=700))
+    peers.heartbeat(store, first, _beat(num_tokens=1000))
+    peers.heartbeat(store, second, _beat(num_tokens=700))
     view = run_view(store, run.id)
     assert view["num_tokens"] == 1700 and view["num_peers"] == 2
 
@@ -302,17 +303,17 @@ def test_interleaved_sessions_of_one_peer_are_not_double_counted(run, store):
     first = _join(store, run.id, identity=identity)
     second = _join(store, run.id, identity=identity)
     for _ in range(2):
-        peers.heartbeat(store, CONFIG, first, _beat("session-aaaa", num_tokens=1000))
-        peers.heartbeat(store, CONFIG, second, _beat("session-bbbb", num_tokens=500))
+        peers.heartbeat(store, first, _beat("session-aaaa", num_tokens=1000))
+        peers.heartbeat(store, second, _beat("session-bbbb", num_tokens=500))
     assert run_view(store, run.id)["num_tokens"] == 1500
 
 
 def test_evaluation_shows_up_as_val_loss(run, store):
     session = _join(store, run.id)
     first = Evaluation(step=5, num_tokens=5000, loss=3.5, bits_per_byte=5.05)
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=5000, evaluation=first, step=5))
+    peers.heartbeat(store, session, _beat(num_tokens=5000, evaluation=first, step=5))
     later = Evaluation(step=10, num_tokens=9000, loss=2.25, bits_per_byte=3.25)
-    peers.heartbeat(store, CONFIG, session, _beat(num_tokens=9000, evaluation=later, step=10))
+    peers.heartbeat(store, session, _beat(num_tokens=9000, evaluation=later, step=10))
     view = run_view(store, run.id)
     assert view["val_loss"] == 2.25
     assert view["val_bits_per_byte"] == 3.25
