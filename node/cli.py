@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
         "--announce-host", default=None, help="public address peers should dial, if behind NAT"
     )
     join.add_argument(
+        "--invite", default="", help="invite code for an invite-only run (needed once)"
+    )
+    join.add_argument(
+        "--ca-cert",
+        type=Path,
+        default=None,
+        help="PEM file of the authority behind the coordinator's TLS certificate",
+    )
+    join.add_argument(
         "--client-mode",
         action="store_true",
         help="take part without accepting connections (behind NAT or a firewall)",
@@ -140,6 +149,8 @@ def _join(args: argparse.Namespace) -> int:
             announce_host=args.announce_host,
             client_mode=args.client_mode,
             cache_bytes=args.cache_size,
+            invite=args.invite,
+            ca_cert=args.ca_cert,
         )
     )
 

@@ -7,7 +7,10 @@ caller decides whether to keep training and try again later.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,10 @@ class CoordinatorError(CrowdtrainError):
         return self.code == grpc.StatusCode.UNAUTHENTICATED
 
     @property
+    def denied(self) -> bool:
+        return self.code == grpc.StatusCode.PERMISSION_DENIED
+
+    @property
     def unreachable(self) -> bool:
         return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -58,7 +65,63 @@ class Registration:
     initial_peers: list[str]
 
 
-def discover(url: str) -> dict[str, Any]:
+KNOWN_COORDINATORS_FILE = "known_coordinators.json"
+
+
+class KeyPins:
+    """Coordinator keys this node trusted on first contact (like ssh's known_hosts).
+
+    A coordinator whose key differs from the pinned one is refused: it may be
+    an impostor. The file maps each coordinator URL to its key in hex.
+    """
+
+    def __init__(self, home: Path):
+        self.path = Path(home) / KNOWN_COORDINATORS_FILE
+
+    def _load(self) -> dict[str, str]:
+        try:
+            pins = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise CrowdtrainError(
+                f"{self.path} is damaged ({e}); fix or delete it (its keys are then "
+                "trusted again on first contact)"
+            ) from None
+        if not isinstance(pins, dict):
+            raise CrowdtrainError(f"{self.path} is damaged; fix or delete it")
+        return {str(k): str(v) for k, v in pins.items()}
+
+    def check(self, url: str, public_key: bytes) -> None:
+        """Pin ``public_key`` for ``url`` on first contact; refuse a changed key."""
+        if len(public_key) != 32:
+            raise CrowdtrainError(f"the coordinator at {url} presented no valid key")
+        pins = self._load()
+        key = public_key.hex()
+        pinned = pins.get(url)
+        if pinned is None:
+            pins[url] = key
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(pins, indent=2, sort_keys=True))
+            os.replace(tmp, self.path)
+            logger.info("trusting coordinator %s with key %s (first contact)", url, key[:16])
+            return
+        if pinned != key:
+            raise CrowdtrainError(
+                f"WARNING: the coordinator at {url} presents key {key[:16]}..., not the "
+                f"{pinned[:16]}... this node pinned on first contact. Someone may be "
+                "impersonating it. If its operator really replaced the key, remove the "
+                f"line for {url} from {self.path} and join again."
+            )
+
+
+def tls_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
+    """What httpx should trust: the given authority, or the system's roots."""
+    return ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+
+
+def discover(url: str, ca_cert: Path | None = None) -> dict[str, Any]:
     """Ask the coordinator's HTTP server where its gRPC server and DHT are."""
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -67,7 +130,9 @@ def discover(url: str) -> dict[str, Any]:
             "(the address you open in a browser)"
         )
     try:
-        response = httpx.get(f"{url}/api/endpoints", timeout=_HTTP_TIMEOUT)
+        response = httpx.get(
+            f"{url}/api/endpoints", timeout=_HTTP_TIMEOUT, verify=tls_verify(ca_cert)
+        )
     except httpx.HTTPError as e:
         raise CoordinatorError(
             f"cannot reach the coordinator at {url} ({type(e).__name__}: {e}); check the "
@@ -87,31 +152,55 @@ def discover(url: str) -> dict[str, Any]:
 
 
 class CoordinatorClient:
-    """One node's calls to one coordinator. Thread-safe (gRPC channels are)."""
+    """One node's calls to one coordinator. Thread-safe (gRPC channels are).
 
-    def __init__(self, url: str, grpc_target: str, identity: Identity):
+    ``tls`` speaks TLS to the gRPC server (the coordinator says so at
+    discovery); ``ca_cert`` is a PEM file of the authority to trust, for
+    coordinators with a private certificate (default: the system's roots).
+    ``pins`` checks the coordinator's key before anything is signed for it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        grpc_target: str,
+        identity: Identity,
+        tls: bool = False,
+        ca_cert: Path | None = None,
+        pins: KeyPins | None = None,
+    ):
         self.url = url.rstrip("/")
         self.grpc_target = grpc_target
         self.identity = identity
-        self._channel = grpc.insecure_channel(grpc_target, options=CHANNEL_OPTIONS)
+        self.tls = tls
+        self.pins = pins
+        self._root_certificates = ca_cert.read_bytes() if ca_cert else None
+        self._channel = self._open_channel()
         self._stub = pb_grpc.CoordinatorStub(self._channel)
-        self._http = httpx.Client(timeout=_HTTP_TIMEOUT)
+        self._http = httpx.Client(timeout=_HTTP_TIMEOUT, verify=tls_verify(ca_cert))
+
+    def _open_channel(self) -> grpc.Channel:
+        if self.tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
+            return grpc.secure_channel(self.grpc_target, credentials, options=CHANNEL_OPTIONS)
+        return grpc.insecure_channel(self.grpc_target, options=CHANNEL_OPTIONS)
 
     def suspend(self) -> None:
         """Close the gRPC channel (before a fork); :meth:`reopen` makes a new one."""
         self._channel.close()
 
     def reopen(self) -> None:
-        self._channel = grpc.insecure_channel(self.grpc_target, options=CHANNEL_OPTIONS)
+        self._channel = self._open_channel()
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
         self._http.close()
 
-    def _call(self, name: str, request: Any) -> Any:
+    def _call(self, name: str, request: Any, token: str | None = None) -> Any:
+        metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
         try:
-            return getattr(self._stub, name)(request, timeout=CALL_DEADLINE_S)
+            return getattr(self._stub, name)(request, timeout=CALL_DEADLINE_S, metadata=metadata)
         except grpc.RpcError as e:
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -120,13 +209,26 @@ class CoordinatorClient:
                 message = e.details() or code.name
             raise CoordinatorError(message, code) from None
 
-    def register(self, run_id: str, name: str, device: str, versions: str) -> Registration:
-        envelope = seal(
-            self.identity, KIND_REGISTER, {"name": name, "device": device, "versions": versions}
-        )
+    def register(
+        self, run_id: str, name: str, device: str, versions: str, invite: str = ""
+    ) -> Registration:
+        """Answer a fresh challenge with a signed registration; returns the session."""
+        challenge = self._call("Challenge", pb.ChallengeRequest(run_id=run_id))
+        if self.pins is not None:
+            self.pins.check(self.url, challenge.coordinator_public_key)
+        payload = {
+            "challenge": challenge.challenge,
+            "name": name,
+            "device": device,
+            "versions": versions,
+            "invite": invite,
+        }
+        envelope = seal(self.identity, KIND_REGISTER, payload)
         reply = self._call(
             "Register", pb.RegisterRequest(run_id=run_id, envelope=envelope_to_pb(envelope))
         )
+        if reply.run.coordinator_public_key != challenge.coordinator_public_key:
+            raise CoordinatorError("the coordinator's key changed during registration")
         return Registration(
             peer_id=reply.peer_id,
             session_token=reply.session_token,
@@ -138,26 +240,22 @@ class CoordinatorClient:
     def heartbeat(self, token: str, payload: dict[str, Any]) -> pb.HeartbeatReply:
         envelope = seal(self.identity, KIND_HEARTBEAT, payload)
         return self._call(
-            "Heartbeat",
-            pb.HeartbeatRequest(session_token=token, envelope=envelope_to_pb(envelope)),
+            "Heartbeat", pb.HeartbeatRequest(envelope=envelope_to_pb(envelope)), token
         )
 
     def lease(self, token: str, max_shards: int, resume: bool = False) -> list[pb.Lease]:
         reply = self._call(
-            "LeaseShards",
-            pb.LeaseRequest(session_token=token, max_shards=max_shards, resume=resume),
+            "LeaseShards", pb.LeaseRequest(max_shards=max_shards, resume=resume), token
         )
         return list(reply.leases)
 
     def report(self, token: str, receipt: dict[str, Any]) -> bool:
         envelope = seal(self.identity, KIND_RECEIPT, receipt)
-        reply = self._call(
-            "ReportShard", pb.ShardReport(session_token=token, envelope=envelope_to_pb(envelope))
-        )
+        reply = self._call("ReportShard", pb.ShardReport(envelope=envelope_to_pb(envelope)), token)
         return bool(reply.accepted)
 
     def leave(self, token: str) -> None:
-        self._call("Leave", pb.LeaveRequest(session_token=token))
+        self._call("Leave", pb.LeaveRequest(), token)
 
     def download(self, url: str, dest: Path) -> None:
         """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows)."""

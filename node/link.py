@@ -39,6 +39,7 @@ class CoordinatorLink:
         cache: ShardCache,
         on_fatal: Callable[[CrowdtrainError], None],
         prefetch: int = 2,
+        on_reply: Callable[[Any], None] | None = None,
     ):
         self.client = client
         self._register = register
@@ -48,6 +49,7 @@ class CoordinatorLink:
         self.cache = cache
         self._on_fatal = on_fatal
         self.prefetch = prefetch
+        self._on_reply = on_reply
         self.stream: ShardStream | None = None
         self.connected = True
         self._receipts: deque[dict[str, Any]] = deque()
@@ -133,6 +135,9 @@ class CoordinatorLink:
                 logger.info("coordinator reachable again")
             self.connected = True
         except CoordinatorError as e:
+            if e.denied:  # banned, or no longer admitted: nothing to retry
+                self._on_fatal(CoordinatorError(f"the coordinator refused this node: {e}"))
+                return False
             if self.connected:
                 logger.warning("lost the coordinator (%s); training goes on", e)
             self.connected = False
@@ -153,7 +158,9 @@ class CoordinatorLink:
         pending = list(self._evaluations)[:_MAX_EVALUATIONS]
         payload["evaluations"] = pending
         payload["leases"] = self._held()
-        self._with_session(lambda token: self.client.heartbeat(token, payload))
+        reply = self._with_session(lambda token: self.client.heartbeat(token, payload))
+        if self._on_reply is not None:
+            self._on_reply(reply)
         for _ in pending:
             self._evaluations.popleft()
         while self._receipts:
@@ -166,7 +173,7 @@ class CoordinatorLink:
                     receipt["epoch"],
                 )
             except CoordinatorError as e:
-                if e.unreachable:
+                if e.unreachable or e.denied:
                     raise
                 logger.warning("receipt for shard %s refused: %s", receipt["shard_id"], e)
             self._receipts.popleft()

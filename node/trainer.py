@@ -37,7 +37,13 @@ from crowdtrain.model import (
     save_checkpoint,
     sequence_losses,
 )
-from crowdtrain.node.client import CoordinatorClient, CoordinatorError, Registration, discover
+from crowdtrain.node.client import (
+    CoordinatorClient,
+    CoordinatorError,
+    KeyPins,
+    Registration,
+    discover,
+)
 from crowdtrain.node.data import (
     SAMPLE_SEQUENCES,
     ShardCache,
@@ -49,8 +55,8 @@ from crowdtrain.node.guard import SwarmGuard
 from crowdtrain.node.guarded import GuardedGradientAverager, GuardedOptimizer
 from crowdtrain.node.link import CoordinatorLink
 from crowdtrain.node.progress import Progress
-from crowdtrain.protocol.errors import CrowdtrainError, SpecError
-from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.errors import CrowdtrainError, IdentityError, SpecError
+from crowdtrain.protocol.identity import Identity, run_statement, verify_signature
 from crowdtrain.protocol.runspec import RunSpec, parse_spec
 from crowdtrain.protocol.shards import ShardManifest
 
@@ -83,6 +89,10 @@ class NodeConfig:
     client_mode: bool = False
     cache_bytes: int | None = 4 << 30
     prefetch_shards: int = 2
+    # An invite code, for a run whose [access] mode is "invite" (needed once).
+    invite: str = ""
+    # A PEM file of the authority that signed the coordinator's TLS certificate.
+    ca_cert: Path | None = None
 
 
 def _inf_grad_every() -> int:
@@ -131,8 +141,12 @@ def pick_device(requested: str) -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
+    """What the node reports: the GPU's name, or ``cpu:<threads>`` (the coordinator
+    bounds the compute a receipt may claim by it)."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu:{torch.get_num_threads()}"
     return device.type
 
 
@@ -206,6 +220,9 @@ class Node:
         self.client: CoordinatorClient | None = None
         self.guard: SwarmGuard | None = None
         self._num_non_finite_in_row = 0
+        # What the coordinator last said: the run's step, and this peer's verified credit.
+        self.coordinator_step = 0
+        self.verified_tokens = 0
         self._rate_window: list[tuple[float, int]] = []
         self._last_eval_step = -1
 
@@ -247,10 +264,17 @@ class Node:
         self.device = pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        endpoints = discover(cfg.url)
+        endpoints = discover(cfg.url, ca_cert=cfg.ca_cert)
         self.identity = Identity.load_or_create(cfg.home / "identity.pem")
         self.name = cfg.name or f"{socket.gethostname()}-{self.identity.peer_id[:6]}"
-        self.client = CoordinatorClient(cfg.url, endpoints["grpc_target"], self.identity)
+        self.client = CoordinatorClient(
+            cfg.url,
+            endpoints["grpc_target"],
+            self.identity,
+            tls=bool(endpoints.get("grpc_tls")),
+            ca_cert=cfg.ca_cert,
+            pins=KeyPins(cfg.home),
+        )
         registration = self._register()
         self.spec, self.manifest = self._check_run(registration)
         logger.info(
@@ -291,6 +315,7 @@ class Node:
             cache=self.cache,
             on_fatal=self._on_fatal,
             prefetch=cfg.prefetch_shards,
+            on_reply=self._on_heartbeat_reply,
         )
         self.stream = ShardStream(
             self.spec.run.seed,
@@ -312,11 +337,27 @@ class Node:
         assert self.client is not None
         versions = f"crowdtrain={version('crowdtrain')} torch={torch.__version__}"
         return self.client.register(
-            self.config.run_id, self.name, describe_device(self.device), versions
+            self.config.run_id,
+            self.name,
+            describe_device(self.device),
+            versions,
+            invite=self.config.invite,
         )
 
     def _check_run(self, registration: Registration) -> tuple[RunSpec, ShardManifest]:
         run = registration.run
+        try:
+            verify_signature(
+                run.coordinator_public_key,
+                run.run_signature,
+                run_statement(run.run_id, run.spec_hash, run.manifest_hash),
+            )
+        except IdentityError:
+            raise SpecError(
+                f"run {run.run_id}: the coordinator's signature of the run does not verify; "
+                "its spec or data may have been altered: do not train on it"
+            ) from None
+        self.coordinator_step = run.step
         spec = parse_spec(run.spec_toml, source=f"run {run.run_id} from the coordinator")
         if spec.hash != run.spec_hash:
             raise SpecError(
@@ -423,6 +464,7 @@ class Node:
         response = httpx.get(
             f"{cfg.url.rstrip('/')}/api/runs/{cfg.run_id}{path}",
             timeout=5.0,
+            verify=str(cfg.ca_cert) if cfg.ca_cert else True,
         )
         if response.status_code == 404:
             return None
@@ -453,9 +495,35 @@ class Node:
 
     # training
 
+    def _on_heartbeat_reply(self, reply: Any) -> None:
+        """The coordinator's view: its recorded step, and whom to accept parts from."""
+        self.coordinator_step = int(reply.step)
+        self.verified_tokens = int(reply.verified_tokens)
+        guard = getattr(self, "guard", None)
+        if guard is not None:
+            guard.update_roster({a.dht_peer_id: a.max_weight for a in reply.roster})
+
+    def _swarm_ids(self) -> dict[str, str]:
+        """This node's hivemind identities, for the coordinator to match DHT records to it."""
+        if self.dht is None or self.optimizer is None:
+            return {"dht_peer_id": "", "progress_key": ""}
+        try:
+            return {
+                "dht_peer_id": self.dht.peer_id.to_base58(),
+                # The subkey its progress records are signed under (hivemind keeps it private).
+                "progress_key": self.optimizer.tracker._local_public_key.hex(),
+            }
+        except Exception:  # not started, or shutting down
+            return {"dht_peer_id": "", "progress_key": ""}
+
     def _heartbeat_payload(self) -> dict[str, Any]:
         s = self.stats
+        guard = getattr(self, "guard", None)
+        reports = guard.drain_reports()[:32] if guard is not None else []
         return {
+            **self._swarm_ids(),
+            "num_skipped_steps": s.num_skipped_steps,
+            "reports": reports,
             "session_key": s.session_key,
             "num_tokens": s.num_tokens,
             "num_sequences": s.num_sequences,
