@@ -5,8 +5,9 @@ whatever weight it claims, and a new peer loads whatever state the first
 peer it asks serves. Here every part is checked before it is accumulated
 (it deserializes, is floating point, has the expected shape, is finite, its
 weight is within the sender's allowance, its norm is within
-:data:`NORM_BOUND` times ours) and every averaged result a reducer returns
-is checked before it is used. A sender that fails is dropped for the round
+:data:`NORM_BOUND` times the slice's typical norm, above :data:`CLIP_BOUND`
+it is scaled down) and every averaged result a reducer returns is checked
+before it is used. A sender that fails is dropped for the round
 and reported; downloaded state is refused when its step or parameters
 disagree with what the coordinator recorded.
 
@@ -49,11 +50,21 @@ from crowdtrain.protocol.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
 
-NORM_BOUND = 50.0
-"""A part may be at most this many times the norm of our own part of the same slice.
+NORM_BOUND = 200.0
+"""A part more than this many times the reference norm is dropped and its sender reported.
 
-Honest peers' mean gradients over similar batches differ by a few times at
-most; a part scaled by -1000 does not pass."""
+The reference for a slice is the lower median of the norms every sender
+(us included) sent for it. Honest peers' gradients for one tensor differ by
+up to a few dozen times (more while peers that started together are still
+out of step); a part scaled by -1000 stands out."""
+
+CLIP_BOUND = 10.0
+"""A part between this and NORM_BOUND times the reference is scaled down to this,
+quietly: its sender may be honest, and a clipped spike does little harm."""
+
+RESULT_NORM_BOUND = 1000.0
+"""A reducer's result (average minus our part) more than this many times our own
+part is not used. Our part alone is a noisy reference, so only gross scaling counts."""
 
 STEP_TOLERANCE = 10
 """Downloaded state may be this many steps ahead of or behind the coordinator's step."""
@@ -81,17 +92,12 @@ _MAX_REPORTS = 32  # as many as a heartbeat carries
 
 
 def part_problem(
-    part: torch.Tensor | None,
-    weight: float,
-    expected_shape: torch.Size,
-    local_part: torch.Tensor | None,
-    max_weight: float,
+    part: torch.Tensor | None, weight: float, expected_shape: torch.Size, max_weight: float
 ) -> str | None:
     """Why a received averaging part must not be accumulated, or None when it may.
 
-    ``part`` is None when it did not deserialize. ``local_part`` is our own
-    part of the same slice; the norm is compared with it only when it is
-    non-zero and both weights count.
+    ``part`` is None when it did not deserialize. Its size is judged apart,
+    against the other senders' (:func:`norm_problem`).
     """
     if part is None:
         return MALFORMED
@@ -103,9 +109,29 @@ def part_problem(
         return WEIGHT
     if not bool(torch.isfinite(part).all()):
         return NON_FINITE
-    if weight > 0 and local_part is not None and _too_large(part, local_part, NORM_BOUND):
-        return NORM
     return None
+
+
+def reference_norm(norms: Iterable[float]) -> float | None:
+    """The lower median of the positive norms, or None without any.
+
+    With two senders it is the smaller one: from two parts alone nobody can
+    tell which is wrong, so the larger must stay within bounds of the smaller.
+    """
+    positive = sorted(n for n in norms if n > 0)
+    return positive[(len(positive) - 1) // 2] if positive else None
+
+
+def norm_problem(norm: float, reference: float | None) -> str | None:
+    """NORM when a part's norm is beyond NORM_BOUND times the reference."""
+    return NORM if reference is not None and norm > NORM_BOUND * reference else None
+
+
+def clip_scale(norm: float, reference: float | None) -> float:
+    """The factor that brings a part down to CLIP_BOUND times the reference (1 when within)."""
+    if reference is None or norm <= CLIP_BOUND * reference:
+        return 1.0
+    return CLIP_BOUND * reference / norm
 
 
 def result_problem(
@@ -120,15 +146,15 @@ def result_problem(
         return SHAPE
     if not bool(torch.isfinite(delta).all()):
         return NON_FINITE
-    # An honest average is within NORM_BOUND of the reducer's part, which is close to ours.
-    if local_part is not None and _too_large(delta, local_part, NORM_BOUND + 1):
-        return NORM
+    if local_part is not None:
+        ours = _norm(local_part)
+        if ours > 0 and _norm(delta) > RESULT_NORM_BOUND * ours:
+            return NORM
     return None
 
 
-def _too_large(tensor: torch.Tensor, reference: torch.Tensor, bound: float) -> bool:
-    reference_norm = float(reference.float().norm())
-    return reference_norm > 0 and float(tensor.float().norm()) > bound * reference_norm
+def _norm(tensor: torch.Tensor) -> float:
+    return float(tensor.float().norm())
 
 
 @dataclass(frozen=True)
@@ -174,6 +200,10 @@ class GuardedAllReduceRunner(AllReduceRunner):
     its earlier ones had passed), its stream is closed and it is reported; a
     reducer whose result fails is treated as failed (our own values are used
     for what it had not yet returned) and reported.
+
+    Each part waits until every sender's part of the same slice is in (the
+    reduction waits for them anyway), so that its size is judged against all
+    of them: :func:`reference_norm`, :data:`CLIP_BOUND`, :data:`NORM_BOUND`.
     """
 
     def __init__(
@@ -186,15 +216,46 @@ class GuardedAllReduceRunner(AllReduceRunner):
     ):
         super().__init__(**kwargs)
         self._guard, self._max_weight, self._attack = guard, max_weight, attack
+        # part index -> sender index -> that part's norm (None: weight 0, not compared)
+        self._norms: dict[int, dict[int, float | None]] = {}
+        self._norms_complete: dict[int, asyncio.Event] = {}
 
     def _drop(self, peer_id: PeerID, reason: str, what: str) -> None:
         logger.warning("dropped averaging %s from peer %s: %s", what, peer_id.to_base58(), reason)
         self._guard.report(peer_id.to_base58(), reason)
 
-    def _local_part(self, part_index: int) -> torch.Tensor | None:
-        if self.weight <= 0 or part_index >= len(self.parts_for_local_averaging):
-            return None
-        return self.parts_for_local_averaging[part_index]
+    def _complete(self, part_index: int) -> asyncio.Event:
+        return self._norms_complete.setdefault(part_index, asyncio.Event())
+
+    def _check_complete(self) -> None:
+        for part_index, norms in self._norms.items():
+            if all(
+                index in norms or peer_id in self.banned_senders or peer_id == self.peer_id
+                for index, peer_id in enumerate(self.sender_peer_ids)
+            ):
+                self._complete(part_index).set()
+
+    async def _ban_sender(self, peer_id: PeerID) -> None:
+        await super()._ban_sender(peer_id)
+        self._check_complete()  # nobody waits for a banned sender's norms
+
+    async def _reference(self, sender_index: int, part_index: int, norm: float | None) -> Any:
+        """Record a part's norm, wait for the other senders', return the slice's reference."""
+        self._norms.setdefault(part_index, {})[sender_index] = norm
+        self._check_complete()
+        finished = asyncio.create_task(self.tensor_part_reducer.finished.wait())
+        complete = asyncio.create_task(self._complete(part_index).wait())
+        try:
+            await asyncio.wait({finished, complete}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished.cancel()
+            complete.cancel()
+        if self.tensor_part_reducer.finished.is_set():
+            raise AllreduceException("all-reduce finished while a part waited for its peers")
+        norms = [n for n in self._norms[part_index].values() if n is not None]
+        if self.weight > 0 and part_index < len(self.parts_for_local_averaging):
+            norms.append(_norm(self.parts_for_local_averaging[part_index]))
+        return reference_norm(norms)
 
     async def _accumulate_parts_streaming(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
@@ -214,25 +275,34 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     self._drop(sender, SHAPE, "parts")
                     break
                 problem = part_problem(
-                    tensor_part,
-                    weight,
-                    reducer.part_shapes[part_index],
-                    self._local_part(part_index),
-                    max_weight,
+                    tensor_part, weight, reducer.part_shapes[part_index], max_weight
                 )
+                norm, reference = 0.0, None
+                if problem is None:
+                    norm = _norm(tensor_part)
+                    # A zero-weight part changes nothing: it is neither judged nor a reference.
+                    counted = norm if weight > 0 else None
+                    reference = await self._reference(sender_index, part_index, counted)
+                    if counted is not None:
+                        problem = norm_problem(norm, reference)
                 if problem is not None:
                     self._drop(sender, problem, "parts")
                     await self._ban_sender(sender)
                     yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
                     break
+                scale = clip_scale(norm, reference) if weight > 0 else 1.0
                 try:
                     averaged_part = await reducer.accumulate_part(
-                        sender_index, part_index, tensor_part, weight=weight
+                        sender_index,
+                        part_index,
+                        tensor_part if scale == 1.0 else tensor_part * scale,
+                        weight=weight,
                     )
                     part_index += 1
                 except BannedException:
                     break  # banned meanwhile (a timeout): nothing more of it is needed
 
+                # The sender adds this to what it sent, so it is relative to the unclipped part.
                 serialized_delta = await loop.run_in_executor(
                     None,
                     lambda p=averaged_part, t=tensor_part, c=part_compression: (
@@ -408,7 +478,9 @@ class SwarmGuard:
                 ATTACK_ENV,
                 attack,
             )
-        self.config = GuardConfig(folder, float(target_batch_size), attack)
+        # A fast honest peer can collect more than the target in one round (1.5x seen
+        # on loopback), so a peer the roster does not list yet may claim twice it.
+        self.config = GuardConfig(folder, 2.0 * target_batch_size, attack)
         self.config.reports_path.unlink(missing_ok=True)
         self.config.roster_path.unlink(missing_ok=True)
         self._offset = 0
@@ -422,7 +494,7 @@ class SwarmGuard:
         """Set each peer's largest averaging weight (``{dht_peer_id: max_weight}``).
 
         Takes effect from the next averaging round. Peers not listed may claim
-        up to the run's target batch size.
+        up to twice the run's target batch size.
         """
         tmp = self.config.roster_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({str(k): float(v) for k, v in roster.items()}))
@@ -470,12 +542,16 @@ class SwarmGuard:
 
 __all__ = [
     "ATTACK_ENV",
+    "CLIP_BOUND",
     "NORM_BOUND",
     "STEP_TOLERANCE",
     "GuardConfig",
     "GuardedAllReduceRunner",
     "SwarmGuard",
+    "clip_scale",
+    "norm_problem",
     "part_problem",
+    "reference_norm",
     "result_problem",
     "state_problem",
 ]

@@ -44,6 +44,12 @@ def evals_of(swarm: Swarm, name: str) -> list[float]:
     return [e["val_loss"] for e in swarm.get("/api/runs/tiny/evals") if e["peer_id"] == peer_id]
 
 
+def improved(losses: list[float]) -> bool:
+    """A peer's validation loss fell since it began (a late joiner begins from the
+    swarm's loaded state) and is well below an untrained model's (ln 256 = 5.5)."""
+    return len(losses) >= 3 and losses[-1] < losses[0] - 0.05 and losses[-1] < 4.5
+
+
 def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -> None:
     data = swarm.prepare()
     published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
@@ -56,13 +62,9 @@ def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -
     }
 
     def attacker_dropped_and_honest_improved() -> bool:
-        if not all(reports(swarm, name) for name in HONEST):
-            return False
-        for name in HONEST:
-            losses = evals_of(swarm, name)
-            if len(losses) < 3 or losses[-1] > losses[0] - 0.5:
-                return False
-        return True
+        return all(reports(swarm, name) for name in HONEST) and all(
+            improved(evals_of(swarm, name)) for name in HONEST
+        )
 
     swarm.wait_for(
         attacker_dropped_and_honest_improved,
@@ -84,8 +86,7 @@ def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -
         reasons |= {r["reason"] for r in seen}
         state, _ = load_checkpoint(swarm.root / name / "runs" / "tiny" / "checkpoint.safetensors")
         assert all(torch.isfinite(t).all() for t in state.values()), name
-        losses = evals_of(swarm, name)
-        assert losses[-1] < losses[0] - 0.5, (name, losses)
+        assert improved(evals_of(swarm, name)), (name, evals_of(swarm, name))
     # The first round's attack is NaN; later rounds are refused for their norm or
     # weight (every part once the coordinator flags the attacker and bounds it to 0).
     assert "non-finite" in reasons and reasons <= REASONS, reasons
@@ -94,9 +95,13 @@ def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -
     assert "non-finite gradients; skipped this micro-batch" in output, output[-3000:]
     assert "skipped this micro-batch" not in nodes["honest"].output()
 
+    # The coordinator heard it all: who was reported (and flagged) and who skipped steps.
     peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert peers["attacker"]["dht_peer_id"] == attacker
     assert peers["attacker"]["flagged"], peers["attacker"]
     assert not any(peers[name]["flagged"] for name in HONEST), peers
+    assert peers["honest-inf"]["num_skipped_steps"] > 0, peers["honest-inf"]
+    assert peers["honest"]["num_skipped_steps"] == 0, peers["honest"]
 
 
 def test_a_node_whose_gradients_are_never_finite_stops_with_advice(swarm: Swarm) -> None:
