@@ -69,6 +69,13 @@ part is not used. Our part alone is a noisy reference, so only gross scaling cou
 STEP_TOLERANCE = 10
 """Downloaded state may be this many steps ahead of or behind the coordinator's step."""
 
+STATE_DISTANCE_BOUND = 0.1
+"""Downloaded parameters whose hash differs from the keeper's checkpoint of their step
+are still accepted within this relative L2 distance of it. Honest peers at one step
+are never bit-identical (each adds the average's difference to its own values) and
+drift apart between state averaging rounds: two at step 72 of a test run were 1%
+apart. A fabricated or foreign model is about 100% away."""
+
 COORDINATOR_LAG_S = 8.0
 """The coordinator reads the swarm's step from the DHT every 5 s: state that is
 further ahead is checked again after this long before it is refused."""
@@ -435,21 +442,45 @@ def state_problem(
         if not bool(torch.isfinite(theirs).all()):
             return "its parameters are not finite"
     expected = guard.checkpoint_sha256(epoch)
-    if expected is not None:
-        actual = params_sha256(guard.named_state(main_parameters, tensors))
-        if actual != expected:
-            return (
-                f"its parameters (sha256 {actual[:16]}) differ from the coordinator's "
-                f"checkpoint of step {epoch} ({expected[:16]})"
-            )
+    if expected is None:
+        return None
+    theirs = guard.named_state(main_parameters, tensors)
+    if params_sha256(theirs) == expected:
+        return None
+    kept = guard.checkpoint_state(epoch)
+    if kept is None:
+        logger.warning(
+            "the keeper's checkpoint of step %d could not be fetched to compare with", epoch
+        )
+        return None
+    distance = state_distance(theirs, kept)
+    if distance > STATE_DISTANCE_BOUND:
+        return (
+            f"its parameters are {distance:.1%} away from the coordinator's checkpoint of "
+            f"step {epoch} (at most {STATE_DISTANCE_BOUND:.0%} allowed)"
+        )
     return None
+
+
+def state_distance(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """Relative L2 distance of ``state`` from ``reference``; inf when their names or shapes differ."""
+    if set(state) != set(reference):
+        return math.inf
+    diff = total = 0.0
+    for name, ref in reference.items():
+        if state[name].shape != ref.shape:
+            return math.inf
+        ref = ref.detach().float().cpu()
+        diff += float((state[name].detach().float().cpu() - ref).square().sum())
+        total += float(ref.square().sum())
+    return math.sqrt(diff / total) if total > 0 else (0.0 if diff == 0 else math.inf)
 
 
 def _no_step() -> int | None:
     return None
 
 
-def _no_checkpoint(step: int) -> str | None:
+def _no_checkpoint(step: int) -> Any:
     return None
 
 
@@ -457,9 +488,9 @@ class SwarmGuard:
     """The trainer's side of the guard: allowances in, reports out, state checks configured.
 
     ``coordinator_step()`` gives the step the coordinator recorded (None when
-    unknown) and ``checkpoint_sha256(step)`` the :func:`params_sha256` of the
-    coordinator's checkpoint of ``step`` (None when it has none); either may
-    raise, which skips that check. ``named_parameters`` names the model's
+    unknown), ``checkpoint_sha256(step)`` the :func:`params_sha256` of the
+    coordinator's checkpoint of ``step`` (None when it has none) and
+    ``checkpoint_state(step)`` its tensors (None when unavailable). ``named_parameters`` names the model's
     parameters (tied ones under each name) for hashing downloaded state.
     Start it before hivemind: a previous session's files are removed.
     """
@@ -487,6 +518,7 @@ class SwarmGuard:
         self._lock = threading.Lock()
         self.coordinator_step: Callable[[], int | None] = _no_step
         self.checkpoint_sha256: Callable[[int], str | None] = _no_checkpoint
+        self.checkpoint_state: Callable[[int], dict[str, torch.Tensor] | None] = _no_checkpoint
         self.named_parameters: list[tuple[str, torch.Tensor]] = []
         self.coordinator_lag_s = COORDINATOR_LAG_S
 
@@ -553,5 +585,6 @@ __all__ = [
     "part_problem",
     "reference_norm",
     "result_problem",
+    "state_distance",
     "state_problem",
 ]

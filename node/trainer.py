@@ -33,6 +33,7 @@ from crowdtrain.model import (
     GPT,
     GPTConfig,
     evaluate,
+    load_checkpoint,
     param_groups,
     save_checkpoint,
     sequence_losses,
@@ -401,6 +402,7 @@ class Node:
         self.guard = SwarmGuard(self.run_dir / "guard", opt.target_batch_size)
         self.guard.coordinator_step = self._fresh_coordinator_step
         self.guard.checkpoint_sha256 = self._checkpoint_sha256
+        self.guard.checkpoint_state = self._checkpoint_state
         self.guard.named_parameters = list(self.model.named_parameters(remove_duplicate=False))
         self.optimizer = GuardedOptimizer(
             swarm_guard=self.guard,
@@ -488,6 +490,22 @@ class Node:
             return None
         sha256 = found.get("sha256") if isinstance(found, dict) else None
         return sha256 if isinstance(sha256, str) and sha256 else None
+
+    def _checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The tensors of the coordinator's checkpoint of ``step`` (safetensors: no pickle)."""
+        assert self.client is not None
+        cfg = self.config
+        path = self.run_dir / "guard" / f"checkpoint-{step}.safetensors"
+        try:
+            self.client.download(
+                f"{cfg.url.rstrip('/')}/api/runs/{cfg.run_id}/checkpoints/{step}/file", path
+            )
+            return load_checkpoint(path)[0]
+        except CrowdtrainError as e:
+            logger.info("could not fetch the coordinator's checkpoint of step %d (%s)", step, e)
+            return None
+        finally:
+            path.unlink(missing_ok=True)
 
     def _on_fatal(self, error: CrowdtrainError) -> None:
         self.fatal = error

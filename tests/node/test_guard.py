@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
 from pathlib import Path
 
+import hivemind
 import pytest
 import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P
 from hivemind.proto import averaging_pb2
 
@@ -29,8 +32,10 @@ from crowdtrain.node.guard import (
     part_problem,
     reference_norm,
     result_problem,
+    state_distance,
     state_problem,
 )
+from crowdtrain.node.guarded import GuardedStateAverager
 from crowdtrain.protocol.errors import CrowdtrainError
 
 SHAPE = torch.Size([1000])
@@ -169,11 +174,12 @@ def test_downloaded_parameters_hash_like_the_checkpoint(tmp_path: Path) -> None:
 
 
 class Coordinator:
-    """What the coordinator says, step by step, and the checkpoint hashes it keeps."""
+    """What the coordinator says, step by step, and the checkpoints it keeps."""
 
-    def __init__(self, *steps: int | None, checkpoints: dict[int, str] | None = None):
+    def __init__(self, *steps: int | None, checkpoints: dict[int, dict] | None = None):
         self.steps = list(steps)
-        self.checkpoints = checkpoints or {}
+        self.states = checkpoints or {}
+        self.checkpoints = {step: params_sha256(state) for step, state in self.states.items()}
 
     def step(self) -> int | None:
         return self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
@@ -184,6 +190,7 @@ def _state_guard(tmp_path: Path, model: GPT, coordinator: Coordinator) -> SwarmG
     guard.named_parameters = list(model.named_parameters(remove_duplicate=False))
     guard.coordinator_step = coordinator.step
     guard.checkpoint_sha256 = coordinator.checkpoints.get
+    guard.checkpoint_state = coordinator.states.get
     guard.coordinator_lag_s = 0.0
     return guard
 
@@ -197,8 +204,7 @@ def _download(model: GPT, epoch: int) -> tuple[dict, list[torch.Tensor]]:
 def test_state_at_the_coordinators_step_is_accepted(tmp_path: Path) -> None:
     model = _model()
     main = list(model.parameters())
-    digest = params_sha256(model.state_dict())
-    guard = _state_guard(tmp_path, model, Coordinator(40, checkpoints={41: digest}))
+    guard = _state_guard(tmp_path, model, Coordinator(40, checkpoints={41: model.state_dict()}))
     assert state_problem(guard, main, *_download(model, 41)) is None
     assert state_problem(guard, main, *_download(model, 40 + STEP_TOLERANCE)) is None
     # without a coordinator step or a checkpoint there is nothing to compare with
@@ -209,15 +215,14 @@ def test_state_at_the_coordinators_step_is_accepted(tmp_path: Path) -> None:
 def test_state_the_coordinator_disagrees_with_is_refused(tmp_path: Path) -> None:
     model = _model()
     main = list(model.parameters())
-    digest = params_sha256(model.state_dict())
-    guard = _state_guard(tmp_path, model, Coordinator(40, checkpoints={40: digest}))
+    guard = _state_guard(tmp_path, model, Coordinator(40, checkpoints={40: model.state_dict()}))
     assert "ahead" in state_problem(guard, main, *_download(model, 1_000_000))
     assert "behind" in state_problem(guard, main, *_download(model, 40 - STEP_TOLERANCE - 1))
     assert "no step" in state_problem(guard, main, {}, _download(model, 40)[1])
 
     metadata, tensors = _download(model, 40)
-    tensors[0] = tensors[0] + 1e-3
-    assert "differ from the coordinator's checkpoint of step 40" in state_problem(
+    tensors[0] = -tensors[0]
+    assert "away from the coordinator's checkpoint of step 40" in state_problem(
         guard, main, metadata, tensors
     )
     tensors[0] = torch.full_like(tensors[0], math.nan)
@@ -225,6 +230,24 @@ def test_state_the_coordinator_disagrees_with_is_refused(tmp_path: Path) -> None
     tensors[0] = tensors[0][:1]
     assert "do not fit" in state_problem(guard, main, metadata, tensors)
     assert "fewer" in state_problem(guard, main, metadata, tensors[:2])
+
+
+def test_honest_drift_from_the_keepers_checkpoint_is_accepted(tmp_path: Path) -> None:
+    """Honest peers are never bit-identical: a different hash alone refuses nothing."""
+    model = _model()
+    main = list(model.parameters())
+    guard = _state_guard(tmp_path, model, Coordinator(40, checkpoints={40: model.state_dict()}))
+    metadata, tensors = _download(model, 40)
+    tensors = [t * 1.01 for t in tensors]  # 1% apart, as two honest peers at one step were
+    assert state_distance(guard.named_state(main, tensors), model.state_dict()) == pytest.approx(
+        0.01, rel=1e-3
+    )
+    assert state_problem(guard, main, metadata, tensors) is None
+    tensors = [t * 1.5 for t in tensors]
+    assert "away from" in state_problem(guard, main, metadata, tensors)
+    guard.checkpoint_state = lambda step: None  # the file is gone: only the hash is known
+    assert state_problem(guard, main, metadata, tensors) is None
+    assert state_distance({"a": torch.ones(2)}, {"b": torch.ones(2)}) == math.inf
 
 
 def test_state_ahead_of_a_lagging_coordinator_is_asked_about_again(tmp_path: Path) -> None:
@@ -258,8 +281,6 @@ class HostileReducer(GuardedAllReduceRunner):
 
 
 def _nan_like(serialized):
-    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
-
     return serialize_torch_tensor(torch.full_like(deserialize_torch_tensor(serialized), math.nan))
 
 
@@ -381,3 +402,53 @@ def test_a_reducer_with_nothing_of_its_own_judges_by_the_others(tmp_path: Path) 
     for index in (0, 1):
         assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"norm"}
     assert _reports(tmp_path / "peer2") == []
+
+
+def test_a_joining_peer_refuses_state_the_coordinator_disagrees_with(tmp_path: Path) -> None:
+    """hivemind's own download, through our state averager: refused, then accepted."""
+    handler = signal.getsignal(signal.SIGINT)
+    dhts: list = []
+    averagers: list = []
+    try:
+        dhts.append(hivemind.DHT(start=True))
+        dhts.append(hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), start=True))
+        models = [_model(), _model()]
+        with torch.no_grad():
+            for p in models[1].parameters():
+                p.add_(1.0)  # the joiner starts elsewhere
+        guards = []
+        for index, (dht, model) in enumerate(zip(dhts, models, strict=True)):
+            guard = _state_guard(tmp_path / str(index), model, Coordinator(40))
+            guards.append(guard)
+            averagers.append(
+                GuardedStateAverager(
+                    swarm_guard=guard,
+                    dht=dht,
+                    prefix="guardtest_state_averager",
+                    optimizer=torch.optim.AdamW,
+                    params=model.parameters(),
+                    request_timeout=1.0,
+                    start=True,
+                )
+            )
+        server, joiner = averagers
+        server.local_epoch = 42
+        server.state_sharing_priority = 42
+
+        guards[1].coordinator_step = lambda: 5  # the coordinator recorded step 5
+        joiner.load_state_from_peers(timeout=20)
+        assert "ahead of the coordinator's step 5" in joiner.last_refusal
+        assert joiner.local_epoch == 0
+        assert not torch.equal(models[1].token_embedding.weight, models[0].token_embedding.weight)
+
+        guards[1].coordinator_step = lambda: 41
+        joiner.load_state_from_peers(timeout=20)
+        assert joiner.last_refusal is None
+        assert joiner.local_epoch == 42
+        assert torch.equal(models[1].token_embedding.weight, models[0].token_embedding.weight)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+        signal.signal(signal.SIGINT, handler)
