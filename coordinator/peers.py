@@ -22,8 +22,10 @@ class SessionError(CrowdtrainError):
     """A session token that is unknown or expired: register again."""
 
 
-# Distinct peers that must report a sender's averaging parts before it is flagged.
+# Distinct peers that must report a sender's averaging parts, and how many dropped
+# parts in all, before it is flagged: one early out-of-step round flags no one.
 MIN_REPORTERS = 2
+MIN_REPORTS = 3
 # The most averaging weight a peer may claim in one round, in target batches
 # (hivemind's rounds overshoot the target; a 100x claim never passes).
 MAX_WEIGHT_BATCHES = 4.0
@@ -206,7 +208,8 @@ def _take_reports(store: Store, session: Session, beat: HeartbeatPayload, now: f
         # Two reporters at least, and most other live peers: one peer alone (or a false
         # positive of one guard) never flags another.
         others = store.count_live_peers(session.run_id, now - PEER_TIMEOUT_S) - 1
-        if len(reporters) >= max(MIN_REPORTERS, others // 2 + 1):
+        events = sum(r["count"] for r in rows if r["reporter"] in reporters)
+        if len(reporters) >= max(MIN_REPORTERS, others // 2 + 1) and events >= MIN_REPORTS:
             reasons = sorted({r["reason"] for r in rows})
             store.flag_peer(
                 session.run_id,
