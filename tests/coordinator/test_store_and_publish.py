@@ -17,11 +17,12 @@ from crowdtrain.coordinator.runs import (
     run_view,
 )
 from crowdtrain.coordinator.store import Store, StoreError
-from crowdtrain.protocol.errors import ShardError, SpecError
+from crowdtrain.protocol.errors import AccessError, ShardError, SpecError
 from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.messages import (
     Evaluation,
     HeartbeatPayload,
+    PeerReport,
     ReceiptPayload,
 )
 from crowdtrain.protocol.runspec import load_spec
@@ -450,3 +451,48 @@ def test_finished_epoch_starts_the_next(run, store, book):
     view = run_view(store, run.id)
     assert view["epoch"] == 1
     assert view["shards"] == {"total": 20, "pending": 19, "leased": 1, "done": 0}
+
+
+def _swarm_beat(dht_peer_id: str, reports=()) -> HeartbeatPayload:
+    return HeartbeatPayload(
+        session_key="session-" + dht_peer_id,
+        num_tokens=0,
+        num_sequences=0,
+        tokens_per_s=0.0,
+        step=0,
+        dht_peer_id=dht_peer_id,
+        reports=[PeerReport(dht_peer_id=d, reason=r, count=n) for d, r, n in reports],
+    )
+
+
+def test_a_sender_is_flagged_only_when_two_peers_report_it_repeatedly(run, store):
+    honest_a, honest_b, attacker = (_join(store, run.id, name=n) for n in ("a", "b", "evil"))
+    for session, dht_id in ((honest_a, "dht-a"), (honest_b, "dht-b"), (attacker, "dht-evil")):
+        peers.heartbeat(store, session, _swarm_beat(dht_id))
+    limit = 4 * run.spec.optimizer.target_batch_size
+    assert sorted(peers.roster(store, run)) == [
+        ("dht-a", limit),
+        ("dht-b", limit),
+        ("dht-evil", limit),
+    ]
+
+    # The attacker alone accuses an honest peer, many times: nothing happens.
+    peers.heartbeat(store, attacker, _swarm_beat("dht-evil", [("dht-a", "norm", 50)]))
+    # One honest peer's report of the attacker is not enough either.
+    peers.heartbeat(store, honest_a, _swarm_beat("dht-a", [("dht-evil", "non-finite", 2)]))
+    assert all(p["flagged"] is None for p in peers_view(store, run.id))
+
+    peers.heartbeat(store, honest_b, _swarm_beat("dht-b", [("dht-evil", "weight", 1)]))
+    flagged = {p["name"]: p["flagged"] for p in peers_view(store, run.id)}
+    assert flagged["a"] is None and flagged["b"] is None
+    assert "dropped by 2 peer(s): non-finite, weight" in flagged["evil"]
+    assert dict(peers.roster(store, run))["dht-evil"] == 0.0
+
+
+def test_a_swarm_id_held_by_another_peer_is_refused_and_changes_nothing(run, store):
+    first, second = _join(store, run.id, name="one"), _join(store, run.id, name="two")
+    peers.heartbeat(store, first, _swarm_beat("dht-one"))
+    before = peers_view(store, run.id)
+    with pytest.raises(AccessError, match="belongs to another peer"):
+        peers.heartbeat(store, second, _swarm_beat("dht-one"))
+    assert peers_view(store, run.id) == before
