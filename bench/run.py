@@ -35,6 +35,14 @@ BENCHMARKS = [
         "prepare_bench.py",
         [],
     ),
+    (
+        "Verification cost",
+        "Coordinator CPU time per verified receipt (arrival checks, keeper downloads, spot "
+        "checks) and the share of the run's compute spent on spot checks at the default "
+        "rate, two nodes on the bundled corpus with the demo's run spec. Goal: under 2%.",
+        "verification.py",
+        ["--seconds", "150"],
+    ),
 ]
 
 
