@@ -607,7 +607,7 @@ class Node:
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     opt.zero_grad()
-                    self._skip_non_finite("loss")
+                    self._skip_non_finite("loss", shard)
                     continue
                 loss.backward()
                 num_micro_batches += 1
@@ -616,7 +616,7 @@ class Node:
                 if not _gradients_finite(model):
                     # Never into the average: hivemind accumulates gradients in opt.step().
                     opt.zero_grad()
-                    self._skip_non_finite("gradients")
+                    self._skip_non_finite("gradients", shard)
                     continue
                 self._num_non_finite_in_row = 0
                 opt.step()
@@ -637,8 +637,15 @@ class Node:
             raise self.fatal
         return self.stats
 
-    def _skip_non_finite(self, what: str) -> None:
-        """Count a skipped micro-batch; too many in a row stop the node with advice."""
+    def _skip_non_finite(self, what: str, shard: ShardProgress) -> None:
+        """Count a skipped micro-batch; too many in a row stop the node with advice.
+
+        The batch still counts as gone through, untrained, so its shard still
+        ends and is receipted (for the sequences really trained)."""
+        shard.batches_done += 1
+        if shard.done and shard.replay == 0:
+            assert self.link is not None
+            self.link.send_receipt(shard.receipt())
         self.stats.num_skipped_steps += 1
         self._num_non_finite_in_row += 1
         logger.warning(
