@@ -116,14 +116,18 @@ class VerifySection:
     receipts is spot-checked: the verifier recomputes the loss of
     ``spot_check_sequences`` sequences of a batch the node trained, with the
     checkpoint of that batch's step, and refuses the receipt when any differs
-    from the node's claim by more than ``loss_tolerance`` nats. Raise the
-    tolerance for runs whose nodes train in reduced precision on varied GPUs.
+    from the node's claim by more than ``loss_tolerance`` nats. The default
+    leaves room for honest peers whose parameters drifted from the swarm's
+    after an averaging round failed (0.35 nats seen on loopback), while a
+    node that did not compute its losses cannot guess per-sequence losses,
+    which spread over several nats, that closely. Raise it for runs whose
+    nodes train in reduced precision on varied GPUs.
     """
 
     checkpoint_every_s: float = 60.0
     spot_check_fraction: float = 0.1
     spot_check_sequences: int = 4
-    loss_tolerance: float = 0.1
+    loss_tolerance: float = 0.5
 
 
 @dataclass(frozen=True)

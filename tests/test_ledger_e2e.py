@@ -128,7 +128,11 @@ def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
 
     view = swarm.wait_for(settled, 60, "every spot check to finish")
     print("verification costs:", view["costs"])  # figures for the closing note (-s)
-    not_verified = [r for r in view["receipts"] if r["status"] != "verified"]
+    not_verified = [
+        (r["status"], r["reason"], r["checks"])
+        for r in view["receipts"]
+        if r["status"] != "verified"
+    ]
     assert not not_verified, not_verified
     for peer in view["peers"]:
         assert peer["verified_fraction"] == 1.0, peer

@@ -447,7 +447,7 @@ def test_a_spot_check_passes_when_the_claimed_losses_are_recomputed(store, spot_
 
 def test_a_spot_check_fails_when_a_claimed_loss_is_off(store, spot_run, history, book):
     def one_off(honest):
-        return [honest[0], honest[1] + 0.5, *honest[2:]]
+        return [honest[0], honest[1] + 1.5, *honest[2:]]
 
     peer, row = spot_checked(store, spot_run, history, book, one_off)
     assert (row["spot"], row["status"]) == ("failed", "rejected")
