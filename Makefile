@@ -31,7 +31,11 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy protocol coordinator
 
-bench: $(VENV)/.installed-dev
+$(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
+	$(PY) -m pip install --quiet $(TORCH) -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) bench/run.py
 
 proto: $(VENV)/.installed-dev

@@ -59,22 +59,51 @@ class DataSection:
     lease_s: float = 600.0
 
 
+Compression = Literal["none", "fp16", "8bit", "quantile-8bit"]
+
+
 @dataclass(frozen=True)
 class OptimizerSection:
     """The collaborative optimizer.
 
     ``target_batch_size`` is in sequences per collaborative step, summed over
-    all peers; ``micro_batch_size`` is what one forward pass holds on a node.
+    all peers; ``micro_batch_size`` is what one forward pass holds on a CPU
+    node (a CUDA node probes for the largest that fits its memory).
+
+    ``mode = "sync"`` averages gradients every collaborative step (hivemind's
+    Optimizer; ``delay_*`` and ``offload_optimizer`` overlap averaging with
+    compute, one step stale). ``mode = "diloco"`` trains ``inner_steps`` local
+    AdamW steps of ``inner_batch_size`` sequences per peer, then averages the
+    pseudo-gradients (global minus local parameters), each peer weighted by the
+    sequences it trained, and applies them with an outer Nesterov SGD. A round
+    ends when the swarm has trained ``inner_steps * target_batch_size``
+    sequences. ``*_compression`` picks what crosses the network: gradients
+    (sync), pseudo-gradients (diloco) and state downloads and averaging.
     """
 
     target_batch_size: int
-    mode: Literal["sync"] = "sync"
+    mode: Literal["sync", "diloco"] = "sync"
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 10
     grad_clip: float = 1.0
     micro_batch_size: int = 16
+    # sync
+    offload_optimizer: bool = False
+    delay_optimizer_step: bool = False
+    delay_grad_averaging: bool = False
+    grad_compression: Compression = "none"
+    # diloco
+    inner_steps: int = 100
+    inner_batch_size: int = 16
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_nesterov: bool = True
+    outer_overlap: bool = True
+    pseudo_grad_compression: Compression = "8bit"
+    # both
+    state_compression: Compression = "none"
 
 
 @dataclass(frozen=True)
@@ -332,6 +361,26 @@ def _validate(spec: RunSpec, source: str) -> None:
             "[optimizer] target_batch_size",
             f"must be at least micro_batch_size ({o.micro_batch_size}), got {o.target_batch_size}",
         )
+    if o.delay_grad_averaging and not o.delay_optimizer_step:
+        fail(
+            "[optimizer] delay_grad_averaging",
+            "needs delay_optimizer_step = true (hivemind averages in the background only "
+            "when the optimizer step runs there too)",
+        )
+    if o.inner_steps < 1:
+        fail("[optimizer] inner_steps", f"must be at least 1, got {o.inner_steps}")
+    if o.inner_batch_size < 1:
+        fail("[optimizer] inner_batch_size", f"must be at least 1, got {o.inner_batch_size}")
+    if o.mode == "diloco" and o.inner_batch_size > o.target_batch_size:
+        fail(
+            "[optimizer] inner_batch_size",
+            f"must be at most target_batch_size ({o.target_batch_size}), got "
+            f"{o.inner_batch_size}",
+        )
+    if not 0 < o.outer_lr <= 10:
+        fail("[optimizer] outer_lr", f"must be in (0, 10], got {o.outer_lr}")
+    if not 0 <= o.outer_momentum < 1:
+        fail("[optimizer] outer_momentum", f"must be in [0, 1), got {o.outer_momentum}")
     s = spec.swarm
     for key in (
         "matchmaking_time_s",
