@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_MINUTES ?= 3
+# make demo DEMO_SPEC=examples/stdlib-diloco.toml trains the DiLoCo example instead
+DEMO_SPEC ?=
 # torch is pinned here: 2.13.0 resolves to the CPU build on machines that carry it
 # and keeps pip from pulling gigabytes of CUDA packages by accident.
 TORCH := torch==2.13.0
@@ -21,7 +23,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	DEMO_MINUTES=$(DEMO_MINUTES) $(PY) examples/demo.py
+	DEMO_MINUTES=$(DEMO_MINUTES) DEMO_SPEC=$(DEMO_SPEC) $(PY) examples/demo.py
 
 test: $(VENV)/.installed-dev lint
 	$(PY) -m pytest -q --durations=5

@@ -23,11 +23,12 @@ from pathlib import Path
 import httpx
 
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.runspec import load_spec
 from crowdtrain.protocol.shards import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-RUN_ID = "stdlib-tiny"
+RUN_ID = "stdlib-tiny"  # the default spec's run; --spec picks another
 NODES = ("node-a", "node-b")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -83,10 +84,10 @@ def run(*args: str) -> None:
     print(result.stdout.strip())
 
 
-def coordinator_view(url: str) -> list[str]:
+def coordinator_view(url: str, run_id: str) -> list[str]:
     try:
-        run_info = httpx.get(f"{url}/api/runs/{RUN_ID}", timeout=5).json()
-        peers = httpx.get(f"{url}/api/runs/{RUN_ID}/peers", timeout=5).json()
+        run_info = httpx.get(f"{url}/api/runs/{run_id}", timeout=5).json()
+        peers = httpx.get(f"{url}/api/runs/{run_id}/peers", timeout=5).json()
     except (httpx.HTTPError, ValueError) as e:
         return [f"coordinator: unreachable ({e})"]
     val = run_info["val_loss"]
@@ -119,7 +120,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=float(os.environ.get("DEMO_MINUTES", 3)))
     parser.add_argument("--workdir", type=Path, default=ROOT / "demo-data")
+    parser.add_argument(
+        "--spec",
+        type=Path,
+        default=Path(os.environ.get("DEMO_SPEC") or ROOT / "examples" / f"{RUN_ID}.toml"),
+        help="the run spec to publish (make demo DEMO_SPEC=examples/stdlib-diloco.toml)",
+    )
     args = parser.parse_args()
+    try:
+        run_id = load_spec(args.spec).run.id
+    except CrowdtrainError as e:
+        sys.exit(f"demo: {e}")
     work = args.workdir.resolve()
     data, coord = work / "data", work / "coordinator"
     work.mkdir(parents=True, exist_ok=True)
@@ -132,7 +143,7 @@ def main() -> int:
         print("preparing the bundled corpus (Python's standard library)...")
         run(coordinator_bin, "prepare-data", "--source", "stdlib", "--out", str(data))
     run(
-        coordinator_bin, "publish", str(ROOT / "examples" / f"{RUN_ID}.toml"),
+        coordinator_bin, "publish", str(args.spec),
         "--data-dir", str(coord), "--data", str(data),
     )  # fmt: skip
 
@@ -153,7 +164,7 @@ def main() -> int:
                 sys.exit(f"demo: the coordinator did not start; see {server.log}")
             time.sleep(0.2)
         url = json.loads((coord / "ports.json").read_text())["http_url"]
-        print(f"coordinator at {url} (open {url}/api/runs/{RUN_ID} in a browser)")
+        print(f"coordinator at {url} (open {url}/api/runs/{run_id} in a browser)")
         for name in NODES:
             children.append(
                 Child(
@@ -163,7 +174,7 @@ def main() -> int:
                         "join",
                         url,
                         "--run",
-                        RUN_ID,
+                        run_id,
                         "--home",
                         str(work / name),
                         "--name",
@@ -183,7 +194,7 @@ def main() -> int:
         while time.monotonic() < deadline:
             now = time.monotonic()
             if now - last_view >= 5:
-                view, last_view = coordinator_view(url), now
+                view, last_view = coordinator_view(url, run_id), now
             nodes = [c.last_line[:160] for c in children[1:]]
             block = [*nodes, *view]
             if interactive:
@@ -200,7 +211,7 @@ def main() -> int:
         print("\nstopping the nodes (they leave the run cleanly)...")
         for child in children[1:]:
             child.stop(timeout=60)
-        print("\n".join(coordinator_view(url)))
+        print("\n".join(coordinator_view(url, run_id)))
     except KeyboardInterrupt:
         print("\ndemo interrupted; stopping everything it started")
     finally:
@@ -210,7 +221,7 @@ def main() -> int:
     print(f"  data         {data}")
     print(f"  database     {coord / 'coordinator.db'}")
     for name in NODES:
-        print(f"  checkpoint   {work / name / 'runs' / RUN_ID / 'checkpoint.safetensors'}")
+        print(f"  checkpoint   {work / name / 'runs' / run_id / 'checkpoint.safetensors'}")
     print(f"  logs         {work}/*.log")
     return 0
 

@@ -252,6 +252,7 @@ class ShardStream:
             "shard_id": c.shard.shard_id,
             "epoch": c.shard.epoch,
             "batches_done": c.batches_done,
+            "batch_size": self.batch_size,
             "num_sequences": c.num_sequences,
             "num_tokens": c.num_tokens,
             "loss_sum": c.loss_sum,
@@ -296,6 +297,8 @@ class ShardStream:
             r is not None
             and replay == 0
             and (r["shard_id"], r["epoch"]) == (shard.shard_id, shard.epoch)
+            # A node restarted with another micro-batch cuts the shard differently.
+            and r.get("batch_size", self.batch_size) == self.batch_size
         ):
             done = min(int(r["batches_done"]), num_batches)
             self._cursor = done * self.batch_size

@@ -203,7 +203,10 @@ def test_section_that_is_not_a_table():
             {"model": {"positions": '"alibi"'}},
             "[model] positions must be 'rotary' or 'learned', got string 'alibi'",
         ),
-        ({"optimizer": {"mode": '"async"'}}, "[optimizer] mode must be 'sync', got string 'async'"),
+        (
+            {"optimizer": {"mode": '"async"'}},
+            "[optimizer] mode must be 'sync' or 'diloco', got string 'async'",
+        ),
         (
             {"data": {"tokenizer": '"wordpiece"'}},
             "[data] tokenizer must be 'byte' or 'bpe', got string 'wordpiece'",
@@ -250,6 +253,22 @@ def test_wrong_types_name_key_and_expectation(changes, expected):
         ({"optimizer": {"betas": "[0.9, 1.0]"}}, "[optimizer] betas must be two numbers in [0, 1)"),
         ({"eval": {"num_sequences": "0"}}, "[eval] num_sequences must be at least 1"),
         ({"model": {"num_heads": "0"}}, "[model] num_heads must be at least 1, got 0"),
+        (
+            {"optimizer": {"delay_grad_averaging": "true"}},
+            "[optimizer] delay_grad_averaging needs delay_optimizer_step = true",
+        ),
+        ({"optimizer": {"inner_steps": "0"}}, "[optimizer] inner_steps must be at least 1"),
+        (
+            {"optimizer": {"mode": '"diloco"', "inner_batch_size": "1000"}},
+            "[optimizer] inner_batch_size must be at most target_batch_size",
+        ),
+        ({"optimizer": {"outer_lr": "0"}}, "[optimizer] outer_lr must be in (0, 10]"),
+        ({"optimizer": {"outer_momentum": "1.0"}}, "[optimizer] outer_momentum must be in [0, 1)"),
+        (
+            {"optimizer": {"pseudo_grad_compression": '"4bit"'}},
+            "[optimizer] pseudo_grad_compression must be 'none' or 'fp16' or '8bit' or "
+            "'quantile-8bit', got string '4bit'",
+        ),
     ],
 )
 def test_cross_field_checks(changes, expected):
@@ -335,3 +354,14 @@ def test_allowlist_is_parsed_as_a_tuple_of_keys():
 def test_bad_access_sections_are_refused(table, expected):
     with pytest.raises(SpecError, match=expected):
         parse_spec(_with_access(table))
+
+
+def test_shipped_examples_parse():
+    """Both example specs are valid, and the diloco one is what the README promises."""
+    root = Path(__file__).resolve().parents[2] / "examples"
+    assert load_spec(root / "stdlib-tiny.toml").optimizer.mode == "sync"
+    diloco = load_spec(root / "stdlib-diloco.toml")
+    assert diloco.run.id == "stdlib-diloco"
+    assert diloco.optimizer.mode == "diloco"
+    assert diloco.optimizer.inner_steps == 100
+    assert diloco.optimizer.pseudo_grad_compression == "8bit"
