@@ -1,0 +1,469 @@
+"""What a node's hardware can do: its micro-batch size, mixed precision, compilation.
+
+Owns :func:`choose_micro_batch` (the largest micro-batch that fits the
+device's memory), :func:`autocast` (bf16 where the GPU has it),
+:func:`maybe_compile` (opt-in ``torch.compile`` that falls back to eager) and
+the :class:`Throttle` test hook that makes a node pretend to be slower. Knows
+nothing about the swarm, the coordinator or the training loop that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from crowdtrain.protocol.errors import CrowdtrainError
+
+logger = logging.getLogger(__name__)
+
+# Test hook: pretend this device has only this many bytes of memory.
+MEMORY_CAP_ENV = "CROWDTRAIN_MEMORY_CAP_BYTES"
+# Test hook: make every micro-batch take this many times as long (a slower node).
+SLOWDOWN_ENV = "CROWDTRAIN_TEST_SLOWDOWN"
+# AdamW keeps two fp32 statistics per parameter (exp_avg, exp_avg_sq).
+_ADAMW_STATES = 2
+_GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MicroBatchChoice:
+    """The micro-batch a node trains with, and why.
+
+    ``bytes_per_sequence`` is the measured memory each extra sequence costs
+    and ``budget_bytes`` the memory the choice had to fit in (both None when
+    nothing was measured: the run spec's default on a CPU without a cap).
+    """
+
+    size: int
+    reason: str
+    bytes_per_sequence: int | None = None
+    budget_bytes: int | None = None
+
+
+def memory_cap_from_env() -> int | None:
+    """The test hook's memory cap in bytes, or None when unset (warns loudly when set)."""
+    value = os.environ.get(MEMORY_CAP_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        cap = int(float(value))
+    except ValueError:
+        raise CrowdtrainError(
+            f"{MEMORY_CAP_ENV}={value!r} must be a number of bytes, like 4000000000"
+        ) from None
+    if cap <= 0:
+        raise CrowdtrainError(f"{MEMORY_CAP_ENV}={value!r} must be a positive number of bytes")
+    logger.warning(
+        "!!! %s=%d: TEST HOOK, this node acts as if its device had only %.2f GiB !!!",
+        MEMORY_CAP_ENV,
+        cap,
+        cap / _GIB,
+    )
+    return cap
+
+
+def choose_micro_batch(
+    model: nn.Module,
+    device: torch.device | str,
+    *,
+    seq_len: int,
+    vocab_size: int,
+    upper: int,
+    default: int,
+    memory_cap_bytes: int | None = None,
+    headroom: float = 0.15,
+) -> MicroBatchChoice:
+    """The largest micro-batch (sequences of ``seq_len`` tokens) that trains on ``device``.
+
+    ``model`` must already be on ``device``; it is left as it was (gradients
+    cleared). Never more than ``upper`` (the per-step batch: a larger
+    micro-batch would only be cut). ``headroom`` is the share of memory left
+    free for the allocator's fragmentation, the averager's buffers and other
+    programs.
+
+    - CUDA: runs real forward+backward passes (bf16 autocast where supported)
+      at 1 and 2 sequences, after an unmeasured one, to measure the peak
+      memory per sequence; reserves AdamW's two fp32 statistics per
+      parameter, extrapolates into the free memory (``torch.cuda.mem_get_info``)
+      and confirms the candidate with two real micro-batches in a row,
+      halving it while it runs out of memory. Call
+      :func:`prefer_expandable_segments` before CUDA starts: without it the
+      allocator's fragmentation can exceed the headroom in a long run.
+    - CPU and MPS: the run spec's ``default``, unless a memory cap is given
+      (``memory_cap_bytes``, or the ``CROWDTRAIN_MEMORY_CAP_BYTES`` test hook):
+      then the bytes autograd saves per sequence are measured (the same on
+      any device) and the largest size that fits the cap is chosen.
+
+    A cap applies on CUDA too (the smaller of the cap and the free memory).
+    Raises :class:`CrowdtrainError` when not even one sequence fits.
+    """
+    if upper < 1 or default < 1:
+        raise CrowdtrainError(
+            f"micro-batch bounds must be at least 1 (upper={upper}, default={default})"
+        )
+    if not 0.0 <= headroom < 1.0:
+        raise CrowdtrainError(f"headroom must be in [0, 1), got {headroom}")
+    device = torch.device(device)
+    cap = memory_cap_bytes if memory_cap_bytes is not None else memory_cap_from_env()
+    if device.type == "cuda":
+        return _probe_cuda(model, device, seq_len, vocab_size, upper, cap, headroom)
+    if cap is None:
+        size = min(default, upper)
+        return MicroBatchChoice(size, f"the run spec's micro_batch_size on {device.type}")
+    return _fit_cap(model, device, seq_len, vocab_size, upper, cap, headroom)
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``num_bytes`` in the largest binary unit that keeps it at least 1 (``1.50 GiB``)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{int(num_bytes)} B"
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _random_batch(
+    batch: int, seq_len: int, vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, vocab_size, (batch, seq_len + 1), device=device)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _forward_backward(
+    model: nn.Module, batch: int, seq_len: int, vocab_size: int, device: torch.device
+) -> None:
+    inputs, targets = _random_batch(batch, seq_len, vocab_size, device)
+    with autocast(device):
+        _, loss = model(inputs, targets)
+    loss.backward()
+
+
+def _clear(model: nn.Module, device: torch.device) -> None:
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _too_small(needed: int, budget: int, where: str) -> CrowdtrainError:
+    return CrowdtrainError(
+        f"this run's model needs about {format_bytes(needed)} to train even one sequence, "
+        f"but {where} leaves {format_bytes(budget)} for it; close programs that use the "
+        "device's memory, or join from a device with more memory"
+    )
+
+
+def _saved_activation_bytes(
+    model: nn.Module, batch: int, seq_len: int, vocab_size: int, device: torch.device
+) -> tuple[int, int, int]:
+    """Bytes autograd saves for backward at ``batch`` sequences, its largest saved
+    tensor, and the bytes of the output the caller holds (the logits).
+
+    Parameters saved by their matmuls are not activations and are left out;
+    a storage saved by several operations is counted once.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+    total = largest = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total, largest
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+            largest = max(largest, storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inputs, targets = _random_batch(batch, seq_len, vocab_size, device)
+        with autocast(device):
+            output, loss = model(inputs, targets)
+    output_bytes = output.untyped_storage().nbytes()
+    del output
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return total, largest, output_bytes
+
+
+def estimate_sequence_bytes(
+    model: nn.Module, device: torch.device | str, *, seq_len: int, vocab_size: int
+) -> tuple[int, int]:
+    """Memory to train ``model``: bytes per sequence, and fixed bytes, from autograd alone.
+
+    Measured from the tensors autograd saves for backward at 1 and 2
+    sequences (so the same on any device), plus the logits the caller holds
+    and twice the largest saved tensor: backward holds the gradient arriving
+    at the largest activation and the one it produces beside the saved ones
+    (for a GPT, the fp32 log-softmax over the vocabulary). The fixed part is
+    the parameters, their gradients, AdamW's two statistics and the saved
+    tensors that do not grow with the batch. For GPT-2 small on an H100 it
+    gave 1.123 GB per sequence, as the measured peaks at 1 to 8 sequences
+    did (``torch.cuda.max_memory_allocated``). Runs two real forward+backward
+    passes on ``device``; gradients are cleared after.
+    """
+    device = torch.device(device)
+    saved_1, largest_1, output_1 = _saved_activation_bytes(model, 1, seq_len, vocab_size, device)
+    saved_2, largest_2, output_2 = _saved_activation_bytes(model, 2, seq_len, vocab_size, device)
+    per_sequence = (
+        max(1, saved_2 - saved_1) + 2 * max(0, largest_2 - largest_1) + max(0, output_2 - output_1)
+    )
+    fixed = (2 + _ADAMW_STATES) * _param_bytes(model) + max(0, saved_1 - (saved_2 - saved_1))
+    return per_sequence, fixed
+
+
+def _fit_cap(
+    model: nn.Module,
+    device: torch.device,
+    seq_len: int,
+    vocab_size: int,
+    upper: int,
+    cap: int,
+    headroom: float,
+) -> MicroBatchChoice:
+    per_sequence, fixed = estimate_sequence_bytes(
+        model, device, seq_len=seq_len, vocab_size=vocab_size
+    )
+    budget = int(cap * (1.0 - headroom))
+    fits = (budget - fixed) // per_sequence
+    if fits < 1:
+        raise _too_small(fixed + per_sequence, budget, f"the memory cap of {format_bytes(cap)}")
+    size = int(min(fits, upper))
+    bound = "the per-step batch" if size == upper else "memory"
+    return MicroBatchChoice(
+        size,
+        f"{size} sequences fit {format_bytes(budget)} ({format_bytes(cap)} cap less "
+        f"{headroom:.0%} headroom) at {format_bytes(per_sequence)} per sequence; "
+        f"bounded by {bound}",
+        per_sequence,
+        budget,
+    )
+
+
+def _peak_bytes(
+    model: nn.Module, batch: int, seq_len: int, vocab_size: int, device: torch.device
+) -> int:
+    """Peak memory a forward+backward at ``batch`` sequences allocates, over what was there."""
+    _clear(model, device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    _forward_backward(model, batch, seq_len, vocab_size, device)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    _clear(model, device)
+    return peak
+
+
+def _probe_cuda(
+    model: nn.Module,
+    device: torch.device,
+    seq_len: int,
+    vocab_size: int,
+    upper: int,
+    cap: int | None,
+    headroom: float,
+) -> MicroBatchChoice:
+    optimizer_bytes = _ADAMW_STATES * _param_bytes(model)
+    try:
+        # Unmeasured first pass: cuBLAS workspaces and other one-off buffers would
+        # otherwise count in the 1-sequence peak and shrink the per-sequence slope.
+        _forward_backward(model, 1, seq_len, vocab_size, device)
+        peak_1 = _peak_bytes(model, 1, seq_len, vocab_size, device)
+        peak_2 = _peak_bytes(model, 2, seq_len, vocab_size, device) if upper > 1 else peak_1
+    except torch.cuda.OutOfMemoryError:
+        _clear(model, device)
+        free, _ = torch.cuda.mem_get_info(device)
+        raise _too_small(optimizer_bytes, free, "the GPU's free memory") from None
+    per_sequence = max(1, peak_2 - peak_1)
+    fixed = max(0, peak_1 - per_sequence) + optimizer_bytes
+    free, total = torch.cuda.mem_get_info(device)
+    available = min(free, cap) if cap is not None else free
+    budget = int(available * (1.0 - headroom))
+    size = int(min(upper, (budget - fixed) // per_sequence))
+    if size < 1:
+        where = "the GPU's free memory" if cap is None else f"a cap of {format_bytes(available)}"
+        raise _too_small(fixed + per_sequence, budget, f"{where} less headroom")
+    # Confirm for real, with AdamW's statistics held as they will be in training, and
+    # two micro-batches in a row as gradient accumulation runs them (the second
+    # meets the first's gradients and the allocator's cached blocks).
+    reserve = torch.empty(optimizer_bytes, dtype=torch.uint8, device=device)
+    try:
+        while True:
+            try:
+                for _ in range(2):
+                    _forward_backward(model, size, seq_len, vocab_size, device)
+                torch.cuda.synchronize(device)
+                break
+            except torch.cuda.OutOfMemoryError:
+                _clear(model, device)
+                if size == 1:
+                    raise _too_small(fixed + per_sequence, budget, "the GPU") from None
+                logger.info("a trial at %d sequences ran out of memory; halving", size)
+                size = max(1, size // 2)
+    finally:
+        del reserve
+        _clear(model, device)
+    bound = "the per-step batch" if size == upper else "memory"
+    return MicroBatchChoice(
+        size,
+        f"{size} sequences fit {format_bytes(budget)} ({format_bytes(available)} free of "
+        f"{format_bytes(total)} less {headroom:.0%} headroom) at "
+        f"{format_bytes(per_sequence)} per sequence, confirmed by two trial micro-batches; "
+        f"bounded by {bound}",
+        per_sequence,
+        budget,
+    )
+
+
+def prefer_expandable_segments() -> None:
+    """Ask PyTorch's CUDA allocator for expandable segments, unless the user chose otherwise.
+
+    Without them, a long run fragments the allocator's cache: GPT-2 small at
+    the micro-batch :func:`choose_micro_batch` picked on an H100 ran out of
+    memory with 12 GiB cached but unusable. Call before anything touches CUDA
+    (the allocator reads the setting once); later it only logs a warning.
+    """
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        logger.warning(
+            "CUDA is already in use, too late to turn on expandable segments; set "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting to avoid "
+            "running out of memory from fragmentation"
+        )
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def autocast(device: torch.device | str) -> AbstractContextManager[object]:
+    """bf16 autocast on a CUDA GPU that supports bf16; otherwise full fp32 (a no-op).
+
+    Parameters, gradients and optimizer state stay fp32 either way; only
+    matmuls and attention run in bf16, which needs no loss scaling.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(
+    model: nn.Module,
+    enabled: bool,
+    *,
+    example_batch: tuple[int, int, int] | None = None,
+) -> nn.Module:
+    """``model`` compiled in place with ``torch.compile`` when ``enabled``, else unchanged.
+
+    Compiling in place (``nn.Module.compile``) keeps the state dict's keys and
+    the parameters, so checkpoints and the optimizer see the same model. With
+    ``example_batch`` = ``(micro_batch, seq_len, vocab_size)`` one training
+    forward+backward runs now, so a compiler that cannot work here (no C
+    compiler, no Triton for this GPU) fails at start: then the model stays
+    eager and a warning says why. Choose the micro-batch before compiling.
+    """
+    if not enabled:
+        return model
+    try:
+        model.compile()
+        if example_batch is not None:
+            batch, seq_len, vocab_size = example_batch
+            device = next(model.parameters()).device
+            _forward_backward(model, batch, seq_len, vocab_size, device)
+            model.zero_grad(set_to_none=True)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:  # any compiler failure: training works without it, only slower
+        # nn.Module.compile keeps the compiled call here; clearing it restores eager.
+        model._compiled_call_impl = None
+        model.zero_grad(set_to_none=True)
+        logger.warning(
+            "torch.compile failed here (%s: %s); training without compilation, which is "
+            "slower but the same. Drop --compile to silence this",
+            type(e).__name__,
+            str(e).splitlines()[0] if str(e) else "",
+        )
+    return model
+
+
+class Throttle:
+    """Test hook that makes a node as slow as a device ``factor`` times slower.
+
+    After each micro-batch's compute, :meth:`wrap` sleeps ``factor - 1`` times
+    the compute's duration, so the node's throughput divides by ``factor``.
+    On a GPU, measure compute after ``torch.cuda.synchronize``.
+    """
+
+    def __init__(self, factor: float = 1.0) -> None:
+        if not math.isfinite(factor) or factor < 1.0:
+            raise CrowdtrainError(f"a slowdown factor must be a number >= 1, got {factor!r}")
+        self.factor = float(factor)
+
+    @classmethod
+    def from_env(cls) -> Throttle:
+        """The ``CROWDTRAIN_TEST_SLOWDOWN`` hook's throttle (factor 1 when unset)."""
+        value = os.environ.get(SLOWDOWN_ENV, "").strip()
+        if not value:
+            return cls(1.0)
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = math.nan
+        if not math.isfinite(factor) or factor < 1.0:
+            raise CrowdtrainError(
+                f"{SLOWDOWN_ENV}={value!r} must be a number >= 1, like 2 for half speed"
+            )
+        throttle = cls(factor)
+        logger.warning(
+            "!!! %s=%s: TEST HOOK, this node sleeps to train %.3gx slower !!!",
+            SLOWDOWN_ENV,
+            value,
+            factor,
+        )
+        return throttle
+
+    @property
+    def active(self) -> bool:
+        return self.factor > 1.0
+
+    def wrap(self, compute_s: float, sleep: Callable[[float], None] = time.sleep) -> float:
+        """Sleep ``(factor - 1) * compute_s`` seconds; returns the seconds slept."""
+        delay = (self.factor - 1.0) * max(0.0, compute_s)
+        if delay > 0:
+            sleep(delay)
+        return delay
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Time the block as compute, then sleep as :meth:`wrap` does."""
+        started = time.perf_counter()
+        yield
+        self.wrap(time.perf_counter() - started)
+
+
+__all__ = [
+    "MEMORY_CAP_ENV",
+    "SLOWDOWN_ENV",
+    "MicroBatchChoice",
+    "Throttle",
+    "autocast",
+    "choose_micro_batch",
+    "estimate_sequence_bytes",
+    "format_bytes",
+    "maybe_compile",
+    "memory_cap_from_env",
+    "prefer_expandable_segments",
+]
