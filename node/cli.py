@@ -64,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
         help="PEM file of the authority behind the coordinator's TLS certificate",
     )
     join.add_argument(
+        "--micro-batch",
+        default="auto",
+        help="sequences per forward pass: auto (a GPU probes its memory, a CPU takes the "
+        "run's micro_batch_size) or a number",
+    )
+    join.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (slower start, faster steps on GPUs)",
+    )
+    join.add_argument(
         "--client-mode",
         action="store_true",
         help="take part without accepting connections (behind NAT or a firewall)",
@@ -151,6 +162,8 @@ def _join(args: argparse.Namespace) -> int:
             cache_bytes=args.cache_size,
             invite=args.invite,
             ca_cert=args.ca_cert,
+            micro_batch=args.micro_batch,
+            compile=args.compile,
         )
     )
 

@@ -19,13 +19,11 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import hivemind
-import httpx
 import numpy as np
 import torch
 
@@ -33,8 +31,6 @@ from crowdtrain.model import (
     GPT,
     GPTConfig,
     evaluate,
-    load_checkpoint,
-    param_groups,
     save_checkpoint,
     sequence_losses,
 )
@@ -52,10 +48,19 @@ from crowdtrain.node.data import (
     ShardStream,
     validation_sequences,
 )
+from crowdtrain.node.devices import describe_device, pick_device, process_age_s
 from crowdtrain.node.guard import SwarmGuard
-from crowdtrain.node.guarded import GuardedGradientAverager, GuardedOptimizer
+from crowdtrain.node.hardware import Throttle, autocast, choose_micro_batch, maybe_compile
 from crowdtrain.node.link import CoordinatorLink
+from crowdtrain.node.nonfinite import (
+    MAX_NON_FINITE_IN_ROW,
+    gradients_finite,
+    inf_grad_every,
+    poison_gradient,
+)
+from crowdtrain.node.optimizers import build_optimizer
 from crowdtrain.node.progress import Progress
+from crowdtrain.node.runview import RunView
 from crowdtrain.protocol.errors import CrowdtrainError, IdentityError, SpecError
 from crowdtrain.protocol.identity import Identity, run_statement, verify_signature
 from crowdtrain.protocol.runspec import RunSpec, parse_spec
@@ -67,10 +72,6 @@ logger = logging.getLogger(__name__)
 _FIRST_LEASE_WAIT_S = 60.0
 # How often a node records its place in the current shard.
 _POSITION_EVERY_S = 5.0
-# Micro-batches in a row with a non-finite loss or gradient before a node gives up.
-MAX_NON_FINITE_IN_ROW = 25
-# Test hook: every Nth micro-batch's gradient becomes Inf.
-INF_GRAD_ENV = "CROWDTRAIN_TEST_INF_GRAD_EVERY"
 
 
 @dataclass(frozen=True)
@@ -94,61 +95,11 @@ class NodeConfig:
     invite: str = ""
     # A PEM file of the authority that signed the coordinator's TLS certificate.
     ca_cert: Path | None = None
-
-
-def _inf_grad_every() -> int:
-    value = os.environ.get(INF_GRAD_ENV, "")
-    if not value:
-        return 0
-    try:
-        every = int(value)
-    except ValueError:
-        raise CrowdtrainError(f"{INF_GRAD_ENV}={value!r} must be a whole number") from None
-    logger.warning(
-        "!!! %s=%d: TEST HOOK, every %d-th micro-batch's gradient is made Inf !!!",
-        INF_GRAD_ENV,
-        every,
-        every,
-    )
-    return max(0, every)
-
-
-def _poison_gradient(model: torch.nn.Module) -> None:
-    grad = next(p.grad for p in model.parameters() if p.grad is not None)
-    grad.view(-1)[0] = math.inf
-
-
-def _gradients_finite(model: torch.nn.Module) -> bool:
-    """True when every gradient value is finite (one device sync)."""
-    flags = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
-    return not flags or bool(torch.stack(flags).all())
-
-
-def pick_device(requested: str) -> torch.device:
-    """The device to train on; ``auto`` prefers CUDA, then MPS, then CPU."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise CrowdtrainError("--device cuda asked for, but torch sees no CUDA GPU here")
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise CrowdtrainError("--device mps asked for, but torch sees no Apple GPU here")
-    if requested not in ("cpu", "cuda", "mps"):
-        raise CrowdtrainError(f"--device must be auto, cpu, cuda or mps, got {requested!r}")
-    return torch.device(requested)
-
-
-def describe_device(device: torch.device) -> str:
-    """What the node reports: the GPU's name, or ``cpu:<threads>`` (the coordinator
-    bounds the compute a receipt may claim by it)."""
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
-        return f"cpu:{torch.get_num_threads()}"
-    return device.type
+    # Sequences per forward pass: "auto" (CUDA probes its memory; CPU takes the
+    # run's micro_batch_size) or a number.
+    micro_batch: str = "auto"
+    # torch.compile the model (opt-in: compiling takes a while, then runs faster on GPUs).
+    compile: bool = False
 
 
 def gpt_config(spec: RunSpec) -> GPTConfig:
@@ -162,30 +113,6 @@ def gpt_config(spec: RunSpec) -> GPTConfig:
         mlp_ratio=m.mlp_ratio,
         positions=m.positions,
         dropout=m.dropout,
-    )
-
-
-class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips the (already averaged) gradient norm before each step.
-
-    hivemind applies the optimizer to the swarm's averaged gradients, so
-    clipping belongs here rather than in the training loop.
-    """
-
-    def __init__(self, params: Any, max_grad_norm: float, **kwargs: Any):
-        super().__init__(params, **kwargs)
-        self.max_grad_norm = max_grad_norm
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        if self.max_grad_norm > 0:
-            grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        return super().step(closure)
-
-
-def _warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
     )
 
 
@@ -226,6 +153,7 @@ class Node:
         self.verified_tokens = 0
         self._rate_window: list[tuple[float, int]] = []
         self._last_eval_step = -1
+        self._contributed = False
 
     @property
     def run_dir(self) -> Path:
@@ -318,21 +246,56 @@ class Node:
             prefetch=cfg.prefetch_shards,
             on_reply=self._on_heartbeat_reply,
         )
+        torch.manual_seed(self.spec.run.seed)
+        self.model = GPT(gpt_config(self.spec)).to(self.device)
+        self.micro_batch_size = self._micro_batch_size()
+        self.forward = maybe_compile(
+            self.model,
+            cfg.compile,
+            example_batch=(
+                self.micro_batch_size,
+                self.spec.model.seq_len,
+                self.spec.model.vocab_size,
+            ),
+        )
         self.stream = ShardStream(
             self.spec.run.seed,
             self.spec.model.seq_len,
-            self.spec.optimizer.micro_batch_size,
+            self.micro_batch_size,
             resume=self._load_position(),
             on_shard_taken=self.link.want_shards,
         )
         self._first_lease()
-
-        torch.manual_seed(self.spec.run.seed)
-        self.model = GPT(gpt_config(self.spec)).to(self.device)
         self._start_swarm(registration)
         self.link.start(self.stream)
         if registration.run.step > 0 or self.optimizer.tracker.global_epoch > 0:
             self._load_state_from_peers()
+
+    def _micro_batch_size(self) -> int:
+        """Sequences per forward pass: the flag's number, or what the device's memory holds."""
+        assert self.model is not None
+        opt, chosen = self.spec.optimizer, self.config.micro_batch
+        upper = opt.inner_batch_size if opt.mode == "diloco" else opt.target_batch_size
+        if chosen != "auto":
+            try:
+                size = int(chosen)
+            except ValueError:
+                size = 0
+            if size < 1:
+                raise CrowdtrainError(
+                    f"--micro-batch must be 'auto' or a whole number of sequences, got {chosen!r}"
+                )
+            return min(size, upper)
+        choice = choose_micro_batch(
+            self.model,
+            self.device,
+            seq_len=self.spec.model.seq_len,
+            vocab_size=self.spec.model.vocab_size,
+            upper=upper,
+            default=min(opt.micro_batch_size, upper),
+        )
+        logger.info("micro-batch of %d sequences (%s)", choice.size, choice.reason)
+        return choice.size
 
     def _register(self) -> Registration:
         assert self.client is not None
@@ -383,7 +346,7 @@ class Node:
             time.sleep(2.0)
 
     def _start_swarm(self, registration: Registration) -> None:
-        cfg, swarm, opt = self.config, self.spec.swarm, self.spec.optimizer
+        cfg, opt = self.config, self.spec.optimizer
         announce = None
         if cfg.announce_host:
             announce = [f"/ip4/{cfg.announce_host}/tcp/{cfg.dht_port}"]
@@ -400,35 +363,15 @@ class Node:
         )
         assert self.model is not None
         self.guard = SwarmGuard(self.run_dir / "guard", opt.target_batch_size)
-        self.guard.coordinator_step = self._fresh_coordinator_step
-        self.guard.checkpoint_sha256 = self._checkpoint_sha256
-        self.guard.checkpoint_state = self._checkpoint_state
+        view = RunView(
+            cfg.url, cfg.run_id, self.run_dir / "guard", self.client.download, cfg.ca_cert
+        )
+        self.guard.coordinator_step = view.fresh_step
+        self.guard.checkpoint_sha256 = view.checkpoint_sha256
+        self.guard.checkpoint_state = view.checkpoint_state
         self.guard.named_parameters = list(self.model.named_parameters(remove_duplicate=False))
-        self.optimizer = GuardedOptimizer(
-            swarm_guard=self.guard,
-            dht=self.dht,
-            run_id=self.spec.run.id,
-            target_batch_size=opt.target_batch_size,
-            batch_size_per_step=opt.micro_batch_size,
-            params=param_groups(self.model, opt.weight_decay),
-            optimizer=partial(
-                ClippedAdamW, lr=opt.lr, betas=opt.betas, max_grad_norm=opt.grad_clip
-            ),
-            scheduler=partial(_warmup, warmup_steps=opt.warmup_steps),
-            matchmaking_time=swarm.matchmaking_time_s,
-            averaging_timeout=swarm.averaging_timeout_s,
-            load_state_timeout=swarm.load_state_timeout_s,
-            average_state_every=swarm.average_state_every,
-            # hivemind inverts this flag internally; passing the DHT's own value is safe.
-            client_mode=self.dht.client_mode,
-            grad_averager_factory=partial(
-                GuardedGradientAverager,
-                guard=self.guard.config,
-                request_timeout=swarm.request_timeout_s,
-            ),
-            averager_opts={"request_timeout": swarm.request_timeout_s},
-            tracker_opts={"metadata_expiration": swarm.metadata_expiration_s},
-            verbose=False,
+        self.optimizer = build_optimizer(
+            self.spec, self.model, self.dht, self.guard, self.micro_batch_size
         )
         self.client.reopen()
         logger.info("joined the swarm as %s", self.dht.peer_id.to_base58())
@@ -459,53 +402,6 @@ class Node:
             self.optimizer.local_epoch,
             time.monotonic() - started,
         )
-
-    def _coordinator_get(self, path: str) -> Any:
-        """GET one of the coordinator's public JSON routes; None when it answers 404."""
-        cfg = self.config
-        response = httpx.get(
-            f"{cfg.url.rstrip('/')}/api/runs/{cfg.run_id}{path}",
-            timeout=5.0,
-            verify=str(cfg.ca_cert) if cfg.ca_cert else True,
-        )
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        return response.json()
-
-    def _fresh_coordinator_step(self) -> int | None:
-        """The step the coordinator records now (the heartbeat's may be seconds old)."""
-        try:
-            return int(self._coordinator_get("")["step"])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            logger.info("could not ask the coordinator for its step (%s)", e)
-            return None
-
-    def _checkpoint_sha256(self, step: int) -> str | None:
-        """The params_sha256 of the coordinator's checkpoint of ``step``, if it keeps one."""
-        try:
-            found = self._coordinator_get(f"/checkpoints/{step}")
-        except (httpx.HTTPError, ValueError) as e:
-            logger.info("could not ask the coordinator for its checkpoint of step %d (%s)", step, e)
-            return None
-        sha256 = found.get("sha256") if isinstance(found, dict) else None
-        return sha256 if isinstance(sha256, str) and sha256 else None
-
-    def _checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None:
-        """The tensors of the coordinator's checkpoint of ``step`` (safetensors: no pickle)."""
-        assert self.client is not None
-        cfg = self.config
-        path = self.run_dir / "guard" / f"checkpoint-{step}.safetensors"
-        try:
-            self.client.download(
-                f"{cfg.url.rstrip('/')}/api/runs/{cfg.run_id}/checkpoints/{step}/file", path
-            )
-            return load_checkpoint(path)[0]
-        except CrowdtrainError as e:
-            logger.info("could not fetch the coordinator's checkpoint of step %d (%s)", step, e)
-            return None
-        finally:
-            path.unlink(missing_ok=True)
 
     def _on_fatal(self, error: CrowdtrainError) -> None:
         self.fatal = error
@@ -592,15 +488,18 @@ class Node:
         started = time.monotonic()
         wait_before = self.stream.data_wait_s
         last_saved = started
-        inf_every = _inf_grad_every()
+        inf_every = inf_grad_every()
+        throttle = Throttle.from_env()
         num_micro_batches = 0
         try:
             while not self.stop_event.is_set() and time.monotonic() < deadline:
                 if steps is not None and opt.local_epoch - start_step >= steps:
                     break
                 batch, shard = self.stream.next_batch()
+                computed = time.perf_counter()
                 batch_t = torch.from_numpy(batch).to(self.device)
-                logits, loss = model(batch_t[:, :-1], batch_t[:, 1:])
+                with autocast(self.device):
+                    logits, loss = self.forward(batch_t[:, :-1], batch_t[:, 1:])
                 assert loss is not None
                 sample = self._sample_losses(shard, logits, batch_t)
                 del logits
@@ -610,10 +509,11 @@ class Node:
                     self._skip_non_finite("loss", shard)
                     continue
                 loss.backward()
+                throttle.wrap(time.perf_counter() - computed)
                 num_micro_batches += 1
                 if inf_every and num_micro_batches % inf_every == 0:
-                    _poison_gradient(model)
-                if not _gradients_finite(model):
+                    poison_gradient(model)
+                if not gradients_finite(model):
                     # Never into the average: hivemind accumulates gradients in opt.step().
                     opt.zero_grad()
                     self._skip_non_finite("gradients", shard)
@@ -621,6 +521,11 @@ class Node:
                 self._num_non_finite_in_row = 0
                 opt.step()
                 opt.zero_grad()
+                if not self._contributed:
+                    self._contributed = True
+                    logger.info(
+                        "first contributing step %.1f s after process start", process_age_s()
+                    )
                 self._account(batch, loss_value, shard, losses, sample)
                 progress.update(self.stats, batch.shape[0] * (batch.shape[1] - 1))
                 if opt.local_epoch != self.stats.step:
@@ -718,6 +623,11 @@ class Node:
         assert self.model is not None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        global_state = getattr(self.optimizer, "global_state_dict", None)
+        if global_state is not None:
+            # diloco: the swarm's model is the global (outer) parameters, not this
+            # peer's local ones, which hold inner steps not averaged yet.
+            state = global_state()
         save_checkpoint(
             self.checkpoint_path,
             state,
