@@ -50,7 +50,13 @@ from crowdtrain.node.data import (
 )
 from crowdtrain.node.devices import describe_device, pick_device, process_age_s
 from crowdtrain.node.guard import SwarmGuard
-from crowdtrain.node.hardware import Throttle, autocast, choose_micro_batch, maybe_compile
+from crowdtrain.node.hardware import (
+    Throttle,
+    autocast,
+    choose_micro_batch,
+    maybe_compile,
+    prefer_expandable_segments,
+)
 from crowdtrain.node.link import CoordinatorLink
 from crowdtrain.node.nonfinite import (
     MAX_NON_FINITE_IN_ROW,
@@ -190,6 +196,8 @@ class Node:
     def start(self) -> None:
         """Join the run: every check that can fail does so before hivemind starts."""
         cfg = self.config
+        # Before anything touches CUDA: fragmented free memory made a probed batch fail.
+        prefer_expandable_segments()
         self.device = pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -509,7 +517,10 @@ class Node:
                     self._skip_non_finite("loss", shard)
                     continue
                 loss.backward()
-                throttle.wrap(time.perf_counter() - computed)
+                if throttle.active:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)  # time the compute, not the launch
+                    throttle.wrap(time.perf_counter() - computed)
                 num_micro_batches += 1
                 if inf_every and num_micro_batches % inf_every == 0:
                     poison_gradient(model)
