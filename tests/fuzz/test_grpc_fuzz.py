@@ -1,12 +1,6 @@
-"""Hostile input against a live coordinator: thousands of random and mutated gRPC
-requests, then a schemathesis run of the HTTP API.
-
-Every gRPC answer must be a refusal with a status a node can act on (never INTERNAL
-or UNKNOWN), every HTTP answer below 500, the coordinator must stay up, and its
-database must hold nothing an invalid request sent. The gRPC fuzz is seeded: a
-failure names its seed and case number, and ``CROWDTRAIN_FUZZ_SEED=<seed>``
-replays the same requests.
-"""
+"""Thousands of random and mutated gRPC requests against a live coordinator: each gets a
+refusal a node can act on (never INTERNAL or UNKNOWN), the coordinator stays up, and
+its database holds nothing they sent. ``CROWDTRAIN_FUZZ_SEED=<seed>`` replays a run."""
 
 from __future__ import annotations
 
@@ -15,233 +9,38 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-import httpx
 import msgpack
 import pytest
-import schemathesis
 
 from crowdtrain.protocol import coordinator_pb2 as pb
-from crowdtrain.protocol.identity import Envelope, Identity
+from crowdtrain.protocol.identity import Envelope
 from crowdtrain.protocol.rpc import KIND_HEARTBEAT, KIND_RECEIPT, KIND_REGISTER, envelope_to_pb
-from tests.swarm import Swarm, db_rows, write_spec
+from tests.fuzz.live import (
+    BUDGET_S,
+    MAX_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
+    NUM_REQUESTS,
+    REFUSED,
+    REQUESTS,
+    RUN_IDS,
+    SEED,
+    SERVICE,
+    SESSION_METHODS,
+    UNSIGNED_SESSION_METHODS,
+    VALID_READ,
+    Code,
+    Target,
+    bearer,
+    pack,
+    signed,
+)
+from tests.swarm import Swarm, db_rows
 
 pytestmark = pytest.mark.slow
-
-SEED = int(os.environ.get("CROWDTRAIN_FUZZ_SEED", "4004"))
-NUM_REQUESTS = 8000
-BUDGET_S = 40.0  # the fuzz stops early rather than run past this
-CALL_TIMEOUT_S = 10.0
-SERVICE = "/crowdtrain.v1.Coordinator/"
-REQUESTS: dict[str, type] = {
-    "Challenge": pb.ChallengeRequest,
-    "Register": pb.RegisterRequest,
-    "GetRun": pb.GetRunRequest,
-    "Heartbeat": pb.HeartbeatRequest,
-    "LeaseShards": pb.LeaseRequest,
-    "ReportShard": pb.ShardReport,
-    "Leave": pb.LeaveRequest,
-}
-SESSION_METHODS = ("Heartbeat", "LeaseShards", "ReportShard", "Leave")
-# A well-formed LeaseShards or Leave under the probe's own token would be a valid
-# request (it changes leases or ends the session), so these two only ever carry the
-# probe's token with a body that does not parse.
-UNSIGNED_SESSION_METHODS = ("LeaseShards", "Leave")
-Code = grpc.StatusCode
-REFUSED = frozenset(
-    {
-        Code.INVALID_ARGUMENT,
-        Code.UNAUTHENTICATED,
-        Code.PERMISSION_DENIED,
-        Code.NOT_FOUND,
-        Code.FAILED_PRECONDITION,
-        Code.RESOURCE_EXHAUSTED,
-    }
-)
-MAX_REQUEST_BYTES = 256 * 1024  # the coordinator's limit (coordinator/auth.py)
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own limit (protocol/rpc.py)
-RUN_IDS = ("tiny", "locked")
-VALID_READ = "valid read"
-
-
-# The live coordinator and the peers the fuzz speaks for
-
-
-@pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    """An open run ``tiny`` and an invite-only run ``locked`` behind one coordinator."""
-    swarm = Swarm(root=tmp_path_factory.mktemp("fuzz"))
-    try:
-        data = swarm.prepare()
-        assert swarm.publish(write_spec(swarm.root / "tiny.toml"), data).returncode == 0
-        locked = write_spec(swarm.root / "locked.toml", run_id="locked")
-        locked.write_text(locked.read_text() + '\n[access]\nmode = "invite"\n')
-        assert swarm.publish(locked, data).returncode == 0
-        swarm.start_coordinator()
-        yield swarm
-    finally:
-        swarm.stop_all()
-
-
-def admin_key(swarm: Swarm) -> str:
-    return (swarm.coord_dir / "admin.key").read_text().strip()
-
-
-class Wire:
-    """Raw gRPC calls: the request as bytes, the answer as a status code."""
-
-    def __init__(self, target: str):
-        # No client-side size limits: oversized requests must reach the server.
-        self.channel = grpc.insecure_channel(target)
-        self._stubs: dict[str, Callable[..., bytes]] = {}
-
-    def call(self, path: str, data: bytes, metadata: tuple | None = None) -> tuple[Code, bytes]:
-        """The answer's status code, with the reply (OK) or the refusal's details."""
-        stub = self._stubs.get(path)
-        if stub is None:
-            stub = self._stubs[path] = self.channel.unary_unary(path)
-        try:
-            return Code.OK, stub(data, metadata=metadata, timeout=CALL_TIMEOUT_S)
-        except grpc.RpcError as e:
-            return e.code(), (e.details() or "").encode()
-
-    def ok(self, method: str, request: Any, metadata: tuple | None = None) -> bytes:
-        code, reply = self.call(SERVICE + method, request.SerializeToString(), metadata)
-        assert code == Code.OK, (method, code, reply)
-        return reply
-
-
-def bearer(token: str) -> tuple:
-    return (("authorization", f"Bearer {token}"),)
-
-
-FRESH = object()  # pack's default: a new nonce, the current time
-
-
-def pack(kind: Any, payload: Any, nonce: Any = FRESH, timestamp: Any = FRESH) -> bytes:
-    """An envelope body as :func:`~crowdtrain.protocol.identity.seal` makes it, any part
-    replaceable by a bad one."""
-    return msgpack.packb(
-        {
-            "kind": kind,
-            "nonce": os.urandom(16) if nonce is FRESH else nonce,
-            "timestamp": time.time() if timestamp is FRESH else timestamp,
-            "payload": payload,
-        },
-        use_bin_type=True,
-    )
-
-
-def signed(identity: Identity, body: bytes) -> Envelope:
-    return Envelope(body=body, signature=identity.sign(body), public_key=identity.public_key)
-
-
-@dataclass
-class Target:
-    """Everything the fuzz needs to aim past the first checks."""
-
-    wire: Wire
-    probe: Identity  # registered, holds ``held``, already receipted ``done``
-    token: str
-    left_token: str  # a session that ended: a token the coordinator no longer knows
-    banned: Identity
-    banned_token: str
-    stranger: Identity  # never registered
-    admin_key: str
-    dht_taken: str  # the swarm id of another peer of the run
-    done: tuple[str, int]
-    held: tuple[str, int]
-    shard_ids: list[str]
-    sent: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # valid, already sent
-
-    def heartbeat(self, **changes: Any) -> dict[str, Any]:
-        payload = {
-            "session_key": "fuzz-probe-session",
-            "num_tokens": 512,
-            "num_sequences": 8,
-            "tokens_per_s": 100.0,
-            "loss": 4.5,
-            "step": 0,
-            "device": "cpu",
-            "leases": [{"shard_id": self.held[0], "epoch": self.held[1]}],
-        }
-        return {**payload, **changes}
-
-    def receipt(self, shard: tuple[str, int], **changes: Any) -> dict[str, Any]:
-        now = time.time()
-        payload = {
-            "shard_id": shard[0],
-            "epoch": shard[1],
-            "num_sequences": 8,
-            "num_tokens": 512,
-            "loss_sum": 40.0,
-            "started": now - 1.0,
-            "finished": now,
-            "micro_batch_size": 8,
-            "samples": [],
-        }
-        return {**payload, **changes}
-
-
-def register(wire: Wire, identity: Identity, run_id: str = "tiny") -> tuple[str, bytes]:
-    """A real registration; returns the session token and the request as sent."""
-    reply = pb.ChallengeReply.FromString(wire.ok("Challenge", pb.ChallengeRequest(run_id=run_id)))
-    payload = {"challenge": reply.challenge, "name": "fuzz", "device": "cpu", "versions": ""}
-    envelope = signed(identity, pack(KIND_REGISTER, payload))
-    request = pb.RegisterRequest(run_id=run_id, envelope=envelope_to_pb(envelope))
-    registered = pb.RegisterReply.FromString(wire.ok("Register", request))
-    return registered.session_token, request.SerializeToString()
-
-
-@pytest.fixture(scope="module")
-def target(live: Swarm) -> Target:
-    """Three real peers: an active probe, one that left, and one the admin banned."""
-    wire = Wire(live.ports["grpc_target"])
-    probe, left, banned, stranger = (Identity.generate() for _ in range(4))
-    token, register_request = register(wire, probe)
-    leases = pb.LeaseReply.FromString(
-        wire.ok("LeaseShards", pb.LeaseRequest(max_shards=2), bearer(token))
-    ).leases
-    assert len(leases) == 2
-    done, held = ((lease.shard_id, lease.epoch) for lease in leases)
-    manifest = live.get("/api/runs/tiny/coverage")["shards"]
-    f = Target(
-        wire=wire,
-        probe=probe,
-        token=token,
-        left_token=register(wire, left)[0],
-        banned=banned,
-        banned_token=register(wire, banned)[0],
-        stranger=stranger,
-        admin_key=admin_key(live),
-        dht_taken="12D3KooWFuzzLeftPeer",
-        done=done,
-        held=held,
-        shard_ids=[s["shard"] for s in manifest],
-    )
-    f.sent["register"] = ("Register", register_request)
-    for name, method, kind, payload, who, tok in [
-        ("heartbeat", "Heartbeat", KIND_HEARTBEAT, f.heartbeat(), probe, token),
-        ("receipt", "ReportShard", KIND_RECEIPT, f.receipt(done), probe, token),
-        ("left", "Heartbeat", KIND_HEARTBEAT, f.heartbeat(dht_peer_id=f.dht_taken), left, None),
-    ]:
-        envelope = envelope_to_pb(signed(who, pack(kind, payload)))
-        request = REQUESTS[method](envelope=envelope)
-        wire.ok(method, request, bearer(tok or f.left_token))
-        f.sent[name] = (method, request.SerializeToString())
-    wire.ok("Leave", pb.LeaveRequest(), bearer(f.left_token))
-    response = httpx.post(
-        f"{live.url}/api/admin/runs/tiny/bans",
-        json={"peer_id": banned.peer_id, "reason": "fuzz"},
-        headers={"Authorization": f"Bearer {f.admin_key}"},
-    )
-    assert response.status_code == 201, response.text
-    return f
-
 
 # Request generators: each makes one Case, invalid by construction, with the codes
 # its refusal may carry.
@@ -796,121 +595,3 @@ def test_grpc_fuzz_refuses_everything_and_changes_nothing(
     # The coordinator still serves its peers: the probe's next real heartbeat is taken.
     envelope = envelope_to_pb(signed(f.probe, pack(KIND_HEARTBEAT, f.heartbeat(step=1))))
     f.wire.ok("Heartbeat", pb.HeartbeatRequest(envelope=envelope), bearer(f.token))
-
-
-# The HTTP API under schemathesis
-
-
-@dataclass
-class HttpLog:
-    statuses: Counter = field(default_factory=Counter)  # (who, operation, status) -> count
-    before: dict[str, list] = field(default_factory=dict)
-
-
-@pytest.fixture(scope="module")
-def http_log(live: Swarm, target: Target) -> HttpLog:
-    return HttpLog(before=db_rows(live.coord_dir))
-
-
-@pytest.fixture(scope="module")
-def http_schema(live: Swarm, target: Target) -> Any:
-    """The coordinator's OpenAPI schema, with half the run ids and peer ids real ones so
-    generated requests get past the lookups."""
-    config = schemathesis.Config.from_dict(
-        {
-            "seed": SEED,
-            # Requests take milliseconds; under a loaded machine generation may not.
-            "suppress-health-check": ["all"],
-            "dictionaries": {
-                "runs": {"values": list(RUN_IDS)},
-                "peers": {"values": [target.banned.peer_id]},
-            },
-            "parameters": {
-                "path.run_id": {"dictionary": "runs", "probability": 0.5},
-                "path.peer_id": {"dictionary": "peers", "probability": 0.5},
-                "body.peer_id": {"dictionary": "peers", "probability": 0.5},
-            },
-            "generation": {"mode": "all", "max-examples": 30, "database": "none"},
-            "phases": {"stateful": {"enabled": False}},
-            "request-timeout": 10,
-        }
-    )
-    return schemathesis.openapi.from_url(f"{live.url}/openapi.json", config=config)
-
-
-@pytest.fixture(autouse=True)
-def _schemathesis_node_id(request: pytest.FixtureRequest) -> None:
-    """schemathesis 4.32's lazy schemas read ``node._nodeid``, which pytest 9.2 renamed."""
-    if not hasattr(request.node, "_nodeid"):
-        request.node._nodeid = request.node.nodeid
-
-
-anonymous_api = schemathesis.pytest.from_fixture("http_schema")
-admin_api = schemathesis.pytest.from_fixture("http_schema").include(path_regex="^/api/admin/")
-
-
-def call(case: Any, log: HttpLog, who: str, headers: dict[str, str] | None = None) -> Any:
-    response = case.call(headers=headers)
-    log.statuses[who, f"{case.method} {case.path}", response.status_code] += 1
-    assert response.status_code < 500, case.as_curl_command()
-    return response
-
-
-@anonymous_api.parametrize()
-def test_http_api_without_admin_key(case: Any, http_log: HttpLog) -> None:
-    response = call(case, http_log, "anonymous")
-    if case.path.startswith("/api/admin/"):
-        assert response.status_code >= 400, case.as_curl_command()
-
-
-@admin_api.parametrize()
-def test_http_admin_api_with_admin_key(case: Any, http_log: HttpLog, target: Target) -> None:
-    call(case, http_log, "admin", {"Authorization": f"Bearer {target.admin_key}"})
-
-
-def test_http_fuzz_left_the_coordinator_up_and_its_state_as_allowed(
-    live: Swarm, http_log: HttpLog, target: Target, record_property: Callable[[str, Any], None]
-) -> None:
-    """What the HTTP fuzz may have changed: only what the admin key exists to do.
-
-    Without the key, nothing. With it, a generated request can be a valid admin
-    request: an invite code for the invite-only run ``locked`` (each one answered
-    201), or a ban, re-ban or unban of the one peer id it is given (the already
-    banned one, whose sessions and leases are gone, so only its ``bans`` row and its
-    ``peers.state`` can move). Publishing needs a run spec and a data folder on the
-    coordinator's disk, which random text never is. Every other table must be
-    exactly as before.
-    """
-    assert live.processes[0].popen.poll() is None, live.processes[0].output()[-3000:]
-    assert live.get("/healthz") == {"status": "ok"}
-    before, after = http_log.before, db_rows(live.coord_dir)
-    for table in sorted(before):
-        if table not in ("invites", "bans", "peers"):
-            assert after[table] == before[table], table
-    new_invites = set(after["invites"]) - set(before["invites"])
-    created = sum(
-        n
-        for (who, op, status), n in http_log.statuses.items()
-        if who == "admin" and op == "POST /api/admin/runs/{run_id}/invites" and status == 201
-    )
-    assert len(new_invites) == created
-    assert all("locked" in row for row in new_invites)
-    assert set(before["invites"]) <= set(after["invites"])
-    banned = target.banned.peer_id
-    assert {row for row in after["bans"] if banned not in row} == {
-        row for row in before["bans"] if banned not in row
-    }
-    peers_before = {row for row in before["peers"] if banned not in row}
-    assert {row for row in after["peers"] if banned not in row} == peers_before
-    statuses: Counter = Counter()
-    for (who, _, status), n in http_log.statuses.items():
-        statuses[who, f"{status // 100}xx"] += n
-    parts = []
-    for who in ("anonymous", "admin"):
-        mine = {k: n for (w, k), n in sorted(statuses.items()) if w == who}
-        details = ", ".join(f"{k} {n}" for k, n in mine.items())
-        parts.append(f"{sum(mine.values())} {who} requests ({details})")
-    summary = f"HTTP fuzz (schemathesis, seed {SEED}): " + "; ".join(parts)
-    print(f"\n{summary}")
-    record_property("http_fuzz", summary)
-    assert statuses["anonymous", "5xx"] == statuses["admin", "5xx"] == 0
