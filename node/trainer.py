@@ -530,7 +530,7 @@ class Node:
                     self._skip_non_finite("gradients", shard)
                     continue
                 self._num_non_finite_in_row = 0
-                opt.step()
+                opt.step(batch_size=batch.shape[0])
                 opt.zero_grad()
                 if not self._contributed:
                     self._contributed = True
