@@ -7,7 +7,13 @@ the state of the swarm's best peer. The parameters are saved as a
 params-only safetensors file ``checkpoints/<run>/step-<step>.safetensors``
 in the coordinator's data folder, recorded with their :func:`params_sha256`
 in the store, and only the newest ``keep`` files are kept (their hashes stay).
-Runs in the verifier process, never in the coordinator's serving process.
+
+A DiLoCo run (``[optimizer] mode = "diloco"``) is pulled from the nodes'
+DiLoCo averagers instead (prefix ``{run_id}_diloco``, a plain client-mode
+DecentralizedAverager here): they serve the global parameters of round ``r``
+(the checkpoint's step), which every peer that completed the round holds bit
+for bit. Runs in the verifier process, never in the coordinator's serving
+process.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from crowdtrain.coordinator.ledger import CHECKPOINTS_DIR
@@ -33,6 +40,9 @@ logger = logging.getLogger(__name__)
 KEEP_CHECKPOINTS = 8
 # Downloads per pull until two in a row agree (see Keeper.pull).
 MAX_DOWNLOADS = 4
+# What a DiLoCo node serves (crowdtrain.node.diloco): metadata {"round", "epoch", "layout"},
+# then the global parameters in model.parameters() order, then the outer momentum.
+DILOCO_LAYOUT = "diloco-v1"
 
 
 def checkpoint_name(step: int) -> str:
@@ -84,9 +94,21 @@ class Keeper:
         self.dht = dht
         self.keep = keep
         self.folder = store.data_dir / CHECKPOINTS_DIR
-        self._averagers: dict[str, tuple[TrainingStateAverager, GPT]] = {}
+        self._averagers: dict[str, tuple[DecentralizedAverager, GPT]] = {}
 
-    def _averager(self, run: PublishedRun) -> tuple[TrainingStateAverager, GPT]:
+    def _averager(self, run: PublishedRun) -> tuple[DecentralizedAverager, GPT]:
+        if run.id not in self._averagers and run.spec.optimizer.mode == "diloco":
+            torch.manual_seed(run.spec.run.seed)
+            model = GPT(gpt_config(run))
+            diloco = DecentralizedAverager(
+                [torch.zeros(1)],  # never averaged: only downloads state
+                self.dht,
+                prefix=f"{run.id}_diloco",
+                client_mode=True,
+                request_timeout=max(1.0, run.spec.swarm.request_timeout_s),
+                start=True,
+            )
+            self._averagers[run.id] = (diloco, model)
         if run.id not in self._averagers:
             torch.manual_seed(run.spec.run.seed)
             model = GPT(gpt_config(run))
@@ -105,6 +127,8 @@ class Keeper:
     def _download(self, run: PublishedRun, timeout_s: float) -> tuple[int, str] | None:
         """Load the state of the swarm's best peer into this run's model: (step, sha256)."""
         averager, model = self._averager(run)
+        if not isinstance(averager, TrainingStateAverager):
+            return self._download_diloco(run, averager, model, timeout_s)
         averager.local_epoch = -1  # stays below 0 unless a download succeeds
         try:
             averager.load_state_from_peers(timeout=timeout_s)
@@ -115,6 +139,39 @@ class Keeper:
             logger.info("run %s: no peer shared its state", run.id)
             return None
         return averager.local_epoch, params_sha256(model.state_dict())
+
+    def _download_diloco(
+        self, run: PublishedRun, averager: DecentralizedAverager, model: GPT, timeout_s: float
+    ) -> tuple[int, str] | None:
+        """A DiLoCo run: the global parameters of the best peer's round: (round, sha256)."""
+        try:
+            loaded = averager.load_state_from_peers(timeout=timeout_s)
+        except Exception as e:  # no peer, a timeout, a peer that left mid-download
+            logger.info("run %s: could not download the swarm's state: %s", run.id, e)
+            return None
+        if loaded is None:
+            logger.info("run %s: no peer shared its state", run.id)
+            return None
+        metadata, tensors = loaded
+        params = list(model.parameters())
+        round_ = metadata.get("round") if isinstance(metadata, dict) else None
+        if (
+            not isinstance(metadata, dict)
+            or metadata.get("layout") != DILOCO_LAYOUT
+            or not isinstance(round_, int)
+            or isinstance(round_, bool)
+            or round_ < 0
+            or len(tensors) < len(params)
+            or any(t.shape != p.shape for t, p in zip(tensors, params, strict=False))
+        ):
+            logger.warning(
+                "run %s: a peer served state that is not this run's DiLoCo state", run.id
+            )
+            return None
+        with torch.no_grad():
+            for param, tensor in zip(params, tensors, strict=False):
+                param.copy_(tensor)
+        return round_, params_sha256(model.state_dict())
 
     def pull(self, run: PublishedRun, timeout_s: float) -> dict[str, Any] | None:
         """Download the swarm's state and save it if it is a step not kept yet.

@@ -38,7 +38,7 @@ from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import (
     aiter_with_timeout,
     amap_in_executor,
@@ -211,6 +211,15 @@ class GuardedAllReduceRunner(AllReduceRunner):
     Each part waits until every sender's part of the same slice is in (the
     reduction waits for them anyway), so that its size is judged against all
     of them: :func:`reference_norm`, :data:`CLIP_BOUND`, :data:`NORM_BOUND`.
+
+    With ``exact_results`` the runner yields the averages themselves, not
+    hivemind's differences (average minus our part), and every peer of the
+    group receives the very same bytes for each slice: its reducer compresses
+    the average once with its own compression, sends that to every sender and
+    keeps the decompressed copy for itself. Peers that complete the round
+    therefore hold bit-identical results, whatever the compression. A reducer
+    that failed leaves our own part in its slice and counts in
+    ``tensor_part_container.failed_size``: such a round is partial.
     """
 
     def __init__(
@@ -219,10 +228,16 @@ class GuardedAllReduceRunner(AllReduceRunner):
         guard: GuardConfig,
         max_weight: Callable[[PeerID], float],
         attack: str = "",
+        exact_results: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         self._guard, self._max_weight, self._attack = guard, max_weight, attack
+        self._exact = exact_results
+        # A failed reducer's slice then holds our own part (not a zero difference).
+        self.tensor_part_container.return_deltas = not exact_results
+        # part index -> the average of that slice as sent (exact_results only)
+        self._serialized_averages: dict[int, asyncio.Task[runtime_pb2.Tensor]] = {}
         # part index -> sender index -> that part's norm (None: weight 0, not compared)
         self._norms: dict[int, dict[int, float | None]] = {}
         self._norms_complete: dict[int, asyncio.Event] = {}
@@ -230,6 +245,23 @@ class GuardedAllReduceRunner(AllReduceRunner):
     def _drop(self, peer_id: PeerID, reason: str, what: str) -> None:
         logger.warning("dropped averaging %s from peer %s: %s", what, peer_id.to_base58(), reason)
         self._guard.report(peer_id.to_base58(), reason)
+
+    def _serialized_average(self, part_index: int, average: torch.Tensor) -> Any:
+        """The slice's average compressed once (a task): every sender and we get these bytes."""
+        task = self._serialized_averages.get(part_index)
+        if task is None:
+            container = self.tensor_part_container
+            own_index = self.ordered_peer_ids.index(self.peer_id)
+            info = container._input_parts_by_peer[own_index][part_index][1]
+            loop = asyncio.get_event_loop()
+            task = asyncio.ensure_future(
+                loop.run_in_executor(
+                    None,
+                    lambda: container.compression.compress(average, info, allow_inplace=False),
+                )
+            )
+            self._serialized_averages[part_index] = task
+        return task
 
     def _complete(self, part_index: int) -> asyncio.Event:
         return self._norms_complete.setdefault(part_index, asyncio.Event())
@@ -309,15 +341,18 @@ class GuardedAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     break  # banned meanwhile (a timeout): nothing more of it is needed
 
-                # The sender adds this to what it sent, so it is relative to the unclipped part.
-                serialized_delta = await loop.run_in_executor(
-                    None,
-                    lambda p=averaged_part, t=tensor_part, c=part_compression: (
-                        serialize_torch_tensor(p - t, c)
-                    ),
-                )
+                if self._exact:
+                    serialized = await self._serialized_average(part_index - 1, averaged_part)
+                else:
+                    # The sender adds this to what it sent, so it is relative to the unclipped part.
+                    serialized = await loop.run_in_executor(
+                        None,
+                        lambda p=averaged_part, t=tensor_part, c=part_compression: (
+                            serialize_torch_tensor(p - t, c)
+                        ),
+                    )
                 yield averaging_pb2.AveragingData(
-                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta
+                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized
                 )
         finally:
             if part_index != reducer.num_parts:
@@ -326,7 +361,10 @@ class GuardedAllReduceRunner(AllReduceRunner):
     async def _communicate_with_peer(self, peer_id: PeerID) -> None:
         """hivemind's exchange with one reducer, with each returned result checked."""
         if peer_id == self.peer_id:
-            await super()._communicate_with_peer(peer_id)
+            if self._exact:
+                await self._reduce_own_slice()
+            else:
+                await super()._communicate_with_peer(peer_id)
             return
         container = self.tensor_part_container
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -372,6 +410,20 @@ class GuardedAllReduceRunner(AllReduceRunner):
                 logger.debug("caught %r when communicating with %s", e, peer_id, exc_info=True)
             container.register_failed_reducer(peer_index)
             raise
+
+    async def _reduce_own_slice(self) -> None:
+        """Our own slice in exact mode: keep the average exactly as the other senders get it."""
+        container = self.tensor_part_container
+        peer_index = self.ordered_peer_ids.index(self.peer_id)
+        sender_index = self.sender_peer_ids.index(self.peer_id)
+        loop = asyncio.get_event_loop()
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            averaged_part = await self.tensor_part_reducer.accumulate_part(
+                sender_index, part_index, tensor_part, weight=self.weight
+            )
+            serialized = await self._serialized_average(part_index, averaged_part)
+            average = await loop.run_in_executor(None, deserialize_torch_tensor, serialized)
+            container.register_processed_part(peer_index, part_index, average)
 
     async def _generate_input_for_peer(
         self, peer_index: int

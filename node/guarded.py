@@ -16,7 +16,7 @@ from typing import Any
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AveragingMode
+from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -40,13 +40,18 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
 
     Subclasses set ``_guard_config``, ``_guard_roster`` (weights are bounded by
     the roster, else by 1, hivemind's default weight) and ``_guard_attacks``
-    before hivemind forks the averager process in ``__init__``.
+    before hivemind forks the averager process in ``__init__``. With
+    ``_guard_exact`` the averaged tensors are replaced by the group's exact
+    average (see :class:`GuardedAllReduceRunner`'s ``exact_results``) only
+    when every reducer answered; a partial round raises AllreduceException
+    and leaves the tensors as they were.
     """
 
     _guard_config: GuardConfig
     _guard_roster: bool
     _guard_attacks: bool
     _guard_round: int = 0
+    _guard_exact: bool = False
 
     def _guard_max_weight(self) -> Callable[[PeerID], float]:
         if not self._guard_roster:
@@ -75,6 +80,7 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
             guard=self._guard_config,
             max_weight=self._guard_max_weight(),
             attack=self._guard_next_attack(),
+            exact_results=self._guard_exact,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -86,7 +92,9 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
         assert group_id in self._running_groups, f"group {group_id!r} was not registered"
         self._running_groups[group_id].set_result(runner)
 
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+        if self._guard_exact:
+            await self._replace_with_exact_average(tensors, runner)
+        elif runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
                 tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
@@ -94,6 +102,23 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
+
+    async def _replace_with_exact_average(
+        self, tensors: Sequence[torch.Tensor], runner: GuardedAllReduceRunner
+    ) -> None:
+        # Gathered first (one extra copy of the tensors for the round): a partial round
+        # must leave the tensors untouched, as hivemind may retry with them.
+        averages = [average async for average in runner]
+        container = runner.tensor_part_container
+        if container.failed_size > 0:
+            raise AllreduceException(
+                f"partial round: {container.failed_size} of {container.total_size} values "
+                "were not averaged by their reducer"
+            )
+        for tensor, average in zip(tensors, averages, strict=True):
+            tensor.copy_(average)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
 
 
 class GuardedGradientAverager(GradientAverager, _GuardedAllReduceMixin):

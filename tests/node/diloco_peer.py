@@ -1,0 +1,163 @@
+"""One DiLoCo peer for tests: a tiny GPT on random tokens, its own DHT on 127.0.0.1.
+
+Writes ``--out`` (JSON, atomically) when ready and after every outer step:
+its DHT addresses, its round, and the hash of its global parameters at each
+round. Trains once ``--go`` exists, until its global parameters reach
+``--rounds`` outer steps (then leaves cleanly) or it is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import hivemind
+import numpy as np
+import torch
+from hivemind.compression import NoCompression, Uniform8BitQuantization, serialization
+from hivemind.proto import runtime_pb2
+
+from crowdtrain.model import GPT, GPTConfig, param_groups
+from crowdtrain.node.diloco import DiLoCoOptimizer
+from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
+
+SEQ_LEN = 16
+MICRO_BATCH = 4
+
+
+class _Uniform8Bit(Uniform8BitQuantization):
+    """hivemind 1.1.12's 8-bit decoding with numpy 2 (it reads the codebook size with
+    ``int()`` of a one-element array, which numpy 2.4 refuses)."""
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        buffer = serialized_tensor.buffer
+        codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
+        codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+        indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        quantized = torch.as_tensor(indices, dtype=torch.int64).reshape(
+            tuple(serialized_tensor.size)
+        )
+        values = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        return values[quantized].requires_grad_(serialized_tensor.requires_grad)
+
+
+def fix_8bit_decoding() -> None:
+    """Test scaffolding until the node carries its own fix: decode 8-bit parts under numpy 2."""
+    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = _Uniform8Bit()
+
+
+def _write(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--go", type=Path, required=True)
+    parser.add_argument("--initial-peers-from", type=Path, help="another peer's --out")
+    parser.add_argument("--client-mode", action="store_true")
+    parser.add_argument("--compression", default="8bit", choices=("none", "8bit"))
+    parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1_000_000)
+    parser.add_argument("--delay-s", type=float, default=0.05, help="sleep per micro-batch")
+    parser.add_argument("--join-late", action="store_true")
+    args = parser.parse_args()
+    mp.set_start_method("fork", force=True)
+    fix_8bit_decoding()
+    torch.set_num_threads(1)
+
+    spec = OptimizerSection(
+        target_batch_size=8,
+        mode="diloco",
+        inner_steps=5,
+        inner_batch_size=4,
+        lr=1e-3,
+        outer_overlap=not args.no_overlap,
+    )
+    swarm = SwarmSection(
+        matchmaking_time_s=1.5,
+        averaging_timeout_s=5.0,
+        request_timeout_s=1.0,
+        metadata_expiration_s=5.0,
+        load_state_timeout_s=10.0,
+    )
+    initial_peers = []
+    while args.initial_peers_from is not None and not initial_peers:
+        try:
+            initial_peers = json.loads(args.initial_peers_from.read_text())["maddrs"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.1)
+    dht = hivemind.DHT(
+        initial_peers=initial_peers,
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        client_mode=args.client_mode,
+    )
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, seq_len=SEQ_LEN, num_layers=2, num_heads=2, d_model=32))
+    compression = Uniform8BitQuantization() if args.compression == "8bit" else NoCompression()
+    opt = DiLoCoOptimizer(
+        dht=dht,
+        run_id="dilocotest",
+        model=model,
+        params=param_groups(model, 0.1),
+        inner_optimizer=partial(torch.optim.AdamW, lr=spec.lr),
+        scheduler=None,
+        spec=spec,
+        swarm=swarm,
+        client_mode=args.client_mode,
+        pseudo_grad_compression=compression,
+        state_compression=NoCompression(),
+    )
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    record: dict = {
+        "maddrs": [str(m) for m in dht.get_visible_maddrs()],
+        "rounds": {},
+        "times": {},
+        "loaded": None,
+        "epoch": 0,
+    }
+    try:
+        _write(args.out, record)
+        while not args.go.exists():
+            time.sleep(0.05)
+        if args.join_late:
+            record["loaded"] = opt.load_state_from_peers(timeout=20)
+            record["rounds"][str(opt.global_round)] = opt.global_params_sha256()
+            record["epoch"] = opt.local_epoch
+            _write(args.out, record)
+        generator = torch.Generator().manual_seed(os.getpid())
+        seen = opt.global_round
+        while opt.global_round < args.rounds:
+            batch = torch.randint(0, 256, (MICRO_BATCH, SEQ_LEN + 1), generator=generator)
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            opt.step(MICRO_BATCH)
+            if opt.global_round != seen:
+                seen = opt.global_round
+                record["rounds"][str(seen)] = opt.global_params_sha256()
+                record["times"][str(seen)] = time.time()
+                record["epoch"] = opt.local_epoch
+                _write(args.out, record)
+            time.sleep(args.delay_s)
+    finally:
+        opt.shutdown()
+        dht.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""DiLoCo over hivemind: exact averages, rounds between real peer processes, late joiners.
+
+The all-reduce test runs hivemind's real protocol between in-process peers;
+the swarm tests start each peer as its own process (tests/node/diloco_peer.py)
+and kill every process group they started, pass or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hivemind
+import pytest
+import torch
+from hivemind.compression import Uniform8BitQuantization
+from hivemind.p2p import P2P
+
+from crowdtrain.coordinator.keeper import Keeper, gpt_config
+from crowdtrain.model import GPT, param_groups
+from crowdtrain.node.diloco import DiLoCoOptimizer
+from crowdtrain.node.guard import GuardConfig, GuardedAllReduceRunner, SwarmGuard
+from crowdtrain.protocol.runspec import SwarmSection, parse_spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from diloco_peer import fix_8bit_decoding  # noqa: E402
+
+PEER = Path(__file__).parent / "diloco_peer.py"
+
+
+async def _exact_all_reduce(
+    folder: Path, num_peers: int, client_index: int | None = None
+) -> list[list[torch.Tensor]]:
+    """Peers average different vectors with 8-bit compression; returns every peer's result."""
+    p2ps = [await P2P.create()]
+    maddrs = await p2ps[0].get_visible_maddrs()
+    p2ps += [await P2P.create(initial_peers=maddrs) for _ in range(num_peers - 1)]
+    try:
+        peer_ids = [p.peer_id for p in p2ps]
+        fractions = tuple(0.0 if i == client_index else 1.0 for i in range(num_peers))
+        runners = []
+        for index, p2p in enumerate(p2ps):
+            generator = torch.Generator().manual_seed(index)
+            tensors = [torch.randn(3000, generator=generator), torch.randn(17, generator=generator)]
+            guard = GuardConfig(folder / f"peer{index}", unknown_max_weight=100.0)
+            guard.folder.mkdir(parents=True)
+            runner = GuardedAllReduceRunner(
+                guard=guard,
+                max_weight=lambda peer_id: 100.0,
+                exact_results=True,
+                p2p=p2p,
+                servicer_type=GuardedAllReduceRunner,
+                prefix=None,
+                group_id=b"group",
+                tensors=tensors,
+                weight=float(index + 1),
+                ordered_peer_ids=peer_ids,
+                peer_fractions=fractions,
+                compression=Uniform8BitQuantization(),
+                part_size_bytes=1024,
+                sender_timeout=5.0,
+                reducer_timeout=10.0,
+            )
+            await runner.add_p2p_handlers(p2p)
+            runners.append(runner)
+
+        async def run(runner: GuardedAllReduceRunner) -> list[torch.Tensor]:
+            results = [average async for average in runner]
+            assert runner.tensor_part_container.failed_size == 0
+            return results
+
+        return await asyncio.wait_for(asyncio.gather(*(run(r) for r in runners)), timeout=60)
+    finally:
+        for p2p in p2ps:
+            await p2p.shutdown()
+
+
+@pytest.mark.parametrize("client_index", [None, 2], ids=["three-reducers", "with-a-client"])
+def test_exact_averages_are_bit_identical_on_every_peer_with_8bit_compression(
+    tmp_path: Path, client_index: int | None
+) -> None:
+    """Plain hivemind hands each peer its own rounding (and a reducer its uncompressed
+    slice); the exact runner hands every peer the same bytes, a client-mode peer too."""
+    fix_8bit_decoding()
+    results = asyncio.run(_exact_all_reduce(tmp_path, num_peers=3, client_index=client_index))
+    expected = []
+    for values in zip(*(_inputs(i) for i in range(3)), strict=True):
+        expected.append(sum((i + 1) * v for i, v in enumerate(values)) / 6)
+    for result in results:
+        for ours, first in zip(result, results[0], strict=True):
+            assert torch.equal(ours, first)  # bit for bit
+        for ours, exact in zip(result, expected, strict=True):
+            # 8-bit compression of the inputs and of the average: close, not equal
+            assert float((ours - exact).norm() / exact.norm()) < 0.1
+
+
+SPEC = parse_spec(
+    """
+[run]
+id = "dilocounit"
+[model]
+vocab_size = 256
+seq_len = 16
+num_layers = 1
+num_heads = 2
+d_model = 16
+[optimizer]
+mode = "diloco"
+target_batch_size = 8
+inner_steps = 5
+inner_batch_size = 4
+micro_batch_size = 4
+"""
+)
+
+
+def _diloco(dht: hivemind.DHT, seed: int, guard: SwarmGuard | None = None) -> DiLoCoOptimizer:
+    torch.manual_seed(seed)
+    model = GPT(gpt_config(_FakeRun(SPEC.run.id, SPEC)))  # type: ignore[arg-type]
+    return DiLoCoOptimizer(
+        dht=dht,
+        run_id=SPEC.run.id,
+        model=model,
+        params=param_groups(model, 0.1),
+        inner_optimizer=torch.optim.AdamW,
+        scheduler=None,
+        spec=SPEC.optimizer,
+        swarm=SwarmSection(request_timeout_s=1.0, matchmaking_time_s=2.0),
+        client_mode=False,
+        swarm_guard=guard,
+    )
+
+
+def test_a_late_joiner_and_the_keeper_load_the_global_state_of_a_round(tmp_path: Path) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    dhts: list[hivemind.DHT] = []
+    optimizers: list[DiLoCoOptimizer] = []
+    keeper = None
+    try:
+        dhts.append(hivemind.DHT(start=True))
+        dhts += [hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), start=True) for _ in "ab"]
+        server = _diloco(dhts[0], seed=0)
+        optimizers.append(server)
+        for _ in range(3):  # three outer steps of a made-up average
+            server._outer_step([torch.full_like(g, 0.01) for g in server.global_params])
+        served = server.global_params_sha256()
+        momentum = [server.outer.state[g]["momentum_buffer"] for g in server.global_params]
+
+        guard = SwarmGuard(tmp_path / "guard", target_batch_size=8)
+        guard.coordinator_step = lambda: 100  # the coordinator is far ahead: refuse
+        guard.coordinator_lag_s = 0.0
+        joiner = _diloco(dhts[1], seed=1, guard=guard)
+        optimizers.append(joiner)
+        guard.named_parameters = list(joiner.model.named_parameters(remove_duplicate=False))
+        assert not joiner.load_state_from_peers(timeout=10)
+        assert "behind the coordinator's step 100" in joiner.last_refusal
+        assert joiner.global_round == 0 and joiner.global_params_sha256() != served
+
+        guard.coordinator_step = lambda: 3
+        assert joiner.load_state_from_peers(timeout=10)
+        assert joiner.last_refusal is None
+        assert (joiner.global_round, joiner.local_epoch) == (3, 3)
+        assert joiner.tracker.local_progress.epoch == 3
+        assert joiner.global_params_sha256() == served
+        for param, global_ in zip(joiner.model.parameters(), joiner.global_params, strict=True):
+            assert torch.equal(param.detach(), global_)
+        for ours, theirs in zip(joiner.global_params, momentum, strict=True):
+            assert torch.equal(joiner.outer.state[ours]["momentum_buffer"], theirs)
+
+        keeper = Keeper(_FakeStore(tmp_path), dhts[2])  # type: ignore[arg-type]
+        run = _FakeRun(SPEC.run.id, SPEC)
+        assert keeper._download(run, timeout_s=10) == (3, served)
+    finally:
+        if keeper is not None:
+            keeper.shutdown()
+        for optimizer in optimizers:
+            optimizer.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+        signal.signal(signal.SIGINT, handler)
+
+
+class _FakeStore:
+    def __init__(self, folder: Path):
+        self.data_dir = folder
+
+
+class _FakeRun:
+    def __init__(self, run_id: str, spec):
+        self.id, self.spec = run_id, spec
+
+
+def _inputs(index: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(index)
+    return [torch.randn(3000, generator=generator), torch.randn(17, generator=generator)]
+
+
+# Real peers, each its own process group.
+
+
+class Peers:
+    """Starts diloco_peer.py processes and always kills their process groups."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.go = folder / "go"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str, initial: str | None = None) -> None:
+        command = [sys.executable, str(PEER), "--out", str(self.out(name))]
+        if "--go" not in args:
+            command += ["--go", str(self.go)]
+        if initial is not None:
+            command += ["--initial-peers-from", str(self.out(initial))]
+        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(
+            [*command, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    def out(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def read(self, name: str) -> dict:
+        try:
+            return json.loads(self.out(name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def wait_for(self, what: str, check, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
+                    pytest.fail(f"peer {name} exited ({proc.returncode}):\n{self.log(name)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}:\n" + self.logs())
+            time.sleep(0.2)
+
+    def rounds(self, name: str) -> dict[int, str]:
+        return {int(k): v for k, v in self.read(name).get("rounds", {}).items()}
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+    def log(self, name: str) -> str:
+        lines = (self.folder / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join(line for line in lines if "quantize" not in line)[-3000:]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{self.log(name)}" for name in self.procs)
+
+    def stop_all(self) -> None:
+        for name in self.procs:
+            self.kill(name)
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[Peers]:
+    p = Peers(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+def test_two_peers_hold_identical_global_params_and_a_killed_peer_stops_nobody(
+    peers: Peers,
+) -> None:
+    """A full peer and a client-mode peer (8-bit pseudo-gradients) agree bit for bit after
+    every round; a late joiner loads the global state and round from them; once the
+    client is SIGKILLed mid-round, the others still finish the next rounds."""
+    late_go = peers.folder / "late-go"
+    peers.start("full")
+    peers.start("client", "--client-mode", initial="full")
+    peers.start("late", "--join-late", "--no-overlap", "--go", str(late_go), initial="full")
+    peers.wait_for(
+        "the peers to start",
+        lambda: all("maddrs" in peers.read(name) for name in ("full", "client", "late")),
+        60,
+    )
+    peers.go.touch()
+
+    peers.wait_for(
+        "three rounds on both peers",
+        lambda: {1, 2, 3} <= set(peers.rounds("full")) & set(peers.rounds("client")),
+        90,
+    )
+    full, client = peers.rounds("full"), peers.rounds("client")
+    for round_ in sorted(set(full) & set(client)):
+        assert full[round_] == client[round_], (round_, peers.logs())
+
+    peers.kill("client")
+    killed_at = max(peers.rounds("full"))
+    late_go.touch()
+    peers.wait_for(
+        "the late joiner's download", lambda: peers.read("late").get("loaded") is not None, 60
+    )
+    late = peers.read("late")
+    assert late["loaded"] is True, peers.log("late")
+    ((loaded_round, loaded_sha256),) = ((int(k), v) for k, v in late["rounds"].items())
+    assert loaded_round >= killed_at
+    assert peers.rounds("full")[loaded_round] == loaded_sha256
+
+    peers.wait_for(
+        "two more rounds without the killed peer",
+        lambda: (
+            max(peers.rounds("full")) >= killed_at + 2
+            and max(peers.rounds("late")) >= killed_at + 2
+        ),
+        60,
+    )
+    full, late_rounds = peers.rounds("full"), peers.rounds("late")
+    for round_ in sorted(set(full) & set(late_rounds)):
+        assert full[round_] == late_rounds[round_], (round_, peers.logs())
