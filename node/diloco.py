@@ -16,6 +16,7 @@ order (zeros before the first outer step).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import shutil
@@ -29,15 +30,13 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase, NoCompression, Uniform8BitQuantization
 from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.p2p import PeerID
 
 from crowdtrain.model import params_sha256
 from crowdtrain.node.guard import GuardConfig, SwarmGuard, state_problem
-from crowdtrain.node.guarded import _GuardedAllReduceMixin
+from crowdtrain.node.guarded import DiLoCoAverager
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 logger = logging.getLogger(__name__)
@@ -62,23 +61,14 @@ def averager_prefix(run_id: str) -> str:
 class _OneLineAveragingFailures(logging.Filter):
     """hivemind logs every failed averaging round with a traceback; we log one line instead."""
 
+    QUIET = {"AllreduceException", "MatchmakingException", "BannedException", "TimeoutError"}
+    QUIET |= {"CancelledError", "P2PDaemonError", "P2PHandlerError"}
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            name = type(record.exc_info[1]).__name__
-            if name in _QUIET_FAILURES:
-                return False
-        return True
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or type(error).__name__ not in self.QUIET
 
 
-_QUIET_FAILURES = {
-    "AllreduceException",
-    "MatchmakingException",
-    "TimeoutError",
-    "CancelledError",
-    "BannedException",
-    "P2PDaemonError",
-    "P2PHandlerError",
-}
 _FILTER = _OneLineAveragingFailures()
 
 
@@ -88,47 +78,6 @@ def _quiet_averaging_failures() -> None:
         log = logging.getLogger(name)
         if _FILTER not in log.filters:
             log.addFilter(_FILTER)
-
-
-class DiLoCoAverager(_GuardedAllReduceMixin):
-    """Averages pseudo-gradients exactly (every peer of a round gets the same bytes) and
-    serves the global state. Its RPCs keep hivemind's DecentralizedAverager names, so a
-    plain client-mode DecentralizedAverager (the keeper's) can download that state.
-
-    Weights are the sequences a peer trained in the round, bounded by the roster's
-    allowance (sequences per sync step) times ``rounds_per_allowance`` (inner steps),
-    or unbounded without a roster.
-    """
-
-    def __init__(
-        self,
-        *,
-        averaged_tensors: Sequence[torch.Tensor],
-        guard: GuardConfig,
-        use_roster: bool,
-        weight_scale: float,
-        current_state: Callable[[], tuple[Any, Sequence[torch.Tensor], Any]],
-        **kwargs: Any,
-    ):
-        self._guard_config, self._guard_roster, self._guard_attacks = guard, use_roster, True
-        self._guard_exact = True
-        self._weight_scale = weight_scale
-        self._current_state = current_state
-        super().__init__(averaged_tensors=averaged_tensors, **kwargs)
-
-    def _guard_max_weight(self) -> Callable[[PeerID], float]:
-        if not self._guard_roster:
-            return lambda peer_id: math.inf
-        roster = self._guard_config.read_roster()
-        default, scale = self._guard_config.unknown_max_weight, self._weight_scale
-        return lambda peer_id: scale * roster.get(peer_id.to_base58(), default)
-
-    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
-        return self._current_state()
-
-    @classmethod
-    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        return DecentralizedAverager._get_handle_name(namespace, method_name)
 
 
 @dataclass
@@ -242,23 +191,27 @@ class DiLoCoOptimizer:
             start=True,
         )
         _quiet_averaging_failures()
-        self.averager = DiLoCoAverager(
-            averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
-            guard=guard_config,
-            use_roster=swarm_guard is not None,
-            weight_scale=float(spec.inner_steps),
-            current_state=self._current_state,
-            dht=dht,
-            prefix=averager_prefix(run_id),
-            start=True,
-            min_matchmaking_time=swarm.matchmaking_time_s,
-            request_timeout=swarm.request_timeout_s,
-            allreduce_timeout=swarm.averaging_timeout_s,
-            compression=pseudo_grad_compression or Uniform8BitQuantization(),
-            state_compression=state_compression or NoCompression(),
-            initial_group_bits=round_bits(0),
-            client_mode=client_mode,
-        )
+        try:
+            self.averager = DiLoCoAverager(
+                averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
+                guard=guard_config,
+                use_roster=swarm_guard is not None,
+                weight_scale=float(spec.inner_steps),
+                current_state=self._current_state,
+                dht=dht,
+                prefix=averager_prefix(run_id),
+                start=True,
+                min_matchmaking_time=swarm.matchmaking_time_s,
+                request_timeout=swarm.request_timeout_s,
+                allreduce_timeout=swarm.averaging_timeout_s,
+                compression=pseudo_grad_compression or Uniform8BitQuantization(),
+                state_compression=state_compression or NoCompression(),
+                initial_group_bits=round_bits(0),
+                client_mode=client_mode,
+            )
+        except BaseException:
+            self.tracker.shutdown(1.0)  # a failed start must not leave a thread behind
+            raise
         self._share_state()
 
     # what the trainer calls
@@ -394,7 +347,7 @@ class DiLoCoOptimizer:
         self._pending = None
         try:
             gathered = pending.control.result(timeout=max(0.0, pending.deadline - time.monotonic()))
-        except BaseException as e:  # noqa: BLE001 - any failure of the round is handled alike
+        except (Exception, asyncio.CancelledError) as e:  # any failure of the round alike
             if not pending.control.done():
                 pending.control.cancel()
             self._recover(pending.round, pending.local_at_end, _reason(e))
@@ -635,4 +588,4 @@ def _reason(error: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-__all__ = ["STATE_LAYOUT", "DiLoCoAverager", "DiLoCoOptimizer", "averager_prefix", "round_bits"]
+__all__ = ["STATE_LAYOUT", "DiLoCoOptimizer", "averager_prefix", "round_bits"]

@@ -2,14 +2,17 @@
 
 :class:`GuardedOptimizer` is hivemind.Optimizer whose state averager refuses
 downloaded state the coordinator disagrees with; both its averagers run each
-round with :class:`~crowdtrain.node.guard.GuardedAllReduceRunner`. The RPC
-names stay hivemind's, so guarded and plain hivemind peers still talk.
+round with :class:`~crowdtrain.node.guard.GuardedAllReduceRunner`.
+:class:`DiLoCoAverager` averages DiLoCo's pseudo-gradients with exact results
+and serves its global state. The RPC names stay hivemind's, so guarded and
+plain hivemind peers still talk.
 Everything here overrides hivemind 1.1.12 internals (pinned in pyproject).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -177,6 +180,47 @@ class GuardedStateAverager(TrainingStateAverager, _StateCheckMixin, _GuardedAllR
         return TrainingStateAverager._get_handle_name(namespace, method_name)
 
 
+class DiLoCoAverager(_GuardedAllReduceMixin):
+    """Averages pseudo-gradients exactly (every peer of a round gets the same bytes) and
+    serves the global state. Its RPCs keep hivemind's DecentralizedAverager names, so a
+    plain client-mode DecentralizedAverager (the keeper's) can download that state.
+
+    Weights are the sequences a peer trained in the round, bounded by the roster's
+    allowance (in sequences per sync step) times ``weight_scale`` (the inner steps
+    per round), or unbounded without a roster.
+    """
+
+    def __init__(
+        self,
+        *,
+        averaged_tensors: Sequence[torch.Tensor],
+        guard: GuardConfig,
+        use_roster: bool,
+        weight_scale: float,
+        current_state: Callable[[], tuple[Any, Sequence[torch.Tensor], Any]],
+        **kwargs: Any,
+    ):
+        self._guard_config, self._guard_roster, self._guard_attacks = guard, use_roster, True
+        self._guard_exact = True
+        self._weight_scale = weight_scale
+        self._current_state = current_state
+        super().__init__(averaged_tensors=averaged_tensors, **kwargs)
+
+    def _guard_max_weight(self) -> Callable[[PeerID], float]:
+        if not self._guard_roster:
+            return lambda peer_id: math.inf
+        roster = self._guard_config.read_roster()
+        default, scale = self._guard_config.unknown_max_weight, self._weight_scale
+        return lambda peer_id: scale * roster.get(peer_id.to_base58(), default)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
+        return self._current_state()
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        return DecentralizedAverager._get_handle_name(namespace, method_name)
+
+
 class GuardedOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer whose state averager is a :class:`GuardedStateAverager`.
 
@@ -213,4 +257,9 @@ class GuardedOptimizer(hivemind.Optimizer):
         return self.state_averager.last_refusal  # type: ignore[attr-defined]
 
 
-__all__ = ["GuardedGradientAverager", "GuardedOptimizer", "GuardedStateAverager"]
+__all__ = [
+    "DiLoCoAverager",
+    "GuardedGradientAverager",
+    "GuardedOptimizer",
+    "GuardedStateAverager",
+]

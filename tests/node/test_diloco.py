@@ -25,7 +25,7 @@ from hivemind.p2p import P2P
 
 from crowdtrain.coordinator.keeper import Keeper, gpt_config
 from crowdtrain.model import GPT, param_groups
-from crowdtrain.node.diloco import DiLoCoOptimizer
+from crowdtrain.node.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
 from crowdtrain.node.guard import GuardConfig, GuardedAllReduceRunner, SwarmGuard
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
 
@@ -136,6 +136,49 @@ def _diloco(dht: hivemind.DHT, seed: int, guard: SwarmGuard | None = None) -> Di
         client_mode=False,
         swarm_guard=guard,
     )
+
+
+def test_inner_steps_take_the_sequence_weighted_mean_gradient() -> None:
+    """Micro-batches of 3 and 1 sequences make one inner step on their mean gradient, like
+    one batch of 4; a micro-batch dropped with zero_grad() (non-finite, say) counts for nothing."""
+    handler = signal.getsignal(signal.SIGINT)
+    dht = hivemind.DHT(start=True)
+    opt = None
+    try:
+        opt = _diloco(dht, seed=0)
+        reference = GPT(opt.model.config)
+        reference.load_state_dict(opt.model.state_dict())
+        reference_opt = torch.optim.AdamW(param_groups(reference, 0.1))
+        batch = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
+
+        opt.model(batch[:3, :-1], batch[:3, 1:])[1].backward()
+        opt.step(3)
+        assert opt.inner_step == 0
+        opt.model(batch[:, :-1].flip(0), batch[:, 1:])[1].backward()
+        opt.zero_grad()
+        opt.model(batch[3:, :-1], batch[3:, 1:])[1].backward()
+        opt.step(1)
+        assert opt.inner_step == 1 and opt.tracker.local_progress.samples_accumulated == 4
+
+        reference(batch[:, :-1], batch[:, 1:])[1].backward()
+        reference_opt.step()
+        for ours, theirs in zip(opt.model.parameters(), reference.parameters(), strict=True):
+            assert torch.allclose(ours, theirs, atol=1e-6)
+            assert ours.grad is None
+    finally:
+        if opt is not None:
+            opt.shutdown()
+        dht.shutdown()
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_rounds_meet_only_their_own_round_and_the_heaviest_hash_wins() -> None:
+    assert round_bits(3) == "00000011" and round_bits(3 + 256) == round_bits(3)
+    assert round_bits(4) != round_bits(3)
+    group = [{"sha256": "b", "weight": 5.0}, {"sha256": "a", "weight": 2.0}, {"sha256": "a"}]
+    assert _canonical_sha256(group) == "b"
+    assert _canonical_sha256([{"sha256": "b", "weight": 1}, {"sha256": "a", "weight": 1}]) == "a"
+    assert _canonical_sha256([None, {}]) is None
 
 
 def test_a_late_joiner_and_the_keeper_load_the_global_state_of_a_round(tmp_path: Path) -> None:
