@@ -147,6 +147,8 @@ class DiLoCoOptimizer:
         self.local_epoch = 0
         self.inner_step = 0
         self.global_round = 0  # outer steps in the global parameters
+        self._global_version = 0  # bumped whenever the global parameters change
+        self._sha256_cache: tuple[int, str] | None = None
         self._params = list(model.parameters())
         self._names = _names_by_param(model)
         self.inner = inner_optimizer(params)
@@ -385,6 +387,7 @@ class DiLoCoOptimizer:
             for global_ in self.global_params:
                 global_.grad = None
             self.global_round += 1
+            self._global_version += 1
         self._share_state()
 
     def _follow_local(self, local_at_end: list[torch.Tensor]) -> None:
@@ -440,6 +443,7 @@ class DiLoCoOptimizer:
                 for global_, momentum in zip(self.global_params, state.momentum, strict=True):
                     self.outer.state[global_]["momentum_buffer"] = momentum.clone()
                 self.global_round = state.round
+                self._global_version += 1
             if old_global is not None:
                 for param, global_, old in zip(
                     self._params, self.global_params, old_global, strict=True
@@ -547,11 +551,15 @@ class DiLoCoOptimizer:
             return None
 
     def _global_sha256(self) -> str:
+        # Hashing reads every parameter: once per change of the global parameters.
+        if self._sha256_cache is not None and self._sha256_cache[0] == self._global_version:
+            return self._sha256_cache[1]
         state = {}
         for param, global_ in zip(self._params, self.global_params, strict=True):
             for name in self._names.get(id(param), []):
                 state[name] = global_
-        return params_sha256(state)
+        self._sha256_cache = (self._global_version, params_sha256(state))
+        return self._sha256_cache[1]
 
 
 def _names_by_param(model: torch.nn.Module) -> dict[int, list[str]]:
