@@ -1,0 +1,132 @@
+"""Bytes each peer sends, from the kernel's per-connection TCP counters.
+
+hivemind reports no traffic and its p2pd is a separate process, so a peer's
+bytes are those of every TCP socket owned by any process of its session (the
+node and its DHT, averagers and p2pd children all share the session the
+harness started it in). ``ss -tinp`` gives each socket's ``bytes_sent``; a
+sampler reads it every few seconds and keeps each socket's largest count, so
+a connection that closes between two samples loses at most its last few
+seconds (the peers' libp2p connections live for the whole run). Sockets to
+the coordinator's gRPC and HTTP ports are counted apart ("control") from the
+rest ("swarm": other peers' p2pd and the coordinator's DHT peer).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+_BYTES_SENT = re.compile(r"\bbytes_sent:(\d+)")
+_PIDS = re.compile(r"pid=(\d+)")
+
+
+def _port(address: str) -> int:
+    try:
+        return int(address.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def read_sockets() -> list[tuple[str, str, list[int], int]]:
+    """(local, peer, owning pids, bytes_sent) of every TCP socket the kernel lists."""
+    out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, timeout=20).stdout
+    sockets = []
+    current: tuple[str, str, list[int]] | None = None
+    for line in out.splitlines():
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            parts = line.split()
+            if len(parts) < 5:
+                current = None
+                continue
+            current = (parts[3], parts[4], [int(p) for p in _PIDS.findall(line)])
+            continue
+        if current is not None:
+            match = _BYTES_SENT.search(line)
+            if match:
+                sockets.append((*current, int(match.group(1))))
+            current = None
+    return sockets
+
+
+@dataclass
+class ByteSampler:
+    """Samples, every ``every_s``, the bytes sent by each named process session.
+
+    ``sessions`` maps a peer's name to its session id (the pid of the process the
+    harness started with ``start_new_session``). ``control_ports`` are the
+    coordinator's gRPC and HTTP ports.
+    """
+
+    control_ports: set[int]
+    every_s: float = 3.0
+    sessions: dict[str, int] = field(default_factory=dict)
+    # per peer: socket -> largest bytes_sent seen
+    _sent: dict[str, dict[tuple[str, str, str], int]] = field(default_factory=dict)
+    # (seconds since start, {peer: (swarm bytes, control bytes)})
+    series: list[tuple[float, dict[str, tuple[int, int]]]] = field(default_factory=list)
+    num_failed: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _started: float = 0.0
+
+    def add(self, name: str, session: int) -> None:
+        self.sessions[name] = session
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="byte-sampler")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - one bad reading must not end the sampling
+                self.num_failed += 1
+
+    def sample(self) -> None:
+        owner: dict[int, str] = {}
+        session_names = {sid: name for name, sid in self.sessions.items()}
+        for sock in read_sockets():
+            local, peer, pids, sent = sock
+            name = None
+            for pid in pids:
+                if pid not in owner:
+                    try:
+                        owner[pid] = session_names.get(os.getsid(pid), "")
+                    except OSError:
+                        owner[pid] = ""
+                name = owner[pid] or name
+            if not name:
+                continue
+            kind = "control" if _port(peer) in self.control_ports else "swarm"
+            known = self._sent.setdefault(name, {})
+            key = (local, peer, kind)
+            known[key] = max(known.get(key, 0), sent)
+        totals = {}
+        for name in self.sessions:
+            known = self._sent.get(name, {})
+            swarm = sum(v for (_, _, kind), v in known.items() if kind == "swarm")
+            control = sum(v for (_, _, kind), v in known.items() if kind == "control")
+            totals[name] = (swarm, control)
+        self.series.append((time.monotonic() - self._started, totals))
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        if not self.series:
+            return {}
+        return {
+            name: {"swarm": swarm, "control": control}
+            for name, (swarm, control) in self.series[-1][1].items()
+        }

@@ -1,0 +1,614 @@
+"""Training efficiency of a crowdtrain swarm against one process and against plain hivemind.
+
+Every peer is a real process on loopback (``crowdtrain-coordinator serve``,
+``crowdtrain-node join``) with one torch thread; the single-process baseline
+uses as many threads as the swarm's peers have together, at most 2 (this
+machine's cores). The workload is the demo's tiny GPT (examples/stdlib-tiny.toml
+for sync, examples/stdlib-diloco.toml for diloco) on the bundled corpus.
+
+Parts (``--parts``, all by default), in the order they run:
+
+- ``solo``: tokens/s of one node-sized loop alone, no averaging (1 thread)
+- ``throughput``: each peer's tokens/s in a 2-peer swarm, sync and diloco
+- ``hivemind``: the same 2 peers with plain ``hivemind.Optimizer`` and its defaults
+- ``loss``: 4-peer sync and diloco swarms to ``--rounds`` diloco rounds of tokens,
+  with every peer's bytes sent
+- ``baseline``: one process at the same global batch, evaluated at the swarms' tokens
+- ``late_joiner``: a third node joining a 10M-parameter run, start to first step
+- ``half_speed``: a throttled node's share of samples against its share of compute
+
+Each part's raw numbers go to ``efficiency.json`` beside ``--out`` as soon as it
+ends (a failed part records its error and the rest still run); the markdown
+table and the plots are rebuilt from that file (``--report-only`` does only that).
+
+    python bench/efficiency.py --out bench/results/efficiency.md            # about 30 min
+    python bench/efficiency.py --quick --out /tmp/eff/efficiency.md         # a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from eff_bytes import ByteSampler  # noqa: E402
+from eff_common import (  # noqa: E402
+    BIN,
+    NUM_VAL_SEQUENCES,
+    ROOT,
+    Children,
+    ForeignCpu,
+    checkpoint_metadata,
+    diloco_spec,
+    evaluate_checkpoint,
+    gpt_config,
+    python_script,
+    sync_spec,
+    val_sequences,
+    with_overrides,
+)
+from eff_hivemind import run_reference  # noqa: E402
+from eff_swarm import SwarmRun, spec_json  # noqa: E402
+
+PARTS = ("solo", "throughput", "hivemind", "loss", "baseline", "late_joiner", "half_speed")
+# The late joiner's model: about 10.6M parameters.
+LATE_JOINER_MODEL = {"d_model": 384, "num_layers": 6, "num_heads": 6}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long each part runs; ``--quick`` shrinks everything to debug the harness."""
+
+    rounds: int
+    inner_steps: int | None  # None: the diloco spec's own
+    warmup_s: float
+    sync_window_s: float
+    diloco_window_s: float
+    hivemind_warmup_s: float
+    hivemind_window_s: float
+    solo_s: float
+    loss_timeout_s: float
+    late_wait_s: float
+    late_inner_steps: int
+    half_window_s: float
+    share_solo_s: float
+
+
+FULL = Plan(
+    rounds=2,
+    inner_steps=None,
+    warmup_s=20,
+    sync_window_s=60,
+    # long enough to hold at least one outer step of a 2-peer round (~820k tokens)
+    diloco_window_s=120,
+    hivemind_warmup_s=20,
+    hivemind_window_s=60,
+    solo_s=25,
+    loss_timeout_s=600,
+    late_wait_s=150,
+    late_inner_steps=10,
+    half_window_s=90,
+    share_solo_s=25,
+)
+QUICK = Plan(
+    rounds=1,
+    inner_steps=10,
+    warmup_s=5,
+    sync_window_s=20,
+    diloco_window_s=30,
+    hivemind_warmup_s=10,
+    hivemind_window_s=20,
+    solo_s=8,
+    loss_timeout_s=240,
+    late_wait_s=90,
+    late_inner_steps=5,
+    half_window_s=30,
+    share_solo_s=8,
+)
+
+
+class Bench:
+    """Runs the parts and keeps their results in one JSON file."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, work: Path):
+        self.args, self.plan, self.work = args, plan, work
+        self.json_path = args.out.with_suffix(".json")
+        self.results: dict[str, Any] = {}
+        if self.json_path.exists():
+            try:
+                self.results = json.loads(self.json_path.read_text())
+            except ValueError:
+                self.results = {}
+        self.data = work / "data"
+        self.sync, sync_from = sync_spec()
+        diloco, diloco_from = diloco_spec()
+        if plan.inner_steps is not None:
+            diloco = with_overrides(diloco, optimizer={"inner_steps": plan.inner_steps})
+            diloco_from += f", inner_steps = {plan.inner_steps} (--quick)"
+        self.diloco = diloco
+        self.spec_sources = {"sync": sync_from, "diloco": diloco_from}
+        self.has_diloco = importlib.util.find_spec("crowdtrain.node.diloco") is not None
+
+    # bookkeeping
+
+    def save(self, part: str, value: Any) -> None:
+        self.results[part] = value
+        self.results["meta"] = self.meta()
+        self.json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.json_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.json_path)
+
+    def meta(self) -> dict[str, Any]:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return {
+            "command": "python " + " ".join(["bench/efficiency.py", *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit + ("+changes" if dirty else ""),
+            "quick": self.args.quick,
+            "device": self.args.device,
+            "plan": asdict(self.plan),
+            "specs": self.spec_sources,
+            "node_has_diloco": self.has_diloco,
+        }
+
+    def prepare(self) -> None:
+        if (self.data / "manifest.json").exists():
+            return
+        result = subprocess.run(
+            [str(BIN / "crowdtrain-coordinator"), "prepare-data", "--source", "stdlib",
+             "--out", str(self.data)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"prepare-data failed:\n{result.stderr[-3000:]}")
+
+    def spec(self, mode: str, run_id: str, **overrides: dict[str, Any]) -> dict[str, Any]:
+        base = self.sync if mode == "sync" else self.diloco
+        return with_overrides(base, run={"id": run_id}, **overrides)
+
+    def modes(self) -> list[str]:
+        return ["sync", "diloco"] if self.has_diloco else ["sync"]
+
+    def no_diloco(self) -> dict[str, Any]:
+        return {
+            "error": "not run: this crowdtrain's node has no diloco mode (crowdtrain.node.diloco)"
+        }
+
+    # parts
+
+    def part_solo(self) -> dict[str, Any]:
+        """One node-sized loop alone: micro-batches of 16, one thread, no averaging.
+        Sync steps AdamW every target_batch/micro micro-batches, diloco every one."""
+        out: dict[str, Any] = {}
+        for mode in self.modes():
+            spec = self.spec(mode, f"solo-{mode}")
+            opt = spec["optimizer"]
+            step_every = (
+                1
+                if mode == "diloco"
+                else max(1, opt["target_batch_size"] // opt["micro_batch_size"])
+            )
+            out[mode] = self._train(
+                "solo", spec, f"solo-{mode}", threads=1,
+                extra=["--seconds", str(self.plan.solo_s), "--step-every", str(step_every)],
+            )  # fmt: skip
+        return out
+
+    def _train(
+        self, command: str, spec: dict[str, Any], name: str, threads: int, extra: list[str]
+    ) -> dict[str, Any]:
+        folder = self.work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / "result.json"
+        args = [
+            *python_script("eff_train.py"), command,
+            "--data", str(self.data), "--spec", str(spec_json(spec, folder / "spec.json")),
+            "--threads", str(threads), "--device", self.args.device, "--out", str(out), *extra,
+        ]  # fmt: skip
+        result = subprocess.run(args, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+    def part_throughput(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for mode in ("sync", "diloco"):
+            if mode == "diloco" and not self.has_diloco:
+                out[mode] = self.no_diloco()
+                continue
+            window = self.plan.sync_window_s if mode == "sync" else self.plan.diloco_window_s
+            try:
+                out[mode] = self._window_run(mode, f"eff-{mode}-2", ["node-a", "node-b"], window)
+            except Exception as e:  # one mode's failure must not hide the other's figure
+                out[mode] = {"error": _error(e)}
+        return out
+
+    def _window_run(
+        self,
+        mode: str,
+        run_id: str,
+        names: list[str],
+        window_s: float,
+        node_env: dict[str, dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        """Per-peer tokens/s and sequences over ``window_s`` after all peers train and a warm-up."""
+        swarm = SwarmRun(
+            self.work / run_id, self.data, self.spec(mode, run_id), self.args.device,
+            node_env=node_env or {},
+        )  # fmt: skip
+        try:
+            swarm.start(names)
+            first = swarm.wait_for(
+                lambda s: all(s.peers.get(n, {}).get("num_tokens", 0) > 0 for n in names), 240
+            )
+            if first is None:
+                raise RuntimeError("the peers did not all train within 240 s")
+            begin = swarm.wait_for(lambda s: s.t >= first.t + self.plan.warmup_s, 120)
+            assert begin is not None
+            end = swarm.wait_for(lambda s: s.t >= begin.t + window_s, window_s + 60)
+            assert end is not None
+            span = end.t - begin.t
+            peers = {}
+            for n in names:
+                a, b = begin.peers[n], end.peers[n]
+                peers[n] = {
+                    "tokens_per_s": (b["num_tokens"] - a["num_tokens"]) / span,
+                    "sequences": b["num_sequences"] - a["num_sequences"],
+                }
+            swarm.stop_nodes(grace_s=60)
+            logs = {n: p.output() for n, p in swarm.nodes.items()}
+            return {
+                "run_id": run_id,
+                "window_s": span,
+                "steps": [begin.step, end.step],
+                "peers": peers,
+                "tokens_per_s": sum(p["tokens_per_s"] for p in peers.values()),
+                "throttle_acknowledged": {
+                    n: ("TEST HOOK" in log and "slower" in log) for n, log in logs.items()
+                },
+                "raw": swarm.record(),
+            }
+        finally:
+            swarm.shutdown()
+
+    def part_hivemind(self) -> dict[str, Any]:
+        spec = self.spec("sync", "plain-hivemind")
+        folder = self.work / "plain-hivemind"
+        folder.mkdir(parents=True, exist_ok=True)
+        sampler = ByteSampler(control_ports=set())
+        result = run_reference(
+            folder, self.data, spec_json(spec, folder / "spec.json"), 2,
+            self.plan.hivemind_warmup_s, self.plan.hivemind_window_s, sampler=sampler,
+        )  # fmt: skip
+        result["bytes"] = sampler.totals()
+        return result
+
+    def part_loss(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        rounds = self.plan.rounds if self.args.rounds is None else self.args.rounds
+        d = self.diloco["optimizer"]
+        seq_len = self.diloco["model"]["seq_len"]
+        round_sequences = d["inner_steps"] * d["target_batch_size"]
+        for mode in ("sync", "diloco"):
+            if mode == "diloco" and not self.has_diloco:
+                out[mode] = self.no_diloco()
+                continue
+            try:
+                out[mode] = self._loss_run(mode, rounds, round_sequences, seq_len)
+            except Exception as e:
+                out[mode] = {"error": _error(e)}
+            self.save("loss", out)
+        return out
+
+    def _loss_run(
+        self, mode: str, rounds: int, round_sequences: int, seq_len: int
+    ) -> dict[str, Any]:
+        run_id = f"eff-{mode}-4"
+        names = ["node-a", "node-b", "node-c", "node-d"]
+        spec = self.spec(mode, run_id)
+        swarm = SwarmRun(self.work / run_id, self.data, spec, self.args.device)
+        target_tokens = rounds * round_sequences * seq_len
+        note = ""
+        try:
+            swarm.start(names)
+            if mode == "sync":
+                reached = swarm.wait_for(
+                    lambda s: s.num_tokens >= target_tokens, self.plan.loss_timeout_s
+                )
+            else:
+                # A round's outer step lands when its averaging ends (in the background):
+                # wait until every node logged round rounds-1 as averaged or recovered.
+                marker = re.compile(rf"round {rounds - 1} (averaged|: )")
+                reached = swarm.wait_for(
+                    lambda s: all(marker.search(p.output()) for p in swarm.nodes.values()),
+                    self.plan.loss_timeout_s,
+                )
+            if reached is None:
+                note = f"stopped at the time limit ({self.plan.loss_timeout_s:.0f} s) short of the target"
+            swarm.stop_nodes(grace_s=90)
+            evals = swarm.evals()
+            for e in evals:
+                e["swarm_tokens"] = swarm.tokens_at(e["time"]) if "time" in e else None
+            sequences = val_sequences(self.data, seq_len, NUM_VAL_SEQUENCES)
+            nodes = {}
+            for n, proc in swarm.nodes.items():
+                path = swarm.checkpoint(n)
+                entry: dict[str, Any] = {"log_tail": proc.output()[-1500:]}
+                if path.exists():
+                    entry["metadata"] = checkpoint_metadata(path)
+                    entry["val_loss"] = evaluate_checkpoint(path, spec, sequences, "cpu")
+                nodes[n] = entry
+            if mode == "sync":
+                swarm_tokens = sum(
+                    int(v.get("metadata", {}).get("num_tokens", 0)) for v in nodes.values()
+                )
+            else:
+                swarm_tokens = _diloco_round_tokens(swarm.nodes["node-a"].output(), rounds, seq_len)
+            return {
+                "run_id": run_id,
+                "num_peers": len(names),
+                "rounds": rounds,
+                "target_tokens": target_tokens,
+                "swarm_tokens": swarm_tokens or target_tokens,
+                "swarm_tokens_measured": bool(swarm_tokens),
+                "tokens_trained": swarm.latest().num_tokens if swarm.latest() else None,
+                "final_step": swarm.latest().step if swarm.latest() else None,
+                "duration_s": swarm.stopped_t,
+                "nodes": nodes,
+                "evals": evals,
+                "bytes": swarm.bytes.totals() if swarm.bytes else {},
+                "note": note,
+                "raw": swarm.record(),
+            }
+        finally:
+            swarm.shutdown()
+
+    def part_baseline(self) -> dict[str, Any]:
+        loss = self.results.get("loss", {})
+        seq_len = self.sync["model"]["seq_len"]
+        batch = self.sync["optimizer"]["target_batch_size"]
+        steps = {
+            mode: max(1, round(run["swarm_tokens"] / (batch * seq_len)))
+            for mode, run in loss.items()
+            if isinstance(run, dict) and "swarm_tokens" in run
+        }
+        if not steps:
+            rounds = self.plan.rounds if self.args.rounds is None else self.args.rounds
+            d = self.diloco["optimizer"]
+            steps = {"diloco": rounds * d["inner_steps"] * d["target_batch_size"] // batch}
+        threads = min(2, 4)  # the loss swarms' 4 peers have a thread each; this machine has 2 cores
+        curve_every = max(1, max(steps.values()) // 40)
+        result = self._train(
+            "baseline", self.spec("sync", "baseline"), "baseline", threads=threads,
+            extra=["--eval-steps", ",".join(str(s) for s in steps.values()),
+                   "--curve-every", str(curve_every)],
+        )  # fmt: skip
+        result["steps_for"] = steps
+        result["optimizer_differs"] = _optimizer_keys(self.sync) != _optimizer_keys(self.diloco)
+        return result
+
+    def part_late_joiner(self) -> dict[str, Any]:
+        mode = "diloco" if self.has_diloco else "sync"
+        overrides: dict[str, Any] = {"model": LATE_JOINER_MODEL}
+        if mode == "diloco":
+            # A 10M model trains ~5x slower: shorter rounds, so the run is under way in ~1 min.
+            overrides["optimizer"] = {"inner_steps": self.plan.late_inner_steps}
+        spec = self.spec(mode, "eff-late-joiner", **overrides)
+        swarm = SwarmRun(self.work / "eff-late-joiner", self.data, spec, self.args.device)
+        try:
+            swarm.start(["node-a", "node-b"])
+            under_way = swarm.wait_for(lambda s: s.step >= 1, self.plan.late_wait_s)
+            step_at_join = swarm.latest().step if swarm.latest() else 0
+            popen_at = time.time()
+            joiner = swarm.add_node("node-c")
+            line = re.compile(r"first contributing step ([\d.]+) s after process start")
+            found = None
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and found is None:
+                found = line.search(joiner.output())
+                if joiner.popen.poll() is not None:
+                    break
+                time.sleep(0.5)
+            log = joiner.output()
+            loaded = re.search(
+                r"loaded (?:the global )?state of (?:step|round) (\d+)(?: in ([\d.]+)s)?", log
+            )
+            swarm.stop_nodes(grace_s=60)
+            return {
+                "mode": mode,
+                "num_parameters": _num_parameters(spec),
+                "inner_steps": spec["optimizer"].get("inner_steps") if mode == "diloco" else None,
+                "run_under_way": under_way is not None,
+                "step_at_join": step_at_join,
+                "seconds": float(found.group(1)) if found else None,
+                "measured_by": "the node's 'first contributing step' log line" if found else None,
+                "loaded_state": loaded.group(0) if loaded else None,
+                "timeline_s": _timeline(log, popen_at),
+                "popen_at": popen_at,
+                "log_tail": log[-2500:],
+            }
+        finally:
+            swarm.shutdown()
+
+    def part_half_speed(self) -> dict[str, Any]:
+        if not self.has_diloco:
+            return self.no_diloco()
+        names = ["node-a", "node-b"]
+        env = {"node-b": {"CROWDTRAIN_TEST_SLOWDOWN": "2"}}
+        run = self._window_run("diloco", "eff-half-speed", names, self.plan.half_window_s, env)
+        total = sum(p["sequences"] for p in run["peers"].values())
+        run["sample_share"] = run["peers"]["node-b"]["sequences"] / total if total else None
+        run["compute"] = self._compute_share()
+        return run
+
+    def _compute_share(self) -> dict[str, Any]:
+        """The two nodes' speeds alone, measured side by side as they run (1 thread each,
+        one throttled by the node's own hook)."""
+        folder = self.work / "compute-share"
+        folder.mkdir(parents=True, exist_ok=True)
+        spec_path = spec_json(self.spec("diloco", "compute-share"), folder / "spec.json")
+        children = Children(folder)
+        outs = {f: folder / f"slowdown-{f}.json" for f in (1, 2)}
+        try:
+            for factor, out in outs.items():
+                children.spawn(f"solo-{factor}", [
+                    *python_script("eff_train.py"), "solo", "--data", str(self.data),
+                    "--spec", str(spec_path), "--threads", "1", "--device", self.args.device,
+                    "--seconds", str(self.plan.share_solo_s), "--slowdown", str(factor),
+                    "--out", str(out),
+                ])  # fmt: skip
+            for child in children.children:
+                child.popen.wait(timeout=self.plan.share_solo_s + 120)
+        finally:
+            children.stop_all()
+        speeds = {f: json.loads(o.read_text())["tokens_per_s"] for f, o in outs.items()}
+        return {
+            "tokens_per_s_full": speeds[1],
+            "tokens_per_s_half": speeds[2],
+            "share": speeds[2] / (speeds[1] + speeds[2]),
+        }
+
+
+# Where a joiner's start-up time goes: the first line each stage logs.
+_STAGES = {
+    "first log line (imports, coordinator contact)": r"",
+    "spec and data checked": r"crowdtrain \S+, run ",
+    "joined the swarm (DHT, optimizer)": r"joined the swarm as",
+    "state loaded from peers": r"loaded (?:the global )?state",
+    "first contributing step": r"first contributing step",
+}
+
+
+def _timeline(log: str, popen_at: float) -> dict[str, float]:
+    """Seconds from the joiner's Popen to each stage's first log line (log times are local)."""
+    out = {}
+    for stage, pattern in _STAGES.items():
+        for line in log.splitlines():
+            match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
+            if match and re.search(pattern, line):
+                when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+                out[stage] = round(when.timestamp() + int(match.group(2)) / 1000 - popen_at, 1)
+                break
+    return out
+
+
+def _num_parameters(spec: dict[str, Any]) -> int:
+    from crowdtrain.model import GPT
+
+    return GPT(gpt_config(spec)).num_parameters()
+
+
+def _optimizer_keys(spec: dict[str, Any]) -> tuple:
+    o = spec["optimizer"]
+    return tuple(o.get(k) for k in ("lr", "betas", "weight_decay", "warmup_steps", "grad_clip"))
+
+
+def _diloco_round_tokens(log: str, rounds: int, seq_len: int) -> int | None:
+    """Tokens the swarm trained in the first ``rounds`` rounds, from a node's
+    'round r averaged with n peers (x of y sequences ours)' lines."""
+    found = {}
+    for m in re.finditer(
+        r"round (\d+) averaged with \d+ peers \([\d.]+ of ([\d.]+) sequences", log
+    ):
+        found[int(m.group(1))] = float(m.group(2))
+    if not all(r in found for r in range(rounds)):
+        return None
+    return int(sum(found[r] for r in range(rounds)) * seq_len)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _error(e: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(e), e)).strip()[-3000:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "efficiency.md")
+    parser.add_argument("--quick", action="store_true", help="a few minutes, to debug the harness")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="diloco rounds of tokens (default 2; quick 1)"
+    )
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated of {','.join(PARTS)}"
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--report-only", action="store_true", help="rebuild the markdown and plots")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep logs here (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    args.out = args.out.resolve()
+    from eff_report import write_report
+
+    if args.report_only:
+        write_report(json.loads(args.out.with_suffix(".json").read_text()), args.out)
+        return 0
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    # SIGTERM (make, a CI runner) unwinds like Ctrl-C, so every process group is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    plan = QUICK if args.quick else FULL
+    with tempfile.TemporaryDirectory(prefix="crowdtrain-eff-") as tmp:
+        work = (args.workdir or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        bench = Bench(args, plan, work)
+        bench.prepare()
+        started = time.monotonic()
+        for part in PARTS:
+            if part not in parts:
+                continue
+            print(f"-- {part} ({time.monotonic() - started:.0f} s in)", flush=True)
+            t0 = time.monotonic()
+            # Other work on the machine skews every figure here; the 1-minute load says if any ran.
+            load = os.getloadavg()[0]
+            foreign = ForeignCpu()
+            foreign.start()
+            try:
+                value = getattr(bench, f"part_{part}")()
+            except Exception as e:
+                traceback.print_exc()
+                value = {"error": _error(e)}
+            if isinstance(value, dict):
+                value["part_s"] = round(time.monotonic() - t0, 1)
+                value["load_before"] = round(load, 2)
+                value["foreign_cpu_share"] = round(foreign.stop(), 3)
+            bench.save(part, value)
+            print(f"   {part}: {time.monotonic() - t0:.0f} s", flush=True)
+        write_report(bench.results, args.out)
+        print(f"efficiency bench took {time.monotonic() - started:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
