@@ -1,0 +1,126 @@
+"""The optimizer modes end to end: a real coordinator and real nodes, through their
+command lines.
+
+diloco: Two nodes advance outer rounds together, a node that joins late (in client
+mode, as behind NAT) loads the global state before training and takes part, the keeper checkpoints the global parameters,
+receipts are verified (spot checks skipped: local parameters change every
+inner step) and validation loss falls.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+
+from crowdtrain.model import load_checkpoint, params_sha256
+from tests.swarm import Swarm, write_spec
+
+pytestmark = pytest.mark.slow
+
+# A round every 5 inner steps of 8 sequences on each of 2 peers (80 sequences in all).
+DILOCO = """
+[optimizer]
+mode = "diloco"
+target_batch_size = 16
+inner_batch_size = 8
+micro_batch_size = 8
+inner_steps = 5
+lr = 0.005
+warmup_steps = 2
+outer_lr = 0.7
+outer_momentum = 0.9
+pseudo_grad_compression = "8bit"
+
+[verify]
+checkpoint_every_s = 3.0
+spot_check_fraction = 1.0
+"""
+
+
+# sync, averaging in the background one step stale, fp16 on the wire.
+DELAYED = """
+[optimizer]
+target_batch_size = 32
+micro_batch_size = 8
+lr = 0.005
+warmup_steps = 2
+delay_optimizer_step = true
+delay_grad_averaging = true
+grad_compression = "fp16"
+state_compression = "fp16"
+"""
+
+
+def spec_with(swarm: Swarm, optimizer: str) -> Path:
+    """The tiny test spec with its [optimizer] section replaced by ``optimizer``."""
+    spec = write_spec(swarm.root / "tiny.toml")
+    before, rest = spec.read_text().split("[optimizer]", 1)
+    spec.write_text(before + rest[rest.index("[swarm]") :] + optimizer)
+    return spec
+
+
+def test_sync_with_delayed_averaging_and_fp16_trains(swarm: Swarm) -> None:
+    data = swarm.prepare(16_384)
+    published = swarm.publish(spec_with(swarm, DELAYED), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+    nodes = [swarm.start_node(name) for name in ("node-a", "node-b")]
+    swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 8, 180, "eight steps")
+    for node in nodes:
+        node.popen.send_signal(signal.SIGINT)
+    for node in nodes:
+        assert node.wait(timeout=60) == 0, node.output()
+    run = swarm.get("/api/runs/tiny")
+    assert run["val_loss"] < run["first_val_loss"] - 0.5, run
+    assert all(p["num_tokens"] > 0 for p in swarm.get("/api/runs/tiny/peers"))
+
+
+def test_diloco_nodes_advance_rounds_and_a_late_joiner_loads_global_state(swarm: Swarm) -> None:
+    data = swarm.prepare(16_384)
+    published = swarm.publish(spec_with(swarm, DILOCO), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+
+    first = swarm.start_node("node-a")
+    swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 1, 120, "node-a's first round")
+    # Behind NAT (or in a notebook): a client-mode peer takes part in the rounds too.
+    late = swarm.start_node("node-b", "--client-mode")
+    swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 4, 180, "four rounds")
+
+    for node in (first, late):  # Ctrl-C: each leaves cleanly
+        node.popen.send_signal(signal.SIGINT)
+    for node in (first, late):
+        assert node.wait(timeout=60) == 0, node.output()
+    assert "loaded state of step" in late.output(), late.output()
+    # The client-mode peer averaged with the other (it sends and receives, reduces nothing).
+    assert "averaged with 2 peers" in late.output(), late.output()
+    assert "averaged with 2 peers" in first.output(), first.output()
+
+    run = swarm.get("/api/runs/tiny")
+    peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert all(p["num_tokens"] > 0 for p in peers.values()), peers
+    assert peers["node-b"]["step"] >= 3, peers  # it reached later rounds with the others
+    assert run["val_loss"] < run["first_val_loss"] - 0.5, run
+
+    def settled() -> dict | None:
+        view = swarm.get("/api/runs/tiny/ledger")
+        return view if all(r["status"] != "pending" for r in view["receipts"]) else None
+
+    view = swarm.wait_for(settled, 60, "every receipt checked")
+    receipts = view["receipts"]
+    assert receipts and all(r["status"] != "rejected" for r in receipts), receipts
+    assert {r["checks"]["spot"] for r in receipts} <= {"skipped", "not selected"}, receipts
+
+    # The keeper checkpoints the global parameters of a round.
+    checkpoints = [c for c in swarm.get("/api/runs/tiny/checkpoints") if c["available"]]
+    assert checkpoints, "the keeper kept no checkpoint of the diloco run"
+    latest = checkpoints[-1]
+    response = httpx.get(f"{swarm.url}/api/runs/tiny/checkpoints/{latest['step']}/file")
+    response.raise_for_status()
+    path = swarm.root / "latest.safetensors"
+    path.write_bytes(response.content)
+    state, _ = load_checkpoint(path)
+    assert params_sha256(state) == latest["sha256"]
