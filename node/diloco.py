@@ -147,6 +147,12 @@ class DiLoCoOptimizer:
         self.local_epoch = 0
         self.inner_step = 0
         self.global_round = 0  # outer steps in the global parameters
+        # How the last round ended: "averaged" (with a group that agreed on the global
+        # parameters), "reloaded" (the group's differed from ours: we took theirs),
+        # "loaded" (failed: a peer's next round taken), "own" (failed: our own
+        # pseudo-gradient applied) or "diverged" (the group's differed and none could be
+        # downloaded). Only "own" and "diverged" leave this peer off the swarm's parameters.
+        self.last_round_outcome: str | None = None
         self._global_version = 0  # bumped whenever the global parameters change
         self._sha256_cache: tuple[int, str] | None = None
         self._params = list(model.parameters())
@@ -358,6 +364,7 @@ class DiLoCoOptimizer:
         with torch.no_grad(), self.averager.get_tensors() as average:
             self._outer_step(average)
         self._follow_local(pending.local_at_end)
+        self.last_round_outcome = "averaged"
         logger.info(
             "round %d averaged with %d peers (%.0f of %.0f sequences ours)",
             pending.round,
@@ -377,6 +384,7 @@ class DiLoCoOptimizer:
             state = self._await_round(pending.round + 1, self.swarm.load_state_timeout_s)
             if state is not None:
                 self._adopt(state, local_at_end=None, keep_local=True)
+            self.last_round_outcome = "reloaded" if state is not None else "diverged"
             self._set_sharing(True)
 
     def _outer_step(self, average: Sequence[torch.Tensor]) -> None:
@@ -412,6 +420,7 @@ class DiLoCoOptimizer:
                 state.round,
             )
             self._adopt(state, local_at_end=local_at_end)
+            self.last_round_outcome = "loaded"
             return
         if reason.startswith("no sequences"):
             logger.info("round %d: %s and no peer is ahead; nothing to average", round_, reason)
@@ -426,6 +435,7 @@ class DiLoCoOptimizer:
         with torch.no_grad(), self.averager.get_tensors() as own:
             self._outer_step(own)  # the buffers still hold our pseudo-gradient
         self._follow_local(local_at_end)
+        self.last_round_outcome = "own"
 
     def _adopt(
         self,

@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1_000_000)
     parser.add_argument("--delay-s", type=float, default=0.05, help="sleep per micro-batch")
     parser.add_argument("--join-late", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="of the model's initialization")
     args = parser.parse_args()
     mp.set_start_method("fork", force=True)
     fix_8bit_decoding()
@@ -84,8 +85,8 @@ def main() -> int:
         outer_overlap=not args.no_overlap,
     )
     swarm = SwarmSection(
-        matchmaking_time_s=1.5,
-        averaging_timeout_s=5.0,
+        matchmaking_time_s=2.0,
+        averaging_timeout_s=8.0,
         request_timeout_s=1.0,
         metadata_expiration_s=5.0,
         load_state_timeout_s=10.0,
@@ -102,7 +103,7 @@ def main() -> int:
         host_maddrs=["/ip4/127.0.0.1/tcp/0"],
         client_mode=args.client_mode,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = GPT(GPTConfig(vocab_size=256, seq_len=SEQ_LEN, num_layers=2, num_heads=2, d_model=32))
     compression = Uniform8BitQuantization() if args.compression == "8bit" else NoCompression()
     opt = DiLoCoOptimizer(
@@ -127,6 +128,7 @@ def main() -> int:
         "maddrs": [str(m) for m in dht.get_visible_maddrs()],
         "rounds": {},
         "times": {},
+        "outcomes": {},
         "loaded": None,
         "epoch": 0,
     }
@@ -150,6 +152,7 @@ def main() -> int:
                 seen = opt.global_round
                 record["rounds"][str(seen)] = opt.global_params_sha256()
                 record["times"][str(seen)] = time.time()
+                record["outcomes"][str(seen)] = opt.last_round_outcome
                 record["epoch"] = opt.local_epoch
                 _write(args.out, record)
             time.sleep(args.delay_s)
