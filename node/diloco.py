@@ -81,9 +81,7 @@ def _quiet_averaging_failures() -> None:
 
 
 @dataclass
-class _PendingRound:
-    """An all-reduce under way for round ``round``."""
-
+class _PendingRound:  # an all-reduce under way
     round: int
     control: StepControl
     weight: float
@@ -93,7 +91,7 @@ class _PendingRound:
 
 
 @dataclass
-class _GlobalState:
+class _GlobalState:  # downloaded from a peer
     round: int
     params: list[torch.Tensor]
     momentum: list[torch.Tensor]
@@ -103,22 +101,18 @@ class DiLoCoOptimizer:
     """DiLoCo (inner AdamW, outer Nesterov SGD on averaged pseudo-gradients) over hivemind.
 
     Call :meth:`step` after each micro-batch's backward with its number of
-    sequences: it takes the micro-batch's gradients (and clears them), runs an
-    inner step once ``spec.inner_batch_size`` sequences are in (on their
-    sequence-weighted mean gradient) and ends the round when the swarm has
-    trained ``inner_steps * target_batch_size`` sequences. :meth:`zero_grad`
-    only clears the model's gradients: call it to drop a micro-batch not given
-    to :meth:`step` (a non-finite one); gradients already taken stay.
+    sequences: it takes (and clears) the gradients, runs an inner step on their
+    sequence-weighted mean once ``spec.inner_batch_size`` sequences are in, and
+    ends the round when the swarm has trained ``inner_steps * target_batch_size``
+    sequences. :meth:`zero_grad` drops a micro-batch not given to :meth:`step`.
 
-    At a round's end every peer averages its pseudo-gradient (global minus local
+    At a round's end each peer averages its pseudo-gradient (global minus local
     parameters), weighted by the sequences it trained in the round, with the
-    peers of the same round, and applies the average with the outer optimizer.
-    With ``spec.outer_overlap`` the all-reduce runs in the background while
-    the next round trains; the local progress made meanwhile is kept on top of
-    the new global parameters. Peers that complete a round together hold
-    bit-identical global parameters (see :meth:`global_params_sha256`). A peer
-    whose round failed loads the next round's global state from a peer that
-    has it, or, when none does, applies its own pseudo-gradient.
+    peers of that round and applies the average with the outer optimizer; with
+    ``spec.outer_overlap`` in the background while the next round trains (that
+    progress is kept on top of the new global parameters). Peers that complete
+    a round together hold bit-identical global parameters. A peer whose round
+    failed loads the next round's state from a peer, else applies its own.
 
     Create it in the process's main thread (hivemind's averager sets SIGINT to
     be ignored there) and call :meth:`shutdown` before the DHT's.
@@ -147,16 +141,16 @@ class DiLoCoOptimizer:
         self.local_epoch = 0
         self.inner_step = 0
         self.global_round = 0  # outer steps in the global parameters
-        # How the last round ended: "averaged" (with a group that agreed on the global
-        # parameters), "reloaded" (the group's differed from ours: we took theirs),
-        # "loaded" (failed: a peer's next round taken), "own" (failed: our own
-        # pseudo-gradient applied) or "diverged" (the group's differed and none could be
-        # downloaded). Only "own" and "diverged" leave this peer off the swarm's parameters.
+        # How the last round ended: averaged, reloaded (the group's parameters differed from
+        # ours: theirs taken), loaded (failed: a peer's next round taken), own (failed: our
+        # pseudo-gradient applied) or diverged. Only the last two leave us off the swarm's.
         self.last_round_outcome: str | None = None
         self._global_version = 0  # bumped whenever the global parameters change
         self._sha256_cache: tuple[int, str] | None = None
         self._params = list(model.parameters())
-        self._names = _names_by_param(model)
+        self._names: dict[int, list[str]] = {}  # tied parameters have several names
+        for name, param in model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(param), []).append(name)
         self.inner = inner_optimizer(params)
         self.scheduler = scheduler(self.inner) if scheduler is not None else None
 
@@ -226,7 +220,7 @@ class DiLoCoOptimizer:
 
     def step(self, batch_size: int) -> None:
         """Take a micro-batch's gradients (``batch_size`` sequences); step when enough are in."""
-        self._poll_pending()
+        self._wait_pending(block=False)
         with torch.no_grad():
             for index, (param, grad_sum) in enumerate(
                 zip(self._params, self._grad_sums, strict=True)
@@ -251,7 +245,20 @@ class DiLoCoOptimizer:
         """:func:`params_sha256` of the global parameters under the model's state-dict names
         (the keeper's checkpoint of round ``global_round`` hashes the same)."""
         with self._state_lock:
-            return self._global_sha256()
+            # Hashing reads every parameter: once per change of the global parameters.
+            if self._sha256_cache is None or self._sha256_cache[0] != self._global_version:
+                digest = params_sha256(self.global_state_dict())
+                self._sha256_cache = (self._global_version, digest)
+            return self._sha256_cache[1]
+
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """The global parameters under the model's state-dict names (tied ones under each),
+        as a checkpoint of round ``global_round`` holds them. Do not modify them."""
+        state = {}
+        for param, global_ in zip(self._params, self.global_params, strict=True):
+            for name in self._names.get(id(param), []):
+                state[name] = global_
+        return state
 
     def load_state_from_peers(self, timeout: float | None = None) -> bool:
         """Download the global parameters, outer momentum and round from a peer.
@@ -325,7 +332,12 @@ class DiLoCoOptimizer:
         self.averager.set_group_bits(round_bits(round_))
         control = self.averager.step(
             weight=weight,
-            gather={"round": round_, "sha256": global_sha256, "weight": weight},
+            gather={
+                "round": round_,
+                "sha256": global_sha256,
+                "weight": weight,
+                "serves": not self.client_mode,
+            },
             timeout=self._round_timeout_s,
             allow_retries=True,
             wait=False,
@@ -342,12 +354,8 @@ class DiLoCoOptimizer:
             with self.tracker.performance_ema.pause():
                 self._wait_pending()
 
-    def _poll_pending(self) -> None:
-        if self._pending is not None and self._pending.control.done():
-            self._finish(self._pending)
-
-    def _wait_pending(self) -> None:
-        if self._pending is not None:
+    def _wait_pending(self, block: bool = True) -> None:
+        if self._pending is not None and (block or self._pending.control.done()):
             self._finish(self._pending)
 
     def _finish(self, pending: _PendingRound) -> None:
@@ -398,13 +406,17 @@ class DiLoCoOptimizer:
             self._global_version += 1
         self._share_state()
 
-    def _follow_local(self, local_at_end: list[torch.Tensor]) -> None:
-        """Local parameters: the new global ones plus what was trained since the round ended."""
+    def _follow_local(
+        self, local_at_end: list[torch.Tensor], keep_progress: bool | None = None
+    ) -> None:
+        """Local parameters: the new global ones plus what was trained since ``local_at_end``
+        (with overlap, or ``keep_progress``), else exactly the new global ones."""
+        keep = self.spec.outer_overlap if keep_progress is None else keep_progress
         with torch.no_grad():
             for param, global_, at_end in zip(
                 self._params, self.global_params, local_at_end, strict=True
             ):
-                if self.spec.outer_overlap:
+                if keep:
                     param.add_((global_ - at_end).to(param.device, param.dtype))
                 else:
                     param.copy_(global_)
@@ -446,7 +458,7 @@ class DiLoCoOptimizer:
         """Take downloaded global state; local parameters follow it (keeping progress since
         ``local_at_end`` when given, all local progress with ``keep_local``)."""
         with torch.no_grad():
-            old_global = [g.clone() for g in self.global_params] if keep_local else None
+            reference = [g.clone() for g in self.global_params] if keep_local else local_at_end
             with self._state_lock:
                 for global_, loaded in zip(self.global_params, state.params, strict=True):
                     global_.copy_(loaded)
@@ -454,13 +466,8 @@ class DiLoCoOptimizer:
                     self.outer.state[global_]["momentum_buffer"] = momentum.clone()
                 self.global_round = state.round
                 self._global_version += 1
-            if old_global is not None:
-                for param, global_, old in zip(
-                    self._params, self.global_params, old_global, strict=True
-                ):
-                    param.add_((global_ - old).to(param.device, param.dtype))
-            elif local_at_end is not None:
-                self._follow_local(local_at_end)
+            if reference is not None:
+                self._follow_local(reference, keep_progress=keep_local or None)
             else:
                 for param, global_ in zip(self._params, self.global_params, strict=True):
                     param.copy_(global_)
@@ -483,12 +490,12 @@ class DiLoCoOptimizer:
     def _current_state(self) -> tuple[dict[str, Any], list[torch.Tensor], None]:
         """What peers download (runs in hivemind's fetcher thread)."""
         with self._state_lock:
-            momentum = [
+            tensors = [g.clone() for g in self.global_params]
+            tensors += [
                 _momentum(self.outer.state.get(g, {}), g).clone() for g in self.global_params
             ]
-            params = [g.detach().clone() for g in self.global_params]
             metadata = {"round": self.global_round, "epoch": self.local_epoch}
-        return {**metadata, "layout": STATE_LAYOUT}, params + momentum, None
+        return {**metadata, "layout": STATE_LAYOUT}, tensors, None
 
     def _await_round(self, round_: int, timeout_s: float) -> _GlobalState | None:
         """Global state of ``round_`` or later from a peer, waiting up to ``timeout_s`` for a
@@ -560,27 +567,9 @@ class DiLoCoOptimizer:
             logger.warning("could not check the downloaded state (%s); accepting it", e)
             return None
 
-    def _global_sha256(self) -> str:
-        # Hashing reads every parameter: once per change of the global parameters.
-        if self._sha256_cache is not None and self._sha256_cache[0] == self._global_version:
-            return self._sha256_cache[1]
-        state = {}
-        for param, global_ in zip(self._params, self.global_params, strict=True):
-            for name in self._names.get(id(param), []):
-                state[name] = global_
-        self._sha256_cache = (self._global_version, params_sha256(state))
-        return self._sha256_cache[1]
-
-
-def _names_by_param(model: torch.nn.Module) -> dict[int, list[str]]:
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return names
-
 
 def _momentum(state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
-    buffer = state.get("momentum_buffer")
+    buffer = state.get("momentum_buffer")  # None before the first outer step
     return buffer if isinstance(buffer, torch.Tensor) else torch.zeros_like(like)
 
 
@@ -590,10 +579,14 @@ def _weight(gathered: Any) -> float:
 
 
 def _canonical_sha256(gathered: Iterable[Any]) -> str | None:
-    """The group's global-parameter hash held by the most weight (ties: the smallest)."""
+    """The group's global-parameter hash held by the most weight (ties: the smallest),
+    among the peers that serve state (others could never download a client's)."""
+    values = [v for v in gathered if isinstance(v, dict)]
+    if any(v.get("serves") for v in values):
+        values = [v for v in values if v.get("serves")]
     weights: dict[str, float] = {}
-    for value in gathered:
-        sha256 = value.get("sha256") if isinstance(value, dict) else None
+    for value in values:
+        sha256 = value.get("sha256")
         if isinstance(sha256, str):
             weights[sha256] = weights.get(sha256, 0.0) + _weight(value)
     if not weights:
@@ -602,8 +595,7 @@ def _canonical_sha256(gathered: Iterable[Any]) -> str | None:
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]
+    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]
 
 
 __all__ = ["STATE_LAYOUT", "DiLoCoOptimizer", "averager_prefix", "round_bits"]

@@ -179,6 +179,9 @@ def test_rounds_meet_only_their_own_round_and_the_heaviest_hash_wins() -> None:
     assert _canonical_sha256(group) == "b"
     assert _canonical_sha256([{"sha256": "b", "weight": 1}, {"sha256": "a", "weight": 1}]) == "a"
     assert _canonical_sha256([None, {}]) is None
+    # a client-mode peer cannot serve its parameters: the serving peers' hash wins
+    group = [{"sha256": "c", "weight": 9.0}, {"sha256": "f", "weight": 1.0, "serves": True}]
+    assert _canonical_sha256(group) == "f"
 
 
 def test_a_late_joiner_and_the_keeper_load_the_global_state_of_a_round(tmp_path: Path) -> None:
@@ -210,6 +213,7 @@ def test_a_late_joiner_and_the_keeper_load_the_global_state_of_a_round(tmp_path:
         assert joiner.load_state_from_peers(timeout=10)
         assert joiner.last_refusal is None
         assert (joiner.global_round, joiner.local_epoch) == (3, 3)
+        assert set(joiner.global_state_dict()) == set(joiner.model.state_dict())
         assert joiner.tracker.local_progress.epoch == 3
         assert joiner.global_params_sha256() == served
         for param, global_ in zip(joiner.model.parameters(), joiner.global_params, strict=True):
