@@ -377,6 +377,18 @@ def _validate(spec: RunSpec, source: str) -> None:
             f"must be at most target_batch_size ({o.target_batch_size}), got "
             f"{o.inner_batch_size}",
         )
+    if o.mode == "diloco" and o.state_compression != "none":
+        fail(
+            "[optimizer] state_compression",
+            f"must be 'none' in diloco mode, got {o.state_compression!r}: peers stay in step "
+            "by holding bit-identical global parameters, which a lossy download breaks",
+        )
+    if o.state_compression in ("8bit", "quantile-8bit"):
+        fail(
+            "[optimizer] state_compression",
+            f"must be 'none' or 'fp16', got {o.state_compression!r}: 8-bit parameters lose "
+            "too much for a joining peer to train on",
+        )
     if not 0 < o.outer_lr <= 10:
         fail("[optimizer] outer_lr", f"must be in (0, 10], got {o.outer_lr}")
     if not 0 <= o.outer_momentum < 1:

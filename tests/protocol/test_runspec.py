@@ -263,6 +263,14 @@ def test_wrong_types_name_key_and_expectation(changes, expected):
             "[optimizer] inner_batch_size must be at most target_batch_size",
         ),
         ({"optimizer": {"outer_lr": "0"}}, "[optimizer] outer_lr must be in (0, 10]"),
+        (
+            {"optimizer": {"mode": '"diloco"', "state_compression": '"fp16"'}},
+            "[optimizer] state_compression must be 'none' in diloco mode",
+        ),
+        (
+            {"optimizer": {"state_compression": '"8bit"'}},
+            "[optimizer] state_compression must be 'none' or 'fp16', got '8bit'",
+        ),
         ({"optimizer": {"outer_momentum": "1.0"}}, "[optimizer] outer_momentum must be in [0, 1)"),
         (
             {"optimizer": {"pseudo_grad_compression": '"4bit"'}},
