@@ -9,6 +9,7 @@ handlers there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -106,20 +107,6 @@ class NodeConfig:
     micro_batch: str = "auto"
     # torch.compile the model (opt-in: compiling takes a while, then runs faster on GPUs).
     compile: bool = False
-
-
-def gpt_config(spec: RunSpec) -> GPTConfig:
-    m = spec.model
-    return GPTConfig(
-        vocab_size=m.vocab_size,
-        seq_len=m.seq_len,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        d_model=m.d_model,
-        mlp_ratio=m.mlp_ratio,
-        positions=m.positions,
-        dropout=m.dropout,
-    )
 
 
 @dataclass
@@ -255,7 +242,8 @@ class Node:
             on_reply=self._on_heartbeat_reply,
         )
         torch.manual_seed(self.spec.run.seed)
-        self.model = GPT(gpt_config(self.spec)).to(self.device)
+        # The spec's [model] keys are GPTConfig's fields.
+        self.model = GPT(GPTConfig(**dataclasses.asdict(self.spec.model))).to(self.device)
         self.micro_batch_size = self._micro_batch_size()
         self.forward = maybe_compile(
             self.model,
