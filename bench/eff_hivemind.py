@@ -45,7 +45,7 @@ def peer(args: argparse.Namespace) -> int:
     opt, seq_len = spec["optimizer"], spec["model"]["seq_len"]
     micro = opt.get("micro_batch_size", 16)
     torch.manual_seed(spec["run"].get("seed", 0))
-    model = GPT(gpt_config(spec))
+    model = GPT(gpt_config(spec)).to(args.device)
 
     initial_peers: list[str] = []
     if args.index > 0:
@@ -87,7 +87,7 @@ def peer(args: argparse.Namespace) -> int:
         num_tokens, last_write = 0, 0.0
         with open(args.out, "a") as out:
             while not stop.is_set():
-                batch = torch.from_numpy(next(batches))
+                batch = torch.from_numpy(next(batches)).to(args.device)
                 _, loss = model(batch[:, :-1], batch[:, 1:])
                 loss.backward()
                 optimizer.step()
@@ -139,6 +139,7 @@ def run_reference(
     warmup_s: float,
     window_s: float,
     sampler: Any = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Start ``num_peers`` plain-hivemind peers, measure each one's tokens/s over
     ``window_s`` after every peer trained and ``warmup_s`` passed, then stop them all."""
@@ -159,6 +160,7 @@ def run_reference(
                     "--num-peers", str(num_peers),
                     "--peers-file", str(peers_file),
                     "--out", str(outs[i]),
+                    "--device", device,
                 ],
                 env={"HIVEMIND_LOGLEVEL": "WARNING"},
             )  # fmt: skip
@@ -207,6 +209,7 @@ def main() -> int:
     p.add_argument("--num-peers", type=int, required=True)
     p.add_argument("--peers-file", type=Path, required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     return peer(args)
