@@ -8,7 +8,9 @@ so a receipt can be sent when it is done. Knows nothing about gRPC.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -341,3 +343,22 @@ class ShardStream:
         self._current.batch = index
         batch = batch_windows(self._tokens, self._order, index, self.batch_size, self.seq_len)
         return batch, self._current
+
+
+def load_position(path: Path, manifest_hash: str) -> dict | None:
+    """Where a node was in its shard when it last stopped, if it trained this data."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("manifest_hash") != manifest_hash:
+        return None
+    return saved.get("position")
+
+
+def save_position(path: Path, manifest_hash: str, position: dict | None) -> None:
+    """Write a :meth:`ShardStream.position` atomically, for :func:`load_position`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"manifest_hash": manifest_hash, "position": position}))
+    os.replace(tmp, path)

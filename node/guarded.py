@@ -2,7 +2,7 @@
 
 :class:`GuardedOptimizer` is hivemind.Optimizer whose state averager refuses
 downloaded state the coordinator disagrees with; both its averagers run each
-round with :class:`~crowdtrain.node.guard.GuardedAllReduceRunner`.
+round with :class:`~crowdtrain.node.guarded_runner.GuardedAllReduceRunner`.
 :class:`DiLoCoAverager` averages DiLoCo's pseudo-gradients with exact results
 and serves its global state. The RPC names stay hivemind's, so guarded and
 plain hivemind peers still talk.
@@ -30,10 +30,10 @@ from hivemind.utils.asyncio import as_aiter, azip
 from crowdtrain.node.guard import (
     ATTACKS,
     GuardConfig,
-    GuardedAllReduceRunner,
     SwarmGuard,
     state_problem,
 )
+from crowdtrain.node.guarded_runner import GuardedAllReduceRunner
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,6 +121,37 @@ def choose_micro_batch(
         size = min(default, upper)
         return MicroBatchChoice(size, f"the run spec's micro_batch_size on {device.type}")
     return _fit_cap(model, device, seq_len, vocab_size, upper, cap, headroom)
+
+
+def micro_batch_size(
+    chosen: str, optimizer: Any, model: nn.Module, device: torch.device, model_spec: Any
+) -> int:
+    """A node's sequences per forward pass: ``--micro-batch``'s number, or with ``auto``
+    what :func:`choose_micro_batch` finds, never above one step's batch (``optimizer``
+    and ``model_spec`` are the run spec's [optimizer] and [model] sections)."""
+    upper = (
+        optimizer.inner_batch_size if optimizer.mode == "diloco" else optimizer.target_batch_size
+    )
+    if chosen != "auto":
+        try:
+            size = int(chosen)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise CrowdtrainError(
+                f"--micro-batch must be 'auto' or a whole number of sequences, got {chosen!r}"
+            )
+        return min(size, upper)
+    choice = choose_micro_batch(
+        model,
+        device,
+        seq_len=model_spec.seq_len,
+        vocab_size=model_spec.vocab_size,
+        upper=upper,
+        default=min(optimizer.micro_batch_size, upper),
+    )
+    logger.info("micro-batch of %d sequences (%s)", choice.size, choice.reason)
+    return choice.size
 
 
 def format_bytes(num_bytes: float) -> str:
@@ -465,5 +497,6 @@ __all__ = [
     "format_bytes",
     "maybe_compile",
     "memory_cap_from_env",
+    "micro_batch_size",
     "prefer_expandable_segments",
 ]

@@ -109,4 +109,18 @@ def build_optimizer(
     )
 
 
-__all__ = ["ClippedAdamW", "build_optimizer", "warmup"]
+def swarm_ids(dht: hivemind.DHT | None, optimizer: Any) -> dict[str, str]:
+    """A node's hivemind identities, for the coordinator to match DHT records to it."""
+    if dht is None or optimizer is None:
+        return {"dht_peer_id": "", "progress_key": ""}
+    try:
+        return {
+            "dht_peer_id": dht.peer_id.to_base58(),
+            # The subkey its progress records are signed under (hivemind keeps it private).
+            "progress_key": optimizer.tracker._local_public_key.hex(),
+        }
+    except Exception:  # not started, or shutting down
+        return {"dht_peer_id": "", "progress_key": ""}
+
+
+__all__ = ["ClippedAdamW", "build_optimizer", "swarm_ids", "warmup"]

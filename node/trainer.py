@@ -10,10 +10,8 @@ handlers there.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import socket
 import threading
 import time
@@ -47,6 +45,8 @@ from crowdtrain.node.data import (
     ShardCache,
     ShardProgress,
     ShardStream,
+    load_position,
+    save_position,
     validation_sequences,
 )
 from crowdtrain.node.devices import describe_device, pick_device, process_age_s
@@ -54,8 +54,8 @@ from crowdtrain.node.guard import SwarmGuard
 from crowdtrain.node.hardware import (
     Throttle,
     autocast,
-    choose_micro_batch,
     maybe_compile,
+    micro_batch_size,
     prefer_expandable_segments,
 )
 from crowdtrain.node.link import CoordinatorLink
@@ -65,7 +65,7 @@ from crowdtrain.node.nonfinite import (
     inf_grad_every,
     poison_gradient,
 )
-from crowdtrain.node.optimizers import build_optimizer
+from crowdtrain.node.optimizers import build_optimizer, swarm_ids
 from crowdtrain.node.progress import Progress
 from crowdtrain.node.runview import RunView
 from crowdtrain.protocol.errors import CrowdtrainError, IdentityError, SpecError
@@ -160,23 +160,9 @@ class Node:
     def position_path(self) -> Path:
         return self.run_dir / "position.json"
 
-    def _load_position(self) -> dict | None:
-        """Where this node was in its shard when it last stopped, if it was this data."""
-        try:
-            saved = json.loads(self.position_path.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(saved, dict) or saved.get("manifest_hash") != self.manifest.hash:
-            return None
-        return saved.get("position")
-
     def save_position(self) -> None:
         """Remember the shard and batch being trained (atomically), to resume after a restart."""
-        position = self.stream.position()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.position_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"manifest_hash": self.manifest.hash, "position": position}))
-        os.replace(tmp, self.position_path)
+        save_position(self.position_path, self.manifest.hash, self.stream.position())
 
     # joining
 
@@ -244,7 +230,9 @@ class Node:
         torch.manual_seed(self.spec.run.seed)
         # The spec's [model] keys are GPTConfig's fields.
         self.model = GPT(GPTConfig(**dataclasses.asdict(self.spec.model))).to(self.device)
-        self.micro_batch_size = self._micro_batch_size()
+        self.micro_batch_size = micro_batch_size(
+            cfg.micro_batch, self.spec.optimizer, self.model, self.device, self.spec.model
+        )
         self.forward = maybe_compile(
             self.model,
             cfg.compile,
@@ -258,7 +246,7 @@ class Node:
             self.spec.run.seed,
             self.spec.model.seq_len,
             self.micro_batch_size,
-            resume=self._load_position(),
+            resume=load_position(self.position_path, self.manifest.hash),
             on_shard_taken=self.link.want_shards,
         )
         self._first_lease()
@@ -266,32 +254,6 @@ class Node:
         self.link.start(self.stream)
         if registration.run.step > 0 or self.optimizer.tracker.global_epoch > 0:
             self._load_state_from_peers()
-
-    def _micro_batch_size(self) -> int:
-        """Sequences per forward pass: the flag's number, or what the device's memory holds."""
-        assert self.model is not None
-        opt, chosen = self.spec.optimizer, self.config.micro_batch
-        upper = opt.inner_batch_size if opt.mode == "diloco" else opt.target_batch_size
-        if chosen != "auto":
-            try:
-                size = int(chosen)
-            except ValueError:
-                size = 0
-            if size < 1:
-                raise CrowdtrainError(
-                    f"--micro-batch must be 'auto' or a whole number of sequences, got {chosen!r}"
-                )
-            return min(size, upper)
-        choice = choose_micro_batch(
-            self.model,
-            self.device,
-            seq_len=self.spec.model.seq_len,
-            vocab_size=self.spec.model.vocab_size,
-            upper=upper,
-            default=min(opt.micro_batch_size, upper),
-        )
-        logger.info("micro-batch of %d sequences (%s)", choice.size, choice.reason)
-        return choice.size
 
     def _register(self) -> Registration:
         assert self.client is not None
@@ -413,25 +375,12 @@ class Node:
         if guard is not None:
             guard.update_roster({a.dht_peer_id: a.max_weight for a in reply.roster})
 
-    def _swarm_ids(self) -> dict[str, str]:
-        """This node's hivemind identities, for the coordinator to match DHT records to it."""
-        if self.dht is None or self.optimizer is None:
-            return {"dht_peer_id": "", "progress_key": ""}
-        try:
-            return {
-                "dht_peer_id": self.dht.peer_id.to_base58(),
-                # The subkey its progress records are signed under (hivemind keeps it private).
-                "progress_key": self.optimizer.tracker._local_public_key.hex(),
-            }
-        except Exception:  # not started, or shutting down
-            return {"dht_peer_id": "", "progress_key": ""}
-
     def _heartbeat_payload(self) -> dict[str, Any]:
         s = self.stats
         guard = getattr(self, "guard", None)
         reports = guard.drain_reports()[:32] if guard is not None else []
         return {
-            **self._swarm_ids(),
+            **swarm_ids(self.dht, self.optimizer),
             "num_skipped_steps": s.num_skipped_steps,
             "reports": reports,
             "session_key": s.session_key,

@@ -26,7 +26,8 @@ from hivemind.p2p import P2P
 from crowdtrain.coordinator.keeper import Keeper, gpt_config
 from crowdtrain.model import GPT, param_groups
 from crowdtrain.node.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
-from crowdtrain.node.guard import GuardConfig, GuardedAllReduceRunner, SwarmGuard
+from crowdtrain.node.guard import GuardConfig, SwarmGuard
+from crowdtrain.node.guarded_runner import GuardedAllReduceRunner
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
 
 sys.path.insert(0, str(Path(__file__).parent))

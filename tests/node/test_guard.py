@@ -25,7 +25,6 @@ from crowdtrain.node.guard import (
     NORM_BOUND,
     STEP_TOLERANCE,
     GuardConfig,
-    GuardedAllReduceRunner,
     SwarmGuard,
     clip_scale,
     norm_problem,
@@ -36,6 +35,7 @@ from crowdtrain.node.guard import (
     state_problem,
 )
 from crowdtrain.node.guarded import GuardedStateAverager
+from crowdtrain.node.guarded_runner import GuardedAllReduceRunner
 from crowdtrain.protocol.errors import CrowdtrainError
 
 SHAPE = torch.Size([1000])
