@@ -20,8 +20,8 @@ import httpx
 
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
-from crowdtrain.protocol.errors import CrowdtrainError
-from crowdtrain.protocol.identity import Identity, seal
+from crowdtrain.protocol.errors import CrowdtrainError, IdentityError, SpecError
+from crowdtrain.protocol.identity import Identity, run_statement, seal, verify_signature
 from crowdtrain.protocol.rpc import (
     CALL_DEADLINE_S,
     CHANNEL_OPTIONS,
@@ -30,6 +30,8 @@ from crowdtrain.protocol.rpc import (
     KIND_REGISTER,
     envelope_to_pb,
 )
+from crowdtrain.protocol.runspec import RunSpec, parse_spec
+from crowdtrain.protocol.shards import ShardManifest
 
 logger = logging.getLogger(__name__)
 
@@ -271,3 +273,30 @@ class CoordinatorClient:
             tmp.unlink(missing_ok=True)
             raise CoordinatorError(f"downloading {url} failed: {e}") from None
         tmp.replace(dest)
+
+
+def check_run(run: Any) -> tuple[RunSpec, ShardManifest]:
+    """A registration's run (RunInfo), checked: the coordinator's signature of it, and
+    its spec and manifest against their published hashes."""
+    try:
+        verify_signature(
+            run.coordinator_public_key,
+            run.run_signature,
+            run_statement(run.run_id, run.spec_hash, run.manifest_hash),
+        )
+    except IdentityError:
+        raise SpecError(
+            f"run {run.run_id}: the coordinator's signature of the run does not verify; "
+            "its spec or data may have been altered: do not train on it"
+        ) from None
+    spec = parse_spec(run.spec_toml, source=f"run {run.run_id} from the coordinator")
+    if spec.hash != run.spec_hash:
+        raise SpecError(
+            f"run {run.run_id}: the spec's hash {spec.hash[:16]} does not match the "
+            f"published {run.spec_hash[:16]}; this crowdtrain may be too old or too new "
+            "for the coordinator"
+        )
+    manifest = ShardManifest.from_json(run.manifest_json)
+    if manifest.hash != run.manifest_hash:
+        raise SpecError(f"run {run.run_id}: the data manifest does not match its hash")
+    return spec, manifest

@@ -41,8 +41,7 @@ from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 logger = logging.getLogger(__name__)
 
-STATE_LAYOUT = "diloco-v1"
-"""Names the served state's layout (see the module docstring)."""
+STATE_LAYOUT = "diloco-v1"  # names the served state's layout (see the module docstring)
 
 ROUND_BITS = 8
 """Group-key bits that carry the round number (mod 2**8): only peers of one round meet."""

@@ -38,6 +38,7 @@ from crowdtrain.node.client import (
     CoordinatorError,
     KeyPins,
     Registration,
+    check_run,
     discover,
 )
 from crowdtrain.node.data import (
@@ -68,10 +69,8 @@ from crowdtrain.node.nonfinite import (
 from crowdtrain.node.optimizers import build_optimizer, swarm_ids
 from crowdtrain.node.progress import Progress
 from crowdtrain.node.runview import RunView
-from crowdtrain.protocol.errors import CrowdtrainError, IdentityError, SpecError
-from crowdtrain.protocol.identity import Identity, run_statement, verify_signature
-from crowdtrain.protocol.runspec import RunSpec, parse_spec
-from crowdtrain.protocol.shards import ShardManifest
+from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.identity import Identity
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +185,8 @@ class Node:
             pins=KeyPins(cfg.home),
         )
         registration = self._register()
-        self.spec, self.manifest = self._check_run(registration)
+        self.spec, self.manifest = check_run(registration.run)
+        self.coordinator_step = registration.run.step
         logger.info(
             "crowdtrain %s, run %s, spec %s, data %s, device %s, torch %s, hivemind %s",
             version("crowdtrain"),
@@ -265,32 +265,6 @@ class Node:
             versions,
             invite=self.config.invite,
         )
-
-    def _check_run(self, registration: Registration) -> tuple[RunSpec, ShardManifest]:
-        run = registration.run
-        try:
-            verify_signature(
-                run.coordinator_public_key,
-                run.run_signature,
-                run_statement(run.run_id, run.spec_hash, run.manifest_hash),
-            )
-        except IdentityError:
-            raise SpecError(
-                f"run {run.run_id}: the coordinator's signature of the run does not verify; "
-                "its spec or data may have been altered: do not train on it"
-            ) from None
-        self.coordinator_step = run.step
-        spec = parse_spec(run.spec_toml, source=f"run {run.run_id} from the coordinator")
-        if spec.hash != run.spec_hash:
-            raise SpecError(
-                f"run {run.run_id}: the spec's hash {spec.hash[:16]} does not match the "
-                f"published {run.spec_hash[:16]}; this crowdtrain may be too old or too new "
-                "for the coordinator"
-            )
-        manifest = ShardManifest.from_json(run.manifest_json)
-        if manifest.hash != run.manifest_hash:
-            raise SpecError(f"run {run.run_id}: the data manifest does not match its hash")
-        return spec, manifest
 
     def _first_lease(self) -> None:
         assert self.link is not None
