@@ -374,8 +374,7 @@ def _validate(spec: RunSpec, source: str) -> None:
     if o.mode == "diloco" and o.inner_batch_size > o.target_batch_size:
         fail(
             "[optimizer] inner_batch_size",
-            f"must be at most target_batch_size ({o.target_batch_size}), got "
-            f"{o.inner_batch_size}",
+            f"must be at most target_batch_size ({o.target_batch_size}), got {o.inner_batch_size}",
         )
     if o.mode == "diloco" and o.state_compression != "none":
         fail(
