@@ -6,9 +6,10 @@ node and its DHT, averagers and p2pd children all share the session the
 harness started it in). ``ss -tinp`` gives each socket's ``bytes_sent``; a
 sampler reads it every few seconds and keeps each socket's largest count, so
 a connection that closes between two samples loses at most its last few
-seconds (the peers' libp2p connections live for the whole run). Sockets to
-the coordinator's gRPC and HTTP ports are counted apart ("control") from the
-rest ("swarm": other peers' p2pd and the coordinator's DHT peer).
+seconds (the peers' libp2p connections live for the whole run). What a peer
+sends to any process of the coordinator (gRPC, HTTP, its DHT peer, the
+keeper pulling checkpoints) is counted apart ("control") from what it sends
+to other peers ("swarm").
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+COORDINATOR = "coordinator"
 _BYTES_SENT = re.compile(r"\bbytes_sent:(\d+)")
 _PIDS = re.compile(r"pid=(\d+)")
 
@@ -67,10 +69,13 @@ class ByteSampler:
     every_s: float = 3.0
     sessions: dict[str, int] = field(default_factory=dict)
     # per peer: socket -> largest bytes_sent seen
-    _sent: dict[str, dict[tuple[str, str, str], int]] = field(default_factory=dict)
+    _sent: dict[str, dict[tuple[str, str], int]] = field(default_factory=dict)
     # (seconds since start, {peer: (swarm bytes, control bytes)})
     series: list[tuple[float, dict[str, tuple[int, int]]]] = field(default_factory=list)
     num_failed: int = 0
+    # the coordinator's session (its gRPC, HTTP, DHT and keeper all run in it); 0: none
+    coordinator_session: int = 0
+    _coordinator_links: set[tuple[str, str]] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _started: float = 0.0
@@ -99,8 +104,10 @@ class ByteSampler:
     def sample(self) -> None:
         owner: dict[int, str] = {}
         session_names = {sid: name for name, sid in self.sessions.items()}
-        for sock in read_sockets():
-            local, peer, pids, sent = sock
+        session_names[self.coordinator_session] = COORDINATOR
+        sockets = []
+        at: dict[str, str] = {}  # local address -> whose process holds it
+        for local, peer, pids, sent in read_sockets():
             name = None
             for pid in pids:
                 if pid not in owner:
@@ -109,18 +116,24 @@ class ByteSampler:
                     except OSError:
                         owner[pid] = ""
                 name = owner[pid] or name
-            if not name:
+            if name:
+                at[local] = name
+                sockets.append((name, local, peer, sent))
+        for name, local, peer, sent in sockets:
+            if name == COORDINATOR:
                 continue
-            kind = "control" if _port(peer) in self.control_ports else "swarm"
+            key = (local, peer)
+            # The far end's owner, when it is still listed; a connection once seen
+            # going to the coordinator stays counted as the coordinator's.
+            if at.get(peer) == COORDINATOR or _port(peer) in self.control_ports:
+                self._coordinator_links.add(key)
             known = self._sent.setdefault(name, {})
-            key = (local, peer, kind)
             known[key] = max(known.get(key, 0), sent)
         totals = {}
         for name in self.sessions:
             known = self._sent.get(name, {})
-            swarm = sum(v for (_, _, kind), v in known.items() if kind == "swarm")
-            control = sum(v for (_, _, kind), v in known.items() if kind == "control")
-            totals[name] = (swarm, control)
+            to_coordinator = sum(v for k, v in known.items() if k in self._coordinator_links)
+            totals[name] = (sum(known.values()) - to_coordinator, to_coordinator)
         self.series.append((time.monotonic() - self._started, totals))
 
     def totals(self) -> dict[str, dict[str, int]]:

@@ -79,6 +79,13 @@ def _loss_row(r: dict[str, Any], mode: str, limit: float) -> Row:
             f"the swarm took {run['final_step']} steps for those tokens: {per_step:.0f} sequences "
             "per step against 64 (target_batch_size is a minimum; steps overshoot)"
         )
+    last_step = max((e["step"] for e in run.get("evals", [])), default=None)
+    own = [e["val_loss"] for e in run.get("evals", []) if e["step"] == last_step]
+    if own:
+        notes.append(
+            f"the nodes' own last evaluations (step {last_step}, their live parameters, "
+            f"the spec's eval sequences): {statistics.mean(own):.3f}"
+        )
     if mode == "diloco":
         notes.append(
             f"{run['rounds']} rounds; tokens "
@@ -137,8 +144,9 @@ def _bytes_row(r: dict[str, Any]) -> Row:
     control = [v["control"] for run in (sync, diloco) for v in run.get("bytes", {}).values()]
     notes = (
         f"{s / 1e6:,.1f} MB vs {d / 1e6:,.2f} MB per peer per million tokens (4 peers; kernel TCP "
-        f"counters of each node's process tree, p2pd included); coordinator gRPC/HTTP traffic "
-        f"apart: {max(control) / 1e6:.2f} MB at most per peer per run"
+        f"counters of each node's process tree, p2pd included, to other peers); sent to the "
+        f"coordinator's processes (gRPC, HTTP, its DHT peer, the keeper's state pulls) apart: "
+        f"{max(control) / 1e6:.2f} MB at most per peer per run"
     )
     row.set(f"{s / d:,.0f}x", s / d >= 100, notes)
     return row

@@ -78,7 +78,7 @@ class SwarmRun:
         published = self.swarm.publish(spec_path, self.data)
         if published.returncode != 0:
             raise RuntimeError(f"publish failed:\n{published.stderr[-3000:]}")
-        self.swarm.start_coordinator()
+        coordinator = self.swarm.start_coordinator()
         ports = {int(self.swarm.url.rsplit(":", 1)[1])}
         grpc = str(self.swarm.ports.get("grpc_target", "")).rsplit(":", 1)[-1]
         if grpc.isdigit():
@@ -86,7 +86,7 @@ class SwarmRun:
         for key in ("grpc_port", "http_port"):
             if isinstance(self.swarm.ports.get(key), int):
                 ports.add(self.swarm.ports[key])
-        self.bytes = ByteSampler(control_ports=ports)
+        self.bytes = ByteSampler(control_ports=ports, coordinator_session=coordinator.popen.pid)
         self._t0 = time.monotonic()
         self.bytes.start()
         self._thread = threading.Thread(target=self._sample_loop, daemon=True, name="views")
