@@ -32,7 +32,6 @@ import datetime
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -63,6 +62,14 @@ from eff_common import (  # noqa: E402
     with_overrides,
 )
 from eff_hivemind import run_reference  # noqa: E402
+from eff_logs import (  # noqa: E402
+    FIRST_STEP,
+    LOADED_STATE,
+    THROTTLE,
+    diloco_round_tokens,
+    round_done,
+    timeline,
+)
 from eff_swarm import SwarmRun, spec_json  # noqa: E402
 
 PARTS = ("solo", "throughput", "hivemind", "loss", "baseline", "late_joiner", "half_speed")
@@ -298,9 +305,7 @@ class Bench:
                 "steps": [begin.step, end.step],
                 "peers": peers,
                 "tokens_per_s": sum(p["tokens_per_s"] for p in peers.values()),
-                "throttle_acknowledged": {
-                    n: ("TEST HOOK" in log and "slower" in log) for n, log in logs.items()
-                },
+                "throttle_acknowledged": {n: THROTTLE in log for n, log in logs.items()},
                 "raw": swarm.record(),
             }
         finally:
@@ -355,7 +360,7 @@ class Bench:
             else:
                 # A round's outer step lands when its averaging ends (in the background):
                 # wait until every node logged round rounds-1 as averaged or recovered.
-                marker = re.compile(rf"round {rounds - 1} (averaged|: )")
+                marker = round_done(rounds - 1)
                 reached = swarm.wait_for(
                     lambda s: all(marker.search(p.output()) for p in swarm.nodes.values()),
                     timeout_s,
@@ -383,7 +388,7 @@ class Bench:
                     int(v.get("metadata", {}).get("num_tokens", 0)) for v in nodes.values()
                 )
             else:
-                swarm_tokens = _diloco_round_tokens(swarm.nodes["node-a"].output(), rounds, seq_len)
+                swarm_tokens = diloco_round_tokens(swarm.nodes["node-a"].output(), rounds, seq_len)
             return {
                 "run_id": run_id,
                 "num_peers": len(names),
@@ -441,18 +446,15 @@ class Bench:
             step_at_join = swarm.latest().step if swarm.latest() else 0
             popen_at = time.time()
             joiner = swarm.add_node("node-c")
-            line = re.compile(r"first contributing step ([\d.]+) s after process start")
             found = None
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and found is None:
-                found = line.search(joiner.output())
+                found = FIRST_STEP.search(joiner.output())
                 if joiner.popen.poll() is not None:
                     break
                 time.sleep(0.5)
             log = joiner.output()
-            loaded = re.search(
-                r"loaded (?:the global )?state of (?:step|round) (\d+)(?: in ([\d.]+)s)?", log
-            )
+            loaded = LOADED_STATE.search(log)
             swarm.stop_nodes(grace_s=60)
             return {
                 "mode": mode,
@@ -463,7 +465,7 @@ class Bench:
                 "seconds": float(found.group(1)) if found else None,
                 "measured_by": "the node's 'first contributing step' log line" if found else None,
                 "loaded_state": loaded.group(0) if loaded else None,
-                "timeline_s": _timeline(log, popen_at),
+                "timeline_s": timeline(log, popen_at),
                 "popen_at": popen_at,
                 "log_tail": log[-2500:],
             }
@@ -509,29 +511,6 @@ class Bench:
         }
 
 
-# Where a joiner's start-up time goes: the first line each stage logs.
-_STAGES = {
-    "first log line (imports, coordinator contact)": r"",
-    "spec and data checked": r"crowdtrain \S+, run ",
-    "joined the swarm (DHT, optimizer)": r"joined the swarm as",
-    "state loaded from peers": r"loaded (?:the global )?state",
-    "first contributing step": r"first contributing step",
-}
-
-
-def _timeline(log: str, popen_at: float) -> dict[str, float]:
-    """Seconds from the joiner's Popen to each stage's first log line (log times are local)."""
-    out = {}
-    for stage, pattern in _STAGES.items():
-        for line in log.splitlines():
-            match = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", line)
-            if match and re.search(pattern, line):
-                when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
-                out[stage] = round(when.timestamp() + int(match.group(2)) / 1000 - popen_at, 1)
-                break
-    return out
-
-
 def _num_parameters(spec: dict[str, Any]) -> int:
     from crowdtrain.model import GPT
 
@@ -541,19 +520,6 @@ def _num_parameters(spec: dict[str, Any]) -> int:
 def _optimizer_keys(spec: dict[str, Any]) -> tuple:
     o = spec["optimizer"]
     return tuple(o.get(k) for k in ("lr", "betas", "weight_decay", "warmup_steps", "grad_clip"))
-
-
-def _diloco_round_tokens(log: str, rounds: int, seq_len: int) -> int | None:
-    """Tokens the swarm trained in the first ``rounds`` rounds, from a node's
-    'round r averaged with n peers (x of y sequences ours)' lines."""
-    found = {}
-    for m in re.finditer(
-        r"round (\d+) averaged with \d+ peers \([\d.]+ of ([\d.]+) sequences", log
-    ):
-        found[int(m.group(1))] = float(m.group(2))
-    if not all(r in found for r in range(rounds)):
-        return None
-    return int(sum(found[r] for r in range(rounds)) * seq_len)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
