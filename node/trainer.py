@@ -400,7 +400,9 @@ class Node:
         start_step = opt.local_epoch
         self.stats.step = start_step
         deadline = time.monotonic() + seconds if seconds is not None else math.inf
-        if self._last_eval_step < 0:
+        if self._last_eval_step < 0 and start_step == 0:
+            # The run's starting loss. A node joining a run under way trains first:
+            # its evaluation comes at the next step, not before its first contribution.
             self.evaluate()
         progress = Progress(self.config.progress, self.name)
         losses: list[float] = []
@@ -545,11 +547,13 @@ class Node:
         assert self.model is not None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        extra: dict[str, str] = {}
         global_state = getattr(self.optimizer, "global_state_dict", None)
         if global_state is not None:
             # diloco: the swarm's model is the global (outer) parameters, not this
             # peer's local ones, which hold inner steps not averaged yet.
             state = global_state()
+            extra["global_round"] = str(self.optimizer.global_round)
         save_checkpoint(
             self.checkpoint_path,
             state,
@@ -558,6 +562,7 @@ class Node:
                 "spec_hash": self.spec.hash,
                 "step": str(self.stats.step),
                 "num_tokens": str(self.stats.num_tokens),
+                **extra,
             },
         )
         return self.checkpoint_path
