@@ -31,10 +31,11 @@ from typing import Any
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.compression import CompressionBase, NoCompression, Uniform8BitQuantization
+from hivemind.compression import CompressionBase
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.model import params_sha256
+from crowdtrain.node.compression import compression
 from crowdtrain.node.guard import GuardConfig, SwarmGuard, state_problem
 from crowdtrain.node.guarded import DiLoCoAverager
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
@@ -43,8 +44,7 @@ logger = logging.getLogger(__name__)
 
 STATE_LAYOUT = "diloco-v1"  # names the served state's layout (see the module docstring)
 
-ROUND_BITS = 8
-"""Group-key bits that carry the round number (mod 2**8): only peers of one round meet."""
+ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's peers meet
 
 
 def round_bits(round_: int) -> str:
@@ -205,8 +205,8 @@ class DiLoCoOptimizer:
                 min_matchmaking_time=swarm.matchmaking_time_s,
                 request_timeout=swarm.request_timeout_s,
                 allreduce_timeout=swarm.averaging_timeout_s,
-                compression=pseudo_grad_compression or Uniform8BitQuantization(),
-                state_compression=state_compression or NoCompression(),
+                compression=pseudo_grad_compression or compression("8bit"),
+                state_compression=state_compression or compression("none"),
                 initial_group_bits=round_bits(0),
                 client_mode=client_mode,
             )

@@ -25,12 +25,10 @@ import torch
 from hivemind.compression import NoCompression, Uniform8BitQuantization
 
 from crowdtrain.model import GPT, GPTConfig, param_groups
+from crowdtrain.node.compression import install_decoders
 from crowdtrain.node.diloco import DiLoCoOptimizer
 from crowdtrain.node.hardware import autocast
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
-
-sys.path.insert(0, str(Path(__file__).parent))
-from diloco_peer import fix_8bit_decoding  # noqa: E402
 
 SEQ_LEN = 32
 MICRO_BATCH = 4
@@ -77,7 +75,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="of the model's initialization")
     args = parser.parse_args()
     mp.set_start_method("fork", force=True)
-    fix_8bit_decoding()
+    install_decoders()
     device = torch.device(args.device)
 
     spec = OptimizerSection(

@@ -19,38 +19,16 @@ from functools import partial
 from pathlib import Path
 
 import hivemind
-import numpy as np
 import torch
-from hivemind.compression import NoCompression, Uniform8BitQuantization, serialization
-from hivemind.proto import runtime_pb2
+from hivemind.compression import NoCompression, Uniform8BitQuantization
 
 from crowdtrain.model import GPT, GPTConfig, param_groups
+from crowdtrain.node.compression import install_decoders
 from crowdtrain.node.diloco import DiLoCoOptimizer
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 SEQ_LEN = 16
 MICRO_BATCH = 4
-
-
-class _Uniform8Bit(Uniform8BitQuantization):
-    """hivemind 1.1.12's 8-bit decoding with numpy 2 (it reads the codebook size with
-    ``int()`` of a one-element array, which numpy 2.4 refuses)."""
-
-    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        buffer = serialized_tensor.buffer
-        codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
-        codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
-        indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-        quantized = torch.as_tensor(indices, dtype=torch.int64).reshape(
-            tuple(serialized_tensor.size)
-        )
-        values = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
-        return values[quantized].requires_grad_(serialized_tensor.requires_grad)
-
-
-def fix_8bit_decoding() -> None:
-    """Test scaffolding until the node carries its own fix: decode 8-bit parts under numpy 2."""
-    serialization._BASE_COMPRESSION_TYPES["UNIFORM_8BIT"] = _Uniform8Bit()
 
 
 def _write(path: Path, data: dict) -> None:
@@ -73,7 +51,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="of the model's initialization")
     args = parser.parse_args()
     mp.set_start_method("fork", force=True)
-    fix_8bit_decoding()
+    install_decoders()  # hivemind's own 8-bit decoders fail under numpy 2
     torch.set_num_threads(1)
 
     spec = OptimizerSection(

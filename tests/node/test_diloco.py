@@ -25,13 +25,11 @@ from hivemind.p2p import P2P
 
 from crowdtrain.coordinator.keeper import Keeper, gpt_config
 from crowdtrain.model import GPT, param_groups
+from crowdtrain.node.compression import install_decoders
 from crowdtrain.node.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
 from crowdtrain.node.guard import GuardConfig, SwarmGuard
 from crowdtrain.node.guarded_runner import GuardedAllReduceRunner
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
-
-sys.path.insert(0, str(Path(__file__).parent))
-from diloco_peer import fix_8bit_decoding  # noqa: E402
 
 PEER = Path(__file__).parent / "diloco_peer.py"
 
@@ -89,7 +87,7 @@ def test_exact_averages_are_bit_identical_on_every_peer_with_8bit_compression(
 ) -> None:
     """Plain hivemind hands each peer its own rounding (and a reducer its uncompressed
     slice); the exact runner hands every peer the same bytes, a client-mode peer too."""
-    fix_8bit_decoding()
+    install_decoders()
     results = asyncio.run(_exact_all_reduce(tmp_path, num_peers=3, client_index=client_index))
     expected = []
     for values in zip(*(_inputs(i) for i in range(3)), strict=True):
