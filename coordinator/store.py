@@ -182,6 +182,26 @@ class Store(TrustRecords, LedgerRecords, StoreBase):
             (run_id,),
         )
 
+    def insert_sample(self, sample: dict[str, Any]) -> None:
+        """One point of a run's time series (what the dashboard plots over time)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO run_samples (run_id, time, step, num_tokens, tokens_per_s, num_peers)"
+                " VALUES (:run_id, :time, :step, :num_tokens, :tokens_per_s, :num_peers)",
+                sample,
+            )
+
+    def list_samples(
+        self, run_id: str, since: float = 0.0, limit: int = 10_000
+    ) -> list[dict[str, Any]]:
+        """A run's samples after ``since`` (unix time), oldest first, the newest ``limit``."""
+        rows = self._all(
+            "SELECT time, step, num_tokens, tokens_per_s, num_peers FROM run_samples"
+            " WHERE run_id = ? AND time > ? ORDER BY time DESC LIMIT ?",
+            (run_id, since, limit),
+        )
+        return rows[::-1]
+
     # shards, leases and receipts
 
     def ensure_epoch(self, run_id: str, epoch: int, shard_ids: list[str]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from crowdtrain.protocol.errors import CrowdtrainError
 
 DB_NAME = "coordinator.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -181,8 +181,18 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     spec_hash TEXT NOT NULL,
     created_at REAL NOT NULL,
     cpu_s REAL NOT NULL DEFAULT 0,
+    num_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, step)
 );
+CREATE TABLE IF NOT EXISTS run_samples (
+    run_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    step INTEGER NOT NULL,
+    num_tokens INTEGER NOT NULL,
+    tokens_per_s REAL NOT NULL,
+    num_peers INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_samples_by_time ON run_samples (run_id, time);
 """
 
 

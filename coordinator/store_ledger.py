@@ -115,9 +115,10 @@ class LedgerRecords(StoreBase):
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints (run_id, step, sha256, file, file_sha256,"
-                " num_bytes, spec_hash, created_at, cpu_s) VALUES (:run_id, :step, :sha256,"
-                " :file, :file_sha256, :num_bytes, :spec_hash, :created_at, :cpu_s)",
-                checkpoint,
+                " num_bytes, spec_hash, created_at, cpu_s, num_tokens) VALUES (:run_id, :step,"
+                " :sha256, :file, :file_sha256, :num_bytes, :spec_hash, :created_at, :cpu_s,"
+                " :num_tokens)",
+                {"num_tokens": 0, **checkpoint},
             )
 
     def list_checkpoints(self, run_id: str) -> list[dict[str, Any]]:
