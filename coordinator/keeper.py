@@ -6,7 +6,9 @@ shapes, under the prefix ``{run_id}_state_averager``), and asks it to load
 the state of the swarm's best peer. The parameters are saved as a
 params-only safetensors file ``checkpoints/<run>/step-<step>.safetensors``
 in the coordinator's data folder, recorded with their :func:`params_sha256`
-in the store, and only the newest ``keep`` files are kept (their hashes stay).
+in the store, and only the newest ``[verify] keep_checkpoints`` files are kept (their
+hashes stay). Each file carries the spec hash, step, tokens seen and parameters'
+sha256 in its metadata, and a sidecar ``<file>.sha256`` with the file's own sha256.
 
 A DiLoCo run (``[optimizer] mode = "diloco"``) is pulled from the nodes'
 DiLoCo averagers instead (prefix ``{run_id}_diloco``, a plain client-mode
@@ -21,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,11 +37,19 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from crowdtrain.coordinator.ledger import CHECKPOINTS_DIR
 from crowdtrain.coordinator.runs import PublishedRun
 from crowdtrain.coordinator.store import Store
-from crowdtrain.model import GPT, GPTConfig, param_groups, params_sha256, save_checkpoint
+from crowdtrain.model import (
+    GPT,
+    CheckpointError,
+    GPTConfig,
+    param_groups,
+    params_sha256,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
-KEEP_CHECKPOINTS = 8
+SIDECAR_SUFFIX = ".sha256"
+STEP_FILE = re.compile(r"step-\d{8,}\.safetensors")
 # Downloads per pull until two in a row agree (see Keeper.pull).
 MAX_DOWNLOADS = 4
 # What a DiLoCo node serves (crowdtrain.node.diloco): metadata {"round", "epoch", "layout"},
@@ -47,6 +59,26 @@ DILOCO_LAYOUT = "diloco-v1"
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}.safetensors"
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where the sha256 of a checkpoint file is kept beside it: ``<file>.sha256``."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(sidecar: Path, file_name: str, file_sha256: str) -> None:
+    """Write ``<sha256>  <file_name>`` (sha256sum's format) atomically: temporary file
+    (named ``.step-*.tmp``, as the checkpoint's own), fsync, rename."""
+    fd, temp_name = tempfile.mkstemp(dir=sidecar.parent, prefix=f".{sidecar.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(f"{file_sha256}  {file_name}\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, sidecar)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
 
 
 def gpt_config(run: PublishedRun) -> GPTConfig:
@@ -89,14 +121,18 @@ class Keeper:
     """Pulls runs' state from their swarms into checkpoints. Create it in the main thread:
     hivemind's averagers install signal handlers when they start."""
 
-    def __init__(self, store: Store, dht: hivemind.DHT, keep: int = KEEP_CHECKPOINTS):
+    def __init__(self, store: Store, dht: hivemind.DHT | None, keep: int | None = None):
+        """``keep`` overrides each run's ``[verify] keep_checkpoints``. Files an interrupted
+        save left behind are removed here. ``dht`` may be None to only :meth:`save`."""
         self.store = store
         self.dht = dht
         self.keep = keep
         self.folder = store.data_dir / CHECKPOINTS_DIR
         self._averagers: dict[str, tuple[DecentralizedAverager, GPT]] = {}
+        self.remove_stale_files()
 
     def _averager(self, run: PublishedRun) -> tuple[DecentralizedAverager, GPT]:
+        assert self.dht is not None, "a Keeper without a DHT can only save"
         if run.id not in self._averagers and run.spec.optimizer.mode == "diloco":
             torch.manual_seed(run.spec.run.seed)
             model = GPT(gpt_config(run))
@@ -214,40 +250,109 @@ class Keeper:
                     step,
                 )
             return None
+        try:
+            return self.save(run, step, state, sha256, cpu_started=cpu_started)
+        except CheckpointError as e:
+            logger.warning("run %s: could not keep the checkpoint of step %d: %s", run.id, step, e)
+            return None
+
+    def save(
+        self,
+        run: PublishedRun,
+        step: int,
+        state: dict[str, torch.Tensor],
+        params_sha256: str,
+        cpu_started: float | None = None,
+    ) -> dict[str, Any]:
+        """Keep ``state`` as the run's checkpoint of ``step``; returns its stored row.
+
+        The file ``step-<step>.safetensors`` is written atomically (temporary
+        file, fsync, rename) with metadata run_id, spec_hash, step,
+        params_sha256 and num_tokens (the run's tokens so far, as the store
+        counts them), then its sidecar ``<file>.sha256`` (sha256sum's format,
+        so a copied-out file can be checked with ``sha256sum -c``), then the
+        row; older files beyond ``[verify] keep_checkpoints`` are removed.
+        Raises ``CheckpointError`` when any of it fails (a full disk, say):
+        then no row is stored and every earlier checkpoint, row and sidecar
+        is as it was.
+        """
+        cpu_started = tree_cpu_s() if cpu_started is None else cpu_started
+        num_tokens = int(self.store.run_totals(run.id)["num_tokens"])
         folder = self.folder / run.id
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / checkpoint_name(step)
-        file_sha256 = save_checkpoint(
-            path,
-            state,
-            {
-                "run_id": run.id,
-                "spec_hash": run.spec.hash,
-                "step": str(step),
-                "params_sha256": sha256,
-            },
-        )
-        row = {
+        sidecar = sidecar_path(path)
+        metadata = {
             "run_id": run.id,
-            "step": step,
-            "sha256": sha256,
-            "file": path.name,
-            "file_sha256": file_sha256,
-            "num_bytes": path.stat().st_size,
             "spec_hash": run.spec.hash,
-            "created_at": time.time(),
-            "cpu_s": max(0.0, tree_cpu_s() - cpu_started),
+            "step": str(step),
+            "params_sha256": params_sha256,
+            "num_tokens": str(num_tokens),
         }
-        self.store.insert_checkpoint(row)
-        self._prune(run.id)
-        logger.info("run %s: checkpoint of step %d (%s)", run.id, step, sha256[:16])
+        file_sha256 = save_checkpoint(path, state, metadata)
+        try:
+            write_sidecar(sidecar, path.name, file_sha256)
+            row = {
+                "run_id": run.id,
+                "step": step,
+                "sha256": params_sha256,
+                "file": path.name,
+                "file_sha256": file_sha256,
+                "num_bytes": path.stat().st_size,
+                "spec_hash": run.spec.hash,
+                "created_at": time.time(),
+                "cpu_s": max(0.0, tree_cpu_s() - cpu_started),
+                "num_tokens": num_tokens,
+            }
+            self.store.insert_checkpoint(row)
+        except BaseException as e:
+            # No row names this file: take it away, so the folder holds only kept steps.
+            path.unlink(missing_ok=True)
+            sidecar.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise CheckpointError(f"cannot keep checkpoint {path}: {e}") from e
+            raise
+        self._prune(run)
+        logger.info(
+            "run %s: checkpoint of step %d, %d tokens (%s)",
+            run.id,
+            step,
+            num_tokens,
+            params_sha256[:16],
+        )
         return row
 
-    def _prune(self, run_id: str) -> None:
-        kept = [c for c in self.store.list_checkpoints(run_id) if c["file"]]
-        for old in kept[: max(0, len(kept) - self.keep)]:
-            (self.folder / run_id / old["file"]).unlink(missing_ok=True)
-            self.store.forget_checkpoint_file(run_id, old["step"])
+    def _prune(self, run: PublishedRun) -> None:
+        keep = self.keep if self.keep is not None else run.spec.verify.keep_checkpoints
+        kept = [c for c in self.store.list_checkpoints(run.id) if c["file"]]
+        for old in kept[: max(0, len(kept) - keep)]:
+            path = self.folder / run.id / old["file"]
+            sidecar_path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            self.store.forget_checkpoint_file(run.id, old["step"])
+
+    def remove_stale_files(self) -> list[Path]:
+        """Remove what a crashed keeper left: temporary files of unfinished writes, and
+        checkpoint files (with their sidecars) that no stored row names. Returns them."""
+        removed: list[Path] = []
+        if not self.folder.is_dir():
+            return removed
+        for folder in sorted(p for p in self.folder.iterdir() if p.is_dir()):
+            named = {c["file"] for c in self.store.list_checkpoints(folder.name) if c["file"]}
+            for path in sorted(folder.iterdir()):
+                stale_temp = path.name.startswith(".step-") and path.name.endswith(".tmp")
+                name = path.name.removesuffix(SIDECAR_SUFFIX)
+                orphan = STEP_FILE.fullmatch(name) is not None and name not in named
+                if path.is_file() and (stale_temp or orphan):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        if removed:
+            logger.info(
+                "removed %d files an interrupted checkpoint left: %s",
+                len(removed),
+                ", ".join(p.name for p in removed),
+            )
+        return removed
 
     def shutdown(self) -> None:
         for averager, _ in self._averagers.values():

@@ -532,6 +532,7 @@ def _checkpoint_row(c: dict[str, Any]) -> dict[str, Any]:
         "sha256": c["sha256"],
         "file_sha256": c["file_sha256"],
         "num_bytes": c["num_bytes"],
+        "num_tokens": c["num_tokens"],
         "created_at": c["created_at"],
         "available": c["file"] is not None,
     }
@@ -539,7 +540,8 @@ def _checkpoint_row(c: dict[str, Any]) -> dict[str, Any]:
 
 def checkpoints_view(store: Store, run_id: str) -> list[dict[str, Any]]:
     """Every checkpoint the keeper took, oldest first: its step, the ``params_sha256`` of
-    its parameters (kept after the file is removed) and whether it can be downloaded."""
+    its parameters (kept after the file is removed), the file's sha256 and size, the
+    run's tokens when it was taken and whether it can be downloaded."""
     return [_checkpoint_row(c) for c in store.list_checkpoints(run_id)]
 
 

@@ -151,12 +151,17 @@ class VerifySection:
     node that did not compute its losses cannot guess per-sequence losses,
     which spread over several nats, that closely. Raise it for runs whose
     nodes train in reduced precision on varied GPUs.
+
+    The keeper keeps the files of the newest ``keep_checkpoints`` checkpoints
+    (their hashes stay recorded after a file is removed); each file is about
+    4 bytes per parameter, so lower it for large models on a small disk.
     """
 
     checkpoint_every_s: float = 60.0
     spot_check_fraction: float = 0.1
     spot_check_sequences: int = 4
     loss_tolerance: float = 0.5
+    keep_checkpoints: int = 8
 
 
 @dataclass(frozen=True)
@@ -444,3 +449,9 @@ def _validate(spec: RunSpec, source: str) -> None:
         )
     if not 0.0 < v.loss_tolerance <= 10.0:
         fail("[verify] loss_tolerance", f"must be in (0, 10] nats, got {v.loss_tolerance}")
+    if not 1 <= v.keep_checkpoints <= 10_000:
+        fail(
+            "[verify] keep_checkpoints",
+            f"must be 1 to 10000 (files of the newest checkpoints the keeper keeps; "
+            f"spot checks need the recent ones), got {v.keep_checkpoints}",
+        )

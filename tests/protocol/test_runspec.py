@@ -78,6 +78,7 @@ def test_minimal_spec_fills_defaults():
     assert spec.optimizer.mode == "sync"
     assert spec.optimizer.lr == 3e-3 and spec.optimizer.micro_batch_size == 16
     assert spec.swarm.matchmaking_time_s == 3.0
+    assert spec.verify.keep_checkpoints == 8
     assert (spec.eval.every_steps, spec.eval.num_sequences) == (5, 64)
     assert spec.to_dict()["optimizer"]["betas"] == [0.9, 0.95]
 
@@ -276,6 +277,14 @@ def test_wrong_types_name_key_and_expectation(changes, expected):
             {"optimizer": {"pseudo_grad_compression": '"4bit"'}},
             "[optimizer] pseudo_grad_compression must be 'none' or 'fp16' or '8bit' or "
             "'quantile-8bit', got string '4bit'",
+        ),
+        (
+            {"verify": {"keep_checkpoints": "0"}},
+            "[verify] keep_checkpoints must be 1 to 10000",
+        ),
+        (
+            {"verify": {"keep_checkpoints": "100000"}},
+            "[verify] keep_checkpoints must be 1 to 10000",
         ),
     ],
 )
