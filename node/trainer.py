@@ -123,6 +123,8 @@ class NodeStats:
     num_skipped_steps: int = 0
     train_s: float = 0.0
     data_wait_s: float = 0.0
+    shard: str = ""  # the shard being trained
+    verified_tokens: int = 0  # this peer's tokens the coordinator has verified, run-wide
 
 
 class Node:
@@ -344,7 +346,7 @@ class Node:
     def _on_heartbeat_reply(self, reply: Any) -> None:
         """The coordinator's view: its recorded step, and whom to accept parts from."""
         self.coordinator_step = int(reply.step)
-        self.verified_tokens = int(reply.verified_tokens)
+        self.verified_tokens = self.stats.verified_tokens = int(reply.verified_tokens)
         guard = getattr(self, "guard", None)
         if guard is not None:
             guard.update_roster({a.dht_peer_id: a.max_weight for a in reply.roster})
@@ -458,7 +460,7 @@ class Node:
                     self.save_position()
                     last_saved = time.monotonic()
         finally:
-            progress.close()
+            progress.close(self.stats)
             self.stats.train_s += time.monotonic() - started
             self.stats.data_wait_s += self.stream.data_wait_s - wait_before
             self.save_position()
@@ -528,6 +530,7 @@ class Node:
         self.stats.num_peers = self.optimizer.tracker.global_progress.num_peers
         if sample is not None and all(math.isfinite(x) for x in sample):
             shard.add_sample(self.stats.step, sample)
+        self.stats.shard = shard.shard.shard_id
         shard.batches_done += 1
         shard.num_sequences += batch.shape[0]
         shard.num_tokens += num_tokens

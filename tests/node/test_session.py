@@ -1,0 +1,188 @@
+"""The notebook API: join, train, stats, the live model, interrupt and leave, in a real process.
+
+The session runs in a subprocess of its own (hivemind in that process's main
+thread, as in a notebook's kernel), against a real coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from crowdtrain.node import join
+from crowdtrain.protocol.errors import CrowdtrainError
+from tests.swarm import Swarm, small_corpus, write_spec
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from crowdtrain.node import join
+    from crowdtrain.protocol.errors import CrowdtrainError
+
+    url, home = sys.argv[1], sys.argv[2]
+
+    def say(**event):
+        print("@@" + json.dumps(event), flush=True)
+
+    try:
+        join(url, run="nope", home=home)
+    except CrowdtrainError as e:
+        say(event="unknown_run", error=str(e))
+    options = dict(home=home, client_mode=False, threads=1, progress="log", name="nb")
+    session = join(url, run="tiny", **options)
+    say(event="joined", repr=repr(session))
+    stats = session.train(steps=1)
+    say(event="trained", tokens=stats.num_tokens, step=stats.step, repr=repr(stats))
+    say(event="long")
+    started = time.monotonic()
+    stats = session.train(seconds=120)
+    say(event="interrupted", elapsed=time.monotonic() - started, tokens=stats.num_tokens)
+    stats = session.train(steps=1)
+    model = session.model
+    say(
+        event="again",
+        tokens=stats.num_tokens,
+        step=stats.step,
+        loss=stats.loss,
+        val_loss=stats.val_loss,
+        params=sum(p.numel() for p in model.parameters()),
+        text=session.generate("def ", max_new_tokens=16, temperature=0),
+    )
+    try:
+        join(url, run="tiny", **options)
+    except CrowdtrainError as e:
+        say(event="second_join", error=str(e))
+    session.leave()
+    session.leave()
+    try:
+        session.train(steps=1)
+    except CrowdtrainError as e:
+        say(event="after_leave", error=str(e), text=session.generate("x", max_new_tokens=4))
+    # Joins again and exits without leaving: the session leaves as the interpreter exits.
+    join(url, run="tiny", **{**options, "progress": "none"})
+    say(event="rejoined")
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_bad_input_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    url = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(CrowdtrainError, match=r"cannot reach the coordinator at http://127"):
+        join(url, run="tiny", home=home)
+    with pytest.raises(CrowdtrainError, match="must start with http"):
+        join("127.0.0.1:8470", run="tiny", home=home)
+    with pytest.raises(CrowdtrainError, match=r"no option 'threds'; options are: .*threads"):
+        join(url, run="tiny", threds=2)
+    with pytest.raises(CrowdtrainError, match=r"device='tpu': use one of auto, cpu, cuda, mps"):
+        join(url, run="tiny", device="tpu")
+    with pytest.raises(CrowdtrainError, match=r"progress='fancy'"):
+        join(url, run="tiny", progress="fancy")
+    with pytest.raises(CrowdtrainError, match=r"threads=0: give a whole number"):
+        join(url, run="tiny", threads=0)
+    with pytest.raises(CrowdtrainError, match=r"client_mode='yes': give True or False"):
+        join(url, run="tiny", client_mode="yes")
+    with pytest.raises(CrowdtrainError, match=r"run='': give the id"):
+        join(url, run="")
+    with pytest.raises(CrowdtrainError, match=r"ca_cert=.*existing PEM file"):
+        join(url, run="tiny", ca_cert=tmp_path / "missing.pem")
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        try:
+            join(url, run="tiny", home=home)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            errors.append(e)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert isinstance(errors[0], CrowdtrainError) and "main thread" in str(errors[0])
+    assert not home.exists(), "nothing is created for refused input"
+
+
+def _events(process: subprocess.Popen, lines: list[str]) -> Any:
+    """Yield the script's events as they come; keep every line for the failure message."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("@@"):
+            yield json.loads(line[2:])
+
+
+@pytest.mark.slow
+def test_session_trains_is_interrupted_and_leaves(swarm: Swarm) -> None:
+    corpus = small_corpus(swarm.root / "corpus", 400_000)
+    data = swarm.prepare(65_536, str(corpus))
+    published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+    script = swarm.root / "session_script.py"
+    script.write_text(SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), swarm.url, str(swarm.root / "home")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    events: dict[str, dict] = {}
+    try:
+        for event in _events(process, lines):
+            events[event["event"]] = event
+            if event["event"] == "long":
+                time.sleep(4)
+                process.send_signal(signal.SIGINT)  # the kernel's interrupt button
+        assert process.wait(timeout=120) == 0, "".join(lines[-80:])
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        else:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # hivemind children left behind
+            except ProcessLookupError:
+                pass
+    log = "".join(lines[-80:])
+    assert "runs: 'tiny'" in events["unknown_run"]["error"], log
+    assert "run='nope'" in events["unknown_run"]["error"], log
+    assert "run='tiny'" in events["joined"]["repr"], log
+    trained = events["trained"]
+    assert trained["tokens"] > 0 and trained["step"] >= 1, log
+    assert "SessionStats(run='tiny', step=" in trained["repr"], log
+    # Interrupted well before its 120 s, and the session trains on afterwards.
+    assert events["interrupted"]["elapsed"] < 60, log
+    assert events["interrupted"]["tokens"] > trained["tokens"], log
+    again = events["again"]
+    assert again["tokens"] > events["interrupted"]["tokens"] and again["step"] >= 2, log
+    assert again["val_loss"] is not None and again["params"] > 10_000, log
+    assert again["text"].startswith("def ") and len(again["text"]) > 4, log
+    assert "already in run 'tiny'" in events["second_join"]["error"], log
+    assert "has left run 'tiny'" in events["after_leave"]["error"], log
+    assert events["after_leave"]["text"].startswith("x"), "the model outlives the session"
+    assert "rejoined" in events, log
+    peers = swarm.get("/api/runs/tiny/peers")
+    assert [p["name"] for p in peers] == ["nb"], peers
+    # The forgotten session left as the interpreter exited.
+    assert peers[0]["state"] == "left" and peers[0]["num_tokens"] > 0, peers
+    assert (swarm.root / "home" / "runs" / "tiny" / "checkpoint.safetensors").is_file()
