@@ -15,12 +15,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crowdtrain.coordinator import admin, ledger, runs
+from crowdtrain.coordinator import admin, ledger, prometheus, runs
 from crowdtrain.coordinator.leases import LeaseBook
 from crowdtrain.coordinator.metrics import Refusals
 from crowdtrain.coordinator.store import Store
@@ -145,6 +145,13 @@ def create_app(
         except runs.UnknownRunError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
 
+    registry = prometheus.coordinator_registry(store, refusals)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus' scrape target: runs, peers, shards, the ledger, refusals."""
+        return Response(prometheus.exposition(registry), media_type=prometheus.CONTENT_TYPE)
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -177,6 +184,18 @@ def create_app(
     def get_evals(run_id: str) -> list[dict[str, Any]]:
         """Validation loss over steps and tokens, oldest first."""
         return run_or_404(lambda: runs.evals_view(store, run_id))
+
+    @app.get("/api/runs/{run_id}/metrics")
+    def get_metrics(
+        run_id: str,
+        since: Annotated[
+            float | None,
+            Query(ge=0, le=1e11, allow_inf_nan=False, description="unix seconds; only later"),
+        ] = None,
+    ) -> list[dict[str, Any]]:
+        """The run over time, oldest first: samples of its step, tokens, the swarm's
+        tokens/s and its active peers, taken every few seconds while peers are live."""
+        return run_or_404(lambda: runs.metrics_view(store, run_id, since))
 
     @app.get("/api/runs/{run_id}/coverage")
     def get_coverage(run_id: str, epoch: int | None = None) -> dict[str, Any]:

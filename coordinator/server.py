@@ -32,7 +32,7 @@ from crowdtrain.coordinator.leases import LeaseBook
 from crowdtrain.coordinator.ledger import Ledger
 from crowdtrain.coordinator.metrics import Refusals
 from crowdtrain.coordinator.peers import PeerConfig, authenticate
-from crowdtrain.coordinator.runs import get_run
+from crowdtrain.coordinator.runs import get_run, take_samples
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm import SwarmPeer, SwarmProgress, poll_progress
 from crowdtrain.coordinator.verifier import start_verifier, stop_verifier
@@ -61,6 +61,8 @@ class ServeConfig:
     tls_key: Path | None = None
     # A verifier process beside the coordinator: checkpoints and spot checks.
     verifier: bool = True
+    # How often each run with live peers gets a sample (the dashboard's throughput chart).
+    sample_every_s: float = 5.0
 
 
 class PortInUseError(CrowdtrainError):
@@ -245,6 +247,13 @@ async def _serve_async(
         daemon=True,
     )
     poller.start()
+    sampler = threading.Thread(
+        target=_sample_runs,
+        args=(store, config.sample_every_s, poll_stop),
+        name="run-samples",
+        daemon=True,
+    )
+    sampler.start()
 
     while not http_server.started and not http_task.done():
         await asyncio.sleep(0.05)
@@ -278,8 +287,19 @@ async def _serve_async(
         await grpc_server.stop(grace=2.0)
         await http_task
         poller.join(timeout=_POLL_JOIN_S)
+        sampler.join(timeout=_POLL_JOIN_S)
         if verifier is not None:
             stop_verifier(verifier)
 
 
 _POLL_JOIN_S = 6.0
+
+
+def _sample_runs(store: Store, every_s: float, stop: threading.Event) -> None:
+    """Sample every run with live peers each ``every_s`` until ``stop``; a thread, so a
+    slow write never holds up a request."""
+    while not stop.wait(every_s):
+        try:
+            take_samples(store)
+        except Exception:
+            logger.exception("sampling the runs failed; trying again in %.0f s", every_s)

@@ -202,6 +202,20 @@ class Store(TrustRecords, LedgerRecords, StoreBase):
         )
         return rows[::-1]
 
+    def count_samples(self, run_id: str) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM run_samples WHERE run_id = ?", (run_id,))
+        return int(row["n"]) if row else 0
+
+    def thin_samples(self, run_id: str, num_oldest: int) -> int:
+        """Delete every second sample among a run's ``num_oldest`` oldest; returns how many."""
+        with self.transaction() as db:
+            return db.execute(
+                "DELETE FROM run_samples WHERE rowid IN (SELECT rowid FROM (SELECT rowid,"
+                " ROW_NUMBER() OVER (ORDER BY time, rowid) AS n FROM run_samples"
+                " WHERE run_id = ?) WHERE n <= ? AND n % 2 = 0)",
+                (run_id, num_oldest),
+            ).rowcount
+
     # shards, leases and receipts
 
     def ensure_epoch(self, run_id: str, epoch: int, shard_ids: list[str]) -> None:

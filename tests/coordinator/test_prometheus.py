@@ -1,0 +1,130 @@
+"""A real coordinator's ``/metrics``: Prometheus text that agrees with its JSON API.
+
+Two peers register and heartbeat over real gRPC (no training: the numbers are
+theirs to choose, so the test knows them), then ``/metrics`` is scraped and
+parsed with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from crowdtrain.protocol import coordinator_pb2 as pb
+from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.rpc import KIND_HEARTBEAT, envelope_to_pb
+from tests.fuzz.live import Wire, bearer, pack, register, signed
+from tests.swarm import Swarm, write_spec
+
+pytestmark = pytest.mark.slow
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(swarm: Swarm) -> tuple[Samples, dict[str, str], str]:
+    """Every sample by (name, labels), each family's type, and the content type."""
+    response = httpx.get(f"{swarm.url}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(response.text):
+        types[family.name] = family.type
+        assert family.documentation, f"{family.name} has no HELP text"
+        for s in family.samples:
+            samples[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return samples, types, response.headers["content-type"]
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name, tuple(sorted(labels.items()))]
+
+
+def heartbeat(wire: Wire, who: Identity, token: str, **payload: Any) -> None:
+    body = {
+        "session_key": f"session-{who.peer_id[:8]}",
+        "num_sequences": payload["num_tokens"] // 64,
+        "step": 3,
+        "device": "cpu",
+        **payload,
+    }
+    envelope = envelope_to_pb(signed(who, pack(KIND_HEARTBEAT, body)))
+    wire.ok("Heartbeat", pb.HeartbeatRequest(envelope=envelope), bearer(token))
+
+
+def test_metrics_agree_with_the_api(swarm: Swarm) -> None:
+    data = swarm.prepare()
+    assert swarm.publish(write_spec(swarm.root / "tiny.toml"), data).returncode == 0
+    assert swarm.publish(write_spec(swarm.root / "idle.toml", run_id="idle"), data).returncode == 0
+    swarm.start_coordinator()
+    wire = Wire(swarm.ports["grpc_target"])
+    first, second = Identity.generate(), Identity.generate()
+    first_token, _ = register(wire, first)
+    second_token, _ = register(wire, second)
+    wire.ok("LeaseShards", pb.LeaseRequest(max_shards=2), bearer(first_token))
+    evaluation = {"step": 2, "num_tokens": 4096, "loss": 3.25, "bits_per_byte": 4.5}
+    heartbeat(
+        wire, first, first_token, num_tokens=8192, tokens_per_s=1500.0, loss=3.5,
+        evaluations=[evaluation],
+    )  # fmt: skip
+    heartbeat(wire, second, second_token, num_tokens=2048, tokens_per_s=500.0, loss=4.5)
+
+    samples, types, content_type = scrape(swarm)
+    run = swarm.get("/api/runs/tiny")
+    assert content_type.startswith("text/plain"), content_type
+
+    assert types["crowdtrain_tokens"] == "counter"
+    assert types["crowdtrain_refused_requests"] == "counter"
+    for gauge in ("crowdtrain_peers", "crowdtrain_tokens_per_second", "crowdtrain_step"):
+        assert types[gauge] == "gauge", gauge
+    assert value(samples, "crowdtrain_tokens_total", run="tiny") == run["num_tokens"] == 10240
+    assert value(samples, "crowdtrain_tokens_per_second", run="tiny") == run["tokens_per_s"]
+    assert run["tokens_per_s"] == 2000.0
+    assert value(samples, "crowdtrain_peers", run="tiny", state="active") == run["num_peers"] == 2
+    assert value(samples, "crowdtrain_peers", run="tiny", state="left") == 0
+    assert value(samples, "crowdtrain_step", run="tiny") == run["step"] == 3
+    assert value(samples, "crowdtrain_epoch", run="tiny") == run["epoch"] == 0
+    assert value(samples, "crowdtrain_validation_loss", run="tiny") == run["val_loss"] == 3.25
+    assert value(samples, "crowdtrain_validation_bits_per_byte", run="tiny") == 4.5
+    assert value(samples, "crowdtrain_training_loss", run="tiny") == pytest.approx(4.0)
+    for state in ("pending", "leased", "done"):
+        shards = value(samples, "crowdtrain_shards", run="tiny", state=state)
+        assert shards == run["shards"][state], state
+    assert value(samples, "crowdtrain_shards", run="tiny", state="leased") == 2
+    assert value(samples, "crowdtrain_active_leases", run="tiny") == 2
+    assert value(samples, "crowdtrain_verified_flops", run="tiny") == 0
+    assert value(samples, "crowdtrain_checkpoints", run="tiny") == 0
+    # A run with nothing yet: listed, with zeros and no loss.
+    assert value(samples, "crowdtrain_peers", run="idle", state="active") == 0
+    assert ("crowdtrain_validation_loss", (("run", "idle"),)) not in samples
+    # Only published runs appear.
+    assert {dict(labels).get("run") for _, labels in samples} <= {"tiny", "idle", None}
+
+    # A refused request is counted: an admin call without the admin key.
+    before = samples.get(
+        ("crowdtrain_refused_requests_total", (("method", "http-admin"), ("reason", "UNAUTHENTICATED"))),
+        0.0,
+    )  # fmt: skip
+    assert httpx.get(f"{swarm.url}/api/admin/runs/tiny/invites").status_code == 401
+    after, _, _ = scrape(swarm)
+    refused = value(
+        after, "crowdtrain_refused_requests_total", method="http-admin", reason="UNAUTHENTICATED"
+    )
+    assert refused == before + 1
+
+    # The sampler records the swarm's throughput every few seconds.
+    sampled = swarm.wait_for(
+        lambda: swarm.get("/api/runs/tiny/metrics"), timeout=30, what="a throughput sample"
+    )
+    assert sampled[-1]["tokens_per_s"] == 2000.0 and sampled[-1]["num_peers"] == 2
+    assert sampled[-1]["num_tokens"] == 10240 and sampled[-1]["step"] == 3
+    later = swarm.get(f"/api/runs/tiny/metrics?since={sampled[-1]['time']}")
+    assert all(s["time"] > sampled[-1]["time"] for s in later)
+    assert swarm.get("/api/runs/idle/metrics") == []
+    missing = httpx.get(f"{swarm.url}/api/runs/nope/metrics")
+    assert missing.status_code == 404 and "no run 'nope'" in missing.json()["detail"]
+    assert httpx.get(f"{swarm.url}/api/runs/tiny/metrics?since=-1").status_code == 422
+    assert time.time() >= sampled[-1]["time"]
