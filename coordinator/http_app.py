@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crowdtrain.coordinator import admin, ledger, prometheus, runs
+from crowdtrain.coordinator import admin, dashboard, ledger, prometheus, runs
 from crowdtrain.coordinator.leases import LeaseBook
 from crowdtrain.coordinator.metrics import Refusals
 from crowdtrain.coordinator.store import Store
@@ -151,6 +151,8 @@ def create_app(
     def prometheus_metrics() -> Response:
         """Prometheus' scrape target: runs, peers, shards, the ledger, refusals."""
         return Response(prometheus.exposition(registry), media_type=prometheus.CONTENT_TYPE)
+
+    dashboard.mount(app, store)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
