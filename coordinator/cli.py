@@ -1,4 +1,4 @@
-"""``crowdtrain-coordinator``: prepare data, serve, publish runs.
+"""``crowdtrain-coordinator``: prepare data, serve, publish runs, export and sample models.
 
 Thin: parses flags into config objects and calls the same functions a
 script would. A :class:`CrowdtrainError` becomes one line on stderr and exit
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Publish crowdtrain runs and coordinate the nodes that train them.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="write log lines as JSON objects (time, level, logger, message), for log collectors",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser(
@@ -116,7 +122,52 @@ def _parser() -> argparse.ArgumentParser:
     _admin_flags(unban)
     unban.add_argument("peer_id", help="the banned peer's id")
     unban.add_argument("--run", required=True, help="the run id")
+
+    exp = sub.add_parser(
+        "export",
+        help="write a run's latest checkpoint as a transformers model folder",
+        description="Export the checkpoint keeper's latest kept checkpoint of a run (or --step) "
+        "into OUT. --format hf writes a folder that transformers' "
+        "AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load.",
+    )
+    exp.add_argument("out", type=Path, help="folder to write (created; must be empty)")
+    exp.add_argument("--run", required=True, help="the run id")
+    exp.add_argument("--format", default="hf", help="what to write: hf (the default)")
+    _checkpoint_flags(exp)
+    exp.add_argument(
+        "--force", action="store_true", help="replace OUT's contents if it is not empty"
+    )
+
+    smp = sub.add_parser(
+        "sample",
+        help="print a continuation of a prompt from a run's latest checkpoint",
+        description="Load the checkpoint keeper's latest kept checkpoint of a run (or --step) "
+        "and print the prompt followed by the model's continuation.",
+    )
+    smp.add_argument("--run", required=True, help="the run id")
+    smp.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+    smp.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    smp.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy"
+    )
+    smp.add_argument(
+        "--top-k", type=int, default=40, help="sample among the k likeliest tokens (0: all)"
+    )
+    smp.add_argument("--seed", type=int, default=None, help="seed, for a repeatable sample")
+    _checkpoint_flags(smp)
     return parser
+
+
+def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        required=True,
+        type=Path,
+        help="the coordinator's own folder (may be read while `serve` runs)",
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="a kept checkpoint's step (default: the latest)"
+    )
 
 
 def _admin_flags(parser: argparse.ArgumentParser) -> None:
@@ -139,18 +190,7 @@ def _admin_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        # hivemind reads its level once, at import, from this variable.
-        os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
-        for noisy in ("hivemind", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        # hivemind's averagers leave cancelled asyncio tasks behind on every
-        # partial round; asyncio reports them as errors that no user can act on.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    setup_logging(verbose=args.verbose, json_lines=args.log_json)
     try:
         return _COMMANDS[args.command](args)
     except CrowdtrainError as e:
@@ -201,6 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not args.session_ttl > 0:
         raise CrowdtrainError(f"--session-ttl must be positive, got {args.session_ttl}")
+    _route_hivemind_logs(args.verbose)
     serve(
         ServeConfig(
             data_dir=args.data_dir,
@@ -217,6 +258,17 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print("coordinator stopped", flush=True)
     return 0
+
+
+def _route_hivemind_logs(verbose: bool) -> None:
+    """Send hivemind's records through the root logger's handler (so --log-json covers them)
+    instead of hivemind's own colored handler."""
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")
+    if not verbose:
+        # Leaving its own handler resets the hivemind logger's level to NOTSET.
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -319,6 +371,42 @@ def _unban(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from crowdtrain.coordinator.export import export_run
+
+    result = export_run(
+        args.data_dir,
+        args.run,
+        args.out,
+        fmt=args.format,
+        step=args.step,
+        force=args.force,
+        progress=True,
+    )
+    print(
+        f"exported run {result.run_id} at step {result.step} to {result.out} "
+        f"({', '.join(p.name for p in result.files)}); load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(result.out)!r})"
+    )
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from crowdtrain.coordinator.export import SampleConfig, sample
+
+    config = SampleConfig(
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        seed=args.seed,
+    )
+    step, continuation = sample(args.data_dir, args.run, config, step=args.step)
+    logging.getLogger(__name__).info("run %s, checkpoint of step %d", args.run, step)
+    print(args.prompt + continuation)
+    return 0
+
+
 _COMMANDS = {
     "prepare-data": _prepare,
     "serve": _serve,
@@ -326,6 +414,8 @@ _COMMANDS = {
     "invite": _invite,
     "ban": _ban,
     "unban": _unban,
+    "export": _export,
+    "sample": _sample,
 }
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from crowdtrain.coordinator.runs import PublishedRun
 from crowdtrain.coordinator.store import Store
 from crowdtrain.model import GPT, load_into, sequence_losses
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.logs import TEXT_FORMAT, JsonFormatter, setup_logging
 from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order, verify_shard
 
 logger = logging.getLogger(__name__)
@@ -259,10 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when it is gone")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s verifier %(levelname)s %(name)s: %(message)s"
-    )
+    _setup_logging(args.log_level, args.log_json)
     # hivemind's processes cannot be spawned, only forked (see HIVEMIND-NOTES).
     multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(1)  # the coordinator's machine serves first, verifies second
@@ -298,7 +298,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def start_verifier(data_dir: Path, initial_peers: list[str]) -> subprocess.Popen:
     """Start the verifier process for a serving coordinator, in the coordinator's process
-    group (stopping the group stops it); it exits by itself if the coordinator dies."""
+    group (stopping the group stops it); it exits by itself if the coordinator dies.
+
+    It logs the way this process does: JSON lines when the root logger's handler
+    formats JSON (``--log-json``), debug details when the root logger is at DEBUG.
+    """
     return subprocess.Popen(
         [
             sys.executable,
@@ -308,11 +312,44 @@ def start_verifier(data_dir: Path, initial_peers: list[str]) -> subprocess.Popen
             str(data_dir),
             "--parent-pid",
             str(os.getpid()),
+            *_log_flags(),
             "--initial-peers",
             *initial_peers,
         ],
         stdin=subprocess.DEVNULL,
     )
+
+
+def _log_flags() -> list[str]:
+    root = logging.getLogger()
+    flags = ["--log-level", "DEBUG" if root.level == logging.DEBUG else "INFO"]
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        flags.append("--log-json")
+    return flags
+
+
+def _setup_logging(level: str, json_lines: bool) -> None:
+    setup_logging(verbose=level.upper() == "DEBUG", json_lines=json_lines)
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        # Its lines share the coordinator's stderr: say whose they are.
+        handler.addFilter(_tag_verifier)
+        if not json_lines:
+            handler.setFormatter(
+                logging.Formatter(TEXT_FORMAT.replace("%(levelname)s", "verifier %(levelname)s"))
+            )
+    from hivemind.utils.logging import use_hivemind_log_handler
+
+    use_hivemind_log_handler("nowhere")  # hivemind's lines through the handler above
+    if level.upper() != "DEBUG":
+        # Leaving its own handler resets the hivemind logger's level to NOTSET.
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+def _tag_verifier(record: logging.LogRecord) -> bool:
+    record.process_role = "verifier"  # a JSON key of its own
+    return True
 
 
 def stop_verifier(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
