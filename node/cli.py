@@ -8,6 +8,7 @@ micro-batch: the coordinator is told, the averagers and DHT shut down.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import FrameType
 
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.logs import setup_logging
 
 DEFAULT_HOME = Path.home() / ".crowdtrain"
 
@@ -25,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="crowdtrain-node", description="Lend this machine to a crowdtrain run."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log one JSON object per line (time, level, logger, message), hivemind's too",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     join = sub.add_parser("join", help="join a run and train until stopped")
@@ -75,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
         help="torch.compile the model (slower start, faster steps on GPUs)",
     )
     join.add_argument(
+        "--start-from",
+        default="auto",
+        choices=["auto", "peers", "checkpoint"],  # node/bootstrap.py's START_FROM
+        help="where a node joining a run under way gets its parameters: the coordinator's "
+        "latest checkpoint over HTTP, or peers (auto: the checkpoint when it is of the run's "
+        "current step, in sync mode; else peers, then the checkpoint if no peer serves state)",
+    )
+    join.add_argument(
         "--client-mode",
         action="store_true",
         help="take part without accepting connections (behind NAT or a firewall)",
@@ -104,26 +119,24 @@ def _size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        # hivemind reads its level once, at import, from this variable.
-        os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
-        for noisy in ("hivemind", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        # hivemind's averagers leave cancelled asyncio tasks behind on every
-        # partial round; asyncio reports them as errors that no user can act on.
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    setup_logging(args.verbose, args.log_json)
     try:
         return _COMMANDS[args.command](args)
     except CrowdtrainError as e:
-        print(f"crowdtrain-node: error: {e}", file=sys.stderr)
+        _say(args, f"crowdtrain-node: error: {e}", logging.ERROR)
         return 1
     except KeyboardInterrupt:
-        print("crowdtrain-node: interrupted", file=sys.stderr)
+        _say(args, "crowdtrain-node: interrupted", logging.WARNING)
         return 130
+
+
+def _say(args: argparse.Namespace, line: str, level: int = logging.INFO) -> None:
+    """A last word for the user: ``line`` on stderr, or a JSON log line under --log-json."""
+    if args.log_json:
+        message = line.removeprefix("crowdtrain-node: ")
+        logging.getLogger("crowdtrain.node").log(level, "%s", message)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _identity(args: argparse.Namespace) -> int:
@@ -138,16 +151,29 @@ def _identity(args: argparse.Namespace) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
+    from hivemind.utils.logging import use_hivemind_log_handler
+
     from crowdtrain.node.trainer import Node, NodeConfig
 
+    # hivemind's records go to the root logger's handler (text or JSON) like ours...
+    use_hivemind_log_handler("nowhere")
+    # (hivemind renames the WARNING level "WARN" when imported; log collectors expect WARNING)
+    logging.addLevelName(logging.WARNING, "WARNING")
+    # ...which resets the hivemind logger's level: quiet it again.
+    setup_logging(args.verbose, args.log_json)
     if not args.verbose:
         # When averagers stop, the DHT process logs a traceback for each request
         # they left half-sent; it is hivemind's shutdown noise, not a fault.
         logging.getLogger("hivemind.dht.dht").setLevel(logging.CRITICAL)
     owner = os.getpid()
 
+    options = {}
+    if "start_from" in {f.name for f in dataclasses.fields(NodeConfig)}:
+        # NodeConfig.start_from arrives with the wiring of node/bootstrap.py into Node.start.
+        options["start_from"] = args.start_from
     node = Node(
         NodeConfig(
+            **options,
             url=args.url,
             run_id=args.run,
             home=args.home,
@@ -192,11 +218,11 @@ def _join(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         node.shutdown()
     share = 100 * stats.data_wait_s / stats.train_s if stats.train_s else 0.0
-    print(
+    _say(
+        args,
         f"left run {args.run}: {stats.num_tokens:,} tokens trained, step {stats.step}, "
         f"data wait {stats.data_wait_s:.2f}s of {stats.train_s:.1f}s training ({share:.2f}%), "
         f"checkpoint {node.checkpoint_path}",
-        file=sys.stderr,
     )
     return 0
 

@@ -11,12 +11,15 @@ import json
 import logging
 import os
 import ssl
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
+from tqdm import tqdm
 
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
@@ -36,6 +39,61 @@ from crowdtrain.protocol.shards import ShardManifest
 logger = logging.getLogger(__name__)
 
 _HTTP_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+# Smaller downloads end before a bar is worth drawing.
+_BAR_MIN_BYTES = 1 << 20
+# Off a terminal, a download says how far it got at most this often (and a quicker
+# one says nothing).
+_LOG_EVERY_S = 5.0
+PROGRESS_MODES = ("auto", "bar", "log", "none")
+
+
+class TransferProgress:
+    """How far one download got: a bar of bytes on a terminal, log lines otherwise.
+
+    ``mode`` ``auto`` draws a bar (removed when done) when stderr is a terminal
+    and the download has at least 1 MiB, else logs a line every few seconds
+    while a download lasts longer than that; ``log`` always logs so,
+    ``none`` shows nothing. ``total`` may be None when the size is unknown.
+    """
+
+    def __init__(self, label: str, total: int | None, mode: str = "auto"):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.label, self.total, self.mode = label, total, mode
+        self.done = 0
+        self._started = self._last_log = time.monotonic()
+        self._bar: tqdm | None = None
+        if mode == "bar" and (total is None or total >= _BAR_MIN_BYTES):
+            self._bar = tqdm(
+                total=total,
+                desc=label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0.5,
+                file=sys.stderr,
+            )
+
+    def update(self, num_bytes: int) -> None:
+        self.done += num_bytes
+        if self._bar is not None:
+            self._bar.update(num_bytes)
+            return
+        now = time.monotonic()
+        if self.mode in ("log", "bar") and now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            of = f" of {self.total / 1e6:.1f}" if self.total else ""
+            rate = self.done / max(now - self._started, 1e-9) / 1e6
+            logger.info(
+                "downloading %s: %.1f%s MB (%.1f MB/s)", self.label, self.done / 1e6, of, rate
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class CoordinatorError(CrowdtrainError):
@@ -160,6 +218,8 @@ class CoordinatorClient:
     discovery); ``ca_cert`` is a PEM file of the authority to trust, for
     coordinators with a private certificate (default: the system's roots).
     ``pins`` checks the coordinator's key before anything is signed for it.
+    ``progress`` (auto, bar, log, none) is how downloads show their progress
+    (see :class:`TransferProgress`).
     """
 
     def __init__(
@@ -170,7 +230,11 @@ class CoordinatorClient:
         tls: bool = False,
         ca_cert: Path | None = None,
         pins: KeyPins | None = None,
+        progress: str = "auto",
     ):
+        if progress not in PROGRESS_MODES:
+            raise ValueError(f"progress {progress!r} is not one of {', '.join(PROGRESS_MODES)}")
+        self.progress = progress
         self.url = url.rstrip("/")
         self.grpc_target = grpc_target
         self.identity = identity
@@ -262,17 +326,25 @@ class CoordinatorClient:
     def download(self, url: str, dest: Path) -> None:
         """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows)."""
         tmp = dest.with_suffix(dest.suffix + ".part")
+        bar: TransferProgress | None = None
         try:
             with self._http.stream("GET", url) as response:
                 if response.status_code != 200:
                     raise CoordinatorError(f"downloading {url} failed: HTTP {response.status_code}")
+                size = response.headers.get("content-length")
+                total = int(size) if size and size.isdigit() else None
+                bar = TransferProgress(dest.name, total, self.progress)
                 with open(tmp, "wb") as f:
                     for chunk in response.iter_bytes(1 << 20):
                         f.write(chunk)
+                        bar.update(len(chunk))
+            tmp.replace(dest)
         except httpx.HTTPError as e:
-            tmp.unlink(missing_ok=True)
             raise CoordinatorError(f"downloading {url} failed: {e}") from None
-        tmp.replace(dest)
+        finally:
+            if bar is not None:
+                bar.close()
+            tmp.unlink(missing_ok=True)  # a failed download leaves nothing behind
 
 
 def check_run(run: Any) -> tuple[RunSpec, ShardManifest]:

@@ -1,0 +1,335 @@
+"""Where a joining node's first parameters come from: the keeper's checkpoint or the peers.
+
+A node joining a run under way needs the swarm's parameters. hivemind's
+``load_state_from_peers`` downloads them tensor by tensor from a peer, with the
+optimizer's statistics; the coordinator's keeper serves its latest checkpoint
+as one safetensors file over HTTP, parameters only. :func:`plan_start` picks
+one (``--start-from auto|peers|checkpoint``), :func:`start_from_checkpoint`
+downloads the file (a progress bar on a terminal), checks its sha256 against
+the keeper's record and its parameters' sha256, loads it into the model
+(safetensors: nothing is unpickled) and moves the optimizer to the
+checkpoint's step. Knows nothing about training or the gRPC session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from crowdtrain.model import load_checkpoint, params_sha256
+from crowdtrain.model.checkpoint import CheckpointError
+from crowdtrain.node.client import TransferProgress, tls_verify
+from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.runspec import RunSpec
+
+logger = logging.getLogger(__name__)
+
+START_FROM = ("auto", "peers", "checkpoint")
+_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+_CHUNK_BYTES = 1 << 20
+
+
+class BootstrapError(CrowdtrainError):
+    """The keeper's checkpoint could not be used to start from."""
+
+
+@dataclass(frozen=True)
+class KeptCheckpoint:
+    """One of the keeper's checkpoints as ``GET /api/runs/{id}/checkpoints`` lists it."""
+
+    step: int
+    params_sha256: str
+    file_sha256: str
+    num_bytes: int
+    num_tokens: int = 0
+
+    @classmethod
+    def from_row(cls, row: Any) -> KeptCheckpoint | None:
+        """Parse a listed row; None for a row without a downloadable file or malformed."""
+        if not isinstance(row, dict) or not row.get("available"):
+            return None
+        try:
+            checkpoint = cls(
+                step=int(row["step"]),
+                params_sha256=str(row["sha256"]),
+                file_sha256=str(row["file_sha256"]),
+                num_bytes=int(row["num_bytes"]),
+                num_tokens=int(row.get("num_tokens") or 0),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        hashes = (checkpoint.params_sha256, checkpoint.file_sha256)
+        if checkpoint.step < 0 or checkpoint.num_bytes <= 0 or not all(map(_is_sha256, hashes)):
+            return None
+        return checkpoint
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """Where the node's parameters come from: ``checkpoint``, ``peers`` or ``fresh`` (the
+    run's seeded initialization: nothing trained yet), and why."""
+
+    source: str
+    reason: str
+    checkpoint: KeptCheckpoint | None = None
+
+
+def latest_checkpoint(url: str, run_id: str, ca_cert: Path | None = None) -> KeptCheckpoint | None:
+    """The keeper's newest downloadable checkpoint of the run; None when it keeps none or
+    the coordinator cannot say (the node then loads state from peers)."""
+    try:
+        response = httpx.get(
+            f"{url.rstrip('/')}/api/runs/{run_id}/checkpoints",
+            timeout=_TIMEOUT,
+            verify=tls_verify(ca_cert),
+        )
+        response.raise_for_status()
+        rows = response.json()
+    except (httpx.HTTPError, ValueError) as e:
+        logger.info("could not list the coordinator's checkpoints (%s)", e)
+        return None
+    found = [c for c in map(KeptCheckpoint.from_row, rows if isinstance(rows, list) else [])]
+    kept = [c for c in found if c is not None]
+    return max(kept, key=lambda c: c.step) if kept else None
+
+
+def plan_start(
+    start_from: str, run_step: int, checkpoint: KeptCheckpoint | None, mode: str = "sync"
+) -> StartPlan:
+    """Choose where a joining node's parameters come from.
+
+    ``run_step`` is the coordinator's step of the run and ``mode`` the run's
+    ``[optimizer] mode``. ``auto`` takes the checkpoint when it is of the run's
+    current step (no progress is lost, and one bulk HTTP stream beats hivemind's
+    per-tensor download), in sync mode only: a DiLoCo peer also needs the outer
+    momentum, which only peers serve. Otherwise peers; :func:`fall_back` then
+    takes a newer checkpoint when no peer served state. ``checkpoint`` always
+    takes it, and raises :class:`BootstrapError` when the keeper has none.
+    """
+    if start_from not in START_FROM:
+        raise BootstrapError(
+            f"--start-from must be one of {', '.join(START_FROM)}, got {start_from!r}"
+        )
+    if start_from == "checkpoint":
+        if checkpoint is None:
+            raise BootstrapError(
+                "--start-from checkpoint: the coordinator keeps no checkpoint of this run yet; "
+                "use --start-from auto or peers"
+            )
+        return StartPlan("checkpoint", "asked for", checkpoint)
+    if run_step == 0 and (checkpoint is None or checkpoint.step == 0):
+        return StartPlan("fresh", "the run has not stepped yet", checkpoint)
+    if start_from == "peers":
+        return StartPlan("peers", "asked for", checkpoint)
+    if checkpoint is None:
+        return StartPlan("peers", "the keeper has no checkpoint yet")
+    if mode == "diloco":
+        return StartPlan(
+            "peers", "a DiLoCo peer needs the outer momentum only peers serve", checkpoint
+        )
+    if checkpoint.step >= run_step:
+        return StartPlan("checkpoint", f"the keeper holds the run's step {run_step}", checkpoint)
+    return StartPlan(
+        "peers",
+        f"the keeper's checkpoint is of step {checkpoint.step}, the run is at step {run_step}",
+        checkpoint,
+    )
+
+
+def fall_back(plan: StartPlan, loaded_step: int) -> bool:
+    """After loading from peers under ``auto``: take the checkpoint instead when peers left
+    the node at an older step (no peer served state, or its state was refused)."""
+    return (
+        plan.source == "peers"
+        and plan.reason != "asked for"
+        and plan.checkpoint is not None
+        and plan.checkpoint.step > loaded_step
+    )
+
+
+def download_checkpoint(
+    url: str,
+    run_id: str,
+    checkpoint: KeptCheckpoint,
+    folder: Path,
+    ca_cert: Path | None = None,
+    progress: str = "auto",
+) -> Path:
+    """Stream the keeper's checkpoint file into ``folder``; return its path once its sha256
+    is the one the keeper recorded. A partial or wrong download leaves no file behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"keeper-step-{checkpoint.step}.safetensors"
+    partial = path.with_name(f".{path.name}.part")
+    file_url = f"{url.rstrip('/')}/api/runs/{run_id}/checkpoints/{checkpoint.step}/file"
+    digest = hashlib.sha256()
+    received = 0
+    bar = TransferProgress(f"checkpoint {checkpoint.step}", checkpoint.num_bytes, progress)
+    try:
+        with httpx.stream("GET", file_url, timeout=_TIMEOUT, verify=tls_verify(ca_cert)) as r:
+            if r.status_code != 200:
+                raise BootstrapError(
+                    f"downloading {file_url} failed: HTTP {r.status_code}; the keeper may have "
+                    "removed that checkpoint: join again, or use --start-from peers"
+                )
+            with open(partial, "wb") as file:
+                for chunk in r.iter_bytes(_CHUNK_BYTES):
+                    received += len(chunk)
+                    if received > checkpoint.num_bytes:
+                        raise BootstrapError(
+                            f"{file_url} sent more than the {checkpoint.num_bytes} bytes the "
+                            "keeper recorded; refusing it"
+                        )
+                    digest.update(chunk)
+                    file.write(chunk)
+                    bar.update(len(chunk))
+        if digest.hexdigest() != checkpoint.file_sha256:
+            raise BootstrapError(
+                f"the checkpoint of step {checkpoint.step} from {url} has sha256 "
+                f"{digest.hexdigest()[:16]}..., not the {checkpoint.file_sha256[:16]}... the "
+                "keeper recorded: it was damaged or altered on the way; refusing it (use "
+                "--start-from peers, or tell the coordinator's operator)"
+            )
+        os.replace(partial, path)
+    except httpx.HTTPError as e:
+        raise BootstrapError(f"downloading {file_url} failed: {e}") from None
+    finally:
+        bar.close()
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def load_kept_checkpoint(
+    model: torch.nn.Module, path: Path, checkpoint: KeptCheckpoint, spec: RunSpec
+) -> dict[str, str]:
+    """Load a downloaded keeper checkpoint into ``model``; return its metadata.
+
+    Everything is checked before the model is touched: the file's run, spec
+    hash and step, and the sha256 of its parameters against the keeper's
+    record. On any mismatch :class:`BootstrapError` is raised and the model is
+    left as it was.
+    """
+    try:
+        state, metadata = load_checkpoint(path)
+    except CheckpointError as e:
+        raise BootstrapError(f"the keeper's checkpoint cannot be read: {e}") from None
+    expected = {"run_id": spec.run.id, "spec_hash": spec.hash, "step": str(checkpoint.step)}
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise BootstrapError(
+                f"the keeper's checkpoint of step {checkpoint.step} says {key} = "
+                f"{metadata.get(key)!r}, not {value!r}: it is not this run's; refusing it"
+            )
+    digest = params_sha256(state)
+    if digest != checkpoint.params_sha256 or metadata.get("params_sha256") != digest:
+        raise BootstrapError(
+            f"the parameters of the keeper's checkpoint of step {checkpoint.step} hash to "
+            f"{digest[:16]}..., not the {checkpoint.params_sha256[:16]}... the keeper "
+            "recorded; refusing them"
+        )
+    own = model.state_dict()
+    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+        raise BootstrapError(
+            f"the keeper's checkpoint of step {checkpoint.step} does not fit this run's model"
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
+    return metadata
+
+
+def set_optimizer_step(optimizer: Any, step: int) -> None:
+    """Move the collaborative optimizer to ``step`` after its model's parameters were loaded.
+
+    Sync mode (hivemind.Optimizer): the local epoch, learning-rate schedule,
+    progress record and state-sharing priority follow the step; an offloaded
+    copy of the parameters is refreshed; Adam's statistics start afresh. If
+    the swarm has moved on, hivemind loads state from peers by itself at the
+    next step. DiLoCo: the global parameters and round become the
+    checkpoint's, with zero outer momentum.
+    """
+    if hasattr(optimizer, "global_state_dict"):
+        _set_diloco_round(optimizer, step)
+        return
+    averager = optimizer.state_averager
+    with torch.no_grad():
+        offloaded = [p for group in averager.optimizer.param_groups for p in group["params"]]
+        if averager.offload_optimizer:
+            for main, copy in zip(averager.main_parameters, offloaded, strict=True):
+                copy.copy_(main)
+        if not averager.reuse_tensors:
+            averager._load_local_tensors_into_averager_()
+    averager.local_epoch = step
+    averager._update_scheduler()
+    optimizer.tracker.report_local_progress(local_epoch=step, samples_accumulated=0)
+    if not optimizer.client_mode:
+        averager.state_sharing_priority = step
+    if optimizer.use_gradient_averaging:
+        optimizer.grad_averager.reset_accumulated_grads_()
+        if not optimizer.client_mode:
+            optimizer.grad_averager.state_sharing_priority = step
+
+
+def _set_diloco_round(optimizer: Any, round_: int) -> None:
+    from crowdtrain.node.diloco import _GlobalState
+
+    params = [p.detach().to("cpu", torch.float32, copy=True) for p in optimizer._params]
+    momentum = [torch.zeros_like(p) for p in params]
+    optimizer._adopt(_GlobalState(round_, params, momentum), local_at_end=None)
+
+
+def start_from_checkpoint(
+    model: torch.nn.Module,
+    optimizer: Any,
+    spec: RunSpec,
+    url: str,
+    checkpoint: KeptCheckpoint,
+    folder: Path,
+    ca_cert: Path | None = None,
+    progress: str = "auto",
+) -> int:
+    """Download, check and load the keeper's ``checkpoint`` into ``model``, then move
+    ``optimizer`` (None: none yet) to its step; returns the step. Raises
+    :class:`BootstrapError` and leaves the model as it was when anything fails."""
+    started = time.monotonic()
+    path = download_checkpoint(url, spec.run.id, checkpoint, folder, ca_cert, progress)
+    try:
+        load_kept_checkpoint(model, path, checkpoint, spec)
+    finally:
+        path.unlink(missing_ok=True)
+    if optimizer is not None:
+        set_optimizer_step(optimizer, checkpoint.step)
+    logger.info(
+        "started from the keeper's checkpoint of step %d (%d tokens, %.1f MB) in %.1fs",
+        checkpoint.step,
+        checkpoint.num_tokens,
+        checkpoint.num_bytes / 1e6,
+        time.monotonic() - started,
+    )
+    return checkpoint.step
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+__all__ = [
+    "START_FROM",
+    "BootstrapError",
+    "KeptCheckpoint",
+    "StartPlan",
+    "download_checkpoint",
+    "fall_back",
+    "latest_checkpoint",
+    "load_kept_checkpoint",
+    "plan_start",
+    "set_optimizer_step",
+    "start_from_checkpoint",
+]

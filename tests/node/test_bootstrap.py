@@ -1,0 +1,180 @@
+"""A joining node starting from the keeper's checkpoint over HTTP (node/bootstrap.py), against
+a real coordinator whose checkpoint is written the way its keeper writes it; and where the
+node's parameters come from under --start-from."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from crowdtrain.coordinator.keeper import Keeper, checkpoint_name, gpt_config
+from crowdtrain.coordinator.runs import get_run
+from crowdtrain.coordinator.store import Store
+from crowdtrain.model import GPT, params_sha256
+from crowdtrain.node.bootstrap import (
+    BootstrapError,
+    KeptCheckpoint,
+    download_checkpoint,
+    fall_back,
+    latest_checkpoint,
+    load_kept_checkpoint,
+    plan_start,
+    start_from_checkpoint,
+)
+from tests.swarm import Swarm, write_spec
+
+STEP = 5
+
+
+@pytest.fixture
+def served(swarm: Swarm):
+    """A coordinator serving run "tiny" at step 5, with the keeper's checkpoint of step 5
+    (written by Keeper.save) of parameters unlike a fresh model's. Yields (swarm, run, state)."""
+    data = swarm.prepare()
+    result = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert result.returncode == 0, result.stderr
+    coordinator = swarm.start_coordinator()
+    # The verifier's keeper cleans the checkpoint folder as it starts: let it finish first.
+    swarm.wait_for(lambda: "verifier ready" in coordinator.output(), 90, "the verifier")
+    store = Store(swarm.coord_dir, create=False)
+    try:
+        run = get_run(store, "tiny")
+        torch.manual_seed(123)
+        model = GPT(gpt_config(run))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        store.raise_run_step("tiny", STEP)
+        Keeper(store, None).save(run, STEP, model.state_dict(), params_sha256(state))
+    finally:
+        store.close()
+    yield swarm, run, state
+
+
+def _fresh_model(run) -> GPT:
+    torch.manual_seed(run.spec.run.seed)
+    return GPT(gpt_config(run))
+
+
+def _same(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return set(own) == set(state) and all(torch.equal(own[k], state[k]) for k in own)
+
+
+def test_a_node_starts_from_the_keepers_checkpoint_of_the_runs_step(served, tmp_path):
+    swarm, run, state = served
+    checkpoint = latest_checkpoint(swarm.url, "tiny")
+    assert checkpoint is not None and checkpoint.step == STEP
+    assert checkpoint.params_sha256 == params_sha256(state)
+    run_step = swarm.get("/api/runs/tiny")["step"]
+    assert run_step == STEP
+    plan = plan_start("auto", run_step, checkpoint, mode=run.spec.optimizer.mode)
+    assert plan.source == "checkpoint", plan
+
+    model = _fresh_model(run)
+    assert not _same(model, state)
+    folder = tmp_path / "node"
+    started = time.monotonic()
+    step = start_from_checkpoint(model, None, run.spec, swarm.url, checkpoint, folder, None, "none")
+    print(f"started from the checkpoint in {time.monotonic() - started:.2f}s")
+    assert step == STEP
+    assert _same(model, state)
+    assert model.lm_head.weight is model.token_embedding.weight  # still tied
+    assert list(folder.iterdir()) == []  # the downloaded file is not kept
+
+
+def test_a_tampered_checkpoint_is_refused_and_the_model_left_unchanged(served, tmp_path):
+    swarm, run, _ = served
+    checkpoint = latest_checkpoint(swarm.url, "tiny")
+    assert checkpoint is not None
+    path = swarm.coord_dir / "checkpoints" / "tiny" / checkpoint_name(STEP)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # a value in the last tensor
+    path.write_bytes(bytes(data))
+
+    model = _fresh_model(run)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folder = tmp_path / "node"
+    with pytest.raises(BootstrapError, match="damaged or altered on the way; refusing it"):
+        start_from_checkpoint(model, None, run.spec, swarm.url, checkpoint, folder, None, "none")
+    assert _same(model, before)
+    assert list(folder.iterdir()) == []  # no partial file left
+
+
+def test_parameters_that_do_not_hash_to_the_record_are_refused(served, tmp_path):
+    """A file that matches its row but whose parameters do not (a keeper's row and file from
+    different states): refused before the model is touched."""
+    swarm, run, _ = served
+    checkpoint = latest_checkpoint(swarm.url, "tiny")
+    assert checkpoint is not None
+    lying = KeptCheckpoint(checkpoint.step, "0" * 64, checkpoint.file_sha256, checkpoint.num_bytes)
+    path = download_checkpoint(swarm.url, "tiny", lying, tmp_path, progress="none")
+    model = _fresh_model(run)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BootstrapError, match="hash to .* not the 0000000000000000"):
+        load_kept_checkpoint(model, path, lying, run.spec)
+    assert _same(model, before)
+
+
+def test_a_checkpoint_the_keeper_no_longer_has_names_the_fix(served, tmp_path):
+    swarm, run, _ = served
+    gone = KeptCheckpoint(STEP + 1, "a" * 64, "b" * 64, 1000)
+    with pytest.raises(BootstrapError, match="HTTP 404.*--start-from peers"):
+        download_checkpoint(swarm.url, "tiny", gone, tmp_path, progress="none")
+
+
+def _kept(step: int) -> KeptCheckpoint:
+    return KeptCheckpoint(step, "a" * 64, "b" * 64, 1000, num_tokens=step * 100)
+
+
+@pytest.mark.parametrize(
+    "start_from, run_step, checkpoint, mode, source",
+    [
+        ("auto", 5, _kept(5), "sync", "checkpoint"),  # the run's own step: nothing lost
+        ("auto", 6, _kept(5), "sync", "peers"),  # the swarm moved on: peers hold step 6
+        ("auto", 5, None, "sync", "peers"),  # no checkpoint yet
+        ("auto", 5, _kept(5), "diloco", "peers"),  # the outer momentum only peers hold
+        ("auto", 0, None, "sync", "fresh"),  # nothing trained yet
+        ("peers", 5, _kept(5), "sync", "peers"),
+        ("checkpoint", 9, _kept(5), "sync", "checkpoint"),
+        ("checkpoint", 5, _kept(5), "diloco", "checkpoint"),
+    ],
+)
+def test_where_the_parameters_come_from(start_from, run_step, checkpoint, mode, source):
+    assert plan_start(start_from, run_step, checkpoint, mode).source == source
+
+
+def test_auto_falls_back_to_the_checkpoint_when_no_peer_served_state():
+    behind = plan_start("auto", 6, _kept(5))
+    assert fall_back(behind, loaded_step=0)  # peers served nothing: step 5 beats 0
+    assert not fall_back(behind, loaded_step=6)  # peers served the run's step
+    diloco = plan_start("auto", 5, _kept(5), mode="diloco")
+    assert fall_back(diloco, loaded_step=0)
+    assert not fall_back(plan_start("peers", 6, _kept(5)), loaded_step=0)  # asked for peers
+    assert not fall_back(plan_start("auto", 6, None), loaded_step=0)
+
+
+def test_bad_start_from_choices_name_the_fix():
+    with pytest.raises(BootstrapError, match="keeps no checkpoint .* use --start-from auto"):
+        plan_start("checkpoint", 5, None)
+    with pytest.raises(BootstrapError, match="must be one of auto, peers, checkpoint"):
+        plan_start("disk", 5, None)
+
+
+def test_malformed_checkpoint_rows_are_skipped():
+    good = {"step": 3, "sha256": "a" * 64, "file_sha256": "b" * 64, "num_bytes": 10}
+    assert KeptCheckpoint.from_row({**good, "available": True}) == KeptCheckpoint(
+        3, "a" * 64, "b" * 64, 10
+    )
+    assert KeptCheckpoint.from_row({**good, "available": False}) is None
+    assert KeptCheckpoint.from_row({**good, "available": True, "sha256": "xyz"}) is None
+    assert KeptCheckpoint.from_row({**good, "available": True, "step": "many"}) is None
+    assert KeptCheckpoint.from_row(["not", "a", "row"]) is None
+
+
+def test_an_unreachable_coordinator_has_no_checkpoint(tmp_path: Path):
+    assert latest_checkpoint("http://127.0.0.1:9", "tiny") is None
