@@ -1,0 +1,77 @@
+"""Throughput samples: what the sampler records for each run, and how the table stays bounded."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from crowdtrain.coordinator import peers
+from crowdtrain.coordinator.runs import (
+    PEER_TIMEOUT_S,
+    UnknownRunError,
+    get_run,
+    metrics_view,
+    prepare_publication,
+    publish,
+    take_samples,
+)
+from crowdtrain.protocol.messages import HeartbeatPayload
+from tests.coordinator.registration import COORDINATOR_KEY, join_peer
+from tests.swarm import write_spec
+
+
+@pytest.fixture
+def run(store, prepared, tmp_path):
+    data = shutil.copytree(prepared, tmp_path / "data")
+    spec = write_spec(tmp_path / "run.toml", run_id="samples")
+    spec.write_text(spec.read_text().replace("seq_len = 64", "seq_len = 32"))
+    result = publish(store, prepare_publication(spec, data), COORDINATOR_KEY)
+    return get_run(store, result.run_id)
+
+
+def beat(num_tokens: int, tokens_per_s: float, step: int) -> HeartbeatPayload:
+    return HeartbeatPayload(
+        session_key="session-samples",
+        num_tokens=num_tokens,
+        num_sequences=num_tokens // 32,
+        tokens_per_s=tokens_per_s,
+        step=step,
+    )
+
+
+def test_a_run_is_sampled_only_while_peers_are_live(run, store):
+    assert take_samples(store) == 0 and metrics_view(store, run.id) == []
+    first, second = join_peer(store, run.id), join_peer(store, run.id, name="desktop")
+    peers.heartbeat(store, first, beat(640, 120.0, 3))
+    peers.heartbeat(store, second, beat(320, 80.0, 2))
+    seen = store.get_peer(run.id, first.peer_id)["last_seen"]
+
+    assert take_samples(store, now=seen + 1) == 1
+    [sample] = metrics_view(store, run.id)
+    assert sample == {
+        "time": seen + 1,
+        "step": 3,
+        "num_tokens": 960,
+        "tokens_per_s": 200.0,
+        "num_peers": 2,
+    }
+    # Gone peers (no heartbeat for PEER_TIMEOUT_S) are not sampled.
+    assert take_samples(store, now=seen + PEER_TIMEOUT_S + 5) == 0
+    assert metrics_view(store, run.id, since=seen + 1) == []
+    with pytest.raises(UnknownRunError, match="no run 'nope'"):
+        metrics_view(store, "nope")
+
+
+def test_samples_are_thinned_past_the_limit(run, store):
+    session = join_peer(store, run.id)
+    peers.heartbeat(store, session, beat(64, 10.0, 1))
+    start = store.get_peer(run.id, session.peer_id)["last_seen"]
+    for i in range(21):
+        take_samples(store, now=start + i * 0.1, max_samples=20)
+    times = [s["time"] for s in metrics_view(store, run.id)]
+    # The 21st sample went over 20: every second one of the oldest 10 was dropped.
+    assert len(times) == 16
+    assert times[5:] == [start + i * 0.1 for i in range(10, 21)]
+    assert times[:5] == [start + i * 0.1 for i in range(0, 10, 2)]
+    assert times == sorted(times)
