@@ -79,8 +79,9 @@ const ct = (() => {
     tbody.replaceChildren(...rows.map((row) => el("tr", {}, ...cells(row))));
   }
 
-  function td(content, className = "") {
-    return el("td", { className }, content);
+  // A table cell; `title` shows in full what a narrow cell cuts short.
+  function td(content, className = "", title = "") {
+    return el("td", { className, title }, content);
   }
 
   // Call `update` now and every POLL_MS after it finishes; the header shows whether

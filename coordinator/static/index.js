@@ -10,7 +10,7 @@
     document.getElementById("empty").hidden = runs.length > 0;
     ct.fillTable(tbody, runs, (run) => [
       td(el("a", { href: `/runs/${encodeURIComponent(run.id)}`, className: "run-link" }, run.id), "name"),
-      td(run.description || "", "muted"),
+      td(run.description || "–", "muted"),
       td(integer.format(run.num_peers), "num"),
       td(compact(run.tokens_per_s), "num"),
       td(integer.format(run.step), "num"),

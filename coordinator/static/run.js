@@ -134,7 +134,7 @@
     document.getElementById("peers-empty").hidden = peers.length > 0;
     document.querySelector("#peers").hidden = peers.length === 0;
     ct.fillTable(document.querySelector("#peers tbody"), peers, (p) => [
-      td(p.name, "name"),
+      td(p.name, "name", p.name),
       td(p.device || "–"),
       td(el("span", { className: `badge ${p.state}` }, p.state)),
       td(p.state === "active" ? compact(p.tokens_per_s) : "–", "num"),
@@ -151,7 +151,7 @@
     document.querySelector("#leaderboard").hidden = credited.length === 0;
     ct.fillTable(document.querySelector("#leaderboard tbody"), credited, (r) => [
       td(integer.format(r.rank), "num"),
-      td(r.name, "name"),
+      td(r.name, "name", r.name),
       td(compact(r.verified_flops, "FLOP"), "num"),
       td(compact(r.verified_tokens), "num"),
       td(percent(r.verified_share), "num"),
@@ -204,19 +204,26 @@
     link.download = `${runId}-step${latest.step}.safetensors`;
   }
 
+  // The evaluations are fetched again only when the run's latest one changed:
+  // a long run holds many, and they only ever grow.
+  let evalsSeen = null;
+
   async function update() {
     const since = samples.length ? samples[samples.length - 1].time : 0;
-    const [run, peers, evals, fresh, leaderboard, coverage, checkpoints] = await Promise.all([
+    const [run, peers, fresh, leaderboard, coverage, checkpoints] = await Promise.all([
       ct.getJSON(ct.runPath(runId)),
       ct.getJSON(ct.runPath(runId, "/peers")),
-      ct.getJSON(ct.runPath(runId, "/evals")),
       ct.getJSON(ct.runPath(runId, `/metrics?since=${since}`)),
       ct.getJSON(ct.runPath(runId, "/leaderboard")),
       ct.getJSON(ct.runPath(runId, "/coverage")),
       ct.getJSON(ct.runPath(runId, "/checkpoints")),
     ]);
     showRun(run);
-    showEvals(evals);
+    const latestEval = `${run.val_step}:${run.val_loss}`;
+    if (latestEval !== evalsSeen) {
+      showEvals(await ct.getJSON(ct.runPath(runId, "/evals")));
+      evalsSeen = latestEval;
+    }
     showSamples(fresh);
     showPeers(peers);
     showLeaderboard(leaderboard);

@@ -7,6 +7,7 @@ fails instead (``.ci/run`` installs it).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,12 +16,18 @@ from typing import Any
 
 import pytest
 
+from crowdtrain.protocol import coordinator_pb2 as pb
+from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.rpc import KIND_HEARTBEAT, KIND_REGISTER, envelope_to_pb
+from tests.fuzz.live import Wire, bearer, pack, signed
 from tests.swarm import Swarm, write_spec
 
 pytestmark = pytest.mark.slow
 
 SCREENSHOT_COPY = Path("/tmp/notes/dashboard.png")
 NODE = "dash-node"
+# A peer name is user input: the page must show it as text, never run it.
+HOSTILE = '<img src=x onerror="window.__xss = 1"><b>eve</b>'
 
 
 def _missing(reason: str) -> None:
@@ -51,6 +58,24 @@ def browser() -> Iterator[Any]:
             browser.close()
 
 
+def join_by_hand(swarm: Swarm, name: str) -> None:
+    """A peer that registers and heartbeats over gRPC under ``name``, without training."""
+    wire = Wire(swarm.ports["grpc_target"])
+    identity = Identity.generate()
+    challenge = pb.ChallengeReply.FromString(
+        wire.ok("Challenge", pb.ChallengeRequest(run_id="tiny"))
+    ).challenge
+    payload = {"challenge": challenge, "name": name, "device": "cpu", "versions": ""}
+    envelope = envelope_to_pb(signed(identity, pack(KIND_REGISTER, payload)))
+    token = pb.RegisterReply.FromString(
+        wire.ok("Register", pb.RegisterRequest(run_id="tiny", envelope=envelope))
+    ).session_token
+    beat = {"session_key": "by-hand-session", "num_tokens": 64, "num_sequences": 1}
+    beat.update({"tokens_per_s": 10.0, "step": 0, "device": "cpu"})
+    envelope = envelope_to_pb(signed(identity, pack(KIND_HEARTBEAT, beat)))
+    wire.ok("Heartbeat", pb.HeartbeatRequest(envelope=envelope), bearer(token))
+
+
 def points(page: Any, chart: str) -> int:
     return int(page.get_attribute(f"#{chart}", "data-points") or 0)
 
@@ -60,6 +85,7 @@ def test_dashboard_shows_a_live_run(swarm: Swarm, browser: Any, tmp_path: Path) 
     assert swarm.publish(write_spec(swarm.root / "tiny.toml"), data).returncode == 0
     swarm.start_coordinator()
     swarm.start_node(NODE, "--max-seconds", "150")
+    join_by_hand(swarm, HOSTILE)
     base = swarm.url
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -74,6 +100,8 @@ def test_dashboard_shows_a_live_run(swarm: Swarm, browser: Any, tmp_path: Path) 
     assert response is not None and response.status == 200
     csp = response.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+    page.wait_for_selector("#runs a.run-link >> text=tiny")
+    page.screenshot(path=str(tmp_path / "runs.png"))
     page.click("#runs a.run-link >> text=tiny")
     page.wait_for_url(f"{base}/runs/tiny")
     page.evaluate("window.__marker = 'no reload'")
@@ -91,6 +119,11 @@ def test_dashboard_shows_a_live_run(swarm: Swarm, browser: Any, tmp_path: Path) 
     cells = row.locator("td").all_inner_texts()
     assert cells[0] == NODE and cells[1] == peer["device"] and cells[2] == "active", cells
 
+    hostile = page.locator("#peers tbody td.name", has_text="eve")
+    assert hostile.inner_text() == HOSTILE
+    assert page.locator("#peers img, #peers b").count() == 0
+    assert page.evaluate("window.__xss") is None
+
     # It updates in place: more samples and tokens arrive, and the page was not reloaded.
     before_points = points(page, "throughput-chart")
     before_tokens = int(page.get_attribute("#stat-tokens", "data-value") or 0)
@@ -105,6 +138,19 @@ def test_dashboard_shows_a_live_run(swarm: Swarm, browser: Any, tmp_path: Path) 
     )
     assert page.locator("#coverage .cell.done, #coverage .cell.leased").count() >= 1
 
+    # The keeper's latest checkpoint, once it has one, downloads from the link shown.
+    if any(c["available"] for c in swarm.get("/api/runs/tiny/checkpoints")):
+        page.wait_for_selector("#checkpoint-download:not([hidden])")
+        step, href, sha = page.evaluate(
+            "() => ['#checkpoint-step', '#checkpoint-download', '#checkpoint-sha']"
+            ".map((id) => document.querySelector(id))"
+            ".map((e) => e.getAttribute('href') || e.textContent)"
+        )
+        assert href == f"/api/runs/tiny/checkpoints/{step.replace(',', '')}/file"
+        download = page.request.get(f"{base}{href}")
+        assert download.status == 200
+        assert hashlib.sha256(download.body()).hexdigest() == sha
+
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -115,6 +161,7 @@ def test_dashboard_shows_a_live_run(swarm: Swarm, browser: Any, tmp_path: Path) 
     if SCREENSHOT_COPY.parent.is_dir():
         shutil.copy(shot, SCREENSHOT_COPY)
         shutil.copy(dark, SCREENSHOT_COPY.with_name("dashboard-dark.png"))
+        shutil.copy(tmp_path / "runs.png", SCREENSHOT_COPY.with_name("dashboard-runs.png"))
 
     assert not problems, problems
 
