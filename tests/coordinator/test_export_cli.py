@@ -189,6 +189,7 @@ def test_refusals_are_one_line_and_leave_out_untouched(coord: Path, tmp_path: Pa
         "--data-dir", str(coord),
     )  # fmt: skip
     _one_line_error(bad_format, "'onnx'", "hf")
+    _one_line_error(_export(tmp_path / "nowhere", "byte-run", out), "not a coordinator data folder")
     assert not out.exists()
 
     out.mkdir()
