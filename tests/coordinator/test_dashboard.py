@@ -1,8 +1,9 @@
-"""The live dashboard in a real headless browser (Debian's chromium through Playwright),
-against a real coordinator with one real node training.
+"""The live dashboard: its pages and files as the HTTP app serves them, then in a real
+headless browser (Debian's chromium through Playwright) against a real coordinator
+with one real node training.
 
-Where chromium is missing the test skips with the reason; under ``CI=true`` it
-fails instead (``.ci/run`` installs it).
+Where chromium is missing the browser test skips with the reason; under
+``CI=true`` it fails instead (``.ci/run`` installs it).
 """
 
 from __future__ import annotations
@@ -15,19 +16,78 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from crowdtrain.coordinator import dashboard
+from crowdtrain.coordinator.http_app import Endpoints, create_app
+from crowdtrain.coordinator.leases import LeaseBook
+from crowdtrain.coordinator.metrics import Refusals
+from crowdtrain.coordinator.runs import prepare_publication, publish
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.rpc import KIND_HEARTBEAT, KIND_REGISTER, envelope_to_pb
+from tests.coordinator.registration import COORDINATOR_KEY
 from tests.fuzz.live import Wire, bearer, pack, signed
 from tests.swarm import Swarm, write_spec
 
-pytestmark = pytest.mark.slow
-
 SCREENSHOT_COPY = Path("/tmp/notes/dashboard.png")
+STATIC = Path(dashboard.__file__).parent / "static"
 NODE = "dash-node"
 # A peer name is user input: the page must show it as text, never run it.
 HOSTILE = '<img src=x onerror="window.__xss = 1"><b>eve</b>'
+
+
+@pytest.fixture
+def client(store, prepared, tmp_path) -> TestClient:
+    """The coordinator's HTTP app over a store with one published run, ``tiny``."""
+    data = shutil.copytree(prepared, tmp_path / "data")
+    spec = write_spec(tmp_path / "run.toml")
+    spec.write_text(spec.read_text().replace("seq_len = 64", "seq_len = 32"))
+    publish(store, prepare_publication(spec, data), COORDINATOR_KEY)
+    endpoints = Endpoints("http://127.0.0.1:1", "127.0.0.1:2", initial_peers=list)
+    app = create_app(store, endpoints, LeaseBook(store), Refusals(), "k" * 43, COORDINATOR_KEY)
+    return TestClient(app)
+
+
+def test_pages_allow_only_their_own_origin(client: TestClient) -> None:
+    for path in ("/", "/runs/tiny"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["content-type"].startswith("text/html")
+        csp = response.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "script-src 'self'" in csp
+        assert "unsafe-inline" not in csp and "http" not in csp
+    assert 'data-run-id="tiny"' in client.get("/runs/tiny").text
+    for name in ("vendor/uPlot.iife.min.js", "vendor/uPlot.min.css", "run.js", "dashboard.css"):
+        assert client.get(f"/static/{name}").status_code == 200, name
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/api/runs/{run_id}/metrics" in paths
+    assert not {"/", "/runs/{run_id}", "/metrics"} & paths.keys()
+
+
+def test_no_page_or_file_names_another_host() -> None:
+    for path in STATIC.rglob("*"):
+        if path.suffix not in (".html", ".js", ".css", ".svg"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        if path.parent.name == "vendor":
+            # uPlot's one link is its licence header's; its code names no host.
+            text = text.replace("https://github.com/leeoniya/uPlot", "")
+        svg_namespace = "http://www.w3.org/2000/svg"
+        assert "http://" not in text.replace(svg_namespace, ""), path
+        assert "https://" not in text, path
+        if path.suffix in (".html", ".svg"):
+            assert "<script>" not in text and "style=" not in text, path
+
+
+def test_an_unknown_run_is_a_page_that_says_so(client: TestClient) -> None:
+    response = client.get("/runs/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
+    assert response.status_code == 404
+    assert "Unknown run" in response.text and "runs here: tiny" in response.text
+    assert "<img src=x" not in response.text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in response.text
+    assert '<a href="/">' in response.text
+    assert response.headers["content-security-policy"] == dashboard.CONTENT_SECURITY_POLICY
 
 
 def _missing(reason: str) -> None:
@@ -80,6 +140,7 @@ def points(page: Any, chart: str) -> int:
     return int(page.get_attribute(f"#{chart}", "data-points") or 0)
 
 
+@pytest.mark.slow
 def test_dashboard_shows_a_live_run(swarm: Swarm, browser: Any, tmp_path: Path) -> None:
     data = swarm.prepare()
     assert swarm.publish(write_spec(swarm.root / "tiny.toml"), data).returncode == 0
