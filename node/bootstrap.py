@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,7 +268,10 @@ def set_optimizer_step(optimizer: Any, step: int) -> None:
         if not averager.reuse_tensors:
             averager._load_local_tensors_into_averager_()
     averager.local_epoch = step
-    averager._update_scheduler()
+    with warnings.catch_warnings():
+        # Fast-forwarding the learning-rate schedule to the step, as hivemind does.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        averager._update_scheduler()
     optimizer.tracker.report_local_progress(local_epoch=step, samples_accumulated=0)
     if not optimizer.client_mode:
         averager.state_sharing_priority = step

@@ -178,3 +178,102 @@ def test_malformed_checkpoint_rows_are_skipped():
 
 def test_an_unreachable_coordinator_has_no_checkpoint(tmp_path: Path):
     assert latest_checkpoint("http://127.0.0.1:9", "tiny") is None
+
+
+# The optimizer follows the checkpoint's step (real hivemind optimizers, alone in their swarm).
+
+OPTIMIZER_SPEC = """
+[run]
+id = "bootopt"
+[model]
+vocab_size = 256
+seq_len = 16
+num_layers = 1
+num_heads = 2
+d_model = 16
+[optimizer]
+mode = "{mode}"
+target_batch_size = 8
+micro_batch_size = 4
+inner_batch_size = 4
+inner_steps = 2
+lr = 1e-3
+warmup_steps = 4
+delay_optimizer_step = {delay}
+[swarm]
+matchmaking_time_s = 1.5
+averaging_timeout_s = 5.0
+request_timeout_s = 1.0
+"""
+
+
+class _Run:
+    def __init__(self, spec):
+        self.id, self.spec = spec.run.id, spec
+
+
+@pytest.mark.parametrize(
+    "mode, delay",
+    [("sync", False), ("sync", True), ("diloco", False)],
+    ids=["sync", "sync-offloaded", "diloco"],
+)
+def test_the_optimizer_takes_the_checkpoints_step_and_trains_on(tmp_path, mode, delay):
+    import signal
+
+    import hivemind
+
+    from crowdtrain.node.bootstrap import set_optimizer_step
+    from crowdtrain.node.guard import SwarmGuard
+    from crowdtrain.node.optimizers import build_optimizer
+    from crowdtrain.protocol.runspec import parse_spec
+
+    spec = parse_spec(OPTIMIZER_SPEC.format(mode=mode, delay=str(delay).lower()))
+    torch.manual_seed(7)
+    saved = GPT(gpt_config(_Run(spec)))
+    state = {k: v.detach().clone() for k, v in saved.state_dict().items()}
+    handler = signal.getsignal(signal.SIGINT)
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    opt = None
+    try:
+        torch.manual_seed(0)
+        model = GPT(gpt_config(_Run(spec)))
+        guard = SwarmGuard(tmp_path / "guard", target_batch_size=8)
+        opt = build_optimizer(spec, model, dht, guard, micro_batch_size=4)
+        with torch.no_grad():  # what load_kept_checkpoint does
+            for name, tensor in model.state_dict().items():
+                tensor.copy_(state[name])
+        set_optimizer_step(opt, STEP)
+        assert opt.local_epoch == STEP
+        assert opt.tracker.local_progress.epoch == STEP
+        if mode == "diloco":
+            assert opt.global_round == STEP
+            assert opt.global_params_sha256() == params_sha256(state)
+        else:
+            assert opt.state_averager.scheduler._step_count > STEP  # warmup fast-forwarded
+            if delay:  # the offloaded copy the optimizer steps holds the loaded parameters
+                offloaded = [p for g in opt.opt.param_groups for p in g["params"]]
+                for main, copy in zip(opt.state_averager.main_parameters, offloaded, strict=True):
+                    assert torch.equal(main.detach(), copy)
+        generator = torch.Generator().manual_seed(0)
+        deadline = time.monotonic() + 60
+        drift = 0.0
+        while time.monotonic() < deadline:
+            batch = torch.randint(0, 256, (4, 17), generator=generator)
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss.backward()
+            opt.step(batch_size=4)
+            opt.zero_grad()
+            drift = max(
+                float((p.detach() - state[n]).abs().max()) for n, p in model.named_parameters()
+            )
+            if opt.local_epoch > STEP and drift > 0:  # a delayed step lands a step later
+                break
+            time.sleep(0.05)
+        # Trained on from the checkpoint's step and parameters (a small lr stays near them).
+        assert opt.local_epoch in (STEP + 1, STEP + 2), opt.local_epoch
+        assert 0 < drift < 0.1, drift
+    finally:
+        if opt is not None:
+            opt.shutdown()
+        dht.shutdown()
+        signal.signal(signal.SIGINT, handler)
