@@ -99,7 +99,7 @@
       run.val_bits_per_byte === null ? "no evaluation yet" : `${run.val_bits_per_byte.toFixed(3)} bits/byte`,
     );
     setText("stat-tokens", compact(run.num_tokens)).dataset.value = String(run.num_tokens);
-    setText("stat-sequences", `${integer.format(run.num_sequences)} sequences`);
+    setText("stat-sequences", `${integer.format(run.num_sequences)} sequence${run.num_sequences === 1 ? "" : "s"}`);
     setText("stat-throughput", compact(run.tokens_per_s));
     setText("stat-step", integer.format(run.step));
     setText("stat-epoch", `epoch ${run.epoch}`);
