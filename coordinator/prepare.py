@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,44 @@ MIN_BPE_VOCAB_SIZE = 257  # as in crowdtrain.model.tokenizer: 256 bytes and the 
 MAX_BPE_VOCAB_SIZE = 65535  # every id fits the uint16 of a shard
 _BATCH_BYTES = 1 << 20
 _BATCH_DOCUMENTS = 1024
+# Off a terminal, progress is a log line at most this often.
+_LOG_EVERY_S = 10.0
+
+
+class _Progress:
+    """Bytes read of a pass over the corpus: a bar on a terminal (with the shards written
+    and tokens/s when tokenizing), else a log line every ``_LOG_EVERY_S`` at most."""
+
+    def __init__(self, desc: str, total: int) -> None:
+        self.desc, self.total = desc, total
+        self.bar = tqdm(
+            total=total, unit="B", unit_scale=True, desc=desc, disable=None, dynamic_ncols=True
+        )
+        self._started = self._last_log = time.monotonic()
+        self._done = 0
+
+    def update(self, num_bytes: int, num_tokens: int | None = None, num_shards: int = 0) -> None:
+        self._done += num_bytes
+        now = time.monotonic()
+        rate = num_tokens / max(now - self._started, 1e-9) if num_tokens is not None else None
+        if not self.bar.disable:
+            if rate is not None:
+                self.bar.set_postfix_str(f"{num_shards} shards, {rate:,.0f} tokens/s", False)
+            self.bar.update(num_bytes)
+        elif now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            tokens = f", {num_shards} shards, {rate:,.0f} tokens/s" if rate is not None else ""
+            logger.info(
+                "%s: %.1f of %.1f MB (%.0f%%)%s",
+                self.desc,
+                self._done / 1e6,
+                self.total / 1e6,
+                100 * self._done / max(self.total, 1),
+                tokens,
+            )
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass(frozen=True)
@@ -292,9 +331,8 @@ def _scan(corpus: Corpus, skips: Skips, config: PrepareConfig) -> tuple[_Scan, B
     digest = hashlib.sha256()
 
     def documents() -> Iterator[Document]:
-        with tqdm(
-            total=corpus.size_bytes, unit="B", unit_scale=True, desc="reading", disable=None
-        ) as bar:
+        bar = _Progress("reading", corpus.size_bytes)
+        try:
             for doc in corpus.documents(skips, bar.update):
                 if splitter.held_out(doc):
                     scan.num_held_out += 1
@@ -304,6 +342,8 @@ def _scan(corpus: Corpus, skips: Skips, config: PrepareConfig) -> tuple[_Scan, B
                 scan.num_bytes += len(doc.data)
                 _document_digest(digest, doc)
                 yield doc
+        finally:
+            bar.close()
 
     tokenizer = None
     if config.tokenizer == "bpe":
@@ -377,8 +417,10 @@ class _ShardStream:
         self.entries: list[ShardEntry] = []
         self._parts: list[np.ndarray] = []
         self._count = 0
+        self.num_tokens = 0  # written so far, in shards or waiting for the next one
 
     def write(self, tokens: np.ndarray) -> None:
+        self.num_tokens += tokens.size
         while tokens.size:
             room = tokens.size if self.shard_tokens is None else self.shard_tokens - self._count
             self._parts.append(tokens[:room])
@@ -431,9 +473,14 @@ def _write(
     digest = hashlib.sha256()
     batch: list[tuple[bool, Document]] = []
     num_documents = num_batch_bytes = 0
-    with tqdm(
-        total=scan.num_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None
-    ) as bar:
+    bar = _Progress("tokenizing", scan.num_bytes)
+
+    def written(num_bytes: int) -> None:
+        num_tokens = sum(stream.num_tokens for stream in streams.values())
+        num_shards = sum(len(stream.entries) for stream in streams.values())
+        bar.update(num_bytes, num_tokens, num_shards)
+
+    try:
         for doc in corpus.documents(Skips(quiet=True), lambda _: None):
             held_out = splitter.held_out(doc)
             if num_documents == to_val:
@@ -446,10 +493,12 @@ def _write(
             num_batch_bytes += len(doc.data)
             if num_batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_DOCUMENTS:
                 _write_batch(batch, tokenizer, end, streams)
-                bar.update(num_batch_bytes)
+                written(num_batch_bytes)
                 batch, num_batch_bytes = [], 0
         _write_batch(batch, tokenizer, end, streams)
-        bar.update(num_batch_bytes)
+        written(num_batch_bytes)
+    finally:
+        bar.close()
     if num_documents != scan.num_documents or digest.hexdigest() != scan.digest:
         raise DataError(
             f"{', '.join(config.sources)} changed while it was being prepared; "

@@ -44,7 +44,7 @@ _BAR_MIN_BYTES = 1 << 20
 # Off a terminal, a download says how far it got at most this often (and a quicker
 # one says nothing).
 _LOG_EVERY_S = 5.0
-PROGRESS_MODES = ("auto", "bar", "log", "none")
+PROGRESS_MODES = ("auto", "bar", "notebook", "log", "none")
 
 
 class TransferProgress:
@@ -53,12 +53,15 @@ class TransferProgress:
     ``mode`` ``auto`` draws a bar (removed when done) when stderr is a terminal
     and the download has at least 1 MiB, else logs a line every few seconds
     while a download lasts longer than that; ``log`` always logs so,
-    ``none`` shows nothing. ``total`` may be None when the size is unknown.
+    ``none`` shows nothing; ``notebook`` logs (a second bar under the node's
+    would garble it). ``total`` may be None when the size is unknown.
     """
 
     def __init__(self, label: str, total: int | None, mode: str = "auto"):
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
+        if mode not in ("bar", "none"):
+            mode = "log"
         self.label, self.total, self.mode = label, total, mode
         self.done = 0
         self._started = self._last_log = time.monotonic()
@@ -82,7 +85,7 @@ class TransferProgress:
             self._bar.update(num_bytes)
             return
         now = time.monotonic()
-        if self.mode in ("log", "bar") and now - self._last_log >= _LOG_EVERY_S:
+        if self.mode != "none" and now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
             of = f" of {self.total / 1e6:.1f}" if self.total else ""
             rate = self.done / max(now - self._started, 1e-9) / 1e6
@@ -218,7 +221,7 @@ class CoordinatorClient:
     discovery); ``ca_cert`` is a PEM file of the authority to trust, for
     coordinators with a private certificate (default: the system's roots).
     ``pins`` checks the coordinator's key before anything is signed for it.
-    ``progress`` (auto, bar, log, none) is how downloads show their progress
+    ``progress`` (the node's progress mode) is how downloads show their progress
     (see :class:`TransferProgress`).
     """
 
