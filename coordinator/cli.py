@@ -155,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     smp.add_argument("--seed", type=int, default=None, help="seed, for a repeatable sample")
     _checkpoint_flags(smp)
+
+    for command in sub.choices.values():
+        # Also accepted after the command; SUPPRESS keeps a flag given before it.
+        command.add_argument(
+            "--log-json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
 
 

@@ -254,3 +254,12 @@ def test_hivemind_and_verifier_lines_follow_log_json():
         root.setLevel(saved[1])
     (line,) = stream.getvalue().splitlines()
     assert json.loads(line)["logger"] == "hivemind.averaging"
+
+
+def test_log_json_goes_before_or_after_the_command():
+    from crowdtrain.coordinator.cli import _parser
+
+    parser = _parser()
+    assert parser.parse_args(["--log-json", "serve", "--data-dir", "d"]).log_json
+    assert parser.parse_args(["serve", "--data-dir", "d", "--log-json"]).log_json
+    assert not parser.parse_args(["serve", "--data-dir", "d"]).log_json
