@@ -23,6 +23,8 @@ from hivemind.optim.progress_tracker import TrainingProgressSchema
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration
 
+from crowdtrain.protocol.multiaddr import tcp_multiaddr
+
 logger = logging.getLogger(__name__)
 
 _READ_TIMEOUT_S = 5.0
@@ -115,10 +117,10 @@ class SwarmPeer:
     def __init__(self, host: str, port: int, announce_host: str | None = None):
         announce = []
         if announce_host:
-            announce = [f"/ip4/{announce_host}/tcp/{port}"] if port else []
+            announce = [tcp_multiaddr(announce_host, port)] if port else []
         self.dht = hivemind.DHT(
             start=True,
-            host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+            host_maddrs=[tcp_multiaddr(host, port)],
             announce_maddrs=announce or None,
         )
         self._signature_validator = RSASignatureValidator()
