@@ -170,6 +170,8 @@
     const shards = coverage.shards;
     if (grid.children.length !== shards.length) {
       grid.replaceChildren(...shards.map(() => el("i", { className: "cell" })));
+      // Thousands of shards still fit on a screen in smaller cells.
+      grid.classList.toggle("dense", shards.length > 600);
     }
     const counts = { pending: 0, leased: 0, done: 0 };
     shards.forEach((shard, i) => {
