@@ -4,6 +4,7 @@ node's parameters come from under --start-from."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -65,8 +66,11 @@ def _same(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return set(own) == set(state) and all(torch.equal(own[k], state[k]) for k in own)
 
 
-def test_a_node_starts_from_the_keepers_checkpoint_of_the_runs_step(served, tmp_path):
+def test_a_node_starts_from_the_keepers_checkpoint_of_the_runs_step(
+    served, tmp_path, caplog, monkeypatch
+):
     swarm, run, state = served
+    monkeypatch.setattr("crowdtrain.node.client._LOG_EVERY_S", 0.0)  # log every chunk
     checkpoint = latest_checkpoint(swarm.url, "tiny")
     assert checkpoint is not None and checkpoint.step == STEP
     assert checkpoint.params_sha256 == params_sha256(state)
@@ -79,8 +83,15 @@ def test_a_node_starts_from_the_keepers_checkpoint_of_the_runs_step(served, tmp_
     assert not _same(model, state)
     folder = tmp_path / "node"
     started = time.monotonic()
-    step = start_from_checkpoint(model, None, run.spec, swarm.url, checkpoint, folder, None, "none")
+    with caplog.at_level(logging.INFO):
+        step = start_from_checkpoint(
+            model, None, run.spec, swarm.url, checkpoint, folder, None, "log"
+        )
     print(f"started from the checkpoint in {time.monotonic() - started:.2f}s")
+    lines = [r.getMessage() for r in caplog.records]
+    total = f"of {checkpoint.num_bytes / 1e6:.1f} MB"
+    assert any(f"downloading checkpoint {STEP}: " in m and total in m for m in lines), lines
+    assert any(f"started from the keeper's checkpoint of step {STEP}" in m for m in lines)
     assert step == STEP
     assert _same(model, state)
     assert model.lm_head.weight is model.token_embedding.weight  # still tied
