@@ -70,6 +70,8 @@ def test_notebook_joins_trains_plots_and_leaves(
         "CROWDTRAIN_HOME": str(swarm.root / "notebook-home"),
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "MPLCONFIGDIR": str(swarm.root / "mpl"),
+        # One torch thread, as the node has: two on two busy cores made sampling 20x slower.
+        "OMP_NUM_THREADS": "1",
     }
     monkeypatch.setenv("JUPYTER_PATH", str(_kernelspec(swarm.root / "jupyter", env)))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
