@@ -92,7 +92,7 @@ const ct = (() => {
       try {
         await update();
         live.className = "live ok";
-        live.textContent = `live · updated ${new Date().toLocaleTimeString()}`;
+        live.textContent = `live · updated ${new Date().toLocaleTimeString([], { hour12: false })}`;
       } catch (error) {
         live.className = "live down";
         live.textContent = "cannot reach the coordinator; retrying";

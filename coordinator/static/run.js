@@ -11,6 +11,17 @@
     return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
   }
 
+  // Time labels as precise as the visible span needs, on one line.
+  function timeTicks(u, ticks) {
+    const span = ticks.length > 1 ? ticks[ticks.length - 1] - ticks[0] : 0;
+    const clock = { hour: "2-digit", minute: "2-digit", hour12: false };
+    const format =
+      span > 2 * 86400 ? { month: "short", day: "numeric" }
+        : span > 600 ? clock
+          : { ...clock, second: "2-digit" };
+    return ticks.map((t) => new Date(t * 1000).toLocaleString([], format));
+  }
+
   // A line chart in `container` that is created on its first data and follows the
   // container's width. `data-points` on the container says how many points it drew.
   function lineChart(container, { label, colorVar, timeAxis, xLabel, yFormat, xFormat }) {
@@ -43,7 +54,7 @@
           },
         ],
         axes: [
-          axis(timeAxis ? null : (u, ticks) => ticks.map(xFormat)),
+          timeAxis ? { ...axis(timeTicks), space: 90 } : axis((u, ticks) => ticks.map(xFormat)),
           { ...axis((u, ticks) => ticks.map(yFormat)), size: 60 },
         ],
       };
@@ -60,7 +71,7 @@
     });
     return {
       setData(xs, ys) {
-        if (xs.length === 0) return;
+        if (xs.length < 2) return; // one point has no range to draw an axis over
         if (plot === null) {
           container.replaceChildren();
           plot = new uPlot(options(), [xs, ys], container);
@@ -85,7 +96,7 @@
     colorVar: "--good",
     timeAxis: true,
     xLabel: "time",
-    xFormat: (v) => new Date(v * 1000).toLocaleTimeString(),
+    xFormat: (v) => new Date(v * 1000).toLocaleTimeString([], { hour12: false }),
     yFormat: (v) => compact(v),
   });
 
@@ -199,7 +210,7 @@
     if (latest === null) return;
     setText("checkpoint-step", integer.format(latest.step));
     setText("checkpoint-tokens", latest.num_tokens ? compact(latest.num_tokens) : "–");
-    setText("checkpoint-time", `${new Date(latest.created_at * 1000).toLocaleString()} (${ago(latest.created_at)})`);
+    setText("checkpoint-time", `${new Date(latest.created_at * 1000).toLocaleString([], { hour12: false })} (${ago(latest.created_at)})`);
     setText("checkpoint-size", ct.bytes(latest.num_bytes));
     setText("checkpoint-sha", latest.file_sha256 || "–");
     link.href = ct.runPath(runId, `/checkpoints/${latest.step}/file`);
