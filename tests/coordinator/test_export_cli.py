@@ -9,6 +9,8 @@ run without checkpoints cover the refusals.
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
 import time
 from pathlib import Path
 
@@ -178,26 +180,61 @@ def test_export_of_an_older_step_and_sampling_a_bpe_run(coord: Path, tmp_path: P
     assert sampled.stdout.startswith("import ")
 
 
-def test_refusals_are_one_line_and_leave_out_untouched(coord: Path, tmp_path: Path):
+@pytest.fixture
+def cli(capsys):
+    """``crowdtrain-coordinator``'s ``main`` in this process: the same parsing, errors and
+    exit codes, without a second of interpreter start per call."""
+    from crowdtrain.coordinator.cli import main
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+
+    def call(*argv: str) -> subprocess.CompletedProcess:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    yield call
+    root.handlers[:] = saved[0]  # main() installed its own log handler
+    root.setLevel(saved[1])
+
+
+def test_refusals_are_one_line_and_leave_out_untouched(coord: Path, tmp_path: Path, cli):
     out = tmp_path / "out"
-    _one_line_error(_export(coord, "nope", out), "no run 'nope'", "bpe-run", "byte-run")
-    _one_line_error(_export(coord, "empty-run", out), "no checkpoint yet", "60 s")
-    _one_line_error(_export(coord, "learned-run", out), "positions='learned'", "rotary")
-    _one_line_error(_export(coord, "byte-run", out, "--step", "5"), "no checkpoint of step 5")
-    bad_format = run_cli(
-        COORDINATOR, "export", "--run", "byte-run", "--format", "onnx", str(out),
-        "--data-dir", str(coord),
-    )  # fmt: skip
-    _one_line_error(bad_format, "'onnx'", "hf")
-    _one_line_error(_export(tmp_path / "nowhere", "byte-run", out), "not a coordinator data folder")
+
+    def export(run_id: str, *extra: str, data_dir: Path = coord, fmt: str = "hf"):
+        return cli(
+            "export",
+            "--run",
+            run_id,
+            "--format",
+            fmt,
+            str(out),
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        )
+
+    _one_line_error(export("nope"), "no run 'nope'", "bpe-run", "byte-run")
+    _one_line_error(export("empty-run"), "no checkpoint yet", "60 s")
+    _one_line_error(export("learned-run"), "positions='learned'", "rotary")
+    _one_line_error(export("byte-run", "--step", "5"), "no checkpoint of step 5")
+    _one_line_error(export("byte-run", fmt="onnx"), "'onnx'", "hf")
+    _one_line_error(
+        export("byte-run", data_dir=tmp_path / "nowhere"), "not a coordinator data folder"
+    )
+    _one_line_error(
+        cli("sample", "--run", "byte-run", "--top-k", "-1", "--data-dir", str(coord)), "--top-k"
+    )
     assert not out.exists()
 
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    _one_line_error(_export(coord, "byte-run", out), "not empty", "--force")
+    _one_line_error(export("byte-run"), "not empty", "--force")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert _export(coord, "byte-run", out, "--force").returncode == 0
+    assert export("byte-run", "--force").returncode == 0
     assert not (out / "notes.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
 
 
 def test_a_tampered_checkpoint_is_refused(coord: Path, tmp_path: Path):
