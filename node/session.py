@@ -76,6 +76,7 @@ class Session:
 
     Between :meth:`train` calls the session stays in the run (it heartbeats and
     keeps its shard leases) so that training can go on; :meth:`leave` when done.
+    A session still in the run when the interpreter (or kernel) exits leaves then.
     """
 
     def __init__(self, node: Node, url: str, run_id: str):
@@ -92,6 +93,8 @@ class Session:
     def stats(self) -> SessionStats:
         """The node's counters now (a frozen snapshot)."""
         s = self._node.stats
+        optimizer = self._node.optimizer  # None once left
+        num_peers = optimizer.tracker.global_progress.num_peers if optimizer else s.num_peers
         return SessionStats(
             run_id=self.run_id,
             step=s.step,
@@ -99,7 +102,7 @@ class Session:
             tokens_per_s=s.tokens_per_s,
             loss=s.loss,
             val_loss=s.val_loss,
-            num_peers=s.num_peers,
+            num_peers=num_peers,
             verified_tokens=s.verified_tokens,
             shard=s.shard,
             train_s=s.train_s,
@@ -130,7 +133,7 @@ class Session:
 
     def __repr__(self) -> str:
         state = "left" if self._left else "in the run"
-        s = self._node.stats
+        s = self.stats
         return (
             f"<crowdtrain Session run={self.run_id!r} at {self.url} ({state}): "
             f"step {s.step}, {s.num_tokens:,} tokens trained, {s.num_peers} peers>"
@@ -224,6 +227,8 @@ class Session:
         """
         import torch
 
+        if not isinstance(prompt, str):
+            raise CrowdtrainError(f"prompt={prompt!r}: give the text to continue, a str")
         tokenizer = self.tokenizer
         ids = [int(i) for i in tokenizer.encode(prompt)]
         if not ids:  # start from the end-of-document token: a fresh document
