@@ -33,6 +33,7 @@ from typing import Any
 import hivemind
 import numpy as np
 import torch
+from hivemind.utils.logging import use_hivemind_log_handler
 
 from crowdtrain.coordinator import ledger, runs
 from crowdtrain.coordinator.keeper import Keeper, gpt_config
@@ -339,8 +340,6 @@ def _setup_logging(level: str, json_lines: bool) -> None:
             handler.setFormatter(
                 logging.Formatter(TEXT_FORMAT.replace("%(levelname)s", "verifier %(levelname)s"))
             )
-    from hivemind.utils.logging import use_hivemind_log_handler
-
     use_hivemind_log_handler("nowhere")  # hivemind's lines through the handler above
     if level.upper() != "DEBUG":
         # Leaving its own handler resets the hivemind logger's level to NOTSET.
