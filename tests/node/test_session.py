@@ -16,11 +16,13 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from crowdtrain.node import join
+from crowdtrain.node.progress import Progress, status_line
 from crowdtrain.protocol.errors import CrowdtrainError
 from tests.swarm import Swarm, small_corpus, write_spec
 
@@ -28,6 +30,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from crowdtrain.node import join
+from crowdtrain.node.progress import Progress, status_line
     from crowdtrain.protocol.errors import CrowdtrainError
 
     url, home = sys.argv[1], sys.argv[2]
@@ -74,6 +77,24 @@ SCRIPT = textwrap.dedent(
     say(event="rejoined")
     """
 )
+
+
+def test_the_status_line_shows_shard_and_verified_credit(capsys: pytest.CaptureFixture) -> None:
+    stats = SimpleNamespace(  # the fields of NodeStats the line shows
+        step=12, tokens_per_s=3456.0, loss=2.3456, val_loss=None, num_peers=3,
+        shard="train-00017", verified_tokens=1_234_567, num_tokens=5000,
+    )  # fmt: skip
+    assert status_line(stats) == (
+        "step 12 | 3.5k tok/s | loss 2.346 | val - | peers 3 | shard train-00017 | "
+        "verified 1.2M tok"
+    )
+    # Outside a Jupyter kernel the notebook bar is tqdm's text bar, on stderr.
+    bar = Progress("notebook", "nb")
+    bar.update(stats, 512)
+    bar.close(stats)
+    assert "nb: 512tok" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="progress mode 'fancy' is not one of auto, bar"):
+        Progress("fancy", "nb")
 
 
 def _free_port() -> int:
