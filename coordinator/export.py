@@ -212,6 +212,7 @@ def export_run(
                 "spec_hash": run.spec.hash,
                 "step": str(checkpoint.step),
                 "params_sha256": str(checkpoint.row["sha256"]),
+                "num_tokens": str(checkpoint.row.get("num_tokens") or 0),
             },
             progress=_bar if progress else None,
         )

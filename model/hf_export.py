@@ -32,12 +32,14 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+MODEL_CARD_FILE = "README.md"
 EXPORT_FILES = (
     CONFIG_FILE,
     GENERATION_CONFIG_FILE,
     WEIGHTS_FILE,
     TOKENIZER_FILE,
     TOKENIZER_CONFIG_FILE,
+    MODEL_CARD_FILE,
 )
 """Every file :func:`export_hf` writes, in the order it writes them."""
 
@@ -221,7 +223,8 @@ def export_hf(
 
     ``tokenizer`` is ``"byte"`` (no file needed) or ``"bpe"`` with the run's
     ``tokenizer_file`` (its ``tokenizer.json``, copied as is). ``metadata``
-    strings go into the safetensors header (run id, step...). ``progress``
+    strings go into the safetensors header (run id, step...) and the model
+    card (``README.md``). ``progress``
     wraps the tensor loop, for a progress bar. Returns the files written.
     Does not make the write atomic: write into a fresh folder and rename it.
     """
@@ -263,7 +266,31 @@ def export_hf(
     written.append(
         _write_json(folder / TOKENIZER_CONFIG_FILE, tokenizer_config(eod_token, config.seq_len))
     )
+    card = folder / MODEL_CARD_FILE
+    card.write_text(model_card(config, tokenizer, metadata or {}), encoding="utf-8")
+    written.append(card)
     return written
+
+
+def model_card(config: GPTConfig, tokenizer: str, metadata: dict[str, str]) -> str:
+    """The exported folder's ``README.md``: what the model is, where it came from, how to load it."""
+    origin = "".join(f"| {key} | `{value}` |\n" for key, value in sorted(metadata.items()))
+    return (
+        "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n\n"
+        "# A crowdtrain model\n\n"
+        "A decoder-only GPT pretrained by volunteers with crowdtrain, exported as "
+        f"transformers' native `{HF_ARCHITECTURE}` (no remote code): {config.num_layers} "
+        f"layers, {config.num_heads} heads, width {config.d_model}, context {config.seq_len} "
+        f"tokens, {tokenizer} tokenizer of {config.vocab_size} ids.\n\n"
+        + ("| checkpoint | value |\n| --- | --- |\n" + origin + "\n" if origin else "")
+        + "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("PATH")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")\n'
+        'inputs = tokenizer("def ", return_tensors="pt")\n'
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=100, do_sample=True)[0]))\n"
+        "```\n"
+    )
 
 
 def _read_bpe(path: Path) -> tuple[str, int]:

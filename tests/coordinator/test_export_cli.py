@@ -171,7 +171,7 @@ def test_export_of_an_older_step_and_sampling_a_bpe_run(coord: Path, tmp_path: P
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", framework="pt") as f:
-        assert f.metadata()["step"] == "3"
+        assert f.metadata()["step"] == "3" and f.metadata()["num_tokens"] == str(3 * 2048)
     sampled = run_cli(
         COORDINATOR, "sample", "--run", "bpe-run", "--prompt", "import ", "--seed", "1",
         "--data-dir", str(coord), "--max-new-tokens", "20",

@@ -45,6 +45,8 @@ def test_writes_the_documented_files_without_pickles(trained_like):
         assert f.metadata()["run_id"] == "unit" and f.metadata()["format"] == "pt"
         assert "lm_head.weight" not in f.keys()  # tied to model.embed_tokens.weight
         assert len(list(f.keys())) == 2 + 8 * model.config.num_layers
+    card = (folder / "README.md").read_text()
+    assert "ArceeForCausalLM" in card and "| run_id | `unit` |" in card
 
 
 def test_transformers_computes_the_same_logits_and_greedy_tokens(trained_like):
