@@ -150,6 +150,9 @@ def _identity(args: argparse.Namespace) -> int:
     return 0
 
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _join(args: argparse.Namespace) -> int:
     from hivemind.utils.logging import use_hivemind_log_handler
 
@@ -161,7 +164,11 @@ def _join(args: argparse.Namespace) -> int:
     logging.addLevelName(logging.WARNING, "WARNING")
     # ...which resets the hivemind logger's level: quiet it again.
     setup_logging(args.verbose, args.log_json)
-    if not args.verbose:
+    if args.verbose:
+        # -v is for crowdtrain's details; hivemind's debug lines stay behind its own variable.
+        level = os.environ.get("HIVEMIND_LOGLEVEL", "INFO").upper()
+        logging.getLogger("hivemind").setLevel(level if level in _LEVELS else "INFO")
+    else:
         # When averagers stop, the DHT process logs a traceback for each request
         # they left half-sent; it is hivemind's shutdown noise, not a fault.
         logging.getLogger("hivemind.dht.dht").setLevel(logging.CRITICAL)
