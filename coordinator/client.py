@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
 import httpx
 
@@ -39,10 +39,21 @@ class ClientError(CrowdtrainError):
 class Records(list[dict[str, Any]]):
     """A list of records (dicts), oldest or best first as the route says.
 
-    Use it as a list; ``records.to_pandas()`` gives a DataFrame with one
-    column per key, unix-seconds columns (``time``, ``last_seen``…) as UTC
-    timestamps.
+    Use it as a list (a slice is Records too); ``records.to_pandas()`` gives a
+    DataFrame with one column per key, unix-seconds columns (``time``,
+    ``last_seen``…) as UTC timestamps.
     """
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Records: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> dict[str, Any] | Records:
+        if isinstance(index, slice):
+            return Records(super().__getitem__(index))
+        return super().__getitem__(index)
 
     def to_pandas(self) -> pandas.DataFrame:
         try:

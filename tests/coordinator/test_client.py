@@ -91,8 +91,9 @@ def test_runs_peers_and_metrics_as_records_and_frames(client: Client) -> None:
     assert str(peers["last_seen"].dtype).startswith("datetime64"), peers.dtypes
     metrics = client.metrics("tiny")
     assert [m["tokens_per_s"] for m in metrics[:3]] == [100.0, 101.0, 102.0], metrics
-    frame = metrics.to_pandas()
+    frame = metrics[-2:].to_pandas()
     assert {"time", "step", "num_tokens", "tokens_per_s", "num_peers"} <= set(frame.columns)
+    assert len(frame) == 2 and str(frame["time"].dtype).startswith("datetime64")
     later = client.metrics("tiny", since=metrics[1]["time"])
     assert later and all(m["time"] > metrics[1]["time"] for m in later)
     assert client.evals("tiny") == [] and client.evals("tiny").to_pandas().empty
