@@ -351,6 +351,11 @@ def join(url: str, run: str, **options: Any) -> Session:
     _use_fork()
     # hivemind reads its log level once, at import; a notebook wants its warnings only.
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+    dht_logger = logging.getLogger("hivemind.dht.dht")
+    if dht_logger.level == logging.NOTSET:
+        # As the command line does: when averagers stop, the DHT process (forked with
+        # this level) logs a traceback per request they left half-sent: noise, not a fault.
+        dht_logger.setLevel(logging.CRITICAL)
     from crowdtrain.node.trainer import Node, NodeConfig
 
     node = Node(NodeConfig(url=url, run_id=run, **values))
