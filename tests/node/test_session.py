@@ -30,7 +30,6 @@ SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from crowdtrain.node import join
-from crowdtrain.node.progress import Progress, status_line
     from crowdtrain.protocol.errors import CrowdtrainError
 
     url, home = sys.argv[1], sys.argv[2]
