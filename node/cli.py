@@ -8,7 +8,6 @@ micro-batch: the coordinator is told, the averagers and DHT shut down.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -16,6 +15,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from crowdtrain.node.progress import MODES
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
 
@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--progress",
         default="auto",
-        choices=["auto", "bar", "log", "none"],
-        help="progress display",
+        choices=list(MODES),
+        help="progress display: a status bar on a terminal (auto), log lines, or none",
     )
     join.add_argument(
         "--dht-host", default="127.0.0.1", help="address for peer traffic (0.0.0.0 for all)"
@@ -174,13 +174,9 @@ def _join(args: argparse.Namespace) -> int:
         logging.getLogger("hivemind.dht.dht").setLevel(logging.CRITICAL)
     owner = os.getpid()
 
-    options = {}
-    if "start_from" in {f.name for f in dataclasses.fields(NodeConfig)}:
-        # NodeConfig.start_from arrives with the wiring of node/bootstrap.py into Node.start.
-        options["start_from"] = args.start_from
     node = Node(
         NodeConfig(
-            **options,
+            start_from=args.start_from,
             url=args.url,
             run_id=args.run,
             home=args.home,

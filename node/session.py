@@ -424,6 +424,8 @@ def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
         values["micro_batch"] = str(micro_batch)
     elif micro_batch != "auto" and not (isinstance(micro_batch, str) and micro_batch.isdigit()):
         raise bad("micro_batch", "give 'auto' or a number of sequences")
+    if values.get("start_from", "auto") not in ("auto", "peers", "checkpoint"):
+        raise bad("start_from", "give 'auto', 'peers' or 'checkpoint'")
     ca_cert = values.get("ca_cert")
     if ca_cert is not None and not ca_cert.is_file():
         raise bad("ca_cert", "give the path of an existing PEM file")
@@ -447,6 +449,7 @@ _OPTIONS = {
     "ca_cert": "path",
     "micro_batch": "any",
     "compile": "bool",
+    "start_from": "str",
 }
 
 

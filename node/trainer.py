@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,14 @@ from crowdtrain.model import (
     save_checkpoint,
     sequence_losses,
 )
+from crowdtrain.node.bootstrap import (
+    BootstrapError,
+    KeptCheckpoint,
+    fall_back,
+    latest_checkpoint,
+    plan_start,
+    start_from_checkpoint,
+)
 from crowdtrain.node.client import (
     CoordinatorClient,
     CoordinatorError,
@@ -41,6 +48,7 @@ from crowdtrain.node.client import (
     check_run,
     discover,
 )
+from crowdtrain.node.config import NodeConfig, NodeStats
 from crowdtrain.node.data import (
     SAMPLE_SEQUENCES,
     ShardCache,
@@ -71,6 +79,7 @@ from crowdtrain.node.progress import Progress
 from crowdtrain.node.runview import RunView
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.multiaddr import tcp_multiaddr
 
 logger = logging.getLogger(__name__)
 
@@ -78,53 +87,6 @@ logger = logging.getLogger(__name__)
 _FIRST_LEASE_WAIT_S = 60.0
 # How often a node records its place in the current shard.
 _POSITION_EVERY_S = 5.0
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """Everything a node needs to join; the command line fills it from flags."""
-
-    url: str
-    run_id: str
-    home: Path = Path.home() / ".crowdtrain"
-    name: str = ""
-    device: str = "auto"
-    threads: int | None = None
-    progress: str = "auto"
-    dht_host: str = "127.0.0.1"
-    dht_port: int = 0
-    announce_host: str | None = None
-    client_mode: bool = False
-    cache_bytes: int | None = 4 << 30
-    prefetch_shards: int = 2
-    # An invite code, for a run whose [access] mode is "invite" (needed once).
-    invite: str = ""
-    # A PEM file of the authority that signed the coordinator's TLS certificate.
-    ca_cert: Path | None = None
-    # Sequences per forward pass: "auto" (CUDA probes its memory; CPU takes the
-    # run's micro_batch_size) or a number.
-    micro_batch: str = "auto"
-    # torch.compile the model (opt-in: compiling takes a while, then runs faster on GPUs).
-    compile: bool = False
-
-
-@dataclass
-class NodeStats:
-    """Counters a node reports; cumulative since this node process started."""
-
-    session_key: str
-    num_tokens: int = 0
-    num_sequences: int = 0
-    tokens_per_s: float = 0.0
-    loss: float | None = None
-    step: int = 0
-    num_peers: int = 0
-    val_loss: float | None = None
-    num_skipped_steps: int = 0
-    train_s: float = 0.0
-    data_wait_s: float = 0.0
-    shard: str = ""  # the shard being trained
-    verified_tokens: int = 0  # this peer's tokens the coordinator has verified, run-wide
 
 
 class Node:
@@ -185,6 +147,7 @@ class Node:
             tls=bool(endpoints.get("grpc_tls")),
             ca_cert=cfg.ca_cert,
             pins=KeyPins(cfg.home),
+            progress=cfg.progress,
         )
         registration = self._register()
         self.spec, self.manifest = check_run(registration.run)
@@ -254,8 +217,7 @@ class Node:
         self._first_lease()
         self._start_swarm(registration)
         self.link.start(self.stream)
-        if registration.run.step > 0 or self.optimizer.tracker.global_epoch > 0:
-            self._load_state_from_peers()
+        self._load_initial_state(registration.run.step)
 
     def _register(self) -> Registration:
         assert self.client is not None
@@ -283,7 +245,7 @@ class Node:
         cfg, opt = self.config, self.spec.optimizer
         announce = None
         if cfg.announce_host:
-            announce = [f"/ip4/{cfg.announce_host}/tcp/{cfg.dht_port}"]
+            announce = [tcp_multiaddr(cfg.announce_host, cfg.dht_port)]
         # Tear the gRPC channel down around the fork: hivemind forks its DHT and
         # averager processes, and gRPC's threads must not be copied into them.
         assert self.client is not None
@@ -291,7 +253,7 @@ class Node:
         self.dht = hivemind.DHT(
             initial_peers=registration.initial_peers,
             start=True,
-            host_maddrs=[f"/ip4/{cfg.dht_host}/tcp/{cfg.dht_port}"],
+            host_maddrs=[tcp_multiaddr(cfg.dht_host, cfg.dht_port)],
             announce_maddrs=announce,
             client_mode=cfg.client_mode,
         )
@@ -309,6 +271,48 @@ class Node:
         )
         self.client.reopen()
         logger.info("joined the swarm as %s", self.dht.peer_id.to_base58())
+
+    def _load_initial_state(self, run_step: int) -> None:
+        """The swarm's parameters for a node joining a run under way: the keeper's checkpoint
+        over HTTP or the peers' state (see :func:`crowdtrain.node.bootstrap.plan_start`)."""
+        assert self.optimizer is not None
+        cfg = self.config
+        checkpoint = None
+        if cfg.start_from != "peers":
+            checkpoint = latest_checkpoint(cfg.url, cfg.run_id, cfg.ca_cert)
+        plan = plan_start(cfg.start_from, run_step, checkpoint, self.spec.optimizer.mode)
+        if plan.source != "fresh":
+            logger.info("starting from %s: %s", plan.source, plan.reason)
+        if plan.source == "checkpoint" and plan.checkpoint is not None:
+            if self._start_from_checkpoint(plan.checkpoint):
+                return
+        if plan.source != "fresh" or self.optimizer.tracker.global_epoch > 0:
+            self._load_state_from_peers()
+        if fall_back(plan, self.optimizer.local_epoch) and plan.checkpoint is not None:
+            logger.info("no peer served newer state; starting from the keeper's checkpoint")
+            self._start_from_checkpoint(plan.checkpoint)
+
+    def _start_from_checkpoint(self, checkpoint: KeptCheckpoint) -> bool:
+        """Load the keeper's checkpoint and move the optimizer to its step; False (the model
+        untouched) when it cannot be used, unless ``--start-from checkpoint`` asked for it."""
+        assert self.model is not None
+        try:
+            start_from_checkpoint(
+                self.model,
+                self.optimizer,
+                self.spec,
+                self.config.url,
+                checkpoint,
+                self.run_dir / "bootstrap",
+                self.config.ca_cert,
+                self.config.progress,
+            )
+        except BootstrapError as e:
+            if self.config.start_from == "checkpoint":
+                raise
+            logger.warning("could not start from the keeper's checkpoint (%s); using peers", e)
+            return False
+        return True
 
     def _load_state_from_peers(self) -> None:
         assert self.optimizer is not None

@@ -1,0 +1,67 @@
+"""A node joining a run that no peer is training any more starts from the keeper's checkpoint.
+
+Real processes: a coordinator (its keeper pulls every 3 s) and a node train
+until a checkpoint is kept; that node leaves; a new node, with the default
+``--start-from auto``, finds no peer to load state from, downloads the keeper's
+checkpoint over HTTP and trains on from its step instead of from step 0.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.swarm import Swarm, write_spec
+
+pytestmark = pytest.mark.slow
+
+VERIFY = """
+[verify]
+checkpoint_every_s = 3.0
+spot_check_fraction = 0.0
+"""
+
+
+def test_a_node_alone_starts_from_the_keepers_checkpoint(swarm: Swarm) -> None:
+    data = swarm.prepare(16_384)
+    spec = write_spec(swarm.root / "tiny.toml")
+    spec.write_text(spec.read_text() + VERIFY)
+    assert swarm.publish(spec, data).returncode == 0
+    swarm.start_coordinator()
+
+    first = swarm.start_node("node-a")
+    kept = swarm.wait_for(
+        lambda: [
+            c for c in swarm.get("/api/runs/tiny/checkpoints") if c["available"] and c["step"] >= 3
+        ],
+        150,
+        "a kept checkpoint past step 3",
+    )
+    assert swarm.stop(first) == 0, first.output()[-2000:]
+    latest = max(c["step"] for c in swarm.get("/api/runs/tiny/checkpoints") if c["available"])
+    assert latest >= kept[-1]["step"]
+
+    second = swarm.start_node("node-b")
+    started = swarm.wait_for(
+        lambda: re.search(r"started from the keeper's checkpoint of step (\d+)", second.output()),
+        120,
+        "node-b to start from the checkpoint",
+    )
+    step = int(started.group(1))
+    assert step >= kept[-1]["step"]
+    # It trains on from there: the coordinator sees it at that step or later, never from 0.
+    peer = swarm.wait_for(
+        lambda: next(
+            (
+                p
+                for p in swarm.get("/api/runs/tiny/peers")
+                if p["name"] == "node-b" and p["num_tokens"] > 0
+            ),
+            None,
+        ),
+        90,
+        "node-b to train",
+    )
+    assert peer["step"] >= step, peer
+    assert swarm.stop(second) == 0, second.output()[-2000:]
