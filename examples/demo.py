@@ -164,7 +164,7 @@ def main() -> int:
                 sys.exit(f"demo: the coordinator did not start; see {server.log}")
             time.sleep(0.2)
         url = json.loads((coord / "ports.json").read_text())["http_url"]
-        print(f"coordinator at {url} (open {url}/api/runs/{run_id} in a browser)")
+        print(f"coordinator at {url}: open {url}/runs/{run_id} in a browser for the live dashboard")
         for name in NODES:
             children.append(
                 Child(
@@ -222,7 +222,14 @@ def main() -> int:
     print(f"  database     {coord / 'coordinator.db'}")
     for name in NODES:
         print(f"  checkpoint   {work / name / 'runs' / run_id / 'checkpoint.safetensors'}")
+    kept = sorted((coord / "checkpoints" / run_id).glob("step-*.safetensors"))
+    if kept:
+        print(f"  kept         {kept[-1]} (the keeper's latest)")
     print(f"  logs         {work}/*.log")
+    if kept:
+        print("\nthe model comes out:")
+        print(f"  crowdtrain-coordinator sample --run {run_id} --data-dir {coord} --prompt 'def '")
+        print(f"  crowdtrain-coordinator export --run {run_id} --data-dir {coord} --format hf OUT")
     return 0
 
 
