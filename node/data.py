@@ -270,12 +270,16 @@ class ShardStream:
     def _start(self, shard: LeasedShard, replay: int) -> None:
         tokens = read_shard(shard.path, shard.entry)
         n = num_windows(len(tokens), self.seq_len)
-        num_batches = n // self.batch_size
-        if num_batches == 0:
+        if n == 0:
             raise ShardError(
-                f"shard {shard.shard_id} holds {n} sequences, fewer than one micro-batch "
-                f"({self.batch_size}); the run's shards are too small for its batch size"
+                f"shard {shard.shard_id} holds no whole sequence of {self.seq_len} tokens; "
+                "the run's data does not fit its seq_len"
             )
+        # A shard shorter than one micro-batch (a corpus's last shard, often, on a GPU
+        # that probed a large micro-batch) is trained as one smaller batch; the receipt
+        # names that size, so the ledger and the verifier cut the shard the same way.
+        batch_size = min(self.batch_size, n)
+        num_batches = n // batch_size
         self._tokens = tokens
         self._order = sequence_order(
             self.run_seed,
@@ -283,7 +287,7 @@ class ShardStream:
             shard.shard_id,
             len(tokens),
             self.seq_len,
-            self.batch_size,
+            batch_size,
             replay,
         )
         self._cursor = 0
@@ -292,7 +296,7 @@ class ShardStream:
             replay=replay,
             num_batches=num_batches,
             started=time.time(),
-            batch_size=self.batch_size,
+            batch_size=batch_size,
         )
         r, self._resume = self._resume, None
         if (
@@ -303,7 +307,7 @@ class ShardStream:
             and r.get("batch_size", self.batch_size) == self.batch_size
         ):
             done = min(int(r["batches_done"]), num_batches)
-            self._cursor = done * self.batch_size
+            self._cursor = done * batch_size
             c = self._current
             c.batches_done, c.num_sequences, c.num_tokens = (
                 done,
@@ -338,10 +342,11 @@ class ShardStream:
             else:
                 raise ShardError("no shard to train on; lease one first")
         assert self._current is not None and self._order is not None and self._tokens is not None
-        index = self._cursor // self.batch_size
-        self._cursor += self.batch_size
+        batch_size = self._current.batch_size
+        index = self._cursor // batch_size
+        self._cursor += batch_size
         self._current.batch = index
-        batch = batch_windows(self._tokens, self._order, index, self.batch_size, self.seq_len)
+        batch = batch_windows(self._tokens, self._order, index, batch_size, self.seq_len)
         return batch, self._current
 
 

@@ -7,7 +7,16 @@ import pytest
 
 from crowdtrain.node.data import LeasedShard, ShardCache, ShardStream
 from crowdtrain.protocol.errors import ShardError
-from crowdtrain.protocol.shards import MANIFEST_VERSION, ShardEntry, ShardManifest, write_shard
+from crowdtrain.protocol.shards import (
+    MANIFEST_VERSION,
+    ShardEntry,
+    ShardManifest,
+    batch_windows,
+    num_windows,
+    read_shard,
+    sequence_order,
+    write_shard,
+)
 
 SEQ_LEN = 16
 
@@ -176,3 +185,19 @@ def test_data_wait_is_accounted(tmp_path, served) -> None:
     stream = stream_of(manifest, tmp_path / "origin")
     drain(stream, 3)
     assert stream.data_wait_s > 0
+
+
+def test_a_shard_shorter_than_a_micro_batch_is_one_smaller_batch(tmp_path, served) -> None:
+    # A GPU probes a large micro-batch; a corpus's last shard may hold fewer sequences.
+    manifest, _ = served
+    entry = manifest.train_shards[0]
+    windows = num_windows(entry.num_tokens, SEQ_LEN)
+    stream = ShardStream(run_seed=3, seq_len=SEQ_LEN, batch_size=windows + 40)
+    stream.offer(LeasedShard(entry.id, 0, tmp_path / "origin" / entry.file, entry))
+    batch, progress = stream.next_batch()
+    assert batch.shape == (windows, SEQ_LEN + 1)
+    assert progress.num_batches == 1 and progress.receipt()["micro_batch_size"] == windows
+    # The verifier cuts the shard by the receipt's micro-batch size: the same sequences.
+    tokens = read_shard(tmp_path / "origin" / entry.file)
+    order = sequence_order(3, 0, entry.id, len(tokens), SEQ_LEN, windows)
+    assert np.array_equal(batch, batch_windows(tokens, order, 0, windows, SEQ_LEN))
