@@ -15,6 +15,25 @@ from crowdtrain.coordinator.store_base import DB_NAME, SCHEMA_VERSION, StoreBase
 from crowdtrain.coordinator.store_ledger import LedgerRecords
 from crowdtrain.coordinator.store_trust import TrustRecords
 
+# A peer heard from this recently counts towards the swarm's tokens/s (runs.PEER_TIMEOUT_S).
+_LIVE_S = 20.0
+
+
+def _swarm_tokens_at(
+    evaluation: dict[str, Any], update: dict[str, Any], swarm_now: int, swarm_rate: float
+) -> int:
+    """What the whole swarm had trained when a node measured ``evaluation`` (the x of a
+    loss curve; its ``num_tokens`` is the node's own count).
+
+    Evaluations wait for the next heartbeat, a few seconds; the tokens the node
+    trained since are scaled by the swarm's speed over this node's and taken
+    off the swarm's total now.
+    """
+    since = max(0, int(update["num_tokens"]) - int(evaluation["num_tokens"]))
+    own_rate = float(update["tokens_per_s"] or 0.0)
+    scale = max(1.0, float(swarm_rate) / own_rate) if own_rate > 0 else 1.0
+    return max(0, int(swarm_now - since * scale))
+
 
 class Store(TrustRecords, LedgerRecords, StoreBase):
     """One SQLite database in a coordinator's data folder.
@@ -127,10 +146,24 @@ class Store(TrustRecords, LedgerRecords, StoreBase):
                 update,
             )
             db.execute("UPDATE runs SET step = MAX(step, :step) WHERE id = :run_id", update)
+            if evaluations:
+                swarm_now = db.execute(
+                    "SELECT COALESCE(SUM(num_tokens), 0) FROM peer_counters WHERE run_id = ?",
+                    (update["run_id"],),
+                ).fetchone()[0]
+                swarm_rate = db.execute(
+                    "SELECT COALESCE(SUM(tokens_per_s), 0) FROM peers WHERE run_id = ?"
+                    " AND state = 'active' AND last_seen >= ?",
+                    (update["run_id"], update["now"] - _LIVE_S),
+                ).fetchone()[0]
+                evaluations = [
+                    {**e, "swarm_tokens": _swarm_tokens_at(e, update, swarm_now, swarm_rate)}
+                    for e in evaluations
+                ]
             db.executemany(
                 "INSERT INTO evals (run_id, step, num_tokens, val_loss, bits_per_byte,"
-                " peer_id, time) VALUES (:run_id, :step, :num_tokens, :val_loss,"
-                " :bits_per_byte, :peer_id, :time)",
+                " peer_id, time, swarm_tokens) VALUES (:run_id, :step, :num_tokens, :val_loss,"
+                " :bits_per_byte, :peer_id, :time, :swarm_tokens)",
                 evaluations,
             )
 
@@ -177,7 +210,8 @@ class Store(TrustRecords, LedgerRecords, StoreBase):
 
     def list_evals(self, run_id: str) -> list[dict[str, Any]]:
         return self._all(
-            "SELECT step, num_tokens, val_loss, bits_per_byte, peer_id, time FROM evals"
+            "SELECT step, num_tokens, swarm_tokens, val_loss, bits_per_byte, peer_id, time"
+            " FROM evals"
             " WHERE run_id = ? ORDER BY step, time",
             (run_id,),
         )

@@ -107,6 +107,7 @@ CREATE TABLE IF NOT EXISTS evals (
     num_tokens INTEGER NOT NULL,
     val_loss REAL NOT NULL,
     bits_per_byte REAL NOT NULL,
+    swarm_tokens INTEGER NOT NULL DEFAULT 0,
     peer_id TEXT NOT NULL,
     time REAL NOT NULL
 );

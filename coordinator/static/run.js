@@ -123,8 +123,8 @@
   function showEvals(evals) {
     const points = evals
       .filter((e) => e.val_loss !== null && Number.isFinite(e.val_loss))
-      .sort((a, b) => a.num_tokens - b.num_tokens || a.step - b.step);
-    lossChart.setData(points.map((e) => e.num_tokens), points.map((e) => e.val_loss));
+      .sort((a, b) => a.swarm_tokens - b.swarm_tokens || a.step - b.step);
+    lossChart.setData(points.map((e) => e.swarm_tokens), points.map((e) => e.val_loss));
   }
 
   function showSamples(fresh) {

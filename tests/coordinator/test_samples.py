@@ -75,3 +75,18 @@ def test_samples_are_thinned_past_the_limit(run, store):
     assert times[5:] == [start + i * 0.1 for i in range(10, 21)]
     assert times[:5] == [start + i * 0.1 for i in range(0, 10, 2)]
     assert times == sorted(times)
+
+
+def test_an_evaluation_is_placed_at_the_swarms_tokens_when_it_was_measured() -> None:
+    from crowdtrain.coordinator.store import _swarm_tokens_at
+
+    # The node measured at 10,000 of its own tokens and has trained 2,000 more since; the
+    # swarm runs at 3x its speed and stands at 100,000: it was at 94,000.
+    update = {"num_tokens": 12_000, "tokens_per_s": 1_000.0}
+    assert _swarm_tokens_at({"num_tokens": 10_000}, update, 100_000, 3_000.0) == 94_000
+    # Alone, or not yet timed: its own tokens since, taken off once.
+    assert _swarm_tokens_at({"num_tokens": 10_000}, update, 12_000, 1_000.0) == 10_000
+    idle = {"num_tokens": 12_000, "tokens_per_s": 0.0}
+    assert _swarm_tokens_at({"num_tokens": 10_000}, idle, 50_000, 0.0) == 48_000
+    # Never below zero, whatever a node reports.
+    assert _swarm_tokens_at({"num_tokens": 0}, update, 1_000, 3_000.0) == 0
