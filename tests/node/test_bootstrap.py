@@ -30,10 +30,20 @@ from tests.swarm import Swarm, write_spec
 STEP = 5
 
 
-@pytest.fixture
-def served(swarm: Swarm):
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
     """A coordinator serving run "tiny" at step 5, with the keeper's checkpoint of step 5
-    (written by Keeper.save) of parameters unlike a fresh model's. Yields (swarm, run, state)."""
+    (written by Keeper.save) of parameters unlike a fresh model's. Yields (swarm, run, state).
+    Shared by this module's tests (a coordinator takes seconds to start); a test that damages
+    the checkpoint puts it back."""
+    swarm = Swarm(root=tmp_path_factory.mktemp("bootstrap"))
+    try:
+        yield _serve(swarm)
+    finally:
+        swarm.stop_all()
+
+
+def _serve(swarm: Swarm):
     data = swarm.prepare()
     result = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
     assert result.returncode == 0, result.stderr
@@ -53,7 +63,7 @@ def served(swarm: Swarm):
         Keeper(store, None).save(run, STEP, model.state_dict(), params_sha256(state))
     finally:
         store.close()
-    yield swarm, run, state
+    return swarm, run, state
 
 
 def _fresh_model(run) -> GPT:
@@ -103,17 +113,22 @@ def test_a_tampered_checkpoint_is_refused_and_the_model_left_unchanged(served, t
     checkpoint = latest_checkpoint(swarm.url, "tiny")
     assert checkpoint is not None
     path = swarm.coord_dir / "checkpoints" / "tiny" / checkpoint_name(STEP)
-    data = bytearray(path.read_bytes())
+    original = path.read_bytes()
+    data = bytearray(original)
     data[-10] ^= 0xFF  # a value in the last tensor
     path.write_bytes(bytes(data))
-
-    model = _fresh_model(run)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    folder = tmp_path / "node"
-    with pytest.raises(BootstrapError, match="damaged or altered on the way; refusing it"):
-        start_from_checkpoint(model, None, run.spec, swarm.url, checkpoint, folder, None, "none")
-    assert _same(model, before)
-    assert list(folder.iterdir()) == []  # no partial file left
+    try:
+        model = _fresh_model(run)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        folder = tmp_path / "node"
+        with pytest.raises(BootstrapError, match="damaged or altered on the way; refusing it"):
+            start_from_checkpoint(
+                model, None, run.spec, swarm.url, checkpoint, folder, None, "none"
+            )
+        assert _same(model, before)
+        assert list(folder.iterdir()) == []  # no partial file left
+    finally:
+        path.write_bytes(original)
 
 
 def test_parameters_that_do_not_hash_to_the_record_are_refused(served, tmp_path):
