@@ -13,9 +13,7 @@ checkpoint's step. Knows nothing about training or the gRPC session.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ import torch
 
 from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.model.checkpoint import CheckpointError
-from crowdtrain.node.client import TransferProgress, tls_verify
+from crowdtrain.node.client import CoordinatorError, download_file, tls_verify
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.runspec import RunSpec
 
@@ -35,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 START_FROM = ("auto", "peers", "checkpoint")
 _TIMEOUT = httpx.Timeout(10.0, read=60.0)
-_CHUNK_BYTES = 1 << 20
 
 
 class BootstrapError(CrowdtrainError):
@@ -168,42 +165,23 @@ def download_checkpoint(
     is the one the keeper recorded. A partial or wrong download leaves no file behind."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"keeper-step-{checkpoint.step}.safetensors"
-    partial = path.with_name(f".{path.name}.part")
     file_url = f"{url.rstrip('/')}/api/runs/{run_id}/checkpoints/{checkpoint.step}/file"
-    digest = hashlib.sha256()
-    received = 0
-    bar = TransferProgress(f"checkpoint {checkpoint.step}", checkpoint.num_bytes, progress)
     try:
-        with httpx.stream("GET", file_url, timeout=_TIMEOUT, verify=tls_verify(ca_cert)) as r:
-            if r.status_code != 200:
-                raise BootstrapError(
-                    f"downloading {file_url} failed: HTTP {r.status_code}; the keeper may have "
-                    "removed that checkpoint: join again, or use --start-from peers"
-                )
-            with open(partial, "wb") as file:
-                for chunk in r.iter_bytes(_CHUNK_BYTES):
-                    received += len(chunk)
-                    if received > checkpoint.num_bytes:
-                        raise BootstrapError(
-                            f"{file_url} sent more than the {checkpoint.num_bytes} bytes the "
-                            "keeper recorded; refusing it"
-                        )
-                    digest.update(chunk)
-                    file.write(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != checkpoint.file_sha256:
-            raise BootstrapError(
-                f"the checkpoint of step {checkpoint.step} from {url} has sha256 "
-                f"{digest.hexdigest()[:16]}..., not the {checkpoint.file_sha256[:16]}... the "
-                "keeper recorded: it was damaged or altered on the way; refusing it (use "
-                "--start-from peers, or tell the coordinator's operator)"
+        with httpx.Client(timeout=_TIMEOUT, verify=tls_verify(ca_cert)) as http:
+            download_file(
+                http,
+                file_url,
+                path,
+                f"checkpoint {checkpoint.step}",
+                progress,
+                sha256=checkpoint.file_sha256,
+                max_bytes=checkpoint.num_bytes,
             )
-        os.replace(partial, path)
-    except httpx.HTTPError as e:
-        raise BootstrapError(f"downloading {file_url} failed: {e}") from None
-    finally:
-        bar.close()
-        partial.unlink(missing_ok=True)
+    except CoordinatorError as e:
+        raise BootstrapError(
+            f"the keeper's checkpoint of step {checkpoint.step}: {e} (the keeper may have "
+            "removed it: join again, or use --start-from peers)"
+        ) from None
     return path
 
 

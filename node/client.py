@@ -7,6 +7,7 @@ caller decides whether to keep training and try again later.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -328,26 +329,60 @@ class CoordinatorClient:
 
     def download(self, url: str, dest: Path) -> None:
         """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows)."""
-        tmp = dest.with_suffix(dest.suffix + ".part")
-        bar: TransferProgress | None = None
-        try:
-            with self._http.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise CoordinatorError(f"downloading {url} failed: HTTP {response.status_code}")
-                size = response.headers.get("content-length")
-                total = int(size) if size and size.isdigit() else None
-                bar = TransferProgress(dest.name, total, self.progress)
-                with open(tmp, "wb") as f:
-                    for chunk in response.iter_bytes(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-            tmp.replace(dest)
-        except httpx.HTTPError as e:
-            raise CoordinatorError(f"downloading {url} failed: {e}") from None
-        finally:
-            if bar is not None:
-                bar.close()
-            tmp.unlink(missing_ok=True)  # a failed download leaves nothing behind
+        download_file(self._http, url, dest, dest.name, self.progress)
+
+
+def download_file(
+    http: httpx.Client,
+    url: str,
+    dest: Path,
+    label: str,
+    progress: str = "auto",
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+) -> None:
+    """Stream ``url`` into ``dest`` with a progress bar (see :class:`TransferProgress`).
+
+    The bytes go to a ``.part`` file that takes ``dest``'s name only when the
+    whole body arrived and, given ``sha256``, hashes to it; more than
+    ``max_bytes`` is refused as it arrives. Any failure raises
+    :class:`CoordinatorError` and leaves no file behind.
+    """
+    tmp = dest.with_name(f".{dest.name}.part")
+    digest = hashlib.sha256()
+    received = 0
+    bar: TransferProgress | None = None
+    try:
+        with http.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise CoordinatorError(f"downloading {url} failed: HTTP {response.status_code}")
+            size = response.headers.get("content-length")
+            total = int(size) if size and size.isdigit() else max_bytes
+            bar = TransferProgress(label, total, progress)
+            with open(tmp, "wb") as f:
+                for chunk in response.iter_bytes(1 << 20):
+                    received += len(chunk)
+                    if max_bytes is not None and received > max_bytes:
+                        raise CoordinatorError(
+                            f"{url} sent more than the {max_bytes} bytes expected; refusing it"
+                        )
+                    if sha256 is not None:
+                        digest.update(chunk)
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise CoordinatorError(
+                f"{url} sent bytes with sha256 {digest.hexdigest()[:16]}..., not the "
+                f"{sha256[:16]}... expected: they were damaged or altered on the way; "
+                "refusing it"
+            )
+        tmp.replace(dest)
+    except httpx.HTTPError as e:
+        raise CoordinatorError(f"downloading {url} failed: {e}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        tmp.unlink(missing_ok=True)  # a failed download leaves nothing behind
 
 
 def check_run(run: Any) -> tuple[RunSpec, ShardManifest]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from crowdtrain.node.client import discover, tls_verify
+from crowdtrain.node.client import discover, download_file, tls_verify
 from crowdtrain.node.progress import MODES
 from crowdtrain.protocol.errors import CrowdtrainError
 
@@ -210,7 +210,11 @@ class Session:
             if manifest.tokenizer == "bpe":
                 path = self._node.run_dir / "tokenizer.json"
                 if not path.is_file():
-                    self._fetch(f"/api/runs/{self.run_id}/tokenizer", path)
+                    # Its own connection: this also works after leave() closed the node's.
+                    verify = tls_verify(self._node.config.ca_cert)
+                    with httpx.Client(timeout=30.0, verify=verify) as http:
+                        url = f"{self.url}/api/runs/{self.run_id}/tokenizer"
+                        download_file(http, url, path, path.name, "none")
             self._tokenizer = load_tokenizer(manifest.tokenizer, path, manifest.tokenizer_sha256)
         return self._tokenizer
 
@@ -281,18 +285,6 @@ class Session:
             raise CrowdtrainError(
                 f"this session stopped: {self._node.fatal}; call leave(), then join again"
             )
-
-    def _fetch(self, path: str, dest: Path) -> None:
-        ca_cert = self._node.config.ca_cert
-        try:
-            response = httpx.get(f"{self.url}{path}", timeout=30.0, verify=tls_verify(ca_cert))
-            response.raise_for_status()
-        except httpx.HTTPError as e:
-            raise CrowdtrainError(f"cannot fetch {self.url}{path}: {e}") from None
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_suffix(".part")
-        part.write_bytes(response.content)
-        part.replace(dest)
 
 
 def join(url: str, run: str, **options: Any) -> Session:
