@@ -129,7 +129,7 @@ def solo(args: argparse.Namespace) -> dict[str, Any]:
     throttle = None
     if args.slowdown > 1:
         # The node's own test hook: after each micro-batch, sleep (factor - 1) times its compute.
-        from crowdtrain.node.hardware import Throttle
+        from crowdtrain.node.device.hooks import Throttle
 
         throttle = Throttle(args.slowdown)
     started = time.monotonic()

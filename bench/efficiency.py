@@ -152,7 +152,7 @@ class Bench:
             diloco_from += f", inner_steps = {plan.inner_steps} (--quick)"
         self.diloco = diloco
         self.spec_sources = {"sync": sync_from, "diloco": diloco_from}
-        self.has_diloco = importlib.util.find_spec("crowdtrain.node.diloco") is not None
+        self.has_diloco = importlib.util.find_spec("crowdtrain.node.swarm.diloco") is not None
 
     # bookkeeping
 
@@ -205,7 +205,7 @@ class Bench:
 
     def no_diloco(self) -> dict[str, Any]:
         return {
-            "error": "not run: this crowdtrain's node has no diloco mode (crowdtrain.node.diloco)"
+            "error": "not run: this crowdtrain's node has no diloco mode (crowdtrain.node.swarm.diloco)"
         }
 
     # parts

@@ -33,12 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from crowdtrain.model import GPT, GPTConfig, estimate_flops_per_token, param_groups  # noqa: E402
-from crowdtrain.node.hardware import (  # noqa: E402
+from crowdtrain.node.device.micro_batch import (  # noqa: E402
     MicroBatchChoice,
-    autocast,
     choose_micro_batch,
     estimate_sequence_bytes,
     format_bytes,
+)
+from crowdtrain.node.device.precision import (  # noqa: E402
+    autocast,
     maybe_compile,
     prefer_expandable_segments,
 )

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from crowdtrain.coordinator.prepare import PrepareConfig, prepare_data
+    from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
 
     manifest = prepare_data(
         PrepareConfig(
@@ -234,7 +234,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from crowdtrain.coordinator.peers import PeerConfig
+    from crowdtrain.coordinator.runs.peers import PeerConfig
     from crowdtrain.coordinator.server import ServeConfig, serve
 
     def announce(ports: dict) -> None:
@@ -278,8 +278,8 @@ def _route_hivemind_logs(verbose: bool) -> None:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from crowdtrain.coordinator.admin import coordinator_identity
-    from crowdtrain.coordinator.runs import prepare_publication, publish
+    from crowdtrain.coordinator.runs.access import coordinator_identity
+    from crowdtrain.coordinator.runs.publish import prepare_publication, publish
     from crowdtrain.coordinator.store import Store
 
     publication = prepare_publication(args.spec, args.data)

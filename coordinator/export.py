@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from crowdtrain.coordinator.ledger import checkpoint_path
-from crowdtrain.coordinator.runs import PublishedRun, get_run
+from crowdtrain.coordinator.records import PublishedRun, get_run
 from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.swarm.checkpoints import checkpoint_path
 from crowdtrain.model import GPT, GPTConfig, load_checkpoint
 from crowdtrain.model.checkpoint import CheckpointError
 from crowdtrain.model.hf_export import ExportError, check_exportable, export_hf

@@ -24,18 +24,19 @@ from pathlib import Path
 import grpc
 import uvicorn
 
-from crowdtrain.coordinator.admin import admin_key, coordinator_identity
-from crowdtrain.coordinator.auth import SessionInterceptor
-from crowdtrain.coordinator.grpc_service import CoordinatorService
-from crowdtrain.coordinator.http_app import Endpoints, create_app
-from crowdtrain.coordinator.leases import LeaseBook
-from crowdtrain.coordinator.ledger import Ledger
-from crowdtrain.coordinator.metrics import Refusals
-from crowdtrain.coordinator.peers import PeerConfig, authenticate
-from crowdtrain.coordinator.runs import get_run, take_samples
+from crowdtrain.coordinator.api.auth import SessionInterceptor
+from crowdtrain.coordinator.api.grpc_service import CoordinatorService
+from crowdtrain.coordinator.api.http_app import Endpoints, create_app
+from crowdtrain.coordinator.api.refusals import Refusals
+from crowdtrain.coordinator.ledger.ledger import Ledger
+from crowdtrain.coordinator.ledger.verifier import start_verifier, stop_verifier
+from crowdtrain.coordinator.records import get_run
+from crowdtrain.coordinator.runs.access import admin_key, coordinator_identity
+from crowdtrain.coordinator.runs.leases import LeaseBook
+from crowdtrain.coordinator.runs.peers import PeerConfig, authenticate
+from crowdtrain.coordinator.runs.samples import take_samples
 from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.swarm import SwarmPeer, SwarmProgress, poll_progress
-from crowdtrain.coordinator.verifier import start_verifier, stop_verifier
+from crowdtrain.coordinator.swarm.dht import SwarmPeer, SwarmProgress, poll_progress
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.rpc import SERVER_OPTIONS

@@ -25,7 +25,8 @@ import torch
 
 from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.model.checkpoint import CheckpointError
-from crowdtrain.node.client import CoordinatorError, download_file, tls_verify
+from crowdtrain.node.link.errors import CoordinatorError
+from crowdtrain.node.link.http import download_file, tls_verify
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.runspec import RunSpec
 
@@ -260,7 +261,7 @@ def set_optimizer_step(optimizer: Any, step: int) -> None:
 
 
 def _set_diloco_round(optimizer: Any, round_: int) -> None:
-    from crowdtrain.node.diloco import _GlobalState
+    from crowdtrain.node.swarm.diloco import _GlobalState
 
     params = [p.detach().to("cpu", torch.float32, copy=True) for p in optimizer._params]
     momentum = [torch.zeros_like(p) for p in params]

@@ -156,7 +156,7 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def _join(args: argparse.Namespace) -> int:
     from hivemind.utils.logging import use_hivemind_log_handler
 
-    from crowdtrain.node.trainer import Node, NodeConfig
+    from crowdtrain.node.node import Node, NodeConfig
 
     # hivemind's records go to the root logger's handler (text or JSON) like ours...
     use_hivemind_log_handler("nowhere")

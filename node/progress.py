@@ -81,7 +81,7 @@ def _count(n: float) -> str:
 def status_line(stats: Any) -> str:
     """``step 12 | 3.4k tok/s | loss 2.31 | val 2.40 | peers 3 | shard s00017 | verified 1.2M tok``.
 
-    ``stats`` is a :class:`~crowdtrain.node.trainer.NodeStats`; ``shard`` and
+    ``stats`` is a :class:`~crowdtrain.node.node.NodeStats`; ``shard`` and
     ``verified_tokens`` show when it has them.
     """
     loss = f"{stats.loss:.3f}" if stats.loss is not None else "-"

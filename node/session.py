@@ -1,7 +1,7 @@
 """The notebook API: join a run from Python and train in this very process.
 
 :func:`join` checks its input, then starts the same
-:class:`~crowdtrain.node.trainer.Node` that ``crowdtrain-node join`` runs; the
+:class:`~crowdtrain.node.node.Node` that ``crowdtrain-node join`` runs; the
 :class:`Session` it returns trains when asked, holds the live model, and
 leaves the run on :meth:`Session.leave`, at the end of a ``with`` block, or
 when the interpreter exits. Knows nothing of Jupyter itself: a kernel runs
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from crowdtrain.node.client import discover, download_file, tls_verify
+from crowdtrain.node.link.http import discover, download_file, tls_verify
 from crowdtrain.node.progress import MODES
 from crowdtrain.protocol.errors import CrowdtrainError
 
 if TYPE_CHECKING:
     from crowdtrain.model import GPT, Tokenizer
-    from crowdtrain.node.trainer import Node
+    from crowdtrain.node.node import Node
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def join(url: str, run: str, **options: Any) -> Session:
     takes a few seconds to a minute: registration, the data check, the
     model, the swarm, and the swarm's latest state if the run is under way.
 
-    ``options`` are :class:`~crowdtrain.node.trainer.NodeConfig`'s fields:
+    ``options`` are :class:`~crowdtrain.node.node.NodeConfig`'s fields:
     ``home``, ``name``, ``device`` (auto, cpu, cuda, mps), ``threads``,
     ``progress`` (notebook, bar, log, none; default notebook), ``client_mode``,
     ``dht_host``, ``dht_port``, ``announce_host``, ``cache_bytes``,
@@ -348,7 +348,7 @@ def join(url: str, run: str, **options: Any) -> Session:
         # As the command line does: when averagers stop, the DHT process (forked with
         # this level) logs a traceback per request they left half-sent: noise, not a fault.
         dht_logger.setLevel(logging.CRITICAL)
-    from crowdtrain.node.trainer import Node, NodeConfig
+    from crowdtrain.node.node import Node, NodeConfig
 
     node = Node(NodeConfig(url=url, run_id=run, **values))
     previous = signal.getsignal(signal.SIGINT)

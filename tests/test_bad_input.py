@@ -170,7 +170,8 @@ def test_hostile_control_plane_requests_are_refused_counted_and_change_nothing(
 
     import grpc
 
-    from crowdtrain.node.client import CoordinatorClient, CoordinatorError
+    from crowdtrain.node.link.errors import CoordinatorError
+    from crowdtrain.node.link.grpc import CoordinatorClient
     from crowdtrain.protocol import coordinator_pb2 as pb
     from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
     from crowdtrain.protocol.identity import Identity, seal

@@ -166,9 +166,9 @@ def test_coordinator_image_pins_torch_and_exposes_what_serve_listens_on() -> Non
 def test_the_healthcheck_asks_a_real_route_on_the_http_port(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from crowdtrain.coordinator.http_app import Endpoints, create_app
-    from crowdtrain.coordinator.leases import LeaseBook
-    from crowdtrain.coordinator.metrics import Refusals
+    from crowdtrain.coordinator.api.http_app import Endpoints, create_app
+    from crowdtrain.coordinator.api.refusals import Refusals
+    from crowdtrain.coordinator.runs.leases import LeaseBook
     from crowdtrain.coordinator.store import Store
     from crowdtrain.protocol.identity import Identity
 

@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from crowdtrain.model import load_checkpoint, params_sha256
-from crowdtrain.node.client import CoordinatorClient, CoordinatorError
+from crowdtrain.node.link.errors import CoordinatorError
+from crowdtrain.node.link.grpc import CoordinatorClient
 from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.shards import load_manifest, num_windows
 from tests.swarm import Swarm, write_spec

@@ -19,7 +19,10 @@ import grpc
 import httpx
 import pytest
 
-from crowdtrain.node.client import CoordinatorClient, CoordinatorError, KeyPins, discover
+from crowdtrain.node.link.errors import CoordinatorError
+from crowdtrain.node.link.grpc import CoordinatorClient
+from crowdtrain.node.link.http import discover
+from crowdtrain.node.link.pins import KeyPins
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.identity import Identity, run_statement, seal, verify_signature

@@ -2,7 +2,7 @@
 
 import pytest
 
-from crowdtrain.coordinator.prepare import PrepareConfig, prepare_data
+from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
 from crowdtrain.coordinator.store import Store
 
 NUM_SHARDS = 20

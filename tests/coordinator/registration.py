@@ -2,8 +2,8 @@
 
 import os
 
-from crowdtrain.coordinator import peers
-from crowdtrain.coordinator.peers import PeerConfig
+from crowdtrain.coordinator.runs import peers
+from crowdtrain.coordinator.runs.peers import PeerConfig
 from crowdtrain.protocol.identity import Identity, ReplayGuard, open_envelope, seal
 from crowdtrain.protocol.messages import RegisterPayload
 

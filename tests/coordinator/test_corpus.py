@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset, DatasetDict
 
-from crowdtrain.coordinator.prepare import PrepareConfig, prepare_data
+from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
 from crowdtrain.protocol.errors import DataError
 from crowdtrain.protocol.shards import read_shard
 

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from crowdtrain.coordinator import dashboard
-from crowdtrain.coordinator.http_app import Endpoints, create_app
-from crowdtrain.coordinator.leases import LeaseBook
-from crowdtrain.coordinator.metrics import Refusals
-from crowdtrain.coordinator.runs import prepare_publication, publish
+from crowdtrain.coordinator.api import dashboard
+from crowdtrain.coordinator.api.http_app import Endpoints, create_app
+from crowdtrain.coordinator.api.refusals import Refusals
+from crowdtrain.coordinator.runs.leases import LeaseBook
+from crowdtrain.coordinator.runs.publish import prepare_publication, publish
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.rpc import KIND_HEARTBEAT, KIND_REGISTER, envelope_to_pb

@@ -18,10 +18,9 @@ import pytest
 import torch
 
 from crowdtrain.coordinator.export import gpt_config
-from crowdtrain.coordinator.keeper import checkpoint_name
-from crowdtrain.coordinator.ledger import CHECKPOINTS_DIR
-from crowdtrain.coordinator.runs import get_run
+from crowdtrain.coordinator.records import get_run
 from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR, checkpoint_name
 from crowdtrain.model import GPT, params_sha256, save_checkpoint
 from tests.swarm import COORDINATOR, run_cli, small_corpus, write_spec
 
@@ -271,7 +270,7 @@ def test_hivemind_and_verifier_lines_follow_log_json():
     from hivemind.utils.logging import use_hivemind_log_handler
 
     from crowdtrain.coordinator.cli import _route_hivemind_logs
-    from crowdtrain.coordinator.verifier import _log_flags
+    from crowdtrain.coordinator.ledger.verifier import _log_flags
     from crowdtrain.protocol.logs import setup_logging
 
     root = logging.getLogger()

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from crowdtrain.coordinator.keeper import Keeper, checkpoint_name, sidecar_path
-from crowdtrain.coordinator.runs import get_run, prepare_publication, publish
+from crowdtrain.coordinator.records import get_run
+from crowdtrain.coordinator.runs.publish import prepare_publication, publish
+from crowdtrain.coordinator.swarm.checkpoints import checkpoint_name, sidecar_path
+from crowdtrain.coordinator.swarm.keeper import Keeper
 from crowdtrain.model import load_checkpoint, params_sha256
 from tests.coordinator.registration import COORDINATOR_KEY
 from tests.swarm import db_rows
@@ -48,8 +50,8 @@ SAVE_SCRIPT = textwrap.dedent(
     import resource, signal, sys
     from pathlib import Path
     import torch
-    from crowdtrain.coordinator.keeper import Keeper
-    from crowdtrain.coordinator.runs import get_run
+    from crowdtrain.coordinator.swarm.keeper import Keeper
+    from crowdtrain.coordinator.records import get_run
     from crowdtrain.coordinator.store import Store
     from crowdtrain.model import params_sha256
     from crowdtrain.model.checkpoint import CheckpointError
@@ -155,7 +157,7 @@ def test_a_checkpoint_carries_its_metadata_sidecar_and_row(store, run):
     )
     assert checked.returncode == 0 and "OK" in checked.stdout
 
-    from crowdtrain.coordinator.ledger import checkpoints_view
+    from crowdtrain.coordinator.swarm.checkpoints import checkpoints_view
 
     assert checkpoints_view(store, run.id)[0]["num_tokens"] == 12_345
 

@@ -4,8 +4,9 @@ import dataclasses
 
 import pytest
 
-from crowdtrain.coordinator.leases import LeaseBook, ReceiptError
-from crowdtrain.coordinator.runs import epoch_order, get_run, prepare_publication, publish
+from crowdtrain.coordinator.records import get_run
+from crowdtrain.coordinator.runs.leases import LeaseBook, ReceiptError
+from crowdtrain.coordinator.runs.publish import epoch_order, prepare_publication, publish
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.messages import ReceiptPayload

@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from crowdtrain.coordinator import ledger
-from crowdtrain.coordinator.keeper import gpt_config
-from crowdtrain.coordinator.leases import LeaseBook
-from crowdtrain.coordinator.ledger import CHECKPOINTS_DIR, Ledger
-from crowdtrain.coordinator.runs import get_run, peers_view, prepare_publication, publish
-from crowdtrain.coordinator.swarm import ProgressHistory, ProgressObservation, subkey_hex
-from crowdtrain.coordinator.verifier import SpotChecker, Verifier
+from crowdtrain.coordinator.ledger import checks
+from crowdtrain.coordinator.ledger import views as ledger_views
+from crowdtrain.coordinator.ledger.ledger import Ledger
+from crowdtrain.coordinator.ledger.verifier import SpotChecker, Verifier
+from crowdtrain.coordinator.records import get_run
+from crowdtrain.coordinator.runs.leases import LeaseBook
+from crowdtrain.coordinator.runs.publish import prepare_publication, publish
+from crowdtrain.coordinator.runs.views import peers_view
+from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR
+from crowdtrain.coordinator.swarm.dht import ProgressHistory, ProgressObservation, subkey_hex
+from crowdtrain.coordinator.swarm.keeper import gpt_config
 from crowdtrain.model import GPT, params_sha256, save_checkpoint, sequence_losses
 from crowdtrain.node.data import LeasedShard, ShardStream
 from crowdtrain.protocol.devices import device_peak, peak_flops
@@ -160,10 +164,10 @@ def test_an_honest_receipt_is_verified_and_credited(store, run, history, book):
 
     row = check_row(store, peer, shard)
     assert (row["possible"], row["dht"], row["spot"]) == ("ok", "ok", "not selected")
-    (entry,) = ledger.leaderboard_view(store, run)
+    (entry,) = ledger_views.leaderboard_view(store, run)
     assert entry["verified_tokens"] == CAPACITY * SEQ_LEN
     assert entry["verified_flops"] == pytest.approx(
-        CAPACITY * SEQ_LEN * ledger.flops_per_token(run.spec)
+        CAPACITY * SEQ_LEN * checks.flops_per_token(run.spec)
     )
     assert entry["verified_share"] == 1.0 and entry["verified_fraction"] == 1.0
     assert entry["flagged"] is None
@@ -185,7 +189,7 @@ def test_more_sequences_than_the_shard_holds_is_rejected_and_flags_the_peer(
     assert row["possible"] == "failed" and f"at most {CAPACITY}" in row["reason"]
     flagged = store.get_peer(run.id, peer.session.peer_id)["flagged"]
     assert shard in flagged and f"at most {CAPACITY}" in flagged
-    (entry,) = ledger.leaderboard_view(store, run)
+    (entry,) = ledger_views.leaderboard_view(store, run)
     assert entry["verified_tokens"] == 0 and entry["num_rejected"] == 1
     assert entry["num_tokens"] == 10 * CAPACITY * SEQ_LEN  # claimed, shown, never credited
 
@@ -252,17 +256,17 @@ def test_a_node_clock_that_runs_ahead_is_allowed_for(store, run, history, book):
 def test_a_rate_beyond_the_devices_peak_is_impossible(run):
     granted = 1000.0
     payload = receipt(run.manifest.train_shards[0].id, granted, duration=1e-6)
-    times = ledger.receipt_times(
+    times = checks.receipt_times(
         payload, sent_at=granted + 1, granted_at=granted, received_at=granted + 1
     )
-    check = ledger.check_possible(run, payload, times, "cpu:1")
+    check = checks.check_possible(run, payload, times, "cpu:1")
     assert check.failed and "peak" in check.reason and "CPU, 1 threads" in check.reason
     # The same claim over ten seconds is possible on one thread.
     slow = receipt(run.manifest.train_shards[0].id, granted, duration=10.0)
-    times = ledger.receipt_times(
+    times = checks.receipt_times(
         slow, sent_at=granted + 11, granted_at=granted, received_at=granted + 11
     )
-    assert not ledger.check_possible(run, slow, times, "cpu:1").failed
+    assert not checks.check_possible(run, slow, times, "cpu:1").failed
 
 
 def test_device_peaks():
@@ -291,7 +295,7 @@ def test_a_rate_far_above_what_the_dht_showed_is_rejected(store, run, history, b
     assert submit(store, book, the_ledger, peer, receipt(shard, start)) == "pending"
     assert check_row(store, peer, shard)["dht"] == "waiting"
     assert the_ledger.recheck_waiting(run, now=start + 15) == 0
-    assert the_ledger.recheck_waiting(run, now=start + 10 + ledger.DHT_WINDOW_SLACK_S) == 1
+    assert the_ledger.recheck_waiting(run, now=start + 10 + checks.DHT_WINDOW_SLACK_S) == 1
     row = check_row(store, peer, shard)
     assert row["status"] == "rejected" and row["dht"] == "failed"
     assert "sequences/s" in row["reason"]
@@ -364,7 +368,7 @@ def test_no_dht_evidence_is_unverified_not_credited_not_flagged(store, run, hist
     assert the_ledger.recheck_waiting(run, now=start + 30) == 1
     assert check_row(store, peer, shard)["status"] == "unverified"
     assert store.get_peer(run.id, peer.session.peer_id)["flagged"] is None
-    (entry,) = ledger.leaderboard_view(store, run)
+    (entry,) = ledger_views.leaderboard_view(store, run)
     assert entry["verified_tokens"] == 0 and entry["num_unverified"] == 1
 
 
@@ -441,7 +445,7 @@ def test_a_spot_check_passes_when_the_claimed_losses_are_recomputed(store, spot_
     assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]
     assert row["spot_cpu_s"] > 0
     assert store.get_peer(spot_run.id, peer.session.peer_id)["flagged"] is None
-    costs = ledger.costs_view(store, spot_run)
+    costs = ledger_views.costs_view(store, spot_run)
     assert costs["num_spot_checks"] == 1 and costs["cpu_s_per_verified_receipt"] > 0
 
 
@@ -453,7 +457,7 @@ def test_a_spot_check_fails_when_a_claimed_loss_is_off(store, spot_run, history,
     assert (row["spot"], row["status"]) == ("failed", "rejected")
     assert "sequence 1 of step 3, batch 2" in row["reason"]
     assert "spot check" in store.get_peer(spot_run.id, peer.session.peer_id)["flagged"]
-    (entry,) = ledger.leaderboard_view(store, spot_run)
+    (entry,) = ledger_views.leaderboard_view(store, spot_run)
     assert entry["verified_tokens"] == 0
 
 
@@ -537,7 +541,7 @@ def test_leaderboard_ranks_by_verified_compute_and_a_banned_peer_gets_nothing(
     submit(store, book, the_ledger, cheat, receipt(shard, start, num_sequences=10 * CAPACITY))
     store.ban(run.id, banned.session.peer_id, "test ban", time.time())
 
-    board = ledger.leaderboard_view(store, run)
+    board = ledger_views.leaderboard_view(store, run)
     assert [e["name"] for e in board[:2]] == ["big", "small"]
     by_name = {e["name"]: e for e in board}
     assert by_name["big"]["verified_share"] == pytest.approx(0.75)
@@ -547,10 +551,12 @@ def test_leaderboard_ranks_by_verified_compute_and_a_banned_peer_gets_nothing(
     assert by_name["banned"]["num_tokens"] == 4 * CAPACITY * SEQ_LEN
     assert by_name["cheat"]["flagged"] and by_name["cheat"]["verified_share"] == 0.0
     assert [e["rank"] for e in board] == [1, 2, 3, 4]
-    assert ledger.verified_tokens(store, run.id, banned.session.peer_id) == 0
-    assert ledger.verified_tokens(store, run.id, big.session.peer_id) == 3 * CAPACITY * SEQ_LEN
+    assert ledger_views.verified_tokens(store, run.id, banned.session.peer_id) == 0
+    assert (
+        ledger_views.verified_tokens(store, run.id, big.session.peer_id) == 3 * CAPACITY * SEQ_LEN
+    )
 
-    view = ledger.ledger_view(store, run)
+    view = ledger_views.ledger_view(store, run)
     statuses = sorted(r["status"] for r in view["receipts"])
     assert statuses == ["rejected"] + ["verified"] * 8
     assert all(r["num_samples"] == 1 for r in view["receipts"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crowdtrain.coordinator import cli
-from crowdtrain.coordinator.prepare import (
+from crowdtrain.coordinator.data.prepare import (
     MAX_BPE_VOCAB_SIZE,
     MIN_BPE_VOCAB_SIZE,
     PrepareConfig,

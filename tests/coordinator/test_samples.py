@@ -6,16 +6,10 @@ import shutil
 
 import pytest
 
-from crowdtrain.coordinator import peers
-from crowdtrain.coordinator.runs import (
-    PEER_TIMEOUT_S,
-    UnknownRunError,
-    get_run,
-    metrics_view,
-    prepare_publication,
-    publish,
-    take_samples,
-)
+from crowdtrain.coordinator.records import PEER_TIMEOUT_S, UnknownRunError, get_run
+from crowdtrain.coordinator.runs import peers
+from crowdtrain.coordinator.runs.publish import prepare_publication, publish
+from crowdtrain.coordinator.runs.samples import metrics_view, take_samples
 from crowdtrain.protocol.messages import HeartbeatPayload
 from tests.coordinator.registration import COORDINATOR_KEY, join_peer
 from tests.swarm import write_spec
@@ -78,7 +72,7 @@ def test_samples_are_thinned_past_the_limit(run, store):
 
 
 def test_an_evaluation_is_placed_at_the_swarms_tokens_when_it_was_measured() -> None:
-    from crowdtrain.coordinator.store import _swarm_tokens_at
+    from crowdtrain.coordinator.store.runs import _swarm_tokens_at
 
     # The node measured at 10,000 of its own tokens and has trained 2,000 more since; the
     # swarm runs at 3x its speed and stands at 100,000: it was at 94,000.

@@ -3,19 +3,17 @@ import shutil
 
 import pytest
 
-from crowdtrain.coordinator import leases, peers
-from crowdtrain.coordinator.leases import LeaseBook
-from crowdtrain.coordinator.peers import PeerConfig, SessionError
-from crowdtrain.coordinator.prepare import PrepareConfig, prepare_data
-from crowdtrain.coordinator.runs import (
-    UnknownRunError,
+from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
+from crowdtrain.coordinator.records import SessionError, UnknownRunError, get_run
+from crowdtrain.coordinator.runs import leases, peers
+from crowdtrain.coordinator.runs.leases import LeaseBook
+from crowdtrain.coordinator.runs.peers import PeerConfig
+from crowdtrain.coordinator.runs.publish import (
     check_spec_against_data,
-    get_run,
-    peers_view,
     prepare_publication,
     publish,
-    run_view,
 )
+from crowdtrain.coordinator.runs.views import peers_view, run_view
 from crowdtrain.coordinator.store import Store, StoreError
 from crowdtrain.protocol.errors import AccessError, ShardError, SpecError
 from crowdtrain.protocol.identity import Identity

@@ -23,8 +23,8 @@ import torch
 from hivemind.compression import NoCompression, Uniform8BitQuantization
 
 from crowdtrain.model import GPT, GPTConfig, param_groups
-from crowdtrain.node.compression import install_decoders
-from crowdtrain.node.diloco import DiLoCoOptimizer
+from crowdtrain.node.swarm.compression import install_decoders
+from crowdtrain.node.swarm.diloco import DiLoCoOptimizer
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 SEQ_LEN = 16

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from crowdtrain.coordinator.keeper import Keeper, checkpoint_name, gpt_config
-from crowdtrain.coordinator.runs import get_run
+from crowdtrain.coordinator.records import get_run
 from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.swarm.checkpoints import checkpoint_name
+from crowdtrain.coordinator.swarm.keeper import Keeper, gpt_config
 from crowdtrain.model import GPT, params_sha256
 from crowdtrain.node.bootstrap import (
     BootstrapError,
@@ -80,7 +81,7 @@ def test_a_node_starts_from_the_keepers_checkpoint_of_the_runs_step(
     served, tmp_path, caplog, monkeypatch
 ):
     swarm, run, state = served
-    monkeypatch.setattr("crowdtrain.node.client._LOG_EVERY_S", 0.0)  # log every chunk
+    monkeypatch.setattr("crowdtrain.node.link.http._LOG_EVERY_S", 0.0)  # log every chunk
     checkpoint = latest_checkpoint(swarm.url, "tiny")
     assert checkpoint is not None and checkpoint.step == STEP
     assert checkpoint.params_sha256 == params_sha256(state)
@@ -247,8 +248,8 @@ def test_the_optimizer_takes_the_checkpoints_step_and_trains_on(tmp_path, mode, 
     import hivemind
 
     from crowdtrain.node.bootstrap import set_optimizer_step
-    from crowdtrain.node.guard import SwarmGuard
-    from crowdtrain.node.optimizers import build_optimizer
+    from crowdtrain.node.swarm.guard import SwarmGuard
+    from crowdtrain.node.swarm.optimizer import build_optimizer
     from crowdtrain.protocol.runspec import parse_spec
 
     spec = parse_spec(OPTIMIZER_SPEC.format(mode=mode, delay=str(delay).lower()))

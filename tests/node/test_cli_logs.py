@@ -58,7 +58,7 @@ def test_hivemind_records_become_json_lines_too(capsys, monkeypatch):
     saved = (list(root.handlers), root.level)
     try:
         monkeypatch.setattr(
-            "crowdtrain.node.trainer.Node", _StopHere, raising=True
+            "crowdtrain.node.node.Node", _StopHere, raising=True
         )  # _join stops right after its logging set-up
         args = cli._parser().parse_args(["--log-json", "join", "http://x", "--run", "r"])
         try:

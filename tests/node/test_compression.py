@@ -28,7 +28,7 @@ from hivemind.compression import (
     deserialize_torch_tensor,
 )
 
-from crowdtrain.node.compression import KINDS, SMALL_PART, bytes_on_wire, compression
+from crowdtrain.node.swarm.compression import KINDS, SMALL_PART, bytes_on_wire, compression
 from crowdtrain.protocol.errors import SpecError
 
 N = 1 << 17

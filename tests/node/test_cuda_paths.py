@@ -35,7 +35,8 @@ ROUNDS = 4
 
 def test_micro_batch_probe_beats_the_cpu_default_and_trains_in_bf16() -> None:
     from crowdtrain.model import GPT, GPTConfig
-    from crowdtrain.node.hardware import autocast, choose_micro_batch
+    from crowdtrain.node.device.micro_batch import choose_micro_batch
+    from crowdtrain.node.device.precision import autocast
     from crowdtrain.protocol.runspec import OptimizerSection
 
     device = torch.device("cuda")
@@ -221,11 +222,11 @@ def test_sync_optimizer_trains_a_gpu_model_alone(tmp_path: Path, delay: bool) ->
     CPU copy in the background and must land back on the GPU parameters."""
     import hivemind
 
-    from crowdtrain.coordinator.keeper import gpt_config
+    from crowdtrain.coordinator.swarm.keeper import gpt_config
     from crowdtrain.model import GPT
-    from crowdtrain.node.guard import SwarmGuard
-    from crowdtrain.node.hardware import autocast
-    from crowdtrain.node.optimizers import build_optimizer
+    from crowdtrain.node.device.precision import autocast
+    from crowdtrain.node.swarm.guard import SwarmGuard
+    from crowdtrain.node.swarm.optimizer import build_optimizer
     from crowdtrain.protocol.runspec import parse_spec
 
     spec = parse_spec(SYNC_SPEC.format(delay=str(delay).lower()))

@@ -23,12 +23,12 @@ import torch
 from hivemind.compression import Uniform8BitQuantization
 from hivemind.p2p import P2P
 
-from crowdtrain.coordinator.keeper import Keeper, gpt_config
+from crowdtrain.coordinator.swarm.keeper import Keeper, gpt_config
 from crowdtrain.model import GPT, param_groups
-from crowdtrain.node.compression import install_decoders
-from crowdtrain.node.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
-from crowdtrain.node.guard import GuardConfig, SwarmGuard
-from crowdtrain.node.guarded_runner import GuardedAllReduceRunner
+from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
+from crowdtrain.node.swarm.compression import install_decoders
+from crowdtrain.node.swarm.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
+from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
 
 PEER = Path(__file__).parent / "diloco_peer.py"

@@ -20,7 +20,9 @@ from hivemind.p2p import P2P
 from hivemind.proto import averaging_pb2
 
 from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
-from crowdtrain.node.guard import (
+from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
+from crowdtrain.node.swarm.averagers import GuardedStateAverager
+from crowdtrain.node.swarm.guard import (
     CLIP_BOUND,
     NORM_BOUND,
     STEP_TOLERANCE,
@@ -34,8 +36,6 @@ from crowdtrain.node.guard import (
     state_distance,
     state_problem,
 )
-from crowdtrain.node.guarded import GuardedStateAverager
-from crowdtrain.node.guarded_runner import GuardedAllReduceRunner
 from crowdtrain.protocol.errors import CrowdtrainError
 
 SHAPE = torch.Size([1000])

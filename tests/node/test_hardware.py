@@ -10,15 +10,13 @@ import pytest
 import torch
 
 from crowdtrain.model import GPT, GPTConfig
-from crowdtrain.node.hardware import (
+from crowdtrain.node.device.hooks import SLOWDOWN_ENV, Throttle
+from crowdtrain.node.device.micro_batch import (
     MEMORY_CAP_ENV,
-    SLOWDOWN_ENV,
-    Throttle,
-    autocast,
     choose_micro_batch,
     estimate_sequence_bytes,
-    maybe_compile,
 )
+from crowdtrain.node.device.precision import autocast, maybe_compile
 from crowdtrain.protocol.errors import CrowdtrainError
 
 CONFIG = GPTConfig(vocab_size=256, seq_len=32, num_layers=2, num_heads=2, d_model=32)

@@ -1,0 +1,228 @@
+"""The gRPC service nodes talk to. Handlers only translate.
+
+Each method parses its request (envelope, payload), calls a domain function
+in :mod:`peers`, :mod:`leases` or :mod:`runs`, and formats the answer. The
+session was already checked by :class:`~crowdtrain.coordinator.api.auth.SessionInterceptor`.
+Every failure becomes a status code with a message; none changes stored
+state (a signed session message's nonce is journalled, so a replay stays
+refused after a restart).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from crowdtrain.coordinator import records
+from crowdtrain.coordinator.api.auth import ChallengeBook, current_session
+from crowdtrain.coordinator.api.refusals import Refusals
+from crowdtrain.coordinator.ledger.ledger import Ledger
+from crowdtrain.coordinator.ledger.views import peer_credit
+from crowdtrain.coordinator.runs import leases, peers
+from crowdtrain.coordinator.runs.leases import LeaseBook
+from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol import coordinator_pb2 as pb
+from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
+from crowdtrain.protocol.errors import (
+    AccessError,
+    CrowdtrainError,
+    IdentityError,
+    MalformedMessageError,
+)
+from crowdtrain.protocol.identity import (
+    DEFAULT_MAX_AGE_S,
+    Identity,
+    OpenedEnvelope,
+    ReplayGuard,
+    open_envelope,
+)
+from crowdtrain.protocol.messages import (
+    HeartbeatPayload,
+    PayloadError,
+    ReceiptPayload,
+    RegisterPayload,
+    parse_payload,
+)
+from crowdtrain.protocol.rpc import (
+    KIND_HEARTBEAT,
+    KIND_RECEIPT,
+    KIND_REGISTER,
+    envelope_from_pb,
+)
+
+logger = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (records.SessionError, grpc.StatusCode.UNAUTHENTICATED),
+    (MalformedMessageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IdentityError, grpc.StatusCode.UNAUTHENTICATED),
+    (AccessError, grpc.StatusCode.PERMISSION_DENIED),
+    (records.UnknownRunError, grpc.StatusCode.NOT_FOUND),
+    (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
+    (leases.ReceiptError, grpc.StatusCode.FAILED_PRECONDITION),
+    (CrowdtrainError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+R = TypeVar("R")
+_MAX_DETAIL_CHARS = 1024
+
+
+def _translating(
+    method: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    """Turn our errors into gRPC status codes with their message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except CrowdtrainError as e:
+            code = next(c for t, c in _STATUS if isinstance(e, t))
+            self.refusals.count(method.__name__, code.name)
+            logger.info("%s refused: %s", method.__name__, e)
+            # Details travel in gRPC trailers, which clients cap at a few KiB.
+            await context.abort(code, str(e)[:_MAX_DETAIL_CHARS])
+            raise AssertionError("unreachable") from None
+
+    return wrapper
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        store: Store,
+        config: peers.PeerConfig,
+        initial_peers: Callable[[], list[str]],
+        http_url: str,
+        leases: LeaseBook,
+        refusals: Refusals,
+        identity: Identity,
+        ledger: Ledger | None = None,
+    ):
+        self.store = store
+        self.ledger = ledger
+        self.leases = leases
+        self.refusals = refusals
+        self.config = config
+        self.initial_peers = initial_peers
+        self.http_url = http_url
+        self.identity = identity
+        self.challenges = ChallengeBook()
+        # Registration is protected by its one-time challenge; session messages by
+        # nonces journalled in the store, so a restart does not reopen a replay window.
+        self.register_guard = ReplayGuard()
+        self.session_guard = ReplayGuard(journal=store.remember_nonce)
+        for row in store.recent_nonces(since=time.time() - 2 * DEFAULT_MAX_AGE_S):
+            self.session_guard.remember(row["public_key"], row["nonce"], row["timestamp"])
+
+    def _run_info(self, run: records.PublishedRun) -> pb.RunInfo:
+        return pb.RunInfo(
+            run_id=run.id,
+            spec_toml=run.row["spec_toml"],
+            spec_hash=run.row["spec_hash"],
+            manifest_json=run.row["manifest_json"],
+            manifest_hash=run.row["manifest_hash"],
+            step=run.row["step"],
+            shard_base_url=f"{self.http_url}/api/runs/{run.id}/shards",
+            coordinator_public_key=self.identity.public_key,
+            run_signature=run.row["run_signature"],
+        )
+
+    def _open(self, message: pb.Envelope, kind: str, session: records.Session) -> OpenedEnvelope:
+        return open_envelope(
+            envelope_from_pb(message),
+            kind,
+            self.session_guard,
+            expected_public_key=session.public_key,
+        )
+
+    @_translating
+    async def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
+        run = records.get_run(self.store, request.run_id)
+        return pb.ChallengeReply(
+            challenge=self.challenges.issue(run.id),
+            expires_in_s=self.challenges.ttl_s,
+            coordinator_public_key=self.identity.public_key,
+        )
+
+    @_translating
+    async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
+        run = records.get_run(self.store, request.run_id)
+        opened = open_envelope(
+            envelope_from_pb(request.envelope), KIND_REGISTER, self.register_guard
+        )
+        info = parse_payload(RegisterPayload, opened.payload)
+        self.challenges.check(info.challenge, run.id)
+        session = peers.register(self.store, self.config, run.id, opened, info)
+        self.challenges.consume(info.challenge)
+        logger.info("peer %s (%s) registered for run %s", session.peer_id, info.name, run.id)
+        return pb.RegisterReply(
+            peer_id=session.peer_id,
+            session_token=session.token,
+            session_ttl_s=self.config.session_ttl_s,
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            run=self._run_info(records.get_run(self.store, run.id)),
+            initial_peers=self.initial_peers(),
+        )
+
+    @_translating
+    async def GetRun(self, request: pb.GetRunRequest, context: Any) -> pb.RunInfo:
+        return self._run_info(records.get_run(self.store, request.run_id))
+
+    @_translating
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatReply:
+        session = current_session()
+        opened = self._open(request.envelope, KIND_HEARTBEAT, session)
+        beat = parse_payload(HeartbeatPayload, opened.payload)
+        run = records.get_run(self.store, session.run_id)
+        peers.heartbeat(self.store, session, beat)
+        self.leases.renew(run, session, {(h.shard_id, h.epoch) for h in beat.leases})
+        stored = self.store.get_run(session.run_id)
+        assert stored is not None, "a session's run is never deleted"
+        credit = peer_credit(self.store, run.id).get(session.peer_id, {})
+        return pb.HeartbeatReply(
+            step=stored["step"],
+            num_peers=records.num_active_peers(self.store, session.run_id),
+            roster=[
+                pb.PeerAllowance(dht_peer_id=dht_id, max_weight=weight)
+                for dht_id, weight in peers.roster(self.store, run)
+            ],
+            verified_tokens=int(credit.get("verified_tokens", 0)),
+            verified_share=float(credit.get("verified_share", 0.0)),
+        )
+
+    @_translating
+    async def LeaseShards(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseReply:
+        session = current_session()
+        run = records.get_run(self.store, session.run_id)
+        granted = self.leases.grant(run, session, request.max_shards, resume=request.resume)
+        return pb.LeaseReply(
+            leases=[
+                pb.Lease(shard_id=g.shard_id, epoch=g.epoch, expires_in_s=g.expires_in_s)
+                for g in granted
+            ]
+        )
+
+    @_translating
+    async def ReportShard(self, request: pb.ShardReport, context: Any) -> pb.ShardReportReply:
+        session = current_session()
+        opened = self._open(request.envelope, KIND_RECEIPT, session)
+        receipt = parse_payload(ReceiptPayload, opened.payload)
+        run = records.get_run(self.store, session.run_id)
+        self.leases.complete(run, session, receipt)
+        if self.ledger is not None:
+            self.ledger.assess(run, session, receipt, sent_at=opened.timestamp)
+        return pb.ShardReportReply(accepted=True)
+
+    @_translating
+    async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
+        session = current_session()
+        self.leases.release(session)
+        peers.leave(self.store, session)
+        logger.info("peer %s left run %s", session.peer_id, session.run_id)
+        return pb.LeaveReply()

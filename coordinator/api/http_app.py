@@ -1,0 +1,354 @@
+"""The coordinator's HTTP API for people, notebooks and bulk files.
+
+Routes only translate: they call the view functions in :mod:`runs` and
+return JSON, or stream a shard file named by the run's manifest (never a
+path from the request). Routes under ``/api/admin`` need the admin key as a
+bearer token. No request body may exceed :data:`MAX_BODY_BYTES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from crowdtrain.coordinator import records
+from crowdtrain.coordinator.api import dashboard, prometheus
+from crowdtrain.coordinator.api.refusals import Refusals
+from crowdtrain.coordinator.ledger import views as ledger_views
+from crowdtrain.coordinator.runs import access, samples
+from crowdtrain.coordinator.runs import publish as publishing
+from crowdtrain.coordinator.runs import views as run_views
+from crowdtrain.coordinator.runs.leases import LeaseBook
+from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.swarm import checkpoints
+from crowdtrain.protocol.errors import AccessError, CrowdtrainError
+from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.runspec import parse_spec
+
+# Admin requests are small JSON; a run spec is a few KiB.
+MAX_BODY_BYTES = 64 * 1024
+_ADMIN_BEARER = HTTPBearer(auto_error=False, description="the coordinator's admin key")
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where nodes reach the other planes; served at ``/api/endpoints``."""
+
+    http_url: str
+    grpc_target: str
+    initial_peers: Callable[[], list[str]]
+    grpc_tls: bool = False
+    coordinator_public_key: str = ""
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes is answered 413, unread."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"request body over {self.limit} bytes"}, status_code=413
+        )
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PublishRequest(_Request):
+    spec_toml: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
+    data_path: str = Field(min_length=1, max_length=4096)
+
+
+class InviteRequest(_Request):
+    uses: int = Field(default=1, ge=0, le=1_000_000, description="0: any number of uses")
+    expires_in_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+    note: str = Field(default="", max_length=200)
+
+
+class BanRequest(_Request):
+    peer_id: str = Field(min_length=1, max_length=64)
+    reason: str = Field(min_length=1, max_length=200)
+
+
+def create_app(
+    store: Store,
+    endpoints: Endpoints,
+    leases: LeaseBook,
+    refusals: Refusals,
+    admin_key: str,
+    identity: Identity,
+) -> FastAPI:
+    app = FastAPI(
+        title="crowdtrain coordinator",
+        version=version("crowdtrain"),
+        description="Runs, peers and shards of a crowdtrain coordinator.",
+    )
+    app.add_middleware(BodyLimit)
+
+    def require_admin(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_ADMIN_BEARER)],
+    ) -> None:
+        try:
+            access.check_admin(credentials.credentials if credentials else None, admin_key)
+        except AccessError as e:
+            refusals.count("http-admin", "UNAUTHENTICATED" if not credentials else "DENIED")
+            status = 401 if credentials is None else 403
+            raise HTTPException(status_code=status, detail=str(e)) from None
+
+    def admin_call(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except records.UnknownRunError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        except CrowdtrainError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+
+    def run_or_404(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except records.UnknownRunError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+
+    registry = prometheus.coordinator_registry(store, refusals)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        """Prometheus' scrape target: runs, peers, shards, the ledger, refusals."""
+        return Response(prometheus.exposition(registry), media_type=prometheus.CONTENT_TYPE)
+
+    dashboard.mount(app, store)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/api/endpoints")
+    def get_endpoints() -> dict[str, Any]:
+        """What a node needs besides this URL: the gRPC target and the DHT's first peers."""
+        return {
+            "http_url": endpoints.http_url,
+            "grpc_target": endpoints.grpc_target,
+            "grpc_tls": endpoints.grpc_tls,
+            "initial_peers": endpoints.initial_peers(),
+            "coordinator_public_key": endpoints.coordinator_public_key,
+            "version": version("crowdtrain"),
+        }
+
+    @app.get("/api/runs")
+    def list_runs() -> list[dict[str, Any]]:
+        return run_views.list_runs_view(store)
+
+    @app.get("/api/runs/{run_id}")
+    def get_run(run_id: str) -> dict[str, Any]:
+        return run_or_404(lambda: run_views.run_view(store, run_id))
+
+    @app.get("/api/runs/{run_id}/peers")
+    def get_peers(run_id: str) -> list[dict[str, Any]]:
+        return run_or_404(lambda: run_views.peers_view(store, run_id))
+
+    @app.get("/api/runs/{run_id}/evals")
+    def get_evals(run_id: str) -> list[dict[str, Any]]:
+        """Validation loss over steps and tokens, oldest first."""
+        return run_or_404(lambda: run_views.evals_view(store, run_id))
+
+    @app.get("/api/runs/{run_id}/metrics")
+    def get_metrics(
+        run_id: str,
+        since: Annotated[
+            float | None,
+            Query(ge=0, le=1e11, allow_inf_nan=False, description="unix seconds; only later"),
+        ] = None,
+    ) -> list[dict[str, Any]]:
+        """The run over time, oldest first: samples of its step, tokens, the swarm's
+        tokens/s and its active peers, taken every few seconds while peers are live."""
+        return run_or_404(lambda: samples.metrics_view(store, run_id, since))
+
+    @app.get("/api/runs/{run_id}/coverage")
+    def get_coverage(run_id: str, epoch: int | None = None) -> dict[str, Any]:
+        """Each shard of an epoch (the current one unless ``?epoch=N``): pending, leased or done."""
+        run = run_or_404(lambda: records.get_run(store, run_id))
+        try:
+            return leases.coverage(run, epoch)
+        except CrowdtrainError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+
+    @app.get("/api/runs/{run_id}/tokenizer")
+    def get_tokenizer(run_id: str) -> FileResponse:
+        """The run's BPE tokenizer (tokenizer.json), pinned by the manifest's sha256."""
+        run = run_or_404(lambda: records.get_run(store, run_id))
+        name = run.manifest.tokenizer_file
+        if name is None:
+            raise HTTPException(status_code=404, detail=f"run {run_id!r} uses byte tokens")
+        path = run.data_path / name
+        if not path.is_file():
+            raise HTTPException(
+                status_code=410, detail="the tokenizer is missing on the coordinator"
+            )
+        return FileResponse(path, media_type="application/json", filename=name)
+
+    @app.get("/api/refusals")
+    def get_refusals() -> list[dict[str, Any]]:
+        """Requests from nodes that were refused since this coordinator started, by reason."""
+        return refusals.snapshot()
+
+    @app.get("/api/runs/{run_id}/shards/{shard_id}")
+    def get_shard(run_id: str, shard_id: str) -> FileResponse:
+        run = run_or_404(lambda: records.get_run(store, run_id))
+        entry = next((s for s in run.manifest.shards if s.id == shard_id), None)
+        if entry is None:
+            raise HTTPException(status_code=404, detail=f"no shard {shard_id!r} in run {run_id!r}")
+        path = run.data_path / entry.file
+        if not path.is_file():
+            raise HTTPException(
+                status_code=410, detail=f"shard {shard_id!r} is missing from the coordinator's data"
+            )
+        return FileResponse(path, media_type="application/octet-stream", filename=entry.file)
+
+    @app.post("/api/admin/runs", dependencies=[Depends(require_admin)], status_code=201)
+    def admin_publish(body: PublishRequest) -> dict[str, Any]:
+        """Publish a run: its spec (TOML text) and a data folder on the coordinator's disk."""
+
+        def publish() -> dict[str, Any]:
+            spec = parse_spec(body.spec_toml, source="the published spec")
+            publication = publishing.check_publication(
+                spec, body.spec_toml, body.data_path, "the published spec"
+            )
+            result = publishing.publish(store, publication, identity)
+            return {
+                "run_id": result.run_id,
+                "spec_hash": result.spec_hash,
+                "manifest_hash": result.manifest_hash,
+                "num_train_shards": result.num_train_shards,
+                "already_published": result.already_published,
+            }
+
+        return admin_call(publish)
+
+    @app.post(
+        "/api/admin/runs/{run_id}/invites", dependencies=[Depends(require_admin)], status_code=201
+    )
+    def admin_invite(run_id: str, body: InviteRequest) -> dict[str, Any]:
+        """A new invite code for an invite-only run; shown once, stored only as a hash."""
+        invite = admin_call(
+            lambda: access.create_invite(store, run_id, body.uses, body.expires_in_s, body.note)
+        )
+        return {
+            "code": invite.code,
+            "run_id": invite.run_id,
+            "uses": invite.max_uses,
+            "expires_at": invite.expires_at,
+        }
+
+    @app.get("/api/admin/runs/{run_id}/invites", dependencies=[Depends(require_admin)])
+    def admin_invites(run_id: str) -> list[dict[str, Any]]:
+        return admin_call(lambda: (records.get_run(store, run_id), store.list_invites(run_id))[1])
+
+    @app.post(
+        "/api/admin/runs/{run_id}/bans", dependencies=[Depends(require_admin)], status_code=201
+    )
+    def admin_ban(run_id: str, body: BanRequest) -> dict[str, Any]:
+        """Ban a peer: its sessions end, its leases return, it is no longer credited."""
+        row = admin_call(lambda: access.ban(store, run_id, body.peer_id, body.reason))
+        leases.forget(run_id, body.peer_id)
+        return row
+
+    @app.get("/api/admin/runs/{run_id}/bans", dependencies=[Depends(require_admin)])
+    def admin_bans(run_id: str) -> list[dict[str, Any]]:
+        return admin_call(lambda: (records.get_run(store, run_id), store.list_bans(run_id))[1])
+
+    @app.delete("/api/admin/runs/{run_id}/bans/{peer_id}", dependencies=[Depends(require_admin)])
+    def admin_unban(run_id: str, peer_id: str) -> dict[str, Any]:
+        admin_call(lambda: access.unban(store, run_id, peer_id))
+        return {"run_id": run_id, "peer_id": peer_id, "banned": False}
+
+    # The contribution ledger and the keeper's checkpoints
+
+    @app.get("/api/runs/{run_id}/leaderboard")
+    def get_leaderboard(run_id: str) -> list[dict[str, Any]]:
+        """Peers ranked by verified compute (FLOPs of receipts that passed every check),
+        with their flags; a banned peer is credited nothing."""
+        run = run_or_404(lambda: records.get_run(store, run_id))
+        return ledger_views.leaderboard_view(store, run)
+
+    @app.get("/api/runs/{run_id}/ledger")
+    def get_ledger(
+        run_id: str, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
+    ) -> dict[str, Any]:
+        """Per peer: claimed and verified work; per receipt (the latest ``limit``): its
+        status and why; and what verifying the run cost the coordinator."""
+        run = run_or_404(lambda: records.get_run(store, run_id))
+        return ledger_views.ledger_view(store, run, limit)
+
+    @app.get("/api/runs/{run_id}/checkpoints")
+    def get_checkpoints(run_id: str) -> list[dict[str, Any]]:
+        """The keeper's checkpoints, oldest step first, with the sha256 of their parameters."""
+        run_or_404(lambda: records.get_run(store, run_id))
+        return checkpoints.checkpoints_view(store, run_id)
+
+    @app.get("/api/runs/{run_id}/checkpoints/{step}")
+    def get_checkpoint(
+        run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
+    ) -> dict[str, Any]:
+        """The keeper's checkpoint of one step: the sha256 of its parameters (what a node
+        checks downloaded state against) and whether its file can be downloaded."""
+        run_or_404(lambda: records.get_run(store, run_id))
+        found = checkpoints.checkpoint_view(store, run_id, step)
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"no checkpoint of step {step}")
+        return found
+
+    @app.get("/api/runs/{run_id}/checkpoints/{step}/file")
+    def get_checkpoint_file(
+        run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
+    ) -> FileResponse:
+        """A kept checkpoint as a safetensors file (parameters only)."""
+        run_or_404(lambda: records.get_run(store, run_id))
+        row = store.get_checkpoint(run_id, step)
+        path = checkpoints.checkpoint_path(store, run_id, row) if row is not None else None
+        if path is None or not path.is_file():
+            raise HTTPException(status_code=404, detail=f"no file of step {step} is kept")
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+    return app

@@ -1,0 +1,181 @@
+"""The contribution ledger: each receipt checked three ways, and what each peer is credited.
+
+When a receipt arrives (:meth:`Ledger.assess`) it is checked for being
+**possible** and for **agreeing with the DHT** (:mod:`checks`). A ``[verify]
+spot_check_fraction`` of receipts is then queued for a **spot check** by the
+verifier process (:mod:`verifier`). Only receipts that pass are credited; a
+receipt that fails flags its peer. Banned peers are credited nothing.
+Storage is in :mod:`crowdtrain.coordinator.store`; what the API shows of the
+ledger, in :mod:`views`. No HTTP, gRPC or hivemind here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from crowdtrain.coordinator.ledger.checks import (
+    DHT_WINDOW_SLACK_S,
+    OK,
+    Check,
+    DhtClaim,
+    check_dht,
+    check_possible,
+    flops_per_token,
+    receipt_times,
+)
+from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol.messages import ReceiptPayload
+
+if TYPE_CHECKING:
+    from crowdtrain.coordinator.records import PublishedRun, Session
+    from crowdtrain.coordinator.swarm.dht import ProgressHistory
+
+
+logger = logging.getLogger(__name__)
+
+
+# Receipt statuses. Only VERIFIED is credited.
+VERIFIED = "verified"
+
+
+REJECTED = "rejected"  # failed a check; the peer is flagged
+
+
+PENDING = "pending"  # waiting for the DHT's evidence or its spot check
+
+
+UNVERIFIED = "unverified"  # no DHT evidence either way: not credited, not flagged
+
+
+class Ledger:
+    """Checks receipts as they arrive and queues spot checks. One per coordinator process.
+
+    ``history`` is the coordinator's record of what peers published to the DHT
+    (None: every receipt is unverified); ``rng`` picks spot checks. A receipt
+    whose DHT evidence is not all in yet waits ("pending", DHT check "waiting")
+    until :meth:`recheck_waiting`, called after each read of the DHT, decides it.
+    """
+
+    def __init__(
+        self, store: Store, history: ProgressHistory | None, rng: random.Random | None = None
+    ):
+        self.store = store
+        self.history = history
+        self.rng = rng or random.Random()
+
+    def assess(
+        self,
+        run: PublishedRun,
+        session: Session,
+        receipt: ReceiptPayload,
+        sent_at: float,
+        received_at: float | None = None,
+    ) -> str:
+        """Check a receipt that :meth:`LeaseBook.complete` just stored; returns its status.
+
+        ``sent_at`` is the timestamp of the receipt's signed envelope (node's clock).
+        A failed check flags the peer with the reason.
+        """
+        cpu_started = time.thread_time()
+        received_at = time.time() if received_at is None else received_at
+        peer = self.store.get_peer(run.id, session.peer_id) or {}
+        lease = self.store.get_lease(run.id, receipt.epoch, receipt.shard_id, session.peer_id)
+        granted_at = lease["granted_at"] if lease is not None else received_at
+        times = receipt_times(receipt, sent_at, granted_at, received_at)
+        device = str(peer.get("device") or "")
+
+        possible = check_possible(run, receipt, times, device)
+        dht = Check("not checked")
+        if not possible.failed:
+            final = received_at >= times.finished + DHT_WINDOW_SLACK_S
+            dht = check_dht(DhtClaim.of(receipt, times), self.history, run.id, peer, final)
+        verdict = self._verdict(run, possible, dht)
+        row = {
+            "run_id": run.id,
+            "peer_id": session.peer_id,
+            "shard_id": receipt.shard_id,
+            "epoch": receipt.epoch,
+            "num_sequences": receipt.num_sequences,
+            "num_tokens": receipt.num_tokens,
+            "flops": receipt.num_tokens * flops_per_token(run.spec),
+            "device": device,
+            "device_s": max(0.0, receipt.finished - receipt.started),
+            "started": times.credited_start,
+            "finished": times.finished,
+            "received_at": received_at,
+            "possible": possible.state,
+            "dht": dht.state,
+            "micro_batch_size": receipt.micro_batch_size,
+            "samples_json": json.dumps([s.model_dump() for s in receipt.samples]),
+            **verdict,
+        }
+        row["assess_cpu_s"] = time.thread_time() - cpu_started
+        self.store.insert_receipt_check(row)
+        self._report(run.id, row)
+        return str(row["status"])
+
+    def recheck_waiting(self, run: PublishedRun, now: float | None = None) -> int:
+        """Decide the receipts of a run still waiting for DHT evidence; returns how many."""
+        now = time.time() if now is None else now
+        decided = 0
+        for row in self.store.receipts_waiting_for_dht(run.id):
+            cpu_started = time.thread_time()
+            steps = tuple(int(s["step"]) for s in json.loads(row["samples_json"]))
+            claim = DhtClaim(row["num_sequences"], steps, row["started"], row["finished"])
+            peer = self.store.get_peer(run.id, row["peer_id"]) or {}
+            final = now >= row["finished"] + DHT_WINDOW_SLACK_S
+            dht = check_dht(claim, self.history, run.id, peer, final)
+            if dht.state == "waiting":
+                continue
+            verdict = self._verdict(run, OK, dht)
+            update = {**row, "dht": dht.state, **verdict}
+            update["assess_cpu_s"] = row["assess_cpu_s"] + time.thread_time() - cpu_started
+            self.store.insert_receipt_check(update)
+            self._report(run.id, update)
+            decided += 1
+        return decided
+
+    def _verdict(self, run: PublishedRun, possible: Check, dht: Check) -> dict[str, str]:
+        """Status, reason and spot-check state from the first two checks."""
+        spot, spot_reason = "not selected", ""
+        if possible.failed or dht.failed:
+            status, reason = REJECTED, possible.reason or dht.reason
+        elif dht.state == "waiting":
+            status, reason = PENDING, dht.reason
+        elif dht.state == "no evidence":
+            status, reason = UNVERIFIED, dht.reason
+        elif self.rng.random() < run.spec.verify.spot_check_fraction:
+            status, reason, spot = PENDING, "waiting for its spot check", "queued"
+            if run.spec.model.dropout > 0:
+                # Losses trained with dropout cannot be recomputed.
+                status, reason, spot = VERIFIED, "", "skipped"
+                spot_reason = "the model trains with dropout"
+            elif run.spec.optimizer.mode == "diloco":
+                # Local parameters change at every inner step: no checkpoint holds them.
+                status, reason, spot = VERIFIED, "", "skipped"
+                spot_reason = "diloco peers train local parameters no checkpoint holds"
+        else:
+            status, reason = VERIFIED, ""
+        return {"status": status, "reason": reason, "spot": spot, "spot_reason": spot_reason}
+
+    def _report(self, run_id: str, row: dict[str, Any]) -> None:
+        if row["status"] == REJECTED:
+            flag_for_receipt(self.store, run_id, row["peer_id"], row["shard_id"], row["reason"])
+        logger.info(
+            "receipt of %s for shard %s: %s%s",
+            row["peer_id"],
+            row["shard_id"],
+            row["status"],
+            f" ({row['reason']})" if row["reason"] else "",
+        )
+
+
+def flag_for_receipt(store: Store, run_id: str, peer_id: str, shard_id: str, reason: str) -> None:
+    logger.warning(
+        "flagging peer %s of run %s: receipt for %s %s", peer_id, run_id, shard_id, reason
+    )
+    store.flag_peer(run_id, peer_id, f"receipt for shard {shard_id} {reason}")

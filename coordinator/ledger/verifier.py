@@ -1,0 +1,373 @@
+"""The verifier: a process beside the coordinator that keeps checkpoints and runs spot checks.
+
+``crowdtrain-coordinator serve`` starts it as ``python -m
+crowdtrain.coordinator.ledger.verifier --data-dir DIR --initial-peers ADDR...`` and
+stops it on shutdown. It joins the coordinator's DHT as a client and, for
+each run with live peers, every ``[verify] checkpoint_every_s`` pulls the
+swarm's state into a checkpoint (:mod:`keeper`). Receipts the ledger queued
+for a spot check are checked here: the losses a node claimed for the first
+sequences of one of its batches are recomputed with the checkpoint of the
+step that batch was trained at, from the coordinator's copy of the shard, in
+the same seeded order nodes use. It shares the coordinator's store (SQLite
+allows one writer at a time; both keep their writes short).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import numpy as np
+import torch
+from hivemind.utils.logging import use_hivemind_log_handler
+
+from crowdtrain.coordinator import records
+from crowdtrain.coordinator.ledger import checks, ledger
+from crowdtrain.coordinator.records import PublishedRun
+from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.swarm.keeper import Keeper, gpt_config
+from crowdtrain.model import GPT, load_into, sequence_losses
+from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.logs import TEXT_FORMAT, JsonFormatter, setup_logging
+from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order, verify_shard
+
+logger = logging.getLogger(__name__)
+
+PORTS_FILE = "ports.json"
+# A spot check waits this long (beyond checkpoint_every_s) for a checkpoint of one of
+# its receipt's steps before it is skipped.
+SPOT_CHECK_GRACE_S = 30.0
+# The most a state download may take; the keeper tries again at its next turn.
+LOAD_STATE_TIMEOUT_S = 30.0
+_TICK_S = 1.0
+
+
+@dataclass(frozen=True)
+class SpotResult:
+    """A finished spot check: its outcome and the receipt's resulting status."""
+
+    spot: str  # passed, failed or skipped
+    spot_reason: str
+    status: str
+    reason: str
+
+
+class SpotChecker:
+    """Recomputes claimed losses. Keeps the last few checkpoints' models in memory."""
+
+    def __init__(self, store: Store, keeper_folder: Path, rng: random.Random | None = None):
+        self.store = store
+        self.folder = keeper_folder
+        self.rng = rng or random.Random()
+        self._models: OrderedDict[tuple[str, int], GPT] = OrderedDict()
+        self._verified_shards: set[tuple[str, int, int]] = set()
+
+    def check(self, run: PublishedRun, row: dict[str, Any], now: float) -> SpotResult | None:
+        """Spot-check one queued receipt; None while it should wait for a checkpoint."""
+        samples = [s for s in json.loads(row["samples_json"]) if s["losses"]]
+        checkpoints = self.store.list_checkpoints(run.id)
+        later = [c["step"] for c in checkpoints if c["created_at"] > row["received_at"]]
+        if later and samples and samples[-1]["step"] > max(later) + checks.DHT_STEP_SLACK:
+            reason = (
+                f"failed its spot check: has a sample at step {samples[-1]['step']} but the "
+                f"swarm was at step {max(later)} after the receipt arrived"
+            )
+            return SpotResult("failed", reason, ledger.REJECTED, reason)
+        kept = {c["step"]: c for c in checkpoints if c["file"]}
+        usable = [s for s in samples if s["step"] in kept]
+        if not usable:
+            # A checkpoint of one of its steps may still come while the swarm trains, until
+            # the keeper has pulled once since the receipt arrived.
+            newer = any(c["created_at"] > row["received_at"] for c in checkpoints)
+            waited = now - row["received_at"]
+            live = records.num_active_peers(self.store, run.id, now) > 0
+            if (
+                live
+                and not newer
+                and waited < run.spec.verify.checkpoint_every_s + SPOT_CHECK_GRACE_S
+            ):
+                return None
+            steps = sorted({s["step"] for s in samples})
+            span = f"{steps[0]}..{steps[-1]}" if steps else "none"
+            return SpotResult(
+                "skipped", f"no checkpoint of its steps ({span})", ledger.VERIFIED, ""
+            )
+        sample = self.rng.choice(usable)
+        claimed = [float(x) for x in sample["losses"]][: run.spec.verify.spot_check_sequences]
+        model = self._model(run, kept[sample["step"]])
+        batch = self._batch(run, row, int(sample["batch"]))[: len(claimed)]
+        inputs = torch.from_numpy(batch)
+        with torch.no_grad():
+            logits, _ = model(inputs[:, :-1])
+            actual = sequence_losses(logits, inputs[:, 1:]).tolist()
+        tolerance = run.spec.verify.loss_tolerance
+        where = f"step {sample['step']}, batch {sample['batch']}"
+        for i, (c, a) in enumerate(zip(claimed, actual, strict=True)):
+            if not abs(c - a) <= tolerance:
+                reason = (
+                    f"failed its spot check: claimed loss {c:.4f} for sequence {i} of {where}, "
+                    f"the checkpoint of that step gives {a:.4f} (tolerance {tolerance})"
+                )
+                return SpotResult("failed", reason, ledger.REJECTED, reason)
+        worst = max(abs(c - a) for c, a in zip(claimed, actual, strict=True))
+        return SpotResult(
+            "passed",
+            f"{len(claimed)} losses of {where} within {worst:.2g} of the checkpoint's",
+            ledger.VERIFIED,
+            "",
+        )
+
+    def _model(self, run: PublishedRun, checkpoint: dict[str, Any]) -> GPT:
+        key = (run.id, int(checkpoint["step"]))
+        if key not in self._models:
+            model = GPT(gpt_config(run))
+            load_into(model, self.folder / run.id / checkpoint["file"])
+            model.eval()
+            self._models[key] = model
+            while len(self._models) > 3:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return self._models[key]
+
+    def _batch(self, run: PublishedRun, row: dict[str, Any], batch: int) -> np.ndarray:
+        entry = next(s for s in run.manifest.train_shards if s.id == row["shard_id"])
+        path = run.data_path / entry.file
+        stat = path.stat()
+        if (str(path), stat.st_size, stat.st_mtime_ns) not in self._verified_shards:
+            verify_shard(path, entry)  # the coordinator's copy must be the published bytes
+            self._verified_shards.add((str(path), stat.st_size, stat.st_mtime_ns))
+        tokens = read_shard(path)
+        seq_len, mb = run.spec.model.seq_len, int(row["micro_batch_size"])
+        order = sequence_order(
+            run.spec.run.seed, int(row["epoch"]), entry.id, len(tokens), seq_len, mb
+        )
+        return batch_windows(tokens, order, batch, mb, seq_len)
+
+
+class Verifier:
+    """One verifier process's work: checkpoints for live runs, then queued spot checks."""
+
+    def __init__(self, store: Store, keeper: Keeper | None, checker: SpotChecker):
+        self.store = store
+        self.keeper = keeper
+        self.checker = checker
+        self._last_pull: dict[str, float] = {}
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if self.keeper is not None:
+            for row in self.store.list_runs():
+                try:
+                    self._maybe_pull(row["id"], now)
+                except Exception:  # one run's trouble must not stop the others' checks
+                    logger.exception("keeping a checkpoint of run %s failed", row["id"])
+        self.run_spot_checks(now)
+
+    def _maybe_pull(self, run_id: str, now: float) -> None:
+        run = records.get_run(self.store, run_id)
+        every = run.spec.verify.checkpoint_every_s
+        if now - self._last_pull.get(run_id, 0.0) < every:
+            return
+        if records.num_active_peers(self.store, run_id, now) == 0:
+            return
+        self._last_pull[run_id] = now
+        assert self.keeper is not None
+        timeout = min(LOAD_STATE_TIMEOUT_S, run.spec.swarm.load_state_timeout_s, every)
+        self.keeper.pull(run, timeout)
+
+    def run_spot_checks(self, now: float) -> int:
+        """Check every queued receipt that can be checked now; returns how many finished."""
+        done = 0
+        for row in self.store.queued_spot_checks():
+            cpu_started = time.thread_time()
+            try:
+                run = records.get_run(self.store, row["run_id"])
+                result = self.checker.check(run, row, now)
+            except (CrowdtrainError, OSError, StopIteration, ValueError, KeyError) as e:
+                # Our own data is at fault (a missing shard, say): never blame the peer.
+                result = SpotResult("skipped", f"the verifier could not check it: {e}", "", "")
+                logger.warning("spot check of %s skipped: %s", row["shard_id"], e)
+            if result is None:
+                continue
+            status = result.status or ledger.VERIFIED
+            self.store.finish_spot_check(
+                {
+                    "run_id": row["run_id"],
+                    "peer_id": row["peer_id"],
+                    "shard_id": row["shard_id"],
+                    "epoch": row["epoch"],
+                    "spot": result.spot,
+                    "spot_reason": result.spot_reason,
+                    "status": status,
+                    "reason": result.reason,
+                    "cpu_s": time.thread_time() - cpu_started,
+                    "now": time.time(),
+                }
+            )
+            if status == ledger.REJECTED:
+                ledger.flag_for_receipt(
+                    self.store, row["run_id"], row["peer_id"], row["shard_id"], result.reason
+                )
+            logger.info("spot check of %s by %s: %s", row["shard_id"], row["peer_id"], result.spot)
+            done += 1
+        return done
+
+
+def _initial_peers(data_dir: Path, given: list[str], wait_s: float = 60.0) -> list[str]:
+    if given:
+        return given
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            peers = json.loads((data_dir / PORTS_FILE).read_text())["initial_peers"]
+            if peers:
+                return [str(p) for p in peers]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.5)
+    raise CrowdtrainError(
+        f"no {PORTS_FILE} in {data_dir}; start `crowdtrain-coordinator serve` or pass "
+        "--initial-peers"
+    )
+
+
+def _parent_alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    return os.getppid() == pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m crowdtrain.coordinator.ledger.verifier",
+        description="Keep checkpoints of a coordinator's runs and spot-check receipts.",
+    )
+    parser.add_argument("--data-dir", type=Path, required=True, help="the coordinator's folder")
+    parser.add_argument(
+        "--initial-peers", nargs="*", default=[], help="DHT multiaddrs (default: ports.json)"
+    )
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when it is gone")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines")
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level, args.log_json)
+    # hivemind's processes cannot be spawned, only forked (see HIVEMIND-NOTES).
+    multiprocessing.set_start_method("fork", force=True)
+    torch.set_num_threads(1)  # the coordinator's machine serves first, verifies second
+
+    stop = threading.Event()
+    store = Store(args.data_dir, create=False)
+    dht: Any = None
+    keeper: Keeper | None = None
+    try:
+        peers = _initial_peers(args.data_dir, args.initial_peers)
+        dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
+        keeper = Keeper(store, dht)
+        verifier = Verifier(store, keeper, SpotChecker(store, keeper.folder))
+        logger.info("verifier ready (pid %d)", os.getpid())
+        while not stop.is_set() and _parent_alive(args.parent_pid):
+            _install_signals(stop)  # again: hivemind's averagers reset SIGINT when they start
+            try:
+                verifier.tick()
+            except Exception:  # the store was busy, say: try again at the next tick
+                logger.exception("verifier tick failed")
+            stop.wait(_TICK_S)
+    except CrowdtrainError as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        if keeper is not None:
+            keeper.shutdown()
+        if dht is not None:
+            dht.shutdown()
+        store.close()
+    return 0
+
+
+def start_verifier(data_dir: Path, initial_peers: list[str]) -> subprocess.Popen:
+    """Start the verifier process for a serving coordinator, in the coordinator's process
+    group (stopping the group stops it); it exits by itself if the coordinator dies.
+
+    It logs the way this process does: JSON lines when the root logger's handler
+    formats JSON (``--log-json``), debug details when the root logger is at DEBUG.
+    """
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "crowdtrain.coordinator.ledger.verifier",
+            "--data-dir",
+            str(data_dir),
+            "--parent-pid",
+            str(os.getpid()),
+            *_log_flags(),
+            "--initial-peers",
+            *initial_peers,
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _log_flags() -> list[str]:
+    root = logging.getLogger()
+    flags = ["--log-level", "DEBUG" if root.level == logging.DEBUG else "INFO"]
+    if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        flags.append("--log-json")
+    return flags
+
+
+def _setup_logging(level: str, json_lines: bool) -> None:
+    setup_logging(verbose=level.upper() == "DEBUG", json_lines=json_lines)
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    for handler in root.handlers:
+        # Its lines share the coordinator's stderr: say whose they are.
+        handler.addFilter(_tag_verifier)
+        if not json_lines:
+            handler.setFormatter(
+                logging.Formatter(TEXT_FORMAT.replace("%(levelname)s", "verifier %(levelname)s"))
+            )
+    use_hivemind_log_handler("nowhere")  # hivemind's lines through the handler above
+    if level.upper() != "DEBUG":
+        # Leaving its own handler resets the hivemind logger's level to NOTSET.
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+def _tag_verifier(record: logging.LogRecord) -> bool:
+    record.process_role = "verifier"  # a JSON key of its own
+    return True
+
+
+def stop_verifier(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not left in ``timeout_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("the verifier did not stop in %.0fs; killing it", timeout_s)
+            process.kill()
+            process.wait(timeout=5)
+
+
+def _install_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

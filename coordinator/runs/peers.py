@@ -1,0 +1,227 @@
+"""Peers of a run: registration, session tokens, heartbeats and leaving.
+
+Takes envelopes that :mod:`crowdtrain.protocol.identity` already verified and
+payloads already parsed; decides what they mean and stores it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+
+from crowdtrain.coordinator.records import (
+    PEER_TIMEOUT_S,
+    PublishedRun,
+    Session,
+    SessionError,
+    get_run,
+)
+from crowdtrain.coordinator.runs.access import check_invite, hash_secret
+from crowdtrain.coordinator.store import Store, StoreError
+from crowdtrain.protocol.errors import AccessError
+from crowdtrain.protocol.identity import OpenedEnvelope
+from crowdtrain.protocol.messages import HeartbeatPayload, RegisterPayload
+
+# Distinct peers that must report a sender's averaging parts, and how many dropped
+# parts in all, before it is flagged: one early out-of-step round flags no one.
+MIN_REPORTERS = 2
+MIN_REPORTS = 3
+# The most averaging weight a peer may claim in one round, in target batches
+# (hivemind's rounds overshoot the target; a 100x claim never passes).
+MAX_WEIGHT_BATCHES = 4.0
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """How long sessions live and how often nodes check in.
+
+    A session token is short-lived and is not renewed: when it expires the
+    node answers a fresh challenge, which also re-checks bans and access.
+    """
+
+    session_ttl_s: float = 900.0
+    heartbeat_interval_s: float = 2.0
+
+
+def _admission(store: Store, run: PublishedRun, opened: OpenedEnvelope, invite: str) -> tuple:
+    """How a peer may join: (admitted_via, invite hash to spend or None); AccessError if not."""
+    ban = store.get_ban(run.id, opened.peer_id)
+    if ban is not None:
+        raise AccessError(f"this peer is banned from run {run.id!r}: {ban['reason']}")
+    if store.get_peer(run.id, opened.peer_id) is not None:
+        return "returning", None
+    mode = run.spec.access.mode
+    if mode == "open":
+        return "open", None
+    if mode == "allowlist":
+        if opened.public_key.hex() not in run.spec.access.allowlist:
+            raise AccessError(
+                f"run {run.id!r} admits only listed keys and this node's public key "
+                f"{opened.public_key.hex()} is not on its allowlist; send it to the run's "
+                "operator (`crowdtrain-node identity` prints it)"
+            )
+        return "allowlist", None
+    code_hash = check_invite(store, run.id, invite)
+    return f"invite {invite[:8]}", code_hash
+
+
+def register(
+    store: Store, config: PeerConfig, run_id: str, opened: OpenedEnvelope, info: RegisterPayload
+) -> Session:
+    """Admit a peer to ``run_id`` (bans, access mode, invite) and open a session for it."""
+    run = get_run(store, run_id)
+    admitted_via, invite_hash = _admission(store, run, opened, info.invite)
+    now = time.time()
+    token = secrets.token_urlsafe(32)
+    expires_at = now + config.session_ttl_s
+    try:
+        store.upsert_peer(
+            {
+                "run_id": run_id,
+                "peer_id": opened.peer_id,
+                "public_key": opened.public_key,
+                "name": info.name,
+                "device": info.device,
+                "versions": info.versions,
+                "now": now,
+                "admitted_via": admitted_via,
+            },
+            {
+                "token_hash": hash_secret(token),
+                "run_id": run_id,
+                "peer_id": opened.peer_id,
+                "expires_at": expires_at,
+            },
+            invite_hash=invite_hash,
+        )
+    except StoreError as e:  # the invite was spent by a concurrent registration
+        raise AccessError(str(e)) from None
+    return Session(
+        token=token,
+        run_id=run_id,
+        peer_id=opened.peer_id,
+        public_key=opened.public_key,
+        expires_at=expires_at,
+    )
+
+
+def authenticate(store: Store, token: str) -> Session:
+    """The session a token belongs to; :class:`SessionError` or, if banned, AccessError."""
+    row = store.get_session(hash_secret(token)) if token else None
+    if row is None or row["expires_at"] < time.time():
+        raise SessionError("unknown or expired session token; register again")
+    ban = store.get_ban(row["run_id"], row["peer_id"])
+    if ban is not None:
+        raise AccessError(f"this peer is banned from run {row['run_id']!r}: {ban['reason']}")
+    peer = store.get_peer(row["run_id"], row["peer_id"])
+    assert peer is not None, "a session always has its peer"
+    return Session(
+        token=token,
+        run_id=row["run_id"],
+        peer_id=row["peer_id"],
+        public_key=peer["public_key"],
+        expires_at=row["expires_at"],
+    )
+
+
+def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
+    """Apply a heartbeat: counters, liveness, evaluations, swarm ids and reports."""
+    if beat.dht_peer_id:
+        holder = store.peer_by_dht_id(session.run_id, beat.dht_peer_id)
+        if holder is not None and holder["peer_id"] != session.peer_id:
+            raise AccessError(
+                f"swarm peer id {beat.dht_peer_id} belongs to another peer of this run"
+            )
+    now = time.time()
+    evaluations = [
+        {
+            "run_id": session.run_id,
+            "peer_id": session.peer_id,
+            "step": e.step,
+            "num_tokens": e.num_tokens,
+            "val_loss": e.loss,
+            "bits_per_byte": e.bits_per_byte,
+            "time": now,
+        }
+        for e in beat.evaluations
+    ]
+    store.record_heartbeat(
+        {
+            "run_id": session.run_id,
+            "peer_id": session.peer_id,
+            "session_key": beat.session_key,
+            "num_tokens": beat.num_tokens,
+            "num_sequences": beat.num_sequences,
+            "tokens_per_s": beat.tokens_per_s,
+            "loss": beat.loss,
+            "step": beat.step,
+            "device": beat.device,
+            "num_skipped_steps": beat.num_skipped_steps,
+            "now": now,
+        },
+        evaluations,
+    )
+    if beat.dht_peer_id or beat.progress_key:
+        _bind_swarm_ids(store, session, beat.dht_peer_id, beat.progress_key)
+    if beat.reports:
+        _take_reports(store, session, beat, now)
+
+
+def _bind_swarm_ids(store: Store, session: Session, dht_peer_id: str, progress_key: str) -> None:
+    """Link a peer to its hivemind identities (checked free in :func:`heartbeat`)."""
+    peer = store.get_peer(session.run_id, session.peer_id)
+    assert peer is not None
+    if (peer["dht_peer_id"], peer["progress_key"]) != (dht_peer_id, progress_key):
+        store.set_swarm_ids(session.run_id, session.peer_id, dht_peer_id, progress_key)
+
+
+def _take_reports(store: Store, session: Session, beat: HeartbeatPayload, now: float) -> None:
+    """Store what a peer dropped from whom; flag a sender most other live peers report."""
+    store.record_reports(
+        [
+            {
+                "run_id": session.run_id,
+                "reporter": session.peer_id,
+                "dht_peer_id": r.dht_peer_id,
+                "reason": r.reason,
+                "count": r.count,
+                "now": now,
+            }
+            for r in beat.reports
+        ]
+    )
+    for dht_peer_id in {r.dht_peer_id for r in beat.reports}:
+        reported = store.peer_by_dht_id(session.run_id, dht_peer_id)
+        if reported is None or reported["flagged"]:
+            continue
+        rows = store.reports_about(session.run_id, dht_peer_id)
+        reporters = {r["reporter"] for r in rows if r["reporter"] != reported["peer_id"]}
+        # Two reporters at least, and most other live peers: one peer alone (or a false
+        # positive of one guard) never flags another.
+        others = store.count_live_peers(session.run_id, now - PEER_TIMEOUT_S) - 1
+        events = sum(r["count"] for r in rows if r["reporter"] in reporters)
+        if len(reporters) >= max(MIN_REPORTERS, others // 2 + 1) and events >= MIN_REPORTS:
+            reasons = sorted({r["reason"] for r in rows})
+            store.flag_peer(
+                session.run_id,
+                reported["peer_id"],
+                f"averaging parts dropped by {len(reporters)} peer(s): {', '.join(reasons)}",
+            )
+
+
+def roster(store: Store, run: PublishedRun, now: float | None = None) -> list[tuple[str, float]]:
+    """Each live peer's swarm id with the most averaging weight others accept from it:
+    :data:`MAX_WEIGHT_BATCHES` target batches, or nothing from a flagged or banned peer."""
+    now = time.time() if now is None else now
+    limit = MAX_WEIGHT_BATCHES * run.spec.optimizer.target_batch_size
+    return [
+        (p["dht_peer_id"], 0.0 if p["flagged"] or p["state"] == "banned" else limit)
+        for p in store.list_peers(run.id)
+        if p["dht_peer_id"] and (p["state"] == "banned" or now - p["last_seen"] <= PEER_TIMEOUT_S)
+    ]
+
+
+def leave(store: Store, session: Session) -> None:
+    """A peer leaves on purpose: it is shown as left and its leases return."""
+    store.end_session(hash_secret(session.token), session.run_id, session.peer_id)

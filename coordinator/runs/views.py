@@ -1,0 +1,92 @@
+"""The coordinator's view of its runs: stored rows turned into the JSON that people,
+notebooks and nodes read (the API and the dashboard show the same). Read only;
+no HTTP or gRPC here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from crowdtrain.coordinator.ledger.views import peer_credit
+from crowdtrain.coordinator.records import get_run, peer_state
+from crowdtrain.coordinator.store import Store
+
+# What the peers view shows of each peer's ledger (the full ledger is its own view).
+_CREDIT_KEYS = ("verified_tokens", "verified_flops", "verified_share", "num_rejected")
+
+
+def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict[str, Any]]:
+    get_run(store, run_id)
+    now = time.time() if now is None else now
+    totals = store.peer_totals(run_id)
+    credit = peer_credit(store, run_id)
+    zero = {"num_tokens": 0, "num_sequences": 0}
+    return [
+        {
+            "peer_id": p["peer_id"],
+            "name": p["name"],
+            "device": p["device"],
+            "state": peer_state(p, now),
+            "num_tokens": totals.get(p["peer_id"], zero)["num_tokens"],
+            "num_sequences": totals.get(p["peer_id"], zero)["num_sequences"],
+            "tokens_per_s": p["tokens_per_s"],
+            "loss": p["loss"],
+            "step": p["step"],
+            "registered_at": p["registered_at"],
+            "last_seen": p["last_seen"],
+            "admitted_via": p["admitted_via"],
+            "flagged": p["flagged"],
+            "num_skipped_steps": p["num_skipped_steps"],
+            "dht_peer_id": p["dht_peer_id"],
+            **{k: credit.get(p["peer_id"], {}).get(k, 0) for k in _CREDIT_KEYS},
+        }
+        for p in store.list_peers(run_id)
+    ]
+
+
+def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, Any]:
+    run = get_run(store, run_id)
+    now = time.time() if now is None else now
+    peers = peers_view(store, run_id, now)
+    evals = store.list_evals(run_id)
+    totals = store.run_totals(run_id)
+    epoch = store.current_epoch(run_id) or 0
+    counts = store.epoch_counts(run_id, epoch)
+    latest = evals[-1] if evals else None
+    return {
+        "id": run.id,
+        "description": run.spec.run.description,
+        "step": run.row["step"],
+        "num_tokens": totals["num_tokens"],
+        "num_sequences": totals["num_sequences"],
+        "val_loss": latest["val_loss"] if latest else None,
+        "val_bits_per_byte": latest["bits_per_byte"] if latest else None,
+        "val_step": latest["step"] if latest else None,
+        "first_val_loss": evals[0]["val_loss"] if evals else None,
+        "num_peers": sum(1 for p in peers if p["state"] == "active"),
+        "tokens_per_s": sum(p["tokens_per_s"] for p in peers if p["state"] == "active"),
+        "epoch": epoch,
+        "shards": {
+            "total": sum(counts.values()),
+            "pending": counts.get("pending", 0),
+            "leased": counts.get("leased", 0),
+            "done": counts.get("done", 0),
+        },
+        "spec_hash": run.row["spec_hash"],
+        "manifest_hash": run.row["manifest_hash"],
+        "published_at": run.row["published_at"],
+        "spec": run.spec.to_dict(),
+    }
+
+
+def list_runs_view(store: Store) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in run_view(store, r["id"]).items() if k != "spec"}
+        for r in store.list_runs()
+    ]
+
+
+def evals_view(store: Store, run_id: str) -> list[dict[str, Any]]:
+    get_run(store, run_id)
+    return store.list_evals(run_id)

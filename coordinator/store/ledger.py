@@ -1,0 +1,136 @@
+"""Records of the contribution ledger: receipt checks, spot checks and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crowdtrain.coordinator.store.base import StoreBase
+
+
+class LedgerRecords(StoreBase):
+    def insert_receipt_check(self, check: dict[str, Any]) -> None:
+        """Record how a stored receipt was checked (one row per receipt)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO receipt_checks (run_id, peer_id, shard_id, epoch,"
+                " num_sequences, num_tokens, flops, device, device_s, started, finished,"
+                " received_at, status, reason, possible, dht, spot, spot_reason,"
+                " micro_batch_size, samples_json, assess_cpu_s) VALUES (:run_id, :peer_id,"
+                " :shard_id, :epoch, :num_sequences, :num_tokens, :flops, :device, :device_s,"
+                " :started, :finished, :received_at, :status, :reason, :possible, :dht, :spot,"
+                " :spot_reason, :micro_batch_size, :samples_json, :assess_cpu_s)",
+                check,
+            )
+
+    def get_receipt_check(
+        self, run_id: str, peer_id: str, shard_id: str, epoch: int
+    ) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM receipt_checks WHERE run_id = ? AND peer_id = ? AND shard_id = ?"
+            " AND epoch = ?",
+            (run_id, peer_id, shard_id, epoch),
+        )
+
+    def list_receipt_checks(self, run_id: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """A run's receipt checks, oldest first; with ``limit``, only the latest ones."""
+        rows = self._all(
+            "SELECT * FROM receipt_checks WHERE run_id = ? ORDER BY received_at DESC LIMIT ?",
+            (run_id, -1 if limit is None else limit),
+        )
+        return rows[::-1]
+
+    def receipts_waiting_for_dht(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT * FROM receipt_checks WHERE run_id = ? AND dht = 'waiting'"
+            " ORDER BY received_at",
+            (run_id,),
+        )
+
+    def queued_spot_checks(self, limit: int = 16) -> list[dict[str, Any]]:
+        """Receipts waiting for the verifier, oldest first, across runs."""
+        return self._all(
+            "SELECT * FROM receipt_checks WHERE spot = 'queued' ORDER BY received_at LIMIT ?",
+            (limit,),
+        )
+
+    def finish_spot_check(self, result: dict[str, Any]) -> None:
+        """Store a spot check's outcome and the receipt's resulting status."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE receipt_checks SET spot = :spot, spot_reason = :spot_reason,"
+                " status = :status, reason = :reason, spot_cpu_s = spot_cpu_s + :cpu_s,"
+                " spot_at = :now WHERE run_id = :run_id AND peer_id = :peer_id"
+                " AND shard_id = :shard_id AND epoch = :epoch AND spot = 'queued'",
+                result,
+            )
+
+    def ledger_totals(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """Per peer: what its receipts claim, and the part that passed every check."""
+        rows = self._all(
+            "SELECT peer_id, COUNT(*) AS num_receipts,"
+            " SUM(num_tokens) AS num_tokens, SUM(num_sequences) AS num_sequences,"
+            " SUM(flops) AS flops, SUM(device_s) AS device_s,"
+            " SUM(status = 'verified') AS verified_shards,"
+            " SUM(CASE WHEN status = 'verified' THEN num_tokens ELSE 0 END) AS verified_tokens,"
+            " SUM(CASE WHEN status = 'verified' THEN num_sequences ELSE 0 END)"
+            " AS verified_sequences,"
+            " SUM(CASE WHEN status = 'verified' THEN flops ELSE 0 END) AS verified_flops,"
+            " SUM(status = 'rejected') AS num_rejected,"
+            " SUM(status = 'pending') AS num_pending,"
+            " SUM(status = 'unverified') AS num_unverified"
+            " FROM receipt_checks WHERE run_id = ? GROUP BY peer_id",
+            (run_id,),
+        )
+        return {r["peer_id"]: r for r in rows}
+
+    def verified_tokens(self, run_id: str, peer_id: str) -> int:
+        row = self._one(
+            "SELECT COALESCE(SUM(num_tokens), 0) AS n FROM receipt_checks WHERE run_id = ?"
+            " AND peer_id = ? AND status = 'verified'",
+            (run_id, peer_id),
+        )
+        return int(row["n"]) if row else 0
+
+    def verification_costs(self, run_id: str) -> dict[str, Any]:
+        """CPU seconds the coordinator spent checking a run's receipts and keeping checkpoints."""
+        row = self._one(
+            "SELECT COUNT(*) AS num_receipts, COALESCE(SUM(num_tokens), 0) AS num_tokens,"
+            " COALESCE(SUM(status = 'verified'), 0)"
+            " AS num_verified, COALESCE(SUM(assess_cpu_s), 0) AS assess_cpu_s,"
+            " COALESCE(SUM(spot_cpu_s), 0) AS spot_cpu_s,"
+            " COALESCE(SUM(spot IN ('passed', 'failed')), 0) AS num_spot_checks,"
+            " COALESCE(SUM(device_s), 0) AS device_s"
+            " FROM receipt_checks WHERE run_id = ?",
+            (run_id,),
+        )
+        keeper = self._one(
+            "SELECT COUNT(*) AS num_checkpoints, COALESCE(SUM(cpu_s), 0) AS keeper_cpu_s"
+            " FROM checkpoints WHERE run_id = ?",
+            (run_id,),
+        )
+        assert row is not None and keeper is not None
+        return {**row, **keeper}
+
+    def insert_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints (run_id, step, sha256, file, file_sha256,"
+                " num_bytes, spec_hash, created_at, cpu_s, num_tokens) VALUES (:run_id, :step,"
+                " :sha256, :file, :file_sha256, :num_bytes, :spec_hash, :created_at, :cpu_s,"
+                " :num_tokens)",
+                {"num_tokens": 0, **checkpoint},
+            )
+
+    def list_checkpoints(self, run_id: str) -> list[dict[str, Any]]:
+        """Every checkpoint the keeper took, oldest step first; ``file`` is NULL once removed."""
+        return self._all("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step", (run_id,))
+
+    def get_checkpoint(self, run_id: str, step: int) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM checkpoints WHERE run_id = ? AND step = ?", (run_id, step))
+
+    def forget_checkpoint_file(self, run_id: str, step: int) -> None:
+        """The file is gone; its hash stays, so downloaded state of that step can be checked."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE checkpoints SET file = NULL WHERE run_id = ? AND step = ?", (run_id, step)
+            )

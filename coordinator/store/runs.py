@@ -1,0 +1,381 @@
+"""Records of runs, peers and their sessions, evaluations, samples, shards, leases and receipts.
+
+Every write is one transaction with ``synchronous=FULL``: once a method
+returns, the record survives a crash. Methods take and return plain rows
+(dicts); the domain packages give them meaning.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from crowdtrain.coordinator.store.base import StoreBase, StoreError
+
+# A peer heard from this recently counts towards the swarm's tokens/s (runs.PEER_TIMEOUT_S).
+_LIVE_S = 20.0
+
+
+def _swarm_tokens_at(
+    evaluation: dict[str, Any], update: dict[str, Any], swarm_now: int, swarm_rate: float
+) -> int:
+    """What the whole swarm had trained when a node measured ``evaluation`` (the x of a
+    loss curve; its ``num_tokens`` is the node's own count).
+
+    Evaluations wait for the next heartbeat, a few seconds; the tokens the node
+    trained since are scaled by the swarm's speed over this node's and taken
+    off the swarm's total now.
+    """
+    since = max(0, int(update["num_tokens"]) - int(evaluation["num_tokens"]))
+    own_rate = float(update["tokens_per_s"] or 0.0)
+    scale = max(1.0, float(swarm_rate) / own_rate) if own_rate > 0 else 1.0
+    return max(0, int(swarm_now - since * scale))
+
+
+class RunRecords(StoreBase):
+    """Runs, peers, sessions, evaluations, samples, shards, leases and receipts."""
+
+    # runs
+
+    def insert_run(self, run: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO runs (id, spec_toml, spec_hash, manifest_json, manifest_hash,"
+                " data_path, published_at, run_signature) VALUES (:id, :spec_toml, :spec_hash,"
+                " :manifest_json, :manifest_hash, :data_path, :published_at, :run_signature)",
+                run,
+            )
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM runs ORDER BY published_at")
+
+    def raise_run_step(self, run_id: str, step: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET step = MAX(step, ?) WHERE id = ?", (step, run_id))
+
+    # peers and sessions
+
+    def upsert_peer(
+        self, peer: dict[str, Any], session: dict[str, Any], invite_hash: str | None = None
+    ) -> None:
+        """Record a registration and its session in one transaction.
+
+        ``invite_hash`` (a new peer's invite code) is spent in the same
+        transaction; :class:`StoreError` if it is no longer usable, and then
+        nothing is written.
+        """
+        with self.transaction() as db:
+            if invite_hash is not None:
+                spent = db.execute(
+                    "UPDATE invites SET uses = uses + 1 WHERE code_hash = ? AND run_id = ?"
+                    " AND revoked = 0 AND (max_uses = 0 OR uses < max_uses)"
+                    " AND (expires_at IS NULL OR expires_at > ?)",
+                    (invite_hash, peer["run_id"], peer["now"]),
+                ).rowcount
+                if spent != 1:
+                    raise StoreError("the invite code is used up or has expired")
+            db.execute(
+                "INSERT INTO peers (run_id, peer_id, public_key, name, device, versions,"
+                " registered_at, last_seen, state, admitted_via) VALUES (:run_id, :peer_id,"
+                " :public_key, :name, :device, :versions, :now, :now, 'active', :admitted_via)"
+                " ON CONFLICT (run_id, peer_id) DO UPDATE SET name = :name, device = :device,"
+                " versions = :versions, last_seen = :now, state = 'active'",
+                peer,
+            )
+            db.execute("DELETE FROM sessions WHERE expires_at < ?", (peer["now"],))
+            db.execute(
+                "INSERT INTO sessions (token_hash, run_id, peer_id, expires_at)"
+                " VALUES (:token_hash, :run_id, :peer_id, :expires_at)",
+                session,
+            )
+
+    def get_session(self, token_hash: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM sessions WHERE token_hash = ?", (token_hash,))
+
+    def end_session(self, token_hash: str, run_id: str, peer_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+            db.execute(
+                "UPDATE peers SET state = 'left', last_seen = ? WHERE run_id = ? AND peer_id = ?",
+                (time.time(), run_id, peer_id),
+            )
+            self._return_leases(db, run_id, peer_id)
+
+    def get_peer(self, run_id: str, peer_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM peers WHERE run_id = ? AND peer_id = ?", (run_id, peer_id))
+
+    def list_peers(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM peers WHERE run_id = ? ORDER BY registered_at", (run_id,))
+
+    def count_live_peers(self, run_id: str, since: float) -> int:
+        row = self._one(
+            "SELECT COUNT(*) AS n FROM peers WHERE run_id = ? AND state != 'left'"
+            " AND last_seen >= ?",
+            (run_id, since),
+        )
+        return int(row["n"]) if row else 0
+
+    def record_heartbeat(self, update: dict[str, Any], evaluations: list[dict[str, Any]]) -> None:
+        """Apply one heartbeat. Counters are cumulative per node process
+        (``session_key``) and only ever rise, so a heartbeat applied twice, or
+        two processes sharing one identity, count once each."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO peer_counters (run_id, peer_id, session_key, num_tokens,"
+                " num_sequences) VALUES (:run_id, :peer_id, :session_key, :num_tokens,"
+                " :num_sequences) ON CONFLICT (run_id, peer_id, session_key) DO UPDATE SET"
+                " num_tokens = MAX(num_tokens, :num_tokens),"
+                " num_sequences = MAX(num_sequences, :num_sequences)",
+                update,
+            )
+            db.execute(
+                "UPDATE peers SET last_seen = :now, state = 'active', tokens_per_s = :tokens_per_s,"
+                " loss = :loss, step = :step, device = :device,"
+                " num_skipped_steps = MAX(num_skipped_steps, :num_skipped_steps)"
+                " WHERE run_id = :run_id AND peer_id = :peer_id",
+                update,
+            )
+            db.execute("UPDATE runs SET step = MAX(step, :step) WHERE id = :run_id", update)
+            if evaluations:
+                swarm_now = db.execute(
+                    "SELECT COALESCE(SUM(num_tokens), 0) FROM peer_counters WHERE run_id = ?",
+                    (update["run_id"],),
+                ).fetchone()[0]
+                swarm_rate = db.execute(
+                    "SELECT COALESCE(SUM(tokens_per_s), 0) FROM peers WHERE run_id = ?"
+                    " AND state = 'active' AND last_seen >= ?",
+                    (update["run_id"], update["now"] - _LIVE_S),
+                ).fetchone()[0]
+                evaluations = [
+                    {**e, "swarm_tokens": _swarm_tokens_at(e, update, swarm_now, swarm_rate)}
+                    for e in evaluations
+                ]
+            db.executemany(
+                "INSERT INTO evals (run_id, step, num_tokens, val_loss, bits_per_byte,"
+                " peer_id, time, swarm_tokens) VALUES (:run_id, :step, :num_tokens, :val_loss,"
+                " :bits_per_byte, :peer_id, :time, :swarm_tokens)",
+                evaluations,
+            )
+
+    def set_swarm_ids(self, run_id: str, peer_id: str, dht_peer_id: str, progress_key: str) -> None:
+        """Remember which hivemind identities belong to a peer (from its signed heartbeat)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE peers SET dht_peer_id = ?, progress_key = ? WHERE run_id = ?"
+                " AND peer_id = ?",
+                (dht_peer_id, progress_key, run_id, peer_id),
+            )
+
+    def peer_by_dht_id(self, run_id: str, dht_peer_id: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM peers WHERE run_id = ? AND dht_peer_id = ?", (run_id, dht_peer_id)
+        )
+
+    def flag_peer(self, run_id: str, peer_id: str, reason: str) -> None:
+        """Mark a peer as suspect (shown on the API and dashboard); the first reason stays."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE peers SET flagged = COALESCE(flagged, ?) WHERE run_id = ? AND peer_id = ?",
+                (reason[:500], run_id, peer_id),
+            )
+
+    def peer_totals(self, run_id: str) -> dict[str, dict[str, int]]:
+        """Tokens and sequences per peer, summed over its node processes."""
+        rows = self._all(
+            "SELECT peer_id, SUM(num_tokens) AS num_tokens, SUM(num_sequences) AS num_sequences"
+            " FROM peer_counters WHERE run_id = ? GROUP BY peer_id",
+            (run_id,),
+        )
+        return {r["peer_id"]: r for r in rows}
+
+    def run_totals(self, run_id: str) -> dict[str, Any]:
+        row = self._one(
+            "SELECT COALESCE(SUM(num_tokens), 0) AS num_tokens,"
+            " COALESCE(SUM(num_sequences), 0) AS num_sequences"
+            " FROM peer_counters WHERE run_id = ?",
+            (run_id,),
+        )
+        assert row is not None
+        return row
+
+    def list_evals(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT step, num_tokens, swarm_tokens, val_loss, bits_per_byte, peer_id, time"
+            " FROM evals"
+            " WHERE run_id = ? ORDER BY step, time",
+            (run_id,),
+        )
+
+    def insert_sample(self, sample: dict[str, Any]) -> None:
+        """One point of a run's time series (what the dashboard plots over time)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO run_samples (run_id, time, step, num_tokens, tokens_per_s, num_peers)"
+                " VALUES (:run_id, :time, :step, :num_tokens, :tokens_per_s, :num_peers)",
+                sample,
+            )
+
+    def list_samples(
+        self, run_id: str, since: float = 0.0, limit: int = 10_000
+    ) -> list[dict[str, Any]]:
+        """A run's samples after ``since`` (unix time), oldest first, the newest ``limit``."""
+        rows = self._all(
+            "SELECT time, step, num_tokens, tokens_per_s, num_peers FROM run_samples"
+            " WHERE run_id = ? AND time > ? ORDER BY time DESC LIMIT ?",
+            (run_id, since, limit),
+        )
+        return rows[::-1]
+
+    def count_samples(self, run_id: str) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM run_samples WHERE run_id = ?", (run_id,))
+        return int(row["n"]) if row else 0
+
+    def thin_samples(self, run_id: str, num_oldest: int) -> int:
+        """Delete every second sample among a run's ``num_oldest`` oldest; returns how many."""
+        with self.transaction() as db:
+            return db.execute(
+                "DELETE FROM run_samples WHERE rowid IN (SELECT rowid FROM (SELECT rowid,"
+                " ROW_NUMBER() OVER (ORDER BY time, rowid) AS n FROM run_samples"
+                " WHERE run_id = ?) WHERE n <= ? AND n % 2 = 0)",
+                (run_id, num_oldest),
+            ).rowcount
+
+    # shards, leases and receipts
+
+    def ensure_epoch(self, run_id: str, epoch: int, shard_ids: list[str]) -> None:
+        """Create the rows of an epoch once, in the given (already shuffled) order."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO shards (run_id, epoch, shard_id, position)"
+                " VALUES (?, ?, ?, ?)",
+                [(run_id, epoch, sid, i) for i, sid in enumerate(shard_ids)],
+            )
+
+    def current_epoch(self, run_id: str) -> int | None:
+        """The oldest epoch with a shard not done yet, else the latest (all done)."""
+        row = self._one(
+            "SELECT MIN(epoch) AS epoch FROM shards WHERE run_id = ? AND state != 'done'",
+            (run_id,),
+        )
+        if row is not None and row["epoch"] is not None:
+            return int(row["epoch"])
+        return self.latest_epoch(run_id)
+
+    def latest_epoch(self, run_id: str) -> int | None:
+        row = self._one("SELECT MAX(epoch) AS epoch FROM shards WHERE run_id = ?", (run_id,))
+        return None if row is None or row["epoch"] is None else int(row["epoch"])
+
+    def grant_leases(self, run_id: str, epoch: int, peer_id: str, shard_ids: list[str]) -> None:
+        """Lease shards to a peer; each must be pending (the caller checked)."""
+        now = time.time()
+        with self.transaction() as db:
+            for shard_id in shard_ids:
+                updated = db.execute(
+                    "UPDATE shards SET state = 'leased', holder = ? WHERE run_id = ? AND epoch = ?"
+                    " AND shard_id = ? AND state = 'pending'",
+                    (peer_id, run_id, epoch, shard_id),
+                ).rowcount
+                assert updated == 1, f"shard {shard_id} was not pending"
+                db.execute(
+                    "INSERT OR REPLACE INTO leases (run_id, epoch, shard_id, peer_id, granted_at,"
+                    " state) VALUES (?, ?, ?, ?, ?, 'active')",
+                    (run_id, epoch, shard_id, peer_id, now),
+                )
+
+    def pending_shards(self, run_id: str, epoch: int, limit: int) -> list[str]:
+        rows = self._all(
+            "SELECT shard_id FROM shards WHERE run_id = ? AND epoch = ? AND state = 'pending'"
+            " ORDER BY position LIMIT ?",
+            (run_id, epoch, limit),
+        )
+        return [r["shard_id"] for r in rows]
+
+    def expire_lease(self, run_id: str, epoch: int, shard_id: str, peer_id: str) -> None:
+        """A lease ran out: its shard goes back to pending; a late receipt still counts."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE leases SET state = 'expired' WHERE run_id = ? AND epoch = ?"
+                " AND shard_id = ? AND peer_id = ? AND state = 'active'",
+                (run_id, epoch, shard_id, peer_id),
+            )
+            db.execute(
+                "UPDATE shards SET state = 'pending', holder = NULL WHERE run_id = ?"
+                " AND epoch = ? AND shard_id = ? AND holder = ? AND state = 'leased'",
+                (run_id, epoch, shard_id, peer_id),
+            )
+
+    def active_leases(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        if run_id is None:
+            return self._all("SELECT * FROM leases WHERE state = 'active'")
+        return self._all("SELECT * FROM leases WHERE run_id = ? AND state = 'active'", (run_id,))
+
+    def peer_leases(self, run_id: str, peer_id: str) -> list[dict[str, Any]]:
+        """A peer's active leases, oldest first."""
+        return self._all(
+            "SELECT l.* FROM leases l JOIN shards s USING (run_id, epoch, shard_id)"
+            " WHERE l.run_id = ? AND l.peer_id = ? AND l.state = 'active'"
+            " ORDER BY l.epoch, s.position",
+            (run_id, peer_id),
+        )
+
+    def get_lease(
+        self, run_id: str, epoch: int, shard_id: str, peer_id: str
+    ) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM leases WHERE run_id = ? AND epoch = ? AND shard_id = ? AND peer_id = ?",
+            (run_id, epoch, shard_id, peer_id),
+        )
+
+    def return_leases(self, run_id: str, peer_id: str) -> None:
+        with self.transaction() as db:
+            self._return_leases(db, run_id, peer_id)
+
+    def epoch_counts(self, run_id: str, epoch: int) -> dict[str, int]:
+        rows = self._all(
+            "SELECT state, COUNT(*) AS n FROM shards WHERE run_id = ? AND epoch = ? GROUP BY state",
+            (run_id, epoch),
+        )
+        return {r["state"]: r["n"] for r in rows}
+
+    def epoch_shards(self, run_id: str, epoch: int) -> list[dict[str, Any]]:
+        return self._all(
+            "SELECT shard_id, state, holder, num_completions FROM shards"
+            " WHERE run_id = ? AND epoch = ? ORDER BY position",
+            (run_id, epoch),
+        )
+
+    def get_shard(self, run_id: str, epoch: int, shard_id: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM shards WHERE run_id = ? AND epoch = ? AND shard_id = ?",
+            (run_id, epoch, shard_id),
+        )
+
+    def complete_shard(self, receipt: dict[str, Any]) -> None:
+        """Store a receipt, close its lease and mark its shard done, in one transaction."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO receipts (run_id, peer_id, shard_id, epoch, num_sequences,"
+                " num_tokens, loss_sum, started, finished, received_at) VALUES (:run_id,"
+                " :peer_id, :shard_id, :epoch, :num_sequences, :num_tokens, :loss_sum,"
+                " :started, :finished, :received_at)",
+                receipt,
+            )
+            db.execute(
+                "UPDATE leases SET state = 'completed' WHERE run_id = :run_id AND epoch = :epoch"
+                " AND shard_id = :shard_id AND peer_id = :peer_id",
+                receipt,
+            )
+            # Another peer may hold it now (this peer's lease had expired): the shard
+            # is done all the same, and that peer's receipt, if it comes, is a second
+            # completion.
+            db.execute(
+                "UPDATE shards SET num_completions = num_completions + 1, state = 'done',"
+                " holder = NULL WHERE run_id = :run_id AND epoch = :epoch AND shard_id = :shard_id",
+                receipt,
+            )
+
+    def list_receipts(self, run_id: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM receipts WHERE run_id = ? ORDER BY received_at", (run_id,))

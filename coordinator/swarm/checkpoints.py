@@ -1,0 +1,85 @@
+"""Where the keeper's checkpoints live and what the API shows of them.
+
+A run's checkpoints are files ``checkpoints/<run>/step-<step>.safetensors`` in
+the coordinator's data folder, each with a sidecar ``<file>.sha256``; the
+store keeps a row per checkpoint (its parameters' sha256 stays after the file
+is removed). The keeper writes them; the API, exports and the verifier read
+them through here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crowdtrain.coordinator.store import Store
+
+if TYPE_CHECKING:
+    pass
+
+
+SIDECAR_SUFFIX = ".sha256"
+
+STEP_FILE = re.compile(r"step-\d{8,}\.safetensors")
+
+# Where the verifier's keeper saves checkpoints, inside the coordinator's data folder.
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def checkpoint_path(store: Store, run_id: str, checkpoint: dict[str, Any]) -> Path | None:
+    """Where a kept checkpoint's file is; None once the keeper removed it."""
+    if not checkpoint.get("file"):
+        return None
+    return store.data_dir / CHECKPOINTS_DIR / run_id / checkpoint["file"]
+
+
+def _checkpoint_row(c: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "step": c["step"],
+        "sha256": c["sha256"],
+        "file_sha256": c["file_sha256"],
+        "num_bytes": c["num_bytes"],
+        "num_tokens": c["num_tokens"],
+        "created_at": c["created_at"],
+        "available": c["file"] is not None,
+    }
+
+
+def checkpoints_view(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """Every checkpoint the keeper took, oldest first: its step, the ``params_sha256`` of
+    its parameters (kept after the file is removed), the file's sha256 and size, the
+    run's tokens when it was taken and whether it can be downloaded."""
+    return [_checkpoint_row(c) for c in store.list_checkpoints(run_id)]
+
+
+def checkpoint_view(store: Store, run_id: str, step: int) -> dict[str, Any] | None:
+    """The keeper's checkpoint of ``step`` as :func:`checkpoints_view` shows it, or None."""
+    found = store.get_checkpoint(run_id, step)
+    return _checkpoint_row(found) if found is not None else None
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.safetensors"
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where the sha256 of a checkpoint file is kept beside it: ``<file>.sha256``."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def write_sidecar(sidecar: Path, file_name: str, file_sha256: str) -> None:
+    """Write ``<sha256>  <file_name>`` (sha256sum's format) atomically: temporary file
+    (named ``.step-*.tmp``, as the checkpoint's own), fsync, rename."""
+    fd, temp_name = tempfile.mkstemp(dir=sidecar.parent, prefix=f".{sidecar.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(f"{file_sha256}  {file_name}\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, sidecar)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

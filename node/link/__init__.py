@@ -1,0 +1,6 @@
+"""A node's link to its coordinator: gRPC for the control plane (:mod:`grpc`), HTTP for
+discovery, files and the run's public view (:mod:`http`), the background heartbeat and
+shard prefetch (:mod:`heartbeat`), and the coordinator keys it trusts (:mod:`pins`).
+
+Knows nothing about the swarm or the training loop.
+"""

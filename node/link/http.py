@@ -1,0 +1,238 @@
+"""A node's HTTP calls to its coordinator: discovery, file downloads and the run's public view.
+
+Every call has a deadline and turns failures into :class:`CoordinatorError`
+with a message a person can act on. Nothing here retries on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from tqdm import tqdm
+
+from crowdtrain.model import load_checkpoint
+from crowdtrain.node.link.errors import CoordinatorError
+from crowdtrain.protocol.errors import CrowdtrainError
+
+logger = logging.getLogger(__name__)
+
+
+HTTP_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+
+
+# Smaller downloads end before a bar is worth drawing.
+_BAR_MIN_BYTES = 1 << 20
+
+
+# Off a terminal, a download says how far it got at most this often (and a quicker
+# one says nothing).
+_LOG_EVERY_S = 5.0
+
+
+PROGRESS_MODES = ("auto", "bar", "notebook", "log", "none")
+
+
+class TransferProgress:
+    """How far one download got: a bar of bytes on a terminal, log lines otherwise.
+
+    ``mode`` ``auto`` draws a bar (removed when done) when stderr is a terminal
+    and the download has at least 1 MiB, else logs a line every few seconds
+    while a download lasts longer than that; ``log`` always logs so,
+    ``none`` shows nothing; ``notebook`` logs (a second bar under the node's
+    would garble it). ``total`` may be None when the size is unknown.
+    """
+
+    def __init__(self, label: str, total: int | None, mode: str = "auto"):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        if mode not in ("bar", "none"):
+            mode = "log"
+        self.label, self.total, self.mode = label, total, mode
+        self.done = 0
+        self._started = self._last_log = time.monotonic()
+        self._bar: tqdm | None = None
+        if mode == "bar" and (total is None or total >= _BAR_MIN_BYTES):
+            self._bar = tqdm(
+                total=total,
+                desc=label,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                leave=False,
+                dynamic_ncols=True,
+                mininterval=0.5,
+                file=sys.stderr,
+            )
+
+    def update(self, num_bytes: int) -> None:
+        self.done += num_bytes
+        if self._bar is not None:
+            self._bar.update(num_bytes)
+            return
+        now = time.monotonic()
+        if self.mode != "none" and now - self._last_log >= _LOG_EVERY_S:
+            self._last_log = now
+            of = f" of {self.total / 1e6:.1f}" if self.total else ""
+            rate = self.done / max(now - self._started, 1e-9) / 1e6
+            logger.info(
+                "downloading %s: %.1f%s MB (%.1f MB/s)", self.label, self.done / 1e6, of, rate
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def tls_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
+    """What httpx should trust: the given authority, or the system's roots."""
+    return ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
+
+
+def discover(url: str, ca_cert: Path | None = None) -> dict[str, Any]:
+    """Ask the coordinator's HTTP server where its gRPC server and DHT are."""
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise CoordinatorError(
+            f"coordinator URL {url!r} must start with http:// or https:// "
+            "(the address you open in a browser)"
+        )
+    try:
+        response = httpx.get(
+            f"{url}/api/endpoints", timeout=HTTP_TIMEOUT, verify=tls_verify(ca_cert)
+        )
+    except httpx.HTTPError as e:
+        raise CoordinatorError(
+            f"cannot reach the coordinator at {url} ({type(e).__name__}: {e}); check the "
+            "address and that `crowdtrain-coordinator serve` is running there"
+        ) from None
+    if response.status_code != 200:
+        raise CoordinatorError(
+            f"{url} answered HTTP {response.status_code} for /api/endpoints; "
+            "is this a crowdtrain coordinator?"
+        )
+    try:
+        endpoints = response.json()
+        str(endpoints["grpc_target"])
+    except (ValueError, KeyError, TypeError):
+        raise CoordinatorError(f"{url} is not a crowdtrain coordinator") from None
+    return endpoints
+
+
+def download_file(
+    http: httpx.Client,
+    url: str,
+    dest: Path,
+    label: str,
+    progress: str = "auto",
+    sha256: str | None = None,
+    max_bytes: int | None = None,
+) -> None:
+    """Stream ``url`` into ``dest`` with a progress bar (see :class:`TransferProgress`).
+
+    The bytes go to a ``.part`` file that takes ``dest``'s name only when the
+    whole body arrived and, given ``sha256``, hashes to it; more than
+    ``max_bytes`` is refused as it arrives. Any failure raises
+    :class:`CoordinatorError` and leaves no file behind.
+    """
+    tmp = dest.with_name(f".{dest.name}.part")
+    digest = hashlib.sha256()
+    received = 0
+    bar: TransferProgress | None = None
+    try:
+        with http.stream("GET", url) as response:
+            if response.status_code != 200:
+                raise CoordinatorError(f"downloading {url} failed: HTTP {response.status_code}")
+            size = response.headers.get("content-length")
+            total = int(size) if size and size.isdigit() else max_bytes
+            bar = TransferProgress(label, total, progress)
+            with open(tmp, "wb") as f:
+                for chunk in response.iter_bytes(1 << 20):
+                    received += len(chunk)
+                    if max_bytes is not None and received > max_bytes:
+                        raise CoordinatorError(
+                            f"{url} sent more than the {max_bytes} bytes expected; refusing it"
+                        )
+                    if sha256 is not None:
+                        digest.update(chunk)
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise CoordinatorError(
+                f"{url} sent bytes with sha256 {digest.hexdigest()[:16]}..., not the "
+                f"{sha256[:16]}... expected: they were damaged or altered on the way; "
+                "refusing it"
+            )
+        tmp.replace(dest)
+    except httpx.HTTPError as e:
+        raise CoordinatorError(f"downloading {url} failed: {e}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+        tmp.unlink(missing_ok=True)  # a failed download leaves nothing behind
+
+
+@dataclass
+class RunView:
+    """One run's public routes on one coordinator; ``download(url, path)`` fetches files
+    (the node's checked, retried download), into ``folder``."""
+
+    url: str
+    run_id: str
+    folder: Path
+    download: Callable[[str, Path], None]
+    ca_cert: Path | None = None
+
+    def get(self, path: str) -> Any:
+        """GET one of the coordinator's public JSON routes; None when it answers 404."""
+        response = httpx.get(
+            f"{self.url.rstrip('/')}/api/runs/{self.run_id}{path}",
+            timeout=5.0,
+            verify=str(self.ca_cert) if self.ca_cert else True,
+        )
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def fresh_step(self) -> int | None:
+        """The step the coordinator records now (the heartbeat's may be seconds old)."""
+        try:
+            return int(self.get("")["step"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            logger.info("could not ask the coordinator for its step (%s)", e)
+            return None
+
+    def checkpoint_sha256(self, step: int) -> str | None:
+        """The params_sha256 of the coordinator's checkpoint of ``step``, if it keeps one."""
+        try:
+            found = self.get(f"/checkpoints/{step}")
+        except (httpx.HTTPError, ValueError) as e:
+            logger.info("could not ask the coordinator for its checkpoint of step %d (%s)", step, e)
+            return None
+        sha256 = found.get("sha256") if isinstance(found, dict) else None
+        return sha256 if isinstance(sha256, str) and sha256 else None
+
+    def checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The tensors of the coordinator's checkpoint of ``step`` (safetensors: no pickle)."""
+        path = self.folder / f"checkpoint-{step}.safetensors"
+        try:
+            self.download(
+                f"{self.url.rstrip('/')}/api/runs/{self.run_id}/checkpoints/{step}/file", path
+            )
+            return load_checkpoint(path)[0]
+        except CrowdtrainError as e:
+            logger.info("could not fetch the coordinator's checkpoint of step %d (%s)", step, e)
+            return None
+        finally:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,306 @@
+"""hivemind's all-reduce with the guard's checks: :class:`GuardedAllReduceRunner`.
+
+Overrides hivemind 1.1.12's AllReduceRunner internals (pinned in pyproject):
+every part a sender streams in and every result a reducer returns passes
+the checks of :mod:`crowdtrain.node.swarm.guard` before it is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils.asyncio import (
+    aiter_with_timeout,
+    amap_in_executor,
+    attach_event_on_finished,
+)
+
+from crowdtrain.node.swarm.guard import (
+    SHAPE,
+    GuardConfig,
+    _norm,
+    clip_scale,
+    norm_problem,
+    part_problem,
+    reference_norm,
+    result_problem,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class GuardedAllReduceRunner(AllReduceRunner):
+    """An AllReduceRunner that checks every part and every result it receives.
+
+    ``max_weight`` maps a sender to the largest weight it may claim. A sender
+    whose part fails is banned for the round (its later parts are excluded,
+    its earlier ones had passed), its stream is closed and it is reported; a
+    reducer whose result fails is treated as failed (our own values are used
+    for what it had not yet returned) and reported.
+
+    Each part waits until every sender's part of the same slice is in (the
+    reduction waits for them anyway), so that its size is judged against all
+    of them: :func:`reference_norm`, :data:`CLIP_BOUND`, :data:`NORM_BOUND`.
+
+    With ``exact_results`` the runner yields the averages themselves, not
+    hivemind's differences (average minus our part), and every peer of the
+    group receives the very same bytes for each slice: its reducer compresses
+    the average once with its own compression, sends that to every sender and
+    keeps the decompressed copy for itself. Peers that complete the round
+    therefore hold bit-identical results, whatever the compression. A reducer
+    that failed leaves our own part in its slice and counts in
+    ``tensor_part_container.failed_size``: such a round is partial.
+    """
+
+    def __init__(
+        self,
+        *,
+        guard: GuardConfig,
+        max_weight: Callable[[PeerID], float],
+        attack: str = "",
+        exact_results: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self._guard, self._max_weight, self._attack = guard, max_weight, attack
+        self._exact = exact_results
+        # A failed reducer's slice then holds our own part (not a zero difference).
+        self.tensor_part_container.return_deltas = not exact_results
+        # part index -> the average of that slice as sent (exact_results only)
+        self._serialized_averages: dict[int, asyncio.Task[runtime_pb2.Tensor]] = {}
+        # part index -> sender index -> that part's norm (None: weight 0, not compared)
+        self._norms: dict[int, dict[int, float | None]] = {}
+        self._norms_complete: dict[int, asyncio.Event] = {}
+
+    def _drop(self, peer_id: PeerID, reason: str, what: str) -> None:
+        logger.warning("dropped averaging %s from peer %s: %s", what, peer_id.to_base58(), reason)
+        self._guard.report(peer_id.to_base58(), reason)
+
+    def _serialized_average(self, part_index: int, average: torch.Tensor) -> Any:
+        """The slice's average compressed once (a task): every sender and we get these bytes."""
+        task = self._serialized_averages.get(part_index)
+        if task is None:
+            container = self.tensor_part_container
+            own_index = self.ordered_peer_ids.index(self.peer_id)
+            info = container._input_parts_by_peer[own_index][part_index][1]
+            loop = asyncio.get_event_loop()
+            task = asyncio.ensure_future(
+                loop.run_in_executor(
+                    None,
+                    lambda: container.compression.compress(average, info, allow_inplace=False),
+                )
+            )
+            self._serialized_averages[part_index] = task
+        return task
+
+    def _complete(self, part_index: int) -> asyncio.Event:
+        return self._norms_complete.setdefault(part_index, asyncio.Event())
+
+    def _check_complete(self) -> None:
+        for part_index, norms in self._norms.items():
+            if all(
+                index in norms or peer_id in self.banned_senders or peer_id == self.peer_id
+                for index, peer_id in enumerate(self.sender_peer_ids)
+            ):
+                self._complete(part_index).set()
+
+    async def _ban_sender(self, peer_id: PeerID) -> None:
+        await super()._ban_sender(peer_id)
+        self._check_complete()  # nobody waits for a banned sender's norms
+
+    async def _reference(self, sender_index: int, part_index: int, norm: float | None) -> Any:
+        """Record a part's norm, wait for the other senders', return the slice's reference."""
+        self._norms.setdefault(part_index, {})[sender_index] = norm
+        self._check_complete()
+        finished = asyncio.create_task(self.tensor_part_reducer.finished.wait())
+        complete = asyncio.create_task(self._complete(part_index).wait())
+        try:
+            await asyncio.wait({finished, complete}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished.cancel()
+            complete.cancel()
+        if self.tensor_part_reducer.finished.is_set():
+            raise AllreduceException("all-reduce finished while a part waited for its peers")
+        norms = [n for n in self._norms[part_index].values() if n is not None]
+        if self.weight > 0 and part_index < len(self.parts_for_local_averaging):
+            norms.append(_norm(self.parts_for_local_averaging[part_index]))
+        return reference_norm(norms)
+
+    async def _accumulate_parts_streaming(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        sender = self.sender_peer_ids[sender_index]
+        max_weight = self._max_weight(sender)
+        reducer = self.tensor_part_reducer
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight, part_compression in amap_in_executor(
+                _deserialize_part,
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                if part_index >= reducer.num_parts:
+                    self._drop(sender, SHAPE, "parts")
+                    break
+                problem = part_problem(
+                    tensor_part, weight, reducer.part_shapes[part_index], max_weight
+                )
+                norm, reference = 0.0, None
+                if problem is None:
+                    norm = _norm(tensor_part)
+                    # A zero-weight part changes nothing: it is neither judged nor a reference.
+                    counted = norm if weight > 0 else None
+                    reference = await self._reference(sender_index, part_index, counted)
+                    if counted is not None:
+                        problem = norm_problem(norm, reference)
+                if problem is not None:
+                    self._drop(sender, problem, "parts")
+                    await self._ban_sender(sender)
+                    yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                    break
+                scale = clip_scale(norm, reference) if weight > 0 else 1.0
+                try:
+                    averaged_part = await reducer.accumulate_part(
+                        sender_index,
+                        part_index,
+                        tensor_part if scale == 1.0 else tensor_part * scale,
+                        weight=weight,
+                    )
+                    part_index += 1
+                except BannedException:
+                    break  # banned meanwhile (a timeout): nothing more of it is needed
+
+                if self._exact:
+                    serialized = await self._serialized_average(part_index - 1, averaged_part)
+                else:
+                    # The sender adds this to what it sent, so it is relative to the unclipped part.
+                    serialized = await loop.run_in_executor(
+                        None,
+                        lambda p=averaged_part, t=tensor_part, c=part_compression: (
+                            serialize_torch_tensor(p - t, c)
+                        ),
+                    )
+                yield averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART, tensor_part=serialized
+                )
+        finally:
+            if part_index != reducer.num_parts:
+                await self._ban_sender(sender)
+
+    async def _communicate_with_peer(self, peer_id: PeerID) -> None:
+        """hivemind's exchange with one reducer, with each returned result checked."""
+        if peer_id == self.peer_id:
+            if self._exact:
+                await self._reduce_own_slice()
+            else:
+                await super()._communicate_with_peer(peer_id)
+            return
+        container = self.tensor_part_container
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        try:
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(
+                self._generate_input_for_peer(peer_index), done_sending
+            )
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+
+            part_index = 0
+            async for delta, code in amap_in_executor(
+                _deserialize_result,
+                aiter_with_timeout(stream, self.reducer_timeout),
+                max_prefetch=container.prefetch,
+            ):
+                if code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(
+                        f"{peer_id} sent {averaging_pb2.MessageCode.Name(code)}"
+                    )
+                sent = container._input_parts_by_peer[peer_index]
+                if part_index >= len(sent):
+                    raise AllreduceException(f"{peer_id} sent more parts than it was given")
+                ours = sent[part_index][0]
+                problem = result_problem(delta, ours.shape, ours if self.weight > 0 else None)
+                if problem is not None:
+                    self._drop(peer_id, problem, "results")
+                    if peer_id in self.sender_peer_ids:
+                        await self._ban_sender(peer_id)
+                    raise AllreduceException(f"{peer_id} returned a bad result: {problem}")
+                container.register_processed_part(peer_index, part_index, delta)
+                part_index += 1
+
+            if part_index != container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(
+                    f"peer {peer_id} sent {part_index} parts, but we expected "
+                    f"{container.num_parts_by_peer[peer_index]}"
+                )
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug("caught %r when communicating with %s", e, peer_id, exc_info=True)
+            container.register_failed_reducer(peer_index)
+            raise
+
+    async def _reduce_own_slice(self) -> None:
+        """Our own slice in exact mode: keep the average exactly as the other senders get it."""
+        container = self.tensor_part_container
+        peer_index = self.ordered_peer_ids.index(self.peer_id)
+        sender_index = self.sender_peer_ids.index(self.peer_id)
+        loop = asyncio.get_event_loop()
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            averaged_part = await self.tensor_part_reducer.accumulate_part(
+                sender_index, part_index, tensor_part, weight=self.weight
+            )
+            serialized = await self._serialized_average(part_index, averaged_part)
+            average = await loop.run_in_executor(None, deserialize_torch_tensor, serialized)
+            container.register_processed_part(peer_index, part_index, average)
+
+    async def _generate_input_for_peer(
+        self, peer_index: int
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            if self._attack:
+                _corrupt(message, self._attack)
+            yield message
+
+
+def _deserialize_part(
+    message: averaging_pb2.AveragingData,
+) -> tuple[torch.Tensor | None, float, Any]:
+    try:
+        part = deserialize_torch_tensor(message.tensor_part)
+    except Exception:  # any garbage a peer sends is a malformed part, never a crash
+        part = None
+    return part, message.weight, message.tensor_part.compression
+
+
+def _deserialize_result(message: averaging_pb2.AveragingData) -> tuple[torch.Tensor | None, int]:
+    if message.code != averaging_pb2.AVERAGED_PART:
+        return None, message.code
+    try:
+        return deserialize_torch_tensor(message.tensor_part), message.code
+    except Exception:
+        return None, message.code
+
+
+def _corrupt(message: averaging_pb2.AveragingData, attack: str) -> None:
+    """Test hook: turn an honest outgoing part into a hostile one, in place."""
+    if attack == "weight":
+        message.weight = max(message.weight, 1.0) * 100
+        return
+    part = deserialize_torch_tensor(message.tensor_part)
+    part = torch.full_like(part, math.nan) if attack == "nan" else part * -1000
+    message.tensor_part.CopyFrom(serialize_torch_tensor(part))
+
+
+__all__ = ["GuardedAllReduceRunner"]

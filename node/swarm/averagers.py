@@ -1,0 +1,214 @@
+"""hivemind's averagers with the guard's checks built in.
+
+Each averages with :class:`~crowdtrain.node.swarm.allreduce.GuardedAllReduceRunner`;
+:class:`GuardedStateAverager` also refuses downloaded state the coordinator
+disagrees with; :class:`DiLoCoAverager` averages DiLoCo's pseudo-gradients with
+exact results and serves its global state. The RPC names stay hivemind's, so
+guarded and plain hivemind peers still talk. Everything here overrides
+hivemind 1.1.12 internals (pinned in pyproject).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
+from crowdtrain.node.swarm.guard import ATTACKS, GuardConfig, SwarmGuard, state_problem
+
+logger = logging.getLogger(__name__)
+
+
+class _GuardedAllReduceMixin(DecentralizedAverager):
+    """Runs each all-reduce round with :class:`GuardedAllReduceRunner`.
+
+    Subclasses set ``_guard_config``, ``_guard_roster`` (weights are bounded by
+    the roster, else by 1, hivemind's default weight) and ``_guard_attacks``
+    before hivemind forks the averager process in ``__init__``. With
+    ``_guard_exact`` the averaged tensors are replaced by the group's exact
+    average (see :class:`GuardedAllReduceRunner`'s ``exact_results``) only
+    when every reducer answered; a partial round raises AllreduceException
+    and leaves the tensors as they were.
+    """
+
+    _guard_config: GuardConfig
+    _guard_roster: bool
+    _guard_attacks: bool
+    _guard_round: int = 0
+    _guard_exact: bool = False
+
+    def _guard_max_weight(self) -> Callable[[PeerID], float]:
+        if not self._guard_roster:
+            return lambda peer_id: 1.0
+        roster = self._guard_config.read_roster()
+        default = self._guard_config.unknown_max_weight
+        return lambda peer_id: roster.get(peer_id.to_base58(), default)
+
+    def _guard_next_attack(self) -> str:
+        attack = self._guard_config.attack if self._guard_attacks else ""
+        if attack == "cycle":
+            attack = ATTACKS[self._guard_round % len(ATTACKS)]
+        self._guard_round += 1
+        return attack
+
+    async def _run_allreduce_inplace_(
+        self,
+        tensors: Sequence[torch.Tensor],
+        group_info: GroupInfo,
+        group_id: bytes | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # hivemind's DecentralizedAverager._run_allreduce_inplace_ with our runner.
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = GuardedAllReduceRunner(
+            guard=self._guard_config,
+            max_weight=self._guard_max_weight(),
+            attack=self._guard_next_attack(),
+            exact_results=self._guard_exact,
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id!r} was not registered"
+        self._running_groups[group_id].set_result(runner)
+
+        if self._guard_exact:
+            await self._replace_with_exact_average(tensors, runner)
+        elif runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+    async def _replace_with_exact_average(
+        self, tensors: Sequence[torch.Tensor], runner: GuardedAllReduceRunner
+    ) -> None:
+        # Gathered first (one extra copy of the tensors for the round): a partial round
+        # must leave the tensors untouched, as hivemind may retry with them.
+        averages = [average async for average in runner]
+        container = runner.tensor_part_container
+        if container.failed_size > 0:
+            raise AllreduceException(
+                f"partial round: {container.failed_size} of {container.total_size} values "
+                "were not averaged by their reducer"
+            )
+        for tensor, average in zip(tensors, averages, strict=True):
+            tensor.copy_(average)
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
+
+
+class GuardedGradientAverager(GradientAverager, _GuardedAllReduceMixin):
+    """hivemind's GradientAverager whose rounds check what groupmates send.
+
+    Weights are samples, bounded by the roster; the test attack hooks apply here.
+    """
+
+    def __init__(self, *args: Any, guard: GuardConfig, **kwargs: Any):
+        self._guard_config, self._guard_roster, self._guard_attacks = guard, True, True
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        # hivemind names RPCs after the class: keep hivemind's names so that guarded
+        # peers and plain hivemind peers (a keeper, say) still find each other.
+        return GradientAverager._get_handle_name(namespace, method_name)
+
+
+class _StateCheckMixin(DecentralizedAverager):
+    """Refuses downloaded state that disagrees with the coordinator (runs in the trainer)."""
+
+    _swarm_guard: SwarmGuard
+    last_refusal: str | None = None
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None) -> Any:
+        self.last_refusal = None
+        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
+        if loaded is None or not wait:
+            return loaded
+        metadata, tensors = loaded
+        try:
+            main = self.main_parameters  # type: ignore[attr-defined]
+            problem = state_problem(self._swarm_guard, main, metadata, tensors)
+        except Exception as e:  # the coordinator or keeper may be away: say so, refuse nothing
+            logger.warning("could not check the downloaded state (%s); accepting it", e)
+            problem = None
+        if problem is not None:
+            self.last_refusal = problem
+            logger.warning("refused the state downloaded from peers: %s", problem)
+            return None
+        return loaded
+
+
+class GuardedStateAverager(TrainingStateAverager, _StateCheckMixin, _GuardedAllReduceMixin):
+    """hivemind's TrainingStateAverager with checked state downloads and checked rounds."""
+
+    def __init__(self, *, swarm_guard: SwarmGuard, **kwargs: Any):
+        self._swarm_guard = swarm_guard
+        self._guard_config = swarm_guard.config
+        self._guard_roster = self._guard_attacks = False
+        super().__init__(**kwargs)
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        return TrainingStateAverager._get_handle_name(namespace, method_name)
+
+
+class DiLoCoAverager(_GuardedAllReduceMixin):
+    """Averages pseudo-gradients exactly (every peer of a round gets the same bytes) and
+    serves the global state. Its RPCs keep hivemind's DecentralizedAverager names, so a
+    plain client-mode DecentralizedAverager (the keeper's) can download that state.
+
+    Weights are the sequences a peer trained in the round, bounded by the roster's
+    allowance (in sequences per sync step) times ``weight_scale`` (the inner steps
+    per round), or unbounded without a roster.
+    """
+
+    def __init__(
+        self,
+        *,
+        averaged_tensors: Sequence[torch.Tensor],
+        guard: GuardConfig,
+        use_roster: bool,
+        weight_scale: float,
+        current_state: Callable[[], tuple[Any, Sequence[torch.Tensor], Any]],
+        **kwargs: Any,
+    ):
+        self._guard_config, self._guard_roster, self._guard_attacks = guard, use_roster, True
+        self._guard_exact = True
+        self._weight_scale = weight_scale
+        self._current_state = current_state
+        super().__init__(averaged_tensors=averaged_tensors, **kwargs)
+
+    def _guard_max_weight(self) -> Callable[[PeerID], float]:
+        if not self._guard_roster:
+            return lambda peer_id: math.inf
+        roster = self._guard_config.read_roster()
+        default, scale = self._guard_config.unknown_max_weight, self._weight_scale
+        return lambda peer_id: scale * roster.get(peer_id.to_base58(), default)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
+        return self._current_state()
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        return DecentralizedAverager._get_handle_name(namespace, method_name)

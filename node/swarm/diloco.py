@@ -1,0 +1,600 @@
+"""DiLoCo over hivemind: many local AdamW steps, then one averaged outer step per round.
+
+:class:`DiLoCoOptimizer` owns the inner optimizer, the global (outer)
+parameters and their Nesterov SGD, the rounds (a hivemind ProgressTracker
+under the run's prefix), the pseudo-gradient all-reduce and the sharing of
+global state with late joiners and the coordinator's keeper. It knows
+nothing about the coordinator, data or receipts: the trainer passes a
+:class:`~crowdtrain.node.swarm.guard.SwarmGuard` in and calls :meth:`step`.
+
+State served to peers (``{run_id}_diloco``, hivemind's download RPC): metadata
+``{"round": r, "epoch": e, "layout": STATE_LAYOUT}`` where ``r`` is the number
+of outer steps in the global parameters; tensors are the global parameters
+in ``model.parameters()`` order, then the outer momentum buffers in the same
+order (zeros before the first outer step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.compression import CompressionBase
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from crowdtrain.model import params_sha256
+from crowdtrain.node.swarm.averagers import DiLoCoAverager
+from crowdtrain.node.swarm.compression import compression
+from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard, state_problem
+from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
+
+logger = logging.getLogger(__name__)
+
+STATE_LAYOUT = "diloco-v1"  # names the served state's layout (see the module docstring)
+
+ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's peers meet
+
+
+def round_bits(round_: int) -> str:
+    """The averager's group bits for ``round_``."""
+    return format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
+
+
+def averager_prefix(run_id: str) -> str:
+    """The DHT prefix of a run's DiLoCo averager (matchmaking and state downloads)."""
+    return f"{run_id}_diloco"
+
+
+class _OneLineAveragingFailures(logging.Filter):
+    """hivemind logs every failed averaging round with a traceback; we log one line instead."""
+
+    QUIET = {"AllreduceException", "MatchmakingException", "BannedException", "TimeoutError"}
+    QUIET |= {"CancelledError", "P2PDaemonError", "P2PHandlerError"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or type(error).__name__ not in self.QUIET
+
+
+_FILTER = _OneLineAveragingFailures()
+
+
+def _quiet_averaging_failures() -> None:
+    # Installed before the averager forks, so its process has it too.
+    for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
+        log = logging.getLogger(name)
+        if _FILTER not in log.filters:
+            log.addFilter(_FILTER)
+
+
+@dataclass
+class _PendingRound:  # an all-reduce under way
+    round: int
+    control: StepControl
+    weight: float
+    global_sha256: str
+    local_at_end: list[torch.Tensor]  # θ_local when the round ended (CPU fp32)
+    deadline: float  # monotonic: give up waiting after this
+
+
+@dataclass
+class _GlobalState:  # downloaded from a peer
+    round: int
+    params: list[torch.Tensor]
+    momentum: list[torch.Tensor]
+
+
+class DiLoCoOptimizer:
+    """DiLoCo (inner AdamW, outer Nesterov SGD on averaged pseudo-gradients) over hivemind.
+
+    Call :meth:`step` after each micro-batch's backward with its number of
+    sequences: it takes (and clears) the gradients, runs an inner step on their
+    sequence-weighted mean once ``spec.inner_batch_size`` sequences are in, and
+    ends the round when the swarm has trained ``inner_steps * target_batch_size``
+    sequences. :meth:`zero_grad` drops a micro-batch not given to :meth:`step`.
+
+    At a round's end each peer averages its pseudo-gradient (global minus local
+    parameters), weighted by the sequences it trained in the round, with the
+    peers of that round and applies the average with the outer optimizer; with
+    ``spec.outer_overlap`` in the background while the next round trains (that
+    progress is kept on top of the new global parameters). Peers that complete
+    a round together hold bit-identical global parameters. A peer whose round
+    failed loads the next round's state from a peer, else applies its own.
+
+    Create it in the process's main thread (hivemind's averager sets SIGINT to
+    be ignored there) and call :meth:`shutdown` before the DHT's.
+    """
+
+    def __init__(
+        self,
+        *,
+        dht: hivemind.DHT,
+        run_id: str,
+        model: torch.nn.Module,
+        params: Iterable[Any],
+        inner_optimizer: Callable[[Any], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None,
+        spec: OptimizerSection,
+        swarm: SwarmSection,
+        client_mode: bool,
+        swarm_guard: SwarmGuard | None = None,
+        pseudo_grad_compression: CompressionBase | None = None,
+        state_compression: CompressionBase | None = None,
+    ):
+        self.dht, self.run_id, self.model = dht, run_id, model
+        self.spec, self.swarm, self.client_mode = spec, swarm, client_mode
+        self.swarm_guard = swarm_guard
+        self.last_refusal: str | None = None
+        self.local_epoch = 0
+        self.inner_step = 0
+        self.global_round = 0  # outer steps in the global parameters
+        # How the last round ended: averaged, reloaded (the group's parameters differed from
+        # ours: theirs taken), loaded (failed: a peer's next round taken), own (failed: our
+        # pseudo-gradient applied) or diverged. Only the last two leave us off the swarm's.
+        self.last_round_outcome: str | None = None
+        self._global_version = 0  # bumped whenever the global parameters change
+        self._sha256_cache: tuple[int, str] | None = None
+        self._params = list(model.parameters())
+        self._names: dict[int, list[str]] = {}  # tied parameters have several names
+        for name, param in model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(param), []).append(name)
+        self.inner = inner_optimizer(params)
+        self.scheduler = scheduler(self.inner) if scheduler is not None else None
+
+        with torch.no_grad():
+            self.global_params = [
+                p.detach().to("cpu", torch.float32, copy=True) for p in self._params
+            ]
+        self.outer = torch.optim.SGD(
+            self.global_params,
+            lr=spec.outer_lr,
+            momentum=spec.outer_momentum,
+            nesterov=spec.outer_nesterov and spec.outer_momentum > 0,
+            foreach=False,  # one code path everywhere: the same inputs give the same bits
+        )
+        self._state_lock = threading.Lock()
+        self._grad_sums = [torch.zeros_like(p) for p in self._params]
+        self._has_grad = [False] * len(self._params)
+        self._accumulated = 0  # sequences in the grad sums
+        self._round_samples = 0  # sequences trained in the current round
+        self._pending: _PendingRound | None = None
+        self._round_timeout_s = max(swarm.averaging_timeout_s, 2 * swarm.matchmaking_time_s)
+
+        self._own_guard_folder: Path | None = None
+        if swarm_guard is not None:
+            guard_config = swarm_guard.config
+        else:
+            self._own_guard_folder = Path(tempfile.mkdtemp(prefix="crowdtrain-diloco-guard-"))
+            guard_config = GuardConfig(self._own_guard_folder, math.inf)
+
+        self.tracker = ProgressTracker(
+            dht=dht,
+            prefix=run_id,
+            target_batch_size=spec.inner_steps * spec.target_batch_size,
+            client_mode=client_mode,
+            min_refresh_period=0.5,
+            # Peers must notice the round's end within one matchmaking window.
+            max_refresh_period=max(0.5, swarm.matchmaking_time_s),
+            default_refresh_period=max(0.5, min(3.0, swarm.matchmaking_time_s)),
+            metadata_expiration=swarm.metadata_expiration_s,
+            start=True,
+        )
+        _quiet_averaging_failures()
+        try:
+            self.averager = DiLoCoAverager(
+                averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
+                guard=guard_config,
+                use_roster=swarm_guard is not None,
+                weight_scale=float(spec.inner_steps),
+                current_state=self._current_state,
+                dht=dht,
+                prefix=averager_prefix(run_id),
+                start=True,
+                min_matchmaking_time=swarm.matchmaking_time_s,
+                request_timeout=swarm.request_timeout_s,
+                allreduce_timeout=swarm.averaging_timeout_s,
+                compression=pseudo_grad_compression or compression("8bit"),
+                state_compression=state_compression or compression("none"),
+                initial_group_bits=round_bits(0),
+                client_mode=client_mode,
+            )
+        except BaseException:
+            self.tracker.shutdown(1.0)  # a failed start must not leave a thread behind
+            raise
+        self._share_state()
+
+    # what the trainer calls
+
+    def step(self, batch_size: int) -> None:
+        """Take a micro-batch's gradients (``batch_size`` sequences); step when enough are in."""
+        self._wait_pending(block=False)
+        with torch.no_grad():
+            for index, (param, grad_sum) in enumerate(
+                zip(self._params, self._grad_sums, strict=True)
+            ):
+                if param.grad is not None:
+                    grad_sum.add_(param.grad, alpha=float(batch_size))
+                    self._has_grad[index] = True
+                    param.grad = None
+        self._accumulated += batch_size
+        if self._accumulated < self.spec.inner_batch_size:
+            return
+        self._inner_step()
+        if self.tracker.ready_to_update_epoch:
+            self._end_round()
+
+    def zero_grad(self) -> None:
+        """Clear the model's gradients (a micro-batch not given to :meth:`step`)."""
+        for param in self._params:
+            param.grad = None
+
+    def global_params_sha256(self) -> str:
+        """:func:`params_sha256` of the global parameters under the model's state-dict names
+        (the keeper's checkpoint of round ``global_round`` hashes the same)."""
+        with self._state_lock:
+            # Hashing reads every parameter: once per change of the global parameters.
+            if self._sha256_cache is None or self._sha256_cache[0] != self._global_version:
+                digest = params_sha256(self.global_state_dict())
+                self._sha256_cache = (self._global_version, digest)
+            return self._sha256_cache[1]
+
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """The global parameters under the model's state-dict names (tied ones under each),
+        as a checkpoint of round ``global_round`` holds them. Do not modify them."""
+        state = {}
+        for param, global_ in zip(self._params, self.global_params, strict=True):
+            for name in self._names.get(id(param), []):
+                state[name] = global_
+        return state
+
+    def load_state_from_peers(self, timeout: float | None = None) -> bool:
+        """Download the global parameters, outer momentum and round from a peer.
+
+        Sets the local parameters to the global ones (the inner optimizer's
+        state is kept). Returns False when no peer served acceptable state;
+        :attr:`last_refusal` then says why a served state was refused.
+        """
+        self._wait_pending()
+        state = self._download(timeout if timeout is not None else self.swarm.load_state_timeout_s)
+        if state is None:
+            return False
+        self._adopt(state, local_at_end=None)
+        logger.info("loaded the global state of round %d from a peer", state.round)
+        return True
+
+    def shutdown(self) -> None:
+        """Leave: stop reporting progress, end or drop a round under way, stop the averager."""
+        self.tracker.shutdown(self.swarm.request_timeout_s + 1.0)
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.control.done():
+            if pending.control.stage == AveragingStage.LOOKING_FOR_GROUP:
+                pending.control.cancel()
+            else:  # the group counts on us: let the all-reduce finish, bounded
+                try:
+                    pending.control.result(timeout=max(0.0, pending.deadline - time.monotonic()))
+                except Exception:
+                    pass
+        self.averager.shutdown()
+        if self._own_guard_folder is not None:
+            shutil.rmtree(self._own_guard_folder, ignore_errors=True)
+
+    # inner steps and rounds
+
+    def _inner_step(self) -> None:
+        with torch.no_grad():
+            for index, (param, grad_sum) in enumerate(
+                zip(self._params, self._grad_sums, strict=True)
+            ):
+                if self._has_grad[index]:
+                    param.grad = grad_sum.div_(self._accumulated)
+        self.inner.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        for param, grad_sum in zip(self._params, self._grad_sums, strict=True):
+            param.grad = None
+            grad_sum.zero_()
+        self._has_grad = [False] * len(self._params)
+        self._round_samples += self._accumulated
+        self._accumulated = 0
+        self.inner_step += 1
+        self.tracker.report_local_progress(self.local_epoch, self._round_samples)
+
+    def _end_round(self) -> None:
+        """The swarm trained a round: average pseudo-gradients (in the background with overlap)."""
+        self._wait_pending()
+        round_, weight = self.local_epoch, float(self._round_samples)
+        with self.tracker.pause_updates():
+            self.local_epoch = self.tracker.update_epoch(round_ + 1)
+        self._round_samples = 0
+        with torch.no_grad():
+            local_at_end = [p.detach().to("cpu", torch.float32, copy=True) for p in self._params]
+        if weight == 0:
+            # Nothing of ours to average (we just joined or caught up): follow the swarm.
+            self._recover(round_, local_at_end, "no sequences trained in it")
+            return
+        with torch.no_grad(), self.averager.get_tensors() as deltas:
+            for delta, global_, local in zip(deltas, self.global_params, local_at_end, strict=True):
+                torch.sub(global_, local, out=delta)
+        global_sha256 = self.global_params_sha256()
+        self.averager.set_group_bits(round_bits(round_))
+        control = self.averager.step(
+            weight=weight,
+            gather={
+                "round": round_,
+                "sha256": global_sha256,
+                "weight": weight,
+                "serves": not self.client_mode,
+            },
+            timeout=self._round_timeout_s,
+            allow_retries=True,
+            wait=False,
+        )
+        self._pending = _PendingRound(
+            round=round_,
+            control=control,
+            weight=weight,
+            global_sha256=global_sha256,
+            local_at_end=local_at_end,
+            deadline=time.monotonic() + self._round_timeout_s + self.swarm.averaging_timeout_s + 5,
+        )
+        if not self.spec.outer_overlap:
+            with self.tracker.performance_ema.pause():
+                self._wait_pending()
+
+    def _wait_pending(self, block: bool = True) -> None:
+        if self._pending is not None and (block or self._pending.control.done()):
+            self._finish(self._pending)
+
+    def _finish(self, pending: _PendingRound) -> None:
+        """Apply a round's averaged pseudo-gradient, or recover from its failure."""
+        self._pending = None
+        try:
+            gathered = pending.control.result(timeout=max(0.0, pending.deadline - time.monotonic()))
+        except (Exception, asyncio.CancelledError) as e:  # any failure of the round alike
+            if not pending.control.done():
+                pending.control.cancel()
+            self._recover(pending.round, pending.local_at_end, _reason(e))
+            return
+        group = gathered if isinstance(gathered, dict) else {}
+        with torch.no_grad(), self.averager.get_tensors() as average:
+            self._outer_step(average)
+        self._follow_local(pending.local_at_end)
+        self.last_round_outcome = "averaged"
+        logger.info(
+            "round %d averaged with %d peers (%.0f of %.0f sequences ours)",
+            pending.round,
+            len(group),
+            pending.weight,
+            sum(_weight(v) for v in group.values()) or pending.weight,
+        )
+        canonical = _canonical_sha256(group.values())
+        if canonical is not None and canonical != pending.global_sha256:
+            # Our global parameters had drifted from the group's (an earlier failed
+            # round): stop serving them and take the group's from a peer.
+            logger.warning(
+                "round %d: our global parameters differed from the group's; reloading them",
+                pending.round,
+            )
+            self._set_sharing(False)
+            state = self._await_round(pending.round + 1, self.swarm.load_state_timeout_s)
+            if state is not None:
+                self._adopt(state, local_at_end=None, keep_local=True)
+            self.last_round_outcome = "reloaded" if state is not None else "diverged"
+            self._set_sharing(True)
+
+    def _outer_step(self, average: Sequence[torch.Tensor]) -> None:
+        with self._state_lock:
+            for global_, delta in zip(self.global_params, average, strict=True):
+                global_.grad = delta
+            self.outer.step()
+            for global_ in self.global_params:
+                global_.grad = None
+            self.global_round += 1
+            self._global_version += 1
+        self._share_state()
+
+    def _follow_local(
+        self, local_at_end: list[torch.Tensor], keep_progress: bool | None = None
+    ) -> None:
+        """Local parameters: the new global ones plus what was trained since ``local_at_end``
+        (with overlap, or ``keep_progress``), else exactly the new global ones."""
+        keep = self.spec.outer_overlap if keep_progress is None else keep_progress
+        with torch.no_grad():
+            for param, global_, at_end in zip(
+                self._params, self.global_params, local_at_end, strict=True
+            ):
+                if keep:
+                    param.add_((global_ - at_end).to(param.device, param.dtype))
+                else:
+                    param.copy_(global_)
+
+    def _recover(self, round_: int, local_at_end: list[torch.Tensor], reason: str) -> None:
+        """A round without an average: take the next round's state from a peer, else our own."""
+        state = self._await_round(round_ + 1, self._round_timeout_s)
+        if state is not None:
+            logger.warning(
+                "round %d: averaging failed (%s); loaded round %d's global state from a peer",
+                round_,
+                reason,
+                state.round,
+            )
+            self._adopt(state, local_at_end=local_at_end)
+            self.last_round_outcome = "loaded"
+            return
+        if reason.startswith("no sequences"):
+            logger.info("round %d: %s and no peer is ahead; nothing to average", round_, reason)
+            return
+        logger.warning(
+            "round %d: averaging failed (%s) and no peer has round %d; applying our own "
+            "pseudo-gradient",
+            round_,
+            reason,
+            round_ + 1,
+        )
+        with torch.no_grad(), self.averager.get_tensors() as own:
+            self._outer_step(own)  # the buffers still hold our pseudo-gradient
+        self._follow_local(local_at_end)
+        self.last_round_outcome = "own"
+
+    def _adopt(
+        self,
+        state: _GlobalState,
+        local_at_end: list[torch.Tensor] | None,
+        keep_local: bool = False,
+    ) -> None:
+        """Take downloaded global state; local parameters follow it (keeping progress since
+        ``local_at_end`` when given, all local progress with ``keep_local``)."""
+        with torch.no_grad():
+            reference = [g.clone() for g in self.global_params] if keep_local else local_at_end
+            with self._state_lock:
+                for global_, loaded in zip(self.global_params, state.params, strict=True):
+                    global_.copy_(loaded)
+                for global_, momentum in zip(self.global_params, state.momentum, strict=True):
+                    self.outer.state[global_]["momentum_buffer"] = momentum.clone()
+                self.global_round = state.round
+                self._global_version += 1
+            if reference is not None:
+                self._follow_local(reference, keep_progress=keep_local or None)
+            else:
+                for param, global_ in zip(self._params, self.global_params, strict=True):
+                    param.copy_(global_)
+        if state.round > self.local_epoch:
+            with self.tracker.pause_updates():
+                self.local_epoch = self.tracker.update_epoch(state.round)
+            self._round_samples = 0
+        self._share_state()
+
+    # state sharing
+
+    def _share_state(self) -> None:
+        if not self.client_mode:
+            self.averager.state_sharing_priority = float(self.global_round)
+
+    def _set_sharing(self, allowed: bool) -> None:
+        if not self.client_mode:
+            self.averager.allow_state_sharing = allowed
+
+    def _current_state(self) -> tuple[dict[str, Any], list[torch.Tensor], None]:
+        """What peers download (runs in hivemind's fetcher thread)."""
+        with self._state_lock:
+            tensors = [g.clone() for g in self.global_params]
+            tensors += [
+                _momentum(self.outer.state.get(g, {}), g).clone() for g in self.global_params
+            ]
+            metadata = {"round": self.global_round, "epoch": self.local_epoch}
+        return {**metadata, "layout": STATE_LAYOUT}, tensors, None
+
+    def _await_round(self, round_: int, timeout_s: float) -> _GlobalState | None:
+        """Global state of ``round_`` or later from a peer, waiting up to ``timeout_s`` for a
+        peer to announce it; None when no other peer has it."""
+        deadline = time.monotonic() + timeout_s
+        while self.tracker.global_progress.num_peers > 1:
+            if self._best_announced_round() >= round_:
+                state = self._download(max(1.0, deadline - time.monotonic()))
+                if state is not None and state.round >= round_:
+                    return state
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return None
+
+    def _best_announced_round(self) -> float:
+        """The highest round another peer announces for state downloads (-1: none)."""
+        found = self.dht.get(f"{averager_prefix(self.run_id)}.all_averagers", latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        me = self.dht.peer_id.to_bytes()
+        rounds = [
+            float(entry.value)
+            for peer, entry in entries.items()
+            if peer != me and isinstance(getattr(entry, "value", None), int | float)
+        ]
+        return max(rounds, default=-1.0)
+
+    def _download(self, timeout_s: float) -> _GlobalState | None:
+        self.last_refusal = None
+        try:
+            loaded = self.averager.load_state_from_peers(timeout=timeout_s)
+        except Exception as e:  # a timeout, a peer that left mid-download
+            logger.info("could not download the global state: %s", _reason(e))
+            return None
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        problem = self._state_problem(metadata, tensors)
+        if problem is not None:
+            self.last_refusal = problem
+            logger.warning("refused the global state a peer served: %s", problem)
+            return None
+        n = len(self.global_params)
+        return _GlobalState(
+            int(metadata["round"]),
+            [t.float() for t in tensors[:n]],
+            [t.float() for t in tensors[n : 2 * n]],
+        )
+
+    def _state_problem(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
+        if not isinstance(metadata, dict) or metadata.get("layout") != STATE_LAYOUT:
+            return "it is not DiLoCo state"
+        round_ = metadata.get("round")
+        if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+            return "it carries no round"
+        n = len(self.global_params)
+        if len(tensors) != 2 * n:
+            return f"it holds {len(tensors)} tensors, not the {2 * n} of this model"
+        for ours, theirs in zip(self.global_params * 2, tensors, strict=True):
+            if theirs.shape != ours.shape or not theirs.dtype.is_floating_point:
+                return "its tensors do not fit this model"
+            if not bool(torch.isfinite(theirs).all()):
+                return "its tensors are not finite"
+        if self.swarm_guard is None:
+            return None
+        try:
+            return state_problem(self.swarm_guard, self._params, {"epoch": round_}, tensors[:n])
+        except Exception as e:  # the coordinator or keeper may be away: say so, refuse nothing
+            logger.warning("could not check the downloaded state (%s); accepting it", e)
+            return None
+
+
+def _momentum(state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
+    buffer = state.get("momentum_buffer")  # None before the first outer step
+    return buffer if isinstance(buffer, torch.Tensor) else torch.zeros_like(like)
+
+
+def _weight(gathered: Any) -> float:
+    value = gathered.get("weight") if isinstance(gathered, dict) else None
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _canonical_sha256(gathered: Iterable[Any]) -> str | None:
+    """The group's global-parameter hash held by the most weight (ties: the smallest),
+    among the peers that serve state (others could never download a client's)."""
+    values = [v for v in gathered if isinstance(v, dict)]
+    if any(v.get("serves") for v in values):
+        values = [v for v in values if v.get("serves")]
+    weights: dict[str, float] = {}
+    for value in values:
+        sha256 = value.get("sha256")
+        if isinstance(sha256, str):
+            weights[sha256] = weights.get(sha256, 0.0) + _weight(value)
+    if not weights:
+        return None
+    return min(weights, key=lambda sha: (-weights[sha], sha))
+
+
+def _reason(error: BaseException) -> str:
+    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+
+
+__all__ = ["STATE_LAYOUT", "DiLoCoOptimizer", "averager_prefix", "round_bits"]
