@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
 
@@ -353,7 +354,7 @@ def _admin_request(args: argparse.Namespace, method: str, path: str, body: dict 
 
 def _invite(args: argparse.Namespace) -> int:
     body = {"uses": args.uses, "expires_in_s": args.expires_in, "note": args.note}
-    invite = _admin_request(args, "POST", f"/api/admin/runs/{args.run}/invites", body)
+    invite = _admin_request(args, "POST", api.path(api.ADMIN_INVITES, run_id=args.run), body)
     uses = "any number of" if invite["uses"] == 0 else str(invite["uses"])
     print(invite["code"])
     print(
@@ -366,13 +367,15 @@ def _invite(args: argparse.Namespace) -> int:
 
 def _ban(args: argparse.Namespace) -> int:
     body = {"peer_id": args.peer_id, "reason": args.reason}
-    _admin_request(args, "POST", f"/api/admin/runs/{args.run}/bans", body)
+    _admin_request(args, "POST", api.path(api.ADMIN_BANS, run_id=args.run), body)
     print(f"banned peer {args.peer_id} from run {args.run}")
     return 0
 
 
 def _unban(args: argparse.Namespace) -> int:
-    _admin_request(args, "DELETE", f"/api/admin/runs/{args.run}/bans/{args.peer_id}", None)
+    _admin_request(
+        args, "DELETE", api.path(api.ADMIN_BAN, run_id=args.run, peer_id=args.peer_id), None
+    )
     print(f"peer {args.peer_id} may join run {args.run} again")
     return 0
 

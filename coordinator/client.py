@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
 import httpx
 
+from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 
 if TYPE_CHECKING:
@@ -110,16 +111,16 @@ class Client:
 
     def runs(self) -> Records:
         """Every run: id, step, tokens, tokens/s, validation loss, active peers, shards."""
-        return Records(self._get("/api/runs"))
+        return Records(self._get(api.RUNS))
 
     def run(self, run: str) -> dict[str, Any]:
         """One run, its resolved spec included (``["spec"]``)."""
-        found: dict[str, Any] = self._get(f"/api/runs/{run}", run=run)
+        found: dict[str, Any] = self._get(api.path(api.RUN, run_id=run), run=run)
         return found
 
     def peers(self, run: str) -> Records:
         """The run's peers: name, device, state, tokens, tokens/s, loss, step, verified credit."""
-        return Records(self._get(f"/api/runs/{run}/peers", run=run))
+        return Records(self._get(api.path(api.PEERS, run_id=run), run=run))
 
     def metrics(self, run: str, since: float | datetime | None = None) -> Records:
         """The run over time, oldest first: ``time``, ``step``, ``num_tokens``,
@@ -128,19 +129,19 @@ class Client:
         params = {}
         if since is not None:
             params["since"] = since.timestamp() if isinstance(since, datetime) else float(since)
-        return Records(self._get(f"/api/runs/{run}/metrics", run=run, params=params))
+        return Records(self._get(api.path(api.RUN_METRICS, run_id=run), run=run, params=params))
 
     def evals(self, run: str) -> Records:
         """Validation loss over steps and tokens, oldest first."""
-        return Records(self._get(f"/api/runs/{run}/evals", run=run))
+        return Records(self._get(api.path(api.EVALS, run_id=run), run=run))
 
     def leaderboard(self, run: str) -> Records:
         """Peers ranked by verified compute, with their flags."""
-        return Records(self._get(f"/api/runs/{run}/leaderboard", run=run))
+        return Records(self._get(api.path(api.LEADERBOARD, run_id=run), run=run))
 
     def checkpoints(self, run: str) -> Records:
         """The keeper's checkpoints, oldest step first; ``available`` ones can be downloaded."""
-        return Records(self._get(f"/api/runs/{run}/checkpoints", run=run))
+        return Records(self._get(api.path(api.CHECKPOINTS, run_id=run), run=run))
 
     # checkpoints out
 
@@ -273,7 +274,7 @@ class Client:
     def _stream(self, run: str, step: int, num_bytes: int, progress: bool) -> Iterator[bytes]:
         from tqdm.auto import tqdm
 
-        path = f"/api/runs/{run}/checkpoints/{step}/file"
+        path = api.path(api.CHECKPOINT_FILE, run_id=run, step=step)
         try:
             with self._http.stream("GET", path) as response:
                 if response.status_code != 200:

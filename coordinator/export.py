@@ -8,7 +8,6 @@ it into the run's GPT. Knows nothing about serving or the swarm.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -83,11 +82,6 @@ class SampleConfig:
             raise CrowdtrainError(f"--top-k must be at least 1, got {self.top_k}")
 
 
-def gpt_config(run: PublishedRun) -> GPTConfig:
-    """The run's model shape; the spec's [model] keys are GPTConfig's fields."""
-    return GPTConfig(**dataclasses.asdict(run.spec.model))
-
-
 def open_store(data_dir: Path) -> Store:
     """The coordinator's store in ``data_dir``, which must exist already."""
     return Store(data_dir, create=False)
@@ -148,7 +142,7 @@ def load_model(checkpoint: KeptCheckpoint, progress: bool = False) -> GPT:
             f"checkpoint {checkpoint.path} belongs to run {metadata['run_id']!r}, "
             f"not {checkpoint.run.id!r}"
         )
-    model = GPT(gpt_config(checkpoint.run))
+    model = GPT(GPTConfig.from_spec(checkpoint.run.spec.model))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -187,7 +181,7 @@ def export_run(
     store = open_store(data_dir)
     try:
         # A learned-position run can never be exported: say so before anything else.
-        check_exportable(gpt_config(get_run(store, run_id)))
+        check_exportable(GPTConfig.from_spec(get_run(store, run_id).spec.model))
         checkpoint = find_checkpoint(store, run_id, step)
     finally:
         store.close()

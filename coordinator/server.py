@@ -39,6 +39,7 @@ from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.dht import SwarmPeer, SwarmProgress, poll_progress
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.rpc import SERVER_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,7 @@ def _free_port(host: str, port: int, what: str, flag: str) -> int:
 @contextlib.contextmanager
 def _ports_file(data_dir: Path, ports: dict) -> Iterator[None]:
     path = data_dir / PORTS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ports, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(ports, indent=2))
     try:
         yield
     finally:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -81,27 +81,16 @@ def save_checkpoint(
         header[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
 
     folder = path.parent
-    try:
-        fd, temp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
+    if not folder.is_dir():
         raise CheckpointError(
-            f"cannot write checkpoint {path}: {exc}; check that folder {folder} exists "
-            "and is writable"
-        ) from exc
-    os.close(fd)
+            f"cannot write checkpoint {path}: folder {folder} does not exist; create it first"
+        )
     try:
-        save_file(tensors, temp_name, metadata=header)
-        with open(temp_name, "rb+") as file:
-            os.fsync(file.fileno())
-        digest = sha256_file(temp_name)
-        os.replace(temp_name, path)
+        with atomic_path(path) as temp:
+            save_file(tensors, str(temp), metadata=header)
+            digest = sha256_file(temp)
     except (OSError, SafetensorError, ValueError, TypeError) as exc:
-        _remove_quietly(temp_name)
         raise CheckpointError(f"cannot write checkpoint {path}: {exc}") from exc
-    except BaseException:
-        _remove_quietly(temp_name)
-        raise
-    _fsync_folder(folder)
     logger.info("saved checkpoint %s (%d tensors, sha256 %s)", path, len(tensors), digest)
     return digest
 
@@ -216,22 +205,3 @@ def _parse_aliases(path: Path, aliases_json: str) -> dict[str, str]:
     ):
         raise CheckpointError(f"checkpoint {path} has malformed {ALIASES_KEY}: {aliases_json!r}")
     return aliases
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename lives in the folder's entry list; without this a power cut can
-    # undo it even though the file's bytes were synced.
-    if os.name == "nt":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(name: str) -> None:
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass

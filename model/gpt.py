@@ -9,8 +9,8 @@ networking.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,17 @@ class GPTConfig:
     def head_dim(self) -> int:
         """Width of one attention head, ``d_model // num_heads``."""
         return self.d_model // self.num_heads
+
+    @classmethod
+    def from_spec(cls, section: Any) -> GPTConfig:
+        """The config a run spec's ``[model]`` section describes.
+
+        The one place a spec becomes a model shape: ``section`` is a
+        ``crowdtrain.protocol.runspec.ModelSection``, whose fields are this
+        class's by name (read here by name, so ``model`` needs nothing of the
+        spec's module).
+        """
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
 
 def estimate_flops_per_token(config: GPTConfig) -> float:

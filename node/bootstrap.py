@@ -27,6 +27,7 @@ from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.model.checkpoint import CheckpointError
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.http import download_file, tls_verify
+from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.runspec import RunSpec
 
@@ -86,7 +87,7 @@ def latest_checkpoint(url: str, run_id: str, ca_cert: Path | None = None) -> Kep
     the coordinator cannot say (the node then loads state from peers)."""
     try:
         response = httpx.get(
-            f"{url.rstrip('/')}/api/runs/{run_id}/checkpoints",
+            api.url(url, api.CHECKPOINTS, run_id=run_id),
             timeout=_TIMEOUT,
             verify=tls_verify(ca_cert),
         )
@@ -166,7 +167,7 @@ def download_checkpoint(
     is the one the keeper recorded. A partial or wrong download leaves no file behind."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"keeper-step-{checkpoint.step}.safetensors"
-    file_url = f"{url.rstrip('/')}/api/runs/{run_id}/checkpoints/{checkpoint.step}/file"
+    file_url = api.url(url, api.CHECKPOINT_FILE, run_id=run_id, step=checkpoint.step)
     try:
         with httpx.Client(timeout=_TIMEOUT, verify=tls_verify(ca_cert)) as http:
             download_file(

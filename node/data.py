@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from crowdtrain.protocol.errors import ShardError
+from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.shards import (
     ShardEntry,
     ShardManifest,
@@ -364,6 +364,4 @@ def load_position(path: Path, manifest_hash: str) -> dict | None:
 def save_position(path: Path, manifest_hash: str, position: dict | None) -> None:
     """Write a :meth:`ShardStream.position` atomically, for :func:`load_position`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"manifest_hash": manifest_hash, "position": position}))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"manifest_hash": manifest_hash, "position": position}))

@@ -9,7 +9,6 @@ handlers there.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import socket
@@ -185,7 +184,7 @@ class Node:
         )
         torch.manual_seed(self.spec.run.seed)
         # The spec's [model] keys are GPTConfig's fields.
-        self.model = GPT(GPTConfig(**dataclasses.asdict(self.spec.model))).to(self.device)
+        self.model = GPT(GPTConfig.from_spec(self.spec.model)).to(self.device)
         self.micro_batch_size = micro_batch_size(
             cfg.micro_batch, self.spec.optimizer, self.model, self.device, self.spec.model
         )

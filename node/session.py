@@ -24,6 +24,7 @@ import httpx
 
 from crowdtrain.node.link.http import discover, download_file, tls_verify
 from crowdtrain.node.progress import MODES
+from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 
 if TYPE_CHECKING:
@@ -213,7 +214,7 @@ class Session:
                     # Its own connection: this also works after leave() closed the node's.
                     verify = tls_verify(self._node.config.ca_cert)
                     with httpx.Client(timeout=30.0, verify=verify) as http:
-                        url = f"{self.url}/api/runs/{self.run_id}/tokenizer"
+                        url = api.url(self.url, api.TOKENIZER, run_id=self.run_id)
                         download_file(http, url, path, path.name, "none")
             self._tokenizer = load_tokenizer(manifest.tokenizer, path, manifest.tokenizer_sha256)
         return self._tokenizer
@@ -449,9 +450,9 @@ def _check_run(url: str, run: str, ca_cert: Path | None) -> None:
     """A clear error for a run the coordinator does not have, naming those it has."""
     verify = tls_verify(ca_cert)
     try:
-        response = httpx.get(f"{url}/api/runs/{run}", timeout=10.0, verify=verify)
+        response = httpx.get(api.url(url, api.RUN, run_id=run), timeout=10.0, verify=verify)
         if response.status_code == 404:
-            runs = httpx.get(f"{url}/api/runs", timeout=10.0, verify=verify).json()
+            runs = httpx.get(api.url(url, api.RUNS), timeout=10.0, verify=verify).json()
             names = ", ".join(repr(r["id"]) for r in runs) or "none yet"
             raise CrowdtrainError(
                 f"run={run!r}: the coordinator at {url} has no such run; its runs: {names}"

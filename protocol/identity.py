@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from crowdtrain.protocol.errors import IdentityError, MalformedMessageError
+from crowdtrain.protocol.files import atomic_write
 
 MAX_ENVELOPE_BYTES = 64 * 1024
 DEFAULT_MAX_AGE_S = 120.0
@@ -71,12 +72,8 @@ class Identity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        tmp = path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)  # a leftover could carry looser permissions
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        os.replace(tmp, path)
+        # 0600 from the start: the key a peer's credit is bound to is never readable by others.
+        atomic_write(path, pem, mode=0o600)
         return identity
 
     def sign(self, data: bytes) -> bytes:

@@ -26,6 +26,7 @@ from crowdtrain.coordinator.ledger.views import peer_credit
 from crowdtrain.coordinator.runs import leases, peers
 from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol import api
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.errors import (
@@ -128,7 +129,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             manifest_json=run.row["manifest_json"],
             manifest_hash=run.row["manifest_hash"],
             step=run.row["step"],
-            shard_base_url=f"{self.http_url}/api/runs/{run.id}/shards",
+            shard_base_url=api.url(self.http_url, api.SHARDS, run_id=run.id),
             coordinator_public_key=self.identity.public_key,
             run_signature=run.row["run_signature"],
         )

@@ -30,6 +30,7 @@ from crowdtrain.coordinator.runs import views as run_views
 from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm import checkpoints
+from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import AccessError, CrowdtrainError
 from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.runspec import parse_spec
@@ -153,18 +154,18 @@ def create_app(
 
     registry = prometheus.coordinator_registry(store, refusals)
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get(api.PROMETHEUS, include_in_schema=False)
     def prometheus_metrics() -> Response:
         """Prometheus' scrape target: runs, peers, shards, the ledger, refusals."""
         return Response(prometheus.exposition(registry), media_type=prometheus.CONTENT_TYPE)
 
     dashboard.mount(app, store)
 
-    @app.get("/healthz")
+    @app.get(api.HEALTH)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/api/endpoints")
+    @app.get(api.ENDPOINTS)
     def get_endpoints() -> dict[str, Any]:
         """What a node needs besides this URL: the gRPC target and the DHT's first peers."""
         return {
@@ -176,24 +177,24 @@ def create_app(
             "version": version("crowdtrain"),
         }
 
-    @app.get("/api/runs")
+    @app.get(api.RUNS)
     def list_runs() -> list[dict[str, Any]]:
         return run_views.list_runs_view(store)
 
-    @app.get("/api/runs/{run_id}")
+    @app.get(api.RUN)
     def get_run(run_id: str) -> dict[str, Any]:
         return run_or_404(lambda: run_views.run_view(store, run_id))
 
-    @app.get("/api/runs/{run_id}/peers")
+    @app.get(api.PEERS)
     def get_peers(run_id: str) -> list[dict[str, Any]]:
         return run_or_404(lambda: run_views.peers_view(store, run_id))
 
-    @app.get("/api/runs/{run_id}/evals")
+    @app.get(api.EVALS)
     def get_evals(run_id: str) -> list[dict[str, Any]]:
         """Validation loss over steps and tokens, oldest first."""
         return run_or_404(lambda: run_views.evals_view(store, run_id))
 
-    @app.get("/api/runs/{run_id}/metrics")
+    @app.get(api.RUN_METRICS)
     def get_metrics(
         run_id: str,
         since: Annotated[
@@ -205,7 +206,7 @@ def create_app(
         tokens/s and its active peers, taken every few seconds while peers are live."""
         return run_or_404(lambda: samples.metrics_view(store, run_id, since))
 
-    @app.get("/api/runs/{run_id}/coverage")
+    @app.get(api.COVERAGE)
     def get_coverage(run_id: str, epoch: int | None = None) -> dict[str, Any]:
         """Each shard of an epoch (the current one unless ``?epoch=N``): pending, leased or done."""
         run = run_or_404(lambda: records.get_run(store, run_id))
@@ -214,7 +215,7 @@ def create_app(
         except CrowdtrainError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
 
-    @app.get("/api/runs/{run_id}/tokenizer")
+    @app.get(api.TOKENIZER)
     def get_tokenizer(run_id: str) -> FileResponse:
         """The run's BPE tokenizer (tokenizer.json), pinned by the manifest's sha256."""
         run = run_or_404(lambda: records.get_run(store, run_id))
@@ -228,12 +229,12 @@ def create_app(
             )
         return FileResponse(path, media_type="application/json", filename=name)
 
-    @app.get("/api/refusals")
+    @app.get(api.REFUSALS)
     def get_refusals() -> list[dict[str, Any]]:
         """Requests from nodes that were refused since this coordinator started, by reason."""
         return refusals.snapshot()
 
-    @app.get("/api/runs/{run_id}/shards/{shard_id}")
+    @app.get(api.SHARD)
     def get_shard(run_id: str, shard_id: str) -> FileResponse:
         run = run_or_404(lambda: records.get_run(store, run_id))
         entry = next((s for s in run.manifest.shards if s.id == shard_id), None)
@@ -246,7 +247,7 @@ def create_app(
             )
         return FileResponse(path, media_type="application/octet-stream", filename=entry.file)
 
-    @app.post("/api/admin/runs", dependencies=[Depends(require_admin)], status_code=201)
+    @app.post(api.ADMIN_RUNS, dependencies=[Depends(require_admin)], status_code=201)
     def admin_publish(body: PublishRequest) -> dict[str, Any]:
         """Publish a run: its spec (TOML text) and a data folder on the coordinator's disk."""
 
@@ -266,9 +267,7 @@ def create_app(
 
         return admin_call(publish)
 
-    @app.post(
-        "/api/admin/runs/{run_id}/invites", dependencies=[Depends(require_admin)], status_code=201
-    )
+    @app.post(api.ADMIN_INVITES, dependencies=[Depends(require_admin)], status_code=201)
     def admin_invite(run_id: str, body: InviteRequest) -> dict[str, Any]:
         """A new invite code for an invite-only run; shown once, stored only as a hash."""
         invite = admin_call(
@@ -281,38 +280,36 @@ def create_app(
             "expires_at": invite.expires_at,
         }
 
-    @app.get("/api/admin/runs/{run_id}/invites", dependencies=[Depends(require_admin)])
+    @app.get(api.ADMIN_INVITES, dependencies=[Depends(require_admin)])
     def admin_invites(run_id: str) -> list[dict[str, Any]]:
         return admin_call(lambda: (records.get_run(store, run_id), store.list_invites(run_id))[1])
 
-    @app.post(
-        "/api/admin/runs/{run_id}/bans", dependencies=[Depends(require_admin)], status_code=201
-    )
+    @app.post(api.ADMIN_BANS, dependencies=[Depends(require_admin)], status_code=201)
     def admin_ban(run_id: str, body: BanRequest) -> dict[str, Any]:
         """Ban a peer: its sessions end, its leases return, it is no longer credited."""
         row = admin_call(lambda: access.ban(store, run_id, body.peer_id, body.reason))
         leases.forget(run_id, body.peer_id)
         return row
 
-    @app.get("/api/admin/runs/{run_id}/bans", dependencies=[Depends(require_admin)])
+    @app.get(api.ADMIN_BANS, dependencies=[Depends(require_admin)])
     def admin_bans(run_id: str) -> list[dict[str, Any]]:
         return admin_call(lambda: (records.get_run(store, run_id), store.list_bans(run_id))[1])
 
-    @app.delete("/api/admin/runs/{run_id}/bans/{peer_id}", dependencies=[Depends(require_admin)])
+    @app.delete(api.ADMIN_BAN, dependencies=[Depends(require_admin)])
     def admin_unban(run_id: str, peer_id: str) -> dict[str, Any]:
         admin_call(lambda: access.unban(store, run_id, peer_id))
         return {"run_id": run_id, "peer_id": peer_id, "banned": False}
 
     # The contribution ledger and the keeper's checkpoints
 
-    @app.get("/api/runs/{run_id}/leaderboard")
+    @app.get(api.LEADERBOARD)
     def get_leaderboard(run_id: str) -> list[dict[str, Any]]:
         """Peers ranked by verified compute (FLOPs of receipts that passed every check),
         with their flags; a banned peer is credited nothing."""
         run = run_or_404(lambda: records.get_run(store, run_id))
         return ledger_views.leaderboard_view(store, run)
 
-    @app.get("/api/runs/{run_id}/ledger")
+    @app.get(api.LEDGER)
     def get_ledger(
         run_id: str, limit: Annotated[int, Query(ge=1, le=100_000)] = 1000
     ) -> dict[str, Any]:
@@ -321,13 +318,13 @@ def create_app(
         run = run_or_404(lambda: records.get_run(store, run_id))
         return ledger_views.ledger_view(store, run, limit)
 
-    @app.get("/api/runs/{run_id}/checkpoints")
+    @app.get(api.CHECKPOINTS)
     def get_checkpoints(run_id: str) -> list[dict[str, Any]]:
         """The keeper's checkpoints, oldest step first, with the sha256 of their parameters."""
         run_or_404(lambda: records.get_run(store, run_id))
         return checkpoints.checkpoints_view(store, run_id)
 
-    @app.get("/api/runs/{run_id}/checkpoints/{step}")
+    @app.get(api.CHECKPOINT)
     def get_checkpoint(
         run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
     ) -> dict[str, Any]:
@@ -339,7 +336,7 @@ def create_app(
             raise HTTPException(status_code=404, detail=f"no checkpoint of step {step}")
         return found
 
-    @app.get("/api/runs/{run_id}/checkpoints/{step}/file")
+    @app.get(api.CHECKPOINT_FILE)
     def get_checkpoint_file(
         run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
     ) -> FileResponse:

@@ -10,7 +10,6 @@ evidence: no store, no HTTP, gRPC or hivemind.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,7 +73,7 @@ def flops_per_token(spec: RunSpec) -> float:
     # crowdtrain.model imports torch: only the serving coordinator pays for that.
     from crowdtrain.model.gpt import GPTConfig, estimate_flops_per_token
 
-    return estimate_flops_per_token(GPTConfig(**dataclasses.asdict(spec.model)))
+    return estimate_flops_per_token(GPTConfig.from_spec(spec.model))
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ from crowdtrain.coordinator import records
 from crowdtrain.coordinator.ledger import checks, ledger
 from crowdtrain.coordinator.records import PublishedRun
 from crowdtrain.coordinator.store import Store
-from crowdtrain.coordinator.swarm.keeper import Keeper, gpt_config
-from crowdtrain.model import GPT, load_into, sequence_losses
+from crowdtrain.coordinator.swarm.keeper import Keeper
+from crowdtrain.model import GPT, GPTConfig, load_into, sequence_losses
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import TEXT_FORMAT, JsonFormatter, setup_logging
 from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order, verify_shard
@@ -134,7 +134,7 @@ class SpotChecker:
     def _model(self, run: PublishedRun, checkpoint: dict[str, Any]) -> GPT:
         key = (run.id, int(checkpoint["step"]))
         if key not in self._models:
-            model = GPT(gpt_config(run))
+            model = GPT(GPTConfig.from_spec(run.spec.model))
             load_into(model, self.folder / run.id / checkpoint["file"])
             model.eval()
             self._models[key] = model

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 from crowdtrain.coordinator.records import get_run
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import AccessError, CrowdtrainError
+from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.identity import Identity
 
 COORDINATOR_KEY_FILE = "coordinator.pem"
@@ -47,12 +47,7 @@ def admin_key(data_dir: Path) -> str:
         return key
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(32)
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, key + "\n", mode=0o600)
     return key
 
 

@@ -9,13 +9,12 @@ them through here.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol.files import atomic_write
 
 if TYPE_CHECKING:
     pass
@@ -71,15 +70,6 @@ def sidecar_path(path: Path) -> Path:
 
 
 def write_sidecar(sidecar: Path, file_name: str, file_sha256: str) -> None:
-    """Write ``<sha256>  <file_name>`` (sha256sum's format) atomically: temporary file
-    (named ``.step-*.tmp``, as the checkpoint's own), fsync, rename."""
-    fd, temp_name = tempfile.mkstemp(dir=sidecar.parent, prefix=f".{sidecar.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(f"{file_sha256}  {file_name}\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp_name, sidecar)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    """Write ``<sha256>  <file_name>`` (sha256sum's format) atomically (its temporary
+    file is named ``.step-*.tmp``, as the checkpoint's own)."""
+    atomic_write(sidecar, f"{file_sha256}  {file_name}\n")

@@ -20,7 +20,6 @@ process.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -59,11 +58,6 @@ MAX_DOWNLOADS = 4
 # What a DiLoCo node serves (crowdtrain.node.swarm.diloco): metadata {"round", "epoch", "layout"},
 # then the global parameters in model.parameters() order, then the outer momentum.
 DILOCO_LAYOUT = "diloco-v1"
-
-
-def gpt_config(run: PublishedRun) -> GPTConfig:
-    """The run's model shape; the spec's [model] keys are GPTConfig's fields."""
-    return GPTConfig(**dataclasses.asdict(run.spec.model))
 
 
 def tree_cpu_s() -> float:
@@ -115,7 +109,7 @@ class Keeper:
         assert self.dht is not None, "a Keeper without a DHT can only save"
         if run.id not in self._averagers and run.spec.optimizer.mode == "diloco":
             torch.manual_seed(run.spec.run.seed)
-            model = GPT(gpt_config(run))
+            model = GPT(GPTConfig.from_spec(run.spec.model))
             diloco = DecentralizedAverager(
                 [torch.zeros(1)],  # never averaged: only downloads state
                 self.dht,
@@ -127,7 +121,7 @@ class Keeper:
             self._averagers[run.id] = (diloco, model)
         if run.id not in self._averagers:
             torch.manual_seed(run.spec.run.seed)
-            model = GPT(gpt_config(run))
+            model = GPT(GPTConfig.from_spec(run.spec.model))
             averager = TrainingStateAverager(
                 dht=self.dht,
                 prefix=f"{run.id}_state_averager",

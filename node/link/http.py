@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from crowdtrain.model import load_checkpoint
 from crowdtrain.node.link.errors import CoordinatorError
+from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def discover(url: str, ca_cert: Path | None = None) -> dict[str, Any]:
         )
     try:
         response = httpx.get(
-            f"{url}/api/endpoints", timeout=HTTP_TIMEOUT, verify=tls_verify(ca_cert)
+            api.url(url, api.ENDPOINTS), timeout=HTTP_TIMEOUT, verify=tls_verify(ca_cert)
         )
     except httpx.HTTPError as e:
         raise CoordinatorError(
@@ -118,7 +119,7 @@ def discover(url: str, ca_cert: Path | None = None) -> dict[str, Any]:
         ) from None
     if response.status_code != 200:
         raise CoordinatorError(
-            f"{url} answered HTTP {response.status_code} for /api/endpoints; "
+            f"{url} answered HTTP {response.status_code} for {api.ENDPOINTS}; "
             "is this a crowdtrain coordinator?"
         )
     try:
@@ -193,10 +194,11 @@ class RunView:
     download: Callable[[str, Path], None]
     ca_cert: Path | None = None
 
-    def get(self, path: str) -> Any:
-        """GET one of the coordinator's public JSON routes; None when it answers 404."""
+    def get(self, route: str, **values: object) -> Any:
+        """GET one of the run's public JSON routes (a :mod:`crowdtrain.protocol.api` route,
+        filled with this run's id and ``values``); None when it answers 404."""
         response = httpx.get(
-            f"{self.url.rstrip('/')}/api/runs/{self.run_id}{path}",
+            api.url(self.url, route, run_id=self.run_id, **values),
             timeout=5.0,
             verify=str(self.ca_cert) if self.ca_cert else True,
         )
@@ -208,7 +210,7 @@ class RunView:
     def fresh_step(self) -> int | None:
         """The step the coordinator records now (the heartbeat's may be seconds old)."""
         try:
-            return int(self.get("")["step"])
+            return int(self.get(api.RUN)["step"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             logger.info("could not ask the coordinator for its step (%s)", e)
             return None
@@ -216,7 +218,7 @@ class RunView:
     def checkpoint_sha256(self, step: int) -> str | None:
         """The params_sha256 of the coordinator's checkpoint of ``step``, if it keeps one."""
         try:
-            found = self.get(f"/checkpoints/{step}")
+            found = self.get(api.CHECKPOINT, step=step)
         except (httpx.HTTPError, ValueError) as e:
             logger.info("could not ask the coordinator for its checkpoint of step %d (%s)", step, e)
             return None
@@ -228,7 +230,7 @@ class RunView:
         path = self.folder / f"checkpoint-{step}.safetensors"
         try:
             self.download(
-                f"{self.url.rstrip('/')}/api/runs/{self.run_id}/checkpoints/{step}/file", path
+                api.url(self.url, api.CHECKPOINT_FILE, run_id=self.run_id, step=step), path
             )
             return load_checkpoint(path)[0]
         except CrowdtrainError as e:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,7 @@ class KeyPins:
         if pinned is None:
             pins[url] = key
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(pins, indent=2, sort_keys=True))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(pins, indent=2, sort_keys=True))
             logger.info("trusting coordinator %s with key %s (first contact)", url, key[:16])
             return
         if pinned != key:

@@ -37,6 +37,7 @@ import torch
 
 from crowdtrain.model import params_sha256
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -306,9 +307,9 @@ class SwarmGuard:
         Takes effect from the next averaging round. Peers not listed may claim
         up to twice the run's target batch size.
         """
-        tmp = self.config.roster_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({str(k): float(v) for k, v in roster.items()}))
-        os.replace(tmp, self.config.roster_path)
+        atomic_write(
+            self.config.roster_path, json.dumps({str(k): float(v) for k, v in roster.items()})
+        )
 
     def drain_reports(self) -> list[dict[str, Any]]:
         """Senders dropped since the last call: ``{dht_peer_id, reason, count}``, largest first."""

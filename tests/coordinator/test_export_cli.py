@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from crowdtrain.coordinator.export import gpt_config
 from crowdtrain.coordinator.records import get_run
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR, checkpoint_name
-from crowdtrain.model import GPT, params_sha256, save_checkpoint
+from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint
 from tests.swarm import COORDINATOR, run_cli, small_corpus, write_spec
 
 transformers = pytest.importorskip("transformers")
@@ -52,7 +51,7 @@ def _keep_checkpoint(coord: Path, run_id: str, step: int) -> Path:
     try:
         run = get_run(store, run_id)
         torch.manual_seed(step)
-        model = GPT(gpt_config(run))
+        model = GPT(GPTConfig.from_spec(run.spec.model))
         with torch.no_grad():
             for param in model.parameters():
                 param.add_(0.05 * torch.randn_like(param))

@@ -23,8 +23,7 @@ from crowdtrain.coordinator.runs.publish import prepare_publication, publish
 from crowdtrain.coordinator.runs.views import peers_view
 from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR
 from crowdtrain.coordinator.swarm.dht import ProgressHistory, ProgressObservation, subkey_hex
-from crowdtrain.coordinator.swarm.keeper import gpt_config
-from crowdtrain.model import GPT, params_sha256, save_checkpoint, sequence_losses
+from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint, sequence_losses
 from crowdtrain.node.data import LeasedShard, ShardStream
 from crowdtrain.protocol.devices import device_peak, peak_flops
 from crowdtrain.protocol.errors import SpecError
@@ -397,7 +396,7 @@ def honest_losses(run, shard_id, batch, model, n=MICRO_BATCH):
 
 def write_checkpoint(store, run, step, seed=11, created_at=None):
     torch.manual_seed(seed)
-    model = GPT(gpt_config(run)).eval()
+    model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
     folder = store.data_dir / CHECKPOINTS_DIR / run.id
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}.safetensors"

@@ -181,3 +181,20 @@ def test_config_errors_name_the_field(
 
 def test_odd_head_dim_is_fine_with_learned_positions(tiny_config: Callable[..., GPTConfig]) -> None:
     assert tiny_config(d_model=6, num_heads=2, positions="learned").head_dim == 3
+
+
+def test_the_run_spec_model_section_is_gptconfig_field_for_field() -> None:
+    """The spec's [model] keys are GPTConfig's fields, with the same defaults: a key
+    added to one and not the other fails here, not in a run."""
+    from dataclasses import MISSING, fields
+
+    from crowdtrain.protocol.runspec import ModelSection
+
+    def shape(cls: type) -> list[tuple[str, object]]:
+        return [(f.name, f.default if f.default is not MISSING else None) for f in fields(cls)]
+
+    assert shape(ModelSection) == shape(GPTConfig)
+    section = ModelSection(vocab_size=300, seq_len=32, num_layers=3, num_heads=2, d_model=16)
+    assert GPTConfig.from_spec(section) == GPTConfig(
+        vocab_size=300, seq_len=32, num_layers=3, num_heads=2, d_model=16
+    )

@@ -14,8 +14,8 @@ import torch
 from crowdtrain.coordinator.records import get_run
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.checkpoints import checkpoint_name
-from crowdtrain.coordinator.swarm.keeper import Keeper, gpt_config
-from crowdtrain.model import GPT, params_sha256
+from crowdtrain.coordinator.swarm.keeper import Keeper
+from crowdtrain.model import GPT, GPTConfig, params_sha256
 from crowdtrain.node.bootstrap import (
     BootstrapError,
     KeptCheckpoint,
@@ -55,7 +55,7 @@ def _serve(swarm: Swarm):
     try:
         run = get_run(store, "tiny")
         torch.manual_seed(123)
-        model = GPT(gpt_config(run))
+        model = GPT(GPTConfig.from_spec(run.spec.model))
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
@@ -69,7 +69,7 @@ def _serve(swarm: Swarm):
 
 def _fresh_model(run) -> GPT:
     torch.manual_seed(run.spec.run.seed)
-    return GPT(gpt_config(run))
+    return GPT(GPTConfig.from_spec(run.spec.model))
 
 
 def _same(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
@@ -232,11 +232,6 @@ request_timeout_s = 1.0
 """
 
 
-class _Run:
-    def __init__(self, spec):
-        self.id, self.spec = spec.run.id, spec
-
-
 @pytest.mark.parametrize(
     "mode, delay",
     [("sync", False), ("sync", True), ("diloco", False)],
@@ -254,14 +249,14 @@ def test_the_optimizer_takes_the_checkpoints_step_and_trains_on(tmp_path, mode, 
 
     spec = parse_spec(OPTIMIZER_SPEC.format(mode=mode, delay=str(delay).lower()))
     torch.manual_seed(7)
-    saved = GPT(gpt_config(_Run(spec)))
+    saved = GPT(GPTConfig.from_spec(spec.model))
     state = {k: v.detach().clone() for k, v in saved.state_dict().items()}
     handler = signal.getsignal(signal.SIGINT)
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     opt = None
     try:
         torch.manual_seed(0)
-        model = GPT(gpt_config(_Run(spec)))
+        model = GPT(GPTConfig.from_spec(spec.model))
         guard = SwarmGuard(tmp_path / "guard", target_batch_size=8)
         opt = build_optimizer(spec, model, dht, guard, micro_batch_size=4)
         with torch.no_grad():  # what load_kept_checkpoint does

@@ -222,8 +222,7 @@ def test_sync_optimizer_trains_a_gpu_model_alone(tmp_path: Path, delay: bool) ->
     CPU copy in the background and must land back on the GPU parameters."""
     import hivemind
 
-    from crowdtrain.coordinator.swarm.keeper import gpt_config
-    from crowdtrain.model import GPT
+    from crowdtrain.model import GPT, GPTConfig
     from crowdtrain.node.device.precision import autocast
     from crowdtrain.node.swarm.guard import SwarmGuard
     from crowdtrain.node.swarm.optimizer import build_optimizer
@@ -236,7 +235,7 @@ def test_sync_optimizer_trains_a_gpu_model_alone(tmp_path: Path, delay: bool) ->
     opt = None
     try:
         torch.manual_seed(0)
-        model = GPT(gpt_config(_Run(spec))).to(device)
+        model = GPT(GPTConfig.from_spec(spec.model)).to(device)
         before = [p.detach().clone() for p in model.parameters()]
         guard = SwarmGuard(tmp_path / "guard", target_batch_size=spec.optimizer.target_batch_size)
         opt = build_optimizer(spec, model, dht, guard, micro_batch_size=4)
@@ -266,8 +265,3 @@ def test_sync_optimizer_trains_a_gpu_model_alone(tmp_path: Path, delay: bool) ->
             opt.shutdown()
         dht.shutdown()
         signal.signal(signal.SIGINT, handler)
-
-
-class _Run:
-    def __init__(self, spec):
-        self.id, self.spec = spec.run.id, spec

@@ -23,8 +23,8 @@ import torch
 from hivemind.compression import Uniform8BitQuantization
 from hivemind.p2p import P2P
 
-from crowdtrain.coordinator.swarm.keeper import Keeper, gpt_config
-from crowdtrain.model import GPT, param_groups
+from crowdtrain.coordinator.swarm.keeper import Keeper
+from crowdtrain.model import GPT, GPTConfig, param_groups
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.compression import install_decoders
 from crowdtrain.node.swarm.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
@@ -122,7 +122,7 @@ micro_batch_size = 4
 
 def _diloco(dht: hivemind.DHT, seed: int, guard: SwarmGuard | None = None) -> DiLoCoOptimizer:
     torch.manual_seed(seed)
-    model = GPT(gpt_config(_FakeRun(SPEC.run.id, SPEC)))  # type: ignore[arg-type]
+    model = GPT(GPTConfig.from_spec(SPEC.model))
     return DiLoCoOptimizer(
         dht=dht,
         run_id=SPEC.run.id,
