@@ -1,6 +1,7 @@
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.swarm import Swarm
@@ -14,3 +15,18 @@ def swarm(tmp_path: Path) -> Iterator[Swarm]:
         yield s
     finally:
         s.stop_all()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def reap_children() -> Iterator[None]:
+    """Whatever is still running when the session ends is killed: a process a fixture
+    could not stop, or one that left its group (every test stops its own; this is the
+    net under them, as hivemind's own test suite keeps)."""
+    yield
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=10)

@@ -20,42 +20,11 @@ from typing import Any
 
 import httpx
 
+from tests.specs import write_tiny_spec
+
 BIN = Path(sys.executable).parent
 COORDINATOR = str(BIN / "crowdtrain-coordinator")
 NODE = str(BIN / "crowdtrain-node")
-
-TINY_SPEC = """
-[run]
-id = "{run_id}"
-seed = 1
-
-[model]
-vocab_size = {vocab_size}
-seq_len = 64
-num_layers = 2
-num_heads = 2
-d_model = 64
-
-[data]
-tokenizer = "{tokenizer}"
-lease_s = {lease_s}
-
-[optimizer]
-target_batch_size = 32
-micro_batch_size = 8
-lr = 0.005
-warmup_steps = 2
-
-[swarm]
-matchmaking_time_s = 1.0
-averaging_timeout_s = 10.0
-request_timeout_s = 0.5
-metadata_expiration_s = 10.0
-
-[eval]
-every_steps = 2
-num_sequences = 32
-"""
 
 
 # The nonce journal records every signed session message that reached the
@@ -105,10 +74,13 @@ def write_spec(
     tokenizer: str = "byte",
     vocab_size: int = 256,
 ) -> Path:
-    path.write_text(
-        TINY_SPEC.format(run_id=run_id, lease_s=lease_s, tokenizer=tokenizer, vocab_size=vocab_size)
+    """The tiny run's spec (:func:`tests.specs.tiny_spec`) at ``path``."""
+    return write_tiny_spec(
+        path,
+        run={"id": run_id},
+        model={"vocab_size": vocab_size},
+        data={"tokenizer": tokenizer, "lease_s": lease_s},
     )
-    return path
 
 
 @dataclass
@@ -125,22 +97,17 @@ class Process:
 
 
 @dataclass
-class Swarm:
-    """A coordinator and its nodes under one temporary folder."""
+class Processes:
+    """Processes started as a user starts them, each in its own session (a hivemind peer
+    is several OS processes) and logging to ``root/<name>.log``. :meth:`stop_all`
+    ends every group; use it in a ``finally``. Every real-process test and benchmark
+    starts its processes through this class (or :class:`Swarm`, which is one)."""
 
     root: Path
     processes: list[Process] = field(default_factory=list)
-    ports: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def coord_dir(self) -> Path:
-        return self.root / "coordinator"
-
-    @property
-    def url(self) -> str:
-        return self.ports["http_url"]
-
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        """Start ``args`` in a new session; ``env`` adds variables to this process's."""
         log = self.root / f"{name}.log"
         with open(log, "wb") as out:
             popen = subprocess.Popen(
@@ -154,6 +121,126 @@ class Swarm:
         process = Process(name, popen, log)
         self.processes.append(process)
         return process
+
+    def named(self, name: str) -> Process:
+        """The last process started under ``name``."""
+        return next(p for p in reversed(self.processes) if p.name == name)
+
+    def stop(self, process: Process, sig: int = signal.SIGINT, timeout: float = 60) -> int | None:
+        """Ask politely, then stop the whole process group."""
+        if process.popen.poll() is None:
+            try:
+                process.popen.send_signal(sig)
+                process.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(process.popen)
+        return process.popen.poll()
+
+    def kill(self, process: Process) -> None:
+        """SIGKILL the process's whole group at once (a crash, as a test wants it)."""
+        kill_group(process.popen)
+
+    def stop_all(self, grace_s: float = 30.0) -> None:
+        """SIGINT every live process at once, wait up to ``grace_s`` for them all, then
+        SIGKILL every group (what a process left behind goes too)."""
+        for process in self.processes:
+            if process.popen.poll() is None:
+                try:
+                    process.popen.send_signal(signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for process in self.processes:
+            try:
+                process.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for process in self.processes:
+            kill_group(process.popen)
+
+    def logs(self, tail_chars: int = 3000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.output()[-tail_chars:]}" for p in self.processes)
+
+
+class ScriptPeers(Processes):
+    """Peers run by a test's own script (``tests/node/diloco_peer.py``, ``cuda_peer.py``):
+    each writes what it saw to ``root/<name>.json``, and trains once its ``--go`` file
+    (``root/go`` unless the arguments name another) exists.
+
+    :meth:`wait_for` fails early when a peer exits with a code outside ``allowed_exits``.
+    """
+
+    def __init__(self, root: Path, script: Path, allowed_exits: tuple[int, ...]):
+        super().__init__(root)
+        self.script = script
+        self.allowed_exits = allowed_exits
+        self.go = root / "go"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str, initial: str | None = None) -> Process:
+        """Start a peer; ``initial`` names a peer whose addresses it dials first."""
+        command = [sys.executable, str(self.script), "--out", str(self.out(name))]
+        if "--go" not in args:
+            command += ["--go", str(self.go)]
+        if initial is not None:
+            command += ["--initial-peers-from", str(self.out(initial))]
+        process = self.spawn(name, [*command, *args])
+        self.procs[name] = process.popen
+        return process
+
+    def out(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def read(self, name: str) -> dict:
+        try:
+            return json.loads(self.out(name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def rounds(self, name: str) -> dict[int, str]:
+        """The sha256 of the global parameters the peer held after each round."""
+        return {int(k): v for k, v in self.read(name).get("rounds", {}).items()}
+
+    def wait_for(self, what: str, check: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            for name, popen in self.procs.items():
+                if popen.poll() is not None and popen.returncode not in self.allowed_exits:
+                    raise AssertionError(f"peer {name} exited ({popen.returncode}):\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{self.logs()}")
+            time.sleep(0.2)
+
+    def stop_all(self, grace_s: float = 0.0) -> None:
+        """SIGKILL every peer's group at once: these scripts do not leave politely."""
+        for process in self.processes:
+            kill_group(process.popen)
+
+    def kill_peer(self, name: str) -> None:
+        """SIGKILL a peer's whole group, as a crash would."""
+        self.kill(self.named(name))
+
+    def log(self, name: str, tail_chars: int = 3000) -> str:
+        return self.named(name).output()[-tail_chars:]
+
+    def logs(self, tail_chars: int = 3000) -> str:
+        return "\n".join(f"--- {name}\n{self.log(name, tail_chars)}" for name in self.procs)
+
+
+@dataclass
+class Swarm(Processes):
+    """A coordinator and its nodes under one temporary folder."""
+
+    ports: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def coord_dir(self) -> Path:
+        return self.root / "coordinator"
+
+    @property
+    def url(self) -> str:
+        return self.ports["http_url"]
 
     def prepare(self, shard_tokens: int = 262_144, source: str = "stdlib", *extra: str) -> Path:
         data = self.root / "data"
@@ -193,7 +280,7 @@ class Swarm:
         """Start ``crowdtrain-coordinator serve`` on free ports; ``extra`` adds flags."""
         ports_file = self.coord_dir / "ports.json"
         ports_file.unlink(missing_ok=True)  # a killed coordinator leaves its file behind
-        process = self._spawn(
+        process = self.spawn(
             "coordinator",
             [
                 COORDINATOR,
@@ -228,7 +315,7 @@ class Swarm:
         self, name: str, *extra: str, run_id: str = "tiny", env: dict[str, str] | None = None
     ) -> Process:
         """Start ``crowdtrain-node join`` with its home in ``root/name``; ``env`` adds variables."""
-        return self._spawn(
+        return self.spawn(
             name,
             [
                 NODE,
@@ -265,28 +352,18 @@ class Swarm:
             if last:
                 return last
             time.sleep(1.0)
-        logs = "\n".join(f"--- {p.name}\n{p.output()[-3000:]}" for p in self.processes)
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
-    def stop(self, process: Process, sig: int = signal.SIGINT, timeout: float = 60) -> int | None:
-        """Ask politely, then stop the whole process group."""
-        if process.popen.poll() is None:
-            try:
-                process.popen.send_signal(sig)
-                process.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(process.popen)
-        return process.popen.poll()
-
-    def stop_all(self) -> None:
-        for process in reversed(self.processes):
-            if process.popen.poll() is None:
-                self.stop(process, timeout=30)
-            _kill_group(process.popen)
+    def stop_all(self, grace_s: float = 30.0) -> None:
+        """Nodes first (each tells the coordinator it leaves), then the coordinator."""
+        coordinators = [p for p in self.processes if p.name == "coordinator"]
+        nodes = Processes(self.root, [p for p in self.processes if p.name != "coordinator"])
+        nodes.stop_all(grace_s)
+        Processes(self.root, coordinators).stop_all(grace_s)
 
 
-def _kill_group(popen: subprocess.Popen) -> None:
+def kill_group(popen: subprocess.Popen) -> None:
+    """SIGKILL a child's whole session and reap the child."""
     try:
         os.killpg(popen.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

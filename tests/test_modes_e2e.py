@@ -16,50 +16,47 @@ import httpx
 import pytest
 
 from crowdtrain.model import load_checkpoint, params_sha256
-from tests.swarm import Swarm, write_spec
+from tests.specs import write_tiny_spec
+from tests.swarm import Swarm
 
 pytestmark = pytest.mark.slow
 
 # A round every 5 inner steps of 8 sequences on each of 2 peers (80 sequences in all).
-DILOCO = """
-[optimizer]
-mode = "diloco"
-target_batch_size = 16
-inner_batch_size = 8
-micro_batch_size = 8
-inner_steps = 5
-lr = 0.005
-warmup_steps = 2
-outer_lr = 0.7
-outer_momentum = 0.9
-pseudo_grad_compression = "8bit"
-
-[verify]
-checkpoint_every_s = 3.0
-spot_check_fraction = 1.0
-"""
+DILOCO = {
+    "optimizer": {
+        "mode": "diloco",
+        "target_batch_size": 16,
+        "inner_batch_size": 8,
+        "micro_batch_size": 8,
+        "inner_steps": 5,
+        "lr": 0.005,
+        "warmup_steps": 2,
+        "outer_lr": 0.7,
+        "outer_momentum": 0.9,
+        "pseudo_grad_compression": "8bit",
+    },
+    "verify": {"checkpoint_every_s": 3.0, "spot_check_fraction": 1.0},
+}
 
 
 # sync, averaging in the background one step stale, fp16 on the wire.
-DELAYED = """
-[optimizer]
-target_batch_size = 32
-micro_batch_size = 8
-lr = 0.005
-warmup_steps = 2
-delay_optimizer_step = true
-delay_grad_averaging = true
-grad_compression = "fp16"
-state_compression = "fp16"
-"""
+DELAYED = {
+    "optimizer": {
+        "target_batch_size": 32,
+        "micro_batch_size": 8,
+        "lr": 0.005,
+        "warmup_steps": 2,
+        "delay_optimizer_step": True,
+        "delay_grad_averaging": True,
+        "grad_compression": "fp16",
+        "state_compression": "fp16",
+    }
+}
 
 
-def spec_with(swarm: Swarm, optimizer: str) -> Path:
-    """The tiny test spec with its [optimizer] section replaced by ``optimizer``."""
-    spec = write_spec(swarm.root / "tiny.toml")
-    before, rest = spec.read_text().split("[optimizer]", 1)
-    spec.write_text(before + rest[rest.index("[swarm]") :] + optimizer)
-    return spec
+def spec_with(swarm: Swarm, sections: dict) -> Path:
+    """The tiny test spec with ``sections`` (every key of its [optimizer] among them)."""
+    return write_tiny_spec(swarm.root / "tiny.toml", **sections)
 
 
 def test_sync_with_delayed_averaging_and_fp16_trains(swarm: Swarm) -> None:

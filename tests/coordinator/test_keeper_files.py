@@ -22,26 +22,10 @@ from crowdtrain.coordinator.swarm.checkpoints import checkpoint_name, sidecar_pa
 from crowdtrain.coordinator.swarm.keeper import Keeper
 from crowdtrain.model import load_checkpoint, params_sha256
 from tests.coordinator.registration import COORDINATOR_KEY
+from tests.specs import small_spec
 from tests.swarm import db_rows
 
-SPEC = """
-[run]
-id = "keep-run"
-
-[model]
-vocab_size = 256
-seq_len = 32
-num_layers = 2
-num_heads = 2
-d_model = 16
-
-[optimizer]
-target_batch_size = 16
-micro_batch_size = 4
-
-[verify]
-keep_checkpoints = 3
-"""
+SPEC = small_spec(run={"id": "keep-run", "seed": None}, verify={"keep_checkpoints": 3})
 
 # Runs Keeper.save in a child process: argv is data_dir, run_id, step, num_floats, and
 # a file size limit in bytes (0: none). Exit code 3 means the save raised CheckpointError.

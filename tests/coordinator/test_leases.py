@@ -13,28 +13,11 @@ from crowdtrain.protocol.messages import ReceiptPayload
 from tests.coordinator.conftest import NUM_SHARDS
 from tests.coordinator.registration import COORDINATOR_KEY
 from tests.coordinator.registration import join_peer as _join
+from tests.specs import small_spec
 
 LEASE_S = 10.0
 
-SPEC = f"""
-[run]
-id = "lease-run"
-seed = 7
-
-[model]
-vocab_size = 256
-seq_len = 32
-num_layers = 2
-num_heads = 2
-d_model = 16
-
-[optimizer]
-target_batch_size = 16
-micro_batch_size = 4
-
-[data]
-lease_s = {LEASE_S}
-"""
+SPEC = small_spec(run={"id": "lease-run", "seed": 7}, data={"lease_s": LEASE_S})
 
 
 class FakeClock:

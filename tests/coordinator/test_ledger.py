@@ -31,37 +31,25 @@ from crowdtrain.protocol.messages import ReceiptPayload
 from crowdtrain.protocol.runspec import parse_spec
 from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order
 from tests.coordinator.registration import COORDINATOR_KEY, join_peer
+from tests.specs import small_spec
 
 SEQ_LEN, MICRO_BATCH = 32, 4
 # The prepared shards hold 1024 tokens: 31 windows, 7 micro-batches of 4.
 CAPACITY = 28
 STEP = 3
 
-SPEC = """
-[run]
-id = "{run_id}"
-seed = 5
 
-[model]
-vocab_size = 256
-seq_len = 32
-num_layers = 2
-num_heads = 2
-d_model = 16
-
-[optimizer]
-target_batch_size = 16
-micro_batch_size = 4
-
-[verify]
-spot_check_fraction = {fraction}
-checkpoint_every_s = 5
-"""
+def _spec(run_id: str, fraction: float | None) -> str:
+    """The ledger tests' run; ``fraction`` None leaves [verify] out."""
+    verify = {"spot_check_fraction": fraction, "checkpoint_every_s": 5}
+    return small_spec(
+        run={"id": run_id, "seed": 5}, verify=verify if fraction is not None else None
+    )
 
 
 def _publish(store, prepared, tmp_path, run_id, fraction):
     spec_path = tmp_path / f"{run_id}.toml"
-    spec_path.write_text(SPEC.format(run_id=run_id, fraction=fraction), encoding="utf-8")
+    spec_path.write_text(_spec(run_id, fraction), encoding="utf-8")
     return get_run(
         store, publish(store, prepare_publication(spec_path, prepared), COORDINATOR_KEY).run_id
     )
@@ -563,7 +551,7 @@ def test_leaderboard_ranks_by_verified_compute_and_a_banned_peer_gets_nothing(
 
 
 def test_verify_section_defaults_and_checks():
-    base = SPEC.format(run_id="v", fraction=0.1).split("[verify]")[0]
+    base = _spec("v", None)
     spec = parse_spec(base)
     assert spec.verify.spot_check_fraction == 0.1 and spec.verify.checkpoint_every_s == 60.0
     for bad, key in (

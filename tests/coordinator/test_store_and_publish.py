@@ -26,32 +26,18 @@ from crowdtrain.protocol.messages import (
 from crowdtrain.protocol.runspec import load_spec
 from tests.coordinator.registration import COORDINATOR_KEY
 from tests.coordinator.registration import join_peer as _join
-
-SPEC = """
-[run]
-id = "unit-run"
-description = "a run for unit tests"
-
-[model]
-vocab_size = {vocab_size}
-seq_len = {seq_len}
-num_layers = 2
-num_heads = 2
-d_model = {d_model}
-
-[optimizer]
-target_batch_size = 16
-micro_batch_size = 4
-"""
+from tests.specs import small_spec
 
 CONFIG = PeerConfig()
-LEASE_S = 600.0  # the default [data] lease_s; SPEC does not set it
+LEASE_S = 600.0  # the default [data] lease_s; the spec does not set it
 
 
 def _write_spec(path, vocab_size=256, seq_len=32, d_model=16):
-    path.write_text(
-        SPEC.format(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model), encoding="utf-8"
+    spec = small_spec(
+        run={"id": "unit-run", "seed": None, "description": "a run for unit tests"},
+        model={"vocab_size": vocab_size, "seq_len": seq_len, "d_model": d_model},
     )
+    path.write_text(spec, encoding="utf-8")
     return path
 
 

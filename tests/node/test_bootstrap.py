@@ -26,6 +26,7 @@ from crowdtrain.node.bootstrap import (
     plan_start,
     start_from_checkpoint,
 )
+from tests.specs import small_spec
 from tests.swarm import Swarm, write_spec
 
 STEP = 5
@@ -207,29 +208,23 @@ def test_an_unreachable_coordinator_has_no_checkpoint(tmp_path: Path):
 
 # The optimizer follows the checkpoint's step (real hivemind optimizers, alone in their swarm).
 
-OPTIMIZER_SPEC = """
-[run]
-id = "bootopt"
-[model]
-vocab_size = 256
-seq_len = 16
-num_layers = 1
-num_heads = 2
-d_model = 16
-[optimizer]
-mode = "{mode}"
-target_batch_size = 8
-micro_batch_size = 4
-inner_batch_size = 4
-inner_steps = 2
-lr = 1e-3
-warmup_steps = 4
-delay_optimizer_step = {delay}
-[swarm]
-matchmaking_time_s = 1.5
-averaging_timeout_s = 5.0
-request_timeout_s = 1.0
-"""
+
+def _optimizer_spec(mode: str, delay: bool) -> str:
+    return small_spec(
+        run={"id": "bootopt", "seed": None},
+        model={"seq_len": 16, "num_layers": 1},
+        optimizer={
+            "mode": mode,
+            "target_batch_size": 8,
+            "micro_batch_size": 4,
+            "inner_batch_size": 4,
+            "inner_steps": 2,
+            "lr": 1e-3,
+            "warmup_steps": 4,
+            "delay_optimizer_step": delay,
+        },
+        swarm={"matchmaking_time_s": 1.5, "averaging_timeout_s": 5.0, "request_timeout_s": 1.0},
+    )
 
 
 @pytest.mark.parametrize(
@@ -247,7 +242,7 @@ def test_the_optimizer_takes_the_checkpoints_step_and_trains_on(tmp_path, mode, 
     from crowdtrain.node.swarm.optimizer import build_optimizer
     from crowdtrain.protocol.runspec import parse_spec
 
-    spec = parse_spec(OPTIMIZER_SPEC.format(mode=mode, delay=str(delay).lower()))
+    spec = parse_spec(_optimizer_spec(mode, delay))
     torch.manual_seed(7)
     saved = GPT(GPTConfig.from_spec(spec.model))
     state = {k: v.detach().clone() for k, v in saved.state_dict().items()}

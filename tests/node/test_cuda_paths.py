@@ -12,18 +12,17 @@ pass or fail.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.specs import small_spec
+from tests.swarm import ScriptPeers
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"
@@ -83,58 +82,14 @@ def test_micro_batch_probe_beats_the_cpu_default_and_trains_in_bf16() -> None:
     torch.cuda.empty_cache()
 
 
-class _Peers:
-    """cuda_peer.py processes, each in its own process group; all killed at the end."""
+class _Peers(ScriptPeers):
+    """cuda_peer.py processes; a peer that exits with an error fails the test at once."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
-        self.procs: dict[str, subprocess.Popen] = {}
+        super().__init__(folder, PEER, allowed_exits=(0,))
 
-    def start(self, name: str, *args: str, go: Path, initial: str | None = None) -> None:
-        command = [sys.executable, str(PEER), "--out", str(self.out(name)), "--go", str(go)]
-        if initial is not None:
-            command += ["--initial-peers-from", str(self.out(initial))]
-        with open(self.folder / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(
-                [*command, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def out(self, name: str) -> Path:
-        return self.folder / f"{name}.json"
-
-    def read(self, name: str) -> dict:
-        try:
-            return json.loads(self.out(name).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def rounds(self, name: str) -> dict[int, str]:
-        return {int(k): v for k, v in self.read(name).get("rounds", {}).items()}
-
-    def wait_for(self, what: str, check, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not check():
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and proc.returncode != 0:
-                    pytest.fail(f"peer {name} exited ({proc.returncode}):\n{self.logs()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}:\n{self.logs()}")
-            time.sleep(0.2)
-
-    def logs(self) -> str:
-        parts = []
-        for name in self.procs:
-            text = (self.folder / f"{name}.log").read_text(errors="replace").splitlines()
-            parts.append(f"--- {name}\n" + "\n".join(text[-60:]))
-        return "\n".join(parts)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+    def log(self, name: str, tail_chars: int = 3000) -> str:
+        return "\n".join(self.named(name).output().splitlines()[-60:])
 
 
 @pytest.fixture
@@ -152,11 +107,13 @@ def test_diloco_peers_on_the_gpu_agree_bit_for_bit_and_keep_their_models_there(
     """One peer overlaps the all-reduce with the next round, the other waits for it; a late
     joiner loads the global state onto its GPU model. After every round all hold the same
     global parameters (CPU, fp32) while models, gradient sums and AdamW state stay on CUDA."""
-    go, late_go = peers.folder / "go", peers.folder / "late-go"
+    go, late_go = peers.root / "go", peers.root / "late-go"
     rounds = ("--rounds", str(ROUNDS))
-    peers.start("overlap", *rounds, go=go)
-    peers.start("waits", "--no-overlap", *rounds, go=go, initial="overlap")
-    peers.start("late", "--join-late", "--seed", "2", *rounds, go=late_go, initial="overlap")
+    peers.start("overlap", *rounds, "--go", str(go))
+    peers.start("waits", "--no-overlap", *rounds, "--go", str(go), initial="overlap")
+    peers.start(
+        "late", "--join-late", "--seed", "2", *rounds, "--go", str(late_go), initial="overlap"
+    )
     ready = ("overlap", "waits", "late")
     peers.wait_for("the peers to start", lambda: all(peers.read(n) for n in ready), 120)
     go.touch()
@@ -193,26 +150,19 @@ def test_diloco_peers_on_the_gpu_agree_bit_for_bit_and_keep_their_models_there(
     assert peers.read("late")["placement"][str(first)]["local_minus_global"] == 0.0
 
 
-SYNC_SPEC = """
-[run]
-id = "cudasync"
-[model]
-vocab_size = 256
-seq_len = 32
-num_layers = 2
-num_heads = 2
-d_model = 64
-[optimizer]
-mode = "sync"
-target_batch_size = 8
-micro_batch_size = 4
-lr = 1e-3
-delay_optimizer_step = {delay}
-[swarm]
-matchmaking_time_s = 1.5
-averaging_timeout_s = 5.0
-request_timeout_s = 1.0
-"""
+def _sync_spec(delay: bool) -> str:
+    return small_spec(
+        run={"id": "cudasync", "seed": None},
+        model={"d_model": 64},
+        optimizer={
+            "mode": "sync",
+            "target_batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "delay_optimizer_step": delay,
+        },
+        swarm={"matchmaking_time_s": 1.5, "averaging_timeout_s": 5.0, "request_timeout_s": 1.0},
+    )
 
 
 @pytest.mark.parametrize("delay", [False, True], ids=["plain", "delayed-step"])
@@ -228,7 +178,7 @@ def test_sync_optimizer_trains_a_gpu_model_alone(tmp_path: Path, delay: bool) ->
     from crowdtrain.node.swarm.optimizer import build_optimizer
     from crowdtrain.protocol.runspec import parse_spec
 
-    spec = parse_spec(SYNC_SPEC.format(delay=str(delay).lower()))
+    spec = parse_spec(_sync_spec(delay))
     device = torch.device("cuda")
     handler = signal.getsignal(signal.SIGINT)
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])

@@ -8,12 +8,7 @@ and kill every process group they started, pass or fail.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +25,8 @@ from crowdtrain.node.swarm.compression import install_decoders
 from crowdtrain.node.swarm.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
+from tests.specs import small_spec
+from tests.swarm import ScriptPeers
 
 PEER = Path(__file__).parent / "diloco_peer.py"
 
@@ -101,22 +98,17 @@ def test_exact_averages_are_bit_identical_on_every_peer_with_8bit_compression(
 
 
 SPEC = parse_spec(
-    """
-[run]
-id = "dilocounit"
-[model]
-vocab_size = 256
-seq_len = 16
-num_layers = 1
-num_heads = 2
-d_model = 16
-[optimizer]
-mode = "diloco"
-target_batch_size = 8
-inner_steps = 5
-inner_batch_size = 4
-micro_batch_size = 4
-"""
+    small_spec(
+        run={"id": "dilocounit", "seed": None},
+        model={"seq_len": 16, "num_layers": 1},
+        optimizer={
+            "mode": "diloco",
+            "target_batch_size": 8,
+            "inner_steps": 5,
+            "inner_batch_size": 4,
+            "micro_batch_size": 4,
+        },
+    )
 )
 
 
@@ -251,47 +243,11 @@ def _inputs(index: int) -> list[torch.Tensor]:
 # Real peers, each its own process group.
 
 
-class Peers:
-    """Starts diloco_peer.py processes and always kills their process groups."""
+class Peers(ScriptPeers):
+    """diloco_peer.py processes; a peer that exits before a test says so fails it at once."""
 
     def __init__(self, folder: Path):
-        self.folder = folder
-        self.go = folder / "go"
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, *args: str, initial: str | None = None) -> None:
-        command = [sys.executable, str(PEER), "--out", str(self.out(name))]
-        if "--go" not in args:
-            command += ["--go", str(self.go)]
-        if initial is not None:
-            command += ["--initial-peers-from", str(self.out(initial))]
-        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(
-            [*command, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-
-    def out(self, name: str) -> Path:
-        return self.folder / f"{name}.json"
-
-    def read(self, name: str) -> dict:
-        try:
-            return json.loads(self.out(name).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def wait_for(self, what: str, check, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not check():
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and proc.returncode != -signal.SIGKILL:
-                    pytest.fail(f"peer {name} exited ({proc.returncode}):\n{self.log(name)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out waiting for {what}:\n" + self.logs())
-            time.sleep(0.2)
-
-    def rounds(self, name: str) -> dict[int, str]:
-        return {int(k): v for k, v in self.read(name).get("rounds", {}).items()}
+        super().__init__(folder, PEER, allowed_exits=(-signal.SIGKILL,))
 
     def on_swarm(self, name: str) -> dict[int, str]:
         """Rounds after which the peer held the swarm's global parameters: averaged with an
@@ -309,24 +265,9 @@ class Peers:
             assert len({h[round_] for h in held}) == 1, (round_, self.logs())
         return common
 
-    def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
-
-    def log(self, name: str) -> str:
-        lines = (self.folder / f"{name}.log").read_text(errors="replace").splitlines()
-        return "\n".join(line for line in lines if "quantize" not in line)[-3000:]
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name}\n{self.log(name)}" for name in self.procs)
-
-    def stop_all(self) -> None:
-        for name in self.procs:
-            self.kill(name)
+    def log(self, name: str, tail_chars: int = 3000) -> str:
+        lines = self.named(name).output().splitlines()
+        return "\n".join(line for line in lines if "quantize" not in line)[-tail_chars:]
 
 
 @pytest.fixture
@@ -344,7 +285,7 @@ def test_two_peers_hold_identical_global_params_and_a_killed_peer_stops_nobody(
     """A full peer and a client-mode peer (8-bit pseudo-gradients) agree bit for bit after
     every round; a late joiner loads the global state and round from them; once the
     client is SIGKILLed mid-round, the others still finish the next rounds."""
-    late_go = peers.folder / "late-go"
+    late_go = peers.root / "late-go"
     peers.start("full")
     peers.start("client", "--client-mode", initial="full")
     peers.start("late", "--join-late", "--no-overlap", "--go", str(late_go), initial="full")
@@ -359,7 +300,7 @@ def test_two_peers_hold_identical_global_params_and_a_killed_peer_stops_nobody(
         "two rounds both peers averaged", lambda: len(peers.agree("full", "client")) >= 2, 90
     )
 
-    peers.kill("client")
+    peers.kill_peer("client")
     killed_at = max(peers.rounds("full"))
     late_go.touch()
     peers.wait_for(
