@@ -19,7 +19,7 @@ from tests.swarm import Swarm, small_corpus, write_spec
 
 pytestmark = pytest.mark.slow
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "join_from_notebook.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "join_from_notebook.ipynb"
 KERNEL = "crowdtrain-test"
 
 
