@@ -351,7 +351,7 @@ class Swarm(Processes):
                 last = None
             if last:
                 return last
-            time.sleep(1.0)
+            time.sleep(0.25)  # most predicates are one loopback request: poll often
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
     def stop_all(self, grace_s: float = 30.0) -> None:
