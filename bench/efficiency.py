@@ -176,7 +176,7 @@ class Bench:
         ).stdout.strip()
         return {
             "command": "python " + " ".join(["bench/efficiency.py", *sys.argv[1:]]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": commit + ("+changes" if dirty else ""),
             "quick": self.args.quick,
             "device": self.args.device,
