@@ -19,12 +19,16 @@ from typing import Any
 
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
+from crowdtrain.protocol.version import crowdtrain_version
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crowdtrain-coordinator",
         description="Publish crowdtrain runs and coordinate the nodes that train them.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"crowdtrain-coordinator {crowdtrain_version()}"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     parser.add_argument(
