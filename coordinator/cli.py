@@ -276,6 +276,8 @@ def _route_hivemind_logs(verbose: bool) -> None:
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("nowhere")
+    # Importing hivemind renames the WARNING level "WARN"; log collectors expect WARNING.
+    logging.addLevelName(logging.WARNING, "WARNING")
     if not verbose:
         # Leaving its own handler resets the hivemind logger's level to NOTSET.
         logging.getLogger("hivemind").setLevel(logging.WARNING)
