@@ -1,4 +1,4 @@
-# Each target sets itself up: a fresh clone needs only Python 3.10+ and make.
+# Each target sets itself up: a fresh clone needs only Python 3.11+ and make.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -1,13 +1,16 @@
 """`make bench`: run every benchmark here and write BENCHMARKS.md.
 
-Each benchmark is a script that writes a markdown table to the path given by
-``--out``; this file adds the machine, the date and the command that made
-each figure. Long runs live here, never in the test suite.
+Each benchmark is a script (``bench/NAME.py``) or a package run with ``python -m``
+(``bench/NAME/``) that writes a markdown table to the path given by ``--out``;
+this file adds the machine, the date and the command that made each figure.
+Long runs live here, never in the test suite.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import inspect
 import os
 import platform
 import subprocess
@@ -18,8 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
-# (title, what it shows and the goal, script, extra arguments[, "gpu"]); a "gpu" benchmark
-# runs only with --device cuda, and otherwise its committed results are shown as they are.
+# (title, what it shows and the goal, script or package, extra arguments[, "gpu"]); a "gpu"
+# benchmark runs only with --device cuda, and otherwise its committed results are shown as
+# they are.
 BENCHMARKS: list[tuple] = [
     (
         "Data wait per step",
@@ -51,7 +55,7 @@ BENCHMARKS: list[tuple] = [
         "tokens/s in a 2-peer swarm against alone, bytes sent per million tokens, tokens/s "
         "against hivemind.Optimizer with its defaults, a late joiner's start-up and a "
         "half-speed node's share of samples; the goals are in the table. About 30 minutes.",
-        "efficiency.py",
+        "efficiency",
         [],
     ),
     (
@@ -99,27 +103,38 @@ def main() -> int:
     the efficiency bench's nodes on the GPU and runs the GPU-only benchmarks (MFU);
     without it those show their committed results.
     """
-    args = sys.argv[1:]
-    reuse = "--reuse" in args
-    device = "cpu"
-    if "--device" in args:
-        at = args.index("--device")
-        device = args[at + 1] if at + 1 < len(args) else "cpu"
-        del args[at : at + 2]
-    only = {a for a in args if a != "--reuse"}
+    names = [script.removesuffix(".py") for _, _, script, *_ in BENCHMARKS]
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description=inspect.cleandoc(main.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "only", nargs="*", metavar="NAME", help=f"run only these: {', '.join(names)}"
+    )
+    parser.add_argument("--reuse", action="store_true", help="run nothing; rebuild BENCHMARKS.md")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    unknown = sorted(set(args.only) - set(names))
+    if unknown:
+        # Without this, an unknown name ran nothing and rewrote BENCHMARKS.md.
+        parser.error(f"no benchmark named {', '.join(unknown)}; choose from {', '.join(names)}")
+    reuse, device, only = args.reuse, args.device, set(args.only)
     RESULTS.mkdir(parents=True, exist_ok=True)
     sections = []
     for title, about, script, extra, *flags in BENCHMARKS:
-        out = RESULTS / f"{script.removesuffix('.py')}.md"
+        name = script.removesuffix(".py")
+        out = RESULTS / f"{name}.md"
         gpu_only = "gpu" in flags
-        if gpu_only or (device == "cuda" and script == "efficiency.py"):
+        if gpu_only or (device == "cuda" and name == "efficiency"):
             extra = [*extra, "--device", "cuda"]
-        command = ["python", f"bench/{script}", *extra, "--out", str(out.relative_to(ROOT))]
+        runner = [f"bench/{script}"] if script.endswith(".py") else ["-m", f"bench.{name}"]
+        command = ["python", *runner, *extra, "--out", str(out.relative_to(ROOT))]
         took = ""
         skip = gpu_only and device != "cuda"
         if skip and out.exists():
             took = " (not run by this `make bench`: no `--device cuda`; committed results)"
-        if not reuse and not skip and (not only or script.removesuffix(".py") in only):
+        if not reuse and not skip and (not only or name in only):
             print(f"== {title}: {' '.join(command)}", flush=True)
             started = time.monotonic()
             subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)

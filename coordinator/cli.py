@@ -20,12 +20,16 @@ from typing import Any
 from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
+from crowdtrain.protocol.version import crowdtrain_version
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crowdtrain-coordinator",
         description="Publish crowdtrain runs and coordinate the nodes that train them.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"crowdtrain-coordinator {crowdtrain_version()}"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     parser.add_argument(
@@ -273,6 +277,8 @@ def _route_hivemind_logs(verbose: bool) -> None:
     from hivemind.utils.logging import use_hivemind_log_handler
 
     use_hivemind_log_handler("nowhere")
+    # Importing hivemind renames the WARNING level "WARN"; log collectors expect WARNING.
+    logging.addLevelName(logging.WARNING, "WARNING")
     if not verbose:
         # Leaving its own handler resets the hivemind logger's level to NOTSET.
         logging.getLogger("hivemind").setLevel(logging.WARNING)

@@ -9,6 +9,7 @@ it into the run's GPT. Knows nothing about serving or the swarm.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("hf",)
 """What ``export --format`` writes: ``hf``, a transformers folder (model/hf_export.py)."""
-
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -276,7 +275,6 @@ def _bar(items: Iterable[Any], total: int, description: str) -> Iterable[Any]:
 
 
 def _file_sha256(path: Path, progress: bool) -> str:
-    digest = hashlib.sha256()
     try:
         size = path.stat().st_size
         with (
@@ -290,9 +288,7 @@ def _file_sha256(path: Path, progress: bool) -> str:
                 leave=False,
             ) as bar,
         ):
-            while chunk := file.read(_HASH_CHUNK_BYTES):
-                digest.update(chunk)
-                bar.update(len(chunk))
+            digest = hashlib.file_digest(_BarReader(file, bar), "sha256")
     except FileNotFoundError:
         raise CheckpointError(
             f"checkpoint {path} is gone (the keeper may have just replaced it); run again"
@@ -300,3 +296,20 @@ def _file_sha256(path: Path, progress: bool) -> str:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from e
     return digest.hexdigest()
+
+
+class _BarReader:
+    """A binary file whose reads move a progress bar, for ``hashlib.file_digest``
+    (which needs only ``readable`` and ``readinto``)."""
+
+    def __init__(self, file: io.BufferedIOBase, bar: tqdm) -> None:
+        self._file = file
+        self._bar = bar
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        num_read = self._file.readinto(buffer)
+        self._bar.update(num_read)
+        return num_read

@@ -227,6 +227,9 @@ async def _serve_async(
         uvicorn.Config(
             app,
             log_level="warning",
+            # No handlers of uvicorn's own: its records reach the root logger's handler,
+            # so --log-json covers them (protocol/logs.py's setup_logging).
+            log_config=None,
             lifespan="off",
             ssl_certfile=str(config.tls_cert) if tls else None,
             ssl_keyfile=str(config.tls_key) if tls else None,

@@ -17,7 +17,7 @@ ENV PYTHONUNBUFFERED=1 \
 RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 WORKDIR /tmp/crowdtrain
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protocol ./protocol
 COPY model ./model
 COPY node ./node

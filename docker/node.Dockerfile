@@ -4,9 +4,10 @@
 #   docker run --gpus all --network host -v crowdtrain-node:/home/crowdtrain/.crowdtrain \
 #       crowdtrain-node join http://COORDINATOR:8470 --run RUN_ID
 #
-# Any pytorch/pytorch "-runtime" tag with torch 2.4 to 2.13 works as the base:
-# pick the CUDA version your driver supports with --build-arg BASE_IMAGE=...
-ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# Any pytorch/pytorch "-runtime" tag with torch 2.11 to 2.13 (the range pyproject.toml
+# allows) works as the base: pick the CUDA version your driver supports with
+# --build-arg BASE_IMAGE=...
+ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
@@ -14,7 +15,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /tmp/crowdtrain
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY protocol ./protocol
 COPY model ./model
 COPY node ./node

@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 ALIASES_KEY = "crowdtrain.aliases"
 """Reserved metadata key: JSON ``{dropped_name: kept_name}`` for tensors saved once."""
 
-_HASH_CHUNK_BYTES = 1 << 20
-
 
 class CheckpointError(CrowdtrainError):
     """A checkpoint that cannot be written, read or loaded into a model."""
@@ -36,11 +34,8 @@ class CheckpointError(CrowdtrainError):
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of the file at ``path``, read in chunks so large files fit in memory."""
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while chunk := file.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def params_sha256(state: dict[str, torch.Tensor]) -> str:

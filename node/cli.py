@@ -18,13 +18,28 @@ from types import FrameType
 from crowdtrain.node.progress import MODES
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
+from crowdtrain.protocol.version import crowdtrain_version
 
-DEFAULT_HOME = Path.home() / ".crowdtrain"
+HOME_VARIABLE = "CROWDTRAIN_HOME"
+
+
+def default_home() -> Path:
+    """Where the identity and shard cache live without ``--home``: ``$CROWDTRAIN_HOME``
+    (as the notebook API reads it), else ``~/.crowdtrain``. Read when the parser is built."""
+    return Path(os.environ.get(HOME_VARIABLE) or Path.home() / ".crowdtrain")
 
 
 def _parser() -> argparse.ArgumentParser:
+    home = default_home()
+    shown = str(home).replace("%", "%%")  # argparse %-formats help strings
+    home_help = (
+        f"identity and shard cache (default: ${HOME_VARIABLE}, else ~/.crowdtrain; now {shown})"
+    )
     parser = argparse.ArgumentParser(
         prog="crowdtrain-node", description="Lend this machine to a crowdtrain run."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"crowdtrain-node {crowdtrain_version()}"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     parser.add_argument(
@@ -37,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     join = sub.add_parser("join", help="join a run and train until stopped")
     join.add_argument("url", help="the coordinator's URL, e.g. http://coordinator:8470")
     join.add_argument("--run", required=True, help="the run id to join")
-    join.add_argument("--home", type=Path, default=DEFAULT_HOME, help="identity and shard cache")
+    join.add_argument("--home", type=Path, default=home, help=home_help)
     join.add_argument("--name", default="", help="how this node is shown to others")
     join.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     join.add_argument("--max-seconds", type=float, default=None, help="leave after this long")
@@ -96,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     ident = sub.add_parser("identity", help="show this node's public identity")
-    ident.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    ident.add_argument("--home", type=Path, default=home, help=home_help)
     return parser
 
 

@@ -31,3 +31,7 @@ class MalformedMessageError(IdentityError):
 
 class AccessError(CrowdtrainError):
     """A peer or operator that is known but not allowed to do this."""
+
+
+class AddressError(CrowdtrainError, ValueError):
+    """A host or port that cannot be written as an address peers can dial."""

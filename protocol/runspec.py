@@ -14,13 +14,12 @@ import hashlib
 import json
 import math
 import re
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-import tomllib
 
 from crowdtrain.protocol.errors import SpecError
 

@@ -35,7 +35,6 @@ DTYPES: dict[str, int] = {"uint8": 1, "uint16": 2, "uint32": 4}
 """Token dtypes a shard may hold, by name, with their header code (the item size)."""
 
 _CODES = {code: name for name, code in DTYPES.items()}
-_CHUNK_BYTES = 1 << 20
 # Ids and file names travel over the network and become file names on nodes.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -448,17 +447,12 @@ def verify_shard(path: str | os.PathLike[str], entry: ShardEntry) -> None:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK_BYTES)
-    view = memoryview(buffer)
+    """sha256 hex digest of a file, read in chunks."""
     try:
         with open(path, "rb", buffering=0) as f:
-            while num_read := f.readinto(view):
-                digest.update(view[:num_read])
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise ShardError(f"cannot read {path}: {e.strerror}") from e
-    return digest.hexdigest()
 
 
 # Sequence order: nodes train a shard's windows in this order and the coordinator's

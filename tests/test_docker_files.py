@@ -12,12 +12,12 @@ import glob
 import json
 import re
 import shlex
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import tomllib
 
 yaml = pytest.importorskip("yaml")
 

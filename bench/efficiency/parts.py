@@ -1,28 +1,8 @@
-"""Training efficiency of a crowdtrain swarm against one process and against plain hivemind.
+"""The efficiency bench's parts: each runs real processes and returns its raw numbers.
 
-Every peer is a real process on loopback (``crowdtrain-coordinator serve``,
-``crowdtrain-node join``) with one torch thread; the single-process baseline
-uses as many threads as the swarm's peers have together, at most 2 (this
-machine's cores). The workload is the demo's tiny GPT (examples/stdlib-tiny.toml
-for sync, examples/stdlib-diloco.toml for diloco) on the bundled corpus.
-
-Parts (``--parts``, all by default), in the order they run:
-
-- ``solo``: tokens/s of one node-sized loop alone, no averaging (1 thread)
-- ``throughput``: each peer's tokens/s in a 2-peer swarm, sync and diloco
-- ``hivemind``: the same 2 peers with plain ``hivemind.Optimizer`` and its defaults
-- ``loss``: 4-peer sync and diloco swarms to ``--rounds`` diloco rounds of tokens,
-  with every peer's bytes sent
-- ``baseline``: one process at the same global batch, evaluated at the swarms' tokens
-- ``late_joiner``: a third node joining a 10M-parameter run, start to first step
-- ``half_speed``: a throttled node's share of samples against its share of compute
-
-Each part's raw numbers go to ``efficiency.json`` beside ``--out`` as soon as it
-ends (a failed part records its error and the rest still run); the markdown
-table and the plots are rebuilt from that file (``--report-only`` does only that).
-
-    python bench/efficiency.py --out bench/results/efficiency.md            # about 30 min
-    python bench/efficiency.py --quick --out /tmp/eff/efficiency.md         # a few minutes
+:class:`Bench` runs one part per method (``part_solo`` ... ``part_half_speed``,
+in ``PARTS`` order) and keeps every part's result in efficiency.json as soon
+as it ends. Knows nothing about the report drawn from them (report.py).
 """
 
 from __future__ import annotations
@@ -31,38 +11,22 @@ import argparse
 import datetime
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from eff_bytes import ByteSampler  # noqa: E402
-from eff_common import (  # noqa: E402
-    BIN,
+from bench.efficiency import ROOT
+from bench.efficiency.data import (
     NUM_VAL_SEQUENCES,
-    ROOT,
-    Children,
-    ForeignCpu,
     checkpoint_metadata,
-    diloco_spec,
     evaluate_checkpoint,
-    gpt_config,
-    python_script,
-    sync_spec,
     val_sequences,
-    with_overrides,
 )
-from eff_hivemind import run_reference  # noqa: E402
-from eff_logs import (  # noqa: E402
+from bench.efficiency.node_logs import (
     FIRST_STEP,
     LOADED_STATE,
     THROTTLE,
@@ -70,66 +34,16 @@ from eff_logs import (  # noqa: E402
     round_done,
     timeline,
 )
-from eff_swarm import SwarmRun, spec_json  # noqa: E402
+from bench.efficiency.plan import Plan
+from bench.efficiency.processes import BIN, Children, python_module
+from bench.efficiency.reference import run_reference
+from bench.efficiency.specs import diloco_spec, gpt_config, sync_spec, with_overrides
+from bench.efficiency.swarm import SwarmRun, spec_json
+from bench.efficiency.traffic import ByteSampler
 
 PARTS = ("solo", "throughput", "hivemind", "loss", "baseline", "late_joiner", "half_speed")
 # The late joiner's model: about 10.6M parameters.
 LATE_JOINER_MODEL = {"d_model": 384, "num_layers": 6, "num_heads": 6}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How long each part runs; ``--quick`` shrinks everything to debug the harness."""
-
-    rounds: int
-    inner_steps: int | None  # None: the diloco spec's own
-    warmup_s: float
-    sync_window_s: float
-    diloco_window_s: float
-    hivemind_warmup_s: float
-    hivemind_window_s: float
-    solo_s: float
-    loss_timeout_s: float
-    sync_loss_timeout_s: float  # sync swarms are slow here: cut short, still at equal tokens
-    late_wait_s: float
-    late_inner_steps: int
-    half_window_s: float
-    share_solo_s: float
-
-
-FULL = Plan(
-    rounds=2,
-    inner_steps=None,
-    warmup_s=20,
-    sync_window_s=60,
-    # at least this long, and until a round ended (a 2-peer round is ~820k tokens)
-    diloco_window_s=90,
-    hivemind_warmup_s=20,
-    hivemind_window_s=60,
-    solo_s=25,
-    loss_timeout_s=600,
-    sync_loss_timeout_s=480,
-    late_wait_s=150,
-    late_inner_steps=10,
-    half_window_s=90,
-    share_solo_s=25,
-)
-QUICK = Plan(
-    rounds=1,
-    inner_steps=10,
-    warmup_s=5,
-    sync_window_s=20,
-    diloco_window_s=30,
-    hivemind_warmup_s=10,
-    hivemind_window_s=20,
-    solo_s=8,
-    loss_timeout_s=240,
-    sync_loss_timeout_s=240,
-    late_wait_s=90,
-    late_inner_steps=5,
-    half_window_s=30,
-    share_solo_s=8,
-)
 
 
 class Bench:
@@ -175,8 +89,8 @@ class Bench:
             text=True,
         ).stdout.strip()
         return {
-            "command": "python " + " ".join(["bench/efficiency.py", *sys.argv[1:]]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m bench.efficiency", *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": commit + ("+changes" if dirty else ""),
             "quick": self.args.quick,
             "device": self.args.device,
@@ -235,11 +149,11 @@ class Bench:
         folder.mkdir(parents=True, exist_ok=True)
         out = folder / "result.json"
         args = [
-            *python_script("eff_train.py"), command,
+            *python_module("baseline"), command,
             "--data", str(self.data), "--spec", str(spec_json(spec, folder / "spec.json")),
             "--threads", str(threads), "--device", self.args.device, "--out", str(out), *extra,
         ]  # fmt: skip
-        result = subprocess.run(args, capture_output=True, text=True)
+        result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{result.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -254,7 +168,7 @@ class Bench:
             try:
                 out[mode] = self._window_run(mode, f"eff-{mode}-2", ["node-a", "node-b"], window)
             except Exception as e:  # one mode's failure must not hide the other's figure
-                out[mode] = {"error": _error(e)}
+                out[mode] = {"error": error_summary(e)}
         return out
 
     def _window_run(
@@ -337,7 +251,7 @@ class Bench:
             try:
                 out[mode] = self._loss_run(mode, rounds, round_sequences, seq_len)
             except Exception as e:
-                out[mode] = {"error": _error(e)}
+                out[mode] = {"error": error_summary(e)}
             self.save("loss", out)
         return out
 
@@ -494,7 +408,7 @@ class Bench:
         try:
             for factor, out in outs.items():
                 children.spawn(f"solo-{factor}", [
-                    *python_script("eff_train.py"), "solo", "--data", str(self.data),
+                    *python_module("baseline"), "solo", "--data", str(self.data),
                     "--spec", str(spec_path), "--threads", "1", "--device", self.args.device,
                     "--seconds", str(self.plan.share_solo_s), "--slowdown", str(factor),
                     "--out", str(out),
@@ -522,75 +436,5 @@ def _optimizer_keys(spec: dict[str, Any]) -> tuple:
     return tuple(o.get(k) for k in ("lr", "betas", "weight_decay", "warmup_steps", "grad_clip"))
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _error(e: BaseException) -> str:
+def error_summary(e: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(e), e)).strip()[-3000:]
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "efficiency.md")
-    parser.add_argument("--quick", action="store_true", help="a few minutes, to debug the harness")
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="diloco rounds of tokens (default 2; quick 1)"
-    )
-    parser.add_argument(
-        "--parts", default=",".join(PARTS), help=f"comma-separated of {','.join(PARTS)}"
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--report-only", action="store_true", help="rebuild the markdown and plots")
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="keep logs here (default: a temp dir)"
-    )
-    args = parser.parse_args()
-    args.out = args.out.resolve()
-    from eff_report import write_report
-
-    if args.report_only:
-        write_report(json.loads(args.out.with_suffix(".json").read_text()), args.out)
-        return 0
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    # SIGTERM (make, a CI runner) unwinds like Ctrl-C, so every process group is stopped.
-    signal.signal(signal.SIGTERM, _interrupt)
-    plan = QUICK if args.quick else FULL
-    with tempfile.TemporaryDirectory(prefix="crowdtrain-eff-") as tmp:
-        work = (args.workdir or Path(tmp)).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-        bench = Bench(args, plan, work)
-        bench.prepare()
-        started = time.monotonic()
-        for part in PARTS:
-            if part not in parts:
-                continue
-            print(f"-- {part} ({time.monotonic() - started:.0f} s in)", flush=True)
-            t0 = time.monotonic()
-            # Other work on the machine skews every figure here; the 1-minute load says if any ran.
-            load = os.getloadavg()[0]
-            foreign = ForeignCpu()
-            foreign.start()
-            try:
-                value = getattr(bench, f"part_{part}")()
-            except Exception as e:
-                traceback.print_exc()
-                value = {"error": _error(e)}
-            if isinstance(value, dict):
-                value["part_s"] = round(time.monotonic() - t0, 1)
-                value["load_before"] = round(load, 2)
-                value["foreign_cpu_share"] = round(foreign.stop(), 3)
-            bench.save(part, value)
-            print(f"   {part}: {time.monotonic() - t0:.0f} s", flush=True)
-        write_report(bench.results, args.out)
-        print(f"efficiency bench took {time.monotonic() - started:.0f} s; wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,6 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.efficiency import ROOT
+
 HIVEMIND_DEFAULTS = (
     "hivemind 1.1.12's defaults: matchmaking_time 15 s, averaging_timeout 60 s, "
     "average_state_every 1, no compression"
@@ -370,7 +372,7 @@ def write_report(r: dict[str, Any], out: Path) -> None:
     meta = r.get("meta", {})
     specs = meta.get("specs", {})
     lines = [
-        f"`{meta.get('command', 'python bench/efficiency.py')}` at commit {meta.get('commit', '?')}, "
+        f"`{meta.get('command', 'python -m bench.efficiency')}` at commit {meta.get('commit', '?')}, "
         f"{meta.get('date', '?')}"
         + (" (**--quick**: shortened, not the issue's figures)" if meta.get("quick") else "")
         + ".",
@@ -392,8 +394,7 @@ def write_report(r: dict[str, Any], out: Path) -> None:
         for name in plot(r, out.parent):
             # Linked from the repository's root: BENCHMARKS.md includes this file.
             path = out.parent / name
-            root = Path(__file__).resolve().parent.parent
-            link = path.relative_to(root) if path.is_relative_to(root) else name
+            link = path.relative_to(ROOT) if path.is_relative_to(ROOT) else name
             lines.append(f"![{name}]({link})")
             lines.append("")
     except Exception as e:  # a plot must never cost the table

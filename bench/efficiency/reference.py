@@ -8,7 +8,7 @@ and weight decay). Peer 0 writes its DHT addresses to a file the others join
 through. Each peer appends its cumulative tokens to a JSON-lines file.
 :func:`run_reference` starts the peers and measures tokens/s over a window.
 
-    python bench/eff_hivemind.py peer --data D --spec S.json --index 0 --num-peers 2 \
+    python -m bench.efficiency.reference peer --data D --spec S.json --index 0 --num-peers 2 \
         --peers-file F --out p0.jsonl
 """
 
@@ -25,9 +25,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from eff_common import Children, gpt_config, python_script, train_batches  # noqa: E402
+from bench.efficiency.data import train_batches
+from bench.efficiency.processes import Children, python_module
+from bench.efficiency.specs import gpt_config
 
 RUN_ID = "plain-hivemind"
 
@@ -152,7 +152,7 @@ def run_reference(
             child = children.spawn(
                 f"hivemind-{i}",
                 [
-                    *python_script("eff_hivemind.py"),
+                    *python_module("reference"),
                     "peer",
                     "--data", str(data),
                     "--spec", str(spec_path),
@@ -200,7 +200,9 @@ def run_reference(
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.efficiency.reference", description=__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("peer")
     p.add_argument("--data", type=Path, required=True)

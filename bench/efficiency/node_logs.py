@@ -1,7 +1,7 @@
 """What the efficiency bench reads from a node's log: the node's lines it relies on.
 
-Each pattern here is a line the node writes (node/trainer.py, node/diloco.py,
-node/hardware.py); change them together. Knows nothing about swarms.
+Each pattern here is a line the node writes (node/node.py, node/swarm/diloco.py,
+node/device/hooks.py); change them together. Knows nothing about swarms.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import datetime
 import re
 
-# trainer: the first optimizer step this process took part in
+# node: the first optimizer step this process took part in
 FIRST_STEP = re.compile(r"first contributing step ([\d.]+) s after process start")
-# trainer: state downloaded by a joiner
+# node: state downloaded by a joiner
 LOADED_STATE = re.compile(r"loaded (?:the global )?state of (?:step|round) (\d+)(?: in ([\d.]+)s)?")
-# hardware: the slowdown test hook announces itself
+# hooks: the slowdown test hook announces itself
 THROTTLE = "TEST HOOK, this node sleeps to train"
 
 

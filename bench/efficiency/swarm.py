@@ -4,7 +4,7 @@ Publishes a spec, starts ``crowdtrain-coordinator serve`` and ``crowdtrain-node
 join`` processes the way a user does (through tests/swarm.py, which reaps
 every process group), and while they train records the coordinator's view of
 the run and its peers every two seconds and each node's bytes sent (see
-eff_bytes.py). Knows nothing about which figure it serves.
+traffic.py). Knows nothing about which figure it serves.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,14 +21,9 @@ from typing import Any
 
 import httpx
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(0, str(BENCH))
-
-from eff_bytes import ByteSampler  # noqa: E402
-from eff_common import dump_toml  # noqa: E402
-
-from tests.swarm import Process, Swarm  # noqa: E402
+from bench.efficiency.specs import dump_toml
+from bench.efficiency.traffic import ByteSampler
+from tests.swarm import Process, Swarm
 
 SAMPLE_EVERY_S = 2.0
 

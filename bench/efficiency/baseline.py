@@ -7,9 +7,9 @@ and clipping, batches from the same shards) and evaluates it at given steps.
 with no averaging at all. Each writes a JSON file; the harness runs them as
 separate processes so their thread settings are their own.
 
-    python bench/eff_train.py baseline --data D --spec S.json --threads 2 \
+    python -m bench.efficiency.baseline baseline --data D --spec S.json --threads 2 \
         --eval-steps 200,300 --out baseline.json
-    python bench/eff_train.py solo --data D --spec S.json --threads 1 --seconds 40 --out solo.json
+    python -m bench.efficiency.baseline solo --data D --spec S.json --threads 1 --seconds 40 --out solo.json
 """
 
 from __future__ import annotations
@@ -23,14 +23,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from eff_common import (  # noqa: E402
-    NUM_VAL_SEQUENCES,
-    gpt_config,
-    train_batches,
-    val_sequences,
-)
+from bench.efficiency.data import NUM_VAL_SEQUENCES, train_batches, val_sequences
+from bench.efficiency.specs import gpt_config
 
 
 def _optimizer(model: torch.nn.Module, opt: dict[str, Any]) -> tuple[Any, Any]:
@@ -162,7 +156,9 @@ def solo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.efficiency.baseline", description=__doc__
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("baseline", "solo"):
         p = sub.add_parser(name)
