@@ -14,6 +14,8 @@ def swarm(tmp_path: Path) -> Iterator[Swarm]:
     try:
         yield s
     finally:
+        # The test is over: a node still in a step would wait a whole averaging timeout
+        # for a group before leaving politely, and nothing checks how it leaves here.
         s.stop_all()
 
 

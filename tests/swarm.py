@@ -354,8 +354,10 @@ class Swarm(Processes):
             time.sleep(0.25)  # most predicates are one loopback request: poll often
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
-    def stop_all(self, grace_s: float = 30.0) -> None:
-        """Nodes first (each tells the coordinator it leaves), then the coordinator."""
+    def stop_all(self, grace_s: float = 2.0) -> None:
+        """The end of a test: nodes first (each may tell the coordinator it leaves), then the
+        coordinator, each given ``grace_s`` before its group is killed. A test that checks
+        how a process leaves stops it itself (:meth:`stop`)."""
         coordinators = [p for p in self.processes if p.name == "coordinator"]
         nodes = Processes(self.root, [p for p in self.processes if p.name != "coordinator"])
         nodes.stop_all(grace_s)
