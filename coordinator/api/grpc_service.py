@@ -1,7 +1,8 @@
 """The gRPC service nodes talk to. Handlers only translate.
 
 Each method parses its request (envelope, payload), calls a domain function
-in :mod:`peers`, :mod:`leases` or :mod:`runs`, and formats the answer. The
+in :mod:`~crowdtrain.coordinator.runs.peers`, :mod:`~crowdtrain.coordinator.runs.leases`
+or the ledger, and formats the answer. The
 session was already checked by :class:`~crowdtrain.coordinator.api.auth.SessionInterceptor`.
 Every failure becomes a status code with a message; none changes stored
 state (a signed session message's nonce is journalled, so a replay stays
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,7 +22,6 @@ from crowdtrain.coordinator import records
 from crowdtrain.coordinator.api.auth import ChallengeBook, current_session
 from crowdtrain.coordinator.api.refusals import Refusals
 from crowdtrain.coordinator.ledger.ledger import Ledger
-from crowdtrain.coordinator.ledger.views import peer_credit
 from crowdtrain.coordinator.runs import leases, peers
 from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store
@@ -36,7 +35,6 @@ from crowdtrain.protocol.errors import (
     MalformedMessageError,
 )
 from crowdtrain.protocol.identity import (
-    DEFAULT_MAX_AGE_S,
     Identity,
     OpenedEnvelope,
     ReplayGuard,
@@ -117,9 +115,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         # Registration is protected by its one-time challenge; session messages by
         # nonces journalled in the store, so a restart does not reopen a replay window.
         self.register_guard = ReplayGuard()
-        self.session_guard = ReplayGuard(journal=store.remember_nonce)
-        for row in store.recent_nonces(since=time.time() - 2 * DEFAULT_MAX_AGE_S):
-            self.session_guard.remember(row["public_key"], row["nonce"], row["timestamp"])
+        self.session_guard = peers.session_replay_guard(store)
 
     def _run_info(self, run: records.PublishedRun) -> pb.RunInfo:
         return pb.RunInfo(
@@ -180,21 +176,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         session = current_session()
         opened = self._open(request.envelope, KIND_HEARTBEAT, session)
         beat = parse_payload(HeartbeatPayload, opened.payload)
-        run = records.get_run(self.store, session.run_id)
-        peers.heartbeat(self.store, session, beat)
-        self.leases.renew(run, session, {(h.shard_id, h.epoch) for h in beat.leases})
-        stored = self.store.get_run(session.run_id)
-        assert stored is not None, "a session's run is never deleted"
-        credit = peer_credit(self.store, run.id).get(session.peer_id, {})
+        answer = peers.take_heartbeat(self.store, self.leases, session, beat)
         return pb.HeartbeatReply(
-            step=stored["step"],
-            num_peers=records.num_active_peers(self.store, session.run_id),
+            step=answer.step,
+            num_peers=answer.num_peers,
             roster=[
                 pb.PeerAllowance(dht_peer_id=dht_id, max_weight=weight)
-                for dht_id, weight in peers.roster(self.store, run)
+                for dht_id, weight in answer.roster
             ],
-            verified_tokens=int(credit.get("verified_tokens", 0)),
-            verified_share=float(credit.get("verified_share", 0.0)),
+            verified_tokens=answer.verified_tokens,
+            verified_share=answer.verified_share,
         )
 
     @_translating
@@ -214,16 +205,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         session = current_session()
         opened = self._open(request.envelope, KIND_RECEIPT, session)
         receipt = parse_payload(ReceiptPayload, opened.payload)
-        run = records.get_run(self.store, session.run_id)
-        self.leases.complete(run, session, receipt)
-        if self.ledger is not None:
-            self.ledger.assess(run, session, receipt, sent_at=opened.timestamp)
+        peers.take_receipt(
+            self.store, self.leases, self.ledger, session, receipt, sent_at=opened.timestamp
+        )
         return pb.ShardReportReply(accepted=True)
 
     @_translating
     async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
         session = current_session()
-        self.leases.release(session)
-        peers.leave(self.store, session)
+        peers.leave(self.store, self.leases, session)
         logger.info("peer %s left run %s", session.peer_id, session.run_id)
         return pb.LeaveReply()

@@ -9,7 +9,7 @@ bearer token. No request body may exceed :data:`MAX_BODY_BYTES`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from typing import Annotated, Any
 
@@ -24,7 +24,7 @@ from crowdtrain.coordinator import records
 from crowdtrain.coordinator.api import dashboard, prometheus
 from crowdtrain.coordinator.api.refusals import Refusals
 from crowdtrain.coordinator.ledger import views as ledger_views
-from crowdtrain.coordinator.runs import access, samples
+from crowdtrain.coordinator.runs import access, files, samples
 from crowdtrain.coordinator.runs import publish as publishing
 from crowdtrain.coordinator.runs import views as run_views
 from crowdtrain.coordinator.runs.leases import LeaseBook
@@ -33,7 +33,6 @@ from crowdtrain.coordinator.swarm import checkpoints
 from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import AccessError, CrowdtrainError
 from crowdtrain.protocol.identity import Identity
-from crowdtrain.protocol.runspec import parse_spec
 
 # Admin requests are small JSON; a run spec is a few KiB.
 MAX_BODY_BYTES = 64 * 1024
@@ -152,6 +151,14 @@ def create_app(
         except records.UnknownRunError as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
 
+    def file_or_404(fn: Callable[[], Any]) -> Any:
+        try:
+            return run_or_404(fn)
+        except files.NoSuchFileError as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
+        except files.FileGoneError as e:
+            raise HTTPException(status_code=410, detail=str(e)) from None
+
     registry = prometheus.coordinator_registry(store, refusals)
 
     @app.get(api.PROMETHEUS, include_in_schema=False)
@@ -218,16 +225,8 @@ def create_app(
     @app.get(api.TOKENIZER)
     def get_tokenizer(run_id: str) -> FileResponse:
         """The run's BPE tokenizer (tokenizer.json), pinned by the manifest's sha256."""
-        run = run_or_404(lambda: records.get_run(store, run_id))
-        name = run.manifest.tokenizer_file
-        if name is None:
-            raise HTTPException(status_code=404, detail=f"run {run_id!r} uses byte tokens")
-        path = run.data_path / name
-        if not path.is_file():
-            raise HTTPException(
-                status_code=410, detail="the tokenizer is missing on the coordinator"
-            )
-        return FileResponse(path, media_type="application/json", filename=name)
+        path = file_or_404(lambda: files.tokenizer_file(records.get_run(store, run_id)))
+        return FileResponse(path, media_type="application/json", filename=path.name)
 
     @app.get(api.REFUSALS)
     def get_refusals() -> list[dict[str, Any]]:
@@ -236,36 +235,19 @@ def create_app(
 
     @app.get(api.SHARD)
     def get_shard(run_id: str, shard_id: str) -> FileResponse:
-        run = run_or_404(lambda: records.get_run(store, run_id))
-        entry = next((s for s in run.manifest.shards if s.id == shard_id), None)
-        if entry is None:
-            raise HTTPException(status_code=404, detail=f"no shard {shard_id!r} in run {run_id!r}")
-        path = run.data_path / entry.file
-        if not path.is_file():
-            raise HTTPException(
-                status_code=410, detail=f"shard {shard_id!r} is missing from the coordinator's data"
-            )
-        return FileResponse(path, media_type="application/octet-stream", filename=entry.file)
+        path = file_or_404(lambda: files.shard_file(records.get_run(store, run_id), shard_id))
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     @app.post(api.ADMIN_RUNS, dependencies=[Depends(require_admin)], status_code=201)
     def admin_publish(body: PublishRequest) -> dict[str, Any]:
         """Publish a run: its spec (TOML text) and a data folder on the coordinator's disk."""
 
-        def publish() -> dict[str, Any]:
-            spec = parse_spec(body.spec_toml, source="the published spec")
-            publication = publishing.check_publication(
-                spec, body.spec_toml, body.data_path, "the published spec"
+        result = admin_call(
+            lambda: publishing.publish_text(
+                store, body.spec_toml, body.data_path, identity, "the published spec"
             )
-            result = publishing.publish(store, publication, identity)
-            return {
-                "run_id": result.run_id,
-                "spec_hash": result.spec_hash,
-                "manifest_hash": result.manifest_hash,
-                "num_train_shards": result.num_train_shards,
-                "already_published": result.already_published,
-            }
-
-        return admin_call(publish)
+        )
+        return asdict(result)
 
     @app.post(api.ADMIN_INVITES, dependencies=[Depends(require_admin)], status_code=201)
     def admin_invite(run_id: str, body: InviteRequest) -> dict[str, Any]:
@@ -282,18 +264,16 @@ def create_app(
 
     @app.get(api.ADMIN_INVITES, dependencies=[Depends(require_admin)])
     def admin_invites(run_id: str) -> list[dict[str, Any]]:
-        return admin_call(lambda: (records.get_run(store, run_id), store.list_invites(run_id))[1])
+        return admin_call(lambda: access.list_invites(store, run_id))
 
     @app.post(api.ADMIN_BANS, dependencies=[Depends(require_admin)], status_code=201)
     def admin_ban(run_id: str, body: BanRequest) -> dict[str, Any]:
         """Ban a peer: its sessions end, its leases return, it is no longer credited."""
-        row = admin_call(lambda: access.ban(store, run_id, body.peer_id, body.reason))
-        leases.forget(run_id, body.peer_id)
-        return row
+        return admin_call(lambda: access.ban(store, leases, run_id, body.peer_id, body.reason))
 
     @app.get(api.ADMIN_BANS, dependencies=[Depends(require_admin)])
     def admin_bans(run_id: str) -> list[dict[str, Any]]:
-        return admin_call(lambda: (records.get_run(store, run_id), store.list_bans(run_id))[1])
+        return admin_call(lambda: access.list_bans(store, run_id))
 
     @app.delete(api.ADMIN_BAN, dependencies=[Depends(require_admin)])
     def admin_unban(run_id: str, peer_id: str) -> dict[str, Any]:
@@ -342,9 +322,8 @@ def create_app(
     ) -> FileResponse:
         """A kept checkpoint as a safetensors file (parameters only)."""
         run_or_404(lambda: records.get_run(store, run_id))
-        row = store.get_checkpoint(run_id, step)
-        path = checkpoints.checkpoint_path(store, run_id, row) if row is not None else None
-        if path is None or not path.is_file():
+        path = checkpoints.checkpoint_file(store, run_id, step)
+        if path is None:
             raise HTTPException(status_code=404, detail=f"no file of step {step} is kept")
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 

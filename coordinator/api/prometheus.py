@@ -111,8 +111,7 @@ class CoordinatorCollector(Collector):
             "Checkpoints whose files the keeper still keeps.",
             labels=run,
         )
-        for row in self.store.list_runs():
-            run_id = row["id"]
+        for run_id in run_views.run_ids(self.store):
             view = run_views.run_view(self.store, run_id, now)
             peer_rows = run_views.peers_view(self.store, run_id, now)
             info.add_metric([run_id, view["spec_hash"], view["manifest_hash"]], 1)
@@ -135,7 +134,7 @@ class CoordinatorCollector(Collector):
                 train_loss.add_metric([run_id], sum(losses) / len(losses))
             for state in SHARD_STATES:
                 shards.add_metric([run_id, state], view["shards"][state])
-            leases.add_metric([run_id], len(self.store.active_leases(run_id)))
+            leases.add_metric([run_id], run_views.num_active_leases(self.store, run_id))
             verified.add_metric([run_id], sum(p["verified_flops"] for p in peer_rows))
             for p in peer_rows:
                 peer_verified.add_metric([run_id, p["peer_id"]], p["verified_flops"])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from crowdtrain.coordinator.records import get_run
+from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import AccessError, CrowdtrainError
 from crowdtrain.protocol.files import atomic_write
@@ -129,17 +130,33 @@ def check_invite(store: Store, run_id: str, code: str) -> str:
     return str(row["code_hash"])
 
 
-def ban(store: Store, run_id: str, peer_id: str, reason: str) -> dict[str, Any]:
-    """Ban a known peer: it can no longer register, lease or be credited."""
+def list_invites(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The invites of ``run_id``, oldest first: each code's prefix only (the code itself
+    is stored as a hash), its uses, expiry, note and whether it was revoked."""
+    get_run(store, run_id)
+    return store.list_invites(run_id)
+
+
+def ban(store: Store, leases: LeaseBook, run_id: str, peer_id: str, reason: str) -> dict[str, Any]:
+    """Ban a known peer: its sessions end and its leases return at once (in the store and
+    in ``leases``' deadlines); it can no longer register, lease or be credited. Returns
+    the ban as stored."""
     get_run(store, run_id)
     if store.get_peer(run_id, peer_id) is None:
         raise AdminError(f"no peer {peer_id!r} has joined run {run_id!r}")
     if not reason or len(reason) > 200:
         raise AdminError("give a reason of 1 to 200 characters")
     store.ban(run_id, peer_id, reason, time.time())
+    leases.forget(run_id, peer_id)
     ban_row = store.get_ban(run_id, peer_id)
     assert ban_row is not None
     return ban_row
+
+
+def list_bans(store: Store, run_id: str) -> list[dict[str, Any]]:
+    """The peers banned from ``run_id``, oldest ban first, with their reasons."""
+    get_run(store, run_id)
+    return store.list_bans(run_id)
 
 
 def unban(store: Store, run_id: str, peer_id: str) -> None:

@@ -1,7 +1,8 @@
 """Peers of a run: registration, session tokens, heartbeats and leaving.
 
 Takes envelopes that :mod:`crowdtrain.protocol.identity` already verified and
-payloads already parsed; decides what they mean and stores it.
+payloads already parsed; decides what they mean and stores it, and says what
+a node is told back (:class:`HeartbeatAnswer`). No HTTP or gRPC here.
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from crowdtrain.coordinator.ledger.ledger import Ledger
+from crowdtrain.coordinator.ledger.views import peer_credit
 from crowdtrain.coordinator.records import (
     PEER_TIMEOUT_S,
     PublishedRun,
     Session,
     SessionError,
     get_run,
+    num_active_peers,
 )
 from crowdtrain.coordinator.runs.access import check_invite, hash_secret
+from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store, StoreError
 from crowdtrain.protocol.errors import AccessError
-from crowdtrain.protocol.identity import OpenedEnvelope
-from crowdtrain.protocol.messages import HeartbeatPayload, RegisterPayload
+from crowdtrain.protocol.identity import DEFAULT_MAX_AGE_S, OpenedEnvelope, ReplayGuard
+from crowdtrain.protocol.messages import HeartbeatPayload, ReceiptPayload, RegisterPayload
 
 # Distinct peers that must report a sender's averaging parts, and how many dropped
 # parts in all, before it is flagged: one early out-of-step round flags no one.
@@ -106,6 +111,17 @@ def register(
     )
 
 
+def session_replay_guard(store: Store, now: float | None = None) -> ReplayGuard:
+    """The guard against replayed session messages (heartbeats, receipts): each nonce it
+    takes is journalled in the store, and those still young enough to be replayed are
+    loaded back, so a restart of the coordinator does not reopen a replay window."""
+    now = time.time() if now is None else now
+    guard = ReplayGuard(journal=store.remember_nonce)
+    for row in store.recent_nonces(since=now - 2 * DEFAULT_MAX_AGE_S):
+        guard.remember(row["public_key"], row["nonce"], row["timestamp"])
+    return guard
+
+
 def authenticate(store: Store, token: str) -> Session:
     """The session a token belongs to; :class:`SessionError` or, if banned, AccessError."""
     row = store.get_session(hash_secret(token)) if token else None
@@ -168,6 +184,44 @@ def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
         _take_reports(store, session, beat, now)
 
 
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """What a node learns from its heartbeat: the run's step and number of live peers,
+    the averaging weight each swarm peer may claim (:func:`roster`), and the node's own
+    verified credit in the ledger."""
+
+    step: int
+    num_peers: int
+    roster: tuple[tuple[str, float], ...]
+    verified_tokens: int
+    verified_share: float
+
+
+def take_heartbeat(
+    store: Store, leases: LeaseBook, session: Session, beat: HeartbeatPayload
+) -> HeartbeatAnswer:
+    """A node's heartbeat, whole: apply it (:func:`heartbeat`), renew the leases it says
+    it still holds, and answer with what the node should know now.
+
+    Raises :class:`~crowdtrain.coordinator.records.UnknownRunError` for a session's run
+    that is not here, AccessError for a swarm id that belongs to another peer.
+    """
+    run = get_run(store, session.run_id)
+    heartbeat(store, session, beat)
+    leases.renew(run, session, {(h.shard_id, h.epoch) for h in beat.leases})
+    # Read again: the swarm's progress may have raised the step since get_run.
+    stored = store.get_run(run.id)
+    assert stored is not None, "a session's run is never deleted"
+    credit = peer_credit(store, run.id).get(session.peer_id, {})
+    return HeartbeatAnswer(
+        step=int(stored["step"]),
+        num_peers=num_active_peers(store, run.id),
+        roster=tuple(roster(store, run)),
+        verified_tokens=int(credit.get("verified_tokens", 0)),
+        verified_share=float(credit.get("verified_share", 0.0)),
+    )
+
+
 def _bind_swarm_ids(store: Store, session: Session, dht_peer_id: str, progress_key: str) -> None:
     """Link a peer to its hivemind identities (checked free in :func:`heartbeat`)."""
     peer = store.get_peer(session.run_id, session.peer_id)
@@ -222,6 +276,25 @@ def roster(store: Store, run: PublishedRun, now: float | None = None) -> list[tu
     ]
 
 
-def leave(store: Store, session: Session) -> None:
-    """A peer leaves on purpose: it is shown as left and its leases return."""
+def take_receipt(
+    store: Store,
+    leases: LeaseBook,
+    ledger: Ledger | None,
+    session: Session,
+    receipt: ReceiptPayload,
+    sent_at: float,
+) -> None:
+    """A node's receipt for a shard: its lease completes, then the ledger (when this
+    coordinator keeps one) assesses the work it claims. ``sent_at`` is the signed
+    envelope's timestamp. Raises :class:`~crowdtrain.coordinator.runs.leases.ReceiptError`
+    for a shard the peer does not hold, and stores nothing then."""
+    run = get_run(store, session.run_id)
+    leases.complete(run, session, receipt)
+    if ledger is not None:
+        ledger.assess(run, session, receipt, sent_at=sent_at)
+
+
+def leave(store: Store, leases: LeaseBook, session: Session) -> None:
+    """A peer leaves on purpose: it is shown as left and its leases return at once."""
+    leases.release(session)
     store.end_session(hash_secret(session.token), session.run_id, session.peer_id)

@@ -2,7 +2,8 @@
 
 :func:`prepare_publication` and :func:`check_publication` check a spec and its
 data without touching a store; :func:`publish` stores the checked run, signed
-by the coordinator's key. :func:`epoch_order` is the seeded order shards are
+by the coordinator's key, and :func:`publish_text` does both for a spec sent
+as text. :func:`epoch_order` is the seeded order shards are
 handed out in. No HTTP or gRPC here.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import ShardError, SpecError
 from crowdtrain.protocol.identity import Identity, run_statement
-from crowdtrain.protocol.runspec import RunSpec, load_spec
+from crowdtrain.protocol.runspec import RunSpec, load_spec, parse_spec
 from crowdtrain.protocol.shards import ShardManifest, load_manifest, sha256_file, verify_shard
 
 
@@ -102,6 +103,15 @@ def publish(store: Store, publication: Publication, identity: Identity) -> Publi
     )
     store.ensure_epoch(spec.run.id, 0, epoch_order(spec, manifest, 0))
     return _result(spec, manifest, already_published=False)
+
+
+def publish_text(
+    store: Store, spec_toml: str, data_path: str | Path, identity: Identity, source: str
+) -> PublishResult:
+    """Parse a run spec sent as TOML text (``source`` names it in errors), check it
+    against the data folder ``data_path`` on this machine and publish it."""
+    spec = parse_spec(spec_toml, source=source)
+    return publish(store, check_publication(spec, spec_toml, data_path, source), identity)
 
 
 def _result(spec: RunSpec, manifest: ShardManifest, already_published: bool) -> PublishResult:

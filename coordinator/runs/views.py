@@ -80,10 +80,20 @@ def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, A
     }
 
 
+def run_ids(store: Store) -> list[str]:
+    """The id of every run published here, in the store's order (as :func:`list_runs_view`)."""
+    return [r["id"] for r in store.list_runs()]
+
+
+def num_active_leases(store: Store, run_id: str) -> int:
+    """Shard leases of the run held by peers now, over every open epoch."""
+    return len(store.active_leases(run_id))
+
+
 def list_runs_view(store: Store) -> list[dict[str, Any]]:
     return [
-        {k: v for k, v in run_view(store, r["id"]).items() if k != "spec"}
-        for r in store.list_runs()
+        {k: v for k, v in run_view(store, run_id).items() if k != "spec"}
+        for run_id in run_ids(store)
     ]
 
 

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.files import atomic_write
-
-if TYPE_CHECKING:
-    pass
-
 
 SIDECAR_SUFFIX = ".sha256"
 
@@ -58,6 +54,14 @@ def checkpoint_view(store: Store, run_id: str, step: int) -> dict[str, Any] | No
     """The keeper's checkpoint of ``step`` as :func:`checkpoints_view` shows it, or None."""
     found = store.get_checkpoint(run_id, step)
     return _checkpoint_row(found) if found is not None else None
+
+
+def checkpoint_file(store: Store, run_id: str, step: int) -> Path | None:
+    """The file of the keeper's checkpoint of ``step``, to serve; None when there is no such
+    checkpoint or the keeper removed its file."""
+    found = store.get_checkpoint(run_id, step)
+    path = checkpoint_path(store, run_id, found) if found is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def checkpoint_name(step: int) -> str:

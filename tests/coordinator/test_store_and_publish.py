@@ -307,9 +307,9 @@ def test_evaluation_shows_up_as_val_loss(run, store):
     assert view["step"] == 10
 
 
-def test_leave_shows_peer_as_left_and_ends_its_session(run, store):
+def test_leave_shows_peer_as_left_and_ends_its_session(run, store, book):
     session = _join(store, run.id)
-    peers.leave(store, session)
+    peers.leave(store, book, session)
     [peer] = peers_view(store, run.id)
     assert peer["state"] == "left"
     assert run_view(store, run.id)["num_peers"] == 0
@@ -409,7 +409,7 @@ def test_leave_returns_leased_shards_to_pending(run, store, book):
     staying = _join(store, run.id, name="staying")
     held = {lease.shard_id for lease in book.grant(run, leaving, max_shards=4)}
     kept = {lease.shard_id for lease in book.grant(run, staying, max_shards=2)}
-    peers.leave(store, leaving)
+    peers.leave(store, book, leaving)
     assert run_view(store, run.id)["shards"] == {"total": 20, "pending": 18, "leased": 2, "done": 0}
     for shard_id in held:
         shard = store.get_shard(run.id, 0, shard_id)
