@@ -358,21 +358,50 @@ def _admin_request(args: argparse.Namespace, method: str, path: str, body: dict 
     return response.json()
 
 
+# The flag each field of an admin request comes from, to name it in an error.
+_FLAGS = {
+    "uses": "--uses",
+    "expires_in_s": "--expires-in",
+    "note": "--note",
+    "peer_id": "PEER_ID",
+    "reason": "--reason",
+}
+
+
+def _request_body(shape: type[api.Request], **values: Any) -> dict[str, Any]:
+    """An admin request's body, built as the protocol model the coordinator parses; a bad
+    flag is refused here, naming it."""
+    from pydantic import ValidationError
+
+    try:
+        return shape(**values).model_dump(mode="json")
+    except ValidationError as e:
+        error = e.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        raise CrowdtrainError(f"{_FLAGS.get(field, field)}: {error['msg']}") from None
+
+
 def _invite(args: argparse.Namespace) -> int:
-    body = {"uses": args.uses, "expires_in_s": args.expires_in, "note": args.note}
-    invite = _admin_request(args, "POST", api.path(api.ADMIN_INVITES, run_id=args.run), body)
-    uses = "any number of" if invite["uses"] == 0 else str(invite["uses"])
-    print(invite["code"])
+    body = _request_body(
+        api.InviteRequest, uses=args.uses, expires_in_s=args.expires_in, note=args.note
+    )
+    answer = _admin_request(args, "POST", api.path(api.ADMIN_INVITES, run_id=args.run), body)
+    try:
+        invite = api.InviteCreated.model_validate(answer)
+    except ValueError:
+        raise CrowdtrainError(f"the coordinator answered no invite: {answer!r:.200}") from None
+    uses = "any number of" if invite.uses == 0 else str(invite.uses)
+    print(invite.code)
     print(
-        f"invite for run {invite['run_id']}: {uses} registration(s); a node joins with "
-        f"`crowdtrain-node join URL --run {invite['run_id']} --invite {invite['code']}`",
+        f"invite for run {invite.run_id}: {uses} registration(s); a node joins with "
+        f"`crowdtrain-node join URL --run {invite.run_id} --invite {invite.code}`",
         file=sys.stderr,
     )
     return 0
 
 
 def _ban(args: argparse.Namespace) -> int:
-    body = {"peer_id": args.peer_id, "reason": args.reason}
+    body = _request_body(api.BanRequest, peer_id=args.peer_id, reason=args.reason)
     _admin_request(args, "POST", api.path(api.ADMIN_BANS, run_id=args.run), body)
     print(f"banned peer {args.peer_id} from run {args.run}")
     return 0

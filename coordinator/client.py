@@ -11,16 +11,15 @@ their final name.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
-from crowdtrain.protocol import api
+from crowdtrain.protocol import api, transfer
 from crowdtrain.protocol.errors import CrowdtrainError
 
 if TYPE_CHECKING:
@@ -157,40 +156,61 @@ class Client:
 
         The bytes go to a temporary file beside it and take the final name only
         once their sha256 matches the coordinator's record, so a failed or
-        tampered download leaves any file already there untouched. A file
-        already there with the right sha256 is not downloaded again.
+        tampered download leaves any file already there untouched. A connection
+        that breaks mid-file is resumed where it stopped, a few times at most
+        (:mod:`crowdtrain.protocol.transfer`). A file already there with the
+        right sha256 is not downloaded again.
         """
-        row = self._checkpoint_row(run, step)
-        step = int(row["step"])
+        checkpoint = self._checkpoint(run, step)
+        step = checkpoint.step
         folder = Path(dest).expanduser()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ClientError(f"cannot create folder {folder}: {e.strerror}") from None
         target = folder / f"{run}-step-{step:08d}.safetensors"
-        expected = str(row["file_sha256"])
+        expected = checkpoint.file_sha256
         if target.is_file() and _sha256_file(target) == expected:
             return target
-        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".part")
-        try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                for chunk in self._stream(run, step, int(row.get("num_bytes") or 0), progress):
-                    out.write(chunk)
-                    digest.update(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if digest.hexdigest() != expected:
-                raise ClientError(
-                    f"the checkpoint of step {step} of run {run!r} from {self.url} has sha256 "
-                    f"{digest.hexdigest()[:16]}..., the coordinator's record says "
-                    f"{expected[:16]}...; refused it ({target} is untouched). Download it "
-                    "again; if it keeps failing, tell the coordinator's operator"
+        from tqdm.auto import tqdm
+
+        bar: tqdm | None = None
+
+        def shown(received: int, total: int | None) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(
+                    total=total or checkpoint.num_bytes or None,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=f"{run} step {step}",
+                    disable=not progress,
                 )
-            os.replace(temp, target)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+            bar.update(received - bar.n)
+
+        url = self.url + api.path(api.CHECKPOINT_FILE, run_id=run, step=step)
+        try:
+            transfer.download(
+                self._http,
+                url,
+                target,
+                sha256=expected,
+                max_bytes=checkpoint.num_bytes,
+                progress=shown,
+            )
+        except transfer.TransferError as e:
+            if e.received_sha256 is None:
+                raise ClientError(str(e)) from None
+            raise ClientError(
+                f"the checkpoint of step {step} of run {run!r} from {self.url} has sha256 "
+                f"{e.received_sha256[:16]}..., the coordinator's record says "
+                f"{expected[:16]}...; refused it ({target} is untouched). Download it "
+                "again; if it keeps failing, tell the coordinator's operator"
+            ) from None
+        finally:
+            if bar is not None:
+                bar.close()
         return target
 
     def load_model(
@@ -202,21 +222,21 @@ class Client:
         the coordinator's record too."""
         from crowdtrain.model import GPT, GPTConfig, load_into, params_sha256
 
-        info = self.run(run)
-        row = self._checkpoint_row(run, step)
-        model = GPT(GPTConfig(**info["spec"]["model"]))
+        info = self._parse(api.RunView, self.run(run), api.path(api.RUN, run_id=run))
+        checkpoint = self._checkpoint(run, step)
+        model = GPT(GPTConfig(**info.spec["model"]))
         with tempfile.TemporaryDirectory(prefix="crowdtrain-") as scratch:
-            path = self.download_checkpoint(run, row["step"], dest or scratch, progress=True)
+            path = self.download_checkpoint(run, checkpoint.step, dest or scratch, progress=True)
             metadata = load_into(model, path)
-        if metadata.get("spec_hash") not in (None, info["spec_hash"]):
+        if metadata.get("spec_hash") not in (None, info.spec_hash):
             raise ClientError(
                 f"checkpoint {path.name} was saved for another spec of run {run!r} "
-                f"({metadata.get('spec_hash', '')[:16]}, the run's is {info['spec_hash'][:16]})"
+                f"({metadata.get('spec_hash', '')[:16]}, the run's is {info.spec_hash[:16]})"
             )
-        if params_sha256(model.state_dict()) != row["sha256"]:
+        if params_sha256(model.state_dict()) != checkpoint.sha256:
             raise ClientError(
                 f"the parameters in {path.name} do not match the coordinator's record of "
-                f"step {row['step']}; download it again"
+                f"step {checkpoint.step}; download it again"
             )
         return model.to(device).eval()
 
@@ -253,9 +273,24 @@ class Client:
             raise ClientError(f"no run {run!r} on the coordinator at {self.url}; its runs: {known}")
         raise ClientError(f"{self.url}: {_detail(response)}")
 
-    def _checkpoint_row(self, run: str, step: int | None) -> dict[str, Any]:
-        rows = self.checkpoints(run)
-        available = [r for r in rows if r.get("available")]
+    def _parse(self, shape: Any, found: Any, path: str) -> Any:
+        """``found`` (the JSON ``path`` answered) parsed with ``shape``, a protocol model or
+        TypeAdapter; a :class:`ClientError` when it does not fit."""
+        adapter = shape if isinstance(shape, TypeAdapter) else TypeAdapter(shape)
+        try:
+            return adapter.validate_python(found)
+        except ValidationError as e:
+            raise ClientError(
+                f"{self.url}{path} answered JSON of another shape ({e.error_count()} "
+                "errors); is this Client as new as the coordinator?"
+            ) from None
+
+    def _checkpoint(self, run: str, step: int | None) -> api.CheckpointInfo:
+        listed = self.checkpoints(run)
+        rows: list[api.CheckpointInfo] = self._parse(
+            list[api.CheckpointInfo], listed, api.path(api.CHECKPOINTS, run_id=run)
+        )
+        available = [r for r in rows if r.available]
         if step is None:
             if not available:
                 raise ClientError(
@@ -263,40 +298,13 @@ class Client:
                     "saves one every few minutes while peers train (see checkpoints())"
                 )
             return available[-1]
-        found = next((r for r in available if r["step"] == step), None)
+        found = next((r for r in available if r.step == step), None)
         if found is None:
-            kept = ", ".join(str(r["step"]) for r in available) or "none"
+            kept = ", ".join(str(r.step) for r in available) or "none"
             raise ClientError(
                 f"no checkpoint of step {step} of run {run!r} can be downloaded; steps kept: {kept}"
             )
         return found
-
-    def _stream(self, run: str, step: int, num_bytes: int, progress: bool) -> Iterator[bytes]:
-        from tqdm.auto import tqdm
-
-        path = api.path(api.CHECKPOINT_FILE, run_id=run, step=step)
-        try:
-            with self._http.stream("GET", path) as response:
-                if response.status_code != 200:
-                    response.read()
-                    raise ClientError(
-                        f"downloading {self.url}{path} failed: HTTP {response.status_code} "
-                        f"{_detail(response)}"
-                    )
-                total = int(response.headers.get("content-length") or num_bytes) or None
-                with tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc=f"{run} step {step}",
-                    disable=not progress,
-                ) as bar:
-                    for chunk in response.iter_bytes(_CHUNK_BYTES):
-                        bar.update(len(chunk))
-                        yield chunk
-        except httpx.HTTPError as e:
-            raise ClientError(f"downloading {self.url}{path} failed: {e}") from None
 
 
 def _detail(response: httpx.Response) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import torch
+from pydantic import ValidationError
 
 from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.model.checkpoint import CheckpointError
@@ -53,23 +54,21 @@ class KeptCheckpoint:
 
     @classmethod
     def from_row(cls, row: Any) -> KeptCheckpoint | None:
-        """Parse a listed row; None for a row without a downloadable file or malformed."""
-        if not isinstance(row, dict) or not row.get("available"):
-            return None
+        """Parse a listed row (a :class:`~crowdtrain.protocol.api.CheckpointInfo`); None for
+        a row without a downloadable file, or malformed."""
         try:
-            checkpoint = cls(
-                step=int(row["step"]),
-                params_sha256=str(row["sha256"]),
-                file_sha256=str(row["file_sha256"]),
-                num_bytes=int(row["num_bytes"]),
-                num_tokens=int(row.get("num_tokens") or 0),
-            )
-        except (KeyError, TypeError, ValueError):
+            info = api.CheckpointInfo.model_validate(row)
+        except ValidationError:
             return None
-        hashes = (checkpoint.params_sha256, checkpoint.file_sha256)
-        if checkpoint.step < 0 or checkpoint.num_bytes <= 0 or not all(map(_is_sha256, hashes)):
+        if not info.available or info.num_bytes <= 0:
             return None
-        return checkpoint
+        return cls(
+            step=info.step,
+            params_sha256=info.sha256,
+            file_sha256=info.file_sha256,
+            num_bytes=info.num_bytes,
+            num_tokens=info.num_tokens,
+        )
 
 
 @dataclass(frozen=True)
@@ -298,10 +297,6 @@ def start_from_checkpoint(
         time.monotonic() - started,
     )
     return checkpoint.step
-
-
-def _is_sha256(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 __all__ = [

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from pydantic import TypeAdapter
 
 from crowdtrain.node.link.http import discover, download_file, tls_verify
 from crowdtrain.node.progress import MODES
@@ -212,10 +213,13 @@ class Session:
                 path = self._node.run_dir / "tokenizer.json"
                 if not path.is_file():
                     # Its own connection: this also works after leave() closed the node's.
+                    # Checked as it lands: a wrong file never takes the name.
                     verify = tls_verify(self._node.config.ca_cert)
                     with httpx.Client(timeout=30.0, verify=verify) as http:
                         url = api.url(self.url, api.TOKENIZER, run_id=self.run_id)
-                        download_file(http, url, path, path.name, "none")
+                        download_file(
+                            http, url, path, path.name, "none", sha256=manifest.tokenizer_sha256
+                        )
             self._tokenizer = load_tokenizer(manifest.tokenizer, path, manifest.tokenizer_sha256)
         return self._tokenizer
 
@@ -452,8 +456,9 @@ def _check_run(url: str, run: str, ca_cert: Path | None) -> None:
     try:
         response = httpx.get(api.url(url, api.RUN, run_id=run), timeout=10.0, verify=verify)
         if response.status_code == 404:
-            runs = httpx.get(api.url(url, api.RUNS), timeout=10.0, verify=verify).json()
-            names = ", ".join(repr(r["id"]) for r in runs) or "none yet"
+            listed = httpx.get(api.url(url, api.RUNS), timeout=10.0, verify=verify)
+            runs = TypeAdapter(list[api.RunHead]).validate_json(listed.content)
+            names = ", ".join(repr(r.id) for r in runs) or "none yet"
             raise CrowdtrainError(
                 f"run={run!r}: the coordinator at {url} has no such run; its runs: {names}"
             )

@@ -1,8 +1,11 @@
 """The coordinator's HTTP API for people, notebooks and bulk files.
 
-Routes only translate: they call the view functions in :mod:`runs` and
-return JSON, or stream a shard file named by the run's manifest (never a
-path from the request). Routes under ``/api/admin`` need the admin key as a
+Routes only translate: they call the domain and view functions in
+:mod:`~crowdtrain.coordinator.runs`, :mod:`~crowdtrain.coordinator.ledger` and
+:mod:`~crowdtrain.coordinator.swarm` and return JSON, or stream a file the run's
+manifest or the keeper names (never a path from the request). The JSON shapes
+nodes and clients parse are :mod:`crowdtrain.protocol.api` models, declared as
+the routes' response models. Routes under ``/api/admin`` need the admin key as a
 bearer token. No request body may exceed :data:`MAX_BODY_BYTES`.
 """
 
@@ -17,7 +20,6 @@ from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from crowdtrain.coordinator import records
@@ -35,7 +37,7 @@ from crowdtrain.protocol.errors import AccessError, CrowdtrainError
 from crowdtrain.protocol.identity import Identity
 
 # Admin requests are small JSON; a run spec is a few KiB.
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = api.MAX_BODY_BYTES
 _ADMIN_BEARER = HTTPBearer(auto_error=False, description="the coordinator's admin key")
 
 
@@ -90,26 +92,6 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class PublishRequest(_Request):
-    spec_toml: str = Field(min_length=1, max_length=MAX_BODY_BYTES)
-    data_path: str = Field(min_length=1, max_length=4096)
-
-
-class InviteRequest(_Request):
-    uses: int = Field(default=1, ge=0, le=1_000_000, description="0: any number of uses")
-    expires_in_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
-    note: str = Field(default="", max_length=200)
-
-
-class BanRequest(_Request):
-    peer_id: str = Field(min_length=1, max_length=64)
-    reason: str = Field(min_length=1, max_length=200)
 
 
 def create_app(
@@ -173,22 +155,22 @@ def create_app(
         return {"status": "ok"}
 
     @app.get(api.ENDPOINTS)
-    def get_endpoints() -> dict[str, Any]:
+    def get_endpoints() -> api.CoordinatorEndpoints:
         """What a node needs besides this URL: the gRPC target and the DHT's first peers."""
-        return {
-            "http_url": endpoints.http_url,
-            "grpc_target": endpoints.grpc_target,
-            "grpc_tls": endpoints.grpc_tls,
-            "initial_peers": endpoints.initial_peers(),
-            "coordinator_public_key": endpoints.coordinator_public_key,
-            "version": version("crowdtrain"),
-        }
+        return api.CoordinatorEndpoints(
+            http_url=endpoints.http_url,
+            grpc_target=endpoints.grpc_target,
+            grpc_tls=endpoints.grpc_tls,
+            initial_peers=endpoints.initial_peers(),
+            coordinator_public_key=endpoints.coordinator_public_key,
+            version=version("crowdtrain"),
+        )
 
-    @app.get(api.RUNS)
+    @app.get(api.RUNS, response_model=list[api.RunSummary])
     def list_runs() -> list[dict[str, Any]]:
         return run_views.list_runs_view(store)
 
-    @app.get(api.RUN)
+    @app.get(api.RUN, response_model=api.RunView)
     def get_run(run_id: str) -> dict[str, Any]:
         return run_or_404(lambda: run_views.run_view(store, run_id))
 
@@ -239,7 +221,7 @@ def create_app(
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     @app.post(api.ADMIN_RUNS, dependencies=[Depends(require_admin)], status_code=201)
-    def admin_publish(body: PublishRequest) -> dict[str, Any]:
+    def admin_publish(body: api.PublishRequest) -> dict[str, Any]:
         """Publish a run: its spec (TOML text) and a data folder on the coordinator's disk."""
 
         result = admin_call(
@@ -250,24 +232,24 @@ def create_app(
         return asdict(result)
 
     @app.post(api.ADMIN_INVITES, dependencies=[Depends(require_admin)], status_code=201)
-    def admin_invite(run_id: str, body: InviteRequest) -> dict[str, Any]:
+    def admin_invite(run_id: str, body: api.InviteRequest) -> api.InviteCreated:
         """A new invite code for an invite-only run; shown once, stored only as a hash."""
         invite = admin_call(
             lambda: access.create_invite(store, run_id, body.uses, body.expires_in_s, body.note)
         )
-        return {
-            "code": invite.code,
-            "run_id": invite.run_id,
-            "uses": invite.max_uses,
-            "expires_at": invite.expires_at,
-        }
+        return api.InviteCreated(
+            code=invite.code,
+            run_id=invite.run_id,
+            uses=invite.max_uses,
+            expires_at=invite.expires_at,
+        )
 
     @app.get(api.ADMIN_INVITES, dependencies=[Depends(require_admin)])
     def admin_invites(run_id: str) -> list[dict[str, Any]]:
         return admin_call(lambda: access.list_invites(store, run_id))
 
     @app.post(api.ADMIN_BANS, dependencies=[Depends(require_admin)], status_code=201)
-    def admin_ban(run_id: str, body: BanRequest) -> dict[str, Any]:
+    def admin_ban(run_id: str, body: api.BanRequest) -> dict[str, Any]:
         """Ban a peer: its sessions end, its leases return, it is no longer credited."""
         return admin_call(lambda: access.ban(store, leases, run_id, body.peer_id, body.reason))
 
@@ -298,13 +280,13 @@ def create_app(
         run = run_or_404(lambda: records.get_run(store, run_id))
         return ledger_views.ledger_view(store, run, limit)
 
-    @app.get(api.CHECKPOINTS)
+    @app.get(api.CHECKPOINTS, response_model=list[api.CheckpointInfo])
     def get_checkpoints(run_id: str) -> list[dict[str, Any]]:
         """The keeper's checkpoints, oldest step first, with the sha256 of their parameters."""
         run_or_404(lambda: records.get_run(store, run_id))
         return checkpoints.checkpoints_view(store, run_id)
 
-    @app.get(api.CHECKPOINT)
+    @app.get(api.CHECKPOINT, response_model=api.CheckpointInfo)
     def get_checkpoint(
         run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
     ) -> dict[str, Any]:

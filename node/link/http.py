@@ -1,12 +1,14 @@
 """A node's HTTP calls to its coordinator: discovery, file downloads and the run's public view.
 
 Every call has a deadline and turns failures into :class:`CoordinatorError`
-with a message a person can act on. Nothing here retries on its own.
+with a message a person can act on. Answers are parsed with the
+:mod:`crowdtrain.protocol.api` models the coordinator declares. Downloads go
+through :func:`crowdtrain.protocol.transfer.download`, which resumes a
+connection that broke mid-file; nothing else here retries on its own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 import sys
@@ -18,11 +20,12 @@ from typing import Any
 
 import httpx
 import torch
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from crowdtrain.model import load_checkpoint
 from crowdtrain.node.link.errors import CoordinatorError
-from crowdtrain.protocol import api
+from crowdtrain.protocol import api, transfer
 from crowdtrain.protocol.errors import CrowdtrainError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +103,7 @@ def tls_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=str(ca_cert)) if ca_cert else True
 
 
-def discover(url: str, ca_cert: Path | None = None) -> dict[str, Any]:
+def fetch_endpoints(url: str, ca_cert: Path | None = None) -> api.CoordinatorEndpoints:
     """Ask the coordinator's HTTP server where its gRPC server and DHT are."""
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
@@ -123,11 +126,15 @@ def discover(url: str, ca_cert: Path | None = None) -> dict[str, Any]:
             "is this a crowdtrain coordinator?"
         )
     try:
-        endpoints = response.json()
-        str(endpoints["grpc_target"])
-    except (ValueError, KeyError, TypeError):
+        return api.CoordinatorEndpoints.model_validate_json(response.content)
+    except ValidationError:
         raise CoordinatorError(f"{url} is not a crowdtrain coordinator") from None
-    return endpoints
+
+
+def discover(url: str, ca_cert: Path | None = None) -> dict[str, Any]:
+    """:func:`fetch_endpoints` as a dict of :class:`~crowdtrain.protocol.api.CoordinatorEndpoints`'
+    fields, for callers that index it by name (checked all the same)."""
+    return fetch_endpoints(url, ca_cert).model_dump()
 
 
 def download_file(
@@ -141,46 +148,28 @@ def download_file(
 ) -> None:
     """Stream ``url`` into ``dest`` with a progress bar (see :class:`TransferProgress`).
 
-    The bytes go to a ``.part`` file that takes ``dest``'s name only when the
-    whole body arrived and, given ``sha256``, hashes to it; more than
-    ``max_bytes`` is refused as it arrives. Any failure raises
-    :class:`CoordinatorError` and leaves no file behind.
+    :func:`crowdtrain.protocol.transfer.download` does the work: the bytes go to
+    a temporary file that takes ``dest``'s name only when the whole body arrived
+    and, given ``sha256``, hashes to it; more than ``max_bytes`` is refused as it
+    arrives; a connection that breaks mid-file is resumed where it stopped (a few
+    times at most). Any failure raises :class:`CoordinatorError` and leaves no
+    file behind.
     """
-    tmp = dest.with_name(f".{dest.name}.part")
-    digest = hashlib.sha256()
-    received = 0
     bar: TransferProgress | None = None
+
+    def shown(received: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = TransferProgress(label, total if total is not None else max_bytes, progress)
+        bar.update(received - bar.done)
+
     try:
-        with http.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise CoordinatorError(f"downloading {url} failed: HTTP {response.status_code}")
-            size = response.headers.get("content-length")
-            total = int(size) if size and size.isdigit() else max_bytes
-            bar = TransferProgress(label, total, progress)
-            with open(tmp, "wb") as f:
-                for chunk in response.iter_bytes(1 << 20):
-                    received += len(chunk)
-                    if max_bytes is not None and received > max_bytes:
-                        raise CoordinatorError(
-                            f"{url} sent more than the {max_bytes} bytes expected; refusing it"
-                        )
-                    if sha256 is not None:
-                        digest.update(chunk)
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise CoordinatorError(
-                f"{url} sent bytes with sha256 {digest.hexdigest()[:16]}..., not the "
-                f"{sha256[:16]}... expected: they were damaged or altered on the way; "
-                "refusing it"
-            )
-        tmp.replace(dest)
-    except httpx.HTTPError as e:
-        raise CoordinatorError(f"downloading {url} failed: {e}") from None
+        transfer.download(http, url, dest, sha256=sha256, max_bytes=max_bytes, progress=shown)
+    except transfer.TransferError as e:
+        raise CoordinatorError(str(e)) from None
     finally:
         if bar is not None:
             bar.close()
-        tmp.unlink(missing_ok=True)  # a failed download leaves nothing behind
 
 
 @dataclass
@@ -210,8 +199,8 @@ class RunView:
     def fresh_step(self) -> int | None:
         """The step the coordinator records now (the heartbeat's may be seconds old)."""
         try:
-            return int(self.get(api.RUN)["step"])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            return api.RunHead.model_validate(self.get(api.RUN)).step
+        except (httpx.HTTPError, ValueError) as e:  # a ValidationError is a ValueError
             logger.info("could not ask the coordinator for its step (%s)", e)
             return None
 
@@ -219,11 +208,10 @@ class RunView:
         """The params_sha256 of the coordinator's checkpoint of ``step``, if it keeps one."""
         try:
             found = self.get(api.CHECKPOINT, step=step)
+            return api.CheckpointInfo.model_validate(found).sha256 if found is not None else None
         except (httpx.HTTPError, ValueError) as e:
             logger.info("could not ask the coordinator for its checkpoint of step %d (%s)", step, e)
             return None
-        sha256 = found.get("sha256") if isinstance(found, dict) else None
-        return sha256 if isinstance(sha256, str) and sha256 else None
 
     def checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None:
         """The tensors of the coordinator's checkpoint of ``step`` (safetensors: no pickle)."""

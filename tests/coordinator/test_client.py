@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import time
@@ -14,6 +15,7 @@ import torch
 from crowdtrain.coordinator.client import Client, ClientError, Records
 from crowdtrain.coordinator.store import Store
 from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint
+from tests.coordinator.cutting_proxy import CuttingProxy
 from tests.coordinator.registration import join_peer
 from tests.swarm import Swarm, write_spec
 
@@ -157,3 +159,31 @@ def test_a_tampered_checkpoint_is_refused_and_the_old_file_kept(
         served.write_bytes(original)
     assert existing.read_bytes() == b"what was there before"
     assert sorted(p.name for p in dest.iterdir()) == [existing.name], "no partial file left"
+
+
+def test_a_download_cut_mid_body_resumes_with_a_range_request(
+    coordinator: Swarm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a proxy that breaks the first two answers mid-file, the real coordinator
+    answers the resumed requests 206 from where each stopped, and the file is whole."""
+    monkeypatch.setattr("crowdtrain.protocol.transfer.FIRST_PAUSE_S", 0.0)
+    served = coordinator.coord_dir / "checkpoints" / "tiny" / f"step-{STEP:08d}.safetensors"
+    size = served.stat().st_size
+    assert size > 100_000, size
+    proxy = CuttingProxy(("127.0.0.1", coordinator.ports["http_port"]), cuts=[60_000, 50_000])
+    try:
+        with Client(proxy.url) as through:
+            path = through.download_checkpoint("tiny", dest=tmp_path, progress=False)
+    finally:
+        proxy.close()
+    assert path.read_bytes() == served.read_bytes()
+    files = [e for e in proxy.exchanges if e.request.split(" ", 2)[1].endswith("/file")]
+    assert [e.cut for e in files] == [True, True, False]
+    assert files[0].status.startswith("HTTP/1.1 200")
+    assert all(e.status.startswith("HTTP/1.1 206") for e in files[1:]), files
+    ranges = [re.search(r"(?im)^range: bytes=(\d+)-\r$", e.request) for e in files]
+    assert ranges[0] is None and all(r is not None for r in ranges[1:])
+    first, second = (int(r[1]) for r in ranges[1:] if r is not None)
+    assert 0 < first < second < size
+    assert all(re.search(r"(?im)^if-range: ", e.request) for e in files[1:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

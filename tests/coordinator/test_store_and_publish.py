@@ -307,6 +307,20 @@ def test_evaluation_shows_up_as_val_loss(run, store):
     assert view["step"] == 10
 
 
+def test_a_heartbeat_is_answered_with_the_step_peers_roster_and_credit(run, store, book):
+    session = _join(store, run.id)
+    beat = _beat(num_tokens=1000, step=2).model_copy(
+        update={"dht_peer_id": "12D3KooWHeartbeat", "leases": []}
+    )
+    answer = peers.take_heartbeat(store, book, session, beat)
+    assert (answer.step, answer.num_peers) == (2, 1)
+    assert answer.roster == (("12D3KooWHeartbeat", 4.0 * run.spec.optimizer.target_batch_size),)
+    assert (answer.verified_tokens, answer.verified_share) == (0, 0.0)
+    assert peers_view(store, run.id)[0]["num_tokens"] == 1000
+    with pytest.raises(UnknownRunError):
+        peers.take_heartbeat(store, book, dataclasses.replace(session, run_id="gone"), beat)
+
+
 def test_leave_shows_peer_as_left_and_ends_its_session(run, store, book):
     session = _join(store, run.id)
     peers.leave(store, book, session)

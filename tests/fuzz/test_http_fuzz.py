@@ -1,7 +1,8 @@
 """The coordinator's HTTP API under schemathesis, with and without the admin key.
 
-Every answer must be below 500, and the database may change only as valid
-admin requests change it.
+Every answer must be below 500 and match the response schema its route declares
+(the :mod:`crowdtrain.protocol.api` models), and the database may change only as
+valid admin requests change it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+from schemathesis.checks import response_schema_conformance
 
 from tests.fuzz.live import (
     RUN_IDS,
@@ -79,6 +81,7 @@ def call(case: Any, log: HttpLog, who: str, headers: dict[str, str] | None = Non
     response = case.call(headers=headers)
     log.statuses[who, f"{case.method} {case.path}", response.status_code] += 1
     assert response.status_code < 500, case.as_curl_command()
+    case.validate_response(response, checks=[response_schema_conformance], headers=headers)
     return response
 
 
