@@ -1,41 +1,42 @@
 """Turn a corpus into token shards and their manifest (`prepare-data`).
 
-Owns the tokenizer of the data (bytes, or a BPE trained here), the
-train/validation split, cutting token streams into shards and the atomic
-install of the data folder. Reading sources lives in
-:mod:`crowdtrain.coordinator.data.corpus`, the shard and manifest formats in
-:mod:`crowdtrain.protocol.shards`; the command line lives elsewhere.
+Owns what ``prepare-data`` is asked (:class:`PrepareConfig`), the tokenizer
+of the data (bytes, or a BPE trained here) and the order of the work: a first
+read of the corpus to check it, choose the split and train the BPE, a second
+to tokenize and write, then the manifest and the install. The parts live
+beside it: reading sources in :mod:`~crowdtrain.coordinator.data.corpus`, the
+split in :mod:`~crowdtrain.coordinator.data.split`, the shard files in
+:mod:`~crowdtrain.coordinator.data.shard_writer`, the output folder in
+:mod:`~crowdtrain.coordinator.data.output`, what is shown meanwhile in
+:mod:`~crowdtrain.coordinator.data.progress`; the shard and manifest formats
+in :mod:`crowdtrain.protocol.shards`. The command line lives elsewhere.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from crowdtrain.coordinator.data.corpus import STDLIB, Corpus, Document, Skips
-from crowdtrain.protocol.errors import DataError, ShardError
+from crowdtrain.coordinator.data.output import check_out, install, make_folder
+from crowdtrain.coordinator.data.progress import PassProgress
+from crowdtrain.coordinator.data.shard_writer import ShardStream, write_batch
+from crowdtrain.coordinator.data.split import Scan, Splitter, document_digest
+from crowdtrain.protocol.errors import DataError
 from crowdtrain.protocol.shards import (
     MANIFEST_FILE,
     MANIFEST_VERSION,
-    ShardEntry,
     ShardManifest,
-    Split,
-    load_manifest,
     sha256_file,
-    write_shard,
 )
 
 if TYPE_CHECKING:
@@ -52,44 +53,6 @@ MIN_BPE_VOCAB_SIZE = 257  # as in crowdtrain.model.tokenizer: 256 bytes and the 
 MAX_BPE_VOCAB_SIZE = 65535  # every id fits the uint16 of a shard
 _BATCH_BYTES = 1 << 20
 _BATCH_DOCUMENTS = 1024
-# Off a terminal, progress is a log line at most this often.
-_LOG_EVERY_S = 10.0
-
-
-class _Progress:
-    """Bytes read of a pass over the corpus: a bar on a terminal (with the shards written
-    and tokens/s when tokenizing), else a log line every ``_LOG_EVERY_S`` at most."""
-
-    def __init__(self, desc: str, total: int) -> None:
-        self.desc, self.total = desc, total
-        self.bar = tqdm(
-            total=total, unit="B", unit_scale=True, desc=desc, disable=None, dynamic_ncols=True
-        )
-        self._started = self._last_log = time.monotonic()
-        self._done = 0
-
-    def update(self, num_bytes: int, num_tokens: int | None = None, num_shards: int = 0) -> None:
-        self._done += num_bytes
-        now = time.monotonic()
-        rate = num_tokens / max(now - self._started, 1e-9) if num_tokens is not None else None
-        if not self.bar.disable:
-            if rate is not None:
-                self.bar.set_postfix_str(f"{num_shards} shards, {rate:,.0f} tokens/s", False)
-            self.bar.update(num_bytes)
-        elif now - self._last_log >= _LOG_EVERY_S:
-            self._last_log = now
-            tokens = f", {num_shards} shards, {rate:,.0f} tokens/s" if rate is not None else ""
-            logger.info(
-                "%s: %.1f of %.1f MB (%.0f%%)%s",
-                self.desc,
-                self._done / 1e6,
-                self.total / 1e6,
-                100 * self._done / max(self.total, 1),
-                tokens,
-            )
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 @dataclass(frozen=True)
@@ -188,19 +151,19 @@ def prepare_data(config: PrepareConfig) -> ShardManifest:
     The same sources give byte-identical output.
     """
     out = config.out.resolve()
-    _check_out(out)
+    check_out(out)
     corpus = Corpus(
         config.sources, config.text_field, config.split, exclude=out, spool_dir=out.parent
     )
-    created = _make_folder(out.parent)
+    created = make_folder(out.parent)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         skips = Skips()
         scan, tokenizer = _scan(corpus, skips, config)
         manifest = _write(corpus, scan, tokenizer, work, config)
         os.chmod(work, 0o755)  # mkdtemp makes it private
-        _check_out(out)  # again: it may have changed while the corpus was read
-        _install(work, out)
+        check_out(out)  # again: it may have changed while the corpus was read
+        install(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         for folder in created:
@@ -230,108 +193,14 @@ def prepare_data(config: PrepareConfig) -> ShardManifest:
     return manifest
 
 
-def _make_folder(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return those created, deepest first."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    for path in reversed(missing):
-        path.mkdir(exist_ok=True)
-    return missing
-
-
-def _check_out(out: Path) -> None:
-    """Refuse an ``out`` that holds anything but an earlier data folder."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"--out {out} is a file; pass a folder (new, empty or an earlier output)")
-    names = set(os.listdir(out))
-    if names and not names <= _earlier_output(out):
-        raise DataError(
-            f"--out {out} is not empty and is not a crowdtrain data folder; "
-            "pass a new or empty folder (nothing was changed)"
-        )
-
-
-def _earlier_output(out: Path) -> set[str]:
-    """The files of an earlier data folder in ``out``, of this or an older format."""
-    try:
-        manifest = load_manifest(out)
-        files = [s.file for s in manifest.shards] + [manifest.tokenizer_file]
-    except ShardError:
-        # An older crowdtrain's output is replaced too: its manifest names its files.
-        try:
-            data = json.loads((out / MANIFEST_FILE).read_bytes())
-            if not isinstance(data["version"], int) or data["version"] >= MANIFEST_VERSION:
-                return set()
-            files = [item["file"] for item in data["shards"]] + [data.get("tokenizer_file")]
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            return set()
-    return {MANIFEST_FILE, *(f for f in files if isinstance(f, str) and f and "/" not in f)}
-
-
-class _Splitter:
-    """Which documents go to validation, one document at a time.
-
-    A document is held out when the hash of its key falls below
-    ``val_fraction`` and its bytes still fit in ``max_val_tokens`` (a token
-    is at least a byte, so the validation shard fits too); the choice thus
-    depends on keys and sizes only, not on the tokenizer or the other sources.
-    """
-
-    def __init__(self, config: PrepareConfig) -> None:
-        self.val_fraction = config.val_fraction
-        self.max_val_tokens = config.max_val_tokens
-        self.num_val_bytes = 0
-
-    def held_out(self, doc: Document) -> bool:
-        key = doc.key.encode("utf-8", "surrogatepass")
-        score = int(hashlib.sha256(key).hexdigest()[:8], 16) / 2**32
-        size = len(doc.data) + 1
-        if score < self.val_fraction and self.num_val_bytes + size <= self.max_val_tokens:
-            self.num_val_bytes += size
-            return True
-        return False
-
-
-@dataclass
-class _Scan:
-    """What the first read learned: enough to replay the split on the second."""
-
-    num_documents: int = 0
-    num_bytes: int = 0
-    num_held_out: int = 0
-    last_fitting: int | None = None  # the last document small enough for validation
-    digest: str = ""
-
-    def val_override(self) -> tuple[int | None, int | None]:
-        """``(to_val, to_train)``: the documents moved so both splits are non-empty.
-
-        A small corpus holds out its last document that fits; one that would
-        hold out everything keeps its last document for training.
-        """
-        to_val = None
-        if not self.num_held_out:
-            to_val = self.num_documents - 1 if self.last_fitting is None else self.last_fitting
-        to_train = self.num_documents - 1 if self.num_held_out == self.num_documents else None
-        return to_val, to_train
-
-
-def _document_digest(digest: hashlib._Hash, doc: Document) -> None:
-    digest.update(doc.key.encode("utf-8", "surrogatepass"))
-    digest.update(f"\0{len(doc.data)}\n".encode())
-
-
-def _scan(corpus: Corpus, skips: Skips, config: PrepareConfig) -> tuple[_Scan, BPETokenizer | None]:
+def _scan(corpus: Corpus, skips: Skips, config: PrepareConfig) -> tuple[Scan, BPETokenizer | None]:
     """The first read: check and count the documents, and train the BPE on the first ones."""
-    scan = _Scan()
-    splitter = _Splitter(config)
+    scan = Scan()
+    splitter = Splitter(config.val_fraction, config.max_val_tokens)
     digest = hashlib.sha256()
 
     def documents() -> Iterator[Document]:
-        bar = _Progress("reading", corpus.size_bytes)
+        bar = PassProgress("reading", corpus.size_bytes)
         try:
             for doc in corpus.documents(skips, bar.update):
                 if splitter.held_out(doc):
@@ -340,7 +209,7 @@ def _scan(corpus: Corpus, skips: Skips, config: PrepareConfig) -> tuple[_Scan, B
                     scan.last_fitting = scan.num_documents
                 scan.num_documents += 1
                 scan.num_bytes += len(doc.data)
-                _document_digest(digest, doc)
+                document_digest(digest, doc)
                 yield doc
         finally:
             bar.close()
@@ -395,64 +264,9 @@ def _training_texts(documents: Iterator[Document], budget: int) -> Iterator[str]
         budget -= len(doc.data)
 
 
-class _ShardStream:
-    """Cuts a stream of tokens into shards of exactly ``shard_tokens`` tokens (the last fewer).
-
-    With ``shard_tokens=None`` everything goes into one shard, written on close.
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        split: Split,
-        shard_tokens: int | None,
-        dtype: str,
-        token_num_bytes: np.ndarray | None,
-    ) -> None:
-        self.folder = folder
-        self.split = split
-        self.shard_tokens = shard_tokens
-        self.dtype = dtype
-        self.token_num_bytes = token_num_bytes  # None: one byte per token
-        self.entries: list[ShardEntry] = []
-        self._parts: list[np.ndarray] = []
-        self._count = 0
-        self.num_tokens = 0  # written so far, in shards or waiting for the next one
-
-    def write(self, tokens: np.ndarray) -> None:
-        self.num_tokens += tokens.size
-        while tokens.size:
-            room = tokens.size if self.shard_tokens is None else self.shard_tokens - self._count
-            self._parts.append(tokens[:room])
-            self._count += min(room, tokens.size)
-            tokens = tokens[room:]
-            if self._count == self.shard_tokens:
-                self._flush()
-
-    def close(self) -> list[ShardEntry]:
-        if self._count:
-            self._flush()
-        return self.entries
-
-    def _flush(self) -> None:
-        shard_id = f"{self.split}-{len(self.entries):05d}"
-        file = f"{shard_id}.bin"
-        tokens = self._parts[0] if len(self._parts) == 1 else np.concatenate(self._parts)
-        if self.token_num_bytes is None:
-            num_bytes = len(tokens)
-        else:
-            num_bytes = int(self.token_num_bytes[tokens].sum())
-        size_bytes, sha256 = write_shard(self.folder / file, tokens, self.dtype)
-        self.entries.append(
-            ShardEntry(shard_id, file, self.split, len(tokens), size_bytes, sha256, num_bytes)
-        )
-        self._parts = []
-        self._count = 0
-
-
 def _write(
     corpus: Corpus,
-    scan: _Scan,
+    scan: Scan,
     tokenizer: BPETokenizer | None,
     folder: Path,
     config: PrepareConfig,
@@ -464,16 +278,16 @@ def _write(
         dtype, vocab_size = "uint16", tokenizer.vocab_size
         eod, token_num_bytes = tokenizer.eod_id, tokenizer.token_num_bytes()
     streams = {
-        False: _ShardStream(folder, "train", config.shard_tokens, dtype, token_num_bytes),
-        True: _ShardStream(folder, "val", None, dtype, token_num_bytes),
+        False: ShardStream(folder, "train", config.shard_tokens, dtype, token_num_bytes),
+        True: ShardStream(folder, "val", None, dtype, token_num_bytes),
     }
     end = np.array([eod], dtype=np.dtype(dtype))
     to_val, to_train = scan.val_override()
-    splitter = _Splitter(config)
+    splitter = Splitter(config.val_fraction, config.max_val_tokens)
     digest = hashlib.sha256()
     batch: list[tuple[bool, Document]] = []
     num_documents = num_batch_bytes = 0
-    bar = _Progress("tokenizing", scan.num_bytes)
+    bar = PassProgress("tokenizing", scan.num_bytes)
 
     def written(num_bytes: int) -> None:
         num_tokens = sum(stream.num_tokens for stream in streams.values())
@@ -488,14 +302,14 @@ def _write(
             elif num_documents == to_train:
                 held_out = False
             num_documents += 1
-            _document_digest(digest, doc)
+            document_digest(digest, doc)
             batch.append((held_out, doc))
             num_batch_bytes += len(doc.data)
             if num_batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_DOCUMENTS:
-                _write_batch(batch, tokenizer, end, streams)
+                write_batch(batch, tokenizer, end, streams)
                 written(num_batch_bytes)
                 batch, num_batch_bytes = [], 0
-        _write_batch(batch, tokenizer, end, streams)
+        write_batch(batch, tokenizer, end, streams)
         written(num_batch_bytes)
     finally:
         bar.close()
@@ -523,41 +337,3 @@ def _write(
     )
     (folder / MANIFEST_FILE).write_text(manifest.to_json() + "\n", encoding="ascii")
     return manifest
-
-
-def _write_batch(
-    batch: list[tuple[bool, Document]],
-    tokenizer: BPETokenizer | None,
-    end: np.ndarray,
-    streams: dict[bool, _ShardStream],
-) -> None:
-    """Tokenize a batch of ``(held_out, document)`` at once and append each to its split."""
-    if tokenizer is None:
-        ids = [np.frombuffer(doc.data, dtype=np.uint8) for _, doc in batch]
-    else:
-        ids = tokenizer.encode_batch([doc.text for _, doc in batch])
-    for held_out, stream in streams.items():
-        parts = [
-            part
-            for (val, _), tokens in zip(batch, ids, strict=True)
-            if val == held_out
-            for part in (tokens, end)
-        ]
-        if parts:
-            stream.write(np.concatenate(parts))
-
-
-def _install(work: Path, out: Path) -> None:
-    """Move the finished folder ``work`` to ``out``, replacing an earlier data folder there."""
-    if not out.exists() or not any(out.iterdir()):
-        os.replace(work, out)  # also replaces an empty folder
-        return
-    # Two renames: the old folder is gone only once the new one is in place.
-    old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-    os.replace(out, old)
-    try:
-        os.replace(work, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old)

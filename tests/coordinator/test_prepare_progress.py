@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from crowdtrain.coordinator.data import prepare
+from crowdtrain.coordinator.data import prepare, progress
 from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
 from tests.swarm import COORDINATOR, small_corpus
 
@@ -53,9 +53,9 @@ def test_a_terminal_shows_bars_with_shards_and_tokens_per_second(tmp_path):
 
 def test_off_a_terminal_progress_is_a_few_log_lines(tmp_path, caplog, monkeypatch):
     corpus = small_corpus(tmp_path / "corpus", 400_000)
-    monkeypatch.setattr(prepare, "_LOG_EVERY_S", 0.0)  # every update logs here
+    monkeypatch.setattr(progress, "_LOG_EVERY_S", 0.0)  # every update logs here
     monkeypatch.setattr(prepare, "_BATCH_BYTES", 100_000)
-    with caplog.at_level(logging.INFO, logger="crowdtrain.coordinator.data.prepare"):
+    with caplog.at_level(logging.INFO, logger="crowdtrain.coordinator.data"):
         prepare_data(PrepareConfig(sources=(corpus,), out=tmp_path / "d", shard_tokens=65536))
     lines = [r.getMessage() for r in caplog.records]
     tokenizing = [line for line in lines if line.startswith("tokenizing: ")]
@@ -67,7 +67,7 @@ def test_off_a_terminal_progress_is_a_few_log_lines(tmp_path, caplog, monkeypatc
 @pytest.mark.parametrize("every_s, most", [(10.0, 0)])
 def test_a_quick_run_off_a_terminal_logs_no_progress_lines(tmp_path, caplog, every_s, most):
     corpus = small_corpus(tmp_path / "corpus", 100_000)
-    with caplog.at_level(logging.INFO, logger="crowdtrain.coordinator.data.prepare"):
+    with caplog.at_level(logging.INFO, logger="crowdtrain.coordinator.data"):
         prepare_data(PrepareConfig(sources=(corpus,), out=tmp_path / "d", shard_tokens=65536))
     progress = [r for r in caplog.records if r.getMessage().startswith(("reading:", "tokenizing:"))]
     assert len(progress) <= most
