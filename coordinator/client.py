@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 # Columns of unix seconds; to_pandas() makes them timezone-aware timestamps.
 TIME_COLUMNS = ("time", "last_seen", "registered_at", "created_at", "published_at")
-_CHUNK_BYTES = 1 << 20
 
 
 class ClientError(CrowdtrainError):
@@ -267,7 +266,8 @@ class Client:
             ) from None
 
     def _raise_unknown_run(self, run: str, response: httpx.Response) -> None:
-        names = [str(r.get("id")) for r in self.runs()]
+        runs: list[api.RunHead] = self._parse(list[api.RunHead], self.runs(), api.RUNS)
+        names = [r.id for r in runs]
         if run not in names:
             known = ", ".join(repr(n) for n in names) or "none yet"
             raise ClientError(f"no run {run!r} on the coordinator at {self.url}; its runs: {known}")
