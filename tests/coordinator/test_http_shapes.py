@@ -28,24 +28,13 @@ from crowdtrain.coordinator.swarm.checkpoints import (
 from crowdtrain.protocol import api
 from crowdtrain.protocol.messages import Evaluation, HeartbeatPayload
 from tests.coordinator.registration import COORDINATOR_KEY, join_peer
+from tests.specs import small_spec
 
 ADMIN_KEY = "k" * 43
-SPEC = """
-[run]
-id = "shapes"
-description = "a run whose answers are checked"
-[model]
-vocab_size = 256
-seq_len = 32
-num_layers = 2
-num_heads = 2
-d_model = 16
-[optimizer]
-target_batch_size = 16
-micro_batch_size = 4
-[access]
-mode = "invite"
-"""
+SPEC = small_spec(
+    run={"id": "shapes", "description": "a run whose answers are checked"},
+    access={"mode": "invite"},
+)
 
 
 @pytest.fixture
