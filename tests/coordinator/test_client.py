@@ -15,8 +15,8 @@ import torch
 from crowdtrain.coordinator.client import Client, ClientError, Records
 from crowdtrain.coordinator.store import Store
 from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint
-from tests.coordinator.cutting_proxy import CuttingProxy
 from tests.coordinator.registration import join_peer
+from tests.cutting_proxy import CuttingProxy
 from tests.swarm import Swarm, write_spec
 
 pytestmark = pytest.mark.slow

@@ -4,6 +4,7 @@ node's parameters come from under --start-from."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from crowdtrain.node.bootstrap import (
     plan_start,
     start_from_checkpoint,
 )
+from tests.cutting_proxy import CuttingProxy
 from tests.specs import small_spec
 from tests.swarm import Swarm, write_spec
 
@@ -151,6 +153,24 @@ def test_parameters_that_do_not_hash_to_the_record_are_refused(served, tmp_path)
     with pytest.raises(BootstrapError, match="HTTP 404.*--start-from peers"):
         download_checkpoint(swarm.url, "tiny", gone, tmp_path / "gone", progress="none")
     assert list((tmp_path / "gone").iterdir()) == []
+
+
+def test_a_checkpoint_download_cut_mid_file_resumes(served, tmp_path, monkeypatch):
+    """Through a link that breaks mid-file, the node resumes with a range request and
+    ends with the keeper's file, its sha256 checked."""
+    swarm, _, _ = served
+    monkeypatch.setattr("crowdtrain.protocol.transfer.FIRST_PAUSE_S", 0.0)
+    checkpoint = latest_checkpoint(swarm.url, "tiny")
+    assert checkpoint is not None and checkpoint.num_bytes > 100_000
+    proxy = CuttingProxy(("127.0.0.1", swarm.ports["http_port"]), cuts=[80_000])
+    try:
+        path = download_checkpoint(proxy.url, "tiny", checkpoint, tmp_path, progress="log")
+    finally:
+        proxy.close()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == checkpoint.file_sha256
+    files = [e for e in proxy.exchanges if "/file " in e.request.split("\r\n", 1)[0]]
+    assert [e.status.split(" ", 2)[1] for e in files] == ["200", "206"], files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def _kept(step: int) -> KeptCheckpoint:
