@@ -46,6 +46,8 @@ def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict
 
 
 def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, Any]:
+    """One run as the API serves it: its shape is :class:`crowdtrain.protocol.api.RunView`
+    (the route drops what the model does not name, so a new key goes there too)."""
     run = get_run(store, run_id)
     now = time.time() if now is None else now
     peers = peers_view(store, run_id, now)
@@ -91,6 +93,8 @@ def num_active_leases(store: Store, run_id: str) -> int:
 
 
 def list_runs_view(store: Store) -> list[dict[str, Any]]:
+    """Every run as :func:`run_view` shows it, without its spec
+    (:class:`crowdtrain.protocol.api.RunSummary`)."""
     return [
         {k: v for k, v in run_view(store, run_id).items() if k != "spec"}
         for run_id in run_ids(store)

@@ -46,7 +46,8 @@ def _checkpoint_row(c: dict[str, Any]) -> dict[str, Any]:
 def checkpoints_view(store: Store, run_id: str) -> list[dict[str, Any]]:
     """Every checkpoint the keeper took, oldest first: its step, the ``params_sha256`` of
     its parameters (kept after the file is removed), the file's sha256 and size, the
-    run's tokens when it was taken and whether it can be downloaded."""
+    run's tokens when it was taken and whether it can be downloaded
+    (:class:`crowdtrain.protocol.api.CheckpointInfo`; a new key goes there too)."""
     return [_checkpoint_row(c) for c in store.list_checkpoints(run_id)]
 
 
