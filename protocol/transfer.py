@@ -178,8 +178,9 @@ class _Transfer:
         if status == 206 and self.received:
             found = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
             if found is None or int(found[1]) != self.received:
+                asked = self.received
                 self._restart()
-                raise _Broken(f"asked for bytes from {self.received}, got another range")
+                raise _Broken(f"asked for bytes from {asked}, got another range; starting over")
             self.total = int(found[3]) if found[3] != "*" else None
         elif status == 200:
             if self.received:

@@ -34,6 +34,7 @@ class Served:
     status: int = 200
     etag: str = '"v1"'
     after_first: bytes | None = None  # the file as it is from the second request on
+    wrong_range: bool = False  # answer a range request with bytes from 0, marked as such
     requests: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -55,7 +56,7 @@ class _Handler(BaseHTTPRequestHandler):
         wanted = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
         if_range = self.headers.get("If-Range")
         if wanted and served.honour_range and if_range in (None, served.etag):
-            start = int(wanted[1])
+            start = 0 if served.wrong_range else int(wanted[1])
             if start >= len(body):
                 self._send(416, b"", {"Content-Range": f"bytes */{len(body)}"})
                 return
@@ -152,6 +153,15 @@ def test_a_file_that_shrank_is_answered_416_and_fetched_again(served, tmp_path: 
     # A weak ETag cannot guard a range: no If-Range, so the range meets the shorter file.
     assert [r.get("Range") for r in state.requests] == [None, "bytes=1000000-", None]
     assert "If-Range" not in state.requests[1]
+
+
+def test_a_range_answered_from_elsewhere_starts_over(served, tmp_path: Path) -> None:
+    state, url = served
+    state.cuts, state.wrong_range = [1_200_000], True
+    dest = tmp_path / "file.bin"
+    _fetch(url, dest, sha256=SHA256)
+    assert dest.read_bytes() == BODY
+    assert [r.get("Range") for r in state.requests] == [None, "bytes=1200000-", None]
 
 
 def test_a_tampered_body_is_refused_and_leaves_nothing(served, tmp_path: Path) -> None:
