@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query
@@ -35,6 +34,7 @@ from crowdtrain.coordinator.swarm import checkpoints
 from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import AccessError, CrowdtrainError
 from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.version import crowdtrain_version
 
 # Admin requests are small JSON; a run spec is a few KiB.
 MAX_BODY_BYTES = api.MAX_BODY_BYTES
@@ -104,7 +104,7 @@ def create_app(
 ) -> FastAPI:
     app = FastAPI(
         title="crowdtrain coordinator",
-        version=version("crowdtrain"),
+        version=crowdtrain_version(),
         description="Runs, peers and shards of a crowdtrain coordinator.",
     )
     app.add_middleware(BodyLimit)
@@ -163,7 +163,7 @@ def create_app(
             grpc_tls=endpoints.grpc_tls,
             initial_peers=endpoints.initial_peers(),
             coordinator_public_key=endpoints.coordinator_public_key,
-            version=version("crowdtrain"),
+            version=crowdtrain_version(),
         )
 
     @app.get(api.RUNS, response_model=list[api.RunSummary])
