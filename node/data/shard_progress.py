@@ -88,21 +88,29 @@ class ShardProgress:
         ``num_tokens`` tokens in all, mean loss ``loss``, at swarm step ``step``.
 
         ``sample`` holds the per-sequence losses of its first sequences when
-        :meth:`wants_sample` asked for them (kept only when all are finite).
+        :meth:`wants_sample` asked for them (see :meth:`add_sample`).
         Returns the shard's receipt when this batch completes the leased pass.
         """
-        if sample is not None and all(math.isfinite(x) for x in sample):
-            try:
-                self.samples.append(
-                    ReceiptSample(step=step, batch=self.batch, losses=sample[:SAMPLE_SEQUENCES])
-                )
-            except ValidationError:  # a loss beyond what a receipt may carry: no sample
-                logger.debug("skipped a loss sample of shard %s", self.shard.shard_id)
+        if sample is not None:
+            self.add_sample(step, sample)
         self.batches_done += 1
         self.num_sequences += num_sequences
         self.num_tokens += num_tokens
         self.loss_sum += loss * num_sequences
         return self._receipt_when_done()
+
+    def add_sample(self, step: int, losses: list[float]) -> None:
+        """Record the losses of the current batch's first sequences, trained at ``step``
+        (the first :data:`SAMPLE_SEQUENCES`; none when one is not finite, or beyond what
+        a receipt may carry)."""
+        if not all(math.isfinite(x) for x in losses):
+            return
+        try:
+            sample = ReceiptSample(step=step, batch=self.batch, losses=losses[:SAMPLE_SEQUENCES])
+        except ValidationError:
+            logger.debug("skipped a loss sample of shard %s", self.shard.shard_id)
+            return
+        self.samples.append(sample)
 
     def skip(self) -> ReceiptPayload | None:
         """Count the current micro-batch as gone through untrained (its loss or gradients
