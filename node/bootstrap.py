@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.model.checkpoint import CheckpointError
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.http import download_file, tls_verify
+from crowdtrain.node.swarm.optimizer import SwarmOptimizer
 from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.runspec import RunSpec
@@ -225,52 +225,9 @@ def load_kept_checkpoint(
     return metadata
 
 
-def set_optimizer_step(optimizer: Any, step: int) -> None:
-    """Move the collaborative optimizer to ``step`` after its model's parameters were loaded.
-
-    Sync mode (hivemind.Optimizer): the local epoch, learning-rate schedule,
-    progress record and state-sharing priority follow the step; an offloaded
-    copy of the parameters is refreshed; Adam's statistics start afresh. If
-    the swarm has moved on, hivemind loads state from peers by itself at the
-    next step. DiLoCo: the global parameters and round become the
-    checkpoint's, with zero outer momentum.
-    """
-    if hasattr(optimizer, "global_state_dict"):
-        _set_diloco_round(optimizer, step)
-        return
-    averager = optimizer.state_averager
-    with torch.no_grad():
-        offloaded = [p for group in averager.optimizer.param_groups for p in group["params"]]
-        if averager.offload_optimizer:
-            for main, copy in zip(averager.main_parameters, offloaded, strict=True):
-                copy.copy_(main)
-        if not averager.reuse_tensors:
-            averager._load_local_tensors_into_averager_()
-    averager.local_epoch = step
-    with warnings.catch_warnings():
-        # Fast-forwarding the learning-rate schedule to the step, as hivemind does.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-        averager._update_scheduler()
-    optimizer.tracker.report_local_progress(local_epoch=step, samples_accumulated=0)
-    if not optimizer.client_mode:
-        averager.state_sharing_priority = step
-    if optimizer.use_gradient_averaging:
-        optimizer.grad_averager.reset_accumulated_grads_()
-        if not optimizer.client_mode:
-            optimizer.grad_averager.state_sharing_priority = step
-
-
-def _set_diloco_round(optimizer: Any, round_: int) -> None:
-    from crowdtrain.node.swarm.diloco import _GlobalState
-
-    params = [p.detach().to("cpu", torch.float32, copy=True) for p in optimizer._params]
-    momentum = [torch.zeros_like(p) for p in params]
-    optimizer._adopt(_GlobalState(round_, params, momentum), local_at_end=None)
-
-
 def start_from_checkpoint(
     model: torch.nn.Module,
-    optimizer: Any,
+    optimizer: SwarmOptimizer | None,
     spec: RunSpec,
     url: str,
     checkpoint: KeptCheckpoint,
@@ -280,7 +237,12 @@ def start_from_checkpoint(
 ) -> int:
     """Download, check and load the keeper's ``checkpoint`` into ``model``, then move
     ``optimizer`` (None: none yet) to its step; returns the step. Raises
-    :class:`BootstrapError` and leaves the model as it was when anything fails."""
+    :class:`BootstrapError` and leaves the model as it was when anything fails.
+
+    Sync mode: Adam's statistics start afresh, and hivemind loads state from peers
+    by itself at the next step if the swarm has moved on. DiLoCo: the
+    checkpoint's parameters become the global parameters of its round, with zero
+    outer momentum (see :meth:`SwarmOptimizer.set_step`)."""
     started = time.monotonic()
     path = download_checkpoint(url, spec.run.id, checkpoint, folder, ca_cert, progress)
     try:
@@ -288,7 +250,7 @@ def start_from_checkpoint(
     finally:
         path.unlink(missing_ok=True)
     if optimizer is not None:
-        set_optimizer_step(optimizer, checkpoint.step)
+        optimizer.set_step(checkpoint.step)
     logger.info(
         "started from the keeper's checkpoint of step %d (%d tokens, %.1f MB) in %.1fs",
         checkpoint.step,
@@ -309,6 +271,5 @@ __all__ = [
     "latest_checkpoint",
     "load_kept_checkpoint",
     "plan_start",
-    "set_optimizer_step",
     "start_from_checkpoint",
 ]

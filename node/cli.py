@@ -1,8 +1,10 @@
 """``crowdtrain-node``: join a run and train, or show this node's identity.
 
-Thin: flags become a :class:`NodeConfig`, and the same :class:`Node` the
-notebook API uses does the work. Ctrl-C or SIGTERM leaves at the next
-micro-batch: the coordinator is told, the averagers and DHT shut down.
+Thin: flags (and the test hooks, read once from the environment) become a
+:class:`~crowdtrain.node.config.NodeConfig`, and the same
+:class:`~crowdtrain.node.node.Node` the notebook API uses does the work.
+Ctrl-C or SIGTERM leaves at the next micro-batch: the coordinator is told,
+the averagers and DHT shut down.
 """
 
 from __future__ import annotations
@@ -12,13 +14,18 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from crowdtrain.node.progress import MODES
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
 from crowdtrain.protocol.version import crowdtrain_version
+
+if TYPE_CHECKING:
+    from crowdtrain.node.node import Node
 
 HOME_VARIABLE = "CROWDTRAIN_HOME"
 
@@ -171,7 +178,9 @@ _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 def _join(args: argparse.Namespace) -> int:
     from hivemind.utils.logging import use_hivemind_log_handler
 
-    from crowdtrain.node.node import Node, NodeConfig
+    from crowdtrain.node.config import NodeConfig
+    from crowdtrain.node.device.hooks import TestHooks
+    from crowdtrain.node.node import Node
 
     # hivemind's records go to the root logger's handler (text or JSON) like ours...
     use_hivemind_log_handler("nowhere")
@@ -189,52 +198,50 @@ def _join(args: argparse.Namespace) -> int:
         logging.getLogger("hivemind.dht.dht").setLevel(logging.CRITICAL)
     owner = os.getpid()
 
-    node = Node(
-        NodeConfig(
-            start_from=args.start_from,
-            url=args.url,
-            run_id=args.run,
-            home=args.home,
-            name=args.name,
-            device=args.device,
-            threads=args.threads,
-            progress=args.progress,
-            dht_host=args.dht_host,
-            dht_port=args.dht_port,
-            announce_host=args.announce_host,
-            client_mode=args.client_mode,
-            cache_bytes=args.cache_size,
-            invite=args.invite,
-            ca_cert=args.ca_cert,
-            micro_batch=args.micro_batch,
-            compile=args.compile,
-        )
+    config = NodeConfig(
+        start_from=args.start_from,
+        url=args.url,
+        run_id=args.run,
+        home=args.home,
+        name=args.name,
+        device=args.device,
+        threads=args.threads,
+        progress=args.progress,
+        dht_host=args.dht_host,
+        dht_port=args.dht_port,
+        announce_host=args.announce_host,
+        client_mode=args.client_mode,
+        cache_bytes=args.cache_size,
+        invite=args.invite,
+        ca_cert=args.ca_cert,
+        micro_batch=args.micro_batch,
+        compile=args.compile,
+        hooks=TestHooks.from_env(),
     )
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         if os.getpid() != owner:  # a hivemind child forked with this handler: just exit
             os._exit(128 + signum)
+        # Once: the join then shuts down what it started, and that must run to its end.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    def leave(signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != owner:
-            os._exit(128 + signum)
-        if node.stop_event.is_set():
-            raise KeyboardInterrupt
-        logging.getLogger(__name__).info("leaving the run (again to force)")
-        node.stop_event.set()
-
+    node: Node | None = None
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        node.start()
+        # A join that fails shuts down what it started before it raises.
+        node = Node.start(config)
         # hivemind set SIGINT to be ignored while it started; take both signals back.
+        leave = _leave_handler(node, owner)
         signal.signal(signal.SIGINT, leave)
         signal.signal(signal.SIGTERM, leave)
         stats = node.train(seconds=args.max_seconds)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        node.shutdown()
+        if node is not None:
+            node.shutdown()
     share = 100 * stats.data_wait_s / stats.train_s if stats.train_s else 0.0
     _say(
         args,
@@ -243,6 +250,20 @@ def _join(args: argparse.Namespace) -> int:
         f"checkpoint {node.checkpoint_path}",
     )
     return 0
+
+
+def _leave_handler(node: Node, owner: int) -> Callable[[int, FrameType | None], None]:
+    """Ctrl-C or SIGTERM: leave at the next micro-batch; a second one leaves at once."""
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:  # a hivemind child forked with this handler: just exit
+            os._exit(128 + signum)
+        if node.stop_event.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger(__name__).info("leaving the run (again to force)")
+        node.stop_event.set()
+
+    return leave
 
 
 _COMMANDS = {"join": _join, "identity": _identity}

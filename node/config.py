@@ -1,13 +1,17 @@
-"""What a node is asked to do (:class:`NodeConfig`) and what it counts (:class:`NodeStats`).
+"""What a node is asked to do: :class:`NodeConfig`.
 
-The command line and the notebook API fill a NodeConfig; the trainer fills
-NodeStats. Plain data: nothing here starts or imports hivemind.
+The command line and the notebook API fill one from flags or options, with
+the test hooks read once from the environment where the process starts.
+Plain data: nothing here starts or imports hivemind. What a node counts is
+:mod:`crowdtrain.node.accounting`'s.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from crowdtrain.node.device.hooks import TestHooks
 
 
 @dataclass(frozen=True)
@@ -39,22 +43,21 @@ class NodeConfig:
     # Where a node joining a run under way gets its parameters: "auto", "peers" or
     # "checkpoint" (the keeper's, over HTTP); see crowdtrain.node.bootstrap.plan_start.
     start_from: str = "auto"
+    # Test hooks that make the node misbehave on purpose (TestHooks.from_env(), read by
+    # the command line and the notebook's join); the default is an ordinary node.
+    hooks: TestHooks = TestHooks()
 
+    @property
+    def run_dir(self) -> Path:
+        """Where this node keeps the run's files (shards, checkpoint, guard files)."""
+        return self.home / "runs" / self.run_id
 
-@dataclass
-class NodeStats:
-    """Counters a node reports; cumulative since this node process started."""
+    @property
+    def checkpoint_path(self) -> Path:
+        """Where the node saves the model (at each evaluation and on leaving)."""
+        return self.run_dir / "checkpoint.safetensors"
 
-    session_key: str
-    num_tokens: int = 0
-    num_sequences: int = 0
-    tokens_per_s: float = 0.0
-    loss: float | None = None
-    step: int = 0
-    num_peers: int = 0
-    val_loss: float | None = None
-    num_skipped_steps: int = 0
-    train_s: float = 0.0
-    data_wait_s: float = 0.0
-    shard: str = ""  # the shard being trained
-    verified_tokens: int = 0  # this peer's tokens the coordinator has verified, run-wide
+    @property
+    def position_path(self) -> Path:
+        """Where the node records its place in its shard, to resume after a restart."""
+        return self.run_dir / "position.json"

@@ -18,6 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from crowdtrain.node.accounting import NodeStats
+
 logger = logging.getLogger("crowdtrain.node")
 
 _LOG_EVERY_S = 10.0
@@ -53,7 +55,7 @@ class Progress:
         self._last_postfix = 0.0
         self._last_log = time.monotonic()
 
-    def update(self, stats: Any, num_tokens: int) -> None:
+    def update(self, stats: NodeStats, num_tokens: int) -> None:
         now = time.monotonic()
         if self._bar is not None:
             self._bar.update(num_tokens)
@@ -64,7 +66,7 @@ class Progress:
             self._last_log = now
             logger.info("%s | %s tok", status_line(stats), f"{stats.num_tokens:,}")
 
-    def close(self, stats: Any = None) -> None:
+    def close(self, stats: NodeStats | None = None) -> None:
         if self._bar is not None:
             if stats is not None:
                 self._bar.set_postfix_str(status_line(stats), refresh=False)
@@ -78,11 +80,10 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def status_line(stats: Any) -> str:
+def status_line(stats: NodeStats) -> str:
     """``step 12 | 3.4k tok/s | loss 2.31 | val 2.40 | peers 3 | shard s00017 | verified 1.2M tok``.
 
-    ``stats`` is a :class:`~crowdtrain.node.node.NodeStats`; ``shard`` and
-    ``verified_tokens`` show when it has them.
+    The shard shows once training has one.
     """
     loss = f"{stats.loss:.3f}" if stats.loss is not None else "-"
     val = f"{stats.val_loss:.3f}" if stats.val_loss is not None else "-"
@@ -93,10 +94,7 @@ def status_line(stats: Any) -> str:
         f"val {val}",
         f"peers {stats.num_peers}",
     ]
-    shard = getattr(stats, "shard", "")
-    if shard:
-        parts.append(f"shard {shard}")
-    verified = getattr(stats, "verified_tokens", None)
-    if verified is not None:
-        parts.append(f"verified {_count(verified)} tok")
+    if stats.shard:
+        parts.append(f"shard {stats.shard}")
+    parts.append(f"verified {_count(stats.verified_tokens)} tok")
     return " | ".join(parts)

@@ -95,8 +95,7 @@ class Session:
     def stats(self) -> SessionStats:
         """The node's counters now (a frozen snapshot)."""
         s = self._node.stats
-        optimizer = self._node.optimizer  # None once left
-        num_peers = optimizer.tracker.global_progress.num_peers if optimizer else s.num_peers
+        num_peers = self._node.num_peers
         return SessionStats(
             run_id=self.run_id,
             step=s.step,
@@ -120,7 +119,6 @@ class Session:
         ``copy.deepcopy(session.model)`` for a snapshot that stays put. It stays
         usable after :meth:`leave`.
         """
-        assert self._node.model is not None
         return self._node.model
 
     @property
@@ -301,7 +299,7 @@ def join(url: str, run: str, **options: Any) -> Session:
     takes a few seconds to a minute: registration, the data check, the
     model, the swarm, and the swarm's latest state if the run is under way.
 
-    ``options`` are :class:`~crowdtrain.node.node.NodeConfig`'s fields:
+    ``options`` are :class:`~crowdtrain.node.config.NodeConfig`'s fields:
     ``home``, ``name``, ``device`` (auto, cpu, cuda, mps), ``threads``,
     ``progress`` (notebook, bar, log, none; default notebook), ``client_mode``,
     ``dht_host``, ``dht_port``, ``announce_host``, ``cache_bytes``,
@@ -353,15 +351,15 @@ def join(url: str, run: str, **options: Any) -> Session:
         # As the command line does: when averagers stop, the DHT process (forked with
         # this level) logs a traceback per request they left half-sent: noise, not a fault.
         dht_logger.setLevel(logging.CRITICAL)
-    from crowdtrain.node.node import Node, NodeConfig
+    from crowdtrain.node.config import NodeConfig
+    from crowdtrain.node.device.hooks import TestHooks
+    from crowdtrain.node.node import Node
 
-    node = Node(NodeConfig(url=url, run_id=run, **values))
+    # The test hooks are read once, here, where this process joins.
+    config = NodeConfig(url=url, run_id=run, hooks=TestHooks.from_env(), **values)
     previous = signal.getsignal(signal.SIGINT)
     try:
-        node.start()
-    except BaseException:
-        node.shutdown()
-        raise
+        node = Node.start(config)  # a join that fails shuts down what it started
     finally:
         # hivemind set SIGINT to be ignored while it started: give the kernel its interrupts.
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)

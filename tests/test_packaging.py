@@ -49,3 +49,15 @@ def test_python_and_ruff_agree_on_311():
     # protocol/runspec.py imports tomllib, which Python 3.11 brought.
     assert PYPROJECT["project"]["requires-python"] == ">=3.11"
     assert PYPROJECT["tool"]["ruff"]["target-version"] == "py311"
+
+
+def test_every_subpackage_is_listed_so_a_regular_install_ships_it():
+    """setuptools installs only the packages pyproject lists; an editable install finds the
+    others anyway, so a forgotten one breaks only a real install (pip install .)."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    found = set()
+    for package, folder in PACKAGE_DIRS.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *relative)))
+    assert found <= listed, f"not in [tool.setuptools] packages: {sorted(found - listed)}"

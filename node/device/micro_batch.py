@@ -6,7 +6,6 @@ size on a CPU. Knows nothing about the swarm, the coordinator or the training lo
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +18,8 @@ from crowdtrain.protocol.errors import CrowdtrainError
 logger = logging.getLogger(__name__)
 
 
-# Test hook: pretend this device has only this many bytes of memory.
-MEMORY_CAP_ENV = "CROWDTRAIN_MEMORY_CAP_BYTES"
-
-
 # AdamW keeps two fp32 statistics per parameter (exp_avg, exp_avg_sq).
 _ADAMW_STATES = 2
-
-
-_GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -43,28 +35,6 @@ class MicroBatchChoice:
     reason: str
     bytes_per_sequence: int | None = None
     budget_bytes: int | None = None
-
-
-def memory_cap_from_env() -> int | None:
-    """The test hook's memory cap in bytes, or None when unset (warns loudly when set)."""
-    value = os.environ.get(MEMORY_CAP_ENV, "").strip()
-    if not value:
-        return None
-    try:
-        cap = int(float(value))
-    except ValueError:
-        raise CrowdtrainError(
-            f"{MEMORY_CAP_ENV}={value!r} must be a number of bytes, like 4000000000"
-        ) from None
-    if cap <= 0:
-        raise CrowdtrainError(f"{MEMORY_CAP_ENV}={value!r} must be a positive number of bytes")
-    logger.warning(
-        "!!! %s=%d: TEST HOOK, this node acts as if its device had only %.2f GiB !!!",
-        MEMORY_CAP_ENV,
-        cap,
-        cap / _GIB,
-    )
-    return cap
 
 
 def choose_micro_batch(
@@ -95,8 +65,7 @@ def choose_micro_batch(
       :func:`prefer_expandable_segments` before CUDA starts: without it the
       allocator's fragmentation can exceed the headroom in a long run.
     - CPU and MPS: the run spec's ``default``, unless a memory cap is given
-      (``memory_cap_bytes``, or the ``CROWDTRAIN_MEMORY_CAP_BYTES`` test hook):
-      then the bytes autograd saves per sequence are measured (the same on
+      (``memory_cap_bytes``: the ``CROWDTRAIN_MEMORY_CAP_BYTES`` test hook): then the bytes autograd saves per sequence are measured (the same on
       any device) and the largest size that fits the cap is chosen.
 
     A cap applies on CUDA too (the smaller of the cap and the free memory).
@@ -109,7 +78,7 @@ def choose_micro_batch(
     if not 0.0 <= headroom < 1.0:
         raise CrowdtrainError(f"headroom must be in [0, 1), got {headroom}")
     device = torch.device(device)
-    cap = memory_cap_bytes if memory_cap_bytes is not None else memory_cap_from_env()
+    cap = memory_cap_bytes
     if device.type == "cuda":
         return _probe_cuda(model, device, seq_len, vocab_size, upper, cap, headroom)
     if cap is None:
@@ -119,11 +88,17 @@ def choose_micro_batch(
 
 
 def micro_batch_size(
-    chosen: str, optimizer: Any, model: nn.Module, device: torch.device, model_spec: Any
+    chosen: str,
+    optimizer: Any,
+    model: nn.Module,
+    device: torch.device,
+    model_spec: Any,
+    memory_cap_bytes: int | None = None,
 ) -> int:
     """A node's sequences per forward pass: ``--micro-batch``'s number, or with ``auto``
-    what :func:`choose_micro_batch` finds, never above one step's batch (``optimizer``
-    and ``model_spec`` are the run spec's [optimizer] and [model] sections)."""
+    what :func:`choose_micro_batch` finds (within ``memory_cap_bytes`` when given), never
+    above one step's batch (``optimizer`` and ``model_spec`` are the run spec's
+    [optimizer] and [model] sections)."""
     upper = (
         optimizer.inner_batch_size if optimizer.mode == "diloco" else optimizer.target_batch_size
     )
@@ -144,6 +119,7 @@ def micro_batch_size(
         vocab_size=model_spec.vocab_size,
         upper=upper,
         default=min(optimizer.micro_batch_size, upper),
+        memory_cap_bytes=memory_cap_bytes,
     )
     logger.info("micro-batch of %d sequences (%s)", choice.size, choice.reason)
     return choice.size
@@ -340,11 +316,9 @@ def _probe_cuda(
 
 
 __all__ = [
-    "MEMORY_CAP_ENV",
     "MicroBatchChoice",
     "choose_micro_batch",
     "estimate_sequence_bytes",
     "format_bytes",
-    "memory_cap_from_env",
     "micro_batch_size",
 ]

@@ -2,8 +2,10 @@
 report and leave.
 
 Every call has a deadline and turns failures into :class:`CoordinatorError`
-with a message a person can act on. Nothing here retries on its own; the
-caller decides whether to keep training and try again later.
+with a message a person can act on. What a call signs is a
+:mod:`crowdtrain.protocol.messages` model, the one the coordinator parses.
+Nothing here retries on its own; the caller decides whether to keep training
+and try again later.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.errors import IdentityError, SpecError
 from crowdtrain.protocol.identity import Identity, run_statement, seal, verify_signature
+from crowdtrain.protocol.messages import (
+    HeartbeatPayload,
+    ReceiptPayload,
+    RegisterPayload,
+    parse_payload,
+)
 from crowdtrain.protocol.rpc import (
     CALL_DEADLINE_S,
     CHANNEL_OPTIONS,
@@ -114,14 +122,19 @@ class CoordinatorClient:
         challenge = self._call("Challenge", pb.ChallengeRequest(run_id=run_id))
         if self.pins is not None:
             self.pins.check(self.url, challenge.coordinator_public_key)
-        payload = {
-            "challenge": challenge.challenge,
-            "name": name,
-            "device": device,
-            "versions": versions,
-            "invite": invite,
-        }
-        envelope = seal(self.identity, KIND_REGISTER, payload)
+        # parse_payload: a name or invite the coordinator would refuse is refused here,
+        # with the same message (a PayloadError, which the command line shows in a line).
+        payload: RegisterPayload = parse_payload(
+            RegisterPayload,
+            {
+                "challenge": challenge.challenge,
+                "name": name,
+                "device": device,
+                "versions": versions,
+                "invite": invite,
+            },
+        )
+        envelope = seal(self.identity, KIND_REGISTER, payload.model_dump())
         reply = self._call(
             "Register", pb.RegisterRequest(run_id=run_id, envelope=envelope_to_pb(envelope))
         )
@@ -135,8 +148,8 @@ class CoordinatorClient:
             initial_peers=list(reply.initial_peers),
         )
 
-    def heartbeat(self, token: str, payload: dict[str, Any]) -> pb.HeartbeatReply:
-        envelope = seal(self.identity, KIND_HEARTBEAT, payload)
+    def heartbeat(self, token: str, payload: HeartbeatPayload) -> pb.HeartbeatReply:
+        envelope = seal(self.identity, KIND_HEARTBEAT, payload.model_dump())
         return self._call(
             "Heartbeat", pb.HeartbeatRequest(envelope=envelope_to_pb(envelope)), token
         )
@@ -147,8 +160,8 @@ class CoordinatorClient:
         )
         return list(reply.leases)
 
-    def report(self, token: str, receipt: dict[str, Any]) -> bool:
-        envelope = seal(self.identity, KIND_RECEIPT, receipt)
+    def report(self, token: str, receipt: ReceiptPayload) -> bool:
+        envelope = seal(self.identity, KIND_RECEIPT, receipt.model_dump())
         reply = self._call("ReportShard", pb.ShardReport(envelope=envelope_to_pb(envelope)), token)
         return bool(reply.accepted)
 

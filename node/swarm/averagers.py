@@ -25,8 +25,9 @@ from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
+from crowdtrain.node.device.hooks import ATTACKS
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
-from crowdtrain.node.swarm.guard import ATTACKS, GuardConfig, SwarmGuard, state_problem
+from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard, state_problem
 
 logger = logging.getLogger(__name__)
 

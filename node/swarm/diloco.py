@@ -2,16 +2,12 @@
 
 :class:`DiLoCoOptimizer` owns the inner optimizer, the global (outer)
 parameters and their Nesterov SGD, the rounds (a hivemind ProgressTracker
-under the run's prefix), the pseudo-gradient all-reduce and the sharing of
-global state with late joiners and the coordinator's keeper. It knows
-nothing about the coordinator, data or receipts: the trainer passes a
+under the run's prefix) and the pseudo-gradient all-reduce; it is built from
+a :class:`DiLoCoConfig`. What it serves to late joiners and the coordinator's
+keeper, and how it downloads and checks a peer's global state, is
+:mod:`~crowdtrain.node.swarm.diloco_state`'s. It knows nothing about the
+coordinator, data or receipts: the trainer passes a
 :class:`~crowdtrain.node.swarm.guard.SwarmGuard` in and calls :meth:`step`.
-
-State served to peers (``{run_id}_diloco``, hivemind's download RPC): metadata
-``{"round": r, "epoch": e, "layout": STATE_LAYOUT}`` where ``r`` is the number
-of outer steps in the global parameters; tensors are the global parameters
-in ``model.parameters()`` order, then the outer momentum buffers in the same
-order (zeros before the first outer step).
 """
 
 from __future__ import annotations
@@ -37,12 +33,17 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from crowdtrain.model import params_sha256
 from crowdtrain.node.swarm.averagers import DiLoCoAverager
 from crowdtrain.node.swarm.compression import compression
-from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard, state_problem
-from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
+from crowdtrain.node.swarm.diloco_state import (
+    GlobalState,
+    StateExchange,
+    averager_prefix,
+    failure_reason,
+    served_state,
+)
+from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
+from crowdtrain.protocol.runspec import OptimizerSection, RunSpec, SwarmSection
 
 logger = logging.getLogger(__name__)
-
-STATE_LAYOUT = "diloco-v1"  # names the served state's layout (see the module docstring)
 
 ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's peers meet
 
@@ -50,11 +51,6 @@ ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's
 def round_bits(round_: int) -> str:
     """The averager's group bits for ``round_``."""
     return format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
-
-
-def averager_prefix(run_id: str) -> str:
-    """The DHT prefix of a run's DiLoCo averager (matchmaking and state downloads)."""
-    return f"{run_id}_diloco"
 
 
 class _OneLineAveragingFailures(logging.Filter):
@@ -89,11 +85,33 @@ class _PendingRound:  # an all-reduce under way
     deadline: float  # monotonic: give up waiting after this
 
 
-@dataclass
-class _GlobalState:  # downloaded from a peer
-    round: int
-    params: list[torch.Tensor]
-    momentum: list[torch.Tensor]
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """What a :class:`DiLoCoOptimizer` is asked to do; built once from the run spec and
+    the node's flags (:meth:`from_spec`).
+
+    ``optimizer`` and ``swarm`` are the run spec's sections; compressions left
+    None are 8-bit for pseudo-gradients and none for served state.
+    """
+
+    run_id: str
+    optimizer: OptimizerSection
+    swarm: SwarmSection
+    client_mode: bool = False
+    pseudo_grad_compression: CompressionBase | None = None
+    state_compression: CompressionBase | None = None
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec, client_mode: bool) -> DiLoCoConfig:
+        opt = spec.optimizer
+        return cls(
+            run_id=spec.run.id,
+            optimizer=opt,
+            swarm=spec.swarm,
+            client_mode=client_mode,
+            pseudo_grad_compression=compression(opt.pseudo_grad_compression),
+            state_compression=compression(opt.state_compression),
+        )
 
 
 class DiLoCoOptimizer:
@@ -101,14 +119,15 @@ class DiLoCoOptimizer:
 
     Call :meth:`step` after each micro-batch's backward with its number of
     sequences: it takes (and clears) the gradients, runs an inner step on their
-    sequence-weighted mean once ``spec.inner_batch_size`` sequences are in, and
+    sequence-weighted mean once ``inner_batch_size`` sequences are in, and
     ends the round when the swarm has trained ``inner_steps * target_batch_size``
-    sequences. :meth:`zero_grad` drops a micro-batch not given to :meth:`step`.
+    sequences (the run spec's [optimizer] keys, in ``config.optimizer``).
+    :meth:`zero_grad` drops a micro-batch not given to :meth:`step`.
 
     At a round's end each peer averages its pseudo-gradient (global minus local
     parameters), weighted by the sequences it trained in the round, with the
     peers of that round and applies the average with the outer optimizer; with
-    ``spec.outer_overlap`` in the background while the next round trains (that
+    ``outer_overlap`` in the background while the next round trains (that
     progress is kept on top of the new global parameters). Peers that complete
     a round together hold bit-identical global parameters. A peer whose round
     failed loads the next round's state from a peer, else applies its own.
@@ -119,24 +138,21 @@ class DiLoCoOptimizer:
 
     def __init__(
         self,
+        config: DiLoCoConfig,
         *,
         dht: hivemind.DHT,
-        run_id: str,
         model: torch.nn.Module,
         params: Iterable[Any],
         inner_optimizer: Callable[[Any], torch.optim.Optimizer],
-        scheduler: Callable[[torch.optim.Optimizer], Any] | None,
-        spec: OptimizerSection,
-        swarm: SwarmSection,
-        client_mode: bool,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         swarm_guard: SwarmGuard | None = None,
-        pseudo_grad_compression: CompressionBase | None = None,
-        state_compression: CompressionBase | None = None,
     ):
-        self.dht, self.run_id, self.model = dht, run_id, model
-        self.spec, self.swarm, self.client_mode = spec, swarm, client_mode
+        self.config, self.dht, self.model = config, dht, model
+        # The config's parts under short names: the round logic reads them often.
+        self.run_id, self.client_mode = config.run_id, config.client_mode
+        self.spec, self.swarm = config.optimizer, config.swarm
+        spec, swarm = self.spec, self.swarm
         self.swarm_guard = swarm_guard
-        self.last_refusal: str | None = None
         self.local_epoch = 0
         self.inner_step = 0
         self.global_round = 0  # outer steps in the global parameters
@@ -181,9 +197,9 @@ class DiLoCoOptimizer:
 
         self.tracker = ProgressTracker(
             dht=dht,
-            prefix=run_id,
+            prefix=self.run_id,
             target_batch_size=spec.inner_steps * spec.target_batch_size,
-            client_mode=client_mode,
+            client_mode=self.client_mode,
             min_refresh_period=0.5,
             # Peers must notice the round's end within one matchmaking window.
             max_refresh_period=max(0.5, swarm.matchmaking_time_s),
@@ -200,20 +216,29 @@ class DiLoCoOptimizer:
                 weight_scale=float(spec.inner_steps),
                 current_state=self._current_state,
                 dht=dht,
-                prefix=averager_prefix(run_id),
+                prefix=averager_prefix(self.run_id),
                 start=True,
                 min_matchmaking_time=swarm.matchmaking_time_s,
                 request_timeout=swarm.request_timeout_s,
                 allreduce_timeout=swarm.averaging_timeout_s,
-                compression=pseudo_grad_compression or compression("8bit"),
-                state_compression=state_compression or compression("none"),
+                compression=config.pseudo_grad_compression or compression("8bit"),
+                state_compression=config.state_compression or compression("none"),
                 initial_group_bits=round_bits(0),
-                client_mode=client_mode,
+                client_mode=self.client_mode,
             )
         except BaseException:
             self.tracker.shutdown(1.0)  # a failed start must not leave a thread behind
             raise
-        self._share_state()
+        self.exchange = StateExchange(
+            self.averager,
+            dht,
+            self.run_id,
+            like=self.global_params,
+            model_params=self._params,
+            num_peers=lambda: self.tracker.global_progress.num_peers,
+            swarm_guard=swarm_guard,
+        )
+        self.exchange.announce(self.global_round)
 
     # what the trainer calls
 
@@ -267,12 +292,31 @@ class DiLoCoOptimizer:
         :attr:`last_refusal` then says why a served state was refused.
         """
         self._wait_pending()
-        state = self._download(timeout if timeout is not None else self.swarm.load_state_timeout_s)
+        timeout_s = timeout if timeout is not None else self.swarm.load_state_timeout_s
+        state = self.exchange.download(timeout_s)
         if state is None:
             return False
         self._adopt(state, local_at_end=None)
         logger.info("loaded the global state of round %d from a peer", state.round)
         return True
+
+    @property
+    def last_refusal(self) -> str | None:
+        """Why the last downloaded global state was refused; None when it was not."""
+        return self.exchange.last_refusal
+
+    def set_step(self, step: int) -> None:
+        """After the model's parameters were loaded (the keeper's checkpoint of round
+        ``step``): they become the global parameters of round ``step``, with zero outer
+        momentum, and the round follows."""
+        params = [p.detach().to("cpu", torch.float32, copy=True) for p in self._params]
+        momentum = [torch.zeros_like(p) for p in params]
+        self._adopt(GlobalState(step, params, momentum), local_at_end=None)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The swarm's model is the global (outer) parameters, not this peer's local
+        ones, which hold inner steps not averaged yet: those, and their round."""
+        return self.global_state_dict(), {"global_round": str(self.global_round)}
 
     def shutdown(self) -> None:
         """Leave: stop reporting progress, end or drop a round under way, stop the averager."""
@@ -365,7 +409,7 @@ class DiLoCoOptimizer:
         except (Exception, asyncio.CancelledError) as e:  # any failure of the round alike
             if not pending.control.done():
                 pending.control.cancel()
-            self._recover(pending.round, pending.local_at_end, _reason(e))
+            self._recover(pending.round, pending.local_at_end, failure_reason(e))
             return
         group = gathered if isinstance(gathered, dict) else {}
         with torch.no_grad(), self.averager.get_tensors() as average:
@@ -387,12 +431,12 @@ class DiLoCoOptimizer:
                 "round %d: our global parameters differed from the group's; reloading them",
                 pending.round,
             )
-            self._set_sharing(False)
-            state = self._await_round(pending.round + 1, self.swarm.load_state_timeout_s)
+            self.exchange.allow(False)
+            state = self.exchange.await_round(pending.round + 1, self.swarm.load_state_timeout_s)
             if state is not None:
                 self._adopt(state, local_at_end=None, keep_local=True)
             self.last_round_outcome = "reloaded" if state is not None else "diverged"
-            self._set_sharing(True)
+            self.exchange.allow(True)
 
     def _outer_step(self, average: Sequence[torch.Tensor]) -> None:
         with self._state_lock:
@@ -403,7 +447,7 @@ class DiLoCoOptimizer:
                 global_.grad = None
             self.global_round += 1
             self._global_version += 1
-        self._share_state()
+        self.exchange.announce(self.global_round)
 
     def _follow_local(
         self, local_at_end: list[torch.Tensor], keep_progress: bool | None = None
@@ -422,7 +466,7 @@ class DiLoCoOptimizer:
 
     def _recover(self, round_: int, local_at_end: list[torch.Tensor], reason: str) -> None:
         """A round without an average: take the next round's state from a peer, else our own."""
-        state = self._await_round(round_ + 1, self._round_timeout_s)
+        state = self.exchange.await_round(round_ + 1, self._round_timeout_s)
         if state is not None:
             logger.warning(
                 "round %d: averaging failed (%s); loaded round %d's global state from a peer",
@@ -450,7 +494,7 @@ class DiLoCoOptimizer:
 
     def _adopt(
         self,
-        state: _GlobalState,
+        state: GlobalState,
         local_at_end: list[torch.Tensor] | None,
         keep_local: bool = False,
     ) -> None:
@@ -474,97 +518,20 @@ class DiLoCoOptimizer:
             with self.tracker.pause_updates():
                 self.local_epoch = self.tracker.update_epoch(state.round)
             self._round_samples = 0
-        self._share_state()
+        self.exchange.announce(self.global_round)
 
-    # state sharing
-
-    def _share_state(self) -> None:
-        if not self.client_mode:
-            self.averager.state_sharing_priority = float(self.global_round)
-
-    def _set_sharing(self, allowed: bool) -> None:
-        if not self.client_mode:
-            self.averager.allow_state_sharing = allowed
+    # what peers download
 
     def _current_state(self) -> tuple[dict[str, Any], list[torch.Tensor], None]:
         """What peers download (runs in hivemind's fetcher thread)."""
         with self._state_lock:
-            tensors = [g.clone() for g in self.global_params]
-            tensors += [
-                _momentum(self.outer.state.get(g, {}), g).clone() for g in self.global_params
-            ]
-            metadata = {"round": self.global_round, "epoch": self.local_epoch}
-        return {**metadata, "layout": STATE_LAYOUT}, tensors, None
-
-    def _await_round(self, round_: int, timeout_s: float) -> _GlobalState | None:
-        """Global state of ``round_`` or later from a peer, waiting up to ``timeout_s`` for a
-        peer to announce it; None when no other peer has it."""
-        deadline = time.monotonic() + timeout_s
-        while self.tracker.global_progress.num_peers > 1:
-            if self._best_announced_round() >= round_:
-                state = self._download(max(1.0, deadline - time.monotonic()))
-                if state is not None and state.round >= round_:
-                    return state
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        return None
-
-    def _best_announced_round(self) -> float:
-        """The highest round another peer announces for state downloads (-1: none)."""
-        found = self.dht.get(f"{averager_prefix(self.run_id)}.all_averagers", latest=True)
-        entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        me = self.dht.peer_id.to_bytes()
-        rounds = [
-            float(entry.value)
-            for peer, entry in entries.items()
-            if peer != me and isinstance(getattr(entry, "value", None), int | float)
-        ]
-        return max(rounds, default=-1.0)
-
-    def _download(self, timeout_s: float) -> _GlobalState | None:
-        self.last_refusal = None
-        try:
-            loaded = self.averager.load_state_from_peers(timeout=timeout_s)
-        except Exception as e:  # a timeout, a peer that left mid-download
-            logger.info("could not download the global state: %s", _reason(e))
-            return None
-        if loaded is None:
-            return None
-        metadata, tensors = loaded
-        problem = self._state_problem(metadata, tensors)
-        if problem is not None:
-            self.last_refusal = problem
-            logger.warning("refused the global state a peer served: %s", problem)
-            return None
-        n = len(self.global_params)
-        return _GlobalState(
-            int(metadata["round"]),
-            [t.float() for t in tensors[:n]],
-            [t.float() for t in tensors[n : 2 * n]],
-        )
-
-    def _state_problem(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
-        if not isinstance(metadata, dict) or metadata.get("layout") != STATE_LAYOUT:
-            return "it is not DiLoCo state"
-        round_ = metadata.get("round")
-        if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
-            return "it carries no round"
-        n = len(self.global_params)
-        if len(tensors) != 2 * n:
-            return f"it holds {len(tensors)} tensors, not the {2 * n} of this model"
-        for ours, theirs in zip(self.global_params * 2, tensors, strict=True):
-            if theirs.shape != ours.shape or not theirs.dtype.is_floating_point:
-                return "its tensors do not fit this model"
-            if not bool(torch.isfinite(theirs).all()):
-                return "its tensors are not finite"
-        if self.swarm_guard is None:
-            return None
-        try:
-            return state_problem(self.swarm_guard, self._params, {"epoch": round_}, tensors[:n])
-        except Exception as e:  # the coordinator or keeper may be away: say so, refuse nothing
-            logger.warning("could not check the downloaded state (%s); accepting it", e)
-            return None
+            state = GlobalState(
+                self.global_round,
+                [g.clone() for g in self.global_params],
+                [_momentum(self.outer.state.get(g, {}), g).clone() for g in self.global_params],
+            )
+            epoch = self.local_epoch
+        return served_state(state, epoch)
 
 
 def _momentum(state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
@@ -593,8 +560,4 @@ def _canonical_sha256(gathered: Iterable[Any]) -> str | None:
     return min(weights, key=lambda sha: (-weights[sha], sha))
 
 
-def _reason(error: BaseException) -> str:
-    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]
-
-
-__all__ = ["STATE_LAYOUT", "DiLoCoOptimizer", "averager_prefix", "round_bits"]
+__all__ = ["DiLoCoConfig", "DiLoCoOptimizer", "round_bits"]

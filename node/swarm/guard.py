@@ -16,8 +16,8 @@ the trainer share only two files in the guard's folder: ``roster.json``
 (allowances, written by the trainer) and ``reports.jsonl`` (dropped senders,
 appended by the averagers). Knows nothing about the coordinator itself: the
 node passes the roster in and carries the reports out. The all-reduce runner
-that applies these checks is in ``guarded_runner.py``; the hivemind classes that
-use it, in ``guarded.py``.
+that applies these checks is in :mod:`~crowdtrain.node.swarm.allreduce`; the
+hivemind classes that use it, in :mod:`~crowdtrain.node.swarm.averagers`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from pydantic import ValidationError
 
 from crowdtrain.model import params_sha256
-from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.files import atomic_write
+from crowdtrain.protocol.messages import PeerReport
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +71,6 @@ apart. A fabricated or foreign model is about 100% away."""
 COORDINATOR_LAG_S = 8.0
 """The coordinator reads the swarm's step from the DHT every 5 s: state that is
 further ahead is checked again after this long before it is refused."""
-
-ATTACK_ENV = "CROWDTRAIN_TEST_ATTACK"
-"""Test hook: ``nan``, ``scale``, ``weight`` or ``cycle`` makes this node a hostile peer."""
-
-ATTACKS = ("nan", "scale", "weight")
 
 # Reasons a part or a result is dropped; reports carry them to the coordinator.
 MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM = (
@@ -157,7 +153,11 @@ def _norm(tensor: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """What the averager processes need; copied into them when hivemind forks."""
+    """What the averager processes need; copied into them when hivemind forks.
+
+    ``attack`` is the ``CROWDTRAIN_TEST_ATTACK`` test hook (see
+    :class:`~crowdtrain.node.device.hooks.TestHooks`): empty for an honest peer.
+    """
 
     folder: Path
     unknown_max_weight: float
@@ -255,6 +255,17 @@ def state_distance(state: dict[str, torch.Tensor], reference: dict[str, torch.Te
     return math.sqrt(diff / total) if total > 0 else (0.0 if diff == 0 else math.inf)
 
 
+class CoordinatorView(Protocol):
+    """What the guard asks the coordinator (the node's
+    :class:`~crowdtrain.node.link.http.RunView` answers)."""
+
+    def fresh_step(self) -> int | None: ...
+
+    def checkpoint_sha256(self, step: int) -> str | None: ...
+
+    def checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None: ...
+
+
 def _no_step() -> int | None:
     return None
 
@@ -269,25 +280,26 @@ class SwarmGuard:
     ``coordinator_step()`` gives the step the coordinator recorded (None when
     unknown), ``checkpoint_sha256(step)`` the :func:`params_sha256` of the
     coordinator's checkpoint of ``step`` (None when it has none) and
-    ``checkpoint_state(step)`` its tensors (None when unavailable). ``named_parameters`` names the model's
-    parameters (tied ones under each name) for hashing downloaded state.
-    Start it before hivemind: a previous session's files are removed.
+    ``checkpoint_state(step)`` its tensors (None when unavailable): ``coordinator``
+    gives all three (a :class:`CoordinatorView`; without one, nothing is known and
+    downloaded state is checked for its shape and finiteness only).
+    ``named_parameters`` names the model's parameters (tied ones under each name)
+    for hashing downloaded state. ``attack`` is the test hook that makes this a
+    hostile peer (empty: honest). Start it before hivemind: a previous session's
+    files are removed. Tests may replace the three callables and
+    ``coordinator_lag_s`` after construction.
     """
 
-    def __init__(self, folder: Path, target_batch_size: int):
+    def __init__(
+        self,
+        folder: Path,
+        target_batch_size: int,
+        *,
+        attack: str = "",
+        coordinator: CoordinatorView | None = None,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] = (),
+    ):
         folder.mkdir(parents=True, exist_ok=True)
-        attack = os.environ.get(ATTACK_ENV, "")
-        if attack and attack not in (*ATTACKS, "cycle"):
-            raise CrowdtrainError(
-                f"{ATTACK_ENV}={attack!r}: use one of {', '.join(ATTACKS)} or cycle, or unset it"
-            )
-        if attack:
-            logger.warning(
-                "!!! %s=%s: THIS NODE IS A HOSTILE TEST PEER and corrupts what it sends "
-                "to the swarm; never set this outside tests !!!",
-                ATTACK_ENV,
-                attack,
-            )
         # A fast honest peer can collect more than the target in one round (1.5x seen
         # on loopback), so a peer the roster does not list yet may claim twice it.
         self.config = GuardConfig(folder, 2.0 * target_batch_size, attack)
@@ -298,7 +310,11 @@ class SwarmGuard:
         self.coordinator_step: Callable[[], int | None] = _no_step
         self.checkpoint_sha256: Callable[[int], str | None] = _no_checkpoint
         self.checkpoint_state: Callable[[int], dict[str, torch.Tensor] | None] = _no_checkpoint
-        self.named_parameters: list[tuple[str, torch.Tensor]] = []
+        if coordinator is not None:
+            self.coordinator_step = coordinator.fresh_step
+            self.checkpoint_sha256 = coordinator.checkpoint_sha256
+            self.checkpoint_state = coordinator.checkpoint_state
+        self.named_parameters: list[tuple[str, torch.Tensor]] = list(named_parameters)
         self.coordinator_lag_s = COORDINATOR_LAG_S
 
     def update_roster(self, roster: dict[str, float]) -> None:
@@ -311,8 +327,9 @@ class SwarmGuard:
             self.config.roster_path, json.dumps({str(k): float(v) for k, v in roster.items()})
         )
 
-    def drain_reports(self) -> list[dict[str, Any]]:
-        """Senders dropped since the last call: ``{dht_peer_id, reason, count}``, largest first."""
+    def drain_reports(self) -> list[PeerReport]:
+        """Senders dropped since the last call, largest count first (at most as many as a
+        heartbeat carries); a line that does not make a :class:`PeerReport` is skipped."""
         with self._lock:
             try:
                 with open(self.config.reports_path, "rb") as file:
@@ -330,11 +347,13 @@ class SwarmGuard:
                 counts[key] = counts.get(key, 0) + int(report["count"])
             except (ValueError, KeyError, TypeError):
                 continue
-        reports = [
-            {"dht_peer_id": peer, "reason": reason, "count": count}
-            for (peer, reason), count in counts.items()
-        ]
-        reports.sort(key=lambda r: -r["count"])
+        reports = []
+        for (peer, reason), count in counts.items():
+            try:
+                reports.append(PeerReport(dht_peer_id=peer, reason=reason, count=count))
+            except ValidationError:
+                logger.debug("skipped a malformed report about %r", peer[:64])
+        reports.sort(key=lambda r: -r.count)
         return reports[:_MAX_REPORTS]
 
     def named_state(
@@ -352,8 +371,8 @@ class SwarmGuard:
 
 
 __all__ = [
-    "ATTACK_ENV",
     "CLIP_BOUND",
+    "CoordinatorView",
     "NORM_BOUND",
     "STEP_TOLERANCE",
     "GuardConfig",

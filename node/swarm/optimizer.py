@@ -1,20 +1,22 @@
-"""The collaborative optimizer a node trains with, built from the run spec.
+"""The collaborative optimizer a node trains with: its interface, and building it from the spec.
 
-``mode = "sync"`` is hivemind's Optimizer (guarded), averaging gradients each
-collaborative step; ``mode = "diloco"`` is :class:`~crowdtrain.node.swarm.diloco.DiLoCoOptimizer`,
-local AdamW steps with an outer Nesterov step on averaged pseudo-gradients.
-Both are built here so that the trainer drives them the same way: ``step()``
-after each micro-batch, ``local_epoch`` for the swarm's step, ``tracker`` for
-the swarm's progress, ``load_state_from_peers()`` and ``shutdown()``.
+``mode = "sync"`` is hivemind's Optimizer (guarded:
+:class:`~crowdtrain.node.swarm.sync.GuardedOptimizer`), averaging gradients
+each collaborative step; ``mode = "diloco"`` is
+:class:`~crowdtrain.node.swarm.diloco.DiLoCoOptimizer`, local AdamW steps with
+an outer Nesterov step on averaged pseudo-gradients. Both implement
+:class:`SwarmOptimizer`, so the node drives them the same way and never asks
+which one it has. Knows nothing about the coordinator or the training loop.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import hivemind
 import torch
+from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.model import param_groups
 from crowdtrain.node.swarm.averagers import GuardedGradientAverager
@@ -22,6 +24,54 @@ from crowdtrain.node.swarm.compression import compression
 from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.node.swarm.sync import GuardedOptimizer
 from crowdtrain.protocol.runspec import RunSpec
+
+
+@runtime_checkable
+class SwarmOptimizer(Protocol):
+    """What the node asks of its collaborative optimizer, whichever the run's mode.
+
+    Create it in the process's main thread (hivemind's averagers set SIGINT to
+    be ignored there) and :meth:`shutdown` it before its DHT.
+    """
+
+    tracker: ProgressTracker
+    """The swarm's progress: its peers (``global_progress.num_peers``) and step."""
+
+    @property
+    def local_epoch(self) -> int:
+        """The swarm step (sync) or round (DiLoCo) this peer is at."""
+        ...
+
+    @property
+    def last_refusal(self) -> str | None:
+        """Why the state last downloaded from a peer was refused; None when it was not."""
+        ...
+
+    def step(self, *, batch_size: int) -> object:
+        """Take the gradients of a micro-batch of ``batch_size`` sequences, just backed."""
+        ...
+
+    def zero_grad(self) -> None:
+        """Drop the model's gradients (a micro-batch not given to :meth:`step`)."""
+        ...
+
+    def load_state_from_peers(self) -> object:
+        """Take the swarm's latest state from a peer, if one serves acceptable state."""
+        ...
+
+    def set_step(self, step: int) -> None:
+        """Move to swarm step ``step`` after the model's parameters were loaded from the
+        keeper's checkpoint of that step."""
+        ...
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The swarm's parameters as a checkpoint of this peer's step holds them (state
+        dict names), and the metadata that goes with them. Do not modify the tensors."""
+        ...
+
+    def shutdown(self) -> None:
+        """Leave the swarm's averaging and stop the optimizer's processes."""
+        ...
 
 
 class ClippedAdamW(torch.optim.AdamW):
@@ -55,31 +105,27 @@ def build_optimizer(
     dht: hivemind.DHT,
     guard: SwarmGuard,
     micro_batch_size: int,
-) -> Any:
+) -> SwarmOptimizer:
     """The run's collaborative optimizer over ``model``; create it in the main thread."""
     opt = spec.optimizer
     inner = partial(ClippedAdamW, lr=opt.lr, betas=opt.betas, max_grad_norm=opt.grad_clip)
     scheduler = partial(warmup, warmup_steps=opt.warmup_steps)
     if opt.mode == "diloco":
-        from crowdtrain.node.swarm.diloco import DiLoCoOptimizer
+        from crowdtrain.node.swarm.diloco import DiLoCoConfig, DiLoCoOptimizer
 
         return DiLoCoOptimizer(
+            DiLoCoConfig.from_spec(spec, client_mode=dht.client_mode),
             dht=dht,
-            run_id=spec.run.id,
             model=model,
             params=param_groups(model, opt.weight_decay),
             inner_optimizer=inner,
             scheduler=scheduler,
-            spec=opt,
-            swarm=spec.swarm,
-            client_mode=dht.client_mode,
             swarm_guard=guard,
-            pseudo_grad_compression=compression(opt.pseudo_grad_compression),
-            state_compression=compression(opt.state_compression),
         )
     swarm = spec.swarm
     return GuardedOptimizer(
         swarm_guard=guard,
+        model=model,
         dht=dht,
         run_id=spec.run.id,
         target_batch_size=opt.target_batch_size,
@@ -110,18 +156,10 @@ def build_optimizer(
     )
 
 
-def swarm_ids(dht: hivemind.DHT | None, optimizer: Any) -> dict[str, str]:
-    """A node's hivemind identities, for the coordinator to match DHT records to it."""
-    if dht is None or optimizer is None:
-        return {"dht_peer_id": "", "progress_key": ""}
-    try:
-        return {
-            "dht_peer_id": dht.peer_id.to_base58(),
-            # The subkey its progress records are signed under (hivemind keeps it private).
-            "progress_key": optimizer.tracker._local_public_key.hex(),
-        }
-    except Exception:  # not started, or shutting down
-        return {"dht_peer_id": "", "progress_key": ""}
+def progress_key(optimizer: SwarmOptimizer) -> str:
+    """The public key (hex) that signs this peer's progress records in the DHT, for the
+    coordinator to match those records to this node (hivemind keeps it private)."""
+    return str(optimizer.tracker._local_public_key.hex())
 
 
-__all__ = ["ClippedAdamW", "build_optimizer", "swarm_ids", "warmup"]
+__all__ = ["ClippedAdamW", "SwarmOptimizer", "build_optimizer", "progress_key", "warmup"]

@@ -501,7 +501,7 @@ def test_the_verifier_cuts_the_same_batches_as_the_node(spot_run):
     assert progress.wants_sample(STEP)
     progress.add_sample(STEP, [1.0] * 9)
     assert not progress.wants_sample(STEP) and progress.wants_sample(STEP + 1)
-    sent = progress.receipt()
+    sent = progress.receipt().model_dump()  # as the node signs it
     assert sent["samples"] == [{"step": STEP, "batch": 2, "losses": [1.0] * 8}]
     assert sent["micro_batch_size"] == MICRO_BATCH
     ReceiptPayload.model_validate({**sent, "finished": sent["started"] + 1})

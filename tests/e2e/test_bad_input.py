@@ -175,28 +175,33 @@ def test_hostile_control_plane_requests_are_refused_counted_and_change_nothing(
     from crowdtrain.protocol import coordinator_pb2 as pb
     from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
     from crowdtrain.protocol.identity import Identity, seal
-    from crowdtrain.protocol.rpc import KIND_RECEIPT, envelope_to_pb
+    from crowdtrain.protocol.messages import ReceiptPayload
+    from crowdtrain.protocol.rpc import KIND_HEARTBEAT, KIND_RECEIPT, envelope_to_pb
 
     identity = Identity.generate()
     target = live.get("/api/endpoints")["grpc_target"]
     client = CoordinatorClient(live.url, target, identity)
     stub = pb_grpc.CoordinatorStub(grpc.insecure_channel(target))
 
-    def receipt(shard_id: str, epoch: int = 0) -> dict:
+    def receipt(shard_id: str, epoch: int = 0) -> ReceiptPayload:
         now = time.time()
-        return {
-            "shard_id": shard_id,
-            "epoch": epoch,
-            "num_sequences": 8,
-            "num_tokens": 512,
-            "loss_sum": 40.0,
-            "started": now - 5,
-            "finished": now,
-        }
+        return ReceiptPayload(
+            shard_id=shard_id,
+            epoch=epoch,
+            num_sequences=8,
+            num_tokens=512,
+            loss_sum=40.0,
+            started=now - 5,
+            finished=now,
+        )
+
+    def sealed(kind: str, payload: dict) -> pb.Envelope:
+        # What a hostile client sends: a node's client builds only payloads that parse.
+        return envelope_to_pb(seal(identity, kind, payload))
 
     token = client.register("tiny", "probe", "cpu", "").session_token
     [lease] = client.lease(token, 1)
-    envelope = envelope_to_pb(seal(identity, KIND_RECEIPT, receipt(lease.shard_id)))
+    envelope = sealed(KIND_RECEIPT, receipt(lease.shard_id).model_dump())
     auth = (("authorization", f"Bearer {token}"),)
     assert stub.ReportShard(pb.ShardReport(envelope=envelope), metadata=auth).accepted
     before = db_rows(live.coord_dir)
@@ -210,7 +215,13 @@ def test_hostile_control_plane_requests_are_refused_counted_and_change_nothing(
             lambda: stub.ReportShard(pb.ShardReport(envelope=envelope), metadata=auth),
             "replayed",
         ),
-        (lambda: client.heartbeat(token, {"session_key": "x" * 16}), "HeartbeatPayload"),
+        (
+            lambda: stub.Heartbeat(
+                pb.HeartbeatRequest(envelope=sealed(KIND_HEARTBEAT, {"session_key": "x" * 16})),
+                metadata=auth,
+            ),
+            "HeartbeatPayload",
+        ),
         (lambda: client.register("no-such-run", "probe", "cpu", ""), "no run 'no-such-run'"),
     ]
     for call, message in cases:

@@ -17,6 +17,7 @@ from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.grpc import CoordinatorClient
 from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.messages import ReceiptPayload, ReceiptSample
 from crowdtrain.protocol.shards import load_manifest, num_windows
 from tests.swarm import Swarm, write_spec
 
@@ -70,17 +71,17 @@ def test_a_forged_receipt_is_not_credited_and_flags_its_peer(swarm: Swarm) -> No
         honest = num_windows(entry.num_tokens, SEQ_LEN) // MICRO_BATCH * MICRO_BATCH
         time.sleep(2.0)
         step = swarm.get("/api/runs/tiny")["step"]
-        forged = {
-            "shard_id": lease.shard_id,
-            "epoch": lease.epoch,
-            "num_sequences": 10 * honest,
-            "num_tokens": 10 * honest * SEQ_LEN,
-            "loss_sum": 10 * honest * 2.5,
-            "started": granted,
-            "finished": time.time(),
-            "micro_batch_size": MICRO_BATCH,
-            "samples": [{"step": step, "batch": 0, "losses": [2.5] * MICRO_BATCH}],
-        }
+        forged = ReceiptPayload(
+            shard_id=lease.shard_id,
+            epoch=lease.epoch,
+            num_sequences=10 * honest,
+            num_tokens=10 * honest * SEQ_LEN,
+            loss_sum=10 * honest * 2.5,
+            started=granted,
+            finished=time.time(),
+            micro_batch_size=MICRO_BATCH,
+            samples=[ReceiptSample(step=step, batch=0, losses=[2.5] * MICRO_BATCH)],
+        )
         # Signed by another key with the peer's session: refused, nothing stored.
         stranger = CoordinatorClient(swarm.url, swarm.ports["grpc_target"], Identity.generate())
         try:

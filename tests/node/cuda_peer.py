@@ -27,7 +27,7 @@ from hivemind.compression import NoCompression, Uniform8BitQuantization
 from crowdtrain.model import GPT, GPTConfig, param_groups
 from crowdtrain.node.device.precision import autocast
 from crowdtrain.node.swarm.compression import install_decoders
-from crowdtrain.node.swarm.diloco import DiLoCoOptimizer
+from crowdtrain.node.swarm.diloco import DiLoCoConfig, DiLoCoOptimizer
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 SEQ_LEN = 32
@@ -105,18 +105,21 @@ def main() -> int:
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=256, seq_len=SEQ_LEN, num_layers=2, num_heads=2, d_model=64)
     model = GPT(config).to(device)
-    opt = DiLoCoOptimizer(
-        dht=dht,
+    config = DiLoCoConfig(
         run_id="cudatest",
-        model=model,
-        params=param_groups(model, 0.1),
-        inner_optimizer=partial(torch.optim.AdamW, lr=spec.lr),
-        scheduler=None,
-        spec=spec,
+        optimizer=spec,
         swarm=swarm,
         client_mode=False,
         pseudo_grad_compression=Uniform8BitQuantization(),
         state_compression=NoCompression(),
+    )
+    opt = DiLoCoOptimizer(
+        config,
+        dht=dht,
+        model=model,
+        params=param_groups(model, 0.1),
+        inner_optimizer=partial(torch.optim.AdamW, lr=spec.lr),
+        scheduler=None,
     )
 
     def leave(signum: int, frame: object) -> None:

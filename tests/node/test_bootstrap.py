@@ -257,9 +257,8 @@ def test_the_optimizer_takes_the_checkpoints_step_and_trains_on(tmp_path, mode, 
 
     import hivemind
 
-    from crowdtrain.node.bootstrap import set_optimizer_step
     from crowdtrain.node.swarm.guard import SwarmGuard
-    from crowdtrain.node.swarm.optimizer import build_optimizer
+    from crowdtrain.node.swarm.optimizer import SwarmOptimizer, build_optimizer
     from crowdtrain.protocol.runspec import parse_spec
 
     spec = parse_spec(_optimizer_spec(mode, delay))
@@ -274,12 +273,16 @@ def test_the_optimizer_takes_the_checkpoints_step_and_trains_on(tmp_path, mode, 
         model = GPT(GPTConfig.from_spec(spec.model))
         guard = SwarmGuard(tmp_path / "guard", target_batch_size=8)
         opt = build_optimizer(spec, model, dht, guard, micro_batch_size=4)
+        assert isinstance(opt, SwarmOptimizer)  # both modes: the interface the node drives
         with torch.no_grad():  # what load_kept_checkpoint does
             for name, tensor in model.state_dict().items():
                 tensor.copy_(state[name])
-        set_optimizer_step(opt, STEP)
+        opt.set_step(STEP)
         assert opt.local_epoch == STEP
         assert opt.tracker.local_progress.epoch == STEP
+        kept, metadata = opt.checkpoint_state()  # what the node's checkpoint holds
+        assert params_sha256(kept) == params_sha256(state)
+        assert metadata == ({"global_round": str(STEP)} if mode == "diloco" else {})
         if mode == "diloco":
             assert opt.global_round == STEP
             assert opt.global_params_sha256() == params_sha256(state)

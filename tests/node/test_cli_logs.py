@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 
 from crowdtrain.node import cli
@@ -56,10 +57,11 @@ def test_hivemind_records_become_json_lines_too(capsys, monkeypatch):
 
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         monkeypatch.setattr(
             "crowdtrain.node.node.Node", _StopHere, raising=True
-        )  # _join stops right after its logging set-up
+        )  # _join stops right after its logging set-up, as it starts the node
         args = cli._parser().parse_args(["--log-json", "join", "http://x", "--run", "r"])
         try:
             cli._join(args)
@@ -76,6 +78,8 @@ def test_hivemind_records_become_json_lines_too(capsys, monkeypatch):
         use_hivemind_log_handler("in_hivemind")
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+        for signum, handler in handlers.items():  # _join takes them for the node
+            signal.signal(signum, handler)
 
 
 class _Stopped(Exception):
@@ -83,5 +87,6 @@ class _Stopped(Exception):
 
 
 class _StopHere:
-    def __init__(self, *args, **kwargs):
+    @classmethod
+    def start(cls, *args, **kwargs):
         raise _Stopped

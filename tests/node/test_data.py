@@ -196,8 +196,38 @@ def test_a_shard_shorter_than_a_micro_batch_is_one_smaller_batch(tmp_path, serve
     stream.offer(LeasedShard(entry.id, 0, tmp_path / "origin" / entry.file, entry))
     batch, progress = stream.next_batch()
     assert batch.shape == (windows, SEQ_LEN + 1)
-    assert progress.num_batches == 1 and progress.receipt()["micro_batch_size"] == windows
+    assert progress.num_batches == 1 and progress.receipt().micro_batch_size == windows
     # The verifier cuts the shard by the receipt's micro-batch size: the same sequences.
     tokens = read_shard(tmp_path / "origin" / entry.file)
     order = sequence_order(3, 0, entry.id, len(tokens), SEQ_LEN, windows)
     assert np.array_equal(batch, batch_windows(tokens, order, 0, windows, SEQ_LEN))
+
+
+def test_a_shard_returns_its_receipt_once_when_done_and_never_for_a_replay(
+    tmp_path, served
+) -> None:
+    manifest, _ = served
+    entry = manifest.train_shards[0]
+    stream = ShardStream(run_seed=3, seq_len=SEQ_LEN, batch_size=4)
+    stream.offer(LeasedShard(entry.id, 0, tmp_path / "origin" / entry.file, entry))
+    receipts = []
+    _, progress = stream.next_batch()
+    for index in range(progress.num_batches):
+        if index:
+            _, progress = stream.next_batch()
+        wants = progress.wants_sample(step=0)
+        if index == 1:  # a skipped micro-batch still ends the shard, untrained
+            receipts.append(progress.skip())
+        else:
+            sample = [2.0, 3.0] if wants else None
+            receipts.append(progress.record(4, 4 * SEQ_LEN, 2.5, step=0, sample=sample))
+    *before, receipt = receipts
+    assert before == [None] * (progress.num_batches - 1) and receipt is not None
+    trained = progress.num_batches - 1
+    assert (receipt.shard_id, receipt.epoch, receipt.micro_batch_size) == (entry.id, 0, 4)
+    assert (receipt.num_sequences, receipt.num_tokens) == (4 * trained, 4 * trained * SEQ_LEN)
+    assert receipt.loss_sum == pytest.approx(2.5 * 4 * trained)
+    assert [(s.step, s.batch, s.losses) for s in receipt.samples] == [(0, 0, [2.0, 3.0])]
+    _, replay = stream.next_batch()  # no new shard: the same one again, in a new order
+    assert replay.replay == 1
+    assert all(replay.record(4, 64, 2.5, step=1) is None for _ in range(replay.num_batches))

@@ -22,7 +22,12 @@ from crowdtrain.coordinator.swarm.keeper import Keeper
 from crowdtrain.model import GPT, GPTConfig, param_groups
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.compression import install_decoders
-from crowdtrain.node.swarm.diloco import DiLoCoOptimizer, _canonical_sha256, round_bits
+from crowdtrain.node.swarm.diloco import (
+    DiLoCoConfig,
+    DiLoCoOptimizer,
+    _canonical_sha256,
+    round_bits,
+)
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
 from tests.specs import small_spec
@@ -115,16 +120,19 @@ SPEC = parse_spec(
 def _diloco(dht: hivemind.DHT, seed: int, guard: SwarmGuard | None = None) -> DiLoCoOptimizer:
     torch.manual_seed(seed)
     model = GPT(GPTConfig.from_spec(SPEC.model))
-    return DiLoCoOptimizer(
-        dht=dht,
+    config = DiLoCoConfig(
         run_id=SPEC.run.id,
+        optimizer=SPEC.optimizer,
+        swarm=SwarmSection(request_timeout_s=1.0, matchmaking_time_s=2.0),
+        client_mode=False,
+    )
+    return DiLoCoOptimizer(
+        config,
+        dht=dht,
         model=model,
         params=param_groups(model, 0.1),
         inner_optimizer=torch.optim.AdamW,
         scheduler=None,
-        spec=SPEC.optimizer,
-        swarm=SwarmSection(request_timeout_s=1.0, matchmaking_time_s=2.0),
-        client_mode=False,
         swarm_guard=guard,
     )
 

@@ -20,6 +20,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import averaging_pb2
 
 from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
+from crowdtrain.node.device.hooks import TestHooks
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.averagers import GuardedStateAverager
 from crowdtrain.node.swarm.guard import (
@@ -110,7 +111,7 @@ def test_reports_are_aggregated_and_drained_once(tmp_path: Path) -> None:
     config.report("QmOther", "weight")
     with open(config.reports_path, "a") as file:
         file.write('{"dht_peer_id": "QmHalf", "reas')  # an append still being written
-    assert guard.drain_reports() == [
+    assert [r.model_dump() for r in guard.drain_reports()] == [
         {"dht_peer_id": "QmBad", "reason": "non-finite", "count": 3},
         {"dht_peer_id": "QmBad", "reason": "norm", "count": 1},
         {"dht_peer_id": "QmOther", "reason": "weight", "count": 1},
@@ -118,7 +119,9 @@ def test_reports_are_aggregated_and_drained_once(tmp_path: Path) -> None:
     assert guard.drain_reports() == []
     with open(config.reports_path, "a") as file:
         file.write('on": "shape", "count": 1}\n')
-    assert guard.drain_reports() == [{"dht_peer_id": "QmHalf", "reason": "shape", "count": 1}]
+    assert [r.model_dump() for r in guard.drain_reports()] == [
+        {"dht_peer_id": "QmHalf", "reason": "shape", "count": 1}
+    ]
 
 
 def test_roster_reaches_the_averagers_and_a_restart_starts_clean(tmp_path: Path) -> None:
@@ -136,7 +139,10 @@ def test_roster_reaches_the_averagers_and_a_restart_starts_clean(tmp_path: Path)
 def test_an_unknown_attack_hook_is_refused(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("CROWDTRAIN_TEST_ATTACK", "sometimes")
     with pytest.raises(CrowdtrainError, match="CROWDTRAIN_TEST_ATTACK"):
-        SwarmGuard(tmp_path, target_batch_size=32)
+        TestHooks.from_env()
+    monkeypatch.setenv("CROWDTRAIN_TEST_ATTACK", "cycle")
+    guard = SwarmGuard(tmp_path, target_batch_size=32, attack=TestHooks.from_env().attack)
+    assert guard.config.attack == "cycle"  # what the forked averagers read
 
 
 def _model() -> GPT:

@@ -10,12 +10,8 @@ import pytest
 import torch
 
 from crowdtrain.model import GPT, GPTConfig
-from crowdtrain.node.device.hooks import SLOWDOWN_ENV, Throttle
-from crowdtrain.node.device.micro_batch import (
-    MEMORY_CAP_ENV,
-    choose_micro_batch,
-    estimate_sequence_bytes,
-)
+from crowdtrain.node.device.hooks import MEMORY_CAP_ENV, SLOWDOWN_ENV, TestHooks, Throttle
+from crowdtrain.node.device.micro_batch import choose_micro_batch, estimate_sequence_bytes
 from crowdtrain.node.device.precision import autocast, maybe_compile
 from crowdtrain.protocol.errors import CrowdtrainError
 
@@ -75,12 +71,12 @@ def test_too_small_cap_says_what_is_needed(model: GPT) -> None:
 def test_cap_from_env_warns(model: GPT, monkeypatch, caplog) -> None:
     monkeypatch.setenv(MEMORY_CAP_ENV, str(3 * MiB))
     with caplog.at_level(logging.WARNING):
-        capped = _choose(model, None)
+        capped = _choose(model, TestHooks.from_env().memory_cap_bytes)
     assert capped.size < 64 and capped.budget_bytes == int(3 * MiB * 0.85)
     assert MEMORY_CAP_ENV in caplog.text and "TEST HOOK" in caplog.text
     monkeypatch.setenv(MEMORY_CAP_ENV, "lots")
     with pytest.raises(CrowdtrainError, match=MEMORY_CAP_ENV):
-        _choose(model, None)
+        _choose(model, TestHooks.from_env().memory_cap_bytes)
 
 
 def test_estimate_grows_with_sequence_length() -> None:
@@ -129,13 +125,31 @@ def test_throttle_sleeps_factor_minus_one_times_compute() -> None:
 
 def test_throttle_from_env(monkeypatch, caplog) -> None:
     monkeypatch.delenv(SLOWDOWN_ENV, raising=False)
-    assert not Throttle.from_env().active
+    assert not Throttle(TestHooks.from_env().slowdown).active
     monkeypatch.setenv(SLOWDOWN_ENV, "2")
     with caplog.at_level(logging.WARNING):
-        throttle = Throttle.from_env()
+        throttle = Throttle(TestHooks.from_env().slowdown)
     assert throttle.active and throttle.factor == 2.0
     assert SLOWDOWN_ENV in caplog.text and "TEST HOOK" in caplog.text
     for bad in ("0.5", "fast"):
         monkeypatch.setenv(SLOWDOWN_ENV, bad)
         with pytest.raises(CrowdtrainError, match=SLOWDOWN_ENV):
-            Throttle.from_env()
+            TestHooks.from_env()
+
+
+def test_hooks_are_read_once_from_the_environment_given(monkeypatch, caplog) -> None:
+    for name in ("CROWDTRAIN_TEST_ATTACK", "CROWDTRAIN_TEST_INF_GRAD_EVERY", MEMORY_CAP_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(SLOWDOWN_ENV, raising=False)
+    assert TestHooks.from_env() == TestHooks()  # an ordinary node, and nothing logged
+    assert "TEST HOOK" not in caplog.text
+    env = {
+        "CROWDTRAIN_TEST_ATTACK": "cycle",
+        "CROWDTRAIN_TEST_INF_GRAD_EVERY": "4",
+        SLOWDOWN_ENV: "1.5",
+        MEMORY_CAP_ENV: "4e9",
+    }
+    with caplog.at_level(logging.WARNING):
+        hooks = TestHooks.from_env(env)
+    assert hooks == TestHooks("cycle", 4, 1.5, 4_000_000_000)
+    assert all(name in caplog.text for name in env)

@@ -1,0 +1,185 @@
+"""DiLoCo's global state between peers: what a peer serves, and downloading and checking it.
+
+A DiLoCo peer serves its global (outer) state through hivemind's download
+RPC under the DHT prefix :func:`averager_prefix`: metadata
+``{"round": r, "epoch": e, "layout": STATE_LAYOUT}`` where ``r`` is the number
+of outer steps in the global parameters; tensors are the global parameters
+in ``model.parameters()`` order, then the outer momentum buffers in the same
+order (zeros before the first outer step). :func:`served_state` lays it out;
+:class:`StateExchange` announces it, downloads a peer's and refuses what does
+not fit the model or disagrees with the coordinator.
+
+The coordinator's keeper reads the same layout (its ``DILOCO_LAYOUT``): change
+both together. Knows nothing about rounds, inner steps or the outer optimizer
+(:mod:`~crowdtrain.node.swarm.diloco` owns those).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import hivemind
+import torch
+
+from crowdtrain.node.swarm.averagers import DiLoCoAverager
+from crowdtrain.node.swarm.guard import SwarmGuard, state_problem
+
+logger = logging.getLogger(__name__)
+
+STATE_LAYOUT = "diloco-v1"
+"""Names the served state's layout (see the module docstring)."""
+
+
+def averager_prefix(run_id: str) -> str:
+    """The DHT prefix of a run's DiLoCo averager (matchmaking and state downloads)."""
+    return f"{run_id}_diloco"
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """Global state of round ``round``: the global parameters and the outer momentum
+    buffers, CPU fp32, in ``model.parameters()`` order."""
+
+    round: int
+    params: list[torch.Tensor]
+    momentum: list[torch.Tensor]
+
+
+def served_state(state: GlobalState, epoch: int) -> tuple[dict[str, Any], list[torch.Tensor], None]:
+    """What a peer serves for ``state`` at local epoch ``epoch``, as hivemind's
+    ``get_current_state`` returns it (metadata, tensors, no extra)."""
+    metadata = {"round": state.round, "epoch": epoch, "layout": STATE_LAYOUT}
+    return metadata, [*state.params, *state.momentum], None
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line of at most 200 characters for a failed download or round."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+
+
+class StateExchange:
+    """Announces this peer's global state and downloads and checks other peers'.
+
+    ``averager`` serves and downloads (its ``get_current_state`` gives what is
+    served); ``like`` are tensors shaped as the global parameters, ``model_params``
+    the model's parameters in the same order (to name downloaded tensors for the
+    guard); ``num_peers()`` says how many peers the swarm has now. With a
+    ``swarm_guard``, downloaded parameters must also agree with the coordinator.
+    A client-mode peer serves nothing.
+    """
+
+    def __init__(
+        self,
+        averager: DiLoCoAverager,
+        dht: hivemind.DHT,
+        run_id: str,
+        like: Sequence[torch.Tensor],
+        model_params: Sequence[torch.Tensor],
+        num_peers: Callable[[], int],
+        swarm_guard: SwarmGuard | None = None,
+    ):
+        self.averager, self.dht, self.run_id = averager, dht, run_id
+        self._like = list(like)
+        self._model_params = list(model_params)
+        self._num_peers = num_peers
+        self._swarm_guard = swarm_guard
+        self.client_mode = bool(averager.client_mode)
+        self.last_refusal: str | None = None
+
+    def announce(self, round_: int) -> None:
+        """Serve the global state of ``round_`` to peers that ask for the newest."""
+        if not self.client_mode:
+            self.averager.state_sharing_priority = float(round_)
+
+    def allow(self, allowed: bool) -> None:
+        """Serve our global state (True) or stop serving it while it is being replaced."""
+        if not self.client_mode:
+            self.averager.allow_state_sharing = allowed
+
+    def await_round(self, round_: int, timeout_s: float) -> GlobalState | None:
+        """Global state of ``round_`` or later from a peer, waiting up to ``timeout_s`` for a
+        peer to announce it; None when no other peer has it."""
+        deadline = time.monotonic() + timeout_s
+        while self._num_peers() > 1:
+            if self.best_announced_round() >= round_:
+                state = self.download(max(1.0, deadline - time.monotonic()))
+                if state is not None and state.round >= round_:
+                    return state
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        return None
+
+    def best_announced_round(self) -> float:
+        """The highest round another peer announces for state downloads (-1: none)."""
+        found = self.dht.get(f"{averager_prefix(self.run_id)}.all_averagers", latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        me = self.dht.peer_id.to_bytes()
+        rounds = [
+            float(entry.value)
+            for peer, entry in entries.items()
+            if peer != me and isinstance(getattr(entry, "value", None), int | float)
+        ]
+        return max(rounds, default=-1.0)
+
+    def download(self, timeout_s: float) -> GlobalState | None:
+        """A peer's global state, checked; None when none came or it was refused
+        (:attr:`last_refusal` then says why)."""
+        self.last_refusal = None
+        try:
+            loaded = self.averager.load_state_from_peers(timeout=timeout_s)
+        except Exception as e:  # a timeout, a peer that left mid-download
+            logger.info("could not download the global state: %s", failure_reason(e))
+            return None
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        problem = self._problem(metadata, tensors)
+        if problem is not None:
+            self.last_refusal = problem
+            logger.warning("refused the global state a peer served: %s", problem)
+            return None
+        n = len(self._like)
+        return GlobalState(
+            int(metadata["round"]),
+            [t.float() for t in tensors[:n]],
+            [t.float() for t in tensors[n : 2 * n]],
+        )
+
+    def _problem(self, metadata: Any, tensors: Sequence[torch.Tensor]) -> str | None:
+        if not isinstance(metadata, dict) or metadata.get("layout") != STATE_LAYOUT:
+            return "it is not DiLoCo state"
+        round_ = metadata.get("round")
+        if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+            return "it carries no round"
+        n = len(self._like)
+        if len(tensors) != 2 * n:
+            return f"it holds {len(tensors)} tensors, not the {2 * n} of this model"
+        for ours, theirs in zip(self._like * 2, tensors, strict=True):
+            if theirs.shape != ours.shape or not theirs.dtype.is_floating_point:
+                return "its tensors do not fit this model"
+            if not bool(torch.isfinite(theirs).all()):
+                return "its tensors are not finite"
+        if self._swarm_guard is None:
+            return None
+        try:
+            return state_problem(
+                self._swarm_guard, self._model_params, {"epoch": round_}, tensors[:n]
+            )
+        except Exception as e:  # the coordinator or keeper may be away: say so, refuse nothing
+            logger.warning("could not check the downloaded state (%s); accepting it", e)
+            return None
+
+
+__all__ = [
+    "STATE_LAYOUT",
+    "GlobalState",
+    "StateExchange",
+    "averager_prefix",
+    "failure_reason",
+    "served_state",
+]

@@ -1,0 +1,107 @@
+"""The order joining builds a node in, and the order it takes it down: a join that fails
+part-way shuts down what it started (leaving the run first), a joined node's stack shuts
+down the link, then the optimizer, the DHT and the client. The phases are stand-ins."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from crowdtrain.node import joining
+from crowdtrain.node.accounting import NodeStats
+from crowdtrain.node.config import NodeConfig
+
+
+class _Phases:
+    """Stand-ins for joining's phases that write down what starts and stops."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: str = ""):
+        self.log: list[str] = []
+        self.fail_at = fail_at
+        log = self.log
+        session = SimpleNamespace(leave=lambda: log.append("leave"))
+        contact = SimpleNamespace(
+            session=session,
+            device_name="cpu:1",
+            registration=SimpleNamespace(heartbeat_interval_s=1.0),
+        )
+
+        def contact_coordinator(config, stop, stack: ExitStack):
+            stack.callback(log.append, "client.close")
+            log.append("contact")
+            return contact
+
+        def phase(name: str, result: object):
+            def run(*args, **kwargs):
+                self._maybe_fail(name)
+                log.append(name)
+                return result
+
+            return run
+
+        def join_swarm(config, contact, replica, stack: ExitStack):
+            stack.callback(log.append, "dht.shutdown")
+            self._maybe_fail("dht")
+            stack.callback(log.append, "optimizer.shutdown")
+            self._maybe_fail("swarm")
+            log.append("swarm")
+            return SimpleNamespace(dht_peer_id="Qm", progress_key="", guard=None)
+
+        class Link:
+            def __init__(self, *args):
+                log.append("link")
+
+            def start(self):
+                log.append("link.start")
+
+            def shutdown(self):
+                log.append("link.shutdown")  # its last heartbeat, then leaving the run
+
+        monkeypatch.setattr(joining, "contact_coordinator", contact_coordinator)
+        monkeypatch.setattr(joining, "fetch_data", phase("data", SimpleNamespace()))
+        monkeypatch.setattr(joining, "build_replica", phase("replica", SimpleNamespace()))
+        shards = SimpleNamespace(supply=None)
+        monkeypatch.setattr(joining, "lease_first_shards", phase("lease", shards))
+        monkeypatch.setattr(joining, "join_swarm", join_swarm)
+        monkeypatch.setattr(joining, "Reporter", lambda *args: None)
+        monkeypatch.setattr(joining, "CoordinatorLink", Link)
+
+    def _maybe_fail(self, name: str) -> None:
+        if name == self.fail_at:
+            raise RuntimeError(f"{name} failed")
+
+    def join(self) -> joining.Joined:
+        config = NodeConfig(url="http://c", run_id="r", home=Path("/nonexistent"))
+        return joining.join(config, NodeStats(session_key="k" * 16), threading.Event())
+
+
+def test_a_joined_node_shuts_down_link_first_then_optimizer_dht_client(monkeypatch) -> None:
+    phases = _Phases(monkeypatch)
+    joined = phases.join()
+    assert phases.log == ["contact", "data", "replica", "lease", "swarm", "link", "link.start"]
+    phases.log.clear()
+    joined.stack.close()
+    assert phases.log == ["link.shutdown", "optimizer.shutdown", "dht.shutdown", "client.close"]
+
+
+@pytest.mark.parametrize(
+    "fail_at, stopped",
+    [
+        ("data", ["client.close"]),  # registered, but never leased: as before, no leave
+        ("replica", ["leave", "client.close"]),
+        ("lease", ["leave", "client.close"]),
+        ("dht", ["leave", "dht.shutdown", "client.close"]),
+        ("swarm", ["leave", "optimizer.shutdown", "dht.shutdown", "client.close"]),
+    ],
+)
+def test_a_join_that_fails_shuts_down_what_it_started(monkeypatch, fail_at, stopped) -> None:
+    phases = _Phases(monkeypatch, fail_at)
+    with pytest.raises(RuntimeError, match=f"{fail_at} failed"):
+        phases.join()
+    started = phases.log[: phases.log.index(stopped[0])]
+    assert phases.log[len(started) :] == stopped
+    assert "link" not in phases.log
