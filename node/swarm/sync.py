@@ -51,6 +51,15 @@ class GuardedOptimizer(hivemind.Optimizer):
             **kwargs,
         )
 
+    def _maybe_schedule_gradient_averaging(self) -> None:
+        # Alone at its step, hivemind pre-schedules a gradient round and then cancels it
+        # ("no other peers"). A cancel that lands while another peer is joining that
+        # group can leave the averager's matchmaking locked for good: every later round
+        # waits behind it and ends in "could not find a group". Alone, schedule nothing.
+        if self.tracker.global_progress.num_peers <= 1:
+            return
+        super()._maybe_schedule_gradient_averaging()
+
     @property
     def last_refusal(self) -> str | None:
         """Why the last downloaded state was refused; None when it was not."""
