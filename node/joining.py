@@ -29,7 +29,6 @@ import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
-from importlib.metadata import version
 
 import hivemind
 import torch
@@ -69,6 +68,7 @@ from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.multiaddr import tcp_multiaddr
 from crowdtrain.protocol.runspec import RunSpec
 from crowdtrain.protocol.shards import ShardManifest
+from crowdtrain.protocol.version import crowdtrain_version
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def contact_coordinator(config: NodeConfig, stop: threading.Event, stack: ExitSt
     )
     stack.callback(client.close)
     device_name = describe_device(device)
-    versions = f"crowdtrain={version('crowdtrain')} torch={torch.__version__}"
+    versions = f"crowdtrain={crowdtrain_version()} torch={torch.__version__}"
 
     def register() -> Registration:
         return client.register(config.run_id, name, device_name, versions, invite=config.invite)
@@ -213,7 +213,7 @@ def contact_coordinator(config: NodeConfig, stop: threading.Event, stack: ExitSt
     spec, manifest = check_run(registration.run)
     logger.info(
         "crowdtrain %s, run %s, spec %s, data %s, device %s, torch %s, hivemind %s",
-        version("crowdtrain"),
+        crowdtrain_version(),
         spec.run.id,
         spec.hash[:16],
         manifest.hash[:16],

@@ -35,7 +35,7 @@ from bench.efficiency.node_logs import (
     timeline,
 )
 from bench.efficiency.plan import Plan
-from bench.efficiency.processes import BIN, Children, python_module
+from bench.efficiency.processes import BIN, helpers, module_env, python_module
 from bench.efficiency.reference import run_reference
 from bench.efficiency.specs import diloco_spec, gpt_config, sync_spec, with_overrides
 from bench.efficiency.swarm import SwarmRun, spec_json
@@ -403,7 +403,7 @@ class Bench:
         folder = self.work / "compute-share"
         folder.mkdir(parents=True, exist_ok=True)
         spec_path = spec_json(self.spec("diloco", "compute-share"), folder / "spec.json")
-        children = Children(folder)
+        children = helpers(folder)
         outs = {f: folder / f"slowdown-{f}.json" for f in (1, 2)}
         try:
             for factor, out in outs.items():
@@ -412,11 +412,11 @@ class Bench:
                     "--spec", str(spec_path), "--threads", "1", "--device", self.args.device,
                     "--seconds", str(self.plan.share_solo_s), "--slowdown", str(factor),
                     "--out", str(out),
-                ])  # fmt: skip
-            for child in children.children:
+                ], env=module_env())  # fmt: skip
+            for child in children.processes:
                 child.popen.wait(timeout=self.plan.share_solo_s + 120)
         finally:
-            children.stop_all()
+            children.stop_all(grace_s=20)
         speeds = {f: json.loads(o.read_text())["tokens_per_s"] for f, o in outs.items()}
         return {
             "tokens_per_s_full": speeds[1],

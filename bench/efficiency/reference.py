@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.efficiency.data import train_batches
-from bench.efficiency.processes import Children, python_module
+from bench.efficiency.processes import helpers, module_env, python_module
 from bench.efficiency.specs import gpt_config
 
 RUN_ID = "plain-hivemind"
@@ -144,7 +144,7 @@ def run_reference(
     """Start ``num_peers`` plain-hivemind peers, measure each one's tokens/s over
     ``window_s`` after every peer trained and ``warmup_s`` passed, then stop them all."""
     folder.mkdir(parents=True, exist_ok=True)
-    children = Children(folder)
+    children = helpers(folder)
     peers_file = folder / "peers.json"
     outs = [folder / f"peer-{i}.jsonl" for i in range(num_peers)]
     try:
@@ -162,7 +162,7 @@ def run_reference(
                     "--out", str(outs[i]),
                     "--device", device,
                 ],
-                env={"HIVEMIND_LOGLEVEL": "WARNING"},
+                env=module_env({"HIVEMIND_LOGLEVEL": "WARNING"}),
             )  # fmt: skip
             if sampler is not None:
                 sampler.add(f"hivemind-{i}", child.popen.pid)
@@ -170,7 +170,7 @@ def run_reference(
             sampler.start()
         deadline = time.monotonic() + 180
         while not all(_read(o) for o in outs):
-            dead = [c for c in children.children if c.popen.poll() is not None]
+            dead = [c for c in children.processes if c.popen.poll() is not None]
             if dead:
                 raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].output()[-3000:]}")
             if time.monotonic() > deadline:

@@ -49,15 +49,13 @@ from crowdtrain.model import (
     params_sha256,
     save_checkpoint,
 )
+from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT
 
 logger = logging.getLogger(__name__)
 
 
 # Downloads per pull until two in a row agree (see Keeper.pull).
 MAX_DOWNLOADS = 4
-# What a DiLoCo node serves (crowdtrain.node.swarm.diloco): metadata {"round", "epoch", "layout"},
-# then the global parameters in model.parameters() order, then the outer momentum.
-DILOCO_LAYOUT = "diloco-v1"
 
 
 def tree_cpu_s() -> float:
@@ -167,7 +165,7 @@ class Keeper:
         round_ = metadata.get("round") if isinstance(metadata, dict) else None
         if (
             not isinstance(metadata, dict)
-            or metadata.get("layout") != DILOCO_LAYOUT
+            or metadata.get("layout") != DILOCO_STATE_LAYOUT
             or not isinstance(round_, int)
             or isinstance(round_, bool)
             or round_ < 0

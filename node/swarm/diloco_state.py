@@ -1,16 +1,11 @@
 """DiLoCo's global state between peers: what a peer serves, and downloading and checking it.
 
 A DiLoCo peer serves its global (outer) state through hivemind's download
-RPC under the DHT prefix :func:`averager_prefix`: metadata
-``{"round": r, "epoch": e, "layout": STATE_LAYOUT}`` where ``r`` is the number
-of outer steps in the global parameters; tensors are the global parameters
-in ``model.parameters()`` order, then the outer momentum buffers in the same
-order (zeros before the first outer step). :func:`served_state` lays it out;
-:class:`StateExchange` announces it, downloads a peer's and refuses what does
-not fit the model or disagrees with the coordinator.
-
-The coordinator's keeper reads the same layout (its ``DILOCO_LAYOUT``): change
-both together. Knows nothing about rounds, inner steps or the outer optimizer
+RPC under the DHT prefix :func:`averager_prefix`, laid out as
+:mod:`crowdtrain.protocol.state` describes (the coordinator's keeper reads
+the same layout). :func:`served_state` lays it out; :class:`StateExchange`
+announces it, downloads a peer's and refuses what does not fit the model or
+disagrees with the coordinator. Knows nothing about rounds, inner steps or the outer optimizer
 (:mod:`~crowdtrain.node.swarm.diloco` owns those).
 """
 
@@ -27,11 +22,12 @@ import torch
 
 from crowdtrain.node.swarm.averagers import DiLoCoAverager
 from crowdtrain.node.swarm.guard import SwarmGuard, state_problem
+from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT
 
 logger = logging.getLogger(__name__)
 
-STATE_LAYOUT = "diloco-v1"
-"""Names the served state's layout (see the module docstring)."""
+STATE_LAYOUT = DILOCO_STATE_LAYOUT
+"""Names the served state's layout (:mod:`crowdtrain.protocol.state`)."""
 
 
 def averager_prefix(run_id: str) -> str:

@@ -1,0 +1,17 @@
+"""The layout of a DiLoCo run's global state as it travels between processes.
+
+A DiLoCo peer serves its global (outer) state through hivemind's download
+RPC (:mod:`crowdtrain.node.swarm.diloco_state`) and the coordinator's keeper
+downloads it (:mod:`crowdtrain.coordinator.swarm.keeper`): metadata
+``{"round": r, "epoch": e, "layout": DILOCO_STATE_LAYOUT}``, where ``r`` is
+the number of outer steps in the global parameters; tensors are the global
+parameters in ``model.parameters()`` order, then the outer momentum buffers
+in the same order (zeros before the first outer step). Change the layout's
+name whenever the layout changes, so neither side misreads the other's.
+"""
+
+from __future__ import annotations
+
+DILOCO_STATE_LAYOUT = "diloco-v1"
+
+__all__ = ["DILOCO_STATE_LAYOUT"]
