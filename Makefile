@@ -31,7 +31,7 @@ test: $(VENV)/.installed-dev lint
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy protocol coordinator
+	$(VENV)/bin/mypy protocol model coordinator node
 
 $(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH) -e '.[dev,bench]'

@@ -186,10 +186,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
                 else:
                     # The sender adds this to what it sent, so it is relative to the unclipped part.
                     serialized = await loop.run_in_executor(
-                        None,
-                        lambda p=averaged_part, t=tensor_part, c=part_compression: (
-                            serialize_torch_tensor(p - t, c)
-                        ),
+                        None, _serialize_delta, averaged_part, tensor_part, part_compression
                     )
                 yield averaging_pb2.AveragingData(
                     code=averaging_pb2.AVERAGED_PART, tensor_part=serialized
@@ -272,6 +269,10 @@ class GuardedAllReduceRunner(AllReduceRunner):
             if self._attack:
                 _corrupt(message, self._attack)
             yield message
+
+
+def _serialize_delta(average: torch.Tensor, sent: torch.Tensor, compression: Any) -> Any:
+    return serialize_torch_tensor(average - sent, compression)
 
 
 def _deserialize_part(

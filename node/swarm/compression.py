@@ -76,8 +76,12 @@ class _DecodesUnderNumpy2:
     def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
         buffer = serialized_tensor.buffer
         codebook_size = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
-        codebook = np.frombuffer(buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
-        indices = np.frombuffer(buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        codebook: np.ndarray = np.frombuffer(
+            buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype
+        )
+        indices: np.ndarray = np.frombuffer(
+            buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype
+        )
         quantized = torch.as_tensor(indices, dtype=torch.int64).reshape(
             tuple(serialized_tensor.size)
         )

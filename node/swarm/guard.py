@@ -215,10 +215,10 @@ def state_problem(
             return f"its step {epoch} is ahead of the coordinator's step {later or step}"
     if len(tensors) < len(main_parameters):
         return f"it holds {len(tensors)} tensors, fewer than the model's {len(main_parameters)}"
-    for ours, theirs in zip(main_parameters, tensors, strict=False):
-        if theirs.shape != ours.shape or not theirs.dtype.is_floating_point:
+    for ours, tensor in zip(main_parameters, tensors, strict=False):
+        if tensor.shape != ours.shape or not tensor.dtype.is_floating_point:
             return "its parameters do not fit this model"
-        if not bool(torch.isfinite(theirs).all()):
+        if not bool(torch.isfinite(tensor).all()):
             return "its parameters are not finite"
     expected = guard.checkpoint_sha256(epoch)
     if expected is None:
