@@ -228,11 +228,12 @@ def _join(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     node: Node | None = None
+    signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        # A join that fails shuts down what it started before it raises.
+        # A join that fails, or is interrupted, shuts down what it started before it raises.
         node = Node.start(config)
-        # hivemind set SIGINT to be ignored while it started; take both signals back.
+        # Trained from here: a signal asks the node to leave at its next micro-batch.
         leave = _leave_handler(node, owner)
         signal.signal(signal.SIGINT, leave)
         signal.signal(signal.SIGTERM, leave)

@@ -23,11 +23,13 @@ phase that fails shuts down what the phases before it started, in the order
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
 import warnings
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import hivemind
@@ -325,13 +327,29 @@ def join_swarm(
             ),
             named_parameters=replica.model.named_parameters(remove_duplicate=False),
         )
-        optimizer = build_optimizer(spec, replica.model, dht, guard, replica.micro_batch_size)
+        with _sigint_kept():
+            optimizer = build_optimizer(spec, replica.model, dht, guard, replica.micro_batch_size)
         stack.callback(optimizer.shutdown)
     finally:
         client.reopen()
     dht_peer_id = dht.peer_id.to_base58()
     logger.info("joined the swarm as %s", dht_peer_id)
     return SwarmPeer(dht, guard, optimizer, dht_peer_id, progress_key(optimizer))
+
+
+@contextmanager
+def _sigint_kept() -> Iterator[None]:
+    """Give SIGINT back its handler once hivemind's averagers have started: they set it to
+    be ignored (so that their processes, forked then, ignore Ctrl-C) and never restore
+    it, which would lose a Ctrl-C pressed while the node loads state or starts training."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def load_initial_state(config: NodeConfig, joined: Joined) -> None:

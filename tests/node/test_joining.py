@@ -105,3 +105,53 @@ def test_a_join_that_fails_shuts_down_what_it_started(monkeypatch, fail_at, stop
     started = phases.log[: phases.log.index(stopped[0])]
     assert phases.log[len(started) :] == stopped
     assert "link" not in phases.log
+
+
+def test_ctrl_c_keeps_its_handler_once_hivemind_averagers_started(tmp_path: Path) -> None:
+    """hivemind's averagers set SIGINT to be ignored as they start and never set it back:
+    a Ctrl-C pressed while the node then loads state from peers would be lost, and the
+    node would train on. Real DHT and optimizer; the first build shows hivemind still does
+    it (so the guard is still needed), the second that joining gives the handler back."""
+    import signal
+
+    import hivemind
+
+    from crowdtrain.model import GPT, GPTConfig
+    from crowdtrain.node.swarm.guard import SwarmGuard
+    from crowdtrain.node.swarm.optimizer import build_optimizer
+    from crowdtrain.protocol.runspec import parse_spec
+    from tests.specs import small_spec
+
+    def ctrl_c(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    specs = [
+        parse_spec(
+            small_spec(
+                run={"id": run_id, "seed": None},
+                model={"seq_len": 16, "num_layers": 1},
+                optimizer={"target_batch_size": 8, "micro_batch_size": 4},
+            )
+        )
+        for run_id in ("sigint-a", "sigint-b")
+    ]
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    built = []
+    try:
+        model = GPT(GPTConfig.from_spec(specs[0].model))
+        guard = SwarmGuard(tmp_path / "guard", target_batch_size=8)
+        built.append(build_optimizer(specs[0], model, dht, guard, micro_batch_size=4))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+        signal.signal(signal.SIGINT, ctrl_c)
+        model = GPT(GPTConfig.from_spec(specs[1].model))
+        guard = SwarmGuard(tmp_path / "guard-2", target_batch_size=8)
+        with joining._sigint_kept():
+            built.append(build_optimizer(specs[1], model, dht, guard, micro_batch_size=4))
+        assert signal.getsignal(signal.SIGINT) is ctrl_c
+    finally:
+        for optimizer in built:
+            optimizer.shutdown()
+        dht.shutdown()
+        signal.signal(signal.SIGINT, previous)
