@@ -237,10 +237,16 @@ def target(live: Swarm) -> Target:
         wire.ok(method, request, bearer(tok or f.left_token))
         f.sent[name] = (method, request.SerializeToString())
     wire.ok("Leave", pb.LeaveRequest(), bearer(f.left_token))
+    ban(live, f)
+    return f
+
+
+def ban(live: Swarm, f: Target) -> None:
+    """Ban ``f.banned`` from run ``tiny`` through the admin API (again: the HTTP fuzz's
+    admin requests may lift the ban, and the two fuzz modules may run in either order)."""
     response = httpx.post(
         f"{live.url}/api/admin/runs/tiny/bans",
-        json={"peer_id": banned.peer_id, "reason": "fuzz"},
+        json={"peer_id": f.banned.peer_id, "reason": "fuzz"},
         headers={"Authorization": f"Bearer {f.admin_key}"},
     )
     assert response.status_code == 201, response.text
-    return f

@@ -33,6 +33,7 @@ from tests.fuzz.live import (
     SEED,
     VALID_READ,
     Target,
+    ban,
     bearer,
     pack,
     signed,
@@ -86,6 +87,7 @@ def test_grpc_fuzz_refuses_everything_and_changes_nothing(
     live: Swarm, target: Target, record_property: Callable[[str, Any], None]
 ) -> None:
     f = target
+    ban(live, f)
     rng = random.Random(SEED)
     refusals_before = sum(r["count"] for r in live.get("/api/refusals"))
     before = state_rows(live.coord_dir)
