@@ -354,6 +354,16 @@ class Swarm(Processes):
             time.sleep(0.25)  # most predicates are one loopback request: poll often
         raise AssertionError(f"timed out waiting for {what}\n{self.logs()}")
 
+    def wait_trained(self, *nodes: Process, timeout: float = 120) -> None:
+        """Wait until each node has made its first contributing step. A Ctrl-C before it
+        interrupts the join (exit 130) instead of leaving the run (exit 0): a test that
+        checks how nodes leave waits for this first, however far the run already is."""
+        self.wait_for(
+            lambda: all("first contributing step" in node.output() for node in nodes),
+            timeout,
+            f"{', '.join(node.name for node in nodes)} to train",
+        )
+
     def stop_all(self, grace_s: float = 2.0) -> None:
         """The end of a test: nodes first (each may tell the coordinator it leaves), then the
         coordinator, each given ``grace_s`` before its group is killed. A test that checks

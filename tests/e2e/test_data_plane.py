@@ -73,6 +73,7 @@ def test_killed_node_loses_no_shard(swarm: Swarm) -> None:
     by_survivor = {shard for peer, shard, _ in stored if peer == ids["survivor"]}
     assert held - by_doomed <= by_survivor, "the doomed node's shards went to the survivor"
     assert held - by_doomed <= expired, "they were handed on only after their lease expired"
+    swarm.wait_trained(survivor)
     assert swarm.stop(survivor, signal.SIGINT) == 0, survivor.output()
 
 
@@ -99,6 +100,7 @@ def test_coordinator_crash_loses_no_acknowledged_receipt(swarm: Swarm) -> None:
     swarm.wait_for(lambda: epoch_done(swarm), 300, "epoch 0 to complete after the restart")
     assert all(s["num_completions"] >= 1 for s in coverage(swarm))
     assert time.time() - killed_at < 300
+    swarm.wait_trained(*nodes)
     for node in nodes:
         assert node.popen.poll() is None, node.output()
         assert "coordinator reachable again" in node.output()
@@ -112,6 +114,7 @@ def test_one_epoch_of_100_shards_each_exactly_once(swarm: Swarm) -> None:
     nodes = [swarm.start_node(f"node-{i}") for i in range(3)]
 
     swarm.wait_for(lambda: epoch_done(swarm), 300, "epoch 0 to complete")
+    swarm.wait_trained(*nodes)
     for node in nodes:
         assert swarm.stop(node, signal.SIGINT) == 0, node.output()
     shards = coverage(swarm)
