@@ -8,6 +8,8 @@ DEMO_SPEC ?=
 # torch is pinned here: 2.13.0 resolves to the CPU build on machines that carry it
 # and keeps pip from pulling gigabytes of CUDA packages by accident.
 TORCH := torch==2.13.0
+# make test runs test files on this many workers (pytest-xdist); TEST_WORKERS=0 runs them in one
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench lint proto clean
 
@@ -26,7 +28,7 @@ demo: $(VENV)/.installed
 	DEMO_MINUTES=$(DEMO_MINUTES) DEMO_SPEC=$(DEMO_SPEC) $(PY) examples/demo.py
 
 test: $(VENV)/.installed-dev lint
-	$(PY) -m pytest -q --durations=5
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=5
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
@@ -37,8 +39,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH) -e '.[dev,bench]'
 	touch $@
 
+# make bench BENCH_ARGS=--help lists the benchmarks; BENCH_ARGS=efficiency runs one
+BENCH_ARGS ?=
 bench: $(VENV)/.installed-bench
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 proto: $(VENV)/.installed-dev
 	bash scripts/gen_proto.sh .
