@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from crowdtrain.node.traffic import Traffic
 
 # The moving loss is over this many micro-batches; the rate over this many seconds.
 _LOSS_WINDOW = 20
@@ -34,6 +36,8 @@ class NodeStats:
     data_wait_s: float = 0.0
     shard: str = ""  # the shard being trained
     verified_tokens: int = 0  # this peer's tokens the coordinator has verified, run-wide
+    # Bytes sent and received by purpose (shared with hivemind's averager processes).
+    traffic: Traffic = field(default_factory=Traffic)
 
 
 class TokenAccounting:

@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import hivemind
 import torch
@@ -65,6 +66,7 @@ from crowdtrain.node.link.supply import ShardSupply
 from crowdtrain.node.reporting import Reporter
 from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.node.swarm.optimizer import SwarmOptimizer, build_optimizer, progress_key
+from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.multiaddr import tcp_multiaddr
@@ -161,7 +163,7 @@ def join(config: NodeConfig, stats: NodeStats, stop: threading.Event) -> Joined:
     fail, after shutting down what earlier phases started.
     """
     with ExitStack() as stack:
-        contact = contact_coordinator(config, stop, stack)
+        contact = contact_coordinator(config, stop, stack, stats.traffic)
         data = fetch_data(config, contact)
         with ExitStack() as leaving:
             # A join that fails from here still leaves the run (its leases go back).
@@ -185,8 +187,11 @@ def join(config: NodeConfig, stats: NodeStats, stop: threading.Event) -> Joined:
         return Joined(contact, data, replica, shards, swarm, link, stack.pop_all())
 
 
-def contact_coordinator(config: NodeConfig, stop: threading.Event, stack: ExitStack) -> Contact:
-    """Pick the device, find the coordinator, register, and check the run it serves."""
+def contact_coordinator(
+    config: NodeConfig, stop: threading.Event, stack: ExitStack, traffic: Traffic
+) -> Contact:
+    """Pick the device, find the coordinator, register, and check the run it serves;
+    the client counts its bytes in ``traffic``."""
     # Before anything touches CUDA: fragmented free memory made a probed batch fail.
     prefer_expandable_segments()
     device = pick_device(config.device)
@@ -203,6 +208,7 @@ def contact_coordinator(config: NodeConfig, stop: threading.Event, stack: ExitSt
         ca_cert=config.ca_cert,
         pins=KeyPins(config.home),
         progress=config.progress,
+        traffic=traffic,
     )
     stack.callback(client.close)
     device_name = describe_device(device)
@@ -323,9 +329,15 @@ def join_swarm(
             spec.optimizer.target_batch_size,
             attack=config.hooks.attack,
             coordinator=RunView(
-                config.url, config.run_id, guard_dir, client.download, config.ca_cert
+                config.url,
+                config.run_id,
+                guard_dir,
+                partial(client.download, purpose="state"),
+                config.ca_cert,
+                client.traffic,
             ),
             named_parameters=replica.model.named_parameters(remove_duplicate=False),
+            traffic=client.traffic,
         )
         with _sigint_kept():
             optimizer = build_optimizer(spec, replica.model, dht, guard, replica.micro_batch_size)
@@ -367,7 +379,7 @@ def load_initial_state(config: NodeConfig, joined: Joined) -> None:
         if _start_from_checkpoint(config, joined, plan.checkpoint):
             return
     if plan.source != "fresh" or optimizer.tracker.global_epoch > 0:
-        _load_state_from_peers(optimizer)
+        _load_state_from_peers(optimizer, joined.contact.client.traffic)
     if fall_back(plan, optimizer.local_epoch) and plan.checkpoint is not None:
         logger.info("no peer served newer state; starting from the keeper's checkpoint")
         _start_from_checkpoint(config, joined, plan.checkpoint)
@@ -387,6 +399,7 @@ def _start_from_checkpoint(config: NodeConfig, joined: Joined, checkpoint: KeptC
             config.ca_cert,
             config.progress,
         )
+        joined.contact.client.traffic.add("state", received=checkpoint.num_bytes)
     except BootstrapError as e:
         if config.start_from == "checkpoint":
             raise
@@ -395,9 +408,10 @@ def _start_from_checkpoint(config: NodeConfig, joined: Joined, checkpoint: KeptC
     return True
 
 
-def _load_state_from_peers(optimizer: SwarmOptimizer) -> None:
+def _load_state_from_peers(optimizer: SwarmOptimizer, traffic: Traffic) -> None:
     logger.info("run under way; loading the latest state from peers")
     started = time.monotonic()
+    received = traffic.received("state")
     try:
         with warnings.catch_warnings():
             # hivemind fast-forwards the learning-rate schedule to the loaded step.
@@ -415,8 +429,17 @@ def _load_state_from_peers(optimizer: SwarmOptimizer) -> None:
             optimizer.local_epoch,
         )
         return
+    if traffic.received("state") == received:  # hivemind returns quietly when no peer served
+        logger.warning(
+            "no peer served its state; training from step %d until the swarm's state arrives",
+            optimizer.local_epoch,
+        )
+        return
     logger.info(
-        "loaded state of step %d in %.1fs", optimizer.local_epoch, time.monotonic() - started
+        "loaded state of step %d in %.1fs (%.1f MB)",
+        optimizer.local_epoch,
+        time.monotonic() - started,
+        (traffic.received("state") - received) / 1e6,
     )
 
 

@@ -81,9 +81,10 @@ def _count(n: float) -> str:
 
 
 def status_line(stats: NodeStats) -> str:
-    """``step 12 | 3.4k tok/s | loss 2.31 | val 2.40 | peers 3 | shard s00017 | verified 1.2M tok``.
+    """``step 12 | 3.4k tok/s | loss 2.31 | val 2.40 | peers 3 | shard s00017 | verified 1.2M tok
+    | up 1.2 MB (averaging 1.0, state 0.2, control 0.0, data 0.0)``.
 
-    The shard shows once training has one.
+    The shard shows once training has one; ``up`` is what this node has sent, by purpose.
     """
     loss = f"{stats.loss:.3f}" if stats.loss is not None else "-"
     val = f"{stats.val_loss:.3f}" if stats.val_loss is not None else "-"
@@ -97,4 +98,5 @@ def status_line(stats: NodeStats) -> str:
     if stats.shard:
         parts.append(f"shard {stats.shard}")
     parts.append(f"verified {_count(stats.verified_tokens)} tok")
+    parts.append(stats.traffic.summary())
     return " | ".join(parts)

@@ -62,6 +62,7 @@ class Reporter:
             progress_key=self.progress_key,
             num_skipped_steps=s.num_skipped_steps,
             reports=self.guard.drain_reports(),
+            traffic=s.traffic.counts(),
         )
 
     def on_reply(self, reply: pb.HeartbeatReply) -> None:

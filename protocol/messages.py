@@ -8,7 +8,7 @@ non-finite numbers are refused.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -73,6 +73,18 @@ class PeerReport(_Payload):
     count: Annotated[int, Field(ge=1, le=2**31)]
 
 
+TrafficPurpose = Literal["averaging", "state", "control", "data"]
+TRAFFIC_PURPOSES: tuple[str, ...] = get_args(TrafficPurpose)
+"""What a node's bytes are for (see :mod:`crowdtrain.node.traffic`)."""
+
+
+class TrafficCount(_Payload):
+    """Bytes one node process sent and received for one purpose since it started."""
+
+    sent: Count = 0
+    received: Count = 0
+
+
 class HeartbeatPayload(_Payload):
     """A node's counters since it started (``session_key`` names that start)."""
 
@@ -95,6 +107,9 @@ class HeartbeatPayload(_Payload):
     num_skipped_steps: Count = 0
     # Senders whose averaging parts this node dropped since the last heartbeat.
     reports: Annotated[list[PeerReport], Field(max_length=32)] = []
+    # Bytes sent and received since the node started, by purpose. Self-reported:
+    # shown to people, never credited.
+    traffic: dict[TrafficPurpose, TrafficCount] = {}
 
 
 class ReceiptSample(_Payload):

@@ -20,6 +20,7 @@ import httpx
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.http import HTTP_TIMEOUT, PROGRESS_MODES, download_file, tls_verify
 from crowdtrain.node.link.pins import KeyPins
+from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.errors import IdentityError, SpecError
@@ -59,7 +60,8 @@ class CoordinatorClient:
     coordinators with a private certificate (default: the system's roots).
     ``pins`` checks the coordinator's key before anything is signed for it.
     ``progress`` (the node's progress mode) is how downloads show their progress
-    (see :class:`TransferProgress`).
+    (see :class:`TransferProgress`). ``traffic`` counts the bytes of every call
+    (control) and download (data, unless the caller names another purpose).
     """
 
     def __init__(
@@ -71,10 +73,12 @@ class CoordinatorClient:
         ca_cert: Path | None = None,
         pins: KeyPins | None = None,
         progress: str = "auto",
+        traffic: Traffic | None = None,
     ):
         if progress not in PROGRESS_MODES:
             raise ValueError(f"progress {progress!r} is not one of {', '.join(PROGRESS_MODES)}")
         self.progress = progress
+        self.traffic = traffic if traffic is not None else Traffic()
         self.url = url.rstrip("/")
         self.grpc_target = grpc_target
         self.identity = identity
@@ -105,8 +109,9 @@ class CoordinatorClient:
 
     def _call(self, name: str, request: Any, token: str | None = None) -> Any:
         metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+        self.traffic.add("control", sent=request.ByteSize() + len(token or ""))
         try:
-            return getattr(self._stub, name)(request, timeout=CALL_DEADLINE_S, metadata=metadata)
+            reply = getattr(self._stub, name)(request, timeout=CALL_DEADLINE_S, metadata=metadata)
         except grpc.RpcError as e:
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -114,6 +119,8 @@ class CoordinatorClient:
             else:
                 message = e.details() or code.name
             raise CoordinatorError(message, code) from None
+        self.traffic.add("control", received=reply.ByteSize())
+        return reply
 
     def register(
         self, run_id: str, name: str, device: str, versions: str, invite: str = ""
@@ -168,9 +175,11 @@ class CoordinatorClient:
     def leave(self, token: str) -> None:
         self._call("Leave", pb.LeaveRequest(), token)
 
-    def download(self, url: str, dest: Path) -> None:
-        """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows)."""
+    def download(self, url: str, dest: Path, purpose: str = "data") -> None:
+        """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows);
+        its bytes count as ``purpose``."""
         download_file(self._http, url, dest, dest.name, self.progress)
+        self.traffic.add(purpose, received=dest.stat().st_size)
 
 
 def check_run(run: Any) -> tuple[RunSpec, ShardManifest]:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from crowdtrain.model import load_checkpoint
 from crowdtrain.node.link.errors import CoordinatorError
+from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol import api, transfer
 from crowdtrain.protocol.errors import CrowdtrainError
 
@@ -182,6 +183,7 @@ class RunView:
     folder: Path
     download: Callable[[str, Path], None]
     ca_cert: Path | None = None
+    traffic: Traffic | None = None  # counts each GET as control
 
     def get(self, route: str, **values: object) -> Any:
         """GET one of the run's public JSON routes (a :mod:`crowdtrain.protocol.api` route,
@@ -191,6 +193,10 @@ class RunView:
             timeout=5.0,
             verify=str(self.ca_cert) if self.ca_cert else True,
         )
+        if self.traffic is not None:
+            self.traffic.add(
+                "control", sent=len(str(response.request.url)), received=len(response.content)
+            )
         if response.status_code == 404:
             return None
         response.raise_for_status()

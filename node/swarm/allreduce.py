@@ -147,7 +147,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
             loop = asyncio.get_event_loop()
             async for tensor_part, weight, part_compression in amap_in_executor(
                 _deserialize_part,
-                stream,
+                self._received(stream),
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
                 if part_index >= reducer.num_parts:
@@ -188,9 +188,11 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     serialized = await loop.run_in_executor(
                         None, _serialize_delta, averaged_part, tensor_part, part_compression
                     )
-                yield averaging_pb2.AveragingData(
+                reply = averaging_pb2.AveragingData(
                     code=averaging_pb2.AVERAGED_PART, tensor_part=serialized
                 )
+                self._guard.count("averaging", sent=reply.ByteSize())
+                yield reply
         finally:
             if part_index != reducer.num_parts:
                 await self._ban_sender(sender)
@@ -217,7 +219,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
             part_index = 0
             async for delta, code in amap_in_executor(
                 _deserialize_result,
-                aiter_with_timeout(stream, self.reducer_timeout),
+                self._received(aiter_with_timeout(stream, self.reducer_timeout)),
                 max_prefetch=container.prefetch,
             ):
                 if code != averaging_pb2.AVERAGED_PART:
@@ -268,6 +270,14 @@ class GuardedAllReduceRunner(AllReduceRunner):
         async for message in super()._generate_input_for_peer(peer_index):
             if self._attack:
                 _corrupt(message, self._attack)
+            self._guard.count("averaging", sent=message.ByteSize())
+            yield message
+
+    async def _received(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData]
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in stream:
+            self._guard.count("averaging", received=message.ByteSize())
             yield message
 
 

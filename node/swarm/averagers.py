@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,8 @@ from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter, azip
 
@@ -56,6 +58,23 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
         roster = self._guard_config.read_roster()
         default = self._guard_config.unknown_max_weight
         return lambda peer_id: roster.get(peer_id.to_base58(), default)
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.DownloadData]:  # noqa: UP006
+        # hivemind's, with the bytes this peer serves counted as state traffic. hivemind
+        # tells a streamed answer by typing.AsyncIterator's hint (not collections.abc's).
+        async for message in super().rpc_download_state(request, context):
+            self._guard_config.count("state", sent=message.ByteSize())
+            yield message
+
+    def load_state_from_peers(self, wait: bool = True, timeout: float | None = None) -> Any:
+        # Counted by the tensors' decoded size (hivemind sends state uncompressed).
+        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
+        if wait and loaded is not None:
+            size = sum(t.numel() * t.element_size() for t in loaded[1])
+            self._guard_config.count("state", received=size)
+        return loaded
 
     def _guard_next_attack(self) -> str:
         attack = self._guard_config.attack if self._guard_attacks else ""

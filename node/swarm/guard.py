@@ -37,6 +37,7 @@ import torch
 from pydantic import ValidationError
 
 from crowdtrain.model import params_sha256
+from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.messages import PeerReport
 
@@ -162,6 +163,12 @@ class GuardConfig:
     folder: Path
     unknown_max_weight: float
     attack: str = ""
+    # Where the averager processes count the bytes they send and receive (shared memory).
+    traffic: Traffic | None = None
+
+    def count(self, purpose: str, sent: int = 0, received: int = 0) -> None:
+        if self.traffic is not None:
+            self.traffic.add(purpose, sent, received)
 
     @property
     def roster_path(self) -> Path:
@@ -285,8 +292,8 @@ class SwarmGuard:
     downloaded state is checked for its shape and finiteness only).
     ``named_parameters`` names the model's parameters (tied ones under each name)
     for hashing downloaded state. ``attack`` is the test hook that makes this a
-    hostile peer (empty: honest). Start it before hivemind: a previous session's
-    files are removed. Tests may replace the three callables and
+    hostile peer (empty: honest). ``traffic`` counts the bytes the averagers send and
+    receive. Start it before hivemind: a previous session's files are removed. Tests may replace the three callables and
     ``coordinator_lag_s`` after construction.
     """
 
@@ -298,11 +305,12 @@ class SwarmGuard:
         attack: str = "",
         coordinator: CoordinatorView | None = None,
         named_parameters: Iterable[tuple[str, torch.Tensor]] = (),
+        traffic: Traffic | None = None,
     ):
         folder.mkdir(parents=True, exist_ok=True)
         # A fast honest peer can collect more than the target in one round (1.5x seen
         # on loopback), so a peer the roster does not list yet may claim twice it.
-        self.config = GuardConfig(folder, 2.0 * target_batch_size, attack)
+        self.config = GuardConfig(folder, 2.0 * target_batch_size, attack, traffic)
         self.config.reports_path.unlink(missing_ok=True)
         self.config.roster_path.unlink(missing_ok=True)
         self._offset = 0

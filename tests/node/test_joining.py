@@ -30,7 +30,7 @@ class _Phases:
             registration=SimpleNamespace(heartbeat_interval_s=1.0),
         )
 
-        def contact_coordinator(config, stop, stack: ExitStack):
+        def contact_coordinator(config, stop, stack: ExitStack, traffic):
             stack.callback(log.append, "client.close")
             log.append("contact")
             return contact

@@ -23,6 +23,7 @@ import pytest
 
 from crowdtrain.node import join
 from crowdtrain.node.progress import Progress, status_line
+from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol.errors import CrowdtrainError
 from tests.swarm import Swarm, small_corpus, write_spec
 
@@ -78,14 +79,18 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_the_status_line_shows_shard_and_verified_credit(capsys: pytest.CaptureFixture) -> None:
+def test_the_status_line_shows_shard_credit_and_uplink(capsys: pytest.CaptureFixture) -> None:
+    traffic = Traffic()
+    traffic.add("averaging", sent=1_000_000, received=5)
+    traffic.add("state", sent=250_000)
+    traffic.add("data", received=9_000_000)  # downloads are not on the uplink
     stats = SimpleNamespace(  # the fields of NodeStats the line shows
         step=12, tokens_per_s=3456.0, loss=2.3456, val_loss=None, num_peers=3,
-        shard="train-00017", verified_tokens=1_234_567, num_tokens=5000,
+        shard="train-00017", verified_tokens=1_234_567, num_tokens=5000, traffic=traffic,
     )  # fmt: skip
     assert status_line(stats) == (
         "step 12 | 3.5k tok/s | loss 2.346 | val - | peers 3 | shard train-00017 | "
-        "verified 1.2M tok"
+        "verified 1.2M tok | up 1.2 MB (averaging 1.0, state 0.2, control 0.0, data 0.0)"
     )
     # Outside a Jupyter kernel the notebook bar is tqdm's text bar, on stderr.
     bar = Progress("notebook", "nb")
