@@ -101,6 +101,12 @@ class CoordinatorCollector(Collector):
             "Verified training FLOPs of each peer (the leaderboard), by peer id.",
             labels=["run", "peer_id"],
         )
+        peer_bytes = CounterMetricFamily(
+            "crowdtrain_peer_bytes",
+            "Bytes each peer reported sending and receiving, by purpose (averaging, state, "
+            "control, data) and direction; self-reported, never credited.",
+            labels=["run", "peer_id", "purpose", "direction"],
+        )
         checkpoint_step = GaugeMetricFamily(
             "crowdtrain_checkpoint_step",
             "The step of the latest checkpoint whose file can be downloaded.",
@@ -138,6 +144,10 @@ class CoordinatorCollector(Collector):
             verified.add_metric([run_id], sum(p["verified_flops"] for p in peer_rows))
             for p in peer_rows:
                 peer_verified.add_metric([run_id, p["peer_id"]], p["verified_flops"])
+                for purpose, counts in p["traffic"].items():
+                    for direction in ("sent", "received"):
+                        labels = [run_id, p["peer_id"], purpose, direction]
+                        peer_bytes.add_metric(labels, counts[direction])
             kept = [c for c in checkpoints_view(self.store, run_id) if c["available"]]
             checkpoints.add_metric([run_id], len(kept))
             if kept:
@@ -151,7 +161,7 @@ class CoordinatorCollector(Collector):
             refused.add_metric([str(r["method"]), str(r["reason"])], cast(int, r["count"]))
         yield from (info, peers, tokens_per_s, tokens, sequences, step, epoch, val_loss, val_bpb)
         yield from (train_loss, shards, leases, verified, peer_verified, checkpoint_step)
-        yield from (checkpoints, refused)
+        yield from (peer_bytes, checkpoints, refused)
 
 
 def coordinator_registry(store: Store, refusals: Refusals) -> CollectorRegistry:

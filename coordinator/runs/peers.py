@@ -177,6 +177,17 @@ def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
             "now": now,
         },
         evaluations,
+        [
+            {
+                "run_id": session.run_id,
+                "peer_id": session.peer_id,
+                "session_key": beat.session_key,
+                "purpose": purpose,
+                "sent": count.sent,
+                "received": count.received,
+            }
+            for purpose, count in beat.traffic.items()
+        ],
     )
     if beat.dht_peer_id or beat.progress_key:
         _bind_swarm_ids(store, session, beat.dht_peer_id, beat.progress_key)

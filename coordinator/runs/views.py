@@ -11,6 +11,7 @@ from typing import Any
 from crowdtrain.coordinator.ledger.views import peer_credit
 from crowdtrain.coordinator.records import get_run, peer_state
 from crowdtrain.coordinator.store import Store
+from crowdtrain.protocol.messages import TRAFFIC_PURPOSES
 
 # What the peers view shows of each peer's ledger (the full ledger is its own view).
 _CREDIT_KEYS = ("verified_tokens", "verified_flops", "verified_share", "num_rejected")
@@ -20,6 +21,7 @@ def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict
     get_run(store, run_id)
     now = time.time() if now is None else now
     totals = store.peer_totals(run_id)
+    traffic = store.peer_traffic(run_id)
     credit = peer_credit(store, run_id)
     zero = {"num_tokens": 0, "num_sequences": 0}
     return [
@@ -39,10 +41,18 @@ def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict
             "flagged": p["flagged"],
             "num_skipped_steps": p["num_skipped_steps"],
             "dht_peer_id": p["dht_peer_id"],
+            "traffic": _traffic_view(traffic.get(p["peer_id"], {})),
             **{k: credit.get(p["peer_id"], {}).get(k, 0) for k in _CREDIT_KEYS},
         }
         for p in store.list_peers(run_id)
     ]
+
+
+def _traffic_view(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Every purpose, in order, zero where the peer reported none."""
+    return {
+        purpose: counts.get(purpose, {"sent": 0, "received": 0}) for purpose in TRAFFIC_PURPOSES
+    }
 
 
 def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, Any]:

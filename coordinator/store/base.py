@@ -54,6 +54,17 @@ CREATE TABLE IF NOT EXISTS peers (
     PRIMARY KEY (run_id, peer_id)
 );
 CREATE INDEX IF NOT EXISTS peers_by_dht_id ON peers (run_id, dht_peer_id);
+-- Bytes a node process reported sending and receiving, by purpose (self-reported:
+-- shown, never credited). Like peer_counters, cumulative per process, only rising.
+CREATE TABLE IF NOT EXISTS peer_traffic (
+    run_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    session_key TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    sent INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    PRIMARY KEY (run_id, peer_id, session_key, purpose)
+);
 CREATE TABLE IF NOT EXISTS peer_counters (
     run_id TEXT NOT NULL,
     peer_id TEXT NOT NULL,

@@ -118,11 +118,25 @@ class RunRecords(StoreBase):
         )
         return int(row["n"]) if row else 0
 
-    def record_heartbeat(self, update: dict[str, Any], evaluations: list[dict[str, Any]]) -> None:
-        """Apply one heartbeat. Counters are cumulative per node process
-        (``session_key``) and only ever rise, so a heartbeat applied twice, or
-        two processes sharing one identity, count once each."""
+    def record_heartbeat(
+        self,
+        update: dict[str, Any],
+        evaluations: list[dict[str, Any]],
+        traffic: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Apply one heartbeat. Counters (tokens, sequences, and ``traffic``'s bytes per
+        purpose) are cumulative per node process (``session_key``) and only ever rise,
+        so a heartbeat applied twice, or two processes sharing one identity, count once
+        each."""
         with self.transaction() as db:
+            if traffic:
+                db.executemany(
+                    "INSERT INTO peer_traffic (run_id, peer_id, session_key, purpose, sent,"
+                    " received) VALUES (:run_id, :peer_id, :session_key, :purpose, :sent,"
+                    " :received) ON CONFLICT (run_id, peer_id, session_key, purpose) DO UPDATE"
+                    " SET sent = MAX(sent, :sent), received = MAX(received, :received)",
+                    traffic,
+                )
             db.execute(
                 "INSERT INTO peer_counters (run_id, peer_id, session_key, num_tokens,"
                 " num_sequences) VALUES (:run_id, :peer_id, :session_key, :num_tokens,"
@@ -190,6 +204,22 @@ class RunRecords(StoreBase):
             (run_id,),
         )
         return {r["peer_id"]: r for r in rows}
+
+    def peer_traffic(self, run_id: str) -> dict[str, dict[str, dict[str, int]]]:
+        """Bytes per peer and purpose, summed over its node processes:
+        ``{peer_id: {purpose: {"sent": n, "received": n}}}``."""
+        rows = self._all(
+            "SELECT peer_id, purpose, SUM(sent) AS sent, SUM(received) AS received"
+            " FROM peer_traffic WHERE run_id = ? GROUP BY peer_id, purpose",
+            (run_id,),
+        )
+        found: dict[str, dict[str, dict[str, int]]] = {}
+        for r in rows:
+            found.setdefault(r["peer_id"], {})[r["purpose"]] = {
+                "sent": int(r["sent"]),
+                "received": int(r["received"]),
+            }
+        return found
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
         row = self._one(

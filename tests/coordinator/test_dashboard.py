@@ -179,6 +179,12 @@ def test_dashboard_shows_a_live_run(swarm: Swarm, browser: Any, tmp_path: Path) 
     assert row.count() == 1
     cells = row.locator("td").all_inner_texts()
     assert cells[0] == NODE and cells[1] == peer["device"] and cells[2] == "active", cells
+    # What its uplink carried, as its heartbeats counted it: each purpose on hover.
+    assert peer["traffic"]["control"]["sent"] > 0, peer
+    uplink = row.locator("td.uplink")
+    assert cells[7] == uplink.inner_text() and cells[7] not in ("0 B", "–"), cells
+    title = uplink.get_attribute("title") or ""
+    assert all(purpose in title for purpose in ("averaging", "state", "control", "data")), title
 
     hostile = page.locator("#peers tbody td.name", has_text="eve")
     assert hostile.inner_text() == HOSTILE

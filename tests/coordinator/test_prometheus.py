@@ -66,9 +66,15 @@ def test_metrics_agree_with_the_api(swarm: Swarm) -> None:
     second_token, _ = register(wire, second)
     wire.ok("LeaseShards", pb.LeaseRequest(max_shards=2), bearer(first_token))
     evaluation = {"step": 2, "num_tokens": 4096, "loss": 3.25, "bits_per_byte": 4.5}
+    uplink = {"averaging": {"sent": 5_000_000, "received": 4_000_000}, "control": {"sent": 300}}
     heartbeat(
         wire, first, first_token, num_tokens=8192, tokens_per_s=1500.0, loss=3.5,
-        evaluations=[evaluation],
+        evaluations=[evaluation], traffic=uplink,
+    )  # fmt: skip
+    # The same process reporting less later (a replay, a reordered heartbeat): counts only rise.
+    heartbeat(
+        wire, first, first_token, num_tokens=8192, tokens_per_s=1500.0, loss=3.5,
+        traffic={"averaging": {"sent": 10, "received": 10}},
     )  # fmt: skip
     heartbeat(wire, second, second_token, num_tokens=2048, tokens_per_s=500.0, loss=4.5)
 
@@ -97,6 +103,24 @@ def test_metrics_agree_with_the_api(swarm: Swarm) -> None:
     assert value(samples, "crowdtrain_active_leases", run="tiny") == 2
     assert value(samples, "crowdtrain_verified_flops", run="tiny") == 0
     assert value(samples, "crowdtrain_checkpoints", run="tiny") == 0
+    # Each peer's bytes by purpose and direction, as the API shows them.
+    assert types["crowdtrain_peer_bytes"] == "counter"
+    peers = {p["peer_id"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert peers[first.peer_id]["traffic"] == {
+        "averaging": {"sent": 5_000_000, "received": 4_000_000},
+        "state": {"sent": 0, "received": 0},
+        "control": {"sent": 300, "received": 0},
+        "data": {"sent": 0, "received": 0},
+    }
+    assert all(c == {"sent": 0, "received": 0} for c in peers[second.peer_id]["traffic"].values())
+    for peer_id, peer in peers.items():
+        for purpose, counts in peer["traffic"].items():
+            for direction in ("sent", "received"):
+                found = value(
+                    samples, "crowdtrain_peer_bytes_total",
+                    run="tiny", peer_id=peer_id, purpose=purpose, direction=direction,
+                )  # fmt: skip
+                assert found == counts[direction], (peer_id, purpose, direction)
     # A run with nothing yet: listed, with zeros and no loss.
     assert value(samples, "crowdtrain_peers", run="idle", state="active") == 0
     assert ("crowdtrain_validation_loss", (("run", "idle"),)) not in samples

@@ -102,6 +102,13 @@ def test_diloco_nodes_advance_rounds_and_a_late_joiner_loads_global_state(swarm:
     assert all(p["num_tokens"] > 0 for p in peers.values()), peers
     assert peers["node-b"]["step"] >= 3, peers  # it reached later rounds with the others
     assert run["val_loss"] < run["first_val_loss"] - 0.5, run
+    # Every byte by purpose, as each node counted it: both averaged; node-a served the
+    # late joiner its state (and the keeper, which pulls it), node-b downloaded it.
+    a, b = peers["node-a"]["traffic"], peers["node-b"]["traffic"]
+    for traffic in (a, b):
+        assert traffic["averaging"]["sent"] > 0 and traffic["averaging"]["received"] > 0
+        assert traffic["control"]["sent"] > 0 and traffic["data"]["received"] > 0
+    assert a["state"]["sent"] > 0 and b["state"]["received"] > 0, (a, b)
 
     def settled() -> dict | None:
         view = swarm.get("/api/runs/tiny/ledger")

@@ -152,8 +152,17 @@
       td(compact(p.num_tokens), "num"),
       td(loss(p.loss), "num"),
       td(ago(p.last_seen), "num"),
+      uplink(p.traffic),
       td(share(p.verified_share), "num"),
     ]);
+  }
+
+  // What the peer's uplink carried (as it reported), with each purpose on hover.
+  function uplink(traffic) {
+    const purposes = Object.entries(traffic || {});
+    const sent = purposes.reduce((sum, [, counts]) => sum + counts.sent, 0);
+    const detail = purposes.map(([purpose, counts]) => `${purpose} ${ct.bytes(counts.sent)}`);
+    return td(ct.bytes(sent), "num uplink", detail.join(", "));
   }
 
   function showLeaderboard(rows) {
