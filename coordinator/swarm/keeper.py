@@ -49,13 +49,19 @@ from crowdtrain.model import (
     params_sha256,
     save_checkpoint,
 )
-from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT
+from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT, diloco_prefix
 
 logger = logging.getLogger(__name__)
 
 
 # Downloads per pull until two in a row agree (see Keeper.pull).
 MAX_DOWNLOADS = 4
+
+
+def _seeded_model(run: PublishedRun) -> GPT:
+    """The run's model as every node initializes it (the run's seed, on the CPU)."""
+    torch.manual_seed(run.spec.run.seed)
+    return GPT(GPTConfig.from_spec(run.spec.model))
 
 
 def tree_cpu_s() -> float:
@@ -111,15 +117,14 @@ class Keeper:
             diloco = DecentralizedAverager(
                 [torch.zeros(1)],  # never averaged: only downloads state
                 self.dht,
-                prefix=f"{run.id}_diloco",
+                prefix=diloco_prefix(run.id),
                 client_mode=True,
                 request_timeout=max(1.0, run.spec.swarm.request_timeout_s),
                 start=True,
             )
             self._averagers[run.id] = (diloco, model)
         if run.id not in self._averagers:
-            torch.manual_seed(run.spec.run.seed)
-            model = GPT(GPTConfig.from_spec(run.spec.model))
+            model = _seeded_model(run)
             averager = TrainingStateAverager(
                 dht=self.dht,
                 prefix=f"{run.id}_state_averager",
@@ -181,18 +186,48 @@ class Keeper:
                 param.copy_(tensor)
         return round_, params_sha256(model.state_dict())
 
+    def served_round(self, run: PublishedRun) -> int | None:
+        """The newest round a DiLoCo peer of ``run`` serves (its state-sharing priority in
+        the DHT), or None when none serves state."""
+        if self.dht is None:
+            return None
+        found = self.dht.get(f"{diloco_prefix(run.id)}.all_averagers", latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        rounds = [
+            int(entry.value)
+            for entry in entries.values()
+            if isinstance(getattr(entry, "value", None), int | float)
+            and not isinstance(entry.value, bool)
+            and 0 <= entry.value < 2**62
+        ]
+        return max(rounds, default=None)
+
     def pull(self, run: PublishedRun, timeout_s: float) -> dict[str, Any] | None:
         """Download the swarm's state and save it if it is a step not kept yet.
 
-        hivemind reads a peer's step and parameters at two moments, so a download
-        taken as the peer steps can label one step's parameters with the next
-        step. A checkpoint is therefore kept only when two downloads in a row
-        agree on both. Returns the stored checkpoint row, or None when no peer
+        hivemind reads a sync peer's step and parameters at two moments, so a
+        download taken as the peer steps can label one step's parameters with the
+        next step: a sync checkpoint is kept only when two downloads in a row
+        agree on both. A DiLoCo peer serves its round and global state in one
+        snapshot: one download is kept, and none is asked for while the newest
+        round peers serve is kept already (each costs a volunteer's uplink the
+        whole state). Returns the stored checkpoint row, or None when no peer
         answered in ``timeout_s``, the downloads never agreed, the state was not
         finite, or that step is already kept.
         """
         cpu_started = tree_cpu_s()
         _, model = self._averager(run)
+        if run.spec.optimizer.mode == "diloco":
+            served = self.served_round(run)
+            if served is not None and self.store.get_checkpoint(run.id, served) is not None:
+                logger.debug("run %s: round %d is kept already; nothing to pull", run.id, served)
+                return None
+            if served == 0:
+                # Round 0's global parameters are the run's seeded initialization, which
+                # this process computes as every node does: nothing to download.
+                seeded = _seeded_model(run)
+                return self._keep(run, seeded, (0, params_sha256(seeded.state_dict())), cpu_started)
+            return self._keep(run, model, self._download(run, timeout_s), cpu_started)
         agreed = None
         previous = self._download(run, timeout_s)
         for _ in range(MAX_DOWNLOADS - 1):
@@ -206,7 +241,20 @@ class Keeper:
         if agreed is None:
             logger.info("run %s: the swarm stepped during every download; next time", run.id)
             return None
-        step, sha256 = agreed
+        return self._keep(run, model, agreed, cpu_started)
+
+    def _keep(
+        self,
+        run: PublishedRun,
+        model: GPT,
+        downloaded: tuple[int, str] | None,
+        cpu_started: float,
+    ) -> dict[str, Any] | None:
+        """Save ``model``'s parameters, just downloaded as ``(step, sha256)``, unless they
+        are not finite or that step is kept already."""
+        if downloaded is None:
+            return None
+        step, sha256 = downloaded
         # Not copied: the tied embedding stays one tensor, saved once; nothing else writes
         # these parameters until the next pull, in this thread.
         state = {k: v.detach() for k, v in model.state_dict().items()}

@@ -22,7 +22,7 @@ import torch
 
 from crowdtrain.node.swarm.averagers import DiLoCoAverager
 from crowdtrain.node.swarm.guard import SwarmGuard, state_problem
-from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT
+from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT, diloco_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ STATE_LAYOUT = DILOCO_STATE_LAYOUT
 
 def averager_prefix(run_id: str) -> str:
     """The DHT prefix of a run's DiLoCo averager (matchmaking and state downloads)."""
-    return f"{run_id}_diloco"
+    return diloco_prefix(run_id)
 
 
 @dataclass(frozen=True)

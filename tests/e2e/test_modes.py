@@ -129,3 +129,13 @@ def test_diloco_nodes_advance_rounds_and_a_late_joiner_loads_global_state(swarm:
     path.write_bytes(response.content)
     state, _ = load_checkpoint(path)
     assert params_sha256(state) == latest["sha256"]
+
+    # What the keeper asked of the volunteers' uplinks: one download per round it kept
+    # (a peer serves round and state in one snapshot; a kept round is not pulled again),
+    # plus the late joiner's. A served state is the global parameters and the momentum.
+    served = 2 * sum(
+        t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values()
+    )
+    sent = sum(p["traffic"]["state"]["sent"] for p in swarm.get("/api/runs/tiny/peers"))
+    kept = len(swarm.get("/api/runs/tiny/checkpoints"))
+    assert sent <= 1.05 * served * (kept + 1), (sent, served, kept)
