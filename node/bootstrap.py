@@ -28,6 +28,7 @@ from crowdtrain.model.checkpoint import CheckpointError
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.http import download_file, tls_verify
 from crowdtrain.node.swarm.optimizer import SwarmOptimizer
+from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.runspec import RunSpec
@@ -51,6 +52,7 @@ class KeptCheckpoint:
     file_sha256: str
     num_bytes: int
     num_tokens: int = 0
+    outer_sha256: str | None = None  # a DiLoCo round's outer momentum file, when kept
 
     @classmethod
     def from_row(cls, row: Any) -> KeptCheckpoint | None:
@@ -68,6 +70,7 @@ class KeptCheckpoint:
             file_sha256=info.file_sha256,
             num_bytes=info.num_bytes,
             num_tokens=info.num_tokens,
+            outer_sha256=info.outer_sha256,
         )
 
 
@@ -130,10 +133,11 @@ def plan_start(
         return StartPlan("peers", "asked for", checkpoint)
     if checkpoint is None:
         return StartPlan("peers", "the keeper has no checkpoint yet")
-    if mode == "diloco":
+    if mode == "diloco" and checkpoint.outer_sha256 is None:
         return StartPlan(
-            "peers", "a DiLoCo peer needs the outer momentum only peers serve", checkpoint
-        )
+            "peers", "a DiLoCo peer needs the outer momentum, which the keeper did not keep",
+            checkpoint,
+        )  # fmt: skip
     if checkpoint.step >= run_step:
         return StartPlan("checkpoint", f"the keeper holds the run's step {run_step}", checkpoint)
     return StartPlan(
@@ -152,6 +156,49 @@ def fall_back(plan: StartPlan, loaded_step: int) -> bool:
         and plan.checkpoint is not None
         and plan.checkpoint.step > loaded_step
     )
+
+
+def download_outer_momentum(
+    model: torch.nn.Module,
+    url: str,
+    run_id: str,
+    checkpoint: KeptCheckpoint,
+    folder: Path,
+    ca_cert: Path | None = None,
+) -> list[torch.Tensor]:
+    """The outer momentum the keeper kept with a DiLoCo ``checkpoint``, in the order of
+    ``model.parameters()``; checked against its sha256 and the model's shapes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"keeper-step-{checkpoint.step}.outer.safetensors"
+    file_url = api.url(url, api.CHECKPOINT_OUTER, run_id=run_id, step=checkpoint.step)
+    try:
+        with httpx.Client(timeout=_TIMEOUT, verify=tls_verify(ca_cert)) as http:
+            download_file(
+                http,
+                file_url,
+                path,
+                f"outer momentum {checkpoint.step}",
+                "none",
+                sha256=checkpoint.outer_sha256,
+                max_bytes=2 * checkpoint.num_bytes,
+            )
+        tensors, _ = load_checkpoint(path)
+    except (CoordinatorError, CheckpointError) as e:
+        raise BootstrapError(
+            f"the outer momentum of the keeper's checkpoint of step {checkpoint.step}: {e}"
+        ) from None
+    finally:
+        path.unlink(missing_ok=True)
+    momentum = []
+    for name, param in model.named_parameters():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.shape != param.shape or not bool(torch.isfinite(tensor).all()):
+            raise BootstrapError(
+                f"the outer momentum of the keeper's checkpoint of step {checkpoint.step} "
+                f"does not fit this model ({name})"
+            )
+        momentum.append(tensor.float())
+    return momentum
 
 
 def download_checkpoint(
@@ -234,6 +281,7 @@ def start_from_checkpoint(
     folder: Path,
     ca_cert: Path | None = None,
     progress: str = "auto",
+    traffic: Traffic | None = None,
 ) -> int:
     """Download, check and load the keeper's ``checkpoint`` into ``model``, then move
     ``optimizer`` (None: none yet) to its step; returns the step. Raises
@@ -241,21 +289,29 @@ def start_from_checkpoint(
 
     Sync mode: Adam's statistics start afresh, and hivemind loads state from peers
     by itself at the next step if the swarm has moved on. DiLoCo: the
-    checkpoint's parameters become the global parameters of its round, with zero
-    outer momentum (see :meth:`SwarmOptimizer.set_step`)."""
+    checkpoint's parameters become the global parameters of its round, with the
+    round's outer momentum when the keeper kept it (zero otherwise; see
+    :meth:`SwarmOptimizer.set_step`). ``traffic`` counts the bytes as state."""
     started = time.monotonic()
+    outer = None
+    if spec.optimizer.mode == "diloco" and checkpoint.outer_sha256 is not None:
+        outer = download_outer_momentum(model, url, spec.run.id, checkpoint, folder, ca_cert)
     path = download_checkpoint(url, spec.run.id, checkpoint, folder, ca_cert, progress)
     try:
         load_kept_checkpoint(model, path, checkpoint, spec)
     finally:
         path.unlink(missing_ok=True)
+    if traffic is not None:
+        outer_bytes = sum(t.numel() * t.element_size() for t in outer or [])
+        traffic.add("state", received=checkpoint.num_bytes + outer_bytes)
     if optimizer is not None:
-        optimizer.set_step(checkpoint.step)
+        optimizer.set_step(checkpoint.step, outer_momentum=outer)
     logger.info(
-        "started from the keeper's checkpoint of step %d (%d tokens, %.1f MB) in %.1fs",
+        "started from the keeper's checkpoint of step %d (%d tokens, %.1f MB%s) in %.1fs",
         checkpoint.step,
         checkpoint.num_tokens,
         checkpoint.num_bytes / 1e6,
+        ", with its outer momentum" if outer is not None else "",
         time.monotonic() - started,
     )
     return checkpoint.step
@@ -267,6 +323,7 @@ __all__ = [
     "KeptCheckpoint",
     "StartPlan",
     "download_checkpoint",
+    "download_outer_momentum",
     "fall_back",
     "latest_checkpoint",
     "load_kept_checkpoint",

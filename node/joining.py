@@ -398,8 +398,8 @@ def _start_from_checkpoint(config: NodeConfig, joined: Joined, checkpoint: KeptC
             config.run_dir / "bootstrap",
             config.ca_cert,
             config.progress,
+            joined.contact.client.traffic,
         )
-        joined.contact.client.traffic.add("state", received=checkpoint.num_bytes)
     except BootstrapError as e:
         if config.start_from == "checkpoint":
             raise

@@ -47,6 +47,8 @@ LEDGER = RUN + "/ledger"
 CHECKPOINTS = RUN + "/checkpoints"
 CHECKPOINT = CHECKPOINTS + "/{step}"
 CHECKPOINT_FILE = CHECKPOINT + "/file"
+CHECKPOINT_OUTER = CHECKPOINT + "/outer"
+"""A DiLoCo checkpoint's outer momentum (safetensors, one tensor per parameter name)."""
 
 ADMIN_RUNS = "/api/admin/runs"
 ADMIN_INVITES = ADMIN_RUNS + "/{run_id}/invites"
@@ -159,6 +161,9 @@ class CheckpointInfo(Reply):
     """Unix seconds (0 from a coordinator too old to say)."""
     available: bool
     """Whether its file can be downloaded (:data:`CHECKPOINT_FILE`)."""
+    outer_sha256: Sha256 | None = None
+    """A DiLoCo round's outer momentum file (:data:`CHECKPOINT_OUTER`): its sha256, or
+    None when none is kept (a sync run, or a coordinator too old to keep one)."""
 
 
 class InviteCreated(Reply):
@@ -215,6 +220,7 @@ __all__ = [
     "CHECKPOINT",
     "CHECKPOINTS",
     "CHECKPOINT_FILE",
+    "CHECKPOINT_OUTER",
     "COVERAGE",
     "ENDPOINTS",
     "EVALS",

@@ -309,4 +309,15 @@ def create_app(
             raise HTTPException(status_code=404, detail=f"no file of step {step} is kept")
         return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
+    @app.get(api.CHECKPOINT_OUTER)
+    def get_checkpoint_outer(
+        run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
+    ) -> FileResponse:
+        """A kept DiLoCo checkpoint's outer momentum (safetensors, by parameter name)."""
+        run_or_404(lambda: records.get_run(store, run_id))
+        path = checkpoints.outer_file(store, run_id, step)
+        if path is None:
+            raise HTTPException(status_code=404, detail=f"no outer momentum of step {step}")
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
     return app

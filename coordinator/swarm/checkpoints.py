@@ -18,7 +18,7 @@ from crowdtrain.protocol.files import atomic_write
 
 SIDECAR_SUFFIX = ".sha256"
 
-STEP_FILE = re.compile(r"step-\d{8,}\.safetensors")
+STEP_FILE = re.compile(r"step-\d{8,}(\.outer)?\.safetensors")
 
 # Where the verifier's keeper saves checkpoints, inside the coordinator's data folder.
 CHECKPOINTS_DIR = "checkpoints"
@@ -31,8 +31,24 @@ def checkpoint_path(store: Store, run_id: str, checkpoint: dict[str, Any]) -> Pa
     return store.data_dir / CHECKPOINTS_DIR / run_id / checkpoint["file"]
 
 
-def _checkpoint_row(c: dict[str, Any]) -> dict[str, Any]:
+def outer_path(path: Path) -> Path:
+    """Where a DiLoCo checkpoint's outer momentum is kept beside its parameters."""
+    return path.with_name(path.name.removesuffix(".safetensors") + ".outer.safetensors")
+
+
+def _outer_sha256(store: Store, run_id: str, c: dict[str, Any]) -> str | None:
+    path = checkpoint_path(store, run_id, c)
+    if path is None:
+        return None
+    try:
+        return sidecar_path(outer_path(path)).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _checkpoint_row(store: Store, run_id: str, c: dict[str, Any]) -> dict[str, Any]:
     return {
+        "outer_sha256": _outer_sha256(store, run_id, c),
         "step": c["step"],
         "sha256": c["sha256"],
         "file_sha256": c["file_sha256"],
@@ -48,13 +64,13 @@ def checkpoints_view(store: Store, run_id: str) -> list[dict[str, Any]]:
     its parameters (kept after the file is removed), the file's sha256 and size, the
     run's tokens when it was taken and whether it can be downloaded
     (:class:`crowdtrain.protocol.api.CheckpointInfo`; a new key goes there too)."""
-    return [_checkpoint_row(c) for c in store.list_checkpoints(run_id)]
+    return [_checkpoint_row(store, run_id, c) for c in store.list_checkpoints(run_id)]
 
 
 def checkpoint_view(store: Store, run_id: str, step: int) -> dict[str, Any] | None:
     """The keeper's checkpoint of ``step`` as :func:`checkpoints_view` shows it, or None."""
     found = store.get_checkpoint(run_id, step)
-    return _checkpoint_row(found) if found is not None else None
+    return _checkpoint_row(store, run_id, found) if found is not None else None
 
 
 def checkpoint_file(store: Store, run_id: str, step: int) -> Path | None:
@@ -63,6 +79,14 @@ def checkpoint_file(store: Store, run_id: str, step: int) -> Path | None:
     found = store.get_checkpoint(run_id, step)
     path = checkpoint_path(store, run_id, found) if found is not None else None
     return path if path is not None and path.is_file() else None
+
+
+def outer_file(store: Store, run_id: str, step: int) -> Path | None:
+    """The outer momentum file of the keeper's DiLoCo checkpoint of ``step``, to serve;
+    None when there is none."""
+    path = checkpoint_file(store, run_id, step)
+    outer = outer_path(path) if path is not None else None
+    return outer if outer is not None and outer.is_file() else None
 
 
 def checkpoint_name(step: int) -> str:

@@ -38,6 +38,7 @@ from crowdtrain.coordinator.swarm.checkpoints import (
     SIDECAR_SUFFIX,
     STEP_FILE,
     checkpoint_name,
+    outer_path,
     sidecar_path,
     write_sidecar,
 )
@@ -100,6 +101,8 @@ class Keeper:
     hivemind's averagers install signal handlers when they start."""
 
     def __init__(self, store: Store, dht: hivemind.DHT | None, keep: int | None = None):
+        # run id -> the outer momentum of the DiLoCo state last downloaded (parameters' order)
+        self._momentum: dict[str, list[torch.Tensor] | None] = {}
         """``keep`` overrides each run's ``[verify] keep_checkpoints``. Files an interrupted
         save left behind are removed here. ``dht`` may be None to only :meth:`save`."""
         self.store = store
@@ -184,6 +187,12 @@ class Keeper:
         with torch.no_grad():
             for param, tensor in zip(params, tensors, strict=False):
                 param.copy_(tensor)
+        momentum = tensors[len(params) : 2 * len(params)]
+        fits = len(momentum) == len(params) and all(
+            m.shape == p.shape and m.dtype.is_floating_point
+            for m, p in zip(momentum, params, strict=False)
+        )
+        self._momentum[run.id] = [m.detach().float().clone() for m in momentum] if fits else None
         return round_, params_sha256(model.state_dict())
 
     def served_round(self, run: PublishedRun) -> int | None:
@@ -224,10 +233,15 @@ class Keeper:
                 return None
             if served == 0:
                 # Round 0's global parameters are the run's seeded initialization, which
-                # this process computes as every node does: nothing to download.
+                # this process computes as every node does, and its momentum is zero:
+                # nothing to download.
                 seeded = _seeded_model(run)
-                return self._keep(run, seeded, (0, params_sha256(seeded.state_dict())), cpu_started)
-            return self._keep(run, model, self._download(run, timeout_s), cpu_started)
+                zeros = [torch.zeros_like(p) for p in seeded.parameters()]
+                initial = (0, params_sha256(seeded.state_dict()))
+                return self._keep(run, seeded, initial, cpu_started, zeros)
+            self._momentum[run.id] = None
+            downloaded = self._download(run, timeout_s)
+            return self._keep(run, model, downloaded, cpu_started, self._momentum[run.id])
         agreed = None
         previous = self._download(run, timeout_s)
         for _ in range(MAX_DOWNLOADS - 1):
@@ -249,9 +263,11 @@ class Keeper:
         model: GPT,
         downloaded: tuple[int, str] | None,
         cpu_started: float,
+        momentum: list[torch.Tensor] | None = None,
     ) -> dict[str, Any] | None:
-        """Save ``model``'s parameters, just downloaded as ``(step, sha256)``, unless they
-        are not finite or that step is kept already."""
+        """Save ``model``'s parameters, just downloaded as ``(step, sha256)`` (a DiLoCo
+        round's with its outer ``momentum``), unless they are not finite or that step is
+        kept already."""
         if downloaded is None:
             return None
         step, sha256 = downloaded
@@ -270,8 +286,12 @@ class Keeper:
                     step,
                 )
             return None
+        outer = None
+        if momentum is not None and all(bool(torch.isfinite(m).all()) for m in momentum):
+            names = [name for name, _ in model.named_parameters()]
+            outer = dict(zip(names, momentum, strict=True))
         try:
-            return self.save(run, step, state, sha256, cpu_started=cpu_started)
+            return self.save(run, step, state, sha256, cpu_started=cpu_started, outer=outer)
         except CheckpointError as e:
             logger.warning("run %s: could not keep the checkpoint of step %d: %s", run.id, step, e)
             return None
@@ -283,6 +303,7 @@ class Keeper:
         state: dict[str, torch.Tensor],
         params_sha256: str,
         cpu_started: float | None = None,
+        outer: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Keep ``state`` as the run's checkpoint of ``step``; returns its stored row.
 
@@ -310,8 +331,12 @@ class Keeper:
             "num_tokens": str(num_tokens),
         }
         file_sha256 = save_checkpoint(path, state, metadata)
+        outer_file = outer_path(path)
         try:
             write_sidecar(sidecar, path.name, file_sha256)
+            if outer is not None:  # a DiLoCo round's outer momentum, beside it
+                outer_sha256 = save_checkpoint(outer_file, outer, metadata)
+                write_sidecar(sidecar_path(outer_file), outer_file.name, outer_sha256)
             row = {
                 "run_id": run.id,
                 "step": step,
@@ -327,8 +352,8 @@ class Keeper:
             self.store.insert_checkpoint(row)
         except BaseException as e:
             # No row names this file: take it away, so the folder holds only kept steps.
-            path.unlink(missing_ok=True)
-            sidecar.unlink(missing_ok=True)
+            for leftover in (path, sidecar, outer_file, sidecar_path(outer_file)):
+                leftover.unlink(missing_ok=True)
             if isinstance(e, OSError):
                 raise CheckpointError(f"cannot keep checkpoint {path}: {e}") from e
             raise
@@ -347,7 +372,8 @@ class Keeper:
         kept = [c for c in self.store.list_checkpoints(run.id) if c["file"]]
         for old in kept[: max(0, len(kept) - keep)]:
             path = self.folder / run.id / old["file"]
-            sidecar_path(path).unlink(missing_ok=True)
+            for leftover in (sidecar_path(path), outer_path(path), sidecar_path(outer_path(path))):
+                leftover.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
             self.store.forget_checkpoint_file(run.id, old["step"])
 
@@ -358,7 +384,8 @@ class Keeper:
         if not self.folder.is_dir():
             return removed
         for folder in sorted(p for p in self.folder.iterdir() if p.is_dir()):
-            named = {c["file"] for c in self.store.list_checkpoints(folder.name) if c["file"]}
+            files = [c["file"] for c in self.store.list_checkpoints(folder.name) if c["file"]]
+            named = {*files, *(outer_path(Path(f)).name for f in files)}
             for path in sorted(folder.iterdir()):
                 stale_temp = path.name.startswith(".step-") and path.name.endswith(".tmp")
                 name = path.name.removesuffix(SIDECAR_SUFFIX)

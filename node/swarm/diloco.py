@@ -305,12 +305,18 @@ class DiLoCoOptimizer:
         """Why the last downloaded global state was refused; None when it was not."""
         return self.exchange.last_refusal
 
-    def set_step(self, step: int) -> None:
+    def set_step(self, step: int, outer_momentum: Sequence[torch.Tensor] | None = None) -> None:
         """After the model's parameters were loaded (the keeper's checkpoint of round
-        ``step``): they become the global parameters of round ``step``, with zero outer
-        momentum, and the round follows."""
+        ``step``): they become the global parameters of round ``step``, with the round's
+        ``outer_momentum`` (in the order of the model's parameters; zero when not given),
+        and the round follows."""
         params = [p.detach().to("cpu", torch.float32, copy=True) for p in self._params]
-        momentum = [torch.zeros_like(p) for p in params]
+        if outer_momentum is None:
+            momentum = [torch.zeros_like(p) for p in params]
+        else:
+            momentum = [m.detach().to("cpu", torch.float32, copy=True) for m in outer_momentum]
+            if [m.shape for m in momentum] != [p.shape for p in params]:
+                raise ValueError("the outer momentum does not fit the model's parameters")
         self._adopt(GlobalState(step, params, momentum), local_at_end=None)
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -11,6 +11,7 @@ which one it has. Knows nothing about the coordinator or the training loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,9 +60,10 @@ class SwarmOptimizer(Protocol):
         """Take the swarm's latest state from a peer, if one serves acceptable state."""
         ...
 
-    def set_step(self, step: int) -> None:
+    def set_step(self, step: int, outer_momentum: Sequence[torch.Tensor] | None = None) -> None:
         """Move to swarm step ``step`` after the model's parameters were loaded from the
-        keeper's checkpoint of that step."""
+        keeper's checkpoint of that step (DiLoCo: with the round's ``outer_momentum``, in
+        the order of the model's parameters, when the keeper kept it)."""
         ...
 
     def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -9,6 +9,7 @@ node drives both modes through.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import hivemind
@@ -65,8 +66,9 @@ class GuardedOptimizer(hivemind.Optimizer):
         """Why the last downloaded state was refused; None when it was not."""
         return self.state_averager.last_refusal  # type: ignore[attr-defined, no-any-return]
 
-    def set_step(self, step: int) -> None:
-        """Move to ``step`` after the model's parameters were loaded (the keeper's checkpoint).
+    def set_step(self, step: int, outer_momentum: Sequence[torch.Tensor] | None = None) -> None:
+        """Move to ``step`` after the model's parameters were loaded (the keeper's checkpoint;
+        sync mode has no ``outer_momentum``, and ignores one).
 
         The local epoch, learning-rate schedule, progress record and
         state-sharing priority follow the step; an offloaded copy of the

@@ -226,3 +226,45 @@ def test_a_file_no_row_names_is_removed_at_start(store, run):
         checkpoint_name(1),
         checkpoint_name(1) + ".sha256",
     ]
+
+
+def test_a_diloco_rounds_outer_momentum_is_kept_served_listed_and_pruned_with_it(store, run):
+    from fastapi.testclient import TestClient
+
+    from crowdtrain.coordinator.api.http_app import Endpoints, create_app
+    from crowdtrain.coordinator.api.refusals import Refusals
+    from crowdtrain.coordinator.runs.leases import LeaseBook
+    from crowdtrain.coordinator.swarm.checkpoints import checkpoints_view, outer_path
+
+    keeper = Keeper(store, None)  # the spec keeps 3
+    for step in range(1, 5):
+        state = _state(step)
+        momentum = {name: torch.full_like(t, -step) for name, t in state.items()}
+        keeper.save(run, step, state, params_sha256(state), outer=momentum)
+    folder = keeper.folder / run.id
+    outer = outer_path(folder / checkpoint_name(4))
+    loaded, _ = load_checkpoint(outer)
+    assert torch.equal(loaded["weight"], torch.full((64,), -4.0))
+    outer_sha256 = hashlib.sha256(outer.read_bytes()).hexdigest()
+    assert sidecar_path(outer).read_text() == f"{outer_sha256}  {outer.name}\n"
+    listed = {c["step"]: c for c in checkpoints_view(store, run.id)}
+    assert listed[4]["outer_sha256"] == outer_sha256
+    # Pruned with its parameters: steps 2..4 are kept, step 1 went with its momentum.
+    assert (
+        listed[1]["outer_sha256"] is None and not outer_path(folder / checkpoint_name(1)).exists()
+    )
+    assert sorted(p.name for p in folder.glob("*.outer.safetensors")) == [
+        outer_path(folder / checkpoint_name(s)).name for s in (2, 3, 4)
+    ]
+    # A restart keeps them (their parameters' rows name them) and removes an orphan.
+    orphan = outer_path(folder / checkpoint_name(9))
+    orphan.write_bytes(b"left by a crash")
+    assert keeper.remove_stale_files() == [orphan]
+
+    endpoints = Endpoints("http://127.0.0.1:1", "127.0.0.1:2", initial_peers=list)
+    app = create_app(store, endpoints, LeaseBook(store), Refusals(), "k" * 43, COORDINATOR_KEY)
+    client = TestClient(app)
+    served = client.get(f"/api/runs/{run.id}/checkpoints/4/outer")
+    assert served.status_code == 200 and served.content == outer.read_bytes()
+    assert client.get(f"/api/runs/{run.id}/checkpoints/4").json()["outer_sha256"] == outer_sha256
+    assert client.get(f"/api/runs/{run.id}/checkpoints/1/outer").status_code == 404

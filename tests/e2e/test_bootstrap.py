@@ -23,10 +23,30 @@ spot_check_fraction = 0.0
 """
 
 
-def test_a_node_alone_starts_from_the_keepers_checkpoint(swarm: Swarm) -> None:
+# A DiLoCo run: the keeper also keeps each round's outer momentum, which a node starting
+# from its checkpoint takes too (without it the node's outer steps would differ).
+DILOCO = """
+[optimizer]
+mode = "diloco"
+target_batch_size = 16
+inner_batch_size = 8
+micro_batch_size = 8
+inner_steps = 5
+lr = 0.005
+warmup_steps = 2
+outer_lr = 0.7
+outer_momentum = 0.9
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "diloco"])
+def test_a_node_alone_starts_from_the_keepers_checkpoint(swarm: Swarm, mode: str) -> None:
     data = swarm.prepare(16_384)
     spec = write_spec(swarm.root / "tiny.toml")
-    spec.write_text(spec.read_text() + VERIFY)
+    text = spec.read_text()
+    if mode == "diloco":
+        text = re.sub(r"\[optimizer\][^\[]*", DILOCO.lstrip(), text, count=1)
+    spec.write_text(text + VERIFY)
     assert swarm.publish(spec, data).returncode == 0
     swarm.start_coordinator()
 
@@ -50,6 +70,9 @@ def test_a_node_alone_starts_from_the_keepers_checkpoint(swarm: Swarm) -> None:
     )
     step = int(started.group(1))
     assert step >= kept[-1]["step"]
+    if mode == "diloco":  # the round's momentum came with it, from the keeper
+        assert "with its outer momentum" in second.output(), second.output()[-3000:]
+        assert kept[-1]["outer_sha256"] is not None
     # It trains on from there: the coordinator sees it at that step or later, never from 0.
     peer = swarm.wait_for(
         lambda: next(

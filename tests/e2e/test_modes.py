@@ -92,7 +92,10 @@ def test_diloco_nodes_advance_rounds_and_a_late_joiner_loads_global_state(swarm:
         node.popen.send_signal(signal.SIGINT)
     for node in (first, late):
         assert node.wait(timeout=60) == 0, node.output()
-    assert "loaded state of step" in late.output(), late.output()
+    # Its global state came from the keeper's checkpoint of the round (with the round's
+    # outer momentum) or, when the keeper had not kept that round yet, from node-a.
+    joined_from = ("loaded state of step", "started from the keeper's checkpoint")
+    assert any(line in late.output() for line in joined_from), late.output()
     # The client-mode peer averaged with the other (it sends and receives, reduces nothing).
     assert "averaged with 2 peers" in late.output(), late.output()
     assert "averaged with 2 peers" in first.output(), first.output()
@@ -102,13 +105,13 @@ def test_diloco_nodes_advance_rounds_and_a_late_joiner_loads_global_state(swarm:
     assert all(p["num_tokens"] > 0 for p in peers.values()), peers
     assert peers["node-b"]["step"] >= 3, peers  # it reached later rounds with the others
     assert run["val_loss"] < run["first_val_loss"] - 0.5, run
-    # Every byte by purpose, as each node counted it: both averaged; node-a served the
-    # late joiner its state (and the keeper, which pulls it), node-b downloaded it.
+    # Every byte by purpose, as each node counted it: both averaged; node-b downloaded
+    # the state it joined with (from the keeper or node-a).
     a, b = peers["node-a"]["traffic"], peers["node-b"]["traffic"]
     for traffic in (a, b):
         assert traffic["averaging"]["sent"] > 0 and traffic["averaging"]["received"] > 0
         assert traffic["control"]["sent"] > 0 and traffic["data"]["received"] > 0
-    assert a["state"]["sent"] > 0 and b["state"]["received"] > 0, (a, b)
+    assert b["state"]["received"] > 0, (a, b)
 
     def settled() -> dict | None:
         view = swarm.get("/api/runs/tiny/ledger")

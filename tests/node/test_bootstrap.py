@@ -177,13 +177,19 @@ def _kept(step: int) -> KeptCheckpoint:
     return KeptCheckpoint(step, "a" * 64, "b" * 64, 1000, num_tokens=step * 100)
 
 
+def _kept_outer(step: int) -> KeptCheckpoint:
+    return KeptCheckpoint(step, "a" * 64, "b" * 64, 1000, step * 100, outer_sha256="c" * 64)
+
+
 @pytest.mark.parametrize(
     "start_from, run_step, checkpoint, mode, source",
     [
         ("auto", 5, _kept(5), "sync", "checkpoint"),  # the run's own step: nothing lost
         ("auto", 6, _kept(5), "sync", "peers"),  # the swarm moved on: peers hold step 6
         ("auto", 5, None, "sync", "peers"),  # no checkpoint yet
-        ("auto", 5, _kept(5), "diloco", "peers"),  # the outer momentum only peers hold
+        ("auto", 5, _kept(5), "diloco", "peers"),  # no outer momentum kept: peers hold it
+        ("auto", 5, _kept_outer(5), "diloco", "checkpoint"),  # the round, with its momentum
+        ("auto", 6, _kept_outer(5), "diloco", "peers"),  # the swarm moved on a round
         ("auto", 0, None, "sync", "fresh"),  # nothing trained yet
         ("peers", 5, _kept(5), "sync", "peers"),
         ("checkpoint", 9, _kept(5), "sync", "checkpoint"),
