@@ -101,8 +101,6 @@ class Keeper:
     hivemind's averagers install signal handlers when they start."""
 
     def __init__(self, store: Store, dht: hivemind.DHT | None, keep: int | None = None):
-        # run id -> the outer momentum of the DiLoCo state last downloaded (parameters' order)
-        self._momentum: dict[str, list[torch.Tensor] | None] = {}
         """``keep`` overrides each run's ``[verify] keep_checkpoints``. Files an interrupted
         save left behind are removed here. ``dht`` may be None to only :meth:`save`."""
         self.store = store
@@ -115,8 +113,7 @@ class Keeper:
     def _averager(self, run: PublishedRun) -> tuple[DecentralizedAverager, GPT]:
         assert self.dht is not None, "a Keeper without a DHT can only save"
         if run.id not in self._averagers and run.spec.optimizer.mode == "diloco":
-            torch.manual_seed(run.spec.run.seed)
-            model = GPT(GPTConfig.from_spec(run.spec.model))
+            model = _seeded_model(run)
             diloco = DecentralizedAverager(
                 [torch.zeros(1)],  # never averaged: only downloads state
                 self.dht,
@@ -144,7 +141,8 @@ class Keeper:
         """Load the state of the swarm's best peer into this run's model: (step, sha256)."""
         averager, model = self._averager(run)
         if not isinstance(averager, TrainingStateAverager):
-            return self._download_diloco(run, averager, model, timeout_s)
+            found = self._download_diloco(run, averager, model, timeout_s)
+            return found[:2] if found is not None else None
         averager.local_epoch = -1  # stays below 0 unless a download succeeds
         try:
             averager.load_state_from_peers(timeout=timeout_s)
@@ -158,8 +156,9 @@ class Keeper:
 
     def _download_diloco(
         self, run: PublishedRun, averager: DecentralizedAverager, model: GPT, timeout_s: float
-    ) -> tuple[int, str] | None:
-        """A DiLoCo run: the global parameters of the best peer's round: (round, sha256)."""
+    ) -> tuple[int, str, list[torch.Tensor] | None] | None:
+        """A DiLoCo run: the global parameters of the best peer's round, loaded into
+        ``model``: (round, sha256, its outer momentum or None when it does not fit)."""
         try:
             loaded = averager.load_state_from_peers(timeout=timeout_s)
         except Exception as e:  # no peer, a timeout, a peer that left mid-download
@@ -192,8 +191,8 @@ class Keeper:
             m.shape == p.shape and m.dtype.is_floating_point
             for m, p in zip(momentum, params, strict=False)
         )
-        self._momentum[run.id] = [m.detach().float().clone() for m in momentum] if fits else None
-        return round_, params_sha256(model.state_dict())
+        outer = [m.detach().float().clone() for m in momentum] if fits else None
+        return round_, params_sha256(model.state_dict()), outer
 
     def served_round(self, run: PublishedRun) -> int | None:
         """The newest round a DiLoCo peer of ``run`` serves (its state-sharing priority in
@@ -225,7 +224,7 @@ class Keeper:
         finite, or that step is already kept.
         """
         cpu_started = tree_cpu_s()
-        _, model = self._averager(run)
+        averager, model = self._averager(run)
         if run.spec.optimizer.mode == "diloco":
             served = self.served_round(run)
             if served is not None and self.store.get_checkpoint(run.id, served) is not None:
@@ -239,9 +238,10 @@ class Keeper:
                 zeros = [torch.zeros_like(p) for p in seeded.parameters()]
                 initial = (0, params_sha256(seeded.state_dict()))
                 return self._keep(run, seeded, initial, cpu_started, zeros)
-            self._momentum[run.id] = None
-            downloaded = self._download(run, timeout_s)
-            return self._keep(run, model, downloaded, cpu_started, self._momentum[run.id])
+            found = self._download_diloco(run, averager, model, timeout_s)
+            if found is None:
+                return None
+            return self._keep(run, model, found[:2], cpu_started, found[2])
         agreed = None
         previous = self._download(run, timeout_s)
         for _ in range(MAX_DOWNLOADS - 1):
