@@ -165,25 +165,18 @@ def download_outer_momentum(
     checkpoint: KeptCheckpoint,
     folder: Path,
     ca_cert: Path | None = None,
+    progress: str = "auto",
 ) -> list[torch.Tensor]:
     """The outer momentum the keeper kept with a DiLoCo ``checkpoint``, in the order of
     ``model.parameters()``; checked against its sha256 and the model's shapes."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"keeper-step-{checkpoint.step}.outer.safetensors"
-    file_url = api.url(url, api.CHECKPOINT_OUTER, run_id=run_id, step=checkpoint.step)
     try:
-        with httpx.Client(timeout=_TIMEOUT, verify=tls_verify(ca_cert)) as http:
-            download_file(
-                http,
-                file_url,
-                path,
-                f"outer momentum {checkpoint.step}",
-                "none",
-                sha256=checkpoint.outer_sha256,
-                max_bytes=2 * checkpoint.num_bytes,
-            )
+        _download_kept(
+            url, api.CHECKPOINT_OUTER, run_id, checkpoint, path, "outer momentum",
+            checkpoint.outer_sha256, 2 * checkpoint.num_bytes, ca_cert, progress,
+        )  # fmt: skip
         tensors, _ = load_checkpoint(path)
-    except (CoordinatorError, CheckpointError) as e:
+    except CheckpointError as e:
         raise BootstrapError(
             f"the outer momentum of the keeper's checkpoint of step {checkpoint.step}: {e}"
         ) from None
@@ -211,26 +204,46 @@ def download_checkpoint(
 ) -> Path:
     """Stream the keeper's checkpoint file into ``folder``; return its path once its sha256
     is the one the keeper recorded. A partial or wrong download leaves no file behind."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"keeper-step-{checkpoint.step}.safetensors"
-    file_url = api.url(url, api.CHECKPOINT_FILE, run_id=run_id, step=checkpoint.step)
+    _download_kept(
+        url, api.CHECKPOINT_FILE, run_id, checkpoint, path, "checkpoint",
+        checkpoint.file_sha256, checkpoint.num_bytes, ca_cert, progress,
+    )  # fmt: skip
+    return path
+
+
+def _download_kept(
+    url: str,
+    route: str,
+    run_id: str,
+    checkpoint: KeptCheckpoint,
+    path: Path,
+    label: str,
+    sha256: str | None,
+    max_bytes: int,
+    ca_cert: Path | None,
+    progress: str,
+) -> None:
+    """Stream one of the keeper's files of ``checkpoint`` (``route``) into ``path``, checked
+    against ``sha256``; a partial or wrong download leaves no file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_url = api.url(url, route, run_id=run_id, step=checkpoint.step)
     try:
         with httpx.Client(timeout=_TIMEOUT, verify=tls_verify(ca_cert)) as http:
             download_file(
                 http,
                 file_url,
                 path,
-                f"checkpoint {checkpoint.step}",
+                f"{label} {checkpoint.step}",
                 progress,
-                sha256=checkpoint.file_sha256,
-                max_bytes=checkpoint.num_bytes,
+                sha256=sha256,
+                max_bytes=max_bytes,
             )
     except CoordinatorError as e:
         raise BootstrapError(
-            f"the keeper's checkpoint of step {checkpoint.step}: {e} (the keeper may have "
+            f"the keeper's {label} of step {checkpoint.step}: {e} (the keeper may have "
             "removed it: join again, or use --start-from peers)"
         ) from None
-    return path
 
 
 def load_kept_checkpoint(
@@ -295,7 +308,9 @@ def start_from_checkpoint(
     started = time.monotonic()
     outer = None
     if spec.optimizer.mode == "diloco" and checkpoint.outer_sha256 is not None:
-        outer = download_outer_momentum(model, url, spec.run.id, checkpoint, folder, ca_cert)
+        outer = download_outer_momentum(
+            model, url, spec.run.id, checkpoint, folder, ca_cert, progress
+        )
     path = download_checkpoint(url, spec.run.id, checkpoint, folder, ca_cert, progress)
     try:
         load_kept_checkpoint(model, path, checkpoint, spec)
