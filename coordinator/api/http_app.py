@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query
@@ -298,26 +299,26 @@ def create_app(
             raise HTTPException(status_code=404, detail=f"no checkpoint of step {step}")
         return found
 
+    def kept_file(run_id: str, path: Path | None, missing: str) -> FileResponse:
+        run_or_404(lambda: records.get_run(store, run_id))
+        if path is None:
+            raise HTTPException(status_code=404, detail=missing)
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
     @app.get(api.CHECKPOINT_FILE)
     def get_checkpoint_file(
         run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
     ) -> FileResponse:
         """A kept checkpoint as a safetensors file (parameters only)."""
-        run_or_404(lambda: records.get_run(store, run_id))
         path = checkpoints.checkpoint_file(store, run_id, step)
-        if path is None:
-            raise HTTPException(status_code=404, detail=f"no file of step {step} is kept")
-        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+        return kept_file(run_id, path, f"no file of step {step} is kept")
 
     @app.get(api.CHECKPOINT_OUTER)
     def get_checkpoint_outer(
         run_id: str, step: Annotated[int, PathParam(ge=0, le=2**62)]
     ) -> FileResponse:
         """A kept DiLoCo checkpoint's outer momentum (safetensors, by parameter name)."""
-        run_or_404(lambda: records.get_run(store, run_id))
         path = checkpoints.outer_file(store, run_id, step)
-        if path is None:
-            raise HTTPException(status_code=404, detail=f"no outer momentum of step {step}")
-        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+        return kept_file(run_id, path, f"no outer momentum of step {step}")
 
     return app
