@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from crowdtrain.node.progress import MODES
+from crowdtrain.node.stats.progress import MODES
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
 from crowdtrain.protocol.version import crowdtrain_version
@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--start-from",
         default="auto",
-        choices=["auto", "peers", "checkpoint"],  # node/bootstrap.py's START_FROM
+        choices=["auto", "peers", "checkpoint"],  # node/joining/bootstrap.py's START_FROM
         help="where a node joining a run under way gets its parameters: the coordinator's "
         "latest checkpoint over HTTP, or peers (auto: the checkpoint when it is of the run's "
         "current step, in sync mode; else peers, then the checkpoint if no peer serves state)",

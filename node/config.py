@@ -3,7 +3,7 @@
 The command line and the notebook API fill one from flags or options, with
 the test hooks read once from the environment where the process starts.
 Plain data: nothing here starts or imports hivemind. What a node counts is
-:mod:`crowdtrain.node.accounting`'s.
+:mod:`crowdtrain.node.stats.accounting`'s.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class NodeConfig:
     # torch.compile the model (opt-in: compiling takes a while, then runs faster on GPUs).
     compile: bool = False
     # Where a node joining a run under way gets its parameters: "auto", "peers" or
-    # "checkpoint" (the keeper's, over HTTP); see crowdtrain.node.bootstrap.plan_start.
+    # "checkpoint" (the keeper's, over HTTP); see crowdtrain.node.joining.bootstrap.plan_start.
     start_from: str = "auto"
     # Test hooks that make the node misbehave on purpose (TestHooks.from_env(), read by
     # the command line and the notebook's join); the default is an ordinary node.

@@ -1,11 +1,11 @@
 """The node: a peer of a run, joined and trained with hivemind until told to stop.
 
-:meth:`Node.start` joins (the phases are :mod:`crowdtrain.node.joining`'s) and
+:meth:`Node.start` joins (the phases are :mod:`crowdtrain.node.joining.phases`'s) and
 returns a whole :class:`Node`; :meth:`Node.train` runs the training loop;
 :meth:`Node.shutdown` leaves. The command line and the notebook API both
 drive it. Start it in the process's main thread: hivemind installs signal
-handlers there. What the node counts is :mod:`crowdtrain.node.accounting`'s,
-what it reports :mod:`crowdtrain.node.reporting`'s.
+handlers there. What the node counts is :mod:`crowdtrain.node.stats.accounting`'s,
+what it reports :mod:`crowdtrain.node.joining.reporting`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import torch
 from pydantic import ValidationError
 
 from crowdtrain.model import evaluate, save_checkpoint, sequence_losses
-from crowdtrain.node.accounting import NodeStats, TokenAccounting
 from crowdtrain.node.config import NodeConfig
 from crowdtrain.node.data import SAMPLE_SEQUENCES, ShardProgress, save_position
 from crowdtrain.node.device.device import process_age_s
@@ -32,8 +31,9 @@ from crowdtrain.node.device.nonfinite import (
     poison_gradient,
 )
 from crowdtrain.node.device.precision import autocast
-from crowdtrain.node.joining import Joined, join, load_initial_state
-from crowdtrain.node.progress import Progress
+from crowdtrain.node.joining.phases import Joined, join, load_initial_state
+from crowdtrain.node.stats.accounting import NodeStats, TokenAccounting
+from crowdtrain.node.stats.progress import Progress
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.messages import Evaluation
 

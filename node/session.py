@@ -24,7 +24,7 @@ import httpx
 from pydantic import TypeAdapter
 
 from crowdtrain.node.link.http import discover, download_file, tls_verify
-from crowdtrain.node.progress import MODES
+from crowdtrain.node.stats.progress import MODES
 from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 

@@ -75,7 +75,7 @@ class PeerReport(_Payload):
 
 TrafficPurpose = Literal["averaging", "state", "control", "data"]
 TRAFFIC_PURPOSES: tuple[str, ...] = get_args(TrafficPurpose)
-"""What a node's bytes are for (see :mod:`crowdtrain.node.traffic`)."""
+"""What a node's bytes are for (see :mod:`crowdtrain.node.stats.traffic`)."""
 
 
 class TrafficCount(_Payload):

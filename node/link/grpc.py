@@ -20,7 +20,7 @@ import httpx
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.http import HTTP_TIMEOUT, PROGRESS_MODES, download_file, tls_verify
 from crowdtrain.node.link.pins import KeyPins
-from crowdtrain.node.traffic import Traffic
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol import coordinator_pb2_grpc as pb_grpc
 from crowdtrain.protocol.errors import IdentityError, SpecError

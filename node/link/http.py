@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from crowdtrain.model import load_checkpoint
 from crowdtrain.node.link.errors import CoordinatorError
-from crowdtrain.node.traffic import Traffic
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol import api, transfer
 from crowdtrain.protocol.errors import CrowdtrainError
 

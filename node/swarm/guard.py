@@ -37,7 +37,7 @@ import torch
 from pydantic import ValidationError
 
 from crowdtrain.model import params_sha256
-from crowdtrain.node.traffic import Traffic
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.messages import PeerReport
 

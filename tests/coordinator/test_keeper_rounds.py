@@ -10,7 +10,7 @@ import torch
 
 from crowdtrain.coordinator.swarm import keeper
 from crowdtrain.model import params_sha256
-from crowdtrain.node import joining
+from crowdtrain.node.joining import phases
 from crowdtrain.protocol.runspec import parse_spec
 from tests.specs import small_spec
 
@@ -18,7 +18,7 @@ from tests.specs import small_spec
 def test_round_0_is_the_replica_every_node_builds() -> None:
     spec = parse_spec(small_spec(run={"id": "seeded", "seed": 1234}, optimizer={"mode": "diloco"}))
     torch.manual_seed(99)  # whatever ran before: both seed from the run
-    node = joining.build_replica(
+    node = phases.build_replica(
         SimpleNamespace(
             micro_batch="auto", compile=False, hooks=SimpleNamespace(memory_cap_bytes=None)
         ),

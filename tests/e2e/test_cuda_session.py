@@ -190,7 +190,7 @@ def check_gpu_session(swarm: Swarm, coordinator_cli: str, device: str) -> dict[s
     transformers = pytest.importorskip("transformers")
     from crowdtrain.coordinator.export import find_checkpoint, load_model, open_store
     from crowdtrain.model import GPT
-    from crowdtrain.node.bootstrap import KeptCheckpoint, start_from_checkpoint
+    from crowdtrain.node.joining.bootstrap import KeptCheckpoint, start_from_checkpoint
     from crowdtrain.protocol.runspec import load_spec
 
     report: dict[str, Any] = {"device": device}

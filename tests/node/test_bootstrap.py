@@ -1,4 +1,4 @@
-"""A joining node starting from the keeper's checkpoint over HTTP (node/bootstrap.py), against
+"""A joining node starting from the keeper's checkpoint over HTTP (node/joining/bootstrap.py), against
 a real coordinator whose checkpoint is written the way its keeper writes it; and where the
 node's parameters come from under --start-from."""
 
@@ -17,7 +17,7 @@ from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.checkpoints import checkpoint_name
 from crowdtrain.coordinator.swarm.keeper import Keeper
 from crowdtrain.model import GPT, GPTConfig, params_sha256
-from crowdtrain.node.bootstrap import (
+from crowdtrain.node.joining.bootstrap import (
     BootstrapError,
     KeptCheckpoint,
     download_checkpoint,

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from crowdtrain.node import joining
-from crowdtrain.node.accounting import NodeStats
 from crowdtrain.node.config import NodeConfig
+from crowdtrain.node.joining import phases
+from crowdtrain.node.stats.accounting import NodeStats
 
 
 class _Phases:
@@ -61,22 +61,22 @@ class _Phases:
             def shutdown(self):
                 log.append("link.shutdown")  # its last heartbeat, then leaving the run
 
-        monkeypatch.setattr(joining, "contact_coordinator", contact_coordinator)
-        monkeypatch.setattr(joining, "fetch_data", phase("data", SimpleNamespace()))
-        monkeypatch.setattr(joining, "build_replica", phase("replica", SimpleNamespace()))
+        monkeypatch.setattr(phases, "contact_coordinator", contact_coordinator)
+        monkeypatch.setattr(phases, "fetch_data", phase("data", SimpleNamespace()))
+        monkeypatch.setattr(phases, "build_replica", phase("replica", SimpleNamespace()))
         shards = SimpleNamespace(supply=None)
-        monkeypatch.setattr(joining, "lease_first_shards", phase("lease", shards))
-        monkeypatch.setattr(joining, "join_swarm", join_swarm)
-        monkeypatch.setattr(joining, "Reporter", lambda *args: None)
-        monkeypatch.setattr(joining, "CoordinatorLink", Link)
+        monkeypatch.setattr(phases, "lease_first_shards", phase("lease", shards))
+        monkeypatch.setattr(phases, "join_swarm", join_swarm)
+        monkeypatch.setattr(phases, "Reporter", lambda *args: None)
+        monkeypatch.setattr(phases, "CoordinatorLink", Link)
 
     def _maybe_fail(self, name: str) -> None:
         if name == self.fail_at:
             raise RuntimeError(f"{name} failed")
 
-    def join(self) -> joining.Joined:
+    def join(self) -> phases.Joined:
         config = NodeConfig(url="http://c", run_id="r", home=Path("/nonexistent"))
-        return joining.join(config, NodeStats(session_key="k" * 16), threading.Event())
+        return phases.join(config, NodeStats(session_key="k" * 16), threading.Event())
 
 
 def test_a_joined_node_shuts_down_link_first_then_optimizer_dht_client(monkeypatch) -> None:
@@ -147,7 +147,7 @@ def test_ctrl_c_keeps_its_handler_once_hivemind_averagers_started(tmp_path: Path
         signal.signal(signal.SIGINT, ctrl_c)
         model = GPT(GPTConfig.from_spec(specs[1].model))
         guard = SwarmGuard(tmp_path / "guard-2", target_batch_size=8)
-        with joining._sigint_kept():
+        with phases._sigint_kept():
             built.append(build_optimizer(specs[1], model, dht, guard, micro_batch_size=4))
         assert signal.getsignal(signal.SIGINT) is ctrl_c
     finally:

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from crowdtrain.node import join
-from crowdtrain.node.progress import Progress, status_line
-from crowdtrain.node.traffic import Traffic
+from crowdtrain.node.stats.progress import Progress, status_line
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol.errors import CrowdtrainError
 from tests.swarm import Swarm, small_corpus, write_spec
 

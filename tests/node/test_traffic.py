@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crowdtrain.node.traffic import Traffic
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol.messages import TRAFFIC_PURPOSES, HeartbeatPayload
 
 

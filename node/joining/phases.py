@@ -38,15 +38,6 @@ import torch
 from torch import nn
 
 from crowdtrain.model import GPT, GPTConfig
-from crowdtrain.node.accounting import NodeStats
-from crowdtrain.node.bootstrap import (
-    BootstrapError,
-    KeptCheckpoint,
-    fall_back,
-    latest_checkpoint,
-    plan_start,
-    start_from_checkpoint,
-)
 from crowdtrain.node.config import NodeConfig
 from crowdtrain.node.data import (
     ShardCache,
@@ -57,16 +48,25 @@ from crowdtrain.node.data import (
 from crowdtrain.node.device.device import describe_device, pick_device
 from crowdtrain.node.device.micro_batch import micro_batch_size
 from crowdtrain.node.device.precision import maybe_compile, prefer_expandable_segments
+from crowdtrain.node.joining.bootstrap import (
+    BootstrapError,
+    KeptCheckpoint,
+    fall_back,
+    latest_checkpoint,
+    plan_start,
+    start_from_checkpoint,
+)
+from crowdtrain.node.joining.reporting import Reporter
 from crowdtrain.node.link.grpc import CoordinatorClient, Registration, check_run
 from crowdtrain.node.link.heartbeat import CoordinatorLink, LinkConfig
 from crowdtrain.node.link.http import RunView, discover
 from crowdtrain.node.link.pins import KeyPins
 from crowdtrain.node.link.session import CoordinatorSession
 from crowdtrain.node.link.supply import ShardSupply
-from crowdtrain.node.reporting import Reporter
+from crowdtrain.node.stats.accounting import NodeStats
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.node.swarm.optimizer import SwarmOptimizer, build_optimizer, progress_key
-from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.identity import Identity
 from crowdtrain.protocol.multiaddr import tcp_multiaddr
@@ -366,7 +366,7 @@ def _sigint_kept() -> Iterator[None]:
 
 def load_initial_state(config: NodeConfig, joined: Joined) -> None:
     """The swarm's parameters for a node joining a run under way: the keeper's checkpoint
-    over HTTP or the peers' state (see :func:`crowdtrain.node.bootstrap.plan_start`)."""
+    over HTTP or the peers' state (see :func:`crowdtrain.node.joining.bootstrap.plan_start`)."""
     optimizer = joined.swarm.optimizer
     checkpoint = None
     if config.start_from != "peers":

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from crowdtrain.node.traffic import Traffic
+from crowdtrain.node.stats.traffic import Traffic
 
 # The moving loss is over this many micro-batches; the rate over this many seconds.
 _LOSS_WINDOW = 20

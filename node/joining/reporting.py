@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from crowdtrain.node.accounting import NodeStats
+from crowdtrain.node.stats.accounting import NodeStats
 from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol.messages import Evaluation, HeartbeatPayload, HeldLease

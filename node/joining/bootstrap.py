@@ -27,8 +27,8 @@ from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.model.checkpoint import CheckpointError
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.http import download_file, tls_verify
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.node.swarm.optimizer import SwarmOptimizer
-from crowdtrain.node.traffic import Traffic
 from crowdtrain.protocol import api
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.runspec import RunSpec

@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from crowdtrain.node.accounting import NodeStats
+from crowdtrain.node.stats.accounting import NodeStats
 
 logger = logging.getLogger("crowdtrain.node")
 
