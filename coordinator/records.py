@@ -21,6 +21,9 @@ from crowdtrain.protocol.shards import ShardManifest
 
 # A peer that has not sent a heartbeat for this long is shown as gone.
 PEER_TIMEOUT_S = 20.0
+# The most averaging weight a peer may claim in one round, in target batches
+# (hivemind's rounds overshoot the target; a 100x claim never passes).
+MAX_WEIGHT_BATCHES = 4.0
 
 
 class UnknownRunError(CrowdtrainError):
@@ -66,6 +69,19 @@ def num_active_peers(store: Store, run_id: str, now: float | None = None) -> int
     """Peers that heartbeat within PEER_TIMEOUT_S and have not left."""
     now = time.time() if now is None else now
     return store.count_live_peers(run_id, since=now - PEER_TIMEOUT_S)
+
+
+def roster(store: Store, run: PublishedRun, now: float | None = None) -> list[tuple[str, float]]:
+    """Each live peer's swarm id with the most averaging weight others accept from it:
+    :data:`MAX_WEIGHT_BATCHES` target batches, or nothing from a flagged or banned peer.
+    Nodes get it with each heartbeat's answer; the keeper's round follower from a file."""
+    now = time.time() if now is None else now
+    limit = MAX_WEIGHT_BATCHES * run.spec.optimizer.target_batch_size
+    return [
+        (p["dht_peer_id"], 0.0 if p["flagged"] or p["state"] == "banned" else limit)
+        for p in store.list_peers(run.id)
+        if p["dht_peer_id"] and (p["state"] == "banned" or now - p["last_seen"] <= PEER_TIMEOUT_S)
+    ]
 
 
 def peer_state(peer: dict[str, Any], now: float) -> str:

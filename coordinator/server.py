@@ -276,7 +276,11 @@ async def _serve_async(
         "initial_peers": swarm.initial_peers,
         "coordinator_public_key": identity.public_key.hex(),
     }
-    verifier = start_verifier(config.data_dir, swarm.initial_peers) if config.verifier else None
+    verifier = (
+        start_verifier(config.data_dir, swarm.initial_peers, config.host)
+        if config.verifier
+        else None
+    )
     with _ports_file(config.data_dir, ports):
         logger.info(
             "coordinator ready: http %s, grpc %s, dht %s", http_url, grpc_target, swarm.port

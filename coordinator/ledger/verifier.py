@@ -179,13 +179,16 @@ class Verifier:
 
     def _maybe_pull(self, run_id: str, now: float) -> None:
         run = records.get_run(self.store, run_id)
+        assert self.keeper is not None
+        if run.spec.optimizer.mode == "diloco":
+            self.keeper.follow(run)  # every round, as its follower reaches it
+            return
         every = run.spec.verify.checkpoint_every_s
         if now - self._last_pull.get(run_id, 0.0) < every:
             return
         if records.num_active_peers(self.store, run_id, now) == 0:
             return
         self._last_pull[run_id] = now
-        assert self.keeper is not None
         timeout = min(LOAD_STATE_TIMEOUT_S, run.spec.swarm.load_state_timeout_s, every)
         self.keeper.pull(run, timeout)
 
@@ -261,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         "--initial-peers", nargs="*", default=[], help="DHT multiaddrs (default: ports.json)"
     )
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when it is gone")
+    parser.add_argument(
+        "--follower-host",
+        default="127.0.0.1",
+        help="the address DiLoCo round followers listen on (the coordinator's --host)",
+    )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
     args = parser.parse_args(argv)
@@ -276,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         peers = _initial_peers(args.data_dir, args.initial_peers)
         dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
-        keeper = Keeper(store, dht)
+        keeper = Keeper(store, dht, initial_peers=peers, follower_host=args.follower_host)
         verifier = Verifier(store, keeper, SpotChecker(store, keeper.folder))
         logger.info("verifier ready (pid %d)", os.getpid())
         while not stop.is_set() and _parent_alive(args.parent_pid):
@@ -298,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def start_verifier(data_dir: Path, initial_peers: list[str]) -> subprocess.Popen:
+def start_verifier(
+    data_dir: Path, initial_peers: list[str], follower_host: str = "127.0.0.1"
+) -> subprocess.Popen:
     """Start the verifier process for a serving coordinator, in the coordinator's process
     group (stopping the group stops it); it exits by itself if the coordinator dies.
 
@@ -315,6 +325,8 @@ def start_verifier(data_dir: Path, initial_peers: list[str]) -> subprocess.Popen
             "--parent-pid",
             str(os.getpid()),
             *_log_flags(),
+            "--follower-host",
+            follower_host,
             "--initial-peers",
             *initial_peers,
         ],

@@ -20,6 +20,7 @@ from crowdtrain.coordinator.records import (
     SessionError,
     get_run,
     num_active_peers,
+    roster,
 )
 from crowdtrain.coordinator.runs.access import check_invite, hash_secret
 from crowdtrain.coordinator.runs.leases import LeaseBook
@@ -32,9 +33,6 @@ from crowdtrain.protocol.messages import HeartbeatPayload, ReceiptPayload, Regis
 # parts in all, before it is flagged: one early out-of-step round flags no one.
 MIN_REPORTERS = 2
 MIN_REPORTS = 3
-# The most averaging weight a peer may claim in one round, in target batches
-# (hivemind's rounds overshoot the target; a 100x claim never passes).
-MAX_WEIGHT_BATCHES = 4.0
 
 
 @dataclass(frozen=True)
@@ -273,18 +271,6 @@ def _take_reports(store: Store, session: Session, beat: HeartbeatPayload, now: f
                 reported["peer_id"],
                 f"averaging parts dropped by {len(reporters)} peer(s): {', '.join(reasons)}",
             )
-
-
-def roster(store: Store, run: PublishedRun, now: float | None = None) -> list[tuple[str, float]]:
-    """Each live peer's swarm id with the most averaging weight others accept from it:
-    :data:`MAX_WEIGHT_BATCHES` target batches, or nothing from a flagged or banned peer."""
-    now = time.time() if now is None else now
-    limit = MAX_WEIGHT_BATCHES * run.spec.optimizer.target_batch_size
-    return [
-        (p["dht_peer_id"], 0.0 if p["flagged"] or p["state"] == "banned" else limit)
-        for p in store.list_peers(run.id)
-        if p["dht_peer_id"] and (p["state"] == "banned" or now - p["last_seen"] <= PEER_TIMEOUT_S)
-    ]
 
 
 def take_receipt(

@@ -10,12 +10,12 @@ in the store, and only the newest ``[verify] keep_checkpoints`` files are kept (
 hashes stay). Each file carries the spec hash, step, tokens seen and parameters'
 sha256 in its metadata, and a sidecar ``<file>.sha256`` with the file's own sha256.
 
-A DiLoCo run (``[optimizer] mode = "diloco"``) is pulled from the nodes'
-DiLoCo averagers instead (prefix ``{run_id}_diloco``, a plain client-mode
-DecentralizedAverager here): they serve the global parameters of round ``r``
-(the checkpoint's step), which every peer that completed the round holds bit
-for bit. Runs in the verifier process, never in the coordinator's serving
-process.
+A DiLoCo run (``[optimizer] mode = "diloco"``) is not pulled: its round
+follower (:mod:`~crowdtrain.coordinator.swarm.followers`) takes part in every
+round, holds the round's global parameters bit for bit as the nodes do, and
+each round it reaches is kept here as the checkpoint of that step, with its
+outer momentum; no volunteer's uplink carries state for it. Runs in the
+verifier process, never in the coordinator's serving process.
 """
 
 from __future__ import annotations
@@ -28,20 +28,22 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.averaging import DecentralizedAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from crowdtrain.coordinator.records import PublishedRun
+from crowdtrain.coordinator.records import PublishedRun, roster
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.checkpoints import (
     CHECKPOINTS_DIR,
     SIDECAR_SUFFIX,
     STEP_FILE,
+    checkpoint_file,
     checkpoint_name,
+    outer_file,
     outer_path,
     sidecar_path,
     write_sidecar,
 )
+from crowdtrain.coordinator.swarm.followers import FOLLOWERS_DIR, Followers
 from crowdtrain.model import (
     GPT,
     CheckpointError,
@@ -50,7 +52,6 @@ from crowdtrain.model import (
     params_sha256,
     save_checkpoint,
 )
-from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT, diloco_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -100,29 +101,31 @@ class Keeper:
     """Pulls runs' state from their swarms into checkpoints. Create it in the main thread:
     hivemind's averagers install signal handlers when they start."""
 
-    def __init__(self, store: Store, dht: hivemind.DHT | None, keep: int | None = None):
+    def __init__(
+        self,
+        store: Store,
+        dht: hivemind.DHT | None,
+        keep: int | None = None,
+        initial_peers: list[str] | None = None,
+        follower_host: str = "127.0.0.1",
+    ):
         """``keep`` overrides each run's ``[verify] keep_checkpoints``. Files an interrupted
-        save left behind are removed here. ``dht`` may be None to only :meth:`save`."""
+        save left behind are removed here. ``dht`` may be None to only :meth:`save`;
+        DiLoCo runs are followed only with ``initial_peers`` (the swarm's DHT multiaddrs),
+        by followers listening on ``follower_host``."""
         self.store = store
         self.dht = dht
         self.keep = keep
         self.folder = store.data_dir / CHECKPOINTS_DIR
-        self._averagers: dict[str, tuple[DecentralizedAverager, GPT]] = {}
+        self._averagers: dict[str, tuple[TrainingStateAverager, GPT]] = {}
+        self.followers = Followers(
+            store.data_dir / FOLLOWERS_DIR, initial_peers or [], host=follower_host
+        )
+        self._following = initial_peers is not None
         self.remove_stale_files()
 
-    def _averager(self, run: PublishedRun) -> tuple[DecentralizedAverager, GPT]:
+    def _averager(self, run: PublishedRun) -> tuple[TrainingStateAverager, GPT]:
         assert self.dht is not None, "a Keeper without a DHT can only save"
-        if run.id not in self._averagers and run.spec.optimizer.mode == "diloco":
-            model = _seeded_model(run)
-            diloco = DecentralizedAverager(
-                [torch.zeros(1)],  # never averaged: only downloads state
-                self.dht,
-                prefix=diloco_prefix(run.id),
-                client_mode=True,
-                request_timeout=max(1.0, run.spec.swarm.request_timeout_s),
-                start=True,
-            )
-            self._averagers[run.id] = (diloco, model)
         if run.id not in self._averagers:
             model = _seeded_model(run)
             averager = TrainingStateAverager(
@@ -140,9 +143,6 @@ class Keeper:
     def _download(self, run: PublishedRun, timeout_s: float) -> tuple[int, str] | None:
         """Load the state of the swarm's best peer into this run's model: (step, sha256)."""
         averager, model = self._averager(run)
-        if not isinstance(averager, TrainingStateAverager):
-            found = self._download_diloco(run, averager, model, timeout_s)
-            return found[:2] if found is not None else None
         averager.local_epoch = -1  # stays below 0 unless a download succeeds
         try:
             averager.load_state_from_peers(timeout=timeout_s)
@@ -154,61 +154,46 @@ class Keeper:
             return None
         return averager.local_epoch, params_sha256(model.state_dict())
 
-    def _download_diloco(
-        self, run: PublishedRun, averager: DecentralizedAverager, model: GPT, timeout_s: float
-    ) -> tuple[int, str, list[torch.Tensor] | None] | None:
-        """A DiLoCo run: the global parameters of the best peer's round, loaded into
-        ``model``: (round, sha256, its outer momentum or None when it does not fit)."""
-        try:
-            loaded = averager.load_state_from_peers(timeout=timeout_s)
-        except Exception as e:  # no peer, a timeout, a peer that left mid-download
-            logger.info("run %s: could not download the swarm's state: %s", run.id, e)
+    def follow(self, run: PublishedRun) -> dict[str, Any] | None:
+        """A DiLoCo run: make sure its round follower runs, and keep every round it reached
+        since the last call. Returns the newest stored checkpoint row, or None when none
+        was new."""
+        if not self._following:
             return None
-        if loaded is None:
-            logger.info("run %s: no peer shared its state", run.id)
-            return None
-        metadata, tensors = loaded
-        params = list(model.parameters())
-        round_ = metadata.get("round") if isinstance(metadata, dict) else None
-        if (
-            not isinstance(metadata, dict)
-            or metadata.get("layout") != DILOCO_STATE_LAYOUT
-            or not isinstance(round_, int)
-            or isinstance(round_, bool)
-            or round_ < 0
-            or len(tensors) < len(params)
-            or any(t.shape != p.shape for t, p in zip(tensors, params, strict=False))
-        ):
-            logger.warning(
-                "run %s: a peer served state that is not this run's DiLoCo state", run.id
+        kept = self.store.list_checkpoints(run.id)
+        newest = kept[-1] if kept else None
+        start = outer = None
+        if newest is not None:
+            start = checkpoint_file(self.store, run.id, newest["step"])
+            outer = outer_file(self.store, run.id, newest["step"])
+            if start is None or outer is None:
+                start = outer = None  # only a round with its momentum can be followed on
+        self.followers.update_roster(run.id, roster(self.store, run))
+        self.followers.ensure(run.id, run.row["spec_toml"], start, outer)
+        row = None
+        for followed in self.followers.rounds(run.id):
+            cpu_started = tree_cpu_s()
+            model = _seeded_model(run)
+            try:
+                model.load_state_dict(followed.state)
+            except RuntimeError as e:
+                logger.warning(
+                    "run %s: round %d does not fit the model: %s", run.id, followed.round, e
+                )
+                self.followers.taken(run.id, followed.round)
+                continue
+            momentum: list[torch.Tensor] | None = None
+            if followed.momentum is not None:
+                found = [followed.momentum.get(n) for n, _ in model.named_parameters()]
+                momentum = [m for m in found if m is not None]
+                if len(momentum) != len(found):
+                    momentum = None
+            stored = self._keep(
+                run, model, (followed.round, followed.sha256), cpu_started, momentum
             )
-            return None
-        with torch.no_grad():
-            for param, tensor in zip(params, tensors, strict=False):
-                param.copy_(tensor)
-        momentum = tensors[len(params) : 2 * len(params)]
-        fits = len(momentum) == len(params) and all(
-            m.shape == p.shape and m.dtype.is_floating_point
-            for m, p in zip(momentum, params, strict=False)
-        )
-        outer = [m.detach().float().clone() for m in momentum] if fits else None
-        return round_, params_sha256(model.state_dict()), outer
-
-    def served_round(self, run: PublishedRun) -> int | None:
-        """The newest round a DiLoCo peer of ``run`` serves (its state-sharing priority in
-        the DHT), or None when none serves state."""
-        if self.dht is None:
-            return None
-        found = self.dht.get(f"{diloco_prefix(run.id)}.all_averagers", latest=True)
-        entries = found.value if found is not None and isinstance(found.value, dict) else {}
-        rounds = [
-            int(entry.value)
-            for entry in entries.values()
-            if isinstance(getattr(entry, "value", None), int | float)
-            and not isinstance(entry.value, bool)
-            and 0 <= entry.value < 2**62
-        ]
-        return max(rounds, default=None)
+            self.followers.taken(run.id, followed.round)
+            row = stored or row
+        return row
 
     def pull(self, run: PublishedRun, timeout_s: float) -> dict[str, Any] | None:
         """Download the swarm's state and save it if it is a step not kept yet.
@@ -216,32 +201,14 @@ class Keeper:
         hivemind reads a sync peer's step and parameters at two moments, so a
         download taken as the peer steps can label one step's parameters with the
         next step: a sync checkpoint is kept only when two downloads in a row
-        agree on both. A DiLoCo peer serves its round and global state in one
-        snapshot: one download is kept, and none is asked for while the newest
-        round peers serve is kept already (each costs a volunteer's uplink the
-        whole state). Returns the stored checkpoint row, or None when no peer
+        agree on both. A DiLoCo run is followed instead (:meth:`follow`). Returns the stored checkpoint row, or None when no peer
         answered in ``timeout_s``, the downloads never agreed, the state was not
         finite, or that step is already kept.
         """
-        cpu_started = tree_cpu_s()
-        averager, model = self._averager(run)
         if run.spec.optimizer.mode == "diloco":
-            served = self.served_round(run)
-            if served is not None and self.store.get_checkpoint(run.id, served) is not None:
-                logger.debug("run %s: round %d is kept already; nothing to pull", run.id, served)
-                return None
-            if served == 0:
-                # Round 0's global parameters are the run's seeded initialization, which
-                # this process computes as every node does, and its momentum is zero:
-                # nothing to download.
-                seeded = _seeded_model(run)
-                zeros = [torch.zeros_like(p) for p in seeded.parameters()]
-                initial = (0, params_sha256(seeded.state_dict()))
-                return self._keep(run, seeded, initial, cpu_started, zeros)
-            found = self._download_diloco(run, averager, model, timeout_s)
-            if found is None:
-                return None
-            return self._keep(run, model, found[:2], cpu_started, found[2])
+            return self.follow(run)
+        cpu_started = tree_cpu_s()
+        _, model = self._averager(run)
         agreed = None
         previous = self._download(run, timeout_s)
         for _ in range(MAX_DOWNLOADS - 1):
@@ -402,6 +369,7 @@ class Keeper:
         return removed
 
     def shutdown(self) -> None:
+        self.followers.shutdown()
         for averager, _ in self._averagers.values():
             try:
                 averager.shutdown()

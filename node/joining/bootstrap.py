@@ -111,8 +111,9 @@ def plan_start(
     ``run_step`` is the coordinator's step of the run and ``mode`` the run's
     ``[optimizer] mode``. ``auto`` takes the checkpoint when it is of the run's
     current step (no progress is lost, and one bulk HTTP stream beats hivemind's
-    per-tensor download), in sync mode only: a DiLoCo peer also needs the outer
-    momentum, which only peers serve. Otherwise peers; :func:`fall_back` then
+    per-tensor download); in DiLoCo mode also when it is one round behind (the
+    keeper's follower serves the next round) and only with the round's outer
+    momentum. Otherwise peers; :func:`fall_back` then
     takes a newer checkpoint when no peer served state. ``checkpoint`` always
     takes it, and raises :class:`BootstrapError` when the keeper has none.
     """
@@ -140,6 +141,14 @@ def plan_start(
         )  # fmt: skip
     if checkpoint.step >= run_step:
         return StartPlan("checkpoint", f"the keeper holds the run's step {run_step}", checkpoint)
+    if mode == "diloco" and checkpoint.step + 1 >= run_step:
+        # The keeper's follower keeps every round; the one it is writing now reaches the
+        # node at its first round's end, from the follower (see DiLoCoOptimizer).
+        return StartPlan(
+            "checkpoint",
+            f"the keeper holds round {checkpoint.step}; round {run_step} follows from its follower",
+            checkpoint,
+        )
     return StartPlan(
         "peers",
         f"the keeper's checkpoint is of step {checkpoint.step}, the run is at step {run_step}",

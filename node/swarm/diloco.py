@@ -67,7 +67,7 @@ class _OneLineAveragingFailures(logging.Filter):
 _FILTER = _OneLineAveragingFailures()
 
 
-def _quiet_averaging_failures() -> None:
+def quiet_averaging_failures() -> None:
     # Installed before the averager forks, so its process has it too.
     for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
         log = logging.getLogger(name)
@@ -83,6 +83,29 @@ class _PendingRound:  # an all-reduce under way
     global_sha256: str
     local_at_end: list[torch.Tensor]  # θ_local when the round ended (CPU fp32)
     deadline: float  # monotonic: give up waiting after this
+
+
+def outer_optimizer(global_params: list[torch.Tensor], spec: OptimizerSection) -> torch.optim.SGD:
+    """The outer optimizer every participant of a run applies to the global parameters: the
+    same inputs give the same bits on every machine (one code path, no foreach kernels)."""
+    return torch.optim.SGD(
+        global_params,
+        lr=spec.outer_lr,
+        momentum=spec.outer_momentum,
+        nesterov=spec.outer_nesterov and spec.outer_momentum > 0,
+        foreach=False,
+    )
+
+
+def outer_step(
+    outer: torch.optim.SGD, global_params: Sequence[torch.Tensor], average: Sequence[torch.Tensor]
+) -> None:
+    """Apply a round's averaged pseudo-gradient to the global parameters."""
+    for global_, delta in zip(global_params, average, strict=True):
+        global_.grad = delta
+    outer.step()
+    for global_ in global_params:
+        global_.grad = None
 
 
 @dataclass(frozen=True)
@@ -173,13 +196,7 @@ class DiLoCoOptimizer:
             self.global_params = [
                 p.detach().to("cpu", torch.float32, copy=True) for p in self._params
             ]
-        self.outer = torch.optim.SGD(
-            self.global_params,
-            lr=spec.outer_lr,
-            momentum=spec.outer_momentum,
-            nesterov=spec.outer_nesterov and spec.outer_momentum > 0,
-            foreach=False,  # one code path everywhere: the same inputs give the same bits
-        )
+        self.outer = outer_optimizer(self.global_params, spec)
         self._state_lock = threading.Lock()
         self._grad_sums = [torch.zeros_like(p) for p in self._params]
         self._has_grad = [False] * len(self._params)
@@ -207,7 +224,7 @@ class DiLoCoOptimizer:
             metadata_expiration=swarm.metadata_expiration_s,
             start=True,
         )
-        _quiet_averaging_failures()
+        quiet_averaging_failures()
         try:
             self.averager = DiLoCoAverager(
                 averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
@@ -297,7 +314,9 @@ class DiLoCoOptimizer:
         if state is None:
             return False
         self._adopt(state, local_at_end=None)
-        logger.info("loaded the global state of round %d from a peer", state.round)
+        logger.info(
+            "loaded the global state of round %d from %s", state.round, self.exchange.last_source
+        )
         return True
 
     @property
@@ -374,6 +393,12 @@ class DiLoCoOptimizer:
             # Nothing of ours to average (we just joined or caught up): follow the swarm.
             self._recover(round_, local_at_end, "no sequences trained in it")
             return
+        swarm_round = self.tracker.global_epoch
+        if swarm_round > round_ + 1:
+            # The swarm averaged this round long ago (we joined or came back late): no
+            # group is left to meet; take the swarm's newest round instead of waiting.
+            self._recover(swarm_round - 1, local_at_end, f"the swarm is at round {swarm_round}")
+            return
         with torch.no_grad(), self.averager.get_tensors() as deltas:
             for delta, global_, local in zip(deltas, self.global_params, local_at_end, strict=True):
                 torch.sub(global_, local, out=delta)
@@ -422,14 +447,19 @@ class DiLoCoOptimizer:
             self._outer_step(average)
         self._follow_local(pending.local_at_end)
         self.last_round_outcome = "averaged"
+        peers = [v for v in group.values() if not (isinstance(v, dict) and v.get("follower"))]
         logger.info(
-            "round %d averaged with %d peers (%.0f of %.0f sequences ours)",
+            "round %d averaged with %d peers%s (%.0f of %.0f sequences ours); global "
+            "parameters of round %d: %s",
             pending.round,
-            len(group),
+            len(peers) or 1,
+            " and the coordinator's follower" if len(peers) < len(group) else "",
             pending.weight,
             sum(_weight(v) for v in group.values()) or pending.weight,
+            self.global_round,
+            self.global_params_sha256(),
         )
-        canonical = _canonical_sha256(group.values())
+        canonical = canonical_sha256(group.values())
         if canonical is not None and canonical != pending.global_sha256:
             # Our global parameters had drifted from the group's (an earlier failed
             # round): stop serving them and take the group's from a peer.
@@ -446,11 +476,7 @@ class DiLoCoOptimizer:
 
     def _outer_step(self, average: Sequence[torch.Tensor]) -> None:
         with self._state_lock:
-            for global_, delta in zip(self.global_params, average, strict=True):
-                global_.grad = delta
-            self.outer.step()
-            for global_ in self.global_params:
-                global_.grad = None
+            outer_step(self.outer, self.global_params, average)
             self.global_round += 1
             self._global_version += 1
         self.exchange.announce(self.global_round)
@@ -475,15 +501,16 @@ class DiLoCoOptimizer:
         state = self.exchange.await_round(round_ + 1, self._round_timeout_s)
         if state is not None:
             logger.warning(
-                "round %d: averaging failed (%s); loaded round %d's global state from a peer",
+                "round %d: averaging failed (%s); loaded round %d's global state from %s",
                 round_,
                 reason,
                 state.round,
+                self.exchange.last_source,
             )
             self._adopt(state, local_at_end=local_at_end)
             self.last_round_outcome = "loaded"
             return
-        if reason.startswith("no sequences"):
+        if reason.startswith(("no sequences", "the swarm is at")):
             logger.info("round %d: %s and no peer is ahead; nothing to average", round_, reason)
             return
         logger.warning(
@@ -550,10 +577,11 @@ def _weight(gathered: Any) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-def _canonical_sha256(gathered: Iterable[Any]) -> str | None:
+def canonical_sha256(gathered: Iterable[Any]) -> str | None:
     """The group's global-parameter hash held by the most weight (ties: the smallest),
-    among the peers that serve state (others could never download a client's)."""
-    values = [v for v in gathered if isinstance(v, dict)]
+    among the peers that serve state (others could never download a client's). A
+    follower's (the coordinator's, weight 0) never counts: it follows the peers."""
+    values = [v for v in gathered if isinstance(v, dict) and not v.get("follower")]
     if any(v.get("serves") for v in values):
         values = [v for v in values if v.get("serves")]
     weights: dict[str, float] = {}
@@ -566,4 +594,11 @@ def _canonical_sha256(gathered: Iterable[Any]) -> str | None:
     return min(weights, key=lambda sha: (-weights[sha], sha))
 
 
-__all__ = ["DiLoCoConfig", "DiLoCoOptimizer", "round_bits"]
+__all__ = [
+    "DiLoCoConfig",
+    "DiLoCoOptimizer",
+    "canonical_sha256",
+    "outer_optimizer",
+    "outer_step",
+    "round_bits",
+]

@@ -12,6 +12,7 @@ disagrees with the coordinator. Knows nothing about rounds, inner steps or the o
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from crowdtrain.node.swarm.guard import SwarmGuard, state_problem
 from crowdtrain.protocol.state import DILOCO_STATE_LAYOUT, diloco_prefix
 
 logger = logging.getLogger(__name__)
+
+FOLLOWER_PATIENCE_S = 5.0
+"""How long a peer that needs a round's state waits for the coordinator's round follower
+to serve it once a volunteer does (the follower applies the same outer step, so it has
+the round within moments when it took part)."""
 
 STATE_LAYOUT = DILOCO_STATE_LAYOUT
 """Names the served state's layout (:mod:`crowdtrain.protocol.state`)."""
@@ -85,6 +91,8 @@ class StateExchange:
         self._swarm_guard = swarm_guard
         self.client_mode = bool(averager.client_mode)
         self.last_refusal: str | None = None
+        # Who served the last download: hivemind asks the peer announcing the highest round.
+        self.last_source = "a peer"
 
     def announce(self, round_: int) -> None:
         """Serve the global state of ``round_`` to peers that ask for the newest."""
@@ -98,34 +106,57 @@ class StateExchange:
 
     def await_round(self, round_: int, timeout_s: float) -> GlobalState | None:
         """Global state of ``round_`` or later from a peer, waiting up to ``timeout_s`` for a
-        peer to announce it; None when no other peer has it."""
+        peer to announce it; None when no other peer has it.
+
+        A round follower (the coordinator's, announcing half a round above its round) is
+        waited for up to :data:`FOLLOWER_PATIENCE_S` after a volunteer announces the round,
+        so that state comes from the coordinator's side rather than a volunteer's uplink.
+        """
         deadline = time.monotonic() + timeout_s
-        while self._num_peers() > 1:
-            if self.best_announced_round() >= round_:
+        announced_at: float | None = None
+        while True:
+            rounds = self.announced_rounds()
+            followers = [r for r in rounds if r != int(r)]
+            if self._num_peers() <= 1 and not followers:
+                return None
+            best = max(rounds, default=-1.0)
+            if best >= round_ and announced_at is None:
+                announced_at = time.monotonic()
+            follower_has_it = max(followers, default=-1.0) >= round_
+            patience_over = (
+                not followers
+                or announced_at is not None
+                and time.monotonic() - announced_at >= FOLLOWER_PATIENCE_S
+            )
+            if follower_has_it or (best >= round_ and patience_over):
                 state = self.download(max(1.0, deadline - time.monotonic()))
                 if state is not None and state.round >= round_:
                     return state
             if time.monotonic() >= deadline:
-                break
-            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        return None
+                return None
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
-    def best_announced_round(self) -> float:
-        """The highest round another peer announces for state downloads (-1: none)."""
+    def announced_rounds(self) -> list[float]:
+        """The rounds other peers announce for state downloads (a follower's are x.5)."""
         found = self.dht.get(f"{averager_prefix(self.run_id)}.all_averagers", latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         me = self.dht.peer_id.to_bytes()
-        rounds = [
+        return [
             float(entry.value)
             for peer, entry in entries.items()
-            if peer != me and isinstance(getattr(entry, "value", None), int | float)
+            if peer != me
+            and isinstance(getattr(entry, "value", None), int | float)
+            and not isinstance(entry.value, bool)
+            and math.isfinite(entry.value)
         ]
-        return max(rounds, default=-1.0)
 
     def download(self, timeout_s: float) -> GlobalState | None:
         """A peer's global state, checked; None when none came or it was refused
         (:attr:`last_refusal` then says why)."""
         self.last_refusal = None
+        best = max(self.announced_rounds(), default=-1.0)
+        from_follower = best != int(best)
+        self.last_source = "the coordinator's follower" if from_follower else "a peer"
         try:
             loaded = self.averager.load_state_from_peers(timeout=timeout_s)
         except Exception as e:  # a timeout, a peer that left mid-download

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from crowdtrain.coordinator import records
 from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
 from crowdtrain.coordinator.records import SessionError, UnknownRunError, get_run
 from crowdtrain.coordinator.runs import leases, peers
@@ -468,7 +469,7 @@ def test_a_sender_is_flagged_only_when_two_peers_report_it_repeatedly(run, store
     for session, dht_id in ((honest_a, "dht-a"), (honest_b, "dht-b"), (attacker, "dht-evil")):
         peers.heartbeat(store, session, _swarm_beat(dht_id))
     limit = 4 * run.spec.optimizer.target_batch_size
-    assert sorted(peers.roster(store, run)) == [
+    assert sorted(records.roster(store, run)) == [
         ("dht-a", limit),
         ("dht-b", limit),
         ("dht-evil", limit),
@@ -484,7 +485,7 @@ def test_a_sender_is_flagged_only_when_two_peers_report_it_repeatedly(run, store
     flagged = {p["name"]: p["flagged"] for p in peers_view(store, run.id)}
     assert flagged["a"] is None and flagged["b"] is None
     assert "dropped by 2 peer(s): non-finite, weight" in flagged["evil"]
-    assert dict(peers.roster(store, run))["dht-evil"] == 0.0
+    assert dict(records.roster(store, run))["dht-evil"] == 0.0
 
 
 def test_a_swarm_id_held_by_another_peer_is_refused_and_changes_nothing(run, store):

@@ -189,7 +189,8 @@ def _kept_outer(step: int) -> KeptCheckpoint:
         ("auto", 5, None, "sync", "peers"),  # no checkpoint yet
         ("auto", 5, _kept(5), "diloco", "peers"),  # no outer momentum kept: peers hold it
         ("auto", 5, _kept_outer(5), "diloco", "checkpoint"),  # the round, with its momentum
-        ("auto", 6, _kept_outer(5), "diloco", "peers"),  # the swarm moved on a round
+        ("auto", 6, _kept_outer(5), "diloco", "checkpoint"),  # the next: from the follower
+        ("auto", 7, _kept_outer(5), "diloco", "peers"),  # the swarm moved on two rounds
         ("auto", 0, None, "sync", "fresh"),  # nothing trained yet
         ("peers", 5, _kept(5), "sync", "peers"),
         ("checkpoint", 9, _kept(5), "sync", "checkpoint"),

@@ -1,0 +1,392 @@
+"""The round follower: a DiLoCo participant that trains nothing and holds every round's state.
+
+The coordinator's keeper runs one per DiLoCo run (``python -m
+crowdtrain.node.swarm.follower``, a process of its own) instead of pulling
+state from volunteers. At each round's end it joins the round's group with
+weight 0: it sends a zero part that counts for nothing, reduces its share
+of the slices like any publicly reachable peer (so a swarm whose every node
+is behind NAT still finds a reducer) and receives the round's exact average,
+the same bytes every node receives. It applies the run's outer step to the
+same global parameters, so it holds round ``r + 1`` bit for bit as the nodes
+do, after checking that the hash the group gathered for round ``r`` is its
+own. Each round's global parameters and outer momentum go to an outbox
+folder (``round-<r>.safetensors`` and ``round-<r>.outer.safetensors``) that
+the keeper turns into checkpoints; it also serves its state to peers through
+hivemind, announced half a round above theirs, so peers that missed a round
+load it from here rather than from a volunteer.
+
+Only when it missed a round (it came late, or its group failed) does it load
+the next round from a peer, and says so. It reports no training progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
+from crowdtrain.node.swarm.averagers import DiLoCoAverager
+from crowdtrain.node.swarm.compression import compression
+from crowdtrain.node.swarm.diloco import (
+    canonical_sha256,
+    outer_optimizer,
+    outer_step,
+    quiet_averaging_failures,
+    round_bits,
+)
+from crowdtrain.node.swarm.diloco_state import (
+    GlobalState,
+    StateExchange,
+    averager_prefix,
+    failure_reason,
+    served_state,
+)
+from crowdtrain.node.swarm.guard import GuardConfig
+from crowdtrain.protocol.runspec import RunSpec, load_spec
+
+logger = logging.getLogger(__name__)
+
+OUTBOX_KEEP = 4  # rounds left in the outbox when nobody takes them (the keeper is away)
+FOLLOWER_BONUS = 0.5  # added to the announced round: among peers of one round, ours is asked
+
+
+def outbox_name(round_: int) -> str:
+    return f"round-{round_}.safetensors"
+
+
+def outbox_outer_name(round_: int) -> str:
+    return f"round-{round_}.outer.safetensors"
+
+
+def seeded_model(spec: RunSpec) -> GPT:
+    """The run's model as every node initializes it (the run's seed, on the CPU)."""
+    torch.manual_seed(spec.run.seed)
+    return GPT(GPTConfig.from_spec(spec.model))
+
+
+@dataclass
+class FollowerStats:
+    """What the follower did, written to ``stats.json`` in its outbox after every round."""
+
+    round: int = 0
+    followed: int = 0  # rounds averaged with the group and applied
+    loaded: int = 0  # rounds loaded from a peer (missed, or our state differed)
+    missed: int = 0  # round ends with no group and no peer ahead
+
+    def write(self, folder: Path) -> None:
+        path = folder / "stats.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.__dict__))
+        temporary.replace(path)
+
+
+class RoundFollower:
+    """Follows a DiLoCo run's rounds from ``start`` (round, global parameters, outer
+    momentum in ``model.parameters()`` order), writing each round it reaches to
+    ``outbox``. Create it in the process's main thread; call :meth:`shutdown`."""
+
+    def __init__(
+        self, spec: RunSpec, dht: hivemind.DHT, outbox: Path, start: GlobalState, guard: Path
+    ):
+        """``guard`` is the guard's folder: the keeper writes the run's roster (each
+        peer's largest averaging weight, as nodes get it) there as ``roster.json``; the
+        senders whose parts the follower dropped go to ``reports.jsonl``."""
+        self.spec, self.dht, self.outbox = spec, dht, outbox
+        self.run_id = spec.run.id
+        swarm, opt = spec.swarm, spec.optimizer
+        self.model = seeded_model(spec)
+        self.names = [name for name, _ in self.model.named_parameters()]
+        self._tied: dict[str, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            self._tied.setdefault(str(id(param)), []).append(name)
+        self._params = list(self.model.parameters())
+        self.global_params = [p.detach().clone().float() for p in start.params]
+        self.outer = outer_optimizer(self.global_params, opt)
+        for global_, momentum in zip(self.global_params, start.momentum, strict=True):
+            self.outer.state[global_]["momentum_buffer"] = momentum.clone().float()
+        self.round = start.round
+        self.stats = FollowerStats(round=start.round)
+        self._lock = threading.Lock()
+        self._round_timeout_s = max(swarm.averaging_timeout_s, 2 * swarm.matchmaking_time_s)
+
+        self.tracker = ProgressTracker(
+            dht=dht,
+            prefix=self.run_id,
+            target_batch_size=opt.inner_steps * opt.target_batch_size,
+            client_mode=True,  # never reports samples, so it never publishes a record
+            min_refresh_period=0.25,
+            max_refresh_period=max(0.5, swarm.matchmaking_time_s / 2),
+            default_refresh_period=0.5,
+            metadata_expiration=swarm.metadata_expiration_s,
+            start=True,
+        )
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.round)
+        quiet_averaging_failures()
+        try:
+            self.averager = DiLoCoAverager(
+                averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
+                # Weights as a node bounds them: the roster's, twice a round's target
+                # batch for a peer it does not list yet.
+                guard=GuardConfig(guard, 2.0 * opt.target_batch_size),
+                use_roster=True,
+                weight_scale=float(opt.inner_steps),
+                current_state=self._current_state,
+                dht=dht,
+                prefix=averager_prefix(self.run_id),
+                start=True,
+                min_matchmaking_time=swarm.matchmaking_time_s,
+                request_timeout=swarm.request_timeout_s,
+                allreduce_timeout=swarm.averaging_timeout_s,
+                compression=compression(opt.pseudo_grad_compression),
+                state_compression=compression("none"),
+                initial_group_bits=round_bits(self.round),
+                client_mode=False,
+            )
+        except BaseException:
+            self.tracker.shutdown(1.0)
+            raise
+        self.exchange = StateExchange(
+            self.averager,
+            dht,
+            self.run_id,
+            like=self.global_params,
+            model_params=self._params,
+            num_peers=lambda: self.tracker.global_progress.num_peers + 1,
+        )
+        self._announce()
+        self._write(self.round)
+
+    # the loop
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow rounds until ``stop`` is set."""
+        while not stop.is_set():
+            progress = self.tracker.global_progress
+            if progress.num_peers == 0 or not self.tracker.ready_to_update_epoch:
+                stop.wait(0.1)
+                continue
+            if progress.epoch > self.round + 1:
+                # The swarm is rounds ahead (we started late): only a peer has its state.
+                self._catch_up(progress.epoch, f"the swarm is at round {progress.epoch}")
+            else:
+                self._follow(self.round)
+
+    def _follow(self, round_: int) -> None:
+        """Average round ``round_`` with its group and apply the outer step."""
+        own_sha256 = self.global_sha256()
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(round_ + 1)
+        with torch.no_grad(), self.averager.get_tensors() as parts:
+            for part in parts:
+                part.zero_()
+        self.averager.set_group_bits(round_bits(round_))
+        gather = {"round": round_, "sha256": own_sha256, "weight": 0.0, "follower": True}
+        try:
+            control = self.averager.step(
+                weight=0.0,
+                gather=gather,
+                timeout=self._round_timeout_s,
+                allow_retries=True,
+                wait=False,
+            )
+            gathered = control.result(timeout=self._round_timeout_s + 30.0)
+        except (Exception, BaseException) as e:  # any failure of the round alike
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            self._catch_up(round_ + 1, f"round {round_} failed: {failure_reason(e)}")
+            return
+        group = gathered if isinstance(gathered, dict) else {}
+        canonical = canonical_sha256(group.values())
+        if canonical is not None and canonical != own_sha256:
+            self._catch_up(
+                round_ + 1,
+                f"round {round_}: the group's global parameters were {canonical[:16]}, "
+                f"ours {own_sha256[:16]}",
+            )
+            return
+        with torch.no_grad(), self.averager.get_tensors() as average, self._lock:
+            outer_step(self.outer, self.global_params, average)
+            self.round = round_ + 1
+        self.stats.followed += 1
+        self._announce()
+        self._write(self.round)
+        peers = [v for v in group.values() if isinstance(v, dict) and not v.get("follower")]
+        logger.info(
+            "followed round %d with %d peers; global parameters of round %d: %s",
+            round_,
+            len(peers),
+            self.round,
+            self.global_sha256(),
+        )
+
+    def _catch_up(self, round_: int, why: str) -> None:
+        """Load round ``round_`` (or later) from a peer: we missed what led to it."""
+        state = self.exchange.await_round(round_, self._round_timeout_s)
+        if state is None:
+            self.stats.missed += 1
+            self.stats.write(self.outbox)
+            logger.warning("%s, and no peer serves round %d yet", why, round_)
+            time.sleep(0.5)
+            return
+        with self._lock:
+            for global_, loaded, momentum in zip(
+                self.global_params, state.params, state.momentum, strict=True
+            ):
+                global_.copy_(loaded)
+                self.outer.state[global_]["momentum_buffer"] = momentum.clone()
+            self.round = state.round
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.round)
+        self.stats.loaded += 1
+        self._announce()
+        self._write(self.round)
+        logger.warning("%s: loaded round %d's global state from a peer", why, state.round)
+
+    # state
+
+    def global_sha256(self) -> str:
+        with self._lock:
+            return params_sha256(self._state_dict())
+
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for param, global_ in zip(self._params, self.global_params, strict=True):
+            for name in self._tied[str(id(param))]:
+                state[name] = global_
+        return state
+
+    def _momentum(self) -> list[torch.Tensor]:
+        return [
+            self.outer.state.get(g, {}).get("momentum_buffer", torch.zeros_like(g))
+            for g in self.global_params
+        ]
+
+    def _announce(self) -> None:
+        self.averager.state_sharing_priority = self.round + FOLLOWER_BONUS
+
+    def _current_state(self) -> tuple[dict[str, Any], list[torch.Tensor], None]:
+        with self._lock:
+            state = GlobalState(
+                self.round,
+                [g.clone() for g in self.global_params],
+                [m.clone() for m in self._momentum()],
+            )
+        return served_state(state, self.round)
+
+    def _write(self, round_: int) -> None:
+        """Put round ``round_``'s state in the outbox (momentum first: the keeper takes a
+        round once its parameters file is there) and drop rounds nobody took."""
+        with self._lock:
+            state = {k: v.clone() for k, v in self._state_dict().items()}
+            momentum = dict(zip(self.names, [m.clone() for m in self._momentum()], strict=True))
+        sha256 = params_sha256(state)
+        metadata = {"run_id": self.run_id, "step": str(round_), "params_sha256": sha256}
+        save_checkpoint(self.outbox / outbox_outer_name(round_), momentum, metadata)
+        save_checkpoint(self.outbox / outbox_name(round_), state, metadata)
+        self.stats.round = round_
+        self.stats.write(self.outbox)
+        waiting = sorted(
+            int(p.name.split("-")[1].split(".")[0])
+            for p in self.outbox.glob("round-*.safetensors")
+            if not p.name.endswith(".outer.safetensors")
+        )
+        for old in waiting[:-OUTBOX_KEEP]:
+            (self.outbox / outbox_name(old)).unlink(missing_ok=True)
+            (self.outbox / outbox_outer_name(old)).unlink(missing_ok=True)
+
+    def shutdown(self) -> None:
+        self.tracker.shutdown(1.0)
+        self.averager.shutdown()
+
+
+def start_state(spec: RunSpec, checkpoint: Path | None, outer: Path | None) -> GlobalState:
+    """Round 0 (the seeded model, no momentum) or a kept round's checkpoint and momentum."""
+    model = seeded_model(spec)
+    params = list(model.parameters())
+    if checkpoint is None:
+        return GlobalState(
+            0, [p.detach().clone() for p in params], [torch.zeros_like(p) for p in params]
+        )
+    state, metadata = load_checkpoint(checkpoint)
+    model.load_state_dict(state)
+    momentum_state, _ = load_checkpoint(outer) if outer is not None else ({}, {})
+    momentum = []
+    for name, param in model.named_parameters():
+        tensor = momentum_state.get(name)
+        momentum.append(tensor.float() if tensor is not None else torch.zeros_like(param))
+    return GlobalState(int(metadata["step"]), [p.detach().clone() for p in params], momentum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m crowdtrain.node.swarm.follower",
+        description="Follow a DiLoCo run's rounds without training; write each round's state.",
+    )
+    parser.add_argument("--spec", type=Path, required=True, help="the run spec (TOML)")
+    parser.add_argument("--outbox", type=Path, required=True, help="where rounds are written")
+    parser.add_argument(
+        "--guard", type=Path, required=True, help="the guard's folder (roster.json, reports)"
+    )
+    parser.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs")
+    parser.add_argument("--checkpoint", type=Path, help="start from this kept round")
+    parser.add_argument("--outer", type=Path, help="that round's outer momentum")
+    parser.add_argument("--host", default="127.0.0.1", help="address peers reach us at")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when it is gone")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s follower %(levelname)s %(name)s: %(message)s"
+    )
+    multiprocessing.set_start_method("fork", force=True)
+    torch.set_num_threads(1)
+    spec = load_spec(args.spec)
+    args.outbox.mkdir(parents=True, exist_ok=True)
+    start = start_state(spec, args.checkpoint, args.outer)
+    stop = threading.Event()
+    dht = hivemind.DHT(
+        initial_peers=args.initial_peers,
+        host_maddrs=[f"/ip4/{args.host}/tcp/0"],
+        start=True,
+    )
+    follower = None
+    try:
+        args.guard.mkdir(parents=True, exist_ok=True)
+        follower = RoundFollower(spec, dht, args.outbox, start, args.guard)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        watcher = threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True)
+        watcher.start()
+        logger.info(
+            "following run %s from round %d (pid %d)", spec.run.id, start.round, os.getpid()
+        )
+        follower.run(stop)
+    finally:
+        if follower is not None:
+            follower.shutdown()
+        dht.shutdown()
+    return 0
+
+
+def _watch_parent(pid: int | None, stop: threading.Event) -> None:
+    while pid is not None and not stop.wait(1.0):
+        if os.getppid() != pid:
+            stop.set()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
