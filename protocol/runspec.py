@@ -59,6 +59,11 @@ class DataSection:
 
 
 Compression = Literal["none", "fp16", "8bit", "quantile-8bit"]
+# DiLoCo's pseudo-gradients may also go in 4 or 2 bits per value, or as the top
+# pseudo_grad_topk of each tensor's values in 2 or 4 bits, with error feedback.
+PseudoGradCompression = Literal[
+    "none", "fp16", "8bit", "quantile-8bit", "4bit", "2bit", "topk-4bit", "topk-2bit"
+]
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ class OptimizerSection:
     outer_momentum: float = 0.9
     outer_nesterov: bool = True
     outer_overlap: bool = True
-    pseudo_grad_compression: Compression = "8bit"
+    pseudo_grad_compression: PseudoGradCompression = "8bit"
+    pseudo_grad_topk: float = 0.015625  # the share of each tensor sent by "topk-*" (1/64)
     # both
     state_compression: Compression = "none"
 
@@ -392,6 +398,8 @@ def _validate(spec: RunSpec, source: str) -> None:
             f"must be 'none' or 'fp16', got {o.state_compression!r}: 8-bit parameters lose "
             "too much for a joining peer to train on",
         )
+    if not 0 < o.pseudo_grad_topk <= 1:
+        fail("[optimizer] pseudo_grad_topk", f"must be in (0, 1], got {o.pseudo_grad_topk}")
     if not 0 < o.outer_lr <= 10:
         fail("[optimizer] outer_lr", f"must be in (0, 10], got {o.outer_lr}")
     if not 0 <= o.outer_momentum < 1:

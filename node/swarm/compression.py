@@ -28,6 +28,10 @@ and on a small GPT's real gradients, pseudo-gradients and AdamW state):
 - Parts under :data:`SMALL_PART` values go as scaled fp16 under both 8-bit
   kinds: the codebook would outweigh them, and they are the small tensors
   (norm gains) or tensors' last slivers.
+- ``4bit``, ``2bit``, ``topk-4bit`` and ``topk-2bit`` are for DiLoCo's
+  pseudo-gradients only: the trainer's error-feedback codec
+  (:mod:`~crowdtrain.node.swarm.packed`) decides what is sent, and the wire
+  carries it losslessly as positions and codes (``Packed``).
 - Optimizer statistics (``TensorRole.OPTIMIZER``: AdamW's moments and step
   count, sent when a peer loads state) always go uncompressed: a plain fp16
   cast flushed a third of a real ``exp_avg_sq`` to zero (Adam then divides
@@ -54,10 +58,20 @@ from hivemind.compression import (
 from hivemind.compression import serialization as _serialization
 from hivemind.proto import runtime_pb2
 
+from crowdtrain.node.swarm.packed import FeedbackCodec, Packed
 from crowdtrain.protocol.errors import SpecError
 
 KINDS = ("none", "fp16", "8bit", "quantile-8bit")
 """The run spec's ``Compression`` names, in order of bytes sent."""
+
+FEEDBACK_KINDS = {
+    "4bit": (1.0, 4),
+    "2bit": (1.0, 2),
+    "topk-4bit": (None, 4),
+    "topk-2bit": (None, 2),
+}
+"""Pseudo-gradient kinds sent through :class:`~crowdtrain.node.swarm.packed.FeedbackCodec`:
+(share of each tensor sent, None for the run's ``pseudo_grad_topk``; bits per value)."""
 
 SMALL_PART = 1 << 16
 """Parts with fewer values go as scaled fp16 under the 8-bit kinds (1 KiB codebook = 1.6%)."""
@@ -143,6 +157,8 @@ def install_decoders() -> None:
         registry["UNIFORM_8BIT"] = Uniform8Bit()
     if not isinstance(registry["QUANTILE_8BIT"], Quantile8Bit):
         registry["QUANTILE_8BIT"] = Quantile8Bit()
+    if not isinstance(registry["BLOCKWISE_8BIT"], Packed):
+        registry["BLOCKWISE_8BIT"] = Packed()
 
 
 class CrowdtrainCompression(CompressionBase):
@@ -200,10 +216,23 @@ def compression(name: str) -> CompressionBase:
         return CrowdtrainCompression(name, Uniform8Bit(), ScaledFloat16Compression())
     if name == "quantile-8bit":
         return CrowdtrainCompression(name, Quantile8Bit(), ScaledFloat16Compression())
+    if name in FEEDBACK_KINDS:
+        # What the feedback codec left is sent as it is: few distinct values, often sparse.
+        return CrowdtrainCompression(name, Packed(), Packed())
+    kinds = (*KINDS, *FEEDBACK_KINDS)
     raise SpecError(
-        f"unknown compression {name!r}; choose one of {', '.join(repr(k) for k in KINDS)} "
+        f"unknown compression {name!r}; choose one of {', '.join(repr(k) for k in kinds)} "
         "(blockwise 8-bit needs bitsandbytes and is not offered)"
     )
+
+
+def feedback_codec(name: str, topk: float) -> FeedbackCodec | None:
+    """The error-feedback codec a pseudo-gradient kind needs (None for the others);
+    ``topk`` is the run's ``pseudo_grad_topk``."""
+    if name not in FEEDBACK_KINDS:
+        return None
+    fraction, bits = FEEDBACK_KINDS[name]
+    return FeedbackCodec(topk if fraction is None else fraction, bits)
 
 
 def bytes_on_wire(
@@ -220,6 +249,7 @@ def bytes_on_wire(
 
 
 __all__ = [
+    "FEEDBACK_KINDS",
     "KINDS",
     "SMALL_PART",
     "CrowdtrainCompression",
@@ -227,5 +257,6 @@ __all__ = [
     "Uniform8Bit",
     "bytes_on_wire",
     "compression",
+    "feedback_codec",
     "install_decoders",
 ]

@@ -32,7 +32,7 @@ from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.model import params_sha256
 from crowdtrain.node.swarm.averagers import DiLoCoAverager
-from crowdtrain.node.swarm.compression import compression
+from crowdtrain.node.swarm.compression import compression, feedback_codec
 from crowdtrain.node.swarm.diloco_state import (
     GlobalState,
     StateExchange,
@@ -41,6 +41,7 @@ from crowdtrain.node.swarm.diloco_state import (
     served_state,
 )
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
+from crowdtrain.node.swarm.packed import FeedbackCodec
 from crowdtrain.protocol.runspec import OptimizerSection, RunSpec, SwarmSection
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class DiLoCoConfig:
     client_mode: bool = False
     pseudo_grad_compression: CompressionBase | None = None
     state_compression: CompressionBase | None = None
+    # Low-bit or top-k pseudo-gradients: what is sent is decided here, with error feedback.
+    feedback: FeedbackCodec | None = None
 
     @classmethod
     def from_spec(cls, spec: RunSpec, client_mode: bool) -> DiLoCoConfig:
@@ -134,6 +137,7 @@ class DiLoCoConfig:
             client_mode=client_mode,
             pseudo_grad_compression=compression(opt.pseudo_grad_compression),
             state_compression=compression(opt.state_compression),
+            feedback=feedback_codec(opt.pseudo_grad_compression, opt.pseudo_grad_topk),
         )
 
 
@@ -402,6 +406,8 @@ class DiLoCoOptimizer:
         with torch.no_grad(), self.averager.get_tensors() as deltas:
             for delta, global_, local in zip(deltas, self.global_params, local_at_end, strict=True):
                 torch.sub(global_, local, out=delta)
+            if self.config.feedback is not None:
+                self.config.feedback.encode_(list(deltas))  # what is not sent stays for later
         global_sha256 = self.global_params_sha256()
         self.averager.set_group_bits(round_bits(round_))
         control = self.averager.step(

@@ -23,7 +23,8 @@ import torch
 from hivemind.compression import NoCompression, Uniform8BitQuantization
 
 from crowdtrain.model import GPT, GPTConfig, param_groups
-from crowdtrain.node.swarm.compression import install_decoders
+from crowdtrain.node.swarm.compression import FEEDBACK_KINDS, feedback_codec, install_decoders
+from crowdtrain.node.swarm.compression import compression as crowdtrain_compression
 from crowdtrain.node.swarm.diloco import DiLoCoConfig, DiLoCoOptimizer
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
@@ -43,7 +44,9 @@ def main() -> int:
     parser.add_argument("--go", type=Path, required=True)
     parser.add_argument("--initial-peers-from", type=Path, help="another peer's --out")
     parser.add_argument("--client-mode", action="store_true")
-    parser.add_argument("--compression", default="8bit", choices=("none", "8bit"))
+    parser.add_argument(
+        "--compression", default="8bit", choices=("none", "8bit", "topk-2bit", "4bit")
+    )
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--rounds", type=int, default=1_000_000)
     parser.add_argument("--delay-s", type=float, default=0.05, help="sleep per micro-batch")
@@ -83,7 +86,10 @@ def main() -> int:
     )
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig(vocab_size=256, seq_len=SEQ_LEN, num_layers=2, num_heads=2, d_model=32))
-    compression = Uniform8BitQuantization() if args.compression == "8bit" else NoCompression()
+    if args.compression in FEEDBACK_KINDS:
+        compression = crowdtrain_compression(args.compression)
+    else:
+        compression = Uniform8BitQuantization() if args.compression == "8bit" else NoCompression()
     config = DiLoCoConfig(
         run_id="dilocotest",
         optimizer=spec,
@@ -91,6 +97,7 @@ def main() -> int:
         client_mode=args.client_mode,
         pseudo_grad_compression=compression,
         state_compression=NoCompression(),
+        feedback=feedback_codec(args.compression, 1 / 64),
     )
     opt = DiLoCoOptimizer(
         config,

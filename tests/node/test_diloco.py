@@ -315,6 +315,23 @@ def test_two_peers_hold_identical_global_params_and_a_killed_peer_stops_nobody(
         assert full[round_] == late_rounds[round_], (round_, peers.logs())
 
 
+def test_top_k_pseudo_gradients_keep_peers_bit_identical(peers: Peers) -> None:
+    """With 2-bit top-k pseudo-gradients and error feedback (a reducer's average is
+    re-coded lossily), a full peer and a client-mode peer still hold the same global
+    parameters after every round: every peer decodes the same bytes."""
+    peers.start("full", "--compression", "topk-2bit")
+    peers.start("client", "--client-mode", "--compression", "topk-2bit", initial="full")
+    peers.wait_for(
+        "the peers to start",
+        lambda: all("maddrs" in peers.read(name) for name in ("full", "client")),
+        60,
+    )
+    peers.go.touch()
+    peers.wait_for(
+        "three rounds both peers averaged", lambda: len(peers.agree("full", "client")) >= 3, 90
+    )
+
+
 def test_peers_whose_global_params_differ_converge_and_leave_cleanly(peers: Peers) -> None:
     """Two peers that start from different parameters (as after a failed round both
     recovered alone) see it in the round's gathered hashes; the one holding less weight

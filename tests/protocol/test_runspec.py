@@ -274,9 +274,10 @@ def test_wrong_types_name_key_and_expectation(changes, expected):
         ),
         ({"optimizer": {"outer_momentum": "1.0"}}, "[optimizer] outer_momentum must be in [0, 1)"),
         (
-            {"optimizer": {"pseudo_grad_compression": '"4bit"'}},
+            {"optimizer": {"pseudo_grad_compression": '"3bit"'}},
             "[optimizer] pseudo_grad_compression must be 'none' or 'fp16' or '8bit' or "
-            "'quantile-8bit', got string '4bit'",
+            "'quantile-8bit' or '4bit' or '2bit' or 'topk-4bit' or 'topk-2bit', got string "
+            "'3bit'",
         ),
         (
             {"verify": {"keep_checkpoints": "0"}},
