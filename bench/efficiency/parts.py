@@ -160,8 +160,8 @@ class Bench:
 
     def part_throughput(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for mode in ("sync", "diloco"):
-            if mode == "diloco" and not self.has_diloco:
+        for mode in ("sync", "diloco", "diloco-topk"):
+            if mode != "sync" and not self.has_diloco:
                 out[mode] = self.no_diloco()
                 continue
             window = self.plan.sync_window_s if mode == "sync" else self.plan.diloco_window_s
@@ -226,14 +226,23 @@ class Bench:
             swarm.shutdown()
 
     def part_hivemind(self) -> dict[str, Any]:
+        """Plain hivemind with its defaults; its tuned run is under ``"tuned"``."""
+        result = self._hivemind(tuned=False)
+        try:
+            result["tuned"] = self._hivemind(tuned=True)
+        except Exception as e:
+            result["tuned"] = {"error": error_summary(e)}
+        return result
+
+    def _hivemind(self, tuned: bool) -> dict[str, Any]:
         spec = self.spec("sync", "plain-hivemind")
-        folder = self.work / "plain-hivemind"
+        folder = self.work / ("plain-hivemind-tuned" if tuned else "plain-hivemind")
         folder.mkdir(parents=True, exist_ok=True)
         sampler = ByteSampler(control_ports=set())
         result = run_reference(
             folder, self.data, spec_json(spec, folder / "spec.json"), 2,
             self.plan.hivemind_warmup_s, self.plan.hivemind_window_s, sampler=sampler,
-            device=self.args.device,
+            device=self.args.device, tuned=tuned,
         )  # fmt: skip
         result["bytes"] = sampler.totals()
         return result
@@ -244,8 +253,8 @@ class Bench:
         d = self.diloco["optimizer"]
         seq_len = self.diloco["model"]["seq_len"]
         round_sequences = d["inner_steps"] * d["target_batch_size"]
-        for mode in ("sync", "diloco"):
-            if mode == "diloco" and not self.has_diloco:
+        for mode in ("sync", "diloco", "diloco-topk"):
+            if mode != "sync" and not self.has_diloco:
                 out[mode] = self.no_diloco()
                 continue
             try:
@@ -260,7 +269,10 @@ class Bench:
     ) -> dict[str, Any]:
         run_id = f"eff-{mode}-4"
         names = ["node-a", "node-b", "node-c", "node-d"]
-        spec = self.spec(mode, run_id)
+        if mode == "diloco-topk":  # the same run with 2-bit top-1/64 pseudo-gradients
+            spec = self.spec("diloco", run_id, optimizer={"pseudo_grad_compression": "topk-2bit"})
+        else:
+            spec = self.spec(mode, run_id)
         swarm = SwarmRun(self.work / run_id, self.data, spec, self.args.device)
         target_tokens = rounds * round_sequences * seq_len
         note = ""

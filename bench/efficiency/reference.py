@@ -1,10 +1,11 @@
-"""The reference: plain ``hivemind.Optimizer`` with its defaults, same model, batch and data.
+"""The reference: plain ``hivemind.Optimizer`` (its defaults, or tuned), same model, batch and data.
 
 ``peer`` is one peer process: the run's GPT, one torch thread, micro-batches
 of ``micro_batch_size`` sequences from its share of the prepared shards, and
 ``hivemind.Optimizer(target_batch_size=..., batch_size_per_step=...)`` with
 everything else left at hivemind's defaults (AdamW with the spec's lr, betas
-and weight decay). Peer 0 writes its DHT addresses to a file the others join
+and weight decay), or with ``--tuned`` its timings set as the run spec's
+``[swarm]`` sets ours (:func:`tuned_options`). Peer 0 writes its DHT addresses to a file the others join
 through. Each peer appends its cumulative tokens to a JSON-lines file.
 :func:`run_reference` starts the peers and measures tokens/s over a window.
 
@@ -30,6 +31,24 @@ from bench.efficiency.processes import helpers, module_env, python_module
 from bench.efficiency.specs import gpt_config
 
 RUN_ID = "plain-hivemind"
+
+
+def tuned_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """hivemind.Optimizer's timings set as the run spec's [swarm] sets ours: what a user
+    who tunes hivemind by hand would pass (the gradient averager's request timeout goes
+    through its factory: averager_opts reach only the state averager)."""
+    from hivemind.optim.grad_averager import GradientAverager
+
+    swarm = spec.get("swarm", {})
+    request_timeout = swarm.get("request_timeout_s", 1.0)
+    return {
+        "matchmaking_time": swarm.get("matchmaking_time_s", 3.0),
+        "averaging_timeout": swarm.get("averaging_timeout_s", 10.0),
+        "load_state_timeout": swarm.get("load_state_timeout_s", 60.0),
+        "average_state_every": swarm.get("average_state_every", 100),
+        "averager_opts": {"request_timeout": request_timeout},
+        "grad_averager_factory": partial(GradientAverager, request_timeout=request_timeout),
+    }
 
 
 def peer(args: argparse.Namespace) -> int:
@@ -78,6 +97,7 @@ def peer(args: argparse.Namespace) -> int:
             params=param_groups(model, opt.get("weight_decay", 0.1)),
             client_mode=dht.client_mode,
             verbose=False,
+            **(tuned_options(spec) if args.tuned else {}),
         )
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -140,6 +160,7 @@ def run_reference(
     window_s: float,
     sampler: Any = None,
     device: str = "cpu",
+    tuned: bool = False,
 ) -> dict[str, Any]:
     """Start ``num_peers`` plain-hivemind peers, measure each one's tokens/s over
     ``window_s`` after every peer trained and ``warmup_s`` passed, then stop them all."""
@@ -161,6 +182,7 @@ def run_reference(
                     "--peers-file", str(peers_file),
                     "--out", str(outs[i]),
                     "--device", device,
+                    *(["--tuned"] if tuned else []),
                 ],
                 env=module_env({"HIVEMIND_LOGLEVEL": "WARNING"}),
             )  # fmt: skip
@@ -190,6 +212,7 @@ def run_reference(
     total_tokens = sum(r[-1]["num_tokens"] if r else 0 for r in rows)
     return {
         "num_peers": num_peers,
+        "tuned": tuned,
         "warmup_s": warmup_s,
         "window_s": window_s,
         "tokens_per_s_per_peer": per_peer,
@@ -213,6 +236,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tuned", action="store_true", help="timings as the run spec's [swarm]")
     args = parser.parse_args()
     return peer(args)
 

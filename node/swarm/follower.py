@@ -39,6 +39,7 @@ import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
+from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.node.swarm.averagers import DiLoCoAverager
 from crowdtrain.node.swarm.compression import compression
 from crowdtrain.node.swarm.diloco import (
@@ -56,6 +57,7 @@ from crowdtrain.node.swarm.diloco_state import (
     served_state,
 )
 from crowdtrain.node.swarm.guard import GuardConfig
+from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.runspec import RunSpec, load_spec
 
 logger = logging.getLogger(__name__)
@@ -86,12 +88,15 @@ class FollowerStats:
     followed: int = 0  # rounds averaged with the group and applied
     loaded: int = 0  # rounds loaded from a peer (missed, or our state differed)
     missed: int = 0  # round ends with no group and no peer ahead
+    traffic: Traffic | None = None  # what it sent and received, by purpose
 
     def write(self, folder: Path) -> None:
-        path = folder / "stats.json"
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.__dict__))
-        temporary.replace(path)
+        values = {k: v for k, v in self.__dict__.items() if k != "traffic"}
+        if self.traffic is not None:
+            values["traffic"] = {
+                purpose: count.model_dump() for purpose, count in self.traffic.counts().items()
+            }
+        atomic_write(folder / "stats.json", json.dumps(values))
 
 
 class RoundFollower:
@@ -119,7 +124,8 @@ class RoundFollower:
         for global_, momentum in zip(self.global_params, start.momentum, strict=True):
             self.outer.state[global_]["momentum_buffer"] = momentum.clone().float()
         self.round = start.round
-        self.stats = FollowerStats(round=start.round)
+        self.traffic = Traffic()
+        self.stats = FollowerStats(round=start.round, traffic=self.traffic)
         self._lock = threading.Lock()
         self._round_timeout_s = max(swarm.averaging_timeout_s, 2 * swarm.matchmaking_time_s)
 
@@ -142,7 +148,7 @@ class RoundFollower:
                 averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
                 # Weights as a node bounds them: the roster's, twice a round's target
                 # batch for a peer it does not list yet.
-                guard=GuardConfig(guard, 2.0 * opt.target_batch_size),
+                guard=GuardConfig(guard, 2.0 * opt.target_batch_size, traffic=self.traffic),
                 use_roster=True,
                 weight_scale=float(opt.inner_steps),
                 current_state=self._current_state,
@@ -227,11 +233,14 @@ class RoundFollower:
         self._write(self.round)
         peers = [v for v in group.values() if isinstance(v, dict) and not v.get("follower")]
         logger.info(
-            "followed round %d with %d peers; global parameters of round %d: %s",
+            "followed round %d with %d peers; global parameters of round %d: %s; sent %.2f MB, "
+            "received %.2f MB so far",
             round_,
             len(peers),
             self.round,
             self.global_sha256(),
+            self.traffic.total_sent() / 1e6,
+            sum(self.traffic.received(p) for p in self.traffic.counts()) / 1e6,
         )
 
     def _catch_up(self, round_: int, why: str) -> None:
