@@ -11,8 +11,11 @@ import re
 
 # node: the first optimizer step this process took part in
 FIRST_STEP = re.compile(r"first contributing step ([\d.]+) s after process start")
-# node: state downloaded by a joiner
-LOADED_STATE = re.compile(r"loaded (?:the global )?state of (?:step|round) (\d+)(?: in ([\d.]+)s)?")
+# node: state downloaded by a joiner (from peers, or the keeper's checkpoint over HTTP)
+LOADED_STATE = re.compile(
+    r"(?:loaded (?:the global )?state of (?:step|round)|started from the keeper's checkpoint of "
+    r"step) (\d+)(?:.* in ([\d.]+)s)?"
+)
 # hooks: the slowdown test hook announces itself
 THROTTLE = "TEST HOOK, this node sleeps to train"
 
@@ -28,6 +31,7 @@ _STAGES = {
     "spec and data checked": r"crowdtrain \S+, run ",
     "joined the swarm (DHT, optimizer)": r"joined the swarm as",
     "state loaded from peers": r"loaded (?:the global )?state",
+    "state loaded from the keeper over HTTP": r"started from the keeper's checkpoint",
     "first contributing step": r"first contributing step",
 }
 

@@ -381,8 +381,10 @@ class Bench:
                 time.sleep(0.5)
             log = joiner.output()
             loaded = LOADED_STATE.search(log)
+            restart = self._restart_after_kill(swarm, "node-b")
             swarm.stop_nodes(grace_s=60)
             return {
+                "restart": restart,
                 "mode": mode,
                 "num_parameters": _num_parameters(spec),
                 "inner_steps": spec["optimizer"].get("inner_steps") if mode == "diloco" else None,
@@ -397,6 +399,31 @@ class Bench:
             }
         finally:
             swarm.shutdown()
+
+    def _restart_after_kill(self, swarm: SwarmRun, name: str) -> dict[str, Any]:
+        """SIGKILL a node (its hivemind helpers too) and start it again with the same home:
+        seconds from the new process's start to its first contributing step."""
+        assert swarm.swarm is not None
+        swarm.swarm.kill(swarm.nodes[name])
+        popen_at = time.time()
+        again = swarm.add_node(name)
+        found = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and found is None:
+            found = FIRST_STEP.search(again.output())
+            if again.popen.poll() is not None:
+                break
+            time.sleep(0.5)
+        log = again.output()
+        return {
+            "seconds": float(found.group(1)) if found else None,
+            "timeline_s": timeline(log, popen_at),
+            "started_from": next(
+                (line for line in log.splitlines() if "started from" in line or "loaded" in line),
+                None,
+            ),
+            "log_tail": log[-2500:],
+        }
 
     def part_half_speed(self) -> dict[str, Any]:
         if not self.has_diloco:

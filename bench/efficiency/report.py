@@ -235,6 +235,29 @@ def _late_row(r: dict[str, Any]) -> Row:
     return row
 
 
+def _restart_row(r: dict[str, Any]) -> Row:
+    row = Row(
+        "a node restarted after SIGKILL: process start to first contributing step, ~10M parameters",
+        "< 10 s",
+    )
+    late = r.get("late_joiner")
+    restart = late.get("restart") if isinstance(late, dict) else None
+    if not _ok(late) or not isinstance(restart, dict):
+        row.notes = _why(late) if not _ok(late) else "not measured"
+        return row
+    secs = restart.get("seconds")
+    notes = ["node-b of the late joiner's run, killed with its hivemind helpers, same home"]
+    if restart.get("timeline_s"):
+        notes.append(
+            "after its Popen: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in restart["timeline_s"].items())
+        )
+    if restart.get("started_from"):
+        notes.append(restart["started_from"].split(": ", 1)[-1][:160])
+    row.set(_fmt(secs, 1) + " s", None if secs is None else secs < 10, "; ".join(notes))
+    return row
+
+
 def _half_row(r: dict[str, Any]) -> Row:
     row = Row(
         "a node at half speed in a 2-peer diloco swarm: its share of samples / its share of compute",
@@ -276,6 +299,7 @@ def rows(r: dict[str, Any]) -> list[Row]:
         (_hivemind_row, ("sync", 1.5, True)),
         (_hivemind_row, ("diloco", 2.0, True)),
         (_late_row, ()),
+        (_restart_row, ()),
         (_half_row, ()),
     ]
     out = []

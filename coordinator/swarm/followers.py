@@ -189,13 +189,28 @@ class Followers:
         (outbox / f"round-{round_}.safetensors").unlink(missing_ok=True)
         (outbox / f"round-{round_}.outer.safetensors").unlink(missing_ok=True)
 
+    def running(self, run_id: str) -> bool:
+        process = self._processes.get(run_id)
+        return process is not None and process.popen.poll() is None
+
+    def stop(self, run_id: str, timeout_s: float = 10.0) -> None:
+        """Stop the run's follower (an idle run: nobody to follow)."""
+        process = self._processes.pop(run_id, None)
+        if process is not None:
+            logger.info("run %s: stopping its round follower (no active peer)", run_id)
+            self._stop([process], timeout_s)
+
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop every follower (SIGTERM: each leaves its group; then SIGKILL)."""
-        for process in self._processes.values():
+        self._stop(list(self._processes.values()), timeout_s)
+        self._processes.clear()
+
+    def _stop(self, processes: list[_Process], timeout_s: float) -> None:
+        for process in processes:
             if process.popen.poll() is None:
                 process.popen.terminate()
         deadline = time.monotonic() + timeout_s
-        for process in self._processes.values():
+        for process in processes:
             try:
                 process.popen.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -207,7 +222,6 @@ class Followers:
             process.popen.wait()
             if process.log is not None:
                 process.log.close()
-        self._processes.clear()
 
 
 __all__ = ["FOLLOWERS_DIR", "FollowedRound", "Followers"]

@@ -30,7 +30,7 @@ import hivemind
 import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from crowdtrain.coordinator.records import PublishedRun, roster
+from crowdtrain.coordinator.records import PublishedRun, num_active_peers, roster
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.checkpoints import (
     CHECKPOINTS_DIR,
@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 # Downloads per pull until two in a row agree (see Keeper.pull).
 MAX_DOWNLOADS = 4
+# A DiLoCo run's follower runs from the keeper's start, and stops after this long without
+# an active peer; it starts again with the next one (from the newest kept round).
+FOLLOWER_IDLE_S = 600.0
 
 
 def _seeded_model(run: PublishedRun) -> GPT:
@@ -122,6 +125,7 @@ class Keeper:
             store.data_dir / FOLLOWERS_DIR, initial_peers or [], host=follower_host
         )
         self._following = initial_peers is not None
+        self._last_active: dict[str, float] = {}  # run -> when it last had an active peer
         self.remove_stale_files()
 
     def _averager(self, run: PublishedRun) -> tuple[TrainingStateAverager, GPT]:
@@ -159,6 +163,14 @@ class Keeper:
         since the last call. Returns the newest stored checkpoint row, or None when none
         was new."""
         if not self._following:
+            return None
+        now = time.monotonic()
+        if num_active_peers(self.store, run.id) > 0:
+            self._last_active[run.id] = now
+        idle_s = now - self._last_active.setdefault(run.id, now)
+        if idle_s > FOLLOWER_IDLE_S:
+            if self.followers.running(run.id):
+                self.followers.stop(run.id)
             return None
         kept = self.store.list_checkpoints(run.id)
         newest = kept[-1] if kept else None
