@@ -8,8 +8,9 @@ of the slices like any publicly reachable peer (so a swarm whose every node
 is behind NAT still finds a reducer) and receives the round's exact average,
 the same bytes every node receives. It applies the run's outer step to the
 same global parameters, so it holds round ``r + 1`` bit for bit as the nodes
-do, after checking that the hash the group gathered for round ``r`` is its
-own. Each round's global parameters and outer momentum go to an outbox
+do; the hash the group gathered for round ``r`` is checked against its own
+(a disagreement is logged, never adopted: its state is built from checked
+rounds, a peer's claim is not). Each round's global parameters and outer momentum go to an outbox
 folder (``round-<r>.safetensors`` and ``round-<r>.outer.safetensors``) that
 the keeper turns into checkpoints; it also serves its state to peers through
 hivemind, announced half a round above theirs, so peers that missed a round
@@ -88,6 +89,7 @@ class FollowerStats:
     followed: int = 0  # rounds averaged with the group and applied
     loaded: int = 0  # rounds loaded from a peer (missed, or our state differed)
     missed: int = 0  # round ends with no group and no peer ahead
+    disagreed: int = 0  # rounds whose group said other global parameters were the swarm's
     traffic: Traffic | None = None  # what it sent and received, by purpose
 
     def write(self, folder: Path) -> None:
@@ -219,12 +221,16 @@ class RoundFollower:
         group = gathered if isinstance(gathered, dict) else {}
         canonical = canonical_sha256(group.values())
         if canonical is not None and canonical != own_sha256:
-            self._catch_up(
-                round_ + 1,
-                f"round {round_}: the group's global parameters were {canonical[:16]}, "
-                f"ours {own_sha256[:16]}",
+            # Ours come from the keeper's round or from following every round since: the
+            # peers that hold others are off (or lie about it), and they reload the round
+            # from the best announcer, which is us. A peer's claim never replaces ours.
+            self.stats.disagreed += 1
+            logger.warning(
+                "round %d: the group's heaviest global-parameter hash is %s, ours %s; keeping ours",
+                round_,
+                canonical[:16],
+                own_sha256[:16],
             )
-            return
         with torch.no_grad(), self.averager.get_tensors() as average, self._lock:
             outer_step(self.outer, self.global_params, average)
             self.round = round_ + 1
