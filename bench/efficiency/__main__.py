@@ -16,7 +16,7 @@ from typing import Any
 from bench import efficiency
 from bench.efficiency import ROOT
 from bench.efficiency.foreign_cpu import ForeignCpu
-from bench.efficiency.parts import PARTS, Bench, error_summary
+from bench.efficiency.parts import LOSS_MODES, PARTS, Bench, error_summary
 from bench.efficiency.plan import FULL, QUICK
 from bench.efficiency.report import write_report
 
@@ -38,6 +38,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated of {','.join(PARTS)}"
+    )
+    parser.add_argument(
+        "--loss-modes",
+        default=",".join(LOSS_MODES),
+        help="the loss part's swarms, comma-separated (diloco-KIND: diloco with "
+        "pseudo_grad_compression KIND); each replaces its own earlier result only",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--report-only", action="store_true", help="rebuild the markdown and plots")

@@ -42,6 +42,8 @@ from bench.efficiency.swarm import SwarmRun, spec_json
 from bench.efficiency.traffic import ByteSampler
 
 PARTS = ("solo", "throughput", "hivemind", "loss", "baseline", "late_joiner", "half_speed")
+# The loss part's swarms: diloco-KIND is diloco with pseudo_grad_compression KIND.
+LOSS_MODES = ("sync", "diloco", "diloco-topk-2bit", "diloco-4bit")
 # The late joiner's model: about 10.6M parameters.
 LATE_JOINER_MODEL = {"d_model": 384, "num_layers": 6, "num_heads": 6}
 
@@ -160,7 +162,8 @@ class Bench:
 
     def part_throughput(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for mode in ("sync", "diloco", "diloco-topk"):
+        modes = getattr(self.args, "loss_modes", ",".join(LOSS_MODES)).split(",")
+        for mode in modes:
             if mode != "sync" and not self.has_diloco:
                 out[mode] = self.no_diloco()
                 continue
@@ -248,12 +251,13 @@ class Bench:
         return result
 
     def part_loss(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = dict(self.results.get("loss", {}))
         rounds = self.plan.rounds if self.args.rounds is None else self.args.rounds
         d = self.diloco["optimizer"]
         seq_len = self.diloco["model"]["seq_len"]
         round_sequences = d["inner_steps"] * d["target_batch_size"]
-        for mode in ("sync", "diloco", "diloco-topk"):
+        modes = getattr(self.args, "loss_modes", ",".join(LOSS_MODES)).split(",")
+        for mode in modes:
             if mode != "sync" and not self.has_diloco:
                 out[mode] = self.no_diloco()
                 continue
@@ -269,8 +273,9 @@ class Bench:
     ) -> dict[str, Any]:
         run_id = f"eff-{mode}-4"
         names = ["node-a", "node-b", "node-c", "node-d"]
-        if mode == "diloco-topk":  # the same run with 2-bit top-1/64 pseudo-gradients
-            spec = self.spec("diloco", run_id, optimizer={"pseudo_grad_compression": "topk-2bit"})
+        if mode.startswith("diloco-"):  # the same run with other pseudo-gradients
+            kind = mode.removeprefix("diloco-")
+            spec = self.spec("diloco", run_id, optimizer={"pseudo_grad_compression": kind})
         else:
             spec = self.spec(mode, run_id)
         swarm = SwarmRun(self.work / run_id, self.data, spec, self.args.device)

@@ -136,8 +136,15 @@ def _uplink_per_million(run: dict[str, Any]) -> tuple[float | None, float | None
     return total, control
 
 
+_LABELS = {
+    "diloco": "H=100, 8-bit",
+    "diloco-topk-2bit": "H=100, top-1/64 2-bit, error feedback",
+    "diloco-4bit": "H=100, 4-bit, error feedback",
+}
+
+
 def _bytes_row(r: dict[str, Any], mode: str = "diloco", goal: float = 100.0) -> Row:
-    label = "H=100, 8-bit" if mode == "diloco" else "H=100, top-1/64 2-bit, error feedback"
+    label = _LABELS.get(mode, mode)
     row = Row(
         "bytes on each peer's uplink per million swarm tokens, everything counted: sync "
         f"(fp32 gradients every step) / diloco ({label})",
@@ -162,13 +169,14 @@ def _bytes_row(r: dict[str, Any], mode: str = "diloco", goal: float = 100.0) -> 
     return row
 
 
-def _compression_loss_row(r: dict[str, Any]) -> Row:
+def _compression_loss_row(r: dict[str, Any], mode: str) -> Row:
     row = Row(
-        "validation loss at equal tokens, 4 peers diloco: top-1/64 2-bit / 8-bit pseudo-gradients",
+        f"validation loss at equal tokens, 4 peers diloco: {_LABELS.get(mode, mode)} / 8-bit "
+        "pseudo-gradients",
         "within 2% (ratio <= 1.02)",
     )
     loss = r.get("loss", {})
-    base, topk = loss.get("diloco"), loss.get("diloco-topk")
+    base, topk = loss.get("diloco"), loss.get(mode)
     if not _ok(base) or not _ok(topk):
         row.notes = _why(base if not _ok(base) else topk)
         return row
@@ -292,8 +300,10 @@ def rows(r: dict[str, Any]) -> list[Row]:
         (_throughput_row, ("diloco", 0.95)),
         (_throughput_row, ("sync", 0.85)),
         (_bytes_row, ()),
-        (_bytes_row, ("diloco-topk", 146.0)),
-        (_compression_loss_row, ()),
+        (_bytes_row, ("diloco-topk-2bit", 146.0)),
+        (_compression_loss_row, ("diloco-topk-2bit",)),
+        (_bytes_row, ("diloco-4bit", 146.0)),
+        (_compression_loss_row, ("diloco-4bit",)),
         (_hivemind_row, ("sync", 1.5)),
         (_hivemind_row, ("diloco", 2.0)),
         (_hivemind_row, ("sync", 1.5, True)),
@@ -339,7 +349,7 @@ def _details(r: dict[str, Any]) -> list[str]:
             f"(micro-batches of {base['micro_batch']}), {base['tokens_per_s']:,.0f} tok/s, "
             f"{base['num_steps']} steps."
         )
-    for mode in ("sync", "diloco", "diloco-topk"):
+    for mode in r.get("loss", {}):
         run = r.get("loss", {}).get(mode)
         if _ok(run) and run.get("duration_s"):
             lines.append(
