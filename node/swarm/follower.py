@@ -136,9 +136,11 @@ class RoundFollower:
             prefix=self.run_id,
             target_batch_size=opt.inner_steps * opt.target_batch_size,
             client_mode=True,  # never reports samples, so it never publishes a record
-            min_refresh_period=0.25,
-            max_refresh_period=max(0.5, swarm.matchmaking_time_s / 2),
-            default_refresh_period=0.5,
+            # As often as a node reads it, no more: the DHT peers that hold the progress
+            # records (volunteers among them) answer every read.
+            min_refresh_period=0.5,
+            max_refresh_period=max(0.5, swarm.matchmaking_time_s),
+            default_refresh_period=max(0.5, min(3.0, swarm.matchmaking_time_s)),
             metadata_expiration=swarm.metadata_expiration_s,
             start=True,
         )
