@@ -51,10 +51,12 @@ BENCHMARKS: list[tuple] = [
     (
         "Training efficiency",
         "A swarm of real node processes on loopback against one process training alone and "
-        "against plain hivemind: loss at equal tokens (4 peers, diloco and sync), a peer's "
-        "tokens/s in a 2-peer swarm against alone, bytes sent per million tokens, tokens/s "
-        "against hivemind.Optimizer with its defaults, a late joiner's start-up and a "
-        "half-speed node's share of samples; the goals are in the table. About 30 minutes.",
+        "against plain hivemind: loss at equal tokens (4 peers, diloco with 8-bit, 4-bit and "
+        "top-k pseudo-gradients, and sync), a peer's tokens/s in a 2-peer swarm against "
+        "alone, every byte on a peer's uplink per million tokens, tokens/s against "
+        "hivemind.Optimizer with its defaults and tuned to our timings, a late joiner's and "
+        "a restarted node's start-up and a half-speed node's share of samples; the goals are "
+        "in the table. About 40 minutes.",
         "efficiency",
         [],
     ),
