@@ -3,9 +3,12 @@
 A node joining a run under way needs the swarm's parameters. hivemind's
 ``load_state_from_peers`` downloads them tensor by tensor from a peer, with the
 optimizer's statistics; the coordinator's keeper serves its latest checkpoint
-as one safetensors file over HTTP, parameters only. :func:`plan_start` picks
-one (``--start-from auto|peers|checkpoint``), :func:`start_from_checkpoint`
-downloads the file (a progress bar on a terminal), checks its sha256 against
+as one safetensors file over HTTP, parameters only (a DiLoCo round's outer
+momentum beside it). :func:`plan_start` picks one (``--start-from
+auto|peers|checkpoint``); :class:`CheckpointPrefetch` plans and downloads in the
+background while the node starts its DHT and optimizer;
+:func:`start_from_checkpoint` downloads the file unless it was prefetched (a
+progress bar on a terminal), checks its sha256 against
 the keeper's record and its parameters' sha256, loads it into the model
 (safetensors: nothing is unpickled) and moves the optimizer to the
 checkpoint's step. Knows nothing about training or the gRPC session.
@@ -14,6 +17,7 @@ checkpoint's step. Knows nothing about training or the gRPC session.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +160,75 @@ def plan_start(
     )
 
 
+@dataclass
+class Prefetched:
+    """Where a joining node starts from, decided and downloaded while it joins the swarm:
+    the plan, the checkpoint's file and (DiLoCo) its outer momentum file when the plan
+    takes the checkpoint, or the error that stopped that."""
+
+    plan: StartPlan | None = None
+    path: Path | None = None
+    outer_path: Path | None = None
+    error: BootstrapError | None = None
+    seconds: float = 0.0
+
+
+class CheckpointPrefetch:
+    """Lists the keeper's checkpoints, plans the start (:func:`plan_start`) and, when the
+    plan takes the checkpoint, downloads its files, all in a background thread started
+    at once: the node starts its DHT and optimizer meanwhile. :meth:`result` waits for
+    it; :meth:`discard` removes files nobody used."""
+
+    def __init__(
+        self,
+        start_from: str,
+        url: str,
+        run_id: str,
+        run_step: int,
+        mode: str,
+        folder: Path,
+        ca_cert: Path | None = None,
+        progress: str = "auto",
+    ):
+        self._args = (start_from, url, run_id, run_step, mode, folder, ca_cert, progress)
+        self._result = Prefetched()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        start_from, url, run_id, run_step, mode, folder, ca_cert, progress = self._args
+        started = time.monotonic()
+        result = self._result
+        try:
+            checkpoint = None
+            if start_from != "peers":
+                checkpoint = latest_checkpoint(url, run_id, ca_cert)
+            result.plan = plan_start(start_from, run_step, checkpoint, mode)
+            kept = result.plan.checkpoint
+            if result.plan.source == "checkpoint" and kept is not None:
+                result.path = download_checkpoint(url, run_id, kept, folder, ca_cert, progress)
+                if mode == "diloco" and kept.outer_sha256 is not None:
+                    result.outer_path = download_outer_file(
+                        url, run_id, kept, folder, ca_cert, progress
+                    )
+        except BootstrapError as e:
+            result.error = e
+        except Exception as e:  # the node falls back to peers; the reason goes to the log
+            result.error = BootstrapError(f"could not prefetch the keeper's checkpoint: {e}")
+        result.seconds = time.monotonic() - started
+
+    def result(self) -> Prefetched:
+        self._thread.join()
+        return self._result
+
+    def discard(self) -> None:
+        """Wait for the thread and remove what it downloaded (a join that failed)."""
+        self._thread.join()
+        for path in (self._result.path, self._result.outer_path):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
 def fall_back(plan: StartPlan, loaded_step: int) -> bool:
     """After loading from peers under ``auto``: take the checkpoint instead when peers left
     the node at an older step (no peer served state, or its state was refused)."""
@@ -167,30 +240,35 @@ def fall_back(plan: StartPlan, loaded_step: int) -> bool:
     )
 
 
-def download_outer_momentum(
-    model: torch.nn.Module,
+def download_outer_file(
     url: str,
     run_id: str,
     checkpoint: KeptCheckpoint,
     folder: Path,
     ca_cert: Path | None = None,
     progress: str = "auto",
-) -> list[torch.Tensor]:
-    """The outer momentum the keeper kept with a DiLoCo ``checkpoint``, in the order of
-    ``model.parameters()``; checked against its sha256 and the model's shapes."""
+) -> Path:
+    """Stream the outer momentum file of a DiLoCo ``checkpoint`` into ``folder``, checked
+    against the sha256 the keeper listed."""
     path = folder / f"keeper-step-{checkpoint.step}.outer.safetensors"
+    _download_kept(
+        url, api.CHECKPOINT_OUTER, run_id, checkpoint, path, "outer momentum",
+        checkpoint.outer_sha256, 2 * checkpoint.num_bytes, ca_cert, progress,
+    )  # fmt: skip
+    return path
+
+
+def read_outer_momentum(
+    model: torch.nn.Module, path: Path, checkpoint: KeptCheckpoint
+) -> list[torch.Tensor]:
+    """A downloaded outer momentum file in the order of ``model.parameters()``, each
+    tensor of its parameter's shape and finite."""
     try:
-        _download_kept(
-            url, api.CHECKPOINT_OUTER, run_id, checkpoint, path, "outer momentum",
-            checkpoint.outer_sha256, 2 * checkpoint.num_bytes, ca_cert, progress,
-        )  # fmt: skip
         tensors, _ = load_checkpoint(path)
     except CheckpointError as e:
         raise BootstrapError(
             f"the outer momentum of the keeper's checkpoint of step {checkpoint.step}: {e}"
         ) from None
-    finally:
-        path.unlink(missing_ok=True)
     momentum = []
     for name, param in model.named_parameters():
         tensor = tensors.get(name)
@@ -304,6 +382,7 @@ def start_from_checkpoint(
     ca_cert: Path | None = None,
     progress: str = "auto",
     traffic: Traffic | None = None,
+    files: Prefetched | None = None,
 ) -> int:
     """Download, check and load the keeper's ``checkpoint`` into ``model``, then move
     ``optimizer`` (None: none yet) to its step; returns the step. Raises
@@ -316,15 +395,29 @@ def start_from_checkpoint(
     :meth:`SwarmOptimizer.set_step`). ``traffic`` counts the bytes as state."""
     started = time.monotonic()
     outer = None
-    if spec.optimizer.mode == "diloco" and checkpoint.outer_sha256 is not None:
-        outer = download_outer_momentum(
-            model, url, spec.run.id, checkpoint, folder, ca_cert, progress
-        )
-    path = download_checkpoint(url, spec.run.id, checkpoint, folder, ca_cert, progress)
+    diloco = spec.optimizer.mode == "diloco" and checkpoint.outer_sha256 is not None
+    if files is not None and files.path is not None:  # downloaded while the node joined
+        path, outer_file = files.path, files.outer_path
+    else:
+        path = download_checkpoint(url, spec.run.id, checkpoint, folder, ca_cert, progress)
+        outer_file = None
+        if diloco:
+            outer_file = download_outer_file(
+                url, spec.run.id, checkpoint, folder, ca_cert, progress
+            )
     try:
+        if diloco:
+            if outer_file is None:
+                raise BootstrapError(
+                    f"the outer momentum of the keeper's checkpoint of step {checkpoint.step} "
+                    "was not downloaded"
+                )
+            outer = read_outer_momentum(model, outer_file, checkpoint)
         load_kept_checkpoint(model, path, checkpoint, spec)
     finally:
         path.unlink(missing_ok=True)
+        if outer_file is not None:
+            outer_file.unlink(missing_ok=True)
     if traffic is not None:
         outer_bytes = sum(t.numel() * t.element_size() for t in outer or [])
         traffic.add("state", received=checkpoint.num_bytes + outer_bytes)
@@ -344,13 +437,16 @@ def start_from_checkpoint(
 __all__ = [
     "START_FROM",
     "BootstrapError",
+    "CheckpointPrefetch",
     "KeptCheckpoint",
+    "Prefetched",
     "StartPlan",
     "download_checkpoint",
-    "download_outer_momentum",
+    "download_outer_file",
     "fall_back",
     "latest_checkpoint",
     "load_kept_checkpoint",
     "plan_start",
+    "read_outer_momentum",
     "start_from_checkpoint",
 ]

@@ -5,7 +5,8 @@ hivemind starts:
 
 1. :func:`contact_coordinator`: device, identity, registration, the run's
    spec and data manifest checked against the coordinator's signature
-   (a :class:`Contact`);
+   (a :class:`Contact`); :func:`prefetch_checkpoint` then plans the start and
+   downloads the keeper's checkpoint in the background;
 2. :func:`fetch_data`: the shard cache and the validation set (:class:`RunData`);
 3. :func:`build_replica`: the model, its micro-batch and its forward pass
    (:class:`Replica`);
@@ -50,10 +51,10 @@ from crowdtrain.node.device.micro_batch import micro_batch_size
 from crowdtrain.node.device.precision import maybe_compile, prefer_expandable_segments
 from crowdtrain.node.joining.bootstrap import (
     BootstrapError,
+    CheckpointPrefetch,
     KeptCheckpoint,
+    Prefetched,
     fall_back,
-    latest_checkpoint,
-    plan_start,
     start_from_checkpoint,
 )
 from crowdtrain.node.joining.reporting import Reporter
@@ -152,6 +153,8 @@ class Joined:
     swarm: SwarmPeer
     link: CoordinatorLink
     stack: ExitStack
+    # The keeper's checkpoint, planned and downloaded while the swarm was joined.
+    prefetch: CheckpointPrefetch
 
 
 def join(config: NodeConfig, stats: NodeStats, stop: threading.Event) -> Joined:
@@ -164,6 +167,7 @@ def join(config: NodeConfig, stats: NodeStats, stop: threading.Event) -> Joined:
     """
     with ExitStack() as stack:
         contact = contact_coordinator(config, stop, stack, stats.traffic)
+        prefetch = prefetch_checkpoint(config, contact, stack)
         data = fetch_data(config, contact)
         with ExitStack() as leaving:
             # A join that fails from here still leaves the run (its leases go back).
@@ -184,7 +188,7 @@ def join(config: NodeConfig, stats: NodeStats, stop: threading.Event) -> Joined:
             leaving.pop_all()
             stack.callback(link.shutdown)
         link.start()
-        return Joined(contact, data, replica, shards, swarm, link, stack.pop_all())
+        return Joined(contact, data, replica, shards, swarm, link, stack.pop_all(), prefetch)
 
 
 def contact_coordinator(
@@ -233,6 +237,26 @@ def contact_coordinator(
         client, registration.session_token, lambda: register().session_token, stop
     )
     return Contact(client, session, name, device, device_name, registration, spec, manifest)
+
+
+def prefetch_checkpoint(
+    config: NodeConfig, contact: Contact, stack: ExitStack
+) -> CheckpointPrefetch:
+    """Plan where the parameters come from and download the keeper's checkpoint in the
+    background while the next phases run (:func:`load_initial_state` uses it); what it
+    downloaded and nobody used is removed with the node."""
+    prefetch = CheckpointPrefetch(
+        config.start_from,
+        config.url,
+        config.run_id,
+        contact.registration.run.step,
+        contact.spec.optimizer.mode,
+        config.run_dir / "bootstrap",
+        config.ca_cert,
+        config.progress,
+    )
+    stack.callback(prefetch.discard)
+    return prefetch
 
 
 def fetch_data(config: NodeConfig, contact: Contact) -> RunData:
@@ -368,15 +392,21 @@ def load_initial_state(config: NodeConfig, joined: Joined) -> None:
     """The swarm's parameters for a node joining a run under way: the keeper's checkpoint
     over HTTP or the peers' state (see :func:`crowdtrain.node.joining.bootstrap.plan_start`)."""
     optimizer = joined.swarm.optimizer
-    checkpoint = None
-    if config.start_from != "peers":
-        checkpoint = latest_checkpoint(config.url, config.run_id, config.ca_cert)
-    run_step = joined.contact.registration.run.step
-    plan = plan_start(config.start_from, run_step, checkpoint, joined.contact.spec.optimizer.mode)
+    prefetched = joined.prefetch.result()
+    if prefetched.plan is None:  # --start-from checkpoint with none kept, say
+        assert prefetched.error is not None
+        raise prefetched.error
+    plan = prefetched.plan
     if plan.source != "fresh":
         logger.info("starting from %s: %s", plan.source, plan.reason)
     if plan.source == "checkpoint" and plan.checkpoint is not None:
-        if _start_from_checkpoint(config, joined, plan.checkpoint):
+        if prefetched.error is not None:
+            if config.start_from == "checkpoint":
+                raise prefetched.error
+            logger.warning(
+                "could not download the keeper's checkpoint (%s); using peers", prefetched.error
+            )
+        elif _start_from_checkpoint(config, joined, plan.checkpoint, prefetched):
             return
     if plan.source != "fresh" or optimizer.tracker.global_epoch > 0:
         _load_state_from_peers(optimizer, joined.contact.client.traffic)
@@ -385,7 +415,12 @@ def load_initial_state(config: NodeConfig, joined: Joined) -> None:
         _start_from_checkpoint(config, joined, plan.checkpoint)
 
 
-def _start_from_checkpoint(config: NodeConfig, joined: Joined, checkpoint: KeptCheckpoint) -> bool:
+def _start_from_checkpoint(
+    config: NodeConfig,
+    joined: Joined,
+    checkpoint: KeptCheckpoint,
+    files: Prefetched | None = None,
+) -> bool:
     """Load the keeper's checkpoint and move the optimizer to its step; False (the model
     untouched) when it cannot be used, unless ``--start-from checkpoint`` asked for it."""
     try:
@@ -399,6 +434,7 @@ def _start_from_checkpoint(config: NodeConfig, joined: Joined, checkpoint: KeptC
             config.ca_cert,
             config.progress,
             joined.contact.client.traffic,
+            files,
         )
     except BootstrapError as e:
         if config.start_from == "checkpoint":
@@ -455,6 +491,7 @@ __all__ = [
     "build_replica",
     "join",
     "join_swarm",
+    "prefetch_checkpoint",
     "lease_first_shards",
     "load_initial_state",
 ]

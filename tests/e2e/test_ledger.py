@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from bench.keeper_drift import keeper_drift
 from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.grpc import CoordinatorClient
@@ -123,6 +124,8 @@ def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
         return len(peers) == 2 and all(p["verified_shards"] >= 2 for p in peers) and spot_passed
 
     swarm.wait_for(both_verified, 120, "verified receipts from both nodes, one spot-checked")
+    database = swarm.coord_dir / "coordinator.db"
+    swarm.wait_for(lambda: keeper_drift(database, "tiny"), 60, "a sample after a checkpoint")
     for node in nodes:  # Ctrl-C: each leaves cleanly, sending the receipts it still holds
         node.popen.send_signal(signal.SIGINT)
     for node in nodes:
@@ -146,6 +149,10 @@ def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
     assert sum(p["verified_share"] for p in view["peers"]) == pytest.approx(1.0)
     spot = [r["checks"]["spot"] for r in view["receipts"]]
     assert "passed" in spot, view["receipts"]
+    # The sync keeper pulls every checkpoint_every_s (3 s here): its newest checkpoint is
+    # never older than one pull (two agreeing downloads, the verifier's 1 s tick).
+    drift = keeper_drift(database, "tiny")
+    assert drift is not None and drift.max_age_s <= 3.0 + 12.0, drift
     # The keeper's checkpoints: each file holds the parameters its listed hash names.
     checkpoints = swarm.get("/api/runs/tiny/checkpoints")
     latest = next(c for c in reversed(checkpoints) if c["available"])

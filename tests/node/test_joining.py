@@ -61,7 +61,13 @@ class _Phases:
             def shutdown(self):
                 log.append("link.shutdown")  # its last heartbeat, then leaving the run
 
+        def prefetch_checkpoint(config, contact, stack: ExitStack):
+            stack.callback(log.append, "prefetch.discard")
+            log.append("prefetch")
+            return SimpleNamespace()
+
         monkeypatch.setattr(phases, "contact_coordinator", contact_coordinator)
+        monkeypatch.setattr(phases, "prefetch_checkpoint", prefetch_checkpoint)
         monkeypatch.setattr(phases, "fetch_data", phase("data", SimpleNamespace()))
         monkeypatch.setattr(phases, "build_replica", phase("replica", SimpleNamespace()))
         shards = SimpleNamespace(supply=None)
@@ -82,20 +88,28 @@ class _Phases:
 def test_a_joined_node_shuts_down_link_first_then_optimizer_dht_client(monkeypatch) -> None:
     phases = _Phases(monkeypatch)
     joined = phases.join()
-    assert phases.log == ["contact", "data", "replica", "lease", "swarm", "link", "link.start"]
+    assert phases.log == [
+        "contact", "prefetch", "data", "replica", "lease", "swarm", "link", "link.start",
+    ]  # fmt: skip
     phases.log.clear()
     joined.stack.close()
-    assert phases.log == ["link.shutdown", "optimizer.shutdown", "dht.shutdown", "client.close"]
+    assert phases.log == [
+        "link.shutdown", "optimizer.shutdown", "dht.shutdown", "prefetch.discard", "client.close",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "fail_at, stopped",
     [
-        ("data", ["client.close"]),  # registered, but never leased: as before, no leave
-        ("replica", ["leave", "client.close"]),
-        ("lease", ["leave", "client.close"]),
-        ("dht", ["leave", "dht.shutdown", "client.close"]),
-        ("swarm", ["leave", "optimizer.shutdown", "dht.shutdown", "client.close"]),
+        # registered, but never leased: as before, no leave
+        ("data", ["prefetch.discard", "client.close"]),
+        ("replica", ["leave", "prefetch.discard", "client.close"]),
+        ("lease", ["leave", "prefetch.discard", "client.close"]),
+        ("dht", ["leave", "dht.shutdown", "prefetch.discard", "client.close"]),
+        (
+            "swarm",
+            ["leave", "optimizer.shutdown", "dht.shutdown", "prefetch.discard", "client.close"],
+        ),
     ],
 )
 def test_a_join_that_fails_shuts_down_what_it_started(monkeypatch, fail_at, stopped) -> None:
