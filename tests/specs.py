@@ -40,6 +40,21 @@ SMALL: dict[str, Section | None] = {
 }
 
 
+TINY_DILOCO: Section = {
+    # A round every 5 inner steps of 8 sequences on each of 2 peers (80 sequences in all).
+    "mode": "diloco",
+    "target_batch_size": 16,
+    "inner_batch_size": 8,
+    "micro_batch_size": 8,
+    "inner_steps": 5,
+    "lr": 0.005,
+    "warmup_steps": 2,
+    "outer_lr": 0.7,
+    "outer_momentum": 0.9,
+}
+"""The tiny run's ``[optimizer]`` in DiLoCo mode, for end-to-end tests."""
+
+
 def tiny_spec(**sections: Section | None) -> str:
     """TOML of :data:`TINY` with each named section's keys updated by the keyword of its
     name (``model={"seq_len": 32}``); a key given as None is left out, a section given

@@ -54,6 +54,7 @@ SPOT_CHECK_GRACE_S = 30.0
 # The most a state download may take; the keeper tries again at its next turn.
 LOAD_STATE_TIMEOUT_S = 30.0
 _TICK_S = 1.0
+SPOT_CHECK_BUDGET_S = 2.0  # spot checks per tick, at most this long (then checkpoints again)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,9 @@ class Verifier:
                     self._maybe_pull(row["id"], now)
                 except Exception:  # one run's trouble must not stop the others' checks
                     logger.exception("keeping a checkpoint of run %s failed", row["id"])
-        self.run_spot_checks(now)
+        # A backlog of spot checks must not hold up the next tick's checkpoints (a DiLoCo
+        # round's may come every few seconds): a slice of it per tick.
+        self.run_spot_checks(now, budget_s=SPOT_CHECK_BUDGET_S)
 
     def _maybe_pull(self, run_id: str, now: float) -> None:
         run = records.get_run(self.store, run_id)
@@ -192,10 +195,14 @@ class Verifier:
         timeout = min(LOAD_STATE_TIMEOUT_S, run.spec.swarm.load_state_timeout_s, every)
         self.keeper.pull(run, timeout)
 
-    def run_spot_checks(self, now: float) -> int:
-        """Check every queued receipt that can be checked now; returns how many finished."""
+    def run_spot_checks(self, now: float, budget_s: float | None = None) -> int:
+        """Check every queued receipt that can be checked now, or as many as fit in
+        ``budget_s`` (the rest wait for the next tick); returns how many finished."""
         done = 0
+        started = time.monotonic()
         for row in self.store.queued_spot_checks():
+            if budget_s is not None and time.monotonic() - started > budget_s:
+                break
             cpu_started = time.thread_time()
             try:
                 run = records.get_run(self.store, row["run_id"])

@@ -62,14 +62,21 @@ def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -
     }
 
     def attacker_dropped_and_honest_improved() -> bool:
-        return all(reports(swarm, name) for name in HONEST) and all(
-            improved(evals_of(swarm, name)) for name in HONEST
+        # Flagging takes reports from two peers, three in all, each carried by a heartbeat:
+        # stopping before the coordinator has them all would race it.
+        flagged = any(
+            p["name"] == "attacker" and p["flagged"] for p in swarm.get("/api/runs/tiny/peers")
+        )
+        return (
+            flagged
+            and all(reports(swarm, name) for name in HONEST)
+            and all(improved(evals_of(swarm, name)) for name in HONEST)
         )
 
     swarm.wait_for(
         attacker_dropped_and_honest_improved,
         timeout=300,
-        what="both honest nodes to drop the attacker's parts and improve",
+        what="both honest nodes to drop the attacker's parts and improve, and its flag",
     )
     # Everyone leaves at once (a peer left alone would wait for a group).
     for process in nodes.values():

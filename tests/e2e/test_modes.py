@@ -18,25 +18,13 @@ import httpx
 import pytest
 
 from crowdtrain.model import load_checkpoint, params_sha256
-from tests.specs import write_tiny_spec
+from tests.specs import TINY_DILOCO, write_tiny_spec
 from tests.swarm import Swarm
 
 pytestmark = pytest.mark.slow
 
-# A round every 5 inner steps of 8 sequences on each of 2 peers (80 sequences in all).
 DILOCO = {
-    "optimizer": {
-        "mode": "diloco",
-        "target_batch_size": 16,
-        "inner_batch_size": 8,
-        "micro_batch_size": 8,
-        "inner_steps": 5,
-        "lr": 0.005,
-        "warmup_steps": 2,
-        "outer_lr": 0.7,
-        "outer_momentum": 0.9,
-        "pseudo_grad_compression": "8bit",
-    },
+    "optimizer": {**TINY_DILOCO, "pseudo_grad_compression": "8bit"},
     "verify": {"checkpoint_every_s": 3.0, "spot_check_fraction": 1.0},
 }
 
@@ -98,10 +86,14 @@ def test_diloco_nodes_advance_rounds_and_a_late_joiner_loads_global_state(swarm:
         node.popen.send_signal(signal.SIGINT)
     for node in (first, late):
         assert node.wait(timeout=60) == 0, node.output()
-    # Its global state came from the keeper's checkpoint of the round, with the round's
-    # outer momentum: the keeper's follower keeps every round.
-    assert "started from the keeper's checkpoint" in late.output(), late.output()
-    assert "with its outer momentum" in late.output(), late.output()
+    # Its global state came from the coordinator's side: the keeper's checkpoint of the
+    # round with its outer momentum, or, when the keeper's newest was more than a round
+    # behind (a busy verifier), the round from the keeper's follower.
+    output = late.output()
+    from_keeper = "started from the keeper's checkpoint" in output
+    assert from_keeper or "from the coordinator's follower" in output, output
+    assert not from_keeper or "with its outer momentum" in output, output
+    assert "from a peer" not in output, output
     # The client-mode peer averaged with the other (it sends and receives, reduces nothing).
     assert "averaged with 2 peers" in late.output(), late.output()
     assert "averaged with 2 peers" in first.output(), first.output()

@@ -15,24 +15,13 @@ import signal
 
 import pytest
 
-from tests.specs import write_tiny_spec
+from tests.specs import TINY_DILOCO, write_tiny_spec
 from tests.swarm import Process, Swarm
 
 pytestmark = pytest.mark.slow
 
-# A round every 5 inner steps of 8 sequences on each of 2 peers.
 DILOCO = {
-    "optimizer": {
-        "mode": "diloco",
-        "target_batch_size": 16,
-        "inner_batch_size": 8,
-        "micro_batch_size": 8,
-        "inner_steps": 5,
-        "lr": 0.005,
-        "warmup_steps": 2,
-        "outer_lr": 0.7,
-        "outer_momentum": 0.9,
-    },
+    "optimizer": TINY_DILOCO,
     "verify": {"spot_check_fraction": 0.0},
 }
 
