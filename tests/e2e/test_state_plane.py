@@ -53,9 +53,9 @@ def test_a_restarted_node_and_a_late_joiner_start_from_the_keeper(swarm: Swarm) 
 
     swarm.kill(doomed)  # SIGKILL, its hivemind helpers too
     restarted = swarm.start_node("node-b")
+    swarm.wait_for(lambda: len(averaged(restarted)) >= 1, 240, "node-b back in a round")
     late = swarm.start_node("node-c", "--client-mode")
-    for node in (restarted, late):
-        swarm.wait_for(lambda n=node: len(averaged(n)) >= 1, 240, f"{node.name} in a round")
+    swarm.wait_for(lambda: len(averaged(late)) >= 1, 240, "node-c in a round")
 
     for node in (restarted, late):
         output = node.output()
@@ -66,8 +66,23 @@ def test_a_restarted_node_and_a_late_joiner_start_from_the_keeper(swarm: Swarm) 
         node.popen.send_signal(signal.SIGINT)
     for node in (first, restarted, late):
         assert node.wait(timeout=60) == 0, node.output()
-    # Every byte of state a volunteer's uplink carried, by each node's own count: none.
-    assert set(state_sent(swarm).values()) == {0}, state_sent(swarm)
+    # Every byte of state a volunteer's uplink carried, by each node's own count: none
+    # for joining. Only a round that failed for everyone (a reducer timing out on 2 busy
+    # cores) makes nodes apply their own pseudo-gradients and then reconcile, one state
+    # download per reload, from a peer: the follower did not take part in that round.
+    sent = sum(state_sent(swarm).values())
+    logs = "".join(n.output() for n in (first, doomed, restarted, late))
+    reloads = logs.count("differed from the group's; reloading them")
+    if "applying our own pseudo-gradient" not in logs:
+        assert sent == 0, state_sent(swarm)
+    else:
+        assert sent <= reloads * served_bytes(swarm) * 1.05, (state_sent(swarm), reloads)
+
+
+def served_bytes(swarm: Swarm) -> int:
+    """The size of one served DiLoCo state: global parameters and outer momentum, fp32."""
+    kept = max(swarm.get("/api/runs/tiny/checkpoints"), key=lambda c: c["step"])
+    return 2 * int(kept["num_bytes"])
 
 
 def test_nodes_all_behind_nat_average_through_the_follower(swarm: Swarm) -> None:
