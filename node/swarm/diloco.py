@@ -2,7 +2,9 @@
 
 :class:`DiLoCoOptimizer` owns the inner optimizer, the global (outer)
 parameters and their Nesterov SGD, the rounds (a hivemind ProgressTracker
-under the run's prefix) and the pseudo-gradient all-reduce; it is built from
+under the run's prefix) and the pseudo-gradient all-reduce, whose shared parts
+(group bits, the outer step, the canonical hash, how the averager and tracker
+are built) are :mod:`~crowdtrain.node.swarm.rounds`'s; it is built from
 a :class:`DiLoCoConfig`. What it serves to late joiners and the coordinator's
 keeper, and how it downloads and checks a peer's global state, is
 :mod:`~crowdtrain.node.swarm.diloco_state`'s. It knows nothing about the
@@ -28,52 +30,29 @@ import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase
-from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.model import params_sha256
-from crowdtrain.node.swarm.averagers import DiLoCoAverager
 from crowdtrain.node.swarm.compression import compression, feedback_codec
 from crowdtrain.node.swarm.diloco_state import (
     GlobalState,
     StateExchange,
-    averager_prefix,
     failure_reason,
     served_state,
 )
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
 from crowdtrain.node.swarm.packed import FeedbackCodec
+from crowdtrain.node.swarm.rounds import (
+    canonical_sha256,
+    gathered_weight,
+    outer_optimizer,
+    outer_step,
+    round_averager,
+    round_bits,
+    round_tracker,
+)
 from crowdtrain.protocol.runspec import OptimizerSection, RunSpec, SwarmSection
 
 logger = logging.getLogger(__name__)
-
-ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's peers meet
-
-
-def round_bits(round_: int) -> str:
-    """The averager's group bits for ``round_``."""
-    return format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
-
-
-class _OneLineAveragingFailures(logging.Filter):
-    """hivemind logs every failed averaging round with a traceback; we log one line instead."""
-
-    QUIET = {"AllreduceException", "MatchmakingException", "BannedException", "TimeoutError"}
-    QUIET |= {"CancelledError", "P2PDaemonError", "P2PHandlerError"}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return error is None or type(error).__name__ not in self.QUIET
-
-
-_FILTER = _OneLineAveragingFailures()
-
-
-def quiet_averaging_failures() -> None:
-    # Installed before the averager forks, so its process has it too.
-    for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
-        log = logging.getLogger(name)
-        if _FILTER not in log.filters:
-            log.addFilter(_FILTER)
 
 
 @dataclass
@@ -84,29 +63,6 @@ class _PendingRound:  # an all-reduce under way
     global_sha256: str
     local_at_end: list[torch.Tensor]  # θ_local when the round ended (CPU fp32)
     deadline: float  # monotonic: give up waiting after this
-
-
-def outer_optimizer(global_params: list[torch.Tensor], spec: OptimizerSection) -> torch.optim.SGD:
-    """The outer optimizer every participant of a run applies to the global parameters: the
-    same inputs give the same bits on every machine (one code path, no foreach kernels)."""
-    return torch.optim.SGD(
-        global_params,
-        lr=spec.outer_lr,
-        momentum=spec.outer_momentum,
-        nesterov=spec.outer_nesterov and spec.outer_momentum > 0,
-        foreach=False,
-    )
-
-
-def outer_step(
-    outer: torch.optim.SGD, global_params: Sequence[torch.Tensor], average: Sequence[torch.Tensor]
-) -> None:
-    """Apply a round's averaged pseudo-gradient to the global parameters."""
-    for global_, delta in zip(global_params, average, strict=True):
-        global_.grad = delta
-    outer.step()
-    for global_ in global_params:
-        global_.grad = None
 
 
 @dataclass(frozen=True)
@@ -216,36 +172,21 @@ class DiLoCoOptimizer:
             self._own_guard_folder = Path(tempfile.mkdtemp(prefix="crowdtrain-diloco-guard-"))
             guard_config = GuardConfig(self._own_guard_folder, math.inf)
 
-        self.tracker = ProgressTracker(
-            dht=dht,
-            prefix=self.run_id,
-            target_batch_size=spec.inner_steps * spec.target_batch_size,
-            client_mode=self.client_mode,
-            min_refresh_period=0.5,
-            # Peers must notice the round's end within one matchmaking window.
-            max_refresh_period=max(0.5, swarm.matchmaking_time_s),
-            default_refresh_period=max(0.5, min(3.0, swarm.matchmaking_time_s)),
-            metadata_expiration=swarm.metadata_expiration_s,
-            start=True,
-        )
-        quiet_averaging_failures()
+        self.tracker = round_tracker(dht, self.run_id, spec, swarm, self.client_mode)
         try:
-            self.averager = DiLoCoAverager(
-                averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
+            self.averager = round_averager(
+                dht,
+                self.run_id,
+                spec,
+                swarm,
+                like=self.global_params,
                 guard=guard_config,
                 use_roster=swarm_guard is not None,
-                weight_scale=float(spec.inner_steps),
                 current_state=self._current_state,
-                dht=dht,
-                prefix=averager_prefix(self.run_id),
-                start=True,
-                min_matchmaking_time=swarm.matchmaking_time_s,
-                request_timeout=swarm.request_timeout_s,
-                allreduce_timeout=swarm.averaging_timeout_s,
                 compression=config.pseudo_grad_compression or compression("8bit"),
                 state_compression=config.state_compression or compression("none"),
-                initial_group_bits=round_bits(0),
                 client_mode=self.client_mode,
+                start_round=0,
             )
         except BaseException:
             self.tracker.shutdown(1.0)  # a failed start must not leave a thread behind
@@ -461,7 +402,7 @@ class DiLoCoOptimizer:
             len(peers) or 1,
             " and the coordinator's follower" if len(peers) < len(group) else "",
             pending.weight,
-            sum(_weight(v) for v in group.values()) or pending.weight,
+            sum(gathered_weight(v) for v in group.values()) or pending.weight,
             self.global_round,
             self.global_params_sha256(),
         )
@@ -578,33 +519,4 @@ def _momentum(state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
     return buffer if isinstance(buffer, torch.Tensor) else torch.zeros_like(like)
 
 
-def _weight(gathered: Any) -> float:
-    value = gathered.get("weight") if isinstance(gathered, dict) else None
-    return float(value) if isinstance(value, int | float) else 0.0
-
-
-def canonical_sha256(gathered: Iterable[Any]) -> str | None:
-    """The group's global-parameter hash held by the most weight (ties: the smallest),
-    among the peers that serve state (others could never download a client's). A
-    follower's (the coordinator's, weight 0) never counts: it follows the peers."""
-    values = [v for v in gathered if isinstance(v, dict) and not v.get("follower")]
-    if any(v.get("serves") for v in values):
-        values = [v for v in values if v.get("serves")]
-    weights: dict[str, float] = {}
-    for value in values:
-        sha256 = value.get("sha256")
-        if isinstance(sha256, str):
-            weights[sha256] = weights.get(sha256, 0.0) + _weight(value)
-    if not weights:
-        return None
-    return min(weights, key=lambda sha: (-weights[sha], sha))
-
-
-__all__ = [
-    "DiLoCoConfig",
-    "DiLoCoOptimizer",
-    "canonical_sha256",
-    "outer_optimizer",
-    "outer_step",
-    "round_bits",
-]
+__all__ = ["DiLoCoConfig", "DiLoCoOptimizer"]

@@ -37,27 +37,25 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
 from crowdtrain.node.stats.traffic import Traffic
-from crowdtrain.node.swarm.averagers import DiLoCoAverager
 from crowdtrain.node.swarm.compression import compression
-from crowdtrain.node.swarm.diloco import (
-    canonical_sha256,
-    outer_optimizer,
-    outer_step,
-    quiet_averaging_failures,
-    round_bits,
-)
 from crowdtrain.node.swarm.diloco_state import (
     GlobalState,
     StateExchange,
-    averager_prefix,
     failure_reason,
     served_state,
 )
 from crowdtrain.node.swarm.guard import GuardConfig
+from crowdtrain.node.swarm.rounds import (
+    canonical_sha256,
+    outer_optimizer,
+    outer_step,
+    round_averager,
+    round_bits,
+    round_tracker,
+)
 from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.runspec import RunSpec, load_spec
 
@@ -131,41 +129,25 @@ class RoundFollower:
         self._lock = threading.Lock()
         self._round_timeout_s = max(swarm.averaging_timeout_s, 2 * swarm.matchmaking_time_s)
 
-        self.tracker = ProgressTracker(
-            dht=dht,
-            prefix=self.run_id,
-            target_batch_size=opt.inner_steps * opt.target_batch_size,
-            client_mode=True,  # never reports samples, so it never publishes a record
-            # As often as a node reads it, no more: the DHT peers that hold the progress
-            # records (volunteers among them) answer every read.
-            min_refresh_period=0.5,
-            max_refresh_period=max(0.5, swarm.matchmaking_time_s),
-            default_refresh_period=max(0.5, min(3.0, swarm.matchmaking_time_s)),
-            metadata_expiration=swarm.metadata_expiration_s,
-            start=True,
-        )
+        self.tracker = round_tracker(dht, self.run_id, opt, swarm, client_mode=True)
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.round)
-        quiet_averaging_failures()
         try:
-            self.averager = DiLoCoAverager(
-                averaged_tensors=[torch.zeros_like(g) for g in self.global_params],
-                # Weights as a node bounds them: the roster's, twice a round's target
-                # batch for a peer it does not list yet.
+            # Weights as a node bounds them: the roster's, twice a round's target batch for
+            # a peer it does not list yet.
+            self.averager = round_averager(
+                dht,
+                self.run_id,
+                opt,
+                swarm,
+                like=self.global_params,
                 guard=GuardConfig(guard, 2.0 * opt.target_batch_size, traffic=self.traffic),
                 use_roster=True,
-                weight_scale=float(opt.inner_steps),
                 current_state=self._current_state,
-                dht=dht,
-                prefix=averager_prefix(self.run_id),
-                start=True,
-                min_matchmaking_time=swarm.matchmaking_time_s,
-                request_timeout=swarm.request_timeout_s,
-                allreduce_timeout=swarm.averaging_timeout_s,
                 compression=compression(opt.pseudo_grad_compression),
                 state_compression=compression("none"),
-                initial_group_bits=round_bits(self.round),
                 client_mode=False,
+                start_round=self.round,
             )
         except BaseException:
             self.tracker.shutdown(1.0)

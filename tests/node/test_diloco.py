@@ -21,13 +21,9 @@ from hivemind.p2p import P2P
 from crowdtrain.model import GPT, GPTConfig, param_groups
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.compression import install_decoders
-from crowdtrain.node.swarm.diloco import (
-    DiLoCoConfig,
-    DiLoCoOptimizer,
-    canonical_sha256,
-    round_bits,
-)
+from crowdtrain.node.swarm.diloco import DiLoCoConfig, DiLoCoOptimizer
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
+from crowdtrain.node.swarm.rounds import canonical_sha256, round_bits
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
 from tests.specs import small_spec
 from tests.swarm import ScriptPeers

@@ -1,0 +1,177 @@
+"""A DiLoCo round as every participant takes part in it: nodes and the keeper's follower.
+
+The group bits that let only one round's peers meet (:func:`round_bits`), the
+averager and the progress tracker built alike for every participant
+(:func:`round_averager`, :func:`round_tracker`), the outer optimizer and its
+step that turn the round's exact average into the next global parameters
+bit for bit (:func:`outer_optimizer`, :func:`outer_step`), and the group's
+canonical global-parameter hash read from what its members gathered
+(:func:`canonical_sha256`). :mod:`~crowdtrain.node.swarm.diloco` trains with
+them; :mod:`~crowdtrain.node.swarm.follower` follows with them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.compression import CompressionBase
+from hivemind.optim.progress_tracker import ProgressTracker
+
+from crowdtrain.node.swarm.averagers import DiLoCoAverager
+from crowdtrain.node.swarm.diloco_state import averager_prefix
+from crowdtrain.node.swarm.guard import GuardConfig
+from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
+
+ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's peers meet
+
+
+def round_bits(round_: int) -> str:
+    """The averager's group bits for ``round_``."""
+    return format(round_ % (1 << ROUND_BITS), f"0{ROUND_BITS}b")
+
+
+class _OneLineAveragingFailures(logging.Filter):
+    """hivemind logs every failed averaging round with a traceback; we log one line instead."""
+
+    QUIET = {"AllreduceException", "MatchmakingException", "BannedException", "TimeoutError"}
+    QUIET |= {"CancelledError", "P2PDaemonError", "P2PHandlerError"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or type(error).__name__ not in self.QUIET
+
+
+_FILTER = _OneLineAveragingFailures()
+
+
+def quiet_averaging_failures() -> None:
+    # Installed before the averager forks, so its process has it too.
+    for name in ("hivemind.averaging.averager", "hivemind.averaging.matchmaking"):
+        log = logging.getLogger(name)
+        if _FILTER not in log.filters:
+            log.addFilter(_FILTER)
+
+
+def outer_optimizer(global_params: list[torch.Tensor], spec: OptimizerSection) -> torch.optim.SGD:
+    """The outer optimizer every participant of a run applies to the global parameters: the
+    same inputs give the same bits on every machine (one code path, no foreach kernels)."""
+    return torch.optim.SGD(
+        global_params,
+        lr=spec.outer_lr,
+        momentum=spec.outer_momentum,
+        nesterov=spec.outer_nesterov and spec.outer_momentum > 0,
+        foreach=False,
+    )
+
+
+def outer_step(
+    outer: torch.optim.SGD, global_params: Sequence[torch.Tensor], average: Sequence[torch.Tensor]
+) -> None:
+    """Apply a round's averaged pseudo-gradient to the global parameters."""
+    for global_, delta in zip(global_params, average, strict=True):
+        global_.grad = delta
+    outer.step()
+    for global_ in global_params:
+        global_.grad = None
+
+
+def round_tracker(
+    dht: hivemind.DHT,
+    run_id: str,
+    optimizer: OptimizerSection,
+    swarm: SwarmSection,
+    client_mode: bool,
+) -> ProgressTracker:
+    """The run's round progress (its prefix is the run id): a round ends when the swarm
+    trained ``inner_steps * target_batch_size`` sequences. A participant that never
+    reports samples (the follower) never publishes a record."""
+    return ProgressTracker(
+        dht=dht,
+        prefix=run_id,
+        target_batch_size=optimizer.inner_steps * optimizer.target_batch_size,
+        client_mode=client_mode,
+        min_refresh_period=0.5,
+        # Peers must notice the round's end within one matchmaking window; no participant
+        # reads more often: the DHT peers holding the records (volunteers) answer each read.
+        max_refresh_period=max(0.5, swarm.matchmaking_time_s),
+        default_refresh_period=max(0.5, min(3.0, swarm.matchmaking_time_s)),
+        metadata_expiration=swarm.metadata_expiration_s,
+        start=True,
+    )
+
+
+def round_averager(
+    dht: hivemind.DHT,
+    run_id: str,
+    optimizer: OptimizerSection,
+    swarm: SwarmSection,
+    *,
+    like: Sequence[torch.Tensor],
+    guard: GuardConfig,
+    use_roster: bool,
+    current_state: Callable[[], tuple[Any, Sequence[torch.Tensor], Any]],
+    compression: CompressionBase,
+    state_compression: CompressionBase,
+    client_mode: bool,
+    start_round: int,
+) -> DiLoCoAverager:
+    """The run's round averager (pseudo-gradients shaped ``like``, exact results), its
+    weights bounded by the roster in ``guard`` when ``use_roster``, serving
+    ``current_state()``; it meets round ``start_round``'s group first."""
+    quiet_averaging_failures()
+    return DiLoCoAverager(
+        averaged_tensors=[torch.zeros_like(t) for t in like],
+        guard=guard,
+        use_roster=use_roster,
+        weight_scale=float(optimizer.inner_steps),
+        current_state=current_state,
+        dht=dht,
+        prefix=averager_prefix(run_id),
+        start=True,
+        min_matchmaking_time=swarm.matchmaking_time_s,
+        request_timeout=swarm.request_timeout_s,
+        allreduce_timeout=swarm.averaging_timeout_s,
+        compression=compression,
+        state_compression=state_compression,
+        initial_group_bits=round_bits(start_round),
+        client_mode=client_mode,
+    )
+
+
+def gathered_weight(gathered: Any) -> float:
+    value = gathered.get("weight") if isinstance(gathered, dict) else None
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def canonical_sha256(gathered: Iterable[Any]) -> str | None:
+    """The group's global-parameter hash held by the most weight (ties: the smallest),
+    among the peers that serve state (others could never download a client's). A
+    follower's (the coordinator's, weight 0) never counts: it follows the peers."""
+    values = [v for v in gathered if isinstance(v, dict) and not v.get("follower")]
+    if any(v.get("serves") for v in values):
+        values = [v for v in values if v.get("serves")]
+    weights: dict[str, float] = {}
+    for value in values:
+        sha256 = value.get("sha256")
+        if isinstance(sha256, str):
+            weights[sha256] = weights.get(sha256, 0.0) + gathered_weight(value)
+    if not weights:
+        return None
+    return min(weights, key=lambda sha: (-weights[sha], sha))
+
+
+__all__ = [
+    "ROUND_BITS",
+    "canonical_sha256",
+    "gathered_weight",
+    "outer_optimizer",
+    "outer_step",
+    "quiet_averaging_failures",
+    "round_averager",
+    "round_bits",
+    "round_tracker",
+]
