@@ -65,6 +65,7 @@ class Followers:
     def __init__(self, folder: Path, initial_peers: list[str], host: str = "127.0.0.1"):
         self.folder, self.initial_peers, self.host = folder, list(initial_peers), host
         self._processes: dict[str, _Process] = {}
+        self._rosters: dict[str, str] = {}  # run -> the roster last written
 
     def outbox(self, run_id: str) -> Path:
         return self.folder / run_id / "outbox"
@@ -75,9 +76,13 @@ class Followers:
     def update_roster(self, run_id: str, roster: list[tuple[str, float]]) -> None:
         """Each live peer's largest averaging weight, as nodes get it with heartbeats
         (the follower reads it at each round)."""
+        text = json.dumps(dict(roster), sort_keys=True)
+        if self._rosters.get(run_id) == text:
+            return  # unchanged: no write every tick
         folder = self.guard(run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "roster.json", json.dumps(dict(roster)))
+        atomic_write(folder / "roster.json", text)
+        self._rosters[run_id] = text
 
     def stats(self, run_id: str) -> dict[str, Any]:
         """What the run's follower says it did (rounds followed, loaded, missed)."""

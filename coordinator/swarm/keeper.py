@@ -172,16 +172,10 @@ class Keeper:
             if self.followers.running(run.id):
                 self.followers.stop(run.id)
             return None
-        kept = self.store.list_checkpoints(run.id)
-        newest = kept[-1] if kept else None
-        start = outer = None
-        if newest is not None:
-            start = checkpoint_file(self.store, run.id, newest["step"])
-            outer = outer_file(self.store, run.id, newest["step"])
-            if start is None or outer is None:
-                start = outer = None  # only a round with its momentum can be followed on
         self.followers.update_roster(run.id, roster(self.store, run))
-        self.followers.ensure(run.id, run.row["spec_toml"], start, outer)
+        if not self.followers.running(run.id):
+            start, outer = self._follow_from(run)
+            self.followers.ensure(run.id, run.row["spec_toml"], start, outer)
         row = None
         for followed in self.followers.rounds(run.id):
             cpu_started = tree_cpu_s()
@@ -206,6 +200,16 @@ class Keeper:
             self.followers.taken(run.id, followed.round)
             row = stored or row
         return row
+
+    def _follow_from(self, run: PublishedRun) -> tuple[Path | None, Path | None]:
+        """The newest kept round's file and its outer momentum, where a (re)started follower
+        begins; (None, None) for round 0, or when that round's momentum is not kept."""
+        kept = self.store.list_checkpoints(run.id)
+        if not kept:
+            return None, None
+        start = checkpoint_file(self.store, run.id, kept[-1]["step"])
+        outer = outer_file(self.store, run.id, kept[-1]["step"])
+        return (start, outer) if start is not None and outer is not None else (None, None)
 
     def pull(self, run: PublishedRun, timeout_s: float) -> dict[str, Any] | None:
         """Download the swarm's state and save it if it is a step not kept yet.

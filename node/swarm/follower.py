@@ -129,7 +129,7 @@ class RoundFollower:
         self._lock = threading.Lock()
         self._round_timeout_s = max(swarm.averaging_timeout_s, 2 * swarm.matchmaking_time_s)
 
-        self.tracker = round_tracker(dht, self.run_id, opt, swarm, client_mode=True)
+        self.tracker = round_tracker(dht, self.run_id, opt, swarm, client_mode=True, eager=True)
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.round)
         try:

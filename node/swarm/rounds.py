@@ -85,20 +85,24 @@ def round_tracker(
     optimizer: OptimizerSection,
     swarm: SwarmSection,
     client_mode: bool,
+    eager: bool = False,
 ) -> ProgressTracker:
     """The run's round progress (its prefix is the run id): a round ends when the swarm
     trained ``inner_steps * target_batch_size`` sequences. A participant that never
-    reports samples (the follower) never publishes a record."""
+    reports samples (the follower) never publishes a record.
+
+    Peers must notice a round's end within one matchmaking window. ``eager`` (the
+    follower, one process per run) reads twice as often: it has no training to be
+    late for, and a round it is late for costs a volunteer's upload of the state."""
+    window = swarm.matchmaking_time_s / (2 if eager else 1)
     return ProgressTracker(
         dht=dht,
         prefix=run_id,
         target_batch_size=optimizer.inner_steps * optimizer.target_batch_size,
         client_mode=client_mode,
-        min_refresh_period=0.5,
-        # Peers must notice the round's end within one matchmaking window; no participant
-        # reads more often: the DHT peers holding the records (volunteers) answer each read.
-        max_refresh_period=max(0.5, swarm.matchmaking_time_s),
-        default_refresh_period=max(0.5, min(3.0, swarm.matchmaking_time_s)),
+        min_refresh_period=0.25 if eager else 0.5,
+        max_refresh_period=max(0.5, window),
+        default_refresh_period=max(0.5, min(3.0, window)),
         metadata_expiration=swarm.metadata_expiration_s,
         start=True,
     )
