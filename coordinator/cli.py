@@ -95,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (TLS)")
     srv.add_argument("--tls-key", type=Path, default=None, help="PEM private key (TLS)")
     srv.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback --host without TLS (behind a TLS proxy, or a trusted network)",
+    )
+    srv.add_argument(
         "--session-ttl",
         type=float,
         default=900.0,
@@ -127,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     _admin_flags(unban)
     unban.add_argument("peer_id", help="the banned peer's id")
     unban.add_argument("--run", required=True, help="the run id")
+
+    unflag = sub.add_parser("unflag", help="clear a peer's flag (needs the admin key)")
+    _admin_flags(unflag)
+    unflag.add_argument("peer_id", help="the flagged peer's id")
+    unflag.add_argument("--run", required=True, help="the run id")
 
     exp = sub.add_parser(
         "export",
@@ -263,6 +273,7 @@ def _serve(args: argparse.Namespace) -> int:
             dht_port=args.dht_port,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            insecure=args.insecure,
             peers=PeerConfig(session_ttl_s=args.session_ttl),
         ),
         on_ready=announce,
@@ -415,6 +426,14 @@ def _unban(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unflag(args: argparse.Namespace) -> int:
+    _admin_request(
+        args, "DELETE", api.path(api.ADMIN_FLAG, run_id=args.run, peer_id=args.peer_id), None
+    )
+    print(f"peer {args.peer_id} of run {args.run} is no longer flagged")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from crowdtrain.coordinator.export import export_run
 
@@ -458,6 +477,7 @@ _COMMANDS = {
     "invite": _invite,
     "ban": _ban,
     "unban": _unban,
+    "unflag": _unflag,
     "export": _export,
     "sample": _sample,
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -61,6 +62,8 @@ class ServeConfig:
     # PEM files; with both, gRPC and HTTP speak TLS only.
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Serve a non-loopback --host without TLS (a TLS proxy in front, or a private network).
+    insecure: bool = False
     # A verifier process beside the coordinator: checkpoints and spot checks.
     verifier: bool = True
     # How often each run with live peers gets a sample (the dashboard's throughput chart).
@@ -128,6 +131,28 @@ class _Uvicorn(uvicorn.Server):
 ReadyCallback = Callable[[dict], None]
 
 
+def _check_exposure(config: ServeConfig, tls: bool) -> None:
+    """Refuse to serve beyond this machine in clear text unless told to (``--insecure``)."""
+    if tls:
+        return
+    try:
+        loopback = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if loopback:
+        return
+    why = (
+        f"--host {config.host} serves beyond this machine without TLS: the admin key and "
+        "every session token would cross the network in clear"
+    )
+    if not config.insecure:
+        raise CrowdtrainError(
+            f"{why}. Pass --tls-cert and --tls-key, or --insecure when a TLS proxy in front "
+            "of this coordinator ends TLS (or on a network you trust)"
+        )
+    logger.warning("%s (--insecure)", why)
+
+
 def serve(config: ServeConfig, on_ready: ReadyCallback | None = None) -> None:
     """Run the coordinator until SIGINT or SIGTERM.
 
@@ -137,6 +162,7 @@ def serve(config: ServeConfig, on_ready: ReadyCallback | None = None) -> None:
     if data_dir.exists() and not data_dir.is_dir():
         raise CrowdtrainError(f"--data-dir {data_dir} is a file, not a folder")
     tls = _read_tls(config)
+    _check_exposure(config, tls is not None)
     store = Store(data_dir)
     (data_dir / PORTS_FILE).unlink(missing_ok=True)
     http_sock = _bind(config.host, config.http_port, "HTTP", "--http-port")

@@ -2,7 +2,8 @@
 #
 #   docker build -f docker/coordinator.Dockerfile -t crowdtrain-coordinator .
 #   docker run -v crowdtrain-coordinator:/data -p 8470:8470 -p 8471:8471 -p 8472:8472 \
-#       crowdtrain-coordinator serve --data-dir /data --host 0.0.0.0 --public-host PUBLIC_IP
+#       crowdtrain-coordinator serve --data-dir /data --host 0.0.0.0 --public-host PUBLIC_IP \
+#       --tls-cert /data/fullchain.pem --tls-key /data/privkey.pem  # or --insecure behind a TLS proxy
 #
 # The coordinator never trains: torch is only needed to keep checkpoints and spot-check.
 # Its default build carries CUDA libraries; for a smaller image pass a CPU-only wheel
@@ -46,4 +47,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8470/healthz', timeout=4)"]
 
 ENTRYPOINT ["crowdtrain-coordinator"]
-CMD ["serve", "--data-dir", "/data", "--host", "0.0.0.0"]
+CMD ["serve", "--data-dir", "/data", "--host", "0.0.0.0", "--insecure"]

@@ -134,7 +134,7 @@ def test_default_commands_parse_with_the_real_parsers() -> None:
     assert node_cmd == ["--help"]
     coordinator = Dockerfile.read(DOCKERFILES["coordinator"])
     args = _coordinator_args(coordinator.exec_form("CMD"))
-    assert args.command == "serve" and args.host == "0.0.0.0"
+    assert args.command == "serve" and args.host == "0.0.0.0" and args.insecure
     assert str(args.data_dir) in coordinator.all("VOLUME")[0]
 
 
@@ -227,7 +227,7 @@ def test_compose_coordinator_prepares_publishes_and_serves_the_demo_run() -> Non
         host, _, container = str(mapping).partition(":")
         assert int(container) in _serve_ports(serve) and int(host) == int(container)
     address = services["coordinator"]["networks"]["crowdtrain"]["ipv4_address"]
-    assert serve.public_host == address and serve.host == "0.0.0.0"
+    assert serve.public_host == address and serve.host == "0.0.0.0" and serve.insecure
 
 
 def test_compose_nodes_join_the_published_run_with_real_flags() -> None:
