@@ -1,4 +1,4 @@
-"""Who is calling: one-time registration challenges and the session interceptor.
+"""Who is calling: registration challenges and the session interceptor.
 
 Every gRPC call except ``Challenge``, ``Register`` and ``GetRun`` carries
 ``authorization: Bearer <session token>`` in its metadata. One server
@@ -12,9 +12,11 @@ handler.
 from __future__ import annotations
 
 import contextvars
+import hashlib
+import hmac
 import logging
 import secrets
-import threading
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,14 +25,13 @@ import grpc
 
 from crowdtrain.coordinator.api.refusals import Refusals
 from crowdtrain.coordinator.records import Session, SessionError
-from crowdtrain.protocol.errors import AccessError, CrowdtrainError, IdentityError
+from crowdtrain.protocol.errors import AccessError, IdentityError
 
 logger = logging.getLogger(__name__)
 
 # No request a node sends is near this; larger ones are refused before parsing.
 MAX_REQUEST_BYTES = 256 * 1024
 CHALLENGE_TTL_S = 60.0
-_MAX_OPEN_CHALLENGES = 100_000
 OPEN_METHODS = frozenset({"Challenge", "Register", "GetRun"})
 
 _SESSION: contextvars.ContextVar[Session] = contextvars.ContextVar("crowdtrain_session")
@@ -42,41 +43,45 @@ def current_session() -> Session:
 
 
 class ChallengeBook:
-    """One-time values a node must sign to register; in memory, each valid for a minute."""
+    """Registration challenges that cost this process no memory.
+
+    A challenge is ``expiry | random | MAC(run, expiry, random)`` under a key
+    only this process knows: checking one needs nothing stored, so no number
+    of ``Challenge`` calls can fill a book and lock registration. It proves
+    the registration was signed now (within ``ttl_s``); a replay of the same
+    signed registration is refused by its nonce (the register guard).
+    """
+
+    _EXPIRY = struct.Struct(">d")
+    _RANDOM_BYTES = 12
+    _MAC_BYTES = 16
 
     def __init__(self, ttl_s: float = CHALLENGE_TTL_S, clock: Callable[[], float] = time.monotonic):
         self.ttl_s = ttl_s
         self._clock = clock
-        self._open: dict[bytes, tuple[str, float]] = {}
-        self._lock = threading.Lock()
+        self._key = secrets.token_bytes(32)
+
+    def _mac(self, run_id: str, head: bytes) -> bytes:
+        message = head + run_id.encode()
+        return hmac.new(self._key, message, hashlib.sha256).digest()[: self._MAC_BYTES]
 
     def issue(self, run_id: str) -> bytes:
-        now = self._clock()
-        with self._lock:
-            if len(self._open) >= _MAX_OPEN_CHALLENGES:
-                self._open = {c: v for c, v in self._open.items() if v[1] > now}
-                if len(self._open) >= _MAX_OPEN_CHALLENGES:
-                    raise CrowdtrainError("too many registrations at once; try again in a minute")
-            challenge = secrets.token_bytes(32)
-            self._open[challenge] = (run_id, now + self.ttl_s)
-            return challenge
+        head = self._EXPIRY.pack(self._clock() + self.ttl_s)
+        head += secrets.token_bytes(self._RANDOM_BYTES)
+        return head + self._mac(run_id, head)
 
     def check(self, challenge: bytes, run_id: str) -> None:
-        """Raise :class:`IdentityError` unless ``challenge`` is open for ``run_id``."""
-        with self._lock:
-            entry = self._open.get(challenge)
-        if entry is None:
+        """Raise :class:`IdentityError` unless this process issued ``challenge`` for
+        ``run_id`` less than ``ttl_s`` ago."""
+        split = self._EXPIRY.size + self._RANDOM_BYTES
+        head, mac = challenge[:split], challenge[split:]
+        if len(mac) != self._MAC_BYTES or not hmac.compare_digest(mac, self._mac(run_id, head)):
             raise IdentityError(
-                "unknown or already used challenge; ask for a new one (Challenge) and sign it"
+                "a challenge this coordinator did not issue for this run (or issued before "
+                "it restarted); ask for a new one (Challenge) and sign it"
             )
-        if entry[0] != run_id:
-            raise IdentityError("the challenge was issued for another run")
-        if entry[1] < self._clock():
+        if self._EXPIRY.unpack(head[: self._EXPIRY.size])[0] < self._clock():
             raise IdentityError("the challenge expired; ask for a new one")
-
-    def consume(self, challenge: bytes) -> None:
-        with self._lock:
-            self._open.pop(challenge, None)
 
 
 class _Malformed:

@@ -156,7 +156,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         info = parse_payload(RegisterPayload, opened.payload)
         self.challenges.check(info.challenge, run.id)
         session = peers.register(self.store, self.config, run.id, opened, info)
-        self.challenges.consume(info.challenge)
         logger.info("peer %s (%s) registered for run %s", session.peer_id, info.name, run.id)
         return pb.RegisterReply(
             peer_id=session.peer_id,
