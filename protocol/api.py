@@ -54,6 +54,7 @@ ADMIN_RUNS = "/api/admin/runs"
 ADMIN_INVITES = ADMIN_RUNS + "/{run_id}/invites"
 ADMIN_BANS = ADMIN_RUNS + "/{run_id}/bans"
 ADMIN_BAN = ADMIN_BANS + "/{peer_id}"
+ADMIN_FLAG = ADMIN_RUNS + "/{run_id}/flags/{peer_id}"
 
 
 MAX_BODY_BYTES = 64 * 1024
@@ -214,6 +215,7 @@ def url(base_url: str, route: str, **values: object) -> str:
 
 __all__ = [
     "ADMIN_BAN",
+    "ADMIN_FLAG",
     "ADMIN_BANS",
     "ADMIN_INVITES",
     "ADMIN_RUNS",

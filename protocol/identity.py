@@ -9,6 +9,7 @@ Knows nothing about gRPC or storage.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import os
 import threading
@@ -211,24 +212,39 @@ class ReplayGuard:
         self.max_age_s = max_age_s
         self._journal = journal
         self._seen: dict[tuple[bytes, bytes], float] = {}
+        # The same nonces by timestamp, oldest first: pruning costs O(log n) per nonce
+        # whatever the number held (a rebuild of the whole dict per message did not).
+        self._by_age: list[tuple[float, tuple[bytes, bytes]]] = []
         self._lock = threading.Lock()
+
+    def _add(self, key: tuple[bytes, bytes], timestamp: float) -> None:
+        self._seen[key] = timestamp
+        heapq.heappush(self._by_age, (timestamp, key))
+
+    def _prune(self, now: float) -> None:
+        horizon = now - 2 * self.max_age_s
+        while self._by_age and self._by_age[0][0] <= horizon:
+            timestamp, key = heapq.heappop(self._by_age)
+            if self._seen.get(key) == timestamp:
+                del self._seen[key]
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def remember(self, public_key: bytes, nonce: bytes, timestamp: float) -> None:
         """Mark a nonce as used without checking it (seeding from a journal)."""
         with self._lock:
-            self._seen[(public_key, nonce)] = timestamp
+            self._add((public_key, nonce), timestamp)
 
     def check_and_remember(self, public_key: bytes, nonce: bytes, timestamp: float) -> None:
         now = time.time()
         with self._lock:
-            if len(self._seen) > 10_000:
-                horizon = now - 2 * self.max_age_s
-                self._seen = {k: t for k, t in self._seen.items() if t > horizon}
+            self._prune(now)
             if (public_key, nonce) in self._seen:
                 raise IdentityError("replayed message: this nonce was already used")
             if self._journal is not None:
                 self._journal(public_key, nonce, timestamp)
-            self._seen[(public_key, nonce)] = timestamp
+            self._add((public_key, nonce), timestamp)
 
 
 RUN_STATEMENT_PREFIX = b"crowdtrain-run/v1"
@@ -238,6 +254,26 @@ def run_statement(run_id: str, spec_hash: str, manifest_hash: str) -> bytes:
     """What a coordinator signs to vouch for a published run."""
     return b"\0".join(
         [RUN_STATEMENT_PREFIX, run_id.encode(), spec_hash.encode(), manifest_hash.encode()]
+    )
+
+
+SWARM_BINDING_PREFIX = b"crowdtrain-swarm-binding/v1"
+
+
+def swarm_binding_statement(
+    run_id: str, public_key: bytes, dht_peer_id: str, progress_key: str
+) -> bytes:
+    """What a node's two swarm keys (its libp2p identity and the key that signs its
+    progress records) each sign to say they belong to crowdtrain key ``public_key`` in
+    run ``run_id``: a coordinator binds a swarm id to a peer only with both."""
+    return b"\0".join(
+        [
+            SWARM_BINDING_PREFIX,
+            run_id.encode(),
+            public_key.hex().encode(),
+            dht_peer_id.encode(),
+            progress_key.encode(),
+        ]
     )
 
 

@@ -85,6 +85,17 @@ class TrafficCount(_Payload):
     received: Count = 0
 
 
+class SwarmProof(_Payload):
+    """Proof that a node holds the keys behind its swarm ids: its libp2p identity's
+    public key (hex, DER; its hash is the hivemind peer id) and both keys' signatures
+    (base64, as hivemind makes them) over
+    :func:`~crowdtrain.protocol.identity.swarm_binding_statement`."""
+
+    dht_public_key: Annotated[str, Field(min_length=2, max_length=2048, pattern=r"^[0-9a-f]*$")]
+    dht_signature: Annotated[str, Field(min_length=4, max_length=1024)]
+    progress_signature: Annotated[str, Field(min_length=4, max_length=1024)]
+
+
 class HeartbeatPayload(_Payload):
     """A node's counters since it started (``session_key`` names that start)."""
 
@@ -103,6 +114,8 @@ class HeartbeatPayload(_Payload):
     # that signs its progress records (hex). Empty until its DHT runs.
     dht_peer_id: Annotated[str, Field(max_length=128)] = ""
     progress_key: Annotated[str, Field(max_length=2048, pattern=r"^[0-9a-f]*$")] = ""
+    # Sent until a heartbeat carrying it is answered: binds the two ids to this peer.
+    swarm_proof: SwarmProof | None = None
     # Micro-batches skipped because their gradients were not finite.
     num_skipped_steps: Count = 0
     # Senders whose averaging parts this node dropped since the last heartbeat.

@@ -263,6 +263,12 @@ def create_app(
         admin_call(lambda: access.unban(store, run_id, peer_id))
         return {"run_id": run_id, "peer_id": peer_id, "banned": False}
 
+    @app.delete(api.ADMIN_FLAG, dependencies=[Depends(require_admin)])
+    def admin_unflag(run_id: str, peer_id: str) -> dict[str, Any]:
+        """Clear a peer's flag once checked: it averages and is credited again."""
+        admin_call(lambda: access.unflag(store, run_id, peer_id))
+        return {"run_id": run_id, "peer_id": peer_id, "flagged": None}
+
     # The contribution ledger and the keeper's checkpoints
 
     @app.get(api.LEADERBOARD)

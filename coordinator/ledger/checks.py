@@ -122,6 +122,16 @@ def receipt_times(
     )
 
 
+def possible_sequences(run: PublishedRun, receipt: ReceiptPayload) -> int:
+    """The most sequences a receipt's shard holds in its micro-batches (0: not a train
+    shard of the run)."""
+    entry = next((s for s in run.manifest.train_shards if s.id == receipt.shard_id), None)
+    if entry is None:
+        return 0
+    mb = receipt.micro_batch_size
+    return num_windows(entry.num_tokens, run.spec.model.seq_len) // mb * mb
+
+
 def check_possible(
     run: PublishedRun, receipt: ReceiptPayload, times: ReceiptTimes, device: str
 ) -> Check:

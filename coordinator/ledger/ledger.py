@@ -25,6 +25,7 @@ from crowdtrain.coordinator.ledger.checks import (
     check_dht,
     check_possible,
     flops_per_token,
+    possible_sequences,
     receipt_times,
 )
 from crowdtrain.coordinator.store import Store
@@ -75,15 +76,32 @@ class Ledger:
         sent_at: float,
         received_at: float | None = None,
     ) -> str:
-        """Check a receipt that :meth:`LeaseBook.complete` just stored; returns its status.
+        """Check a receipt whose lease is already completed and store the outcome; returns
+        its status. (ReportShard instead judges while completing the lease, in one
+        transaction: :meth:`judge`.)"""
+        lease = self.store.get_lease(run.id, receipt.epoch, receipt.shard_id, session.peer_id)
+        row = self.judge(run, session, receipt, sent_at, lease, received_at)
+        self.store.insert_receipt_check(row)
+        if row["status"] == REJECTED:
+            flag_for_receipt(self.store, run.id, row["peer_id"], row["shard_id"], row["reason"])
+        self.announce(row)
+        return str(row["status"])
 
-        ``sent_at`` is the timestamp of the receipt's signed envelope (node's clock).
-        A failed check flags the peer with the reason.
-        """
+    def judge(
+        self,
+        run: PublishedRun,
+        session: Session,
+        receipt: ReceiptPayload,
+        sent_at: float,
+        lease: dict[str, Any] | None,
+        received_at: float | None = None,
+    ) -> dict[str, Any]:
+        """The receipt check of a receipt for ``lease`` (its stored row), to be stored with
+        the receipt. ``sent_at`` is the timestamp of the receipt's signed envelope (the
+        node's clock). Reads the store, writes nothing."""
         cpu_started = time.thread_time()
         received_at = time.time() if received_at is None else received_at
         peer = self.store.get_peer(run.id, session.peer_id) or {}
-        lease = self.store.get_lease(run.id, receipt.epoch, receipt.shard_id, session.peer_id)
         granted_at = lease["granted_at"] if lease is not None else received_at
         times = receipt_times(receipt, sent_at, granted_at, received_at)
         device = str(peer.get("device") or "")
@@ -93,15 +111,17 @@ class Ledger:
         if not possible.failed:
             final = received_at >= times.finished + DHT_WINDOW_SLACK_S
             dht = check_dht(DhtClaim.of(receipt, times), self.history, run.id, peer, final)
-        verdict = self._verdict(run, possible, dht)
+        verdict = self._verdict(run, possible, dht, receipt)
+        capacity = possible_sequences(run, receipt)
+        num_sequences = min(receipt.num_sequences, capacity)  # what is stored is possible
         row = {
             "run_id": run.id,
             "peer_id": session.peer_id,
             "shard_id": receipt.shard_id,
             "epoch": receipt.epoch,
-            "num_sequences": receipt.num_sequences,
-            "num_tokens": receipt.num_tokens,
-            "flops": receipt.num_tokens * flops_per_token(run.spec),
+            "num_sequences": num_sequences,
+            "num_tokens": num_sequences * run.spec.model.seq_len,
+            "flops": num_sequences * run.spec.model.seq_len * flops_per_token(run.spec),
             "device": device,
             "device_s": max(0.0, receipt.finished - receipt.started),
             "started": times.credited_start,
@@ -114,9 +134,7 @@ class Ledger:
             **verdict,
         }
         row["assess_cpu_s"] = time.thread_time() - cpu_started
-        self.store.insert_receipt_check(row)
-        self._report(run.id, row)
-        return str(row["status"])
+        return row
 
     def recheck_waiting(self, run: PublishedRun, now: float | None = None) -> int:
         """Decide the receipts of a run still waiting for DHT evidence; returns how many."""
@@ -131,19 +149,41 @@ class Ledger:
             dht = check_dht(claim, self.history, run.id, peer, final)
             if dht.state == "waiting":
                 continue
-            verdict = self._verdict(run, OK, dht)
+            verdict = self._verdict(run, OK, dht, samples=json.loads(row["samples_json"]))
             update = {**row, "dht": dht.state, **verdict}
             update["assess_cpu_s"] = row["assess_cpu_s"] + time.thread_time() - cpu_started
             self.store.insert_receipt_check(update)
-            self._report(run.id, update)
+            if update["status"] == REJECTED:
+                flag_for_receipt(
+                    self.store, run.id, update["peer_id"], update["shard_id"], update["reason"]
+                )
+            if update["status"] in (REJECTED, UNVERIFIED):
+                self.store.reopen_unproven_shard(run.id, update["epoch"], update["shard_id"])
+            self.announce(update)
             decided += 1
         return decided
 
-    def _verdict(self, run: PublishedRun, possible: Check, dht: Check) -> dict[str, str]:
-        """Status, reason and spot-check state from the first two checks."""
+    def _verdict(
+        self,
+        run: PublishedRun,
+        possible: Check,
+        dht: Check,
+        receipt: ReceiptPayload | None = None,
+        samples: list[dict[str, Any]] | None = None,
+    ) -> dict[str, str]:
+        """Status, reason and spot-check state from the first two checks and the receipt's
+        samples (``receipt``'s, or ``samples`` as stored)."""
+        if receipt is not None:
+            samples = [s.model_dump() for s in receipt.samples]
+            trained = receipt.num_sequences > 0
+        else:
+            trained = True
         spot, spot_reason = "not selected", ""
         if possible.failed or dht.failed:
             status, reason = REJECTED, possible.reason or dht.reason
+        elif trained and not any(s["losses"] for s in samples or []):
+            # Nothing a verifier could recompute: never credited, whatever else it says.
+            status, reason = UNVERIFIED, "its samples carry no losses a verifier could check"
         elif dht.state == "waiting":
             status, reason = PENDING, dht.reason
         elif dht.state == "no evidence":
@@ -162,10 +202,10 @@ class Ledger:
             status, reason = VERIFIED, ""
         return {"status": status, "reason": reason, "spot": spot, "spot_reason": spot_reason}
 
-    def _report(self, run_id: str, row: dict[str, Any]) -> None:
-        if row["status"] == REJECTED:
-            flag_for_receipt(self.store, run_id, row["peer_id"], row["shard_id"], row["reason"])
-        logger.info(
+    def announce(self, row: dict[str, Any]) -> None:
+        """Log a receipt check's outcome (a rejected one flagged its peer, with it)."""
+        logger.log(
+            logging.WARNING if row["status"] == REJECTED else logging.INFO,
             "receipt of %s for shard %s: %s%s",
             row["peer_id"],
             row["shard_id"],

@@ -232,6 +232,7 @@ class Verifier:
                 ledger.flag_for_receipt(
                     self.store, row["run_id"], row["peer_id"], row["shard_id"], result.reason
                 )
+                self.store.reopen_unproven_shard(row["run_id"], row["epoch"], row["shard_id"])
             logger.info("spot check of %s by %s: %s", row["shard_id"], row["peer_id"], result.spot)
             done += 1
         return done

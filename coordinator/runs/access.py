@@ -163,3 +163,11 @@ def unban(store: Store, run_id: str, peer_id: str) -> None:
     get_run(store, run_id)
     if not store.unban(run_id, peer_id):
         raise AdminError(f"peer {peer_id!r} is not banned from run {run_id!r}")
+
+
+def unflag(store: Store, run_id: str, peer_id: str) -> None:
+    """Clear a peer's flag (an operator who checked it): it may average and be credited
+    again, and reports about it count from none."""
+    get_run(store, run_id)
+    if not store.unflag(run_id, peer_id):
+        raise AdminError(f"peer {peer_id!r} of run {run_id!r} is not flagged")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,8 +170,18 @@ class LeaseBook:
             for key in [k for k in self._deadlines if k[0] == run_id and k[3] == peer_id]:
                 del self._deadlines[key]
 
-    def complete(self, run: PublishedRun, session: Session, receipt: ReceiptPayload) -> None:
-        """Record a receipt for a shard the peer holds, or held until its lease expired."""
+    def complete(
+        self,
+        run: PublishedRun,
+        session: Session,
+        receipt: ReceiptPayload,
+        judge: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> dict[str, Any] | None:
+        """Record a receipt for a shard the peer holds, or held until its lease expired.
+
+        ``judge`` (the ledger's) makes the receipt's check from its lease row; it is
+        stored in the same transaction as the receipt, and returned. A rejected receipt
+        flags its peer in that transaction too."""
         if receipt.finished < receipt.started:
             raise ReceiptError("receipt finishes before it starts")
         with self._lock:
@@ -187,6 +198,8 @@ class LeaseBook:
                 )
             if lease["state"] == "returned":
                 raise ReceiptError(f"the lease on shard {receipt.shard_id!r} was given back")
+            check = judge(lease) if judge is not None else None
+            rejected = check is not None and check["status"] == "rejected"
             self.store.complete_shard(
                 {
                     "run_id": run.id,
@@ -199,9 +212,14 @@ class LeaseBook:
                     "started": receipt.started,
                     "finished": receipt.finished,
                     "received_at": time.time(),
-                }
+                },
+                check,
+                flag=f"receipt for shard {receipt.shard_id} {check['reason']}"
+                if check is not None and rejected
+                else None,
             )
             self._deadlines.pop((run.id, receipt.epoch, receipt.shard_id, session.peer_id), None)
+            return check
 
     def coverage(self, run: PublishedRun, epoch: int | None = None) -> dict[str, Any]:
         """Each shard of an epoch (the current one by default): pending, leased or done."""

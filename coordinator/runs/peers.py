@@ -11,6 +11,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from crowdtrain.coordinator.ledger.checks import flops_per_token
 from crowdtrain.coordinator.ledger.ledger import Ledger
 from crowdtrain.coordinator.ledger.views import peer_credit
 from crowdtrain.coordinator.records import (
@@ -23,8 +24,10 @@ from crowdtrain.coordinator.records import (
     roster,
 )
 from crowdtrain.coordinator.runs.access import check_invite, hash_secret
+from crowdtrain.coordinator.runs.bindings import bind_swarm_ids
 from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store, StoreError
+from crowdtrain.protocol.devices import UNKNOWN_GPU
 from crowdtrain.protocol.errors import AccessError
 from crowdtrain.protocol.identity import DEFAULT_MAX_AGE_S, OpenedEnvelope, ReplayGuard
 from crowdtrain.protocol.messages import HeartbeatPayload, ReceiptPayload, RegisterPayload
@@ -140,20 +143,21 @@ def authenticate(store: Store, token: str) -> Session:
 
 
 def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
-    """Apply a heartbeat: counters, liveness, evaluations, swarm ids and reports."""
-    if beat.dht_peer_id:
-        holder = store.peer_by_dht_id(session.run_id, beat.dht_peer_id)
-        if holder is not None and holder["peer_id"] != session.peer_id:
-            raise AccessError(
-                f"swarm peer id {beat.dht_peer_id} belongs to another peer of this run"
-            )
+    """Apply a heartbeat: swarm ids (checked, :mod:`bindings`), counters (bounded by
+    what is possible), liveness, evaluations and reports, and the run's step."""
+    if beat.dht_peer_id or beat.progress_key:
+        bind_swarm_ids(store, session, beat.dht_peer_id, beat.progress_key, beat.swarm_proof)
     now = time.time()
+    run = get_run(store, session.run_id)
+    peer = store.get_peer(session.run_id, session.peer_id)
+    assert peer is not None, "a session always has its peer"
+    max_tokens, max_bytes = possible_counts(run, peer, now)
     evaluations = [
         {
             "run_id": session.run_id,
             "peer_id": session.peer_id,
             "step": e.step,
-            "num_tokens": e.num_tokens,
+            "num_tokens": min(e.num_tokens, max_tokens),
             "val_loss": e.loss,
             "bits_per_byte": e.bits_per_byte,
             "time": now,
@@ -165,13 +169,13 @@ def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
             "run_id": session.run_id,
             "peer_id": session.peer_id,
             "session_key": beat.session_key,
-            "num_tokens": beat.num_tokens,
-            "num_sequences": beat.num_sequences,
+            "num_tokens": min(beat.num_tokens, max_tokens),
+            "num_sequences": min(beat.num_sequences, max_tokens // run.spec.model.seq_len),
             "tokens_per_s": beat.tokens_per_s,
             "loss": beat.loss,
             "step": beat.step,
             "device": beat.device,
-            "num_skipped_steps": beat.num_skipped_steps,
+            "num_skipped_steps": min(beat.num_skipped_steps, max_tokens),
             "now": now,
         },
         evaluations,
@@ -181,16 +185,40 @@ def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
                 "peer_id": session.peer_id,
                 "session_key": beat.session_key,
                 "purpose": purpose,
-                "sent": count.sent,
-                "received": count.received,
+                "sent": min(count.sent, max_bytes),
+                "received": min(count.received, max_bytes),
             }
             for purpose, count in beat.traffic.items()
         ],
     )
-    if beat.dht_peer_id or beat.progress_key:
-        _bind_swarm_ids(store, session, beat.dht_peer_id, beat.progress_key)
+    store.raise_run_step(session.run_id, agreed_step(store, session.run_id, now))
     if beat.reports:
         _take_reports(store, session, beat, now)
+
+
+# Counters a heartbeat may report: what the fastest device known could have trained
+# (bytes: what a 100 Gbit/s link could have carried) since the peer first registered,
+# plus this long. Honest counters are far below; a claim of 2**62 tokens is not.
+COUNTER_GRACE_S = 3600.0
+MAX_BYTES_PER_S = 12.5e9
+
+
+def possible_counts(run: PublishedRun, peer: dict, now: float) -> tuple[int, int]:
+    """The most tokens and bytes a peer's node process can have counted by ``now``."""
+    age_s = max(0.0, now - float(peer["registered_at"])) + COUNTER_GRACE_S
+    tokens = age_s * UNKNOWN_GPU.max_flops / flops_per_token(run.spec)
+    return int(tokens), int(age_s * MAX_BYTES_PER_S)
+
+
+def agreed_step(store: Store, run_id: str, now: float) -> int:
+    """The run's step as its live peers report it, which no single peer can move: the
+    lower median of live, unflagged peers' steps; only those of peers with a verified
+    receipt when any has one (fresh identities then count for nothing). The run's step
+    only ever rises (:meth:`raise_run_step`)."""
+    rows = store.live_peer_steps(run_id, since=now - PEER_TIMEOUT_S)
+    credited = [int(r["step"]) for r in rows if r["credited"]]
+    steps = sorted(credited or [int(r["step"]) for r in rows])
+    return steps[(len(steps) - 1) // 2] if steps else 0
 
 
 @dataclass(frozen=True)
@@ -231,16 +259,18 @@ def take_heartbeat(
     )
 
 
-def _bind_swarm_ids(store: Store, session: Session, dht_peer_id: str, progress_key: str) -> None:
-    """Link a peer to its hivemind identities (checked free in :func:`heartbeat`)."""
-    peer = store.get_peer(session.run_id, session.peer_id)
-    assert peer is not None
-    if (peer["dht_peer_id"], peer["progress_key"]) != (dht_peer_id, progress_key):
-        store.set_swarm_ids(session.run_id, session.peer_id, dht_peer_id, progress_key)
-
-
 def _take_reports(store: Store, session: Session, beat: HeartbeatPayload, now: float) -> None:
-    """Store what a peer dropped from whom; flag a sender most other live peers report."""
+    """Store what a peer dropped from whom (about peers of this run only); flag a sender
+    that most other live peers with verified credit report.
+
+    Identities are free in an open run: reporters without a verified receipt are
+    stored and shown but count for nothing, so a few fresh sybils cannot flag an
+    honest peer (and so take its averaging weight away through the roster).
+    """
+    reported_peers = {
+        dht_id: store.peer_by_dht_id(session.run_id, dht_id)
+        for dht_id in {r.dht_peer_id for r in beat.reports}
+    }
     store.record_reports(
         [
             {
@@ -252,24 +282,33 @@ def _take_reports(store: Store, session: Session, beat: HeartbeatPayload, now: f
                 "now": now,
             }
             for r in beat.reports
+            if reported_peers[r.dht_peer_id] is not None
         ]
     )
-    for dht_peer_id in {r.dht_peer_id for r in beat.reports}:
-        reported = store.peer_by_dht_id(session.run_id, dht_peer_id)
+    for dht_peer_id, reported in reported_peers.items():
         if reported is None or reported["flagged"]:
             continue
         rows = store.reports_about(session.run_id, dht_peer_id)
-        reporters = {r["reporter"] for r in rows if r["reporter"] != reported["peer_id"]}
-        # Two reporters at least, and most other live peers: one peer alone (or a false
-        # positive of one guard) never flags another.
-        others = store.count_live_peers(session.run_id, now - PEER_TIMEOUT_S) - 1
+        credited = {
+            p["peer_id"]
+            for p in store.list_peers(session.run_id)
+            if p["peer_id"] != reported["peer_id"]
+            and p["state"] == "active"
+            and now - p["last_seen"] <= PEER_TIMEOUT_S
+            and store.verified_tokens(session.run_id, p["peer_id"]) > 0
+        }
+        reporters = {r["reporter"] for r in rows} & credited
+        # Two credited reporters at least, and most other live credited peers: one peer
+        # alone (or a false positive of one guard) never flags another.
         events = sum(r["count"] for r in rows if r["reporter"] in reporters)
-        if len(reporters) >= max(MIN_REPORTERS, others // 2 + 1) and events >= MIN_REPORTS:
-            reasons = sorted({r["reason"] for r in rows})
+        needed = max(MIN_REPORTERS, len(credited) // 2 + 1)
+        if len(reporters) >= needed and events >= MIN_REPORTS:
+            reasons = sorted({r["reason"] for r in rows if r["reporter"] in reporters})
             store.flag_peer(
                 session.run_id,
                 reported["peer_id"],
-                f"averaging parts dropped by {len(reporters)} peer(s): {', '.join(reasons)}",
+                f"averaging parts dropped by {len(reporters)} peer(s) with verified work: "
+                f"{', '.join(reasons)}",
             )
 
 
@@ -281,14 +320,19 @@ def take_receipt(
     receipt: ReceiptPayload,
     sent_at: float,
 ) -> None:
-    """A node's receipt for a shard: its lease completes, then the ledger (when this
-    coordinator keeps one) assesses the work it claims. ``sent_at`` is the signed
+    """A node's receipt for a shard: its lease completes and the ledger (when this
+    coordinator keeps one) assesses the work it claims, in one transaction. ``sent_at`` is the signed
     envelope's timestamp. Raises :class:`~crowdtrain.coordinator.runs.leases.ReceiptError`
     for a shard the peer does not hold, and stores nothing then."""
     run = get_run(store, session.run_id)
-    leases.complete(run, session, receipt)
-    if ledger is not None:
-        ledger.assess(run, session, receipt, sent_at=sent_at)
+    if ledger is None:
+        leases.complete(run, session, receipt)
+        return
+    check = leases.complete(
+        run, session, receipt, lambda lease: ledger.judge(run, session, receipt, sent_at, lease)
+    )
+    assert check is not None
+    ledger.announce(check)
 
 
 def leave(store: Store, leases: LeaseBook, session: Session) -> None:

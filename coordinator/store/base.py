@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS peers (
     PRIMARY KEY (run_id, peer_id)
 );
 CREATE INDEX IF NOT EXISTS peers_by_dht_id ON peers (run_id, dht_peer_id);
+CREATE INDEX IF NOT EXISTS peers_by_progress_key ON peers (run_id, progress_key);
 -- Bytes a node process reported sending and receiving, by purpose (self-reported:
 -- shown, never credited). Like peer_counters, cumulative per process, only rising.
 CREATE TABLE IF NOT EXISTS peer_traffic (
@@ -319,4 +320,19 @@ class StoreBase:
             "UPDATE shards SET state = 'pending', holder = NULL"
             " WHERE run_id = ? AND holder = ? AND state = 'leased'",
             (run_id, peer_id),
+        )
+
+    @staticmethod
+    def _insert_receipt_check(db: sqlite3.Connection, check: dict[str, Any]) -> None:
+        """Record how a stored receipt was checked (one row per receipt), inside ``db``'s
+        transaction."""
+        db.execute(
+            "INSERT OR REPLACE INTO receipt_checks (run_id, peer_id, shard_id, epoch,"
+            " num_sequences, num_tokens, flops, device, device_s, started, finished,"
+            " received_at, status, reason, possible, dht, spot, spot_reason,"
+            " micro_batch_size, samples_json, assess_cpu_s) VALUES (:run_id, :peer_id,"
+            " :shard_id, :epoch, :num_sequences, :num_tokens, :flops, :device, :device_s,"
+            " :started, :finished, :received_at, :status, :reason, :possible, :dht, :spot,"
+            " :spot_reason, :micro_batch_size, :samples_json, :assess_cpu_s)",
+            check,
         )

@@ -11,16 +11,7 @@ class LedgerRecords(StoreBase):
     def insert_receipt_check(self, check: dict[str, Any]) -> None:
         """Record how a stored receipt was checked (one row per receipt)."""
         with self.transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO receipt_checks (run_id, peer_id, shard_id, epoch,"
-                " num_sequences, num_tokens, flops, device, device_s, started, finished,"
-                " received_at, status, reason, possible, dht, spot, spot_reason,"
-                " micro_batch_size, samples_json, assess_cpu_s) VALUES (:run_id, :peer_id,"
-                " :shard_id, :epoch, :num_sequences, :num_tokens, :flops, :device, :device_s,"
-                " :started, :finished, :received_at, :status, :reason, :possible, :dht, :spot,"
-                " :spot_reason, :micro_batch_size, :samples_json, :assess_cpu_s)",
-                check,
-            )
+            self._insert_receipt_check(db, check)
 
     def get_receipt_check(
         self, run_id: str, peer_id: str, shard_id: str, epoch: int
@@ -68,13 +59,15 @@ class LedgerRecords(StoreBase):
         """Per peer: what its receipts claim, and the part that passed every check."""
         rows = self._all(
             "SELECT peer_id, COUNT(*) AS num_receipts,"
-            " SUM(num_tokens) AS num_tokens, SUM(num_sequences) AS num_sequences,"
-            " SUM(flops) AS flops, SUM(device_s) AS device_s,"
+            " CAST(TOTAL(num_tokens) AS INTEGER) AS num_tokens,"
+            " CAST(TOTAL(num_sequences) AS INTEGER) AS num_sequences,"
+            " TOTAL(flops) AS flops, TOTAL(device_s) AS device_s,"
             " SUM(status = 'verified') AS verified_shards,"
-            " SUM(CASE WHEN status = 'verified' THEN num_tokens ELSE 0 END) AS verified_tokens,"
-            " SUM(CASE WHEN status = 'verified' THEN num_sequences ELSE 0 END)"
+            " CAST(TOTAL(CASE WHEN status = 'verified' THEN num_tokens ELSE 0 END) AS INTEGER)"
+            " AS verified_tokens,"
+            " CAST(TOTAL(CASE WHEN status = 'verified' THEN num_sequences ELSE 0 END) AS INTEGER)"
             " AS verified_sequences,"
-            " SUM(CASE WHEN status = 'verified' THEN flops ELSE 0 END) AS verified_flops,"
+            " TOTAL(CASE WHEN status = 'verified' THEN flops ELSE 0 END) AS verified_flops,"
             " SUM(status = 'rejected') AS num_rejected,"
             " SUM(status = 'pending') AS num_pending,"
             " SUM(status = 'unverified') AS num_unverified"
@@ -85,7 +78,7 @@ class LedgerRecords(StoreBase):
 
     def verified_tokens(self, run_id: str, peer_id: str) -> int:
         row = self._one(
-            "SELECT COALESCE(SUM(num_tokens), 0) AS n FROM receipt_checks WHERE run_id = ?"
+            "SELECT CAST(TOTAL(num_tokens) AS INTEGER) AS n FROM receipt_checks WHERE run_id = ?"
             " AND peer_id = ? AND status = 'verified'",
             (run_id, peer_id),
         )
@@ -94,17 +87,17 @@ class LedgerRecords(StoreBase):
     def verification_costs(self, run_id: str) -> dict[str, Any]:
         """CPU seconds the coordinator spent checking a run's receipts and keeping checkpoints."""
         row = self._one(
-            "SELECT COUNT(*) AS num_receipts, COALESCE(SUM(num_tokens), 0) AS num_tokens,"
+            "SELECT COUNT(*) AS num_receipts, CAST(TOTAL(num_tokens) AS INTEGER) AS num_tokens,"
             " COALESCE(SUM(status = 'verified'), 0)"
-            " AS num_verified, COALESCE(SUM(assess_cpu_s), 0) AS assess_cpu_s,"
-            " COALESCE(SUM(spot_cpu_s), 0) AS spot_cpu_s,"
+            " AS num_verified, TOTAL(assess_cpu_s) AS assess_cpu_s,"
+            " TOTAL(spot_cpu_s) AS spot_cpu_s,"
             " COALESCE(SUM(spot IN ('passed', 'failed')), 0) AS num_spot_checks,"
-            " COALESCE(SUM(device_s), 0) AS device_s"
+            " TOTAL(device_s) AS device_s"
             " FROM receipt_checks WHERE run_id = ?",
             (run_id,),
         )
         keeper = self._one(
-            "SELECT COUNT(*) AS num_checkpoints, COALESCE(SUM(cpu_s), 0) AS keeper_cpu_s"
+            "SELECT COUNT(*) AS num_checkpoints, TOTAL(cpu_s) AS keeper_cpu_s"
             " FROM checkpoints WHERE run_id = ?",
             (run_id,),
         )

@@ -152,14 +152,13 @@ class RunRecords(StoreBase):
                 " WHERE run_id = :run_id AND peer_id = :peer_id",
                 update,
             )
-            db.execute("UPDATE runs SET step = MAX(step, :step) WHERE id = :run_id", update)
             if evaluations:
                 swarm_now = db.execute(
-                    "SELECT COALESCE(SUM(num_tokens), 0) FROM peer_counters WHERE run_id = ?",
+                    "SELECT CAST(TOTAL(num_tokens) AS INTEGER) FROM peer_counters WHERE run_id = ?",
                     (update["run_id"],),
                 ).fetchone()[0]
                 swarm_rate = db.execute(
-                    "SELECT COALESCE(SUM(tokens_per_s), 0) FROM peers WHERE run_id = ?"
+                    "SELECT TOTAL(tokens_per_s) FROM peers WHERE run_id = ?"
                     " AND state = 'active' AND last_seen >= ?",
                     (update["run_id"], update["now"] - _LIVE_S),
                 ).fetchone()[0]
@@ -188,6 +187,22 @@ class RunRecords(StoreBase):
             "SELECT * FROM peers WHERE run_id = ? AND dht_peer_id = ?", (run_id, dht_peer_id)
         )
 
+    def peer_by_progress_key(self, run_id: str, progress_key: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT * FROM peers WHERE run_id = ? AND progress_key = ?", (run_id, progress_key)
+        )
+
+    def live_peer_steps(self, run_id: str, since: float) -> list[dict[str, Any]]:
+        """Steps of the run's live, unflagged peers, each with whether it has a verified
+        receipt (``credited``)."""
+        return self._all(
+            "SELECT p.step, EXISTS (SELECT 1 FROM receipt_checks r WHERE r.run_id = p.run_id"
+            " AND r.peer_id = p.peer_id AND r.status = 'verified') AS credited FROM peers p"
+            " WHERE p.run_id = ? AND p.state = 'active' AND p.last_seen >= ?"
+            " AND p.flagged IS NULL",
+            (run_id, since),
+        )
+
     def flag_peer(self, run_id: str, peer_id: str, reason: str) -> None:
         """Mark a peer as suspect (shown on the API and dashboard); the first reason stays."""
         with self.transaction() as db:
@@ -199,7 +214,8 @@ class RunRecords(StoreBase):
     def peer_totals(self, run_id: str) -> dict[str, dict[str, int]]:
         """Tokens and sequences per peer, summed over its node processes."""
         rows = self._all(
-            "SELECT peer_id, SUM(num_tokens) AS num_tokens, SUM(num_sequences) AS num_sequences"
+            "SELECT peer_id, CAST(TOTAL(num_tokens) AS INTEGER) AS num_tokens,"
+            " CAST(TOTAL(num_sequences) AS INTEGER) AS num_sequences"
             " FROM peer_counters WHERE run_id = ? GROUP BY peer_id",
             (run_id,),
         )
@@ -209,7 +225,8 @@ class RunRecords(StoreBase):
         """Bytes per peer and purpose, summed over its node processes:
         ``{peer_id: {purpose: {"sent": n, "received": n}}}``."""
         rows = self._all(
-            "SELECT peer_id, purpose, SUM(sent) AS sent, SUM(received) AS received"
+            "SELECT peer_id, purpose, CAST(TOTAL(sent) AS INTEGER) AS sent,"
+            " CAST(TOTAL(received) AS INTEGER) AS received"
             " FROM peer_traffic WHERE run_id = ? GROUP BY peer_id, purpose",
             (run_id,),
         )
@@ -223,8 +240,8 @@ class RunRecords(StoreBase):
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
         row = self._one(
-            "SELECT COALESCE(SUM(num_tokens), 0) AS num_tokens,"
-            " COALESCE(SUM(num_sequences), 0) AS num_sequences"
+            "SELECT CAST(TOTAL(num_tokens) AS INTEGER) AS num_tokens,"
+            " CAST(TOTAL(num_sequences) AS INTEGER) AS num_sequences"
             " FROM peer_counters WHERE run_id = ?",
             (run_id,),
         )
@@ -383,8 +400,15 @@ class RunRecords(StoreBase):
             (run_id, epoch, shard_id),
         )
 
-    def complete_shard(self, receipt: dict[str, Any]) -> None:
-        """Store a receipt, close its lease and mark its shard done, in one transaction."""
+    def complete_shard(
+        self,
+        receipt: dict[str, Any],
+        check: dict[str, Any] | None = None,
+        flag: str | None = None,
+    ) -> None:
+        """Store a receipt, close its lease and, unless ``check`` (its receipt check, stored
+        with it) already failed it, mark its shard done; ``flag`` flags its peer. One
+        transaction: a receipt is never stored without its check."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO receipts (run_id, peer_id, shard_id, epoch, num_sequences,"
@@ -398,13 +422,47 @@ class RunRecords(StoreBase):
                 " AND shard_id = :shard_id AND peer_id = :peer_id",
                 receipt,
             )
-            # Another peer may hold it now (this peer's lease had expired): the shard
-            # is done all the same, and that peer's receipt, if it comes, is a second
-            # completion.
-            db.execute(
-                "UPDATE shards SET num_completions = num_completions + 1, state = 'done',"
-                " holder = NULL WHERE run_id = :run_id AND epoch = :epoch AND shard_id = :shard_id",
-                receipt,
+            if check is not None:
+                self._insert_receipt_check(db, check)
+            if check is None or check["status"] in ("verified", "pending"):
+                # Another peer may hold it now (this peer's lease had expired): the shard
+                # is done all the same, and that peer's receipt, if it comes, is a second
+                # completion.
+                db.execute(
+                    "UPDATE shards SET num_completions = num_completions + 1, state = 'done',"
+                    " holder = NULL WHERE run_id = :run_id AND epoch = :epoch"
+                    " AND shard_id = :shard_id",
+                    receipt,
+                )
+            else:
+                # Not trained as far as anyone can tell: another peer trains it.
+                db.execute(
+                    "UPDATE shards SET state = 'pending', holder = NULL WHERE run_id = :run_id"
+                    " AND epoch = :epoch AND shard_id = :shard_id AND state = 'leased'"
+                    " AND holder = :peer_id",
+                    receipt,
+                )
+            if flag is not None:
+                db.execute(
+                    "UPDATE peers SET flagged = COALESCE(flagged, ?) WHERE run_id = ?"
+                    " AND peer_id = ?",
+                    (flag[:500], receipt["run_id"], receipt["peer_id"]),
+                )
+
+    def reopen_unproven_shard(self, run_id: str, epoch: int, shard_id: str) -> bool:
+        """A done shard none of whose receipts is verified or still pending goes back to
+        pending (its receipt failed a later check); returns whether it did."""
+        with self.transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE shards SET state = 'pending', holder = NULL WHERE run_id = ?"
+                    " AND epoch = ? AND shard_id = ? AND state = 'done' AND NOT EXISTS"
+                    " (SELECT 1 FROM receipt_checks c WHERE c.run_id = shards.run_id"
+                    " AND c.epoch = shards.epoch AND c.shard_id = shards.shard_id"
+                    " AND c.status IN ('verified', 'pending'))",
+                    (run_id, epoch, shard_id),
+                ).rowcount
+                == 1
             )
 
     def list_receipts(self, run_id: str) -> list[dict[str, Any]]:

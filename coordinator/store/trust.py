@@ -73,6 +73,21 @@ class TrustRecords(StoreBase):
             )
         return removed == 1
 
+    def unflag(self, run_id: str, peer_id: str) -> bool:
+        """Clear a peer's flag and the reports about it (they start again from none)."""
+        with self.transaction() as db:
+            cleared = db.execute(
+                "UPDATE peers SET flagged = NULL WHERE run_id = ? AND peer_id = ?"
+                " AND flagged IS NOT NULL",
+                (run_id, peer_id),
+            ).rowcount
+            db.execute(
+                "DELETE FROM peer_reports WHERE run_id = ? AND dht_peer_id IN"
+                " (SELECT dht_peer_id FROM peers WHERE run_id = ? AND peer_id = ?)",
+                (run_id, run_id, peer_id),
+            )
+        return cleared == 1
+
     def get_ban(self, run_id: str, peer_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM bans WHERE run_id = ? AND peer_id = ?", (run_id, peer_id))
 
@@ -88,7 +103,7 @@ class TrustRecords(StoreBase):
                 "INSERT INTO peer_reports (run_id, reporter, dht_peer_id, reason, count,"
                 " first_at, last_at) VALUES (:run_id, :reporter, :dht_peer_id, :reason, :count,"
                 " :now, :now) ON CONFLICT (run_id, reporter, dht_peer_id, reason) DO UPDATE"
-                " SET count = count + :count, last_at = :now",
+                " SET count = MIN(count + :count, 1000000000), last_at = :now",
                 reports,
             )
 

@@ -36,7 +36,7 @@ HISTORY_MAX_PER_PEER = 2048
 
 @dataclass(frozen=True)
 class SwarmProgress:
-    """What the DHT shows of a run: the highest step any live peer reports."""
+    """What the DHT shows of a run: the lower median of the steps its records report."""
 
     step: int
     num_peers: int
@@ -178,8 +178,11 @@ class SwarmPeer:
                 self.history.add(run_id, seen)
         if not records:
             return None
+        # Any key may publish a record: the lower median of their steps, not the highest,
+        # so one record claiming step 2**62 does not become the run's step.
+        steps = sorted(int(r["epoch"]) for r in records)
         return SwarmProgress(
-            step=max(int(r["epoch"]) for r in records),
+            step=steps[(len(steps) - 1) // 2],
             num_peers=len(records),
             samples_per_second=sum(float(r["samples_per_second"]) for r in records),
         )

@@ -66,10 +66,12 @@ from crowdtrain.node.link.session import CoordinatorSession
 from crowdtrain.node.link.supply import ShardSupply
 from crowdtrain.node.stats.accounting import NodeStats
 from crowdtrain.node.stats.traffic import Traffic
+from crowdtrain.node.swarm.binding import fresh_identity_path, swarm_proof
 from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.node.swarm.optimizer import SwarmOptimizer, build_optimizer, progress_key
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.identity import Identity
+from crowdtrain.protocol.messages import SwarmProof
 from crowdtrain.protocol.multiaddr import tcp_multiaddr
 from crowdtrain.protocol.runspec import RunSpec
 from crowdtrain.protocol.shards import ShardManifest
@@ -136,6 +138,8 @@ class SwarmPeer:
     optimizer: SwarmOptimizer
     dht_peer_id: str
     progress_key: str
+    # Binds both ids to this node at the coordinator (node/swarm/binding.py).
+    proof: SwarmProof | None
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,12 @@ def join(config: NodeConfig, stats: NodeStats, stop: threading.Event) -> Joined:
             shards = lease_first_shards(config, contact, data, replica)
             swarm = join_swarm(config, contact, replica, stack)
             reporter = Reporter(
-                stats, contact.device_name, swarm.dht_peer_id, swarm.progress_key, swarm.guard
+                stats,
+                contact.device_name,
+                swarm.dht_peer_id,
+                swarm.progress_key,
+                swarm.guard,
+                swarm.proof,
             )
             link_config = LinkConfig(
                 interval_s=contact.registration.heartbeat_interval_s,
@@ -338,6 +347,7 @@ def join_swarm(
     # Tear the gRPC channel down around the fork: hivemind forks its DHT and
     # averager processes, and gRPC's threads must not be copied into them.
     client.suspend()
+    identity_path = fresh_identity_path(config.run_dir)
     try:
         dht = hivemind.DHT(
             initial_peers=contact.registration.initial_peers,
@@ -345,6 +355,7 @@ def join_swarm(
             host_maddrs=[tcp_multiaddr(config.dht_host, config.dht_port)],
             announce_maddrs=announce,
             client_mode=config.client_mode,
+            identity_path=str(identity_path),
         )
         stack.callback(dht.shutdown)
         guard_dir = config.run_dir / "guard"
@@ -370,7 +381,9 @@ def join_swarm(
         client.reopen()
     dht_peer_id = dht.peer_id.to_base58()
     logger.info("joined the swarm as %s", dht_peer_id)
-    return SwarmPeer(dht, guard, optimizer, dht_peer_id, progress_key(optimizer))
+    key = progress_key(optimizer)
+    proof = swarm_proof(identity_path, config.run_id, client.identity.public_key, dht_peer_id, key)
+    return SwarmPeer(dht, guard, optimizer, dht_peer_id, key, proof)
 
 
 @contextmanager

@@ -45,7 +45,7 @@ def test_a_run_is_sampled_only_while_peers_are_live(run, store):
     [sample] = metrics_view(store, run.id)
     assert sample == {
         "time": seen + 1,
-        "step": 3,
+        "step": 2,  # the lower median of the live peers' steps (3 and 2)
         "num_tokens": 960,
         "tokens_per_s": 200.0,
         "num_peers": 2,

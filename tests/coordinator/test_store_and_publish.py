@@ -28,6 +28,7 @@ from crowdtrain.protocol.runspec import load_spec
 from tests.coordinator.registration import COORDINATOR_KEY
 from tests.coordinator.registration import join_peer as _join
 from tests.specs import small_spec
+from tests.swarm_keys import SwarmKeys
 
 CONFIG = PeerConfig()
 LEASE_S = 600.0  # the default [data] lease_s; the spec does not set it
@@ -310,12 +311,13 @@ def test_evaluation_shows_up_as_val_loss(run, store):
 
 def test_a_heartbeat_is_answered_with_the_step_peers_roster_and_credit(run, store, book):
     session = _join(store, run.id)
-    beat = _beat(num_tokens=1000, step=2).model_copy(
-        update={"dht_peer_id": "12D3KooWHeartbeat", "leases": []}
+    keys = SwarmKeys()
+    beat = HeartbeatPayload.model_validate(
+        {**_beat(num_tokens=1000, step=2).model_dump(), **keys.fields(run.id, session.public_key)}
     )
     answer = peers.take_heartbeat(store, book, session, beat)
     assert (answer.step, answer.num_peers) == (2, 1)
-    assert answer.roster == (("12D3KooWHeartbeat", 4.0 * run.spec.optimizer.target_batch_size),)
+    assert answer.roster == ((keys.dht_peer_id, 4.0 * run.spec.optimizer.target_batch_size),)
     assert (answer.verified_tokens, answer.verified_share) == (0, 0.0)
     assert peers_view(store, run.id)[0]["num_tokens"] == 1000
     with pytest.raises(UnknownRunError):
@@ -452,46 +454,84 @@ def test_finished_epoch_starts_the_next(run, store, book):
     assert view["shards"] == {"total": 20, "pending": 19, "leased": 1, "done": 0}
 
 
-def _swarm_beat(dht_peer_id: str, reports=()) -> HeartbeatPayload:
+def _swarm_beat(session, keys: SwarmKeys, reports=()) -> HeartbeatPayload:
     return HeartbeatPayload(
-        session_key="session-" + dht_peer_id,
+        session_key="session-" + keys.dht_peer_id[-8:],
         num_tokens=0,
         num_sequences=0,
         tokens_per_s=0.0,
         step=0,
-        dht_peer_id=dht_peer_id,
+        **keys.fields(session.run_id, session.public_key),
         reports=[PeerReport(dht_peer_id=d, reason=r, count=n) for d, r, n in reports],
     )
 
 
-def test_a_sender_is_flagged_only_when_two_peers_report_it_repeatedly(run, store):
+def _verified_receipt(store, session, shard_id: str) -> None:
+    """A verified receipt check for ``session``'s peer: it has done checked work."""
+    store.insert_receipt_check(
+        {
+            "run_id": session.run_id,
+            "peer_id": session.peer_id,
+            "shard_id": shard_id,
+            "epoch": 0,
+            "num_sequences": 1,
+            "num_tokens": 32,
+            "flops": 1.0,
+            "device": "cpu",
+            "device_s": 1.0,
+            "started": 0.0,
+            "finished": 1.0,
+            "received_at": 1.0,
+            "status": "verified",
+            "reason": "",
+            "possible": "ok",
+            "dht": "ok",
+            "spot": "passed",
+            "spot_reason": "",
+            "micro_batch_size": 1,
+            "samples_json": "[]",
+            "assess_cpu_s": 0.0,
+        }
+    )
+
+
+def test_a_sender_is_flagged_only_when_two_credited_peers_report_it_repeatedly(run, store):
     honest_a, honest_b, attacker = (_join(store, run.id, name=n) for n in ("a", "b", "evil"))
-    for session, dht_id in ((honest_a, "dht-a"), (honest_b, "dht-b"), (attacker, "dht-evil")):
-        peers.heartbeat(store, session, _swarm_beat(dht_id))
+    keys = {"a": SwarmKeys(), "b": SwarmKeys(), "evil": SwarmKeys()}
+    a, b, evil = (keys[n].dht_peer_id for n in ("a", "b", "evil"))
+    for session, name in ((honest_a, "a"), (honest_b, "b"), (attacker, "evil")):
+        peers.heartbeat(store, session, _swarm_beat(session, keys[name]))
     limit = 4 * run.spec.optimizer.target_batch_size
-    assert sorted(records.roster(store, run)) == [
-        ("dht-a", limit),
-        ("dht-b", limit),
-        ("dht-evil", limit),
-    ]
+    assert sorted(records.roster(store, run)) == sorted([(a, limit), (b, limit), (evil, limit)])
+
+    for session, shard in ((honest_a, "s-a"), (honest_b, "s-b"), (attacker, "s-e")):
+        _verified_receipt(store, session, shard)
 
     # The attacker alone accuses an honest peer, many times: nothing happens.
-    peers.heartbeat(store, attacker, _swarm_beat("dht-evil", [("dht-a", "norm", 50)]))
+    peers.heartbeat(store, attacker, _swarm_beat(attacker, keys["evil"], [(a, "norm", 50)]))
     # One honest peer's report of the attacker is not enough either.
-    peers.heartbeat(store, honest_a, _swarm_beat("dht-a", [("dht-evil", "non-finite", 2)]))
+    peers.heartbeat(store, honest_a, _swarm_beat(honest_a, keys["a"], [(evil, "non-finite", 2)]))
     assert all(p["flagged"] is None for p in peers_view(store, run.id))
 
-    peers.heartbeat(store, honest_b, _swarm_beat("dht-b", [("dht-evil", "weight", 1)]))
+    peers.heartbeat(store, honest_b, _swarm_beat(honest_b, keys["b"], [(evil, "weight", 1)]))
     flagged = {p["name"]: p["flagged"] for p in peers_view(store, run.id)}
     assert flagged["a"] is None and flagged["b"] is None
-    assert "dropped by 2 peer(s): non-finite, weight" in flagged["evil"]
-    assert dict(records.roster(store, run))["dht-evil"] == 0.0
+    assert "dropped by 2 peer(s) with verified work: non-finite, weight" in flagged["evil"]
+    assert dict(records.roster(store, run))[evil] == 0.0
+
+    # Fresh identities without verified work count for nothing, however many (free).
+    for i in range(3):
+        sybil = _join(store, run.id, name=f"sybil-{i}")
+        sybil_keys = SwarmKeys()
+        peers.heartbeat(store, sybil, _swarm_beat(sybil, sybil_keys, [(a, "norm", 50)]))
+    assert {p["name"]: p["flagged"] for p in peers_view(store, run.id)}["a"] is None
 
 
 def test_a_swarm_id_held_by_another_peer_is_refused_and_changes_nothing(run, store):
     first, second = _join(store, run.id, name="one"), _join(store, run.id, name="two")
-    peers.heartbeat(store, first, _swarm_beat("dht-one"))
+    keys = SwarmKeys()
+    peers.heartbeat(store, first, _swarm_beat(first, keys))
     before = peers_view(store, run.id)
-    with pytest.raises(AccessError, match="belongs to another peer"):
-        peers.heartbeat(store, second, _swarm_beat("dht-one"))
+    with pytest.raises(AccessError, match="belong to another peer"):
+        peers.heartbeat(store, second, _swarm_beat(second, keys))
     assert peers_view(store, run.id) == before

@@ -51,7 +51,9 @@ def improved(losses: list[float]) -> bool:
 
 
 def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -> None:
-    data = swarm.prepare()
+    # Small shards: receipts (and so the honest nodes' verified credit, without which
+    # their reports flag no one) come every few seconds.
+    data = swarm.prepare(32_768)
     published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
     assert published.returncode == 0, published.stderr
     swarm.start_coordinator()
@@ -62,8 +64,8 @@ def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -
     }
 
     def attacker_dropped_and_honest_improved() -> bool:
-        # Flagging takes reports from two peers, three in all, each carried by a heartbeat:
-        # stopping before the coordinator has them all would race it.
+        # Flagging takes reports from two peers with verified work, three in all, each
+        # carried by a heartbeat: stopping before the coordinator has them all would race it.
         flagged = any(
             p["name"] == "attacker" and p["flagged"] for p in swarm.get("/api/runs/tiny/peers")
         )

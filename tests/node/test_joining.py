@@ -49,7 +49,7 @@ class _Phases:
             stack.callback(log.append, "optimizer.shutdown")
             self._maybe_fail("swarm")
             log.append("swarm")
-            return SimpleNamespace(dht_peer_id="Qm", progress_key="", guard=None)
+            return SimpleNamespace(dht_peer_id="Qm", progress_key="", guard=None, proof=None)
 
         class Link:
             def __init__(self, *args):

@@ -297,3 +297,17 @@ def test_run_statement_signature_verifies_only_for_its_key_and_fields(alice):
         verify_signature(Identity.generate().public_key, signature, statement)
     with pytest.raises(IdentityError):
         verify_signature(b"short", signature, statement)
+
+
+def test_a_replay_guard_forgets_what_can_no_longer_be_replayed() -> None:
+    """Nonces older than twice the age limit go as new ones come, a few at a time: the
+    guard's size follows the message rate, not the number of messages ever seen."""
+    guard = ReplayGuard(max_age_s=60.0)
+    now = time.time()
+    for i in range(20_000):
+        guard.remember(b"k", i.to_bytes(4, "big"), now - 600.0 + i * 1e-3)
+    guard.remember(b"k", b"recent", now - 1.0)
+    guard.check_and_remember(b"k", b"fresh", now)
+    assert len(guard) == 2
+    with pytest.raises(IdentityError, match="replayed"):
+        guard.check_and_remember(b"k", b"recent", now)
