@@ -8,11 +8,14 @@ statement with both (node/swarm/binding.py); tests do the same by hand.
 from __future__ import annotations
 
 import base64
+import pickle
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from crowdtrain.coordinator.runs.bindings import dht_peer_id_of
@@ -52,6 +55,18 @@ class SwarmKeys:
             dht_signature=base64.b64encode(signature).decode(),
             progress_signature=self.progress_private.sign(statement).decode(),
         )
+
+    def write(self, identity_path: Path, progress_key_path: Path) -> None:
+        """Both private keys as a hivemind process loads them: the libp2p identity file
+        (hivemind's DHT ``identity_path``) and the pickled progress key."""
+        der = self.dht_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        identity = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=der)
+        identity_path.write_bytes(identity.SerializeToString())
+        progress_key_path.write_bytes(pickle.dumps(self.progress_private))
 
     def fields(self, run_id: str, public_key: bytes) -> dict[str, Any]:
         """A heartbeat's swarm fields, as an honest node sends them to bind its ids."""
