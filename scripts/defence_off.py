@@ -1,0 +1,143 @@
+"""Switch one of issue 14's defences off, run the hostile-peer test that must catch it, restore.
+
+Usage: .venv/bin/python scripts/defence_off.py [counts step sybils squat free fault]
+Each case edits the working tree, runs its test in tests/e2e/test_hostile_peers.py
+(which must then FAIL), and puts the files back with git checkout: run it on a clean tree.
+"""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CASES = {
+    "counts": (
+        [
+            (
+                "coordinator/runs/peers.py",
+                "    return int(tokens), int(age_s * MAX_BYTES_PER_S)",
+                "    return 2**63, 2**63",
+            ),
+            (
+                "coordinator/ledger/ledger.py",
+                "        num_sequences = min(receipt.num_sequences, capacity)  # what is stored is possible",
+                "        num_sequences = receipt.num_sequences",
+            ),
+            (
+                "coordinator/ledger/ledger.py",
+                """            "num_tokens": num_sequences * run.spec.model.seq_len,""",
+                """            "num_tokens": receipt.num_tokens,""",
+            ),
+            (
+                "coordinator/store/ledger.py",
+                '" CAST(TOTAL(num_tokens) AS INTEGER) AS num_tokens,"',
+                '" SUM(num_tokens) AS num_tokens,"',
+            ),
+            (
+                "coordinator/store/runs.py",
+                '"SELECT peer_id, CAST(TOTAL(num_tokens) AS INTEGER) AS num_tokens,"',
+                '"SELECT peer_id, SUM(num_tokens) AS num_tokens,"',
+            ),
+        ],
+        "counts_at",
+    ),
+    "step": (
+        [
+            (
+                "coordinator/runs/peers.py",
+                "    store.raise_run_step(session.run_id, agreed_step(store, session.run_id, now))",
+                "    store.raise_run_step(session.run_id, beat.step)",
+            )
+        ],
+        "claimed_step",
+    ),
+    "sybils": (
+        [
+            (
+                "coordinator/runs/peers.py",
+                '            and store.verified_tokens(session.run_id, p["peer_id"]) > 0\n',
+                "",
+            )
+        ],
+        "sybils",
+    ),
+    "squat": (
+        [
+            (
+                "coordinator/runs/bindings.py",
+                "    statement = swarm_binding_statement(run_id, public_key, dht_peer_id, progress_key)\n",
+                "    return\n    statement = swarm_binding_statement(run_id, public_key, dht_peer_id, progress_key)\n",
+            ),
+            (
+                "coordinator/runs/bindings.py",
+                '        if holder is not None and holder["peer_id"] != session.peer_id:',
+                "        if False:",
+            ),
+        ],
+        "swarm_ids",
+    ),
+    "free": (
+        [
+            (
+                "coordinator/ledger/ledger.py",
+                '        elif trained and not any(s["losses"] for s in samples or []):',
+                "        elif False:",
+            )
+        ],
+        "free_rider",
+    ),
+    "fault": (
+        [
+            (
+                "coordinator/runs/leases.py",
+                "            check = judge(lease) if judge is not None else None",
+                "            check = None",
+            ),
+            (
+                "coordinator/runs/peers.py",
+                "    assert check is not None\n    ledger.announce(check)",
+                "    ledger.assess(run, session, receipt, sent_at=sent_at)",
+            ),
+        ],
+        "fault_between",
+    ),
+}
+
+
+def main(names: list[str]) -> None:
+    for name in names:
+        patches, selector = CASES[name]
+        for path, old, new in patches:
+            f = ROOT / path
+            text = f.read_text()
+            assert old in text, (name, path, old)
+            f.write_text(text.replace(old, new, 1))
+        try:
+            r = subprocess.run(
+                [
+                    str(ROOT / ".venv/bin/python"),
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-x",
+                    "tests/e2e/test_hostile_peers.py",
+                    "-k",
+                    selector,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=400,
+            )
+            last = [x for x in r.stdout.splitlines() if " passed" in x or " failed" in x]
+            errs = [x for x in r.stdout.splitlines() if x.startswith("E  ")][:3]
+            outcome = last[-1] if last else r.stdout[-300:]
+            sys.stdout.write("\n    ".join([f"{name}: defence off -> {outcome}", *errs]) + "\n")
+        finally:
+            subprocess.run(
+                ["git", "checkout", "--", *sorted({p for p, _, _ in patches})], cwd=ROOT, check=True
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(CASES))
