@@ -79,8 +79,7 @@ def roster(store: Store, run: PublishedRun, now: float | None = None) -> list[tu
     limit = MAX_WEIGHT_BATCHES * run.spec.optimizer.target_batch_size
     return [
         (p["dht_peer_id"], 0.0 if p["flagged"] or p["state"] == "banned" else limit)
-        for p in store.list_peers(run.id)
-        if p["dht_peer_id"] and (p["state"] == "banned" or now - p["last_seen"] <= PEER_TIMEOUT_S)
+        for p in store.roster_rows(run.id, since=now - PEER_TIMEOUT_S)
     ]
 
 

@@ -28,6 +28,7 @@ import uvicorn
 from crowdtrain.coordinator.api.auth import SessionInterceptor
 from crowdtrain.coordinator.api.grpc_service import CoordinatorService
 from crowdtrain.coordinator.api.http_app import Endpoints, create_app
+from crowdtrain.coordinator.api.http_limits import uvicorn_limits
 from crowdtrain.coordinator.api.refusals import Refusals
 from crowdtrain.coordinator.ledger.ledger import Ledger
 from crowdtrain.coordinator.ledger.verifier import start_verifier, stop_verifier
@@ -259,6 +260,7 @@ async def _serve_async(
             lifespan="off",
             ssl_certfile=str(config.tls_cert) if tls else None,
             ssl_keyfile=str(config.tls_key) if tls else None,
+            **uvicorn_limits(),
         )
     )
     http_task = asyncio.create_task(http_server.serve(sockets=[http_sock]))

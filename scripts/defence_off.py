@@ -1,6 +1,6 @@
 """Switch one of issue 14's defences off, run the hostile-peer test that must catch it, restore.
 
-Usage: .venv/bin/python scripts/defence_off.py [counts step sybils squat free fault]
+Usage: .venv/bin/python scripts/defence_off.py [counts step sybils squat free fault slowloris]
 Each case edits the working tree, runs its test in tests/e2e/test_hostile_peers.py
 (which must then FAIL), and puts the files back with git checkout: run it on a clean tree.
 """
@@ -100,6 +100,10 @@ CASES = {
             ),
         ],
         "fault_between",
+    ),
+    "slowloris": (
+        [("coordinator/api/http_limits.py", '        "http": HeadTimeoutH11,\n', "")],
+        "half_sent",
     ),
 }
 

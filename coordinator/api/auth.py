@@ -11,6 +11,7 @@ handler.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import hmac
@@ -140,7 +141,7 @@ class SessionInterceptor(grpc.aio.ServerInterceptor):
             if not needs_session:
                 return await inner(request, context)
             try:
-                session = authenticate(_bearer(metadata))
+                session = await asyncio.to_thread(authenticate, _bearer(metadata))
             except SessionError as e:
                 refusals.count(method, "UNAUTHENTICATED")
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))

@@ -11,6 +11,7 @@ refused after a restart).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,16 @@ _STATUS: list[tuple[type[Exception], grpc.StatusCode]] = [
 ]
 
 R = TypeVar("R")
+T = TypeVar("T")
+
+
+async def _off_loop(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a call that reads or writes the store (or checks signatures) in a worker
+    thread: a slow write or a lock held by the verifier never stalls the event loop
+    that every other request waits on."""
+    return await asyncio.to_thread(function, *args, **kwargs)
+
+
 _MAX_DETAIL_CHARS = 1024
 
 
@@ -140,7 +151,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_translating
     async def Challenge(self, request: pb.ChallengeRequest, context: Any) -> pb.ChallengeReply:
-        run = records.get_run(self.store, request.run_id)
+        run = await _off_loop(records.get_run, self.store, request.run_id)
         return pb.ChallengeReply(
             challenge=self.challenges.issue(run.id),
             expires_in_s=self.challenges.ttl_s,
@@ -149,33 +160,33 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_translating
     async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
-        run = records.get_run(self.store, request.run_id)
+        run = await _off_loop(records.get_run, self.store, request.run_id)
         opened = open_envelope(
             envelope_from_pb(request.envelope), KIND_REGISTER, self.register_guard
         )
         info = parse_payload(RegisterPayload, opened.payload)
         self.challenges.check(info.challenge, run.id)
-        session = peers.register(self.store, self.config, run.id, opened, info)
+        session = await _off_loop(peers.register, self.store, self.config, run.id, opened, info)
         logger.info("peer %s (%s) registered for run %s", session.peer_id, info.name, run.id)
         return pb.RegisterReply(
             peer_id=session.peer_id,
             session_token=session.token,
             session_ttl_s=self.config.session_ttl_s,
             heartbeat_interval_s=self.config.heartbeat_interval_s,
-            run=self._run_info(records.get_run(self.store, run.id)),
+            run=self._run_info(await _off_loop(records.get_run, self.store, run.id)),
             initial_peers=self.initial_peers(),
         )
 
     @_translating
     async def GetRun(self, request: pb.GetRunRequest, context: Any) -> pb.RunInfo:
-        return self._run_info(records.get_run(self.store, request.run_id))
+        return self._run_info(await _off_loop(records.get_run, self.store, request.run_id))
 
     @_translating
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatReply:
         session = current_session()
-        opened = self._open(request.envelope, KIND_HEARTBEAT, session)
+        opened = await _off_loop(self._open, request.envelope, KIND_HEARTBEAT, session)
         beat = parse_payload(HeartbeatPayload, opened.payload)
-        answer = peers.take_heartbeat(self.store, self.leases, session, beat)
+        answer = await _off_loop(peers.take_heartbeat, self.store, self.leases, session, beat)
         return pb.HeartbeatReply(
             step=answer.step,
             num_peers=answer.num_peers,
@@ -190,8 +201,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     @_translating
     async def LeaseShards(self, request: pb.LeaseRequest, context: Any) -> pb.LeaseReply:
         session = current_session()
-        run = records.get_run(self.store, session.run_id)
-        granted = self.leases.grant(run, session, request.max_shards, resume=request.resume)
+        run = await _off_loop(records.get_run, self.store, session.run_id)
+        granted = await _off_loop(
+            self.leases.grant, run, session, request.max_shards, resume=request.resume
+        )
         return pb.LeaseReply(
             leases=[
                 pb.Lease(shard_id=g.shard_id, epoch=g.epoch, expires_in_s=g.expires_in_s)
@@ -202,16 +215,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     @_translating
     async def ReportShard(self, request: pb.ShardReport, context: Any) -> pb.ShardReportReply:
         session = current_session()
-        opened = self._open(request.envelope, KIND_RECEIPT, session)
+        opened = await _off_loop(self._open, request.envelope, KIND_RECEIPT, session)
         receipt = parse_payload(ReceiptPayload, opened.payload)
-        peers.take_receipt(
-            self.store, self.leases, self.ledger, session, receipt, sent_at=opened.timestamp
+        await _off_loop(
+            peers.take_receipt,
+            self.store,
+            self.leases,
+            self.ledger,
+            session,
+            receipt,
+            sent_at=opened.timestamp,
         )
         return pb.ShardReportReply(accepted=True)
 
     @_translating
     async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
         session = current_session()
-        peers.leave(self.store, self.leases, session)
+        await _off_loop(peers.leave, self.store, self.leases, session)
         logger.info("peer %s left run %s", session.peer_id, session.run_id)
         return pb.LeaveReply()

@@ -52,6 +52,18 @@ PENDING = "pending"  # waiting for the DHT's evidence or its spot check
 UNVERIFIED = "unverified"  # no DHT evidence either way: not credited, not flagged
 
 
+# A receipt's spot-check state when it gives nothing to check (no losses to recompute):
+# its shard is trained again by someone, as after a rejection. (A receipt without DHT
+# evidence is not: the coordinator's own view of the DHT may have been at fault, after
+# a restart say.)
+UNCHECKABLE = "uncheckable"
+
+
+def untrained(check: dict[str, Any]) -> bool:
+    """Whether a receipt check leaves its shard to be trained again."""
+    return check["status"] == REJECTED or check["spot"] == UNCHECKABLE
+
+
 class Ledger:
     """Checks receipts as they arrive and queues spot checks. One per coordinator process.
 
@@ -157,7 +169,7 @@ class Ledger:
                 flag_for_receipt(
                     self.store, run.id, update["peer_id"], update["shard_id"], update["reason"]
                 )
-            if update["status"] in (REJECTED, UNVERIFIED):
+            if untrained(update):
                 self.store.reopen_unproven_shard(run.id, update["epoch"], update["shard_id"])
             self.announce(update)
             decided += 1
@@ -184,6 +196,7 @@ class Ledger:
         elif trained and not any(s["losses"] for s in samples or []):
             # Nothing a verifier could recompute: never credited, whatever else it says.
             status, reason = UNVERIFIED, "its samples carry no losses a verifier could check"
+            spot, spot_reason = UNCHECKABLE, reason
         elif dht.state == "waiting":
             status, reason = PENDING, dht.reason
         elif dht.state == "no evidence":

@@ -5,6 +5,7 @@ leaderboard, each receipt's checks and what verifying a run cost. Read only.
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 from crowdtrain.coordinator.ledger.checks import flops_per_token
@@ -22,7 +23,7 @@ def peer_credit(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
     """
     totals = store.ledger_totals(run_id)
     peers = store.list_peers(run_id)
-    banned = {p["peer_id"] for p in peers if store.is_banned(run_id, p["peer_id"])}
+    banned = {b["peer_id"] for b in store.list_bans(run_id)}  # one query, not one per peer
     credit: dict[str, dict[str, Any]] = {}
     for p in peers:
         row = totals.get(p["peer_id"], {})
@@ -55,6 +56,25 @@ def peer_credit(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
         c["verified_share"] = c["verified_flops"] / all_verified if all_verified > 0 else 0.0
         c["verified_fraction"] = c["verified_tokens"] / c["num_tokens"] if c["num_tokens"] else 0.0
     return credit
+
+
+# How long a run's total verified work may be reused for the shares heartbeats report.
+STANDING_CACHE_S = 5.0
+
+
+def peer_standing(store: Store, run_id: str, peer_id: str) -> tuple[int, float]:
+    """A peer's verified tokens and its share of the run's verified compute, as each
+    heartbeat reports them: two indexed reads (the run's total is reused for a few
+    seconds), whatever the number of peers and receipts."""
+    if store.is_banned(run_id, peer_id):
+        return 0, 0.0
+    own = store.verified_work(run_id, peer_id)
+    bucket = int(time.time() // STANDING_CACHE_S)
+    run_total = store.memo.get(
+        ("verified work", run_id, bucket), lambda: store.verified_work(run_id)
+    )
+    share = own["flops"] / run_total["flops"] if run_total["flops"] > 0 else 0.0
+    return int(own["tokens"]), min(1.0, share)
 
 
 def ledger_peers(store: Store, run_id: str) -> list[dict[str, Any]]:

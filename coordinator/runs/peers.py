@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from crowdtrain.coordinator.ledger.checks import flops_per_token
 from crowdtrain.coordinator.ledger.ledger import Ledger
-from crowdtrain.coordinator.ledger.views import peer_credit
+from crowdtrain.coordinator.ledger.views import peer_standing
 from crowdtrain.coordinator.records import (
     PEER_TIMEOUT_S,
     PublishedRun,
@@ -249,13 +249,13 @@ def take_heartbeat(
     # Read again: the swarm's progress may have raised the step since get_run.
     stored = store.get_run(run.id)
     assert stored is not None, "a session's run is never deleted"
-    credit = peer_credit(store, run.id).get(session.peer_id, {})
+    verified_tokens, verified_share = peer_standing(store, run.id, session.peer_id)
     return HeartbeatAnswer(
         step=int(stored["step"]),
         num_peers=num_active_peers(store, run.id),
         roster=tuple(roster(store, run)),
-        verified_tokens=int(credit.get("verified_tokens", 0)),
-        verified_share=float(credit.get("verified_share", 0.0)),
+        verified_tokens=verified_tokens,
+        verified_share=verified_share,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from crowdtrain.coordinator.records import get_run, peer_state
+from crowdtrain.coordinator.records import PEER_TIMEOUT_S, get_run, peer_state
 from crowdtrain.coordinator.store import Store
 
 # Samples kept per run. Past this, every second sample of the older half is
@@ -18,6 +18,9 @@ from crowdtrain.coordinator.store import Store
 # samples are about 35 hours), older history gets coarser, and the table stays
 # bounded whatever the run's length.
 MAX_SAMPLES_PER_RUN = 50_000
+# Past this many evaluations a run's oldest half is thinned (each heartbeat may carry
+# 32, and nothing else bounds them): the loss curve keeps its shape.
+MAX_EVALS_PER_RUN = 20_000
 
 
 # At most this many samples per answer of the metrics view (the newest).
@@ -32,7 +35,9 @@ def take_samples(
     now = time.time() if now is None else now
     taken = 0
     for row in store.list_runs():
-        active = [p for p in store.list_peers(row["id"]) if peer_state(p, now) == "active"]
+        store.thin_evals(row["id"], MAX_EVALS_PER_RUN)
+        live = store.live_peers(row["id"], since=now - PEER_TIMEOUT_S)
+        active = [p for p in live if peer_state(p, now) == "active"]
         if not active:
             continue
         store.insert_sample(

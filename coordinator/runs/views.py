@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from crowdtrain.coordinator.ledger.views import peer_credit
-from crowdtrain.coordinator.records import get_run, peer_state
+from crowdtrain.coordinator.records import PEER_TIMEOUT_S, get_run, peer_state
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.messages import TRAFFIC_PURPOSES
 
@@ -60,12 +60,16 @@ def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, A
     (the route drops what the model does not name, so a new key goes there too)."""
     run = get_run(store, run_id)
     now = time.time() if now is None else now
-    peers = peers_view(store, run_id, now)
-    evals = store.list_evals(run_id)
+    # Bounded reads only: live peers by index, the first and latest evaluation.
+    active = [
+        p
+        for p in store.live_peers(run_id, since=now - PEER_TIMEOUT_S)
+        if peer_state(p, now) == "active"
+    ]
+    first, latest = store.eval_ends(run_id)
     totals = store.run_totals(run_id)
     epoch = store.current_epoch(run_id) or 0
     counts = store.epoch_counts(run_id, epoch)
-    latest = evals[-1] if evals else None
     return {
         "id": run.id,
         "description": run.spec.run.description,
@@ -75,9 +79,9 @@ def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, A
         "val_loss": latest["val_loss"] if latest else None,
         "val_bits_per_byte": latest["bits_per_byte"] if latest else None,
         "val_step": latest["step"] if latest else None,
-        "first_val_loss": evals[0]["val_loss"] if evals else None,
-        "num_peers": sum(1 for p in peers if p["state"] == "active"),
-        "tokens_per_s": sum(p["tokens_per_s"] for p in peers if p["state"] == "active"),
+        "first_val_loss": first["val_loss"] if first else None,
+        "num_peers": len(active),
+        "tokens_per_s": sum(p["tokens_per_s"] for p in active),
         "epoch": epoch,
         "shards": {
             "total": sum(counts.values()),

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS peers (
 );
 CREATE INDEX IF NOT EXISTS peers_by_dht_id ON peers (run_id, dht_peer_id);
 CREATE INDEX IF NOT EXISTS peers_by_progress_key ON peers (run_id, progress_key);
+CREATE INDEX IF NOT EXISTS peers_by_last_seen ON peers (run_id, last_seen);
 -- Bytes a node process reported sending and receiving, by purpose (self-reported:
 -- shown, never credited). Like peer_counters, cumulative per process, only rising.
 CREATE TABLE IF NOT EXISTS peer_traffic (
@@ -126,6 +127,7 @@ CREATE TABLE IF NOT EXISTS evals (
     time REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS evals_by_run ON evals (run_id, step);
+CREATE INDEX IF NOT EXISTS evals_by_run_step_time ON evals (run_id, step, time);
 CREATE TABLE IF NOT EXISTS shards (
     run_id TEXT NOT NULL,
     epoch INTEGER NOT NULL,

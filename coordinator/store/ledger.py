@@ -76,6 +76,25 @@ class LedgerRecords(StoreBase):
         )
         return {r["peer_id"]: r for r in rows}
 
+    def verified_work(self, run_id: str, peer_id: str | None = None) -> dict[str, float]:
+        """Verified tokens and FLOPs of one peer, or (``peer_id`` None) of every peer of
+        the run that is not banned."""
+        if peer_id is not None:
+            row = self._one(
+                "SELECT TOTAL(num_tokens) AS tokens, TOTAL(flops) AS flops FROM receipt_checks"
+                " WHERE run_id = ? AND peer_id = ? AND status = 'verified'",
+                (run_id, peer_id),
+            )
+        else:
+            row = self._one(
+                "SELECT TOTAL(num_tokens) AS tokens, TOTAL(flops) AS flops FROM receipt_checks"
+                " WHERE run_id = ? AND status = 'verified' AND peer_id NOT IN"
+                " (SELECT peer_id FROM bans WHERE run_id = ?)",
+                (run_id, run_id),
+            )
+        assert row is not None
+        return {"tokens": float(row["tokens"]), "flops": float(row["flops"])}
+
     def verified_tokens(self, run_id: str, peer_id: str) -> int:
         row = self._one(
             "SELECT CAST(TOTAL(num_tokens) AS INTEGER) AS n FROM receipt_checks WHERE run_id = ?"

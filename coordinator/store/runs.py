@@ -118,6 +118,24 @@ class RunRecords(StoreBase):
         )
         return int(row["n"]) if row else 0
 
+    def live_peers(self, run_id: str, since: float) -> list[dict[str, Any]]:
+        """The run's peers heard from since ``since`` that have not left (an index range:
+        the cost follows the live peers, not every identity that ever registered)."""
+        return self._all(
+            "SELECT * FROM peers WHERE run_id = ? AND last_seen >= ? AND state != 'left'",
+            (run_id, since),
+        )
+
+    def roster_rows(self, run_id: str, since: float) -> list[dict[str, Any]]:
+        """Peers with a swarm id that are live or banned: whom a roster names."""
+        return self._all(
+            "SELECT dht_peer_id, flagged, state, last_seen FROM peers WHERE run_id = ?"
+            " AND dht_peer_id != '' AND last_seen >= ? UNION ALL SELECT p.dht_peer_id,"
+            " p.flagged, p.state, p.last_seen FROM bans b JOIN peers p USING (run_id, peer_id)"
+            " WHERE b.run_id = ? AND p.dht_peer_id != '' AND p.last_seen < ?",
+            (run_id, since, run_id, since),
+        )
+
     def record_heartbeat(
         self,
         update: dict[str, Any],
@@ -247,6 +265,33 @@ class RunRecords(StoreBase):
         )
         assert row is not None
         return row
+
+    def eval_ends(self, run_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """A run's first and latest evaluation (by step, then time)."""
+        columns = "step, val_loss, bits_per_byte"
+        first = self._one(
+            f"SELECT {columns} FROM evals WHERE run_id = ? ORDER BY step, time LIMIT 1",
+            (run_id,),
+        )
+        latest = self._one(
+            f"SELECT {columns} FROM evals WHERE run_id = ? ORDER BY step DESC, time DESC LIMIT 1",
+            (run_id,),
+        )
+        return first, latest
+
+    def thin_evals(self, run_id: str, keep: int) -> int:
+        """Past ``keep`` evaluations of a run, delete every second one of the oldest half
+        (the curve keeps its shape; its recent end stays whole). Returns how many."""
+        row = self._one("SELECT COUNT(*) AS n FROM evals WHERE run_id = ?", (run_id,))
+        if row is None or row["n"] <= keep:
+            return 0
+        with self.transaction() as db:
+            return db.execute(
+                "DELETE FROM evals WHERE rowid IN (SELECT rowid FROM (SELECT rowid,"
+                " ROW_NUMBER() OVER (ORDER BY step, time, rowid) AS n FROM evals"
+                " WHERE run_id = ?) WHERE n <= ? AND n % 2 = 0)",
+                (run_id, int(row["n"]) // 2),
+            ).rowcount
 
     def list_evals(self, run_id: str) -> list[dict[str, Any]]:
         return self._all(
@@ -424,7 +469,9 @@ class RunRecords(StoreBase):
             )
             if check is not None:
                 self._insert_receipt_check(db, check)
-            if check is None or check["status"] in ("verified", "pending"):
+            if check is None or not (
+                check["status"] == "rejected" or check["spot"] == "uncheckable"
+            ):
                 # Another peer may hold it now (this peer's lease had expired): the shard
                 # is done all the same, and that peer's receipt, if it comes, is a second
                 # completion.
@@ -450,8 +497,9 @@ class RunRecords(StoreBase):
                 )
 
     def reopen_unproven_shard(self, run_id: str, epoch: int, shard_id: str) -> bool:
-        """A done shard none of whose receipts is verified or still pending goes back to
-        pending (its receipt failed a later check); returns whether it did."""
+        """A done shard none of whose receipts may still show it trained (verified, pending,
+        or unverified for want of DHT evidence, which may be the coordinator's blind spot)
+        goes back to pending: its receipt failed a later check. Returns whether it did."""
         with self.transaction() as db:
             return (
                 db.execute(
@@ -459,7 +507,7 @@ class RunRecords(StoreBase):
                     " AND epoch = ? AND shard_id = ? AND state = 'done' AND NOT EXISTS"
                     " (SELECT 1 FROM receipt_checks c WHERE c.run_id = shards.run_id"
                     " AND c.epoch = shards.epoch AND c.shard_id = shards.shard_id"
-                    " AND c.status IN ('verified', 'pending'))",
+                    " AND c.status != 'rejected' AND c.spot != 'uncheckable')",
                     (run_id, epoch, shard_id),
                 ).rowcount
                 == 1

@@ -9,7 +9,8 @@ import pytest
 from crowdtrain.coordinator.records import PEER_TIMEOUT_S, UnknownRunError, get_run
 from crowdtrain.coordinator.runs import peers
 from crowdtrain.coordinator.runs.publish import prepare_publication, publish
-from crowdtrain.coordinator.runs.samples import metrics_view, take_samples
+from crowdtrain.coordinator.runs.samples import MAX_EVALS_PER_RUN, metrics_view, take_samples
+from crowdtrain.coordinator.runs.views import run_view
 from crowdtrain.protocol.messages import HeartbeatPayload
 from tests.coordinator.registration import COORDINATOR_KEY, join_peer
 from tests.swarm import write_spec
@@ -84,3 +85,21 @@ def test_an_evaluation_is_placed_at_the_swarms_tokens_when_it_was_measured() -> 
     assert _swarm_tokens_at({"num_tokens": 10_000}, idle, 50_000, 0.0) == 48_000
     # Never below zero, whatever a node reports.
     assert _swarm_tokens_at({"num_tokens": 0}, update, 1_000, 3_000.0) == 0
+
+
+def test_evaluations_are_thinned_past_the_limit_and_the_run_view_reads_their_ends(run, store):
+    rows = [(run.id, i, i * 64, 5.0 - i * 1e-4, 7.0, "p", 1000.0 + i, i) for i in range(25_000)]
+    with store.transaction() as db:
+        db.executemany(
+            "INSERT INTO evals (run_id, step, num_tokens, val_loss, bits_per_byte, peer_id,"
+            " time, swarm_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    take_samples(store)
+    kept = store.list_evals(run.id)
+    assert len(kept) <= MAX_EVALS_PER_RUN
+    # The curve keeps its ends and its recent half whole.
+    assert kept[0]["step"] == 0 and kept[-1]["step"] == 24_999
+    assert [e["step"] for e in kept[-12_500:]] == list(range(12_500, 25_000))
+    view = run_view(store, run.id)
+    assert view["val_step"] == 24_999 and view["first_val_loss"] == 5.0

@@ -10,6 +10,7 @@ arena, so one attack's peers never count in another's.
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import sys
 import time
@@ -20,6 +21,7 @@ import grpc
 import httpx
 import pytest
 
+from crowdtrain.coordinator.api.http_limits import HEAD_TIMEOUT_S
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.grpc import CoordinatorClient
 from crowdtrain.protocol import coordinator_pb2 as pb
@@ -215,7 +217,8 @@ def test_a_free_rider_with_its_own_progress_records_is_not_credited(
         ],
     )
     rider.beat(**keys.fields("free", rider.identity.public_key))
-    time.sleep(8.0)  # its records are in the DHT, and the coordinator has read them
+    live.wait_for(lambda: "publishing as" in publisher.output(), 60, "the rider's records")
+    time.sleep(7.0)  # the coordinator reads the DHT every 3 s: it has seen them twice
     (lease,) = rider.client.lease(rider.token, 1)
     now = time.time()
     rider.report(
@@ -321,3 +324,30 @@ def test_serving_beyond_loopback_in_clear_text_needs_insecure(tmp_path: Path) ->
     assert refused.returncode != 0
     assert "--insecure" in refused.stderr and "in clear" in refused.stderr, refused.stderr
     assert not (tmp_path / "c" / "ports.json").exists()
+
+
+def test_half_sent_requests_are_closed_and_others_still_served(live: Swarm) -> None:
+    """1,000 connections that each send half a request head (slowloris): requests are
+    still answered meanwhile, and the coordinator closes those connections once their
+    head is late (uvicorn alone kept them open for good)."""
+    host, port = live.url.removeprefix("http://").split(":")
+    sockets = []
+    try:
+        for _ in range(1000):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"GET /api/runs HTTP/1.1\r\nHost: coordinator\r\nX-Slow: ")
+            sockets.append(sock)
+        assert live.get("/api/runs")  # served while they hang
+        time.sleep(HEAD_TIMEOUT_S + 2.0)
+        closed = 0
+        for sock in sockets:
+            sock.settimeout(5.0)
+            try:
+                closed += sock.recv(1) == b""
+            except OSError:  # reset: closed too
+                closed += 1
+        assert closed == len(sockets)
+        assert live.get("/api/runs")
+    finally:
+        for sock in sockets:
+            sock.close()

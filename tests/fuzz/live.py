@@ -23,6 +23,7 @@ from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol.identity import Envelope, Identity
 from crowdtrain.protocol.rpc import KIND_HEARTBEAT, KIND_RECEIPT, KIND_REGISTER, envelope_to_pb
 from tests.swarm import Swarm, db_rows, write_spec
+from tests.swarm_keys import SwarmKeys
 
 SEED = int(os.environ.get("CROWDTRAIN_FUZZ_SEED", "4004"))
 NUM_REQUESTS = 8000
@@ -205,6 +206,7 @@ def target(live: Swarm) -> Target:
     """Three real peers: an active probe, one that left, and one the admin banned."""
     wire = Wire(live.ports["grpc_target"])
     probe, left, banned, stranger = (Identity.generate() for _ in range(4))
+    left_keys = SwarmKeys()  # the peer that left bound its swarm ids, with their proof
     token, register_request = register(wire, probe)
     leases = pb.LeaseReply.FromString(
         wire.ok("LeaseShards", pb.LeaseRequest(max_shards=2), bearer(token))
@@ -221,7 +223,7 @@ def target(live: Swarm) -> Target:
         banned_token=register(wire, banned)[0],
         stranger=stranger,
         admin_key=admin_key(live),
-        dht_taken="12D3KooWFuzzLeftPeer",
+        dht_taken=left_keys.dht_peer_id,
         done=done,
         held=held,
         shard_ids=[s["shard"] for s in manifest],
@@ -230,7 +232,14 @@ def target(live: Swarm) -> Target:
     for name, method, kind, payload, who, tok in [
         ("heartbeat", "Heartbeat", KIND_HEARTBEAT, f.heartbeat(), probe, token),
         ("receipt", "ReportShard", KIND_RECEIPT, f.receipt(done), probe, token),
-        ("left", "Heartbeat", KIND_HEARTBEAT, f.heartbeat(dht_peer_id=f.dht_taken), left, None),
+        (
+            "left",
+            "Heartbeat",
+            KIND_HEARTBEAT,
+            f.heartbeat(**left_keys.fields("tiny", left.public_key)),
+            left,
+            None,
+        ),
     ]:
         envelope = envelope_to_pb(signed(who, pack(kind, payload)))
         request = REQUESTS[method](envelope=envelope)
