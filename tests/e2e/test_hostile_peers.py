@@ -339,12 +339,15 @@ def test_half_sent_requests_are_closed_and_others_still_served(live: Swarm) -> N
             sock.sendall(b"GET /api/runs HTTP/1.1\r\nHost: coordinator\r\nX-Slow: ")
             sockets.append(sock)
         assert live.get("/api/runs")  # served while they hang
-        open_ones = set(sockets)
+        poller = select.poll()  # select.select stops at descriptor 1024
+        for sock in sockets:
+            poller.register(sock, select.POLLIN)
+        open_ones = {sock.fileno() for sock in sockets}
         deadline = time.monotonic() + HEAD_TIMEOUT_S + 5.0
         while open_ones and time.monotonic() < deadline:
-            readable, _, _ = select.select(list(open_ones), [], [], 0.5)
-            for sock in readable:  # readable here means closed (or reset) by the server
-                open_ones.discard(sock)
+            for fd, _ in poller.poll(500):  # readable here: closed (or reset) by the server
+                open_ones.discard(fd)
+                poller.unregister(fd)
         assert not open_ones, f"{len(open_ones)} half-sent requests still open"
         assert live.get("/api/runs")
     finally:
