@@ -27,7 +27,7 @@ class ShardCache:
         folder: Path,
         manifest: ShardManifest,
         base_url: str,
-        download: Callable[[str, Path], None],
+        download: Callable[[str, Path, int], None],
         max_bytes: int | None = None,
     ):
         self.folder = folder
@@ -84,7 +84,9 @@ class ShardCache:
                 logger.warning("cached shard %s is damaged; downloading it again", shard_id)
                 path.unlink()
         for attempt in (1, 2):
-            self._download(f"{self.base_url}/{shard_id}", path)
+            # No more bytes than the signed manifest says the shard has: a server that
+            # sends an endless body is cut off, not written to disk.
+            self._download(f"{self.base_url}/{shard_id}", path, entry.size_bytes)
             try:
                 verify_shard(path, entry)
                 return path

@@ -175,10 +175,12 @@ class CoordinatorClient:
     def leave(self, token: str) -> None:
         self._call("Leave", pb.LeaveRequest(), token)
 
-    def download(self, url: str, dest: Path, purpose: str = "data") -> None:
-        """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows);
-        its bytes count as ``purpose``."""
-        download_file(self._http, url, dest, dest.name, self.progress)
+    def download(
+        self, url: str, dest: Path, max_bytes: int | None = None, purpose: str = "data"
+    ) -> None:
+        """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows),
+        refusing more than ``max_bytes`` as they arrive; its bytes count as ``purpose``."""
+        download_file(self._http, url, dest, dest.name, self.progress, max_bytes=max_bytes)
         self.traffic.add(purpose, received=dest.stat().st_size)
 
 

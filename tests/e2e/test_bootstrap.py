@@ -39,7 +39,9 @@ outer_momentum = 0.9
 """
 
 
-@pytest.mark.parametrize("mode", ["sync", "diloco"])
+# DiLoCo's case (the round's outer momentum comes along) is test_state_plane's restarted
+# node: the keeper's follower holds every round there.
+@pytest.mark.parametrize("mode", ["sync"])
 def test_a_node_alone_starts_from_the_keepers_checkpoint(swarm: Swarm, mode: str) -> None:
     data = swarm.prepare(16_384)
     spec = write_spec(swarm.root / "tiny.toml")

@@ -88,6 +88,13 @@ def test_grpc_fuzz_refuses_everything_and_changes_nothing(
 ) -> None:
     f = target
     ban(live, f)
+    # A nonce is refused again only while a message could still pass the age check (the
+    # guard forgets it after twice that): the "spent nonce" cases reuse a fresh one.
+    fresh = pb.HeartbeatRequest(
+        envelope=envelope_to_pb(signed(f.probe, pack(KIND_HEARTBEAT, f.heartbeat())))
+    )
+    f.wire.ok("Heartbeat", fresh, bearer(f.token))
+    f.sent["heartbeat"] = ("Heartbeat", fresh.SerializeToString())
     rng = random.Random(SEED)
     refusals_before = sum(r["count"] for r in live.get("/api/refusals"))
     before = state_rows(live.coord_dir)

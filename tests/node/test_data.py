@@ -59,10 +59,11 @@ class Server:
         self.requests: list[str] = []
         self.damage = 0
 
-    def download(self, url: str, dest: Path) -> None:
+    def download(self, url: str, dest: Path, max_bytes: int) -> None:
         shard_id = url.rsplit("/", 1)[1]
         self.requests.append(shard_id)
         data = bytearray((self.folder / f"{shard_id}.bin").read_bytes())
+        assert len(data) <= max_bytes  # the cap is the manifest's size of the shard
         if self.damage:
             self.damage -= 1
             data[-1] ^= 0xFF
