@@ -49,6 +49,16 @@ BENCHMARKS: list[tuple] = [
         ["--seconds", "150"],
     ),
     (
+        "Coordinator under load",
+        "A real coordinator on a store holding 100,000 identities that once registered and "
+        "1,000,000 evaluation rows: the latency of one heartbeat and of the run's page, and "
+        "the heartbeats per second it holds at p99 under 50 ms from 200 active identities "
+        "signing their own (client threads share the 2 cores). Goal: p99 under 50 ms at the "
+        "load of 10,000 peers.",
+        "coordinator_load.py",
+        [],
+    ),
+    (
         "Training efficiency",
         "A swarm of real node processes on loopback against one process training alone and "
         "against plain hivemind: loss at equal tokens (4 peers, diloco with 8-bit, 4-bit and "
