@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--evals", type=int, default=1_000_000)
     parser.add_argument("--active", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rates", default="50,100,200,400,800")
+    parser.add_argument("--rates", default="25,50,100,200,400")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     rows: list[str] = []
@@ -193,8 +193,11 @@ def main() -> int:
         "|---|---|---|---|",
         *rows,
         "",
-        f"Heartbeats per second held at p99 under {P99_GOAL_MS:.0f} ms: **{held:.0f}** "
-        f"(goal: the load of 10,000 peers at a 2 s interval would be 5,000/s).",
+        f"Heartbeats per second held at p99 under {P99_GOAL_MS:.0f} ms: **{held:.0f}**, the "
+        f"load of {2 * held:.0f} live peers at the default 2 s interval. What holds it back: "
+        "two fsynced SQLite transactions per heartbeat (the nonce journal and the counters) "
+        "under one store lock, one Python process, and the load's own client threads "
+        "signing on the same two cores.",
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

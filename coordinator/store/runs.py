@@ -53,6 +53,11 @@ class RunRecords(StoreBase):
         return self._all("SELECT * FROM runs ORDER BY published_at")
 
     def raise_run_step(self, run_id: str, step: int) -> None:
+        """Raise the run's step to ``step`` (never lower it); a write (and its fsync) only
+        when it rises."""
+        row = self._one("SELECT step FROM runs WHERE id = ?", (run_id,))
+        if row is None or int(row["step"]) >= step:
+            return
         with self.transaction() as db:
             db.execute("UPDATE runs SET step = MAX(step, ?) WHERE id = ?", (step, run_id))
 
@@ -129,9 +134,12 @@ class RunRecords(StoreBase):
     def roster_rows(self, run_id: str, since: float) -> list[dict[str, Any]]:
         """Peers with a swarm id that are live or banned: whom a roster names."""
         return self._all(
-            "SELECT dht_peer_id, flagged, state, last_seen FROM peers WHERE run_id = ?"
-            " AND dht_peer_id != '' AND last_seen >= ? UNION ALL SELECT p.dht_peer_id,"
-            " p.flagged, p.state, p.last_seen FROM bans b JOIN peers p USING (run_id, peer_id)"
+            # INDEXED BY: the planner would otherwise range over every peer with a swarm id.
+            "SELECT dht_peer_id, flagged, state, last_seen FROM peers INDEXED BY"
+            " peers_by_last_seen WHERE run_id = ? AND last_seen >= ? AND dht_peer_id != ''"
+            # CROSS JOIN: from the (few) bans to their peers, never the other way round.
+            " UNION ALL SELECT p.dht_peer_id, p.flagged, p.state, p.last_seen FROM bans b"
+            " CROSS JOIN peers p ON p.run_id = b.run_id AND p.peer_id = b.peer_id"
             " WHERE b.run_id = ? AND p.dht_peer_id != '' AND p.last_seen < ?",
             (run_id, since, run_id, since),
         )
@@ -279,18 +287,20 @@ class RunRecords(StoreBase):
         )
         return first, latest
 
-    def thin_evals(self, run_id: str, keep: int) -> int:
+    def thin_evals(self, run_id: str, keep: int, max_rows: int = 20_000) -> int:
         """Past ``keep`` evaluations of a run, delete every second one of the oldest half
-        (the curve keeps its shape; its recent end stays whole). Returns how many."""
+        (the curve keeps its shape; its recent end stays whole), at most ``max_rows`` of
+        the oldest at a time so the store's lock is never held long. Returns how many."""
         row = self._one("SELECT COUNT(*) AS n FROM evals WHERE run_id = ?", (run_id,))
         if row is None or row["n"] <= keep:
             return 0
         with self.transaction() as db:
             return db.execute(
                 "DELETE FROM evals WHERE rowid IN (SELECT rowid FROM (SELECT rowid,"
-                " ROW_NUMBER() OVER (ORDER BY step, time, rowid) AS n FROM evals"
-                " WHERE run_id = ?) WHERE n <= ? AND n % 2 = 0)",
-                (run_id, int(row["n"]) // 2),
+                " ROW_NUMBER() OVER (ORDER BY step, time, rowid) AS n FROM (SELECT rowid, step,"
+                " time FROM evals WHERE run_id = ? ORDER BY step, time, rowid LIMIT ?))"
+                " WHERE n % 2 = 0)",
+                (run_id, min(int(row["n"]) // 2, 2 * max_rows)),
             ).rowcount
 
     def list_evals(self, run_id: str) -> list[dict[str, Any]]:
