@@ -112,7 +112,7 @@ def test_coordinator_crash_loses_no_acknowledged_receipt(swarm: Swarm) -> None:
 
 
 def test_one_epoch_of_50_shards_each_exactly_once(swarm: Swarm) -> None:
-    start_run(swarm, corpus_bytes=56_000, shard_tokens=1024, lease_s=600)
+    start_run(swarm, corpus_bytes=60_000, shard_tokens=1024, lease_s=600)
     swarm.start_coordinator()
     assert swarm.get("/api/runs/tiny")["shards"]["total"] >= 50
     nodes = [swarm.start_node(f"node-{i}") for i in range(3)]

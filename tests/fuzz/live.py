@@ -26,7 +26,7 @@ from tests.swarm import Swarm, db_rows, write_spec
 from tests.swarm_keys import SwarmKeys
 
 SEED = int(os.environ.get("CROWDTRAIN_FUZZ_SEED", "4004"))
-NUM_REQUESTS = 8000
+NUM_REQUESTS = 6000
 BUDGET_S = 40.0  # the fuzz stops early rather than run past this
 CALL_TIMEOUT_S = 10.0
 SERVICE = "/crowdtrain.v1.Coordinator/"
