@@ -1,6 +1,10 @@
 """The optimizer modes end to end: a real coordinator and real nodes, through their
 command lines.
 
+sync: two nodes train one model (averaging one step stale, fp16 on the wire), the
+second joining late from the swarm's state; both leave cleanly and SIGTERM stops the
+whole coordinator.
+
 diloco: Two nodes advance outer rounds together, a node that joins late (in client
 mode, as behind NAT) starts from the keeper's checkpoint of the round and takes part,
 the keeper's follower keeps every round's global parameters bit for bit without a
@@ -10,6 +14,7 @@ inner step) and validation loss falls.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from pathlib import Path
@@ -49,21 +54,53 @@ def spec_with(swarm: Swarm, sections: dict) -> Path:
     return write_tiny_spec(swarm.root / "tiny.toml", **sections)
 
 
-def test_sync_with_delayed_averaging_and_fp16_trains(swarm: Swarm) -> None:
+def group_alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sync_nodes_train_together_with_delayed_averaging_and_fp16(swarm: Swarm) -> None:
+    """Two real nodes train one model in sync mode (averaging one step stale, fp16 on the
+    wire); the second joins late and loads the swarm's state first; both leave cleanly,
+    and SIGTERM stops the whole coordinator."""
     data = swarm.prepare(16_384)
     published = swarm.publish(spec_with(swarm, DELAYED), data)
     assert published.returncode == 0, published.stderr
-    swarm.start_coordinator()
-    nodes = [swarm.start_node(name) for name in ("node-a", "node-b")]
+    coordinator = swarm.start_coordinator()
+    first = swarm.start_node("node-a")
+    swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 2, 120, "node-a's first steps")
+    # The run is under way: the second node loads the swarm's state before training.
+    late = swarm.start_node("node-b")
+    nodes = [first, late]
     swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 8, 180, "eight steps")
-    swarm.wait_trained(*nodes)  # one node alone may make the eight steps
+    swarm.wait_trained(*nodes)
+    # Ctrl-C to both at once (a peer left alone waits a whole averaging timeout for a
+    # group): each leaves cleanly and the coordinator marks it as left.
     for node in nodes:
         node.popen.send_signal(signal.SIGINT)
     for node in nodes:
         assert node.wait(timeout=60) == 0, node.output()
+    assert "loaded state of step" in late.output(), late.output()
+
     run = swarm.get("/api/runs/tiny")
+    peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert set(peers) == {"node-a", "node-b"}
+    assert all(p["num_tokens"] > 0 for p in peers.values())
+    assert all(p["state"] == "left" for p in peers.values()), peers
+    assert run["first_val_loss"] > 5.0, run
     assert run["val_loss"] < run["first_val_loss"] - 0.5, run
-    assert all(p["num_tokens"] > 0 for p in swarm.get("/api/runs/tiny/peers"))
+    assert run["num_tokens"] == sum(p["num_tokens"] for p in peers.values())
+    for name in ("node-a", "node-b"):
+        assert (swarm.root / name / "runs" / "tiny" / "checkpoint.safetensors").exists()
+
+    # SIGTERM stops the whole coordinator: servers, DHT and its p2p daemon.
+    coordinator.popen.send_signal(signal.SIGTERM)
+    assert coordinator.wait(timeout=60) == 0, coordinator.output()
+    assert not group_alive(coordinator.popen.pid), "the coordinator left processes behind"
+    assert not (swarm.coord_dir / "ports.json").exists()
 
 
 def test_diloco_nodes_advance_rounds_and_a_late_joiner_loads_global_state(swarm: Swarm) -> None:
