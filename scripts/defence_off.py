@@ -90,12 +90,12 @@ CASES = {
         [
             (
                 "coordinator/runs/leases.py",
-                "            check = judge(lease) if judge is not None else None",
-                "            check = None",
+                "            judged = judge(lease) if judge is not None else None",
+                "            judged = None",
             ),
             (
                 "coordinator/runs/peers.py",
-                "    assert check is not None\n    ledger.announce(check)",
+                "    assert judged is not None\n    ledger.announce(judged.check)",
                 "    ledger.assess(run, session, receipt, sent_at=sent_at)",
             ),
         ],

@@ -122,14 +122,19 @@ def receipt_times(
     )
 
 
+def shard_batches(run: PublishedRun, receipt: ReceiptPayload) -> int | None:
+    """Whole micro-batches of the receipt's size in its shard; None for a shard that is
+    not a train shard of the run."""
+    entry = next((s for s in run.manifest.train_shards if s.id == receipt.shard_id), None)
+    if entry is None:
+        return None
+    return num_windows(entry.num_tokens, run.spec.model.seq_len) // receipt.micro_batch_size
+
+
 def possible_sequences(run: PublishedRun, receipt: ReceiptPayload) -> int:
     """The most sequences a receipt's shard holds in its micro-batches (0: not a train
     shard of the run)."""
-    entry = next((s for s in run.manifest.train_shards if s.id == receipt.shard_id), None)
-    if entry is None:
-        return 0
-    mb = receipt.micro_batch_size
-    return num_windows(entry.num_tokens, run.spec.model.seq_len) // mb * mb
+    return (shard_batches(run, receipt) or 0) * receipt.micro_batch_size
 
 
 def check_possible(
@@ -138,16 +143,15 @@ def check_possible(
     """(a) Could this receipt be true? Shard capacity, lease window and device peak."""
     spec = run.spec
     seq_len = spec.model.seq_len
-    entry = next((s for s in run.manifest.train_shards if s.id == receipt.shard_id), None)
-    if entry is None:
+    num_batches = shard_batches(run, receipt)
+    if num_batches is None:
         return Check("failed", f"shard {receipt.shard_id!r} is not a train shard of this run")
     mb = receipt.micro_batch_size
-    num_batches = num_windows(entry.num_tokens, seq_len) // mb
     capacity = num_batches * mb
     if receipt.num_sequences > capacity:
         return Check(
             "failed",
-            f"claims {receipt.num_sequences} sequences but shard {entry.id} holds at most "
+            f"claims {receipt.num_sequences} sequences but shard {receipt.shard_id} holds at most "
             f"{capacity} in micro-batches of {mb}",
         )
     if receipt.num_tokens != receipt.num_sequences * seq_len:

@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from crowdtrain.coordinator.ledger.checks import (
@@ -64,6 +65,16 @@ def untrained(check: dict[str, Any]) -> bool:
     return check["status"] == REJECTED or check["spot"] == UNCHECKABLE
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """A receipt's check as it is stored with the receipt: the row, whether its shard
+    counts as trained, and the flag its peer gets (None: none)."""
+
+    check: dict[str, Any]
+    trained: bool
+    flag: str | None
+
+
 class Ledger:
     """Checks receipts as they arrive and queues spot checks. One per coordinator process.
 
@@ -92,7 +103,7 @@ class Ledger:
         its status. (ReportShard instead judges while completing the lease, in one
         transaction: :meth:`judge`.)"""
         lease = self.store.get_lease(run.id, receipt.epoch, receipt.shard_id, session.peer_id)
-        row = self.judge(run, session, receipt, sent_at, lease, received_at)
+        row = self.judge(run, session, receipt, sent_at, lease, received_at).check
         self.store.insert_receipt_check(row)
         if row["status"] == REJECTED:
             flag_for_receipt(self.store, run.id, row["peer_id"], row["shard_id"], row["reason"])
@@ -107,7 +118,7 @@ class Ledger:
         sent_at: float,
         lease: dict[str, Any] | None,
         received_at: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> Judgement:
         """The receipt check of a receipt for ``lease`` (its stored row), to be stored with
         the receipt. ``sent_at`` is the timestamp of the receipt's signed envelope (the
         node's clock). Reads the store, writes nothing."""
@@ -146,7 +157,8 @@ class Ledger:
             **verdict,
         }
         row["assess_cpu_s"] = time.thread_time() - cpu_started
-        return row
+        flag = flag_text(row["shard_id"], row["reason"]) if row["status"] == REJECTED else None
+        return Judgement(row, trained=not untrained(row), flag=flag)
 
     def recheck_waiting(self, run: PublishedRun, now: float | None = None) -> int:
         """Decide the receipts of a run still waiting for DHT evidence; returns how many."""
@@ -231,4 +243,9 @@ def flag_for_receipt(store: Store, run_id: str, peer_id: str, shard_id: str, rea
     logger.warning(
         "flagging peer %s of run %s: receipt for %s %s", peer_id, run_id, shard_id, reason
     )
-    store.flag_peer(run_id, peer_id, f"receipt for shard {shard_id} {reason}")
+    store.flag_peer(run_id, peer_id, flag_text(shard_id, reason))
+
+
+def flag_text(shard_id: str, reason: str) -> str:
+    """Why a peer is flagged for one of its receipts."""
+    return f"receipt for shard {shard_id} {reason}"

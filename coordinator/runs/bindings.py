@@ -14,6 +14,7 @@ peer. No HTTP or gRPC here.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -85,14 +86,13 @@ def check_proof(
 def bind_swarm_ids(
     store: Store,
     session: Session,
+    peer: dict[str, Any],
     dht_peer_id: str,
     progress_key: str,
     proof: SwarmProof | None,
 ) -> None:
-    """Bind a peer's swarm ids, once checked: unchanged ids cost nothing; new ones need
-    their proof and must belong to no other peer of the run."""
-    peer = store.get_peer(session.run_id, session.peer_id)
-    assert peer is not None, "a session always has its peer"
+    """Bind the swarm ids of ``peer`` (the session's stored row), once checked: unchanged
+    ids cost nothing; new ones need their proof and must belong to no other peer."""
     if (peer["dht_peer_id"], peer["progress_key"]) == (dht_peer_id, progress_key):
         return
     for holder in (

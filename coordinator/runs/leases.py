@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from crowdtrain.coordinator.ledger.ledger import Judgement
 from crowdtrain.coordinator.records import PublishedRun, Session
 from crowdtrain.coordinator.runs.publish import epoch_order
 from crowdtrain.coordinator.store import Store
@@ -175,13 +176,13 @@ class LeaseBook:
         run: PublishedRun,
         session: Session,
         receipt: ReceiptPayload,
-        judge: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    ) -> dict[str, Any] | None:
+        judge: Callable[[dict[str, Any]], Judgement] | None = None,
+    ) -> Judgement | None:
         """Record a receipt for a shard the peer holds, or held until its lease expired.
 
-        ``judge`` (the ledger's) makes the receipt's check from its lease row; it is
-        stored in the same transaction as the receipt, and returned. A rejected receipt
-        flags its peer in that transaction too."""
+        ``judge`` (the ledger's) makes the receipt's check from its lease row: it is
+        stored in the same transaction as the receipt, with what it says of the shard and
+        the peer's flag, and returned."""
         if receipt.finished < receipt.started:
             raise ReceiptError("receipt finishes before it starts")
         with self._lock:
@@ -198,8 +199,7 @@ class LeaseBook:
                 )
             if lease["state"] == "returned":
                 raise ReceiptError(f"the lease on shard {receipt.shard_id!r} was given back")
-            check = judge(lease) if judge is not None else None
-            rejected = check is not None and check["status"] == "rejected"
+            judged = judge(lease) if judge is not None else None
             self.store.complete_shard(
                 {
                     "run_id": run.id,
@@ -213,13 +213,12 @@ class LeaseBook:
                     "finished": receipt.finished,
                     "received_at": time.time(),
                 },
-                check,
-                flag=f"receipt for shard {receipt.shard_id} {check['reason']}"
-                if check is not None and rejected
-                else None,
+                judged.check if judged is not None else None,
+                trained=judged is None or judged.trained,
+                flag=judged.flag if judged is not None else None,
             )
             self._deadlines.pop((run.id, receipt.epoch, receipt.shard_id, session.peer_id), None)
-            return check
+            return judged
 
     def coverage(self, run: PublishedRun, epoch: int | None = None) -> dict[str, Any]:
         """Each shard of an epoch (the current one by default): pending, leased or done."""

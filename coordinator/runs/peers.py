@@ -145,12 +145,12 @@ def authenticate(store: Store, token: str) -> Session:
 def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
     """Apply a heartbeat: swarm ids (checked, :mod:`bindings`), counters (bounded by
     what is possible), liveness, evaluations and reports, and the run's step."""
-    if beat.dht_peer_id or beat.progress_key:
-        bind_swarm_ids(store, session, beat.dht_peer_id, beat.progress_key, beat.swarm_proof)
-    now = time.time()
-    run = get_run(store, session.run_id)
     peer = store.get_peer(session.run_id, session.peer_id)
     assert peer is not None, "a session always has its peer"
+    if beat.dht_peer_id or beat.progress_key:
+        bind_swarm_ids(store, session, peer, beat.dht_peer_id, beat.progress_key, beat.swarm_proof)
+    now = time.time()
+    run = get_run(store, session.run_id)
     max_tokens, max_bytes = possible_counts(run, peer, now)
     evaluations = [
         {
@@ -291,10 +291,9 @@ def _take_reports(store: Store, session: Session, beat: HeartbeatPayload, now: f
         rows = store.reports_about(session.run_id, dht_peer_id)
         credited = {
             p["peer_id"]
-            for p in store.list_peers(session.run_id)
+            for p in store.live_peers(session.run_id, since=now - PEER_TIMEOUT_S)
             if p["peer_id"] != reported["peer_id"]
             and p["state"] == "active"
-            and now - p["last_seen"] <= PEER_TIMEOUT_S
             and store.verified_tokens(session.run_id, p["peer_id"]) > 0
         }
         reporters = {r["reporter"] for r in rows} & credited
@@ -328,11 +327,11 @@ def take_receipt(
     if ledger is None:
         leases.complete(run, session, receipt)
         return
-    check = leases.complete(
+    judged = leases.complete(
         run, session, receipt, lambda lease: ledger.judge(run, session, receipt, sent_at, lease)
     )
-    assert check is not None
-    ledger.announce(check)
+    assert judged is not None
+    ledger.announce(judged.check)
 
 
 def leave(store: Store, leases: LeaseBook, session: Session) -> None:

@@ -459,11 +459,12 @@ class RunRecords(StoreBase):
         self,
         receipt: dict[str, Any],
         check: dict[str, Any] | None = None,
+        trained: bool = True,
         flag: str | None = None,
     ) -> None:
-        """Store a receipt, close its lease and, unless ``check`` (its receipt check, stored
-        with it) already failed it, mark its shard done; ``flag`` flags its peer. One
-        transaction: a receipt is never stored without its check."""
+        """Store a receipt with ``check`` (its receipt check) and close its lease; mark its
+        shard done if ``trained`` (else it goes back to pending); ``flag`` flags its peer.
+        One transaction: a receipt is never stored without its check."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO receipts (run_id, peer_id, shard_id, epoch, num_sequences,"
@@ -479,9 +480,7 @@ class RunRecords(StoreBase):
             )
             if check is not None:
                 self._insert_receipt_check(db, check)
-            if check is None or not (
-                check["status"] == "rejected" or check["spot"] == "uncheckable"
-            ):
+            if trained:
                 # Another peer may hold it now (this peer's lease had expired): the shard
                 # is done all the same, and that peer's receipt, if it comes, is a second
                 # completion.

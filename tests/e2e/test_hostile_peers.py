@@ -166,28 +166,26 @@ def test_another_peers_swarm_ids_cannot_be_taken(live: Swarm) -> None:
     with pytest.raises(CoordinatorError, match="swarm_proof") as bare:
         squatter.beat(dht_peer_id=victim_keys.dht_peer_id, progress_key=victim_keys.progress_key)
     assert bare.value.code == grpc.StatusCode.PERMISSION_DENIED
-    forged = squatter_keys.proof(
-        "squat", squatter.identity.public_key, victim_keys.dht_peer_id, victim_keys.progress_key
-    )
-    with pytest.raises(CoordinatorError, match="not the key of|does not verify"):
+
+    def claim_with(signer: SwarmKeys, owner: Peer) -> None:
+        """The squatter claims the victim's ids with ``signer``'s proof made for ``owner``."""
+        proof = signer.proof(
+            "squat", owner.identity.public_key, victim_keys.dht_peer_id, victim_keys.progress_key
+        )
         squatter.beat(
             dht_peer_id=victim_keys.dht_peer_id,
             progress_key=victim_keys.progress_key,
-            swarm_proof=forged.model_dump(),
+            swarm_proof=proof.model_dump(),
         )
+
+    with pytest.raises(CoordinatorError, match="not the key of|does not verify"):
+        claim_with(squatter_keys, squatter)
     victim.beat(**victim_keys.fields("squat", victim.identity.public_key))
     row = _peer_row(live, "squat", victim.client.identity.peer_id)
     assert row["dht_peer_id"] == victim_keys.dht_peer_id
     # A proof made for another peer (the victim's own, replayed) binds nothing either.
-    replayed = victim_keys.proof(
-        "squat", victim.identity.public_key, victim_keys.dht_peer_id, victim_keys.progress_key
-    )
     with pytest.raises(CoordinatorError, match="another peer"):
-        squatter.beat(
-            dht_peer_id=victim_keys.dht_peer_id,
-            progress_key=victim_keys.progress_key,
-            swarm_proof=replayed.model_dump(),
-        )
+        claim_with(victim_keys, victim)
     victim.beat(dht_peer_id=victim_keys.dht_peer_id, progress_key=victim_keys.progress_key)
 
 
