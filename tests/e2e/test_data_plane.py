@@ -174,7 +174,7 @@ def test_a_bpe_run_trains_end_to_end(swarm: Swarm) -> None:
     manifest = json.loads((data / "manifest.json").read_text())
     assert hashlib.sha256(served.content).hexdigest() == manifest["tokenizer_sha256"]
 
-    node = swarm.start_node("node-a", "--max-seconds", "15")
+    node = swarm.start_node("node-a", "--max-seconds", "8")
     assert node.wait(timeout=180) == 0, node.output()
     run = swarm.get("/api/runs/tiny")
     assert run["num_tokens"] > 0

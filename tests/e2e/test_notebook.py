@@ -66,7 +66,7 @@ def test_notebook_joins_trains_plots_and_leaves(
     env = {
         "CROWDTRAIN_URL": swarm.url,
         "CROWDTRAIN_RUN": "tiny",
-        "CROWDTRAIN_TRAIN_SECONDS": "10",
+        "CROWDTRAIN_TRAIN_SECONDS": "5",
         "CROWDTRAIN_HOME": str(swarm.root / "notebook-home"),
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "MPLCONFIGDIR": str(swarm.root / "mpl"),
@@ -97,7 +97,7 @@ def test_notebook_joins_trains_plots_and_leaves(
                 if cell is interrupted:
                     # The kernel's stop button: SIGINT to the kernel's process group.
                     pgid = client.km.provisioner.pgid  # type: ignore[union-attr]
-                    timer = threading.Timer(8.0, os.killpg, (pgid, signal.SIGINT))
+                    timer = threading.Timer(4.0, os.killpg, (pgid, signal.SIGINT))
                     timer.start()
                 client.execute_cell(cell, index)
                 if timer is not None:
