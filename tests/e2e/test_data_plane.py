@@ -85,7 +85,7 @@ def test_coordinator_crash_loses_no_acknowledged_receipt(swarm: Swarm) -> None:
     start_run(swarm, corpus_bytes=120_000, shard_tokens=4096, lease_s=30)
     first = swarm.start_coordinator()
     ports = dict(swarm.ports)
-    nodes = [swarm.start_node(f"node-{i}") for i in range(3)]
+    nodes = [swarm.start_node(f"node-{i}") for i in range(2)]
     swarm.wait_for(
         lambda: sum(len(accepted(n)) for n in nodes) >= 4, 240, "receipts before the crash"
     )
@@ -115,7 +115,7 @@ def test_one_epoch_of_50_shards_each_exactly_once(swarm: Swarm) -> None:
     start_run(swarm, corpus_bytes=60_000, shard_tokens=1024, lease_s=600)
     swarm.start_coordinator()
     assert swarm.get("/api/runs/tiny")["shards"]["total"] >= 50
-    nodes = [swarm.start_node(f"node-{i}") for i in range(3)]
+    nodes = [swarm.start_node(f"node-{i}") for i in range(2)]
 
     swarm.wait_for(lambda: epoch_done(swarm), 300, "epoch 0 to complete")
     swarm.wait_trained(*nodes)
@@ -128,7 +128,7 @@ def test_one_epoch_of_50_shards_each_exactly_once(swarm: Swarm) -> None:
     epoch0 = [r for r in receipts(swarm) if r[2] == 0]
     assert len(epoch0) == len(shards)
     assert len({shard for _, shard, _ in epoch0}) == len(shards)
-    assert len({peer for peer, _, _ in epoch0}) == 3, "every node trained part of the epoch"
+    assert len({peer for peer, _, _ in epoch0}) == 2, "every node trained part of the epoch"
 
 
 def test_a_restarted_node_resumes_mid_shard(swarm: Swarm) -> None:
