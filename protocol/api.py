@@ -112,11 +112,13 @@ class ShardCounts(Reply):
 
 
 class RunHead(Reply):
-    """What a node reads of a run (:data:`RUN`, or a row of :data:`RUNS`): its id and the
-    step the coordinator records. Parsing only these, a node is not tied to the rest."""
+    """What a node reads of a run (:data:`RUN`, or a row of :data:`RUNS`): its id, the
+    step the coordinator records and how far ahead live peers may be (``leading_step``;
+    absent from older coordinators). Parsing only these, a node is not tied to the rest."""
 
     id: str
     step: Count
+    leading_step: Count | None = None
 
 
 class RunSummary(Reply):
@@ -125,6 +127,9 @@ class RunSummary(Reply):
     id: str
     description: str
     step: Count
+    # The upper median of live peers' steps (the run's step is the lower): state a peer
+    # serves may be this new.
+    leading_step: Count
     num_tokens: Count
     num_sequences: Count
     val_loss: float | None

@@ -215,10 +215,24 @@ def agreed_step(store: Store, run_id: str, now: float) -> int:
     lower median of live, unflagged peers' steps; only those of peers with a verified
     receipt when any has one (fresh identities then count for nothing). The run's step
     only ever rises (:meth:`raise_run_step`)."""
+    return step_medians(store, run_id, now)[0]
+
+
+def leading_step(store: Store, run_id: str, now: float) -> int:
+    """How far ahead of the run's step the swarm may be: the upper median of the same
+    steps. State a peer serves may be this new: with two peers, one behind (a peer
+    catching up) must not hold the other's state back as "ahead of the run"."""
+    return step_medians(store, run_id, now)[1]
+
+
+def step_medians(store: Store, run_id: str, now: float) -> tuple[int, int]:
+    """The lower and upper median of the steps :func:`agreed_step` reads."""
     rows = store.live_peer_steps(run_id, since=now - PEER_TIMEOUT_S)
     credited = [int(r["step"]) for r in rows if r["credited"]]
     steps = sorted(credited or [int(r["step"]) for r in rows])
-    return steps[(len(steps) - 1) // 2] if steps else 0
+    if not steps:
+        return 0, 0
+    return steps[(len(steps) - 1) // 2], steps[len(steps) // 2]
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from crowdtrain.coordinator.ledger.views import peer_credit
 from crowdtrain.coordinator.records import PEER_TIMEOUT_S, get_run, peer_state
+from crowdtrain.coordinator.runs.peers import leading_step
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.messages import TRAFFIC_PURPOSES
 
@@ -74,6 +75,7 @@ def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, A
         "id": run.id,
         "description": run.spec.run.description,
         "step": run.row["step"],
+        "leading_step": max(run.row["step"], leading_step(store, run_id, now)),
         "num_tokens": totals["num_tokens"],
         "num_sequences": totals["num_sequences"],
         "val_loss": latest["val_loss"] if latest else None,

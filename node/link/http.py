@@ -210,6 +210,15 @@ class RunView:
             logger.info("could not ask the coordinator for its step (%s)", e)
             return None
 
+    def fresh_leading_step(self) -> int | None:
+        """How far ahead of its step the coordinator sees live peers now (None: unknown)."""
+        try:
+            head = api.RunHead.model_validate(self.get(api.RUN))
+        except (httpx.HTTPError, ValueError) as e:
+            logger.info("could not ask the coordinator for its step (%s)", e)
+            return None
+        return head.leading_step if head.leading_step is not None else head.step
+
     def checkpoint_sha256(self, step: int) -> str | None:
         """The params_sha256 of the coordinator's checkpoint of ``step``, if it keeps one."""
         try:

@@ -215,11 +215,15 @@ def state_problem(
     if step is not None and epoch < step - STEP_TOLERANCE:
         return f"its step {epoch} is behind the coordinator's step {step}"
     if step is not None and epoch > step + STEP_TOLERANCE:
-        # The coordinator may not have read the latest steps yet: ask again once.
-        time.sleep(guard.coordinator_lag_s)
-        later = guard.coordinator_step()
-        if later is None or epoch > later + STEP_TOLERANCE:
-            return f"its step {epoch} is ahead of the coordinator's step {later or step}"
+        # The run's step is the lower median of live peers' (a peer behind, this one
+        # perhaps, holds it back): the upper median bounds how new state may be. The
+        # coordinator may not have read the latest steps yet: ask again once.
+        leading = guard.coordinator_leading_step()
+        if leading is None or epoch > leading + STEP_TOLERANCE:
+            time.sleep(guard.coordinator_lag_s)
+            later = guard.coordinator_leading_step() or guard.coordinator_step()
+            if later is None or epoch > later + STEP_TOLERANCE:
+                return f"its step {epoch} is ahead of the coordinator's step {later or step}"
     if len(tensors) < len(main_parameters):
         return f"it holds {len(tensors)} tensors, fewer than the model's {len(main_parameters)}"
     for ours, tensor in zip(main_parameters, tensors, strict=False):
@@ -267,6 +271,8 @@ class CoordinatorView(Protocol):
     :class:`~crowdtrain.node.link.http.RunView` answers)."""
 
     def fresh_step(self) -> int | None: ...
+
+    def fresh_leading_step(self) -> int | None: ...
 
     def checkpoint_sha256(self, step: int) -> str | None: ...
 
@@ -316,10 +322,12 @@ class SwarmGuard:
         self._offset = 0
         self._lock = threading.Lock()
         self.coordinator_step: Callable[[], int | None] = _no_step
+        self.coordinator_leading_step: Callable[[], int | None] = _no_step
         self.checkpoint_sha256: Callable[[int], str | None] = _no_checkpoint
         self.checkpoint_state: Callable[[int], dict[str, torch.Tensor] | None] = _no_checkpoint
         if coordinator is not None:
             self.coordinator_step = coordinator.fresh_step
+            self.coordinator_leading_step = coordinator.fresh_leading_step
             self.checkpoint_sha256 = coordinator.checkpoint_sha256
             self.checkpoint_state = coordinator.checkpoint_state
         self.named_parameters: list[tuple[str, torch.Tensor]] = list(named_parameters)

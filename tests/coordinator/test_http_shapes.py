@@ -97,7 +97,7 @@ def test_run_and_checkpoint_answers_are_the_views_in_the_protocols_shapes(app, s
     run = client.get("/api/runs/shapes").json()
     assert run == run_view(store, "shapes")
     assert api.RunView.model_validate(run).val_loss == 3.5
-    assert api.RunHead.model_validate(run) == api.RunHead(id="shapes", step=1)
+    assert api.RunHead.model_validate(run) == api.RunHead(id="shapes", step=1, leading_step=1)
     assert client.get("/api/runs").json() == list_runs_view(store)
 
     rows = client.get("/api/runs/shapes/checkpoints").json()

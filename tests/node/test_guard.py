@@ -218,6 +218,18 @@ def test_state_at_the_coordinators_step_is_accepted(tmp_path: Path) -> None:
     assert state_problem(guard, main, *_download(model, 10_000)) is None
 
 
+def test_state_of_the_leading_peers_is_accepted_while_the_run_step_lags(tmp_path: Path) -> None:
+    # Two peers: one at step 2 (catching up: it holds the run's lower-median step down),
+    # one at 16. The laggard must accept the leader's state, or both stay apart for good.
+    model = _model()
+    main = list(model.parameters())
+    guard = _state_guard(tmp_path, model, Coordinator(2))
+    guard.coordinator_leading_step = lambda: 16
+    assert state_problem(guard, main, *_download(model, 16)) is None
+    assert "ahead" in state_problem(guard, main, *_download(model, 16 + STEP_TOLERANCE + 1))
+    assert "behind" not in (state_problem(guard, main, *_download(model, 2)) or "")
+
+
 def test_state_the_coordinator_disagrees_with_is_refused(tmp_path: Path) -> None:
     model = _model()
     main = list(model.parameters())
