@@ -176,11 +176,19 @@ class CoordinatorClient:
         self._call("Leave", pb.LeaveRequest(), token)
 
     def download(
-        self, url: str, dest: Path, max_bytes: int | None = None, purpose: str = "data"
+        self,
+        url: str,
+        dest: Path,
+        max_bytes: int | None = None,
+        purpose: str = "data",
+        sha256: str | None = None,
     ) -> None:
         """Stream ``url`` into ``dest`` (via a temporary file, so a partial file never shows),
-        refusing more than ``max_bytes`` as they arrive; its bytes count as ``purpose``."""
-        download_file(self._http, url, dest, dest.name, self.progress, max_bytes=max_bytes)
+        refusing more than ``max_bytes`` as they arrive and, given ``sha256``, a file that
+        does not hash to it; its bytes count as ``purpose``."""
+        download_file(
+            self._http, url, dest, dest.name, self.progress, sha256=sha256, max_bytes=max_bytes
+        )
         self.traffic.add(purpose, received=dest.stat().st_size)
 
 

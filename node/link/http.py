@@ -181,7 +181,7 @@ class RunView:
     url: str
     run_id: str
     folder: Path
-    download: Callable[[str, Path], None]
+    download: Callable[..., None]  # (url, path, max_bytes=, sha256=)
     ca_cert: Path | None = None
     traffic: Traffic | None = None  # counts each GET as control
 
@@ -229,11 +229,23 @@ class RunView:
             return None
 
     def checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None:
-        """The tensors of the coordinator's checkpoint of ``step`` (safetensors: no pickle)."""
+        """The tensors of the coordinator's checkpoint of ``step`` (safetensors: no pickle),
+        no more bytes than its listed size and hashing to its listed sha256."""
         path = self.folder / f"checkpoint-{step}.safetensors"
         try:
+            found = self.get(api.CHECKPOINT, step=step)
+            info = api.CheckpointInfo.model_validate(found) if found is not None else None
+        except (httpx.HTTPError, ValueError) as e:
+            logger.info("could not ask the coordinator for its checkpoint of step %d (%s)", step, e)
+            return None
+        if info is None or not info.available:
+            return None
+        try:
             self.download(
-                api.url(self.url, api.CHECKPOINT_FILE, run_id=self.run_id, step=step), path
+                api.url(self.url, api.CHECKPOINT_FILE, run_id=self.run_id, step=step),
+                path,
+                max_bytes=info.num_bytes,
+                sha256=info.file_sha256,
             )
             return load_checkpoint(path)[0]
         except CrowdtrainError as e:

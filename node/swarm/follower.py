@@ -17,7 +17,11 @@ hivemind, announced half a round above theirs, so peers that missed a round
 load it from here rather than from a volunteer.
 
 Only when it missed a round (it came late, or its group failed) does it load
-the next round from a peer, and says so. It reports no training progress.
+the next round from a peer, and says so. When no peer can serve it (every node
+in client mode, the round failed for everyone), it goes on at the swarm's round
+with the parameters it holds, and the next round's group converges on them:
+client-mode nodes need it as their reducer, so it must not wait for a state
+nobody serves. It reports no training progress.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class FollowerStats:
     followed: int = 0  # rounds averaged with the group and applied
     loaded: int = 0  # rounds loaded from a peer (missed, or our state differed)
     missed: int = 0  # round ends with no group and no peer ahead
+    jumped: int = 0  # rounds nobody could serve, skipped keeping our global parameters
     disagreed: int = 0  # rounds whose group said other global parameters were the swarm's
     traffic: Traffic | None = None  # what it sent and received, by purpose
 
@@ -235,7 +240,15 @@ class RoundFollower:
 
     def _catch_up(self, round_: int, why: str) -> None:
         """Load round ``round_`` (or later) from a peer: we missed what led to it."""
+        if not self.exchange.announced_rounds():
+            # Nobody serves state (every node in client mode): waiting for a round would
+            # only make us miss the next one too. Join the nodes' round now.
+            self._jump(max(round_, self.tracker.global_progress.epoch), why)
+            return
         state = self.exchange.await_round(round_, self._round_timeout_s)
+        if state is None and not any(r >= round_ for r in self.exchange.announced_rounds()):
+            self._jump(max(round_, self.tracker.global_progress.epoch), why)
+            return
         if state is None:
             self.stats.missed += 1
             self.stats.write(self.outbox)
@@ -255,6 +268,30 @@ class RoundFollower:
         self._announce()
         self._write(self.round)
         logger.warning("%s: loaded round %d's global state from a peer", why, state.round)
+
+    def _jump(self, round_: int, why: str) -> None:
+        """Nobody serves round ``round_`` (every node is in client mode and the round
+        failed for everyone: each applied its own pseudo-gradient). Waiting for it would
+        stop the swarm for good, since its client-mode nodes need us as their reducer: go
+        on at ``round_`` with the global parameters we hold. The next round's group then
+        reloads ours (:func:`canonical_sha256`), so the nodes converge again."""
+        held = self.round
+        with self._lock:
+            self.round = round_
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.round)
+        self.stats.jumped += 1
+        self.stats.round = self.round
+        self.stats.write(self.outbox)
+        self._announce()
+        logger.warning(
+            "%s, and no peer serves round %d: following from round %d with the global "
+            "parameters of round %d; the next round's group reloads them",
+            why,
+            round_,
+            round_,
+            held,
+        )
 
     # state
 

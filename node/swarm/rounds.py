@@ -154,10 +154,17 @@ def gathered_weight(gathered: Any) -> float:
 def canonical_sha256(gathered: Iterable[Any]) -> str | None:
     """The group's global-parameter hash held by the most weight (ties: the smallest),
     among the peers that serve state (others could never download a client's). A
-    follower's (the coordinator's, weight 0) never counts: it follows the peers."""
-    values = [v for v in gathered if isinstance(v, dict) and not v.get("follower")]
+    follower's (the coordinator's, weight 0) counts only when no volunteer of the group
+    serves state: it is then the one state every peer can download, so peers whose
+    parameters drifted apart (a round that failed for everyone) all converge on it."""
+    gathered = [v for v in gathered if isinstance(v, dict)]
+    values = [v for v in gathered if not v.get("follower")]
     if any(v.get("serves") for v in values):
         values = [v for v in values if v.get("serves")]
+    else:
+        followers = [v["sha256"] for v in gathered if v.get("follower") and v.get("sha256")]
+        if followers and isinstance(followers[0], str):
+            return min(followers)
     weights: dict[str, float] = {}
     for value in values:
         sha256 = value.get("sha256")

@@ -176,6 +176,12 @@ def test_rounds_meet_only_their_own_round_and_the_heaviest_hash_wins() -> None:
     # a client-mode peer cannot serve its parameters: the serving peers' hash wins
     group = [{"sha256": "c", "weight": 9.0}, {"sha256": "f", "weight": 1.0, "serves": True}]
     assert canonical_sha256(group) == "f"
+    # the coordinator's follower (weight 0) counts only when no volunteer serves: then
+    # its state is the one every client-mode peer can download and converge on
+    follower = {"sha256": "k", "weight": 0.0, "follower": True}
+    assert canonical_sha256([*group, follower]) == "f"
+    assert canonical_sha256([{"sha256": "c", "weight": 9.0}, follower]) == "k"
+    assert canonical_sha256([follower]) == "k"
 
 
 def test_a_late_joiner_loads_the_global_state_of_a_round(tmp_path: Path) -> None:
