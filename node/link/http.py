@@ -204,20 +204,22 @@ class RunView:
 
     def fresh_step(self) -> int | None:
         """The step the coordinator records now (the heartbeat's may be seconds old)."""
-        try:
-            return api.RunHead.model_validate(self.get(api.RUN)).step
-        except (httpx.HTTPError, ValueError) as e:  # a ValidationError is a ValueError
-            logger.info("could not ask the coordinator for its step (%s)", e)
-            return None
+        head = self._head()
+        return head.step if head is not None else None
 
     def fresh_leading_step(self) -> int | None:
         """How far ahead of its step the coordinator sees live peers now (None: unknown)."""
-        try:
-            head = api.RunHead.model_validate(self.get(api.RUN))
-        except (httpx.HTTPError, ValueError) as e:
-            logger.info("could not ask the coordinator for its step (%s)", e)
+        head = self._head()
+        if head is None:
             return None
         return head.leading_step if head.leading_step is not None else head.step
+
+    def _head(self) -> api.RunHead | None:
+        try:
+            return api.RunHead.model_validate(self.get(api.RUN))
+        except (httpx.HTTPError, ValueError) as e:  # a ValidationError is a ValueError
+            logger.info("could not ask the coordinator for its step (%s)", e)
+            return None
 
     def checkpoint_sha256(self, step: int) -> str | None:
         """The params_sha256 of the coordinator's checkpoint of ``step``, if it keeps one."""

@@ -241,14 +241,12 @@ class RoundFollower:
     def _catch_up(self, round_: int, why: str) -> None:
         """Load round ``round_`` (or later) from a peer: we missed what led to it."""
         if not self.exchange.announced_rounds():
-            # Nobody serves state (every node in client mode): waiting for a round would
-            # only make us miss the next one too. Join the nodes' round now.
+            # Nobody serves state (every node in client mode): waiting for the round would
+            # only make us miss the next one too. Join the nodes' round now. (While a
+            # volunteer serves, we wait for its state: ours must stay the swarm's.)
             self._jump(max(round_, self.tracker.global_progress.epoch), why)
             return
         state = self.exchange.await_round(round_, self._round_timeout_s)
-        if state is None and not any(r >= round_ for r in self.exchange.announced_rounds()):
-            self._jump(max(round_, self.tracker.global_progress.epoch), why)
-            return
         if state is None:
             self.stats.missed += 1
             self.stats.write(self.outbox)

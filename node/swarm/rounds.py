@@ -157,13 +157,15 @@ def canonical_sha256(gathered: Iterable[Any]) -> str | None:
     follower's (the coordinator's, weight 0) counts only when no volunteer of the group
     serves state: it is then the one state every peer can download, so peers whose
     parameters drifted apart (a round that failed for everyone) all converge on it."""
-    gathered = [v for v in gathered if isinstance(v, dict)]
-    values = [v for v in gathered if not v.get("follower")]
+    dicts = [v for v in gathered if isinstance(v, dict)]
+    values = [v for v in dicts if not v.get("follower")]
     if any(v.get("serves") for v in values):
         values = [v for v in values if v.get("serves")]
     else:
-        followers = [v["sha256"] for v in gathered if v.get("follower") and v.get("sha256")]
-        if followers and isinstance(followers[0], str):
+        followers = [
+            v["sha256"] for v in dicts if v.get("follower") and isinstance(v.get("sha256"), str)
+        ]
+        if followers:
             return min(followers)
     weights: dict[str, float] = {}
     for value in values:
