@@ -1,8 +1,10 @@
-"""Switch one of issue 14's defences off, run the hostile-peer test that must catch it, restore.
+"""Switch one defence off, run the test that must catch it, restore.
 
-Usage: .venv/bin/python scripts/defence_off.py [counts step sybils squat free fault slowloris]
-Each case edits the working tree, runs its test in tests/e2e/test_hostile_peers.py
-(which must then FAIL), and puts the files back with git checkout: run it on a clean tree.
+Usage: .venv/bin/python scripts/defence_off.py
+    [counts step sybils squat free fault slowloris checkpoint nat]
+Each case edits the working tree, runs its test (issue 14's in
+tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
+git checkout: run it on a clean tree.
 """
 
 import pathlib
@@ -10,6 +12,8 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+HOSTILE = "tests/e2e/test_hostile_peers.py"
+# name: (the edits that switch the defence off, the test file, the tests in it to run)
 CASES = {
     "counts": (
         [
@@ -39,6 +43,7 @@ CASES = {
                 '"SELECT peer_id, SUM(num_tokens) AS num_tokens,"',
             ),
         ],
+        HOSTILE,
         "counts_at",
     ),
     "step": (
@@ -49,6 +54,7 @@ CASES = {
                 "    store.raise_run_step(session.run_id, beat.step)",
             )
         ],
+        HOSTILE,
         "claimed_step",
     ),
     "sybils": (
@@ -59,6 +65,7 @@ CASES = {
                 "",
             )
         ],
+        HOSTILE,
         "sybils",
     ),
     "squat": (
@@ -74,6 +81,7 @@ CASES = {
                 "        if False:",
             ),
         ],
+        HOSTILE,
         "swarm_ids",
     ),
     "free": (
@@ -84,6 +92,7 @@ CASES = {
                 "        elif False:",
             )
         ],
+        HOSTILE,
         "free_rider",
     ),
     "fault": (
@@ -99,18 +108,41 @@ CASES = {
                 "    ledger.assess(run, session, receipt, sent_at=sent_at)",
             ),
         ],
+        HOSTILE,
         "fault_between",
     ),
     "slowloris": (
         [("coordinator/api/http_limits.py", '        "http": HeadTimeoutH11,\n', "")],
+        HOSTILE,
         "half_sent",
+    ),
+    # The keeper's checkpoint a node compares served state with: checked and capped.
+    "checkpoint": (
+        [
+            ("node/link/http.py", "                max_bytes=info.num_bytes,\n", ""),
+            ("node/link/http.py", "                sha256=info.file_sha256,\n", ""),
+        ],
+        "tests/node/test_run_view.py",
+        "checked",
+    ),
+    # The follower goes on when nobody serves the round it missed (all nodes behind NAT).
+    "nat": (
+        [
+            (
+                "node/swarm/follower.py",
+                "        if not self.exchange.announced_rounds():\n            # Nobody serves",
+                "        if False:\n            # Nobody serves",
+            )
+        ],
+        "tests/e2e/test_state_plane.py",
+        "behind_nat",
     ),
 }
 
 
 def main(names: list[str]) -> None:
     for name in names:
-        patches, selector = CASES[name]
+        patches, test, selector = CASES[name]
         for path, old, new in patches:
             f = ROOT / path
             text = f.read_text()
@@ -124,7 +156,7 @@ def main(names: list[str]) -> None:
                     "pytest",
                     "-q",
                     "-x",
-                    "tests/e2e/test_hostile_peers.py",
+                    test,
                     "-k",
                     selector,
                 ],
