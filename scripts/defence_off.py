@@ -1,7 +1,7 @@
 """Switch one defence off, run the test that must catch it, restore.
 
 Usage: .venv/bin/python scripts/defence_off.py
-    [counts step sybils squat free fault slowloris checkpoint nat]
+    [counts step sybils squat free fault slowloris checkpoint nat weightless]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
 git checkout: run it on a clean tree.
@@ -136,6 +136,17 @@ CASES = {
         ],
         "tests/e2e/test_state_plane.py",
         "behind_nat",
+    ),
+    "weightless": (
+        [
+            (
+                "node/swarm/allreduce.py",
+                "            self.denominator = 1.0  # the accumulator holds 0 * every part: zero",
+                "            pass",
+            )
+        ],
+        "tests/node/test_diloco.py",
+        "weighs_nothing",
     ),
 }
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import random
 import signal
@@ -30,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import numpy as np
 import torch
 from hivemind.utils.logging import use_hivemind_log_handler
@@ -51,8 +49,6 @@ PORTS_FILE = "ports.json"
 # A spot check waits this long (beyond checkpoint_every_s) for a checkpoint of one of
 # its receipt's steps before it is skipped.
 SPOT_CHECK_GRACE_S = 30.0
-# The most a state download may take; the keeper tries again at its next turn.
-LOAD_STATE_TIMEOUT_S = 30.0
 _TICK_S = 1.0
 SPOT_CHECK_BUDGET_S = 2.0  # spot checks per tick, at most this long (then checkpoints again)
 
@@ -166,34 +162,24 @@ class Verifier:
         self.store = store
         self.keeper = keeper
         self.checker = checker
-        self._last_pull: dict[str, float] = {}
 
     def tick(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         if self.keeper is not None:
             for row in self.store.list_runs():
                 try:
-                    self._maybe_pull(row["id"], now)
+                    self._maybe_pull(row["id"])
                 except Exception:  # one run's trouble must not stop the others' checks
                     logger.exception("keeping a checkpoint of run %s failed", row["id"])
         # A backlog of spot checks must not hold up the next tick's checkpoints (a DiLoCo
         # round's may come every few seconds): a slice of it per tick.
         self.run_spot_checks(now, budget_s=SPOT_CHECK_BUDGET_S)
 
-    def _maybe_pull(self, run_id: str, now: float) -> None:
-        run = records.get_run(self.store, run_id)
+    def _maybe_pull(self, run_id: str) -> None:
         assert self.keeper is not None
-        if run.spec.optimizer.mode == "diloco":
-            self.keeper.follow(run)  # every round, as its follower reaches it
-            return
-        every = run.spec.verify.checkpoint_every_s
-        if now - self._last_pull.get(run_id, 0.0) < every:
-            return
-        if records.num_active_peers(self.store, run_id, now) == 0:
-            return
-        self._last_pull[run_id] = now
-        timeout = min(LOAD_STATE_TIMEOUT_S, run.spec.swarm.load_state_timeout_s, every)
-        self.keeper.pull(run, timeout)
+        # Every round or step its follower wrote (a sync follower writes one every
+        # [verify] checkpoint_every_s).
+        self.keeper.follow(records.get_run(self.store, run_id))
 
     def run_spot_checks(self, now: float, budget_s: float | None = None) -> int:
         """Check every queued receipt that can be checked now, or as many as fit in
@@ -281,22 +267,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-json", action="store_true", help="log JSON lines")
     args = parser.parse_args(argv)
     _setup_logging(args.log_level, args.log_json)
-    # hivemind's processes cannot be spawned, only forked (see HIVEMIND-NOTES).
-    multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(1)  # the coordinator's machine serves first, verifies second
 
     stop = threading.Event()
+    _install_signals(stop)
     store = Store(args.data_dir, create=False)
-    dht: Any = None
     keeper: Keeper | None = None
     try:
         peers = _initial_peers(args.data_dir, args.initial_peers)
-        dht = hivemind.DHT(initial_peers=peers, client_mode=True, start=True)
-        keeper = Keeper(store, dht, initial_peers=peers, follower_host=args.follower_host)
+        keeper = Keeper(store, initial_peers=peers, follower_host=args.follower_host)
         verifier = Verifier(store, keeper, SpotChecker(store, keeper.folder))
         logger.info("verifier ready (pid %d)", os.getpid())
         while not stop.is_set() and _parent_alive(args.parent_pid):
-            _install_signals(stop)  # again: hivemind's averagers reset SIGINT when they start
             try:
                 verifier.tick()
             except Exception:  # the store was busy, say: try again at the next tick
@@ -308,8 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if keeper is not None:
             keeper.shutdown()
-        if dht is not None:
-            dht.shutdown()
         store.close()
     return 0
 

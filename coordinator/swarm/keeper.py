@@ -1,21 +1,20 @@
-"""The checkpoint keeper: downloads a run's state from its swarm and keeps it as checkpoints.
+"""The checkpoint keeper: keeps a run's state, as its follower holds it, as checkpoints.
 
-For each run it holds one hivemind ``TrainingStateAverager`` in client mode,
-shaped like the nodes' (the same parameter groups and an AdamW of the same
-shapes, under the prefix ``{run_id}_state_averager``), and asks it to load
-the state of the swarm's best peer. The parameters are saved as a
-params-only safetensors file ``checkpoints/<run>/step-<step>.safetensors``
-in the coordinator's data folder, recorded with their :func:`params_sha256`
-in the store, and only the newest ``[verify] keep_checkpoints`` files are kept (their
-hashes stay). Each file carries the spec hash, step, tokens seen and parameters'
-sha256 in its metadata, and a sidecar ``<file>.sha256`` with the file's own sha256.
+Each run has a follower (:mod:`~crowdtrain.coordinator.swarm.followers`): a
+process of its own that takes part in the run's averaging without training.
+In a DiLoCo run it holds every round's global parameters bit for bit as the
+nodes do, and each round it reaches is kept here with its outer momentum. In
+a sync run it joins each step's gradient group with weight 0 and takes the
+nodes' optimizer step, and its parameters are kept every ``[verify]
+checkpoint_every_s``. No volunteer's uplink carries state for the keeper.
 
-A DiLoCo run (``[optimizer] mode = "diloco"``) is not pulled: its round
-follower (:mod:`~crowdtrain.coordinator.swarm.followers`) takes part in every
-round, holds the round's global parameters bit for bit as the nodes do, and
-each round it reaches is kept here as the checkpoint of that step, with its
-outer momentum; no volunteer's uplink carries state for it. Runs in the
-verifier process, never in the coordinator's serving process.
+The parameters are saved as a params-only safetensors file
+``checkpoints/<run>/step-<step>.safetensors`` in the coordinator's data
+folder, recorded with their :func:`params_sha256` in the store, and only the
+newest ``[verify] keep_checkpoints`` files are kept (their hashes stay). Each
+file carries the spec hash, step, tokens seen and parameters' sha256 in its
+metadata, and a sidecar ``<file>.sha256`` with the file's own sha256. Runs in
+the verifier process, never in the coordinator's serving process.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import torch
-from hivemind.optim.state_averager import TrainingStateAverager
 
 from crowdtrain.coordinator.records import PublishedRun, num_active_peers, roster
 from crowdtrain.coordinator.store import Store
@@ -48,17 +45,13 @@ from crowdtrain.model import (
     GPT,
     CheckpointError,
     GPTConfig,
-    param_groups,
-    params_sha256,
     save_checkpoint,
 )
 
 logger = logging.getLogger(__name__)
 
 
-# Downloads per pull until two in a row agree (see Keeper.pull).
-MAX_DOWNLOADS = 4
-# A DiLoCo run's follower runs from the keeper's start, and stops after this long without
+# A run's follower runs from the keeper's start, and stops after this long without
 # an active peer; it starts again with the next one (from the newest kept round).
 FOLLOWER_IDLE_S = 600.0
 
@@ -71,7 +64,7 @@ def _seeded_model(run: PublishedRun) -> GPT:
 
 def tree_cpu_s() -> float:
     """CPU seconds used by this process and every live process it started (Linux /proc);
-    hivemind does its downloading in child processes. Elsewhere: this process only."""
+    the followers are child processes. Elsewhere: this process only."""
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     stats: dict[int, tuple[int, float]] = {}
     try:
@@ -101,26 +94,22 @@ def tree_cpu_s() -> float:
 
 
 class Keeper:
-    """Pulls runs' state from their swarms into checkpoints. Create it in the main thread:
-    hivemind's averagers install signal handlers when they start."""
+    """Keeps runs' state, as their followers hold it, as checkpoints."""
 
     def __init__(
         self,
         store: Store,
-        dht: hivemind.DHT | None,
         keep: int | None = None,
         initial_peers: list[str] | None = None,
         follower_host: str = "127.0.0.1",
     ):
         """``keep`` overrides each run's ``[verify] keep_checkpoints``. Files an interrupted
-        save left behind are removed here. ``dht`` may be None to only :meth:`save`;
-        DiLoCo runs are followed only with ``initial_peers`` (the swarm's DHT multiaddrs),
-        by followers listening on ``follower_host``."""
+        save left behind are removed here. Runs are followed only with ``initial_peers``
+        (the swarm's DHT multiaddrs), by followers listening on ``follower_host``; without
+        them the keeper can only :meth:`save`."""
         self.store = store
-        self.dht = dht
         self.keep = keep
         self.folder = store.data_dir / CHECKPOINTS_DIR
-        self._averagers: dict[str, tuple[TrainingStateAverager, GPT]] = {}
         self.followers = Followers(
             store.data_dir / FOLLOWERS_DIR, initial_peers or [], host=follower_host
         )
@@ -128,40 +117,10 @@ class Keeper:
         self._last_active: dict[str, float] = {}  # run -> when it last had an active peer
         self.remove_stale_files()
 
-    def _averager(self, run: PublishedRun) -> tuple[TrainingStateAverager, GPT]:
-        assert self.dht is not None, "a Keeper without a DHT can only save"
-        if run.id not in self._averagers:
-            model = _seeded_model(run)
-            averager = TrainingStateAverager(
-                dht=self.dht,
-                prefix=f"{run.id}_state_averager",
-                optimizer=torch.optim.AdamW,
-                params=param_groups(model, run.spec.optimizer.weight_decay),
-                client_mode=True,
-                request_timeout=max(1.0, run.spec.swarm.request_timeout_s),
-                start=True,
-            )
-            self._averagers[run.id] = (averager, model)
-        return self._averagers[run.id]
-
-    def _download(self, run: PublishedRun, timeout_s: float) -> tuple[int, str] | None:
-        """Load the state of the swarm's best peer into this run's model: (step, sha256)."""
-        averager, model = self._averager(run)
-        averager.local_epoch = -1  # stays below 0 unless a download succeeds
-        try:
-            averager.load_state_from_peers(timeout=timeout_s)
-        except Exception as e:  # no peer, a timeout, a peer that left mid-download
-            logger.info("run %s: could not download the swarm's state: %s", run.id, e)
-            return None
-        if averager.local_epoch < 0:
-            logger.info("run %s: no peer shared its state", run.id)
-            return None
-        return averager.local_epoch, params_sha256(model.state_dict())
-
     def follow(self, run: PublishedRun) -> dict[str, Any] | None:
-        """A DiLoCo run: make sure its round follower runs, and keep every round it reached
-        since the last call. Returns the newest stored checkpoint row, or None when none
-        was new."""
+        """Make sure the run's follower runs, and keep every round (DiLoCo) or step (sync)
+        it wrote since the last call. Returns the newest stored checkpoint row, or None
+        when none was new."""
         if not self._following:
             return None
         now = time.monotonic()
@@ -202,43 +161,16 @@ class Keeper:
         return row
 
     def _follow_from(self, run: PublishedRun) -> tuple[Path | None, Path | None]:
-        """The newest kept round's file and its outer momentum, where a (re)started follower
-        begins; (None, None) for round 0, or when that round's momentum is not kept."""
+        """The newest kept checkpoint and its outer momentum, where a (re)started follower
+        begins; (None, None) for step 0, or for a DiLoCo round whose momentum is not kept."""
         kept = self.store.list_checkpoints(run.id)
         if not kept:
             return None, None
         start = checkpoint_file(self.store, run.id, kept[-1]["step"])
+        if run.spec.optimizer.mode == "sync":
+            return start, None  # Adam's statistics come from a peer, or start afresh
         outer = outer_file(self.store, run.id, kept[-1]["step"])
         return (start, outer) if start is not None and outer is not None else (None, None)
-
-    def pull(self, run: PublishedRun, timeout_s: float) -> dict[str, Any] | None:
-        """Download the swarm's state and save it if it is a step not kept yet.
-
-        hivemind reads a sync peer's step and parameters at two moments, so a
-        download taken as the peer steps can label one step's parameters with the
-        next step: a sync checkpoint is kept only when two downloads in a row
-        agree on both. A DiLoCo run is followed instead (:meth:`follow`). Returns the stored checkpoint row, or None when no peer
-        answered in ``timeout_s``, the downloads never agreed, the state was not
-        finite, or that step is already kept.
-        """
-        if run.spec.optimizer.mode == "diloco":
-            return self.follow(run)
-        cpu_started = tree_cpu_s()
-        _, model = self._averager(run)
-        agreed = None
-        previous = self._download(run, timeout_s)
-        for _ in range(MAX_DOWNLOADS - 1):
-            if previous is None:
-                return None
-            latest = self._download(run, timeout_s)
-            if latest == previous:
-                agreed = latest
-                break
-            previous = latest
-        if agreed is None:
-            logger.info("run %s: the swarm stepped during every download; next time", run.id)
-            return None
-        return self._keep(run, model, agreed, cpu_started)
 
     def _keep(
         self,
@@ -248,14 +180,14 @@ class Keeper:
         cpu_started: float,
         momentum: list[torch.Tensor] | None = None,
     ) -> dict[str, Any] | None:
-        """Save ``model``'s parameters, just downloaded as ``(step, sha256)`` (a DiLoCo
+        """Save ``model``'s parameters, the follower's as ``(step, sha256)`` (a DiLoCo
         round's with its outer ``momentum``), unless they are not finite or that step is
         kept already."""
         if downloaded is None:
             return None
         step, sha256 = downloaded
         # Not copied: the tied embedding stays one tensor, saved once; nothing else writes
-        # these parameters until the next pull, in this thread.
+        # these parameters (a model of this call's own).
         state = {k: v.detach() for k, v in model.state_dict().items()}
         if not all(bool(torch.isfinite(t).all()) for t in state.values()):
             logger.warning("run %s: the swarm's state at step %d is not finite", run.id, step)
@@ -386,9 +318,3 @@ class Keeper:
 
     def shutdown(self) -> None:
         self.followers.shutdown()
-        for averager, _ in self._averagers.values():
-            try:
-                averager.shutdown()
-            except Exception as e:  # shutting down must go on for the others
-                logger.debug("averager shutdown failed: %s", e)
-        self._averagers.clear()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
-from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -37,6 +37,24 @@ from crowdtrain.node.swarm.guard import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class _WeightedPartReducer(TensorPartReducer):
+    """hivemind's reducer, except that a slice nobody gave any weight averages to zero.
+
+    hivemind divides the weighted sum by the total weight, so a group whose
+    every part weighs 0 (the keeper's step follower and a node tagging along
+    with nothing accumulated) would hand every member 0/0 = NaN. Zero is what
+    such a group contributes; the step follower takes an all-zero average as a
+    step it did not get.
+    """
+
+    denominator: float  # hivemind's: the weight accumulated for the current slice
+
+    def check_current_part_finished(self) -> None:
+        if self.current_part_accumulated_from == self.num_current_senders and self.denominator <= 0:
+            self.denominator = 1.0  # the accumulator holds 0 * every part: zero
+        super().check_current_part_finished()
 
 
 class GuardedAllReduceRunner(AllReduceRunner):
@@ -72,6 +90,10 @@ class GuardedAllReduceRunner(AllReduceRunner):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        self.tensor_part_reducer = _WeightedPartReducer(  # in place of hivemind's, unused yet
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+        )
         self._guard, self._max_weight, self._attack = guard, max_weight, attack
         self._exact = exact_results
         # A failed reducer's slice then holds our own part (not a zero difference).

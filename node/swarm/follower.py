@@ -22,12 +22,15 @@ in client mode, the round failed for everyone), it goes on at the swarm's round
 with the parameters it holds, and the next round's group converges on them:
 client-mode nodes need it as their reducer, so it must not wait for a state
 nobody serves. It reports no training progress.
+
+For a sync run the same process runs the step follower instead
+(:mod:`~crowdtrain.node.swarm.step_follower`), which writes the swarm's
+parameters at its steps to the same outbox.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -35,14 +38,13 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hivemind
 import torch
 
-from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
+from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.node.swarm.compression import compression
 from crowdtrain.node.swarm.diloco_state import (
@@ -50,6 +52,12 @@ from crowdtrain.node.swarm.diloco_state import (
     StateExchange,
     failure_reason,
     served_state,
+)
+from crowdtrain.node.swarm.following import (
+    FOLLOWER_BONUS,
+    FollowerStats,
+    put_in_outbox,
+    seeded_model,
 )
 from crowdtrain.node.swarm.guard import GuardConfig
 from crowdtrain.node.swarm.rounds import (
@@ -60,48 +68,10 @@ from crowdtrain.node.swarm.rounds import (
     round_bits,
     round_tracker,
 )
-from crowdtrain.protocol.files import atomic_write
+from crowdtrain.node.swarm.step_follower import StepFollower
 from crowdtrain.protocol.runspec import RunSpec, load_spec
 
 logger = logging.getLogger(__name__)
-
-OUTBOX_KEEP = 4  # rounds left in the outbox when nobody takes them (the keeper is away)
-FOLLOWER_BONUS = 0.5  # added to the announced round: among peers of one round, ours is asked
-
-
-def outbox_name(round_: int) -> str:
-    return f"round-{round_}.safetensors"
-
-
-def outbox_outer_name(round_: int) -> str:
-    return f"round-{round_}.outer.safetensors"
-
-
-def seeded_model(spec: RunSpec) -> GPT:
-    """The run's model as every node initializes it (the run's seed, on the CPU)."""
-    torch.manual_seed(spec.run.seed)
-    return GPT(GPTConfig.from_spec(spec.model))
-
-
-@dataclass
-class FollowerStats:
-    """What the follower did, written to ``stats.json`` in its outbox after every round."""
-
-    round: int = 0
-    followed: int = 0  # rounds averaged with the group and applied
-    loaded: int = 0  # rounds loaded from a peer (missed, or our state differed)
-    missed: int = 0  # round ends with no group and no peer ahead
-    jumped: int = 0  # rounds nobody could serve, skipped keeping our global parameters
-    disagreed: int = 0  # rounds whose group said other global parameters were the swarm's
-    traffic: Traffic | None = None  # what it sent and received, by purpose
-
-    def write(self, folder: Path) -> None:
-        values = {k: v for k, v in self.__dict__.items() if k != "traffic"}
-        if self.traffic is not None:
-            values["traffic"] = {
-                purpose: count.model_dump() for purpose, count in self.traffic.counts().items()
-            }
-        atomic_write(folder / "stats.json", json.dumps(values))
 
 
 class RoundFollower:
@@ -323,25 +293,12 @@ class RoundFollower:
         return served_state(state, self.round)
 
     def _write(self, round_: int) -> None:
-        """Put round ``round_``'s state in the outbox (momentum first: the keeper takes a
-        round once its parameters file is there) and drop rounds nobody took."""
         with self._lock:
             state = {k: v.clone() for k, v in self._state_dict().items()}
             momentum = dict(zip(self.names, [m.clone() for m in self._momentum()], strict=True))
-        sha256 = params_sha256(state)
-        metadata = {"run_id": self.run_id, "step": str(round_), "params_sha256": sha256}
-        save_checkpoint(self.outbox / outbox_outer_name(round_), momentum, metadata)
-        save_checkpoint(self.outbox / outbox_name(round_), state, metadata)
+        put_in_outbox(self.outbox, self.run_id, round_, state, momentum)
         self.stats.round = round_
         self.stats.write(self.outbox)
-        waiting = sorted(
-            int(p.name.split("-")[1].split(".")[0])
-            for p in self.outbox.glob("round-*.safetensors")
-            if not p.name.endswith(".outer.safetensors")
-        )
-        for old in waiting[:-OUTBOX_KEEP]:
-            (self.outbox / outbox_name(old)).unlink(missing_ok=True)
-            (self.outbox / outbox_outer_name(old)).unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         self.tracker.shutdown(1.0)
@@ -369,7 +326,8 @@ def start_state(spec: RunSpec, checkpoint: Path | None, outer: Path | None) -> G
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m crowdtrain.node.swarm.follower",
-        description="Follow a DiLoCo run's rounds without training; write each round's state.",
+        description="Follow a run's rounds (DiLoCo) or steps (sync) without training; "
+        "write their state for the keeper.",
     )
     parser.add_argument("--spec", type=Path, required=True, help="the run spec (TOML)")
     parser.add_argument("--outbox", type=Path, required=True, help="where rounds are written")
@@ -390,23 +348,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     spec = load_spec(args.spec)
     args.outbox.mkdir(parents=True, exist_ok=True)
-    start = start_state(spec, args.checkpoint, args.outer)
     stop = threading.Event()
     dht = hivemind.DHT(
         initial_peers=args.initial_peers,
         host_maddrs=[f"/ip4/{args.host}/tcp/0"],
         start=True,
     )
-    follower = None
+    follower: RoundFollower | StepFollower | None = None
     try:
         args.guard.mkdir(parents=True, exist_ok=True)
-        follower = RoundFollower(spec, dht, args.outbox, start, args.guard)
+        if spec.optimizer.mode == "sync":
+            follower = StepFollower(spec, dht, args.outbox, args.checkpoint, args.guard)
+        else:
+            start = start_state(spec, args.checkpoint, args.outer)
+            follower = RoundFollower(spec, dht, args.outbox, start, args.guard)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         watcher = threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True)
         watcher.start()
         logger.info(
-            "following run %s from round %d (pid %d)", spec.run.id, start.round, os.getpid()
+            "following run %s (%s) from %s %d (pid %d)",
+            spec.run.id,
+            spec.optimizer.mode,
+            "step" if spec.optimizer.mode == "sync" else "round",
+            follower.stats.round,
+            os.getpid(),
         )
         follower.run(stop)
     finally:

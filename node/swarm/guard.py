@@ -299,7 +299,9 @@ class SwarmGuard:
     ``named_parameters`` names the model's parameters (tied ones under each name)
     for hashing downloaded state. ``attack`` is the test hook that makes this a
     hostile peer (empty: honest). ``traffic`` counts the bytes the averagers send and
-    receive. Start it before hivemind: a previous session's files are removed. Tests may replace the three callables and
+    receive. Start it before hivemind: a previous session's files are removed, unless
+    ``keep_files`` (the keeper's step follower, whose roster the keeper writes). Tests may
+    replace the three callables and
     ``coordinator_lag_s`` after construction.
     """
 
@@ -312,13 +314,15 @@ class SwarmGuard:
         coordinator: CoordinatorView | None = None,
         named_parameters: Iterable[tuple[str, torch.Tensor]] = (),
         traffic: Traffic | None = None,
+        keep_files: bool = False,
     ):
         folder.mkdir(parents=True, exist_ok=True)
         # A fast honest peer can collect more than the target in one round (1.5x seen
         # on loopback), so a peer the roster does not list yet may claim twice it.
         self.config = GuardConfig(folder, 2.0 * target_batch_size, attack, traffic)
-        self.config.reports_path.unlink(missing_ok=True)
-        self.config.roster_path.unlink(missing_ok=True)
+        if not keep_files:
+            self.config.reports_path.unlink(missing_ok=True)
+            self.config.roster_path.unlink(missing_ok=True)
         self._offset = 0
         self._lock = threading.Lock()
         self.coordinator_step: Callable[[], int | None] = _no_step

@@ -101,6 +101,11 @@ def warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
     )
 
 
+def _inner_optimizer(spec: RunSpec) -> Any:
+    opt = spec.optimizer
+    return partial(ClippedAdamW, lr=opt.lr, betas=opt.betas, max_grad_norm=opt.grad_clip)
+
+
 def build_optimizer(
     spec: RunSpec,
     model: torch.nn.Module,
@@ -110,8 +115,6 @@ def build_optimizer(
 ) -> SwarmOptimizer:
     """The run's collaborative optimizer over ``model``; create it in the main thread."""
     opt = spec.optimizer
-    inner = partial(ClippedAdamW, lr=opt.lr, betas=opt.betas, max_grad_norm=opt.grad_clip)
-    scheduler = partial(warmup, warmup_steps=opt.warmup_steps)
     if opt.mode == "diloco":
         from crowdtrain.node.swarm.diloco import DiLoCoConfig, DiLoCoOptimizer
 
@@ -120,12 +123,24 @@ def build_optimizer(
             dht=dht,
             model=model,
             params=param_groups(model, opt.weight_decay),
-            inner_optimizer=inner,
-            scheduler=scheduler,
+            inner_optimizer=_inner_optimizer(spec),
+            scheduler=partial(warmup, warmup_steps=opt.warmup_steps),
             swarm_guard=guard,
         )
-    swarm = spec.swarm
-    return GuardedOptimizer(
+    return GuardedOptimizer(**sync_options(spec, model, dht, guard, micro_batch_size))
+
+
+def sync_options(
+    spec: RunSpec,
+    model: torch.nn.Module,
+    dht: hivemind.DHT,
+    guard: SwarmGuard,
+    micro_batch_size: int,
+) -> dict[str, Any]:
+    """The keyword arguments of a sync run's :class:`GuardedOptimizer` (or of a class
+    derived from it: the keeper's step follower uses the same)."""
+    opt, swarm = spec.optimizer, spec.swarm
+    return dict(
         swarm_guard=guard,
         model=model,
         dht=dht,
@@ -133,8 +148,8 @@ def build_optimizer(
         target_batch_size=opt.target_batch_size,
         batch_size_per_step=micro_batch_size,
         params=param_groups(model, opt.weight_decay),
-        optimizer=inner,
-        scheduler=scheduler,
+        optimizer=_inner_optimizer(spec),
+        scheduler=partial(warmup, warmup_steps=opt.warmup_steps),
         matchmaking_time=swarm.matchmaking_time_s,
         averaging_timeout=swarm.averaging_timeout_s,
         load_state_timeout=swarm.load_state_timeout_s,
@@ -164,4 +179,11 @@ def progress_key(optimizer: SwarmOptimizer) -> str:
     return str(optimizer.tracker._local_public_key.hex())
 
 
-__all__ = ["ClippedAdamW", "SwarmOptimizer", "build_optimizer", "progress_key", "warmup"]
+__all__ = [
+    "ClippedAdamW",
+    "SwarmOptimizer",
+    "build_optimizer",
+    "progress_key",
+    "sync_options",
+    "warmup",
+]

@@ -42,7 +42,7 @@ SAVE_SCRIPT = textwrap.dedent(
 
     data_dir, run_id, step, size, limit = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
     store = Store(Path(data_dir), create=False)
-    keeper = Keeper(store, None)
+    keeper = Keeper(store)
     run = get_run(store, run_id)
     state = {"weight": torch.full((size,), float(step))}
     digest = params_sha256(state)
@@ -114,7 +114,7 @@ def _save_in_child(store, run, step: int, size: int, limit: int = 0) -> subproce
 
 def test_a_checkpoint_carries_its_metadata_sidecar_and_row(store, run):
     _add_tokens(store, run.id, 12_345)
-    keeper = Keeper(store, None)
+    keeper = Keeper(store)
     state = _state(7)
     row = keeper.save(run, 7, state, params_sha256(state))
 
@@ -147,7 +147,7 @@ def test_a_checkpoint_carries_its_metadata_sidecar_and_row(store, run):
 
 
 def test_pruning_keeps_exactly_the_newest_k_files_and_every_hash(store, run):
-    keeper = Keeper(store, None)  # the spec keeps 3
+    keeper = Keeper(store)  # the spec keeps 3
     rows = [_save(keeper, run, step) for step in range(1, 7)]
     folder = keeper.folder / run.id
     names = sorted(p.name for p in folder.iterdir())
@@ -158,7 +158,7 @@ def test_pruning_keeps_exactly_the_newest_k_files_and_every_hash(store, run):
     assert [c["sha256"] for c in listed] == [r["sha256"] for r in rows]
     assert [c["file"] for c in listed] == [None, None, None, *kept]
     # An explicit keep overrides the spec's.
-    _save(Keeper(store, None, keep=1), run, 7)
+    _save(Keeper(store, keep=1), run, 7)
     assert sorted(p.name for p in folder.iterdir()) == [
         checkpoint_name(7),
         checkpoint_name(7) + ".sha256",
@@ -166,7 +166,7 @@ def test_pruning_keeps_exactly_the_newest_k_files_and_every_hash(store, run):
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_and_the_store_as_they_were(store, run):
-    keeper = Keeper(store, None)
+    keeper = Keeper(store)
     _save(keeper, run, 1)
     folder = keeper.folder / run.id
     before_files, before_rows = _folder_bytes(folder), db_rows(store.data_dir)
@@ -183,7 +183,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_the_store_as_they_were(s
 
 
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_and_a_restart_cleans_up(store, run):
-    keeper = Keeper(store, None)
+    keeper = Keeper(store)
     first = _save(keeper, run, 1)
     folder = keeper.folder / run.id
     before_files, before_rows = _folder_bytes(folder), db_rows(store.data_dir)
@@ -207,7 +207,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_and_a_restart_cleans_u
     assert any(n.startswith(".step-00000002") for n in left)  # what the crash left
     assert db_rows(store.data_dir) == before_rows
 
-    Keeper(store, None)  # the next keeper's start removes the temp file
+    Keeper(store)  # the next keeper's start removes the temp file
     assert _folder_bytes(folder) == before_files
     state, metadata = load_checkpoint(folder / checkpoint_name(1))
     assert params_sha256(state) == first["sha256"] and metadata["step"] == "1"
@@ -215,13 +215,13 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_and_a_restart_cleans_u
 
 def test_a_file_no_row_names_is_removed_at_start(store, run):
     """A crash after the rename but before the row: the file is not a kept checkpoint."""
-    keeper = Keeper(store, None)
+    keeper = Keeper(store)
     _save(keeper, run, 1)
     folder = keeper.folder / run.id
     orphan = folder / checkpoint_name(9)
     orphan.write_bytes(b"not recorded")
     sidecar_path(orphan).write_text("x  y\n")
-    Keeper(store, None)
+    Keeper(store)
     assert sorted(p.name for p in folder.iterdir()) == [
         checkpoint_name(1),
         checkpoint_name(1) + ".sha256",
@@ -236,7 +236,7 @@ def test_a_diloco_rounds_outer_momentum_is_kept_served_listed_and_pruned_with_it
     from crowdtrain.coordinator.runs.leases import LeaseBook
     from crowdtrain.coordinator.swarm.checkpoints import checkpoints_view, outer_path
 
-    keeper = Keeper(store, None)  # the spec keeps 3
+    keeper = Keeper(store)  # the spec keeps 3
     for step in range(1, 5):
         state = _state(step)
         momentum = {name: torch.full_like(t, -step) for name, t in state.items()}

@@ -7,6 +7,7 @@ two honest nodes end with every receipt verified, spot checks included.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -151,10 +152,18 @@ def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
     assert sum(p["verified_share"] for p in view["peers"]) == pytest.approx(1.0)
     spot = [r["checks"]["spot"] for r in view["receipts"]]
     assert "passed" in spot, view["receipts"]
-    # The sync keeper pulls every checkpoint_every_s (3 s here): its newest checkpoint is
-    # never older than one pull (two agreeing downloads, the verifier's 1 s tick).
+    # The keeper's step follower averages every step with the nodes and writes its
+    # parameters every checkpoint_every_s (3 s here): the newest checkpoint is never much
+    # older than that (a missed step's reload, the verifier's 1 s tick).
     drift = keeper_drift(database, "tiny")
     assert drift is not None and drift.max_age_s <= 3.0 + 12.0, drift
+    # It loads state from a volunteer once to start, and again only after a step whose
+    # gradient group it missed.
+    stats = json.loads(
+        (swarm.coord_dir / "followers" / "tiny" / "outbox" / "stats.json").read_text()
+    )
+    assert stats["followed"] >= 3, stats
+    assert stats["loaded"] <= 2 + stats["missed"], stats
     # The keeper's checkpoints: each file holds the parameters its listed hash names.
     checkpoints = swarm.get("/api/runs/tiny/checkpoints")
     latest = next(c for c in reversed(checkpoints) if c["available"])

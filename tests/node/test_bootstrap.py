@@ -64,7 +64,7 @@ def _serve(swarm: Swarm):
                 p.add_(torch.randn_like(p))
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         store.raise_run_step("tiny", STEP)
-        Keeper(store, None).save(run, STEP, model.state_dict(), params_sha256(state))
+        Keeper(store).save(run, STEP, model.state_dict(), params_sha256(state))
     finally:
         store.close()
     return swarm, run, state

@@ -32,9 +32,14 @@ PEER = Path(__file__).parent / "diloco_peer.py"
 
 
 async def _exact_all_reduce(
-    folder: Path, num_peers: int, client_index: int | None = None
+    folder: Path,
+    num_peers: int,
+    client_index: int | None = None,
+    weights: list[float] | None = None,
+    exact: bool = True,
 ) -> list[list[torch.Tensor]]:
-    """Peers average different vectors with 8-bit compression; returns every peer's result."""
+    """Peers average different vectors with 8-bit compression (peer i with weight i + 1
+    unless ``weights`` says otherwise); returns every peer's result."""
     p2ps = [await P2P.create()]
     maddrs = await p2ps[0].get_visible_maddrs()
     p2ps += [await P2P.create(initial_peers=maddrs) for _ in range(num_peers - 1)]
@@ -50,13 +55,13 @@ async def _exact_all_reduce(
             runner = GuardedAllReduceRunner(
                 guard=guard,
                 max_weight=lambda peer_id: 100.0,
-                exact_results=True,
+                exact_results=exact,
                 p2p=p2p,
                 servicer_type=GuardedAllReduceRunner,
                 prefix=None,
                 group_id=b"group",
                 tensors=tensors,
-                weight=float(index + 1),
+                weight=float(index + 1) if weights is None else weights[index],
                 ordered_peer_ids=peer_ids,
                 peer_fractions=fractions,
                 compression=Uniform8BitQuantization(),
@@ -95,6 +100,22 @@ def test_exact_averages_are_bit_identical_on_every_peer_with_8bit_compression(
         for ours, exact in zip(result, expected, strict=True):
             # 8-bit compression of the inputs and of the average: close, not equal
             assert float((ours - exact).norm() / exact.norm()) < 0.1
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "hivemind's"])
+def test_a_group_whose_every_part_weighs_nothing_averages_to_zero_not_nan(
+    tmp_path: Path, exact: bool
+) -> None:
+    """The keeper's step follower sends weight 0, and so does a node tagging along with
+    nothing accumulated: hivemind's reducer divides by the total weight, 0/0, and hands
+    every member NaN. Such a group contributes nothing: zero."""
+    install_decoders()
+    results = asyncio.run(_exact_all_reduce(tmp_path, num_peers=2, weights=[0.0, 0.0], exact=exact))
+    for result in results:
+        for tensor in result:
+            assert bool(torch.isfinite(tensor).all()), "the weightless group averaged to NaN"
+            if exact:
+                assert not bool(tensor.any())
 
 
 SPEC = parse_spec(

@@ -1,0 +1,257 @@
+"""The step follower: the keeper's participant in a sync run's gradient averaging.
+
+The sync counterpart of :mod:`~crowdtrain.node.swarm.follower`'s round
+follower (the same process, ``python -m crowdtrain.node.swarm.follower``,
+runs this for a run whose mode is sync). It runs the nodes' own optimizer
+(:func:`~crowdtrain.node.swarm.optimizer.sync_options`: hivemind's Optimizer
+with the same AdamW, clip, schedule and guard) and trains nothing. At each
+collaborative step it joins the step's gradient group with weight 0 (a zero
+part that counts for nothing), receives the averaged gradients every node
+receives and takes the same optimizer step, so it holds the swarm's
+parameters at every step, as close to any node's as two nodes' are to each
+other. Its cost to a volunteer is one more member of the group.
+
+It publishes a progress record with no samples, so nodes count it as a peer:
+a node training alone averages with it (and gets its own gradients back),
+and when every node is in client mode it is the group's reducer. It serves its
+state, announced half a step above the nodes', so a node that fell behind
+loads it from here rather than from a volunteer.
+
+A step whose group it missed (it had only its zero gradients) puts it out of
+step: it reloads the swarm's state from a peer at once, says so, and writes
+nothing until it holds the swarm's state again. Otherwise it writes its
+parameters to the outbox every ``[verify] checkpoint_every_s``, where the
+keeper takes them as checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils import get_dht_time
+
+from crowdtrain.model import load_checkpoint, params_sha256
+from crowdtrain.node.stats.traffic import Traffic
+from crowdtrain.node.swarm.following import (
+    FOLLOWER_BONUS,
+    FollowerStats,
+    put_in_outbox,
+    seeded_model,
+)
+from crowdtrain.node.swarm.guard import SwarmGuard
+from crowdtrain.node.swarm.optimizer import sync_options
+from crowdtrain.node.swarm.sync import GuardedOptimizer
+from crowdtrain.protocol.runspec import RunSpec
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.05  # how often the loop asks the optimizer whether the swarm stepped
+
+
+class _ZeroWeightOptimizer(GuardedOptimizer):
+    """hivemind's Optimizer for a peer that trains nothing: it reports no samples,
+    averages with weight 0 and notes each step whose averaged gradients it did not get."""
+
+    missed_step = False
+    reloads = 0
+
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler: Any) -> bool:
+        return True  # no gradients of its own, no samples to report
+
+    def _begin_averaging_gradients(self, grad_scaler: Any) -> bool:
+        began = bool(super()._begin_averaging_gradients(grad_scaler))
+        self.missed_step = self.missed_step or not began
+        return began
+
+    def _load_averaged_gradients_into_optimizer_(self) -> None:
+        with torch.no_grad(), self.grad_averager.get_tensors() as averaged:
+            finite = all(bool(torch.isfinite(t).all()) for t in averaged)
+            if not finite or not any(bool(t.any()) for t in averaged):
+                # Not finite, or all zero: a group where no node gave any weight (one
+                # tagging along with nothing, say). Never step on it: reload instead.
+                self.missed_step = True
+                for tensor in averaged:
+                    tensor.zero_()
+        super()._load_averaged_gradients_into_optimizer_()
+
+    def _load_local_gradients_into_optimizer(self) -> None:
+        self.missed_step = True  # the step's group failed for us: our gradients are zero
+        super()._load_local_gradients_into_optimizer()
+
+    def load_state_from_peers(self, **kwargs: Any) -> None:
+        before = params_sha256(self._model.state_dict())
+        super().load_state_from_peers(**kwargs)
+        if params_sha256(self._model.state_dict()) != before:
+            self.reloads += 1
+
+
+class StepFollower:
+    """Follows a sync run's steps from ``start`` (a kept checkpoint, or None for the
+    seeded model at step 0), writing its parameters to ``outbox``. Create it in the
+    process's main thread; call :meth:`shutdown`."""
+
+    def __init__(
+        self, spec: RunSpec, dht: hivemind.DHT, outbox: Path, start: Path | None, guard: Path
+    ):
+        self.spec, self.dht, self.outbox = spec, dht, outbox
+        self.run_id = spec.run.id
+        self.model = seeded_model(spec)
+        step = 0
+        if start is not None:
+            state, metadata = load_checkpoint(start)
+            self.model.load_state_dict(state)
+            step = int(metadata["step"])
+        self.traffic = Traffic()
+        self.stats = FollowerStats(round=step, traffic=self.traffic)
+        swarm_guard = SwarmGuard(
+            guard,
+            spec.optimizer.target_batch_size,
+            named_parameters=self.model.named_parameters(remove_duplicate=False),
+            traffic=self.traffic,
+            keep_files=True,  # the keeper writes the roster there
+        )
+        options = sync_options(spec, self.model, dht, swarm_guard, spec.optimizer.micro_batch_size)
+        self.optimizer = _ZeroWeightOptimizer(**options)
+        self.optimizer.set_step(step)
+        self.in_step = True
+        self._last_write = -float("inf")
+        self._written = step  # the keeper's newest checkpoint, where we start
+        self._published = threading.Event()
+        self._announce()
+        # Nothing written yet: where we start (the keeper's newest checkpoint) is kept
+        # already, and the swarm may be steps past it.
+        self.stats.write(outbox)
+
+    # the loop
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow steps until ``stop`` is set."""
+        publisher = threading.Thread(target=self._publish_progress, args=(stop,), daemon=True)
+        publisher.start()
+        opt = self.optimizer
+        while not stop.is_set():
+            step, reloads = opt.local_epoch, opt.reloads
+            opt.step(batch_size=0)
+            followed = not opt.missed_step and opt.reloads == reloads
+            if opt.missed_step:
+                opt.missed_step = False
+                self._missed(step)
+            elif opt.reloads != reloads:
+                self._reloaded(f"step {step} was behind the swarm's")
+            if opt.local_epoch != step:
+                self._published.set()  # tell the swarm our new step now, not at the next refresh
+                if self.in_step:
+                    self.stats.followed += int(followed)
+                    self._announce()
+            else:
+                stop.wait(POLL_S)
+            # Every checkpoint_every_s, and also once the swarm stopped stepping (everyone
+            # left): the keeper then holds the run's last step, where a newcomer starts.
+            due = time.monotonic() - self._last_write >= self.spec.verify.checkpoint_every_s
+            if self.in_step and due and self._written != opt.local_epoch:
+                self._write()
+
+    def _missed(self, step: int) -> None:
+        """Step ``step``'s group failed for us: what we applied was not the swarm's step."""
+        self.stats.missed += 1
+        self.in_step = False
+        reloads = self.optimizer.reloads
+        self.optimizer.load_state_from_peers()
+        if self.optimizer.reloads != reloads:
+            self._reloaded(f"step {step}'s gradient group failed for us")
+            return
+        progress = self.optimizer.tracker.global_progress
+        if progress.num_clients >= progress.num_peers - 1:
+            # Nobody serves state (every node in client mode, so the group failed for all
+            # of them too): each applied its own step; ours is as good as any.
+            self.in_step = True
+            self.stats.jumped += 1
+            logger.warning(
+                "step %d's gradient group failed and no peer serves state; going on with ours",
+                step,
+            )
+            return
+        logger.warning(
+            "step %d's gradient group failed and no peer's state could be loaded; "
+            "writing no checkpoint until we hold the swarm's state again",
+            step,
+        )
+
+    def _reloaded(self, why: str) -> None:
+        self.in_step = True
+        self.stats.loaded += 1
+        self.stats.round = self.optimizer.local_epoch
+        self.stats.write(self.outbox)
+        self._announce()
+        logger.warning("%s: loaded step %d's state from a peer", why, self.optimizer.local_epoch)
+
+    # what peers see
+
+    def _announce(self) -> None:
+        """Serve our state above the nodes' of the same step (below them when out of step)."""
+        if not self.optimizer.client_mode:
+            bonus = FOLLOWER_BONUS if self.in_step else -FOLLOWER_BONUS
+            self.optimizer.state_averager.state_sharing_priority = (
+                self.optimizer.local_epoch + bonus
+            )
+
+    def _publish_progress(self, stop: threading.Event) -> None:
+        """Keep a progress record with no samples in the DHT (hivemind's tracker publishes
+        none for a peer that reports no samples), refreshed on each step."""
+        tracker = self.optimizer.tracker
+        expiration = self.spec.swarm.metadata_expiration_s
+        while not stop.is_set():
+            now = get_dht_time()
+            record = LocalTrainingProgress(
+                peer_id=self.dht.peer_id.to_bytes(),
+                epoch=self.optimizer.local_epoch,
+                samples_accumulated=0,
+                samples_per_second=0.0,
+                time=now,
+                client_mode=self.optimizer.client_mode,
+            )
+            try:
+                self.dht.store(
+                    tracker.training_progress_key,
+                    subkey=tracker._local_public_key,
+                    value=record.dict(),
+                    expiration_time=now + expiration,
+                    return_future=True,
+                ).result(timeout=expiration)
+            except Exception as e:  # a slow DHT: try again at the next refresh
+                logger.debug("publishing our progress record failed: %s", e)
+            self._published.wait(expiration / 3)
+            self._published.clear()
+
+    # state
+
+    def _write(self) -> None:
+        state, _ = self.optimizer.checkpoint_state()
+        put_in_outbox(self.outbox, self.run_id, self.optimizer.local_epoch, state, None)
+        self._last_write = time.monotonic()
+        self._written = self.optimizer.local_epoch
+        self.stats.round = self.optimizer.local_epoch
+        self.stats.write(self.outbox)
+        logger.info(
+            "at step %d: parameters %s written; followed %d steps, missed %d, loaded %d; "
+            "sent %.2f MB so far",
+            self.optimizer.local_epoch,
+            params_sha256(state)[:16],
+            self.stats.followed,
+            self.stats.missed,
+            self.stats.loaded,
+            self.traffic.total_sent() / 1e6,
+        )
+
+    def shutdown(self) -> None:
+        self.optimizer.shutdown()
+
+
+__all__ = ["StepFollower"]
