@@ -41,8 +41,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=150)
     parser.add_argument("--shard-tokens", type=int, default=16_384)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--keep", type=Path, help="run in this folder and leave it there")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="crowdtrain-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="crowdtrain-bench-") as scratch:
+        tmp = str(args.keep or scratch)
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         swarm = Swarm(root=Path(tmp))
         try:
             data = swarm.prepare(shard_tokens=args.shard_tokens)
@@ -132,8 +135,7 @@ def main() -> int:
         "",
         "| figure | value |",
         "| --- | ---: |",
-        f"| newest checkpoint behind the run | "
-        f"{'n/a' if drift is None else drift.line()} |",
+        f"| newest checkpoint behind the run | {'n/a' if drift is None else drift.line()} |",
         "| spot-checked losses: claimed against the keeper's checkpoint, largest gap "
         f"| {'n/a' if not gaps else f'{max(gaps):.2g} nats (median {statistics.median(gaps):.2g}, {len(gaps)} checks)'} |",
         f"| steps followed / missed / loaded from a peer | {follower.get('followed')} / "

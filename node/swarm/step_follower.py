@@ -52,7 +52,7 @@ from crowdtrain.protocol.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.05  # how often the loop asks the optimizer whether the swarm stepped
+POLL_S = 0.1  # how often the loop asks the optimizer whether the swarm stepped
 
 
 class _ZeroWeightOptimizer(GuardedOptimizer):
@@ -86,10 +86,14 @@ class _ZeroWeightOptimizer(GuardedOptimizer):
         super()._load_local_gradients_into_optimizer()
 
     def load_state_from_peers(self, **kwargs: Any) -> None:
-        before = params_sha256(self._model.state_dict())
+        before, epoch = params_sha256(self._model.state_dict()), self.local_epoch
         super().load_state_from_peers(**kwargs)
         if params_sha256(self._model.state_dict()) != before:
             self.reloads += 1
+        elif self.local_epoch != epoch:
+            # hivemind caught up with the swarm's step keeping our parameters: they are
+            # not that step's.
+            self.missed_step = True
 
 
 class StepFollower:
