@@ -159,8 +159,16 @@ class ShardStream:
         if finished is not None:
             shard = finished.progress.shard
             self.num_replays += 1
-            logger.info("no new shard yet; replaying %s", shard.shard_id)
-            return self._start(shard, replay=finished.progress.replay + 1)
+            replay = finished.progress.replay + 1
+            # Once per shard at INFO: a shard shorter than a micro-batch is a whole pass per
+            # micro-batch, which would be hundreds of lines a minute.
+            logger.log(
+                logging.INFO if replay == 1 else logging.DEBUG,
+                "no new shard yet; replaying %s (pass %d)",
+                shard.shard_id,
+                replay + 1,
+            )
+            return self._start(shard, replay=replay)
         raise ShardError("no shard to train on; lease one first")
 
     def _start(self, shard: LeasedShard, replay: int) -> _Pass:
