@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 # A run's follower runs from the keeper's start, and stops after this long without
 # an active peer; it starts again with the next one (from the newest kept round).
 FOLLOWER_IDLE_S = 600.0
+# A sync run's follower starts this long before the run's first checkpoint is due: its
+# start-up and one load of the swarm's state from a peer.
+SYNC_FOLLOWER_LEAD_S = 20.0
 
 
 def _seeded_model(run: PublishedRun) -> GPT:
@@ -115,6 +118,7 @@ class Keeper:
         )
         self._following = initial_peers is not None
         self._last_active: dict[str, float] = {}  # run -> when it last had an active peer
+        self._peers_since: dict[str, float] = {}  # run -> when peers came (after idling)
         self.remove_stale_files()
 
     def follow(self, run: PublishedRun) -> dict[str, Any] | None:
@@ -126,13 +130,16 @@ class Keeper:
         now = time.monotonic()
         if num_active_peers(self.store, run.id) > 0:
             self._last_active[run.id] = now
-        idle_s = now - self._last_active.setdefault(run.id, now)
-        if idle_s > FOLLOWER_IDLE_S:
+            self._peers_since.setdefault(run.id, now)
+        # A run nobody has joined yet counts as active from the keeper's start: a DiLoCo
+        # follower is ready (and has kept round 0) when its first node comes.
+        if now - self._last_active.setdefault(run.id, now) > FOLLOWER_IDLE_S:
             if self.followers.running(run.id):
                 self.followers.stop(run.id)
+            self._peers_since.pop(run.id, None)
             return None
         self.followers.update_roster(run.id, roster(self.store, run))
-        if not self.followers.running(run.id):
+        if not self.followers.running(run.id) and self._follower_due(run, now):
             start, outer = self._follow_from(run)
             self.followers.ensure(run.id, run.row["spec_toml"], start, outer)
         row = None
@@ -159,6 +166,18 @@ class Keeper:
             self.followers.taken(run.id, followed.round)
             row = stored or row
         return row
+
+    def _follower_due(self, run: PublishedRun, now: float) -> bool:
+        """A DiLoCo run's follower runs whenever the keeper does, but for idle spells (it
+        keeps every round from round 0, and may be the only reducer). A sync run's starts :data:`SYNC_FOLLOWER_LEAD_S` before its
+        first checkpoint is due, ``checkpoint_every_s`` after peers came: a run that
+        stops sooner costs the coordinator's machine no follower."""
+        if run.spec.optimizer.mode != "sync":
+            return True
+        if run.id not in self._peers_since:
+            return False  # a sync follower has nothing to do before a node comes
+        lead = run.spec.verify.checkpoint_every_s - SYNC_FOLLOWER_LEAD_S
+        return now - self._peers_since[run.id] >= lead
 
     def _follow_from(self, run: PublishedRun) -> tuple[Path | None, Path | None]:
         """The newest kept checkpoint and its outer momentum, where a (re)started follower

@@ -1,6 +1,6 @@
 """The keeper's checkpoint files: atomic saves that survive a full disk and a crash,
 their metadata and sidecars, pruning to ``[verify] keep_checkpoints``, and the clean-up of
-what a crashed keeper left. Saves run through ``Keeper.save``, the path ``pull`` takes."""
+what a crashed keeper left. Saves run through ``Keeper.save``, the path ``follow`` takes."""
 
 from __future__ import annotations
 

@@ -30,3 +30,21 @@ def test_round_0_is_the_replica_every_node_builds() -> None:
     other = parse_spec(small_spec(run={"id": "seeded", "seed": 1235}, optimizer={"mode": "diloco"}))
     different = keeper._seeded_model(SimpleNamespace(spec=other))
     assert params_sha256(different.state_dict()) != params_sha256(node.model.state_dict())
+
+
+def test_a_sync_follower_starts_after_a_node_came_and_before_the_first_checkpoint_is_due() -> None:
+    """A sync run's follower costs the coordinator's machine a hivemind peer: it starts
+    SYNC_FOLLOWER_LEAD_S before the first checkpoint is due, never before a node came; a
+    DiLoCo run's is always due (it keeps round 0 and may be the only reducer)."""
+    sync = SimpleNamespace(id="s", spec=parse_spec(small_spec(verify={"checkpoint_every_s": 60})))
+    diloco = SimpleNamespace(id="d", spec=parse_spec(small_spec(optimizer={"mode": "diloco"})))
+    kept = object.__new__(keeper.Keeper)  # only its start policy, no store
+    kept._peers_since = {}
+    assert not kept._follower_due(sync, now=1000.0)  # no node yet
+    assert kept._follower_due(diloco, now=1000.0)
+    kept._peers_since["s"] = 1000.0
+    lead = 60 - keeper.SYNC_FOLLOWER_LEAD_S
+    assert not kept._follower_due(sync, now=1000.0 + lead - 1)
+    assert kept._follower_due(sync, now=1000.0 + lead)
+    quick = SimpleNamespace(id="s", spec=parse_spec(small_spec(verify={"checkpoint_every_s": 3})))
+    assert kept._follower_due(quick, now=1000.0)  # checkpoints due sooner than the lead
