@@ -263,9 +263,10 @@ class Node:
     def _sample_losses(
         self, shard: ShardProgress, logits: torch.Tensor, batch: torch.Tensor
     ) -> list[float] | None:
-        """Per-sequence losses of the batch's first sequences, if it is the shard's first
-        batch at this swarm step (parameters change only between steps, so the
-        coordinator can recompute them from its checkpoint of the step)."""
+        """Per-sequence losses of the batch's first sequences, if the shard wants a sample
+        of it (each step's first batch, or in a sync run every batch: parameters change
+        only between steps, so the coordinator can recompute them from its checkpoint
+        of the step)."""
         if not shard.wants_sample(self.stats.step):
             return None
         with torch.no_grad():

@@ -46,10 +46,13 @@ class LeasedShard:
 class ShardProgress:
     """What a node did with one shard; becomes its receipt.
 
-    ``samples`` hold, for the first micro-batch trained at each swarm step, the
-    step, the batch's index in the shard's order and the losses of its first
-    sequences: the coordinator's verifier recomputes them from its checkpoint
-    of that step. ``batch`` is the index of the micro-batch handed out last.
+    ``samples`` hold, for the first micro-batch trained at each swarm step (every
+    micro-batch with ``every_batch``), the step, the batch's index in the shard's
+    order and the losses of its first sequences: the coordinator's verifier
+    recomputes one it picks at random from its checkpoint of that step. Every
+    micro-batch only where the parameters stay the swarm's step's for all of
+    them (a sync run that does not delay its optimizer step); a DiLoCo peer's
+    change at each inner step, so only a round's first micro-batch is checkable. ``batch`` is the index of the micro-batch handed out last.
     ``replay`` counts the passes over the shard after the first (0: the
     leased pass, the only one receipted).
     """
@@ -64,6 +67,7 @@ class ShardProgress:
     loss_sum: float = 0.0
     batches_done: int = 0
     batch: int = -1
+    every_batch: bool = False
     samples: list[ReceiptSample] = field(default_factory=list)
 
     @property
@@ -74,7 +78,7 @@ class ShardProgress:
         """Whether the batch being trained at ``step`` should be recorded as a sample."""
         if self.replay != 0 or len(self.samples) >= MAX_RECEIPT_SAMPLES:
             return False
-        return not self.samples or self.samples[-1].step != step
+        return self.every_batch or not self.samples or self.samples[-1].step != step
 
     def record(
         self,

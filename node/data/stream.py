@@ -65,6 +65,8 @@ class ShardStream:
     credited to exactly one shard. ``on_shard_taken`` is called when training
     takes a queued shard (the queue wants topping up). ``resume`` is a saved
     :meth:`position`: that shard, when offered, goes first and resumes there.
+    ``sample_every_batch``: receipts carry a loss sample of every micro-batch, not only
+    of each step's first (see :class:`ShardProgress`).
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class ShardStream:
         batch_size: int,
         resume: dict[str, Any] | None = None,
         on_shard_taken: Callable[[], None] | None = None,
+        sample_every_batch: bool = False,
     ):
         self.run_seed = run_seed
+        self.sample_every_batch = sample_every_batch
         self.seq_len = seq_len
         self.batch_size = batch_size
         self._resume = resume
@@ -199,6 +203,7 @@ class ShardStream:
             num_batches=num_batches,
             started=time.time(),
             batch_size=batch_size,
+            every_batch=self.sample_every_batch,
         )
         started = _Pass(tokens, order, progress)
         r, self._resume = self._resume, None

@@ -323,6 +323,12 @@ def lease_first_shards(
         replica.micro_batch_size,
         resume=load_position(config.position_path, contact.manifest.hash),
         on_shard_taken=wanted.set,
+        # A sync peer's parameters stay its step's for every micro-batch (unless hivemind
+        # applies the step in the background): the verifier may check any of them.
+        sample_every_batch=(
+            contact.spec.optimizer.mode == "sync"
+            and not contact.spec.optimizer.delay_optimizer_step
+        ),
     )
     supply = ShardSupply(contact.session, data.cache, stream, wanted)
     deadline = time.monotonic() + _FIRST_LEASE_WAIT_S

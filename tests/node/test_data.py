@@ -232,3 +232,25 @@ def test_a_shard_returns_its_receipt_once_when_done_and_never_for_a_replay(
     _, replay = stream.next_batch()  # no new shard: the same one again, in a new order
     assert replay.replay == 1
     assert all(replay.record(4, 64, 2.5, step=1) is None for _ in range(replay.num_batches))
+
+
+def test_a_sync_stream_samples_every_micro_batch_so_the_verifier_picks_any(
+    tmp_path, served
+) -> None:
+    """A claimant that computes the losses of each step's first micro-batch only would pass
+    a check that can only pick those; in a sync run every micro-batch is a candidate."""
+    manifest, _ = served
+    entry = manifest.train_shards[0]
+    stream = ShardStream(run_seed=3, seq_len=SEQ_LEN, batch_size=4, sample_every_batch=True)
+    stream.offer(LeasedShard(entry.id, 0, tmp_path / "origin" / entry.file, entry))
+    _, progress = stream.next_batch()
+    receipt = None
+    for index in range(progress.num_batches):
+        if index:
+            _, progress = stream.next_batch()
+        step = index // 2  # two micro-batches a step
+        sample = [float(index)] if progress.wants_sample(step) else None
+        receipt = progress.record(4, 4 * SEQ_LEN, 2.5, step=step, sample=sample)
+    assert receipt is not None
+    batches = [(s.step, s.batch, s.losses) for s in receipt.samples]
+    assert batches == [(i // 2, i, [float(i)]) for i in range(progress.num_batches)]
