@@ -168,14 +168,14 @@ class Verifier:
         if self.keeper is not None:
             for row in self.store.list_runs():
                 try:
-                    self._maybe_pull(row["id"])
+                    self._keep_checkpoints(row["id"])
                 except Exception:  # one run's trouble must not stop the others' checks
                     logger.exception("keeping a checkpoint of run %s failed", row["id"])
         # A backlog of spot checks must not hold up the next tick's checkpoints (a DiLoCo
         # round's may come every few seconds): a slice of it per tick.
         self.run_spot_checks(now, budget_s=SPOT_CHECK_BUDGET_S)
 
-    def _maybe_pull(self, run_id: str) -> None:
+    def _keep_checkpoints(self, run_id: str) -> None:
         assert self.keeper is not None
         # Every round or step its follower wrote (a sync follower writes one every
         # [verify] checkpoint_every_s).

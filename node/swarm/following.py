@@ -65,11 +65,13 @@ def put_in_outbox(
     round_: int,
     state: dict[str, torch.Tensor],
     momentum: dict[str, torch.Tensor] | None,
-) -> None:
+) -> str:
     """Put round (or step) ``round_``'s parameters and outer ``momentum`` (None: sync,
     which has none) in the outbox, momentum first (the keeper takes a round once its
-    parameters file is there), and drop the rounds nobody took."""
-    metadata = {"run_id": run_id, "step": str(round_), "params_sha256": params_sha256(state)}
+    parameters file is there), and drop the rounds nobody took. Returns the parameters'
+    :func:`params_sha256`."""
+    sha256 = params_sha256(state)
+    metadata = {"run_id": run_id, "step": str(round_), "params_sha256": sha256}
     if momentum is not None:
         save_checkpoint(outbox / outbox_outer_name(round_), momentum, metadata)
     save_checkpoint(outbox / outbox_name(round_), state, metadata)
@@ -81,6 +83,7 @@ def put_in_outbox(
     for old in waiting[:-OUTBOX_KEEP]:
         (outbox / outbox_name(old)).unlink(missing_ok=True)
         (outbox / outbox_outer_name(old)).unlink(missing_ok=True)
+    return sha256
 
 
 __all__ = [

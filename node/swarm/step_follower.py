@@ -238,7 +238,7 @@ class StepFollower:
 
     def _write(self) -> None:
         state, _ = self.optimizer.checkpoint_state()
-        put_in_outbox(self.outbox, self.run_id, self.optimizer.local_epoch, state, None)
+        sha256 = put_in_outbox(self.outbox, self.run_id, self.optimizer.local_epoch, state, None)
         self._last_write = time.monotonic()
         self._written = self.optimizer.local_epoch
         self.stats.round = self.optimizer.local_epoch
@@ -247,7 +247,7 @@ class StepFollower:
             "at step %d: parameters %s written; followed %d steps, missed %d, loaded %d; "
             "sent %.2f MB so far",
             self.optimizer.local_epoch,
-            params_sha256(state)[:16],
+            sha256[:16],
             self.stats.followed,
             self.stats.missed,
             self.stats.loaded,
