@@ -80,6 +80,8 @@ class GuardedAllReduceRunner(AllReduceRunner):
     ``tensor_part_container.failed_size``: such a round is partial.
     """
 
+    tensor_part_reducer: TensorPartReducer  # hivemind's attribute
+
     def __init__(
         self,
         *,
@@ -90,7 +92,11 @@ class GuardedAllReduceRunner(AllReduceRunner):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        self.tensor_part_reducer = _WeightedPartReducer(  # in place of hivemind's, unused yet
+        # In place of hivemind's reducer, unused yet: finished quietly (one that finishes
+        # having received nothing warns "Reducer: received 0.0% of input tensors").
+        self.tensor_part_reducer.current_part_future.cancel()
+        self.tensor_part_reducer.finished.set()
+        self.tensor_part_reducer = _WeightedPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging),
             len(self.sender_peer_ids),
         )
