@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--shard-tokens", type=int, default=16_384)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--keep", type=Path, help="run in this folder and leave it there")
+    parser.add_argument(
+        "--strict-steps", action="store_true", help="the run's [swarm] strict_steps = true"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="crowdtrain-bench-") as scratch:
         tmp = str(args.keep or scratch)
@@ -50,9 +53,11 @@ def main() -> int:
         try:
             data = swarm.prepare(shard_tokens=args.shard_tokens)
             spec = Path(tmp) / "spec.toml"
+            text = (ROOT / "examples" / f"{RUN_ID}.toml").read_text()
+            if args.strict_steps:
+                text = text.replace("[swarm]\n", "[swarm]\nstrict_steps = true\n", 1)
             spec.write_text(
-                (ROOT / "examples" / f"{RUN_ID}.toml").read_text()
-                + f"\n[verify]\ncheckpoint_every_s = 15.0\nspot_check_fraction = {FRACTION}\n"
+                text + f"\n[verify]\ncheckpoint_every_s = 15.0\nspot_check_fraction = {FRACTION}\n"
             )
             published = swarm.publish(spec, data)
             assert published.returncode == 0, published.stderr
@@ -63,6 +68,8 @@ def main() -> int:
             ]
             for node in nodes:
                 node.wait(timeout=args.seconds + 300)
+            # each node's last status line: what its uplink carried, state included
+            uplinks = [re.findall(r"\| up [^|]*\)", node.output())[-1:] for node in nodes]
             # Let the last receipts meet their DHT evidence and queued spot checks run.
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -93,7 +100,8 @@ def main() -> int:
     share = costs.get("spot_check_share")
     lines = [
         f"Two nodes, one thread each, {args.seconds:.0f} s of training on shards of "
-        f"{args.shard_tokens:,} tokens; every receipt spot-checked, a checkpoint every 15 s.",
+        f"{args.shard_tokens:,} tokens; every receipt spot-checked, a checkpoint every 15 s; "
+        f"strict_steps = {'true' if args.strict_steps else 'false'}.",
         "",
         "| figure | value |",
         "| --- | ---: |",
@@ -144,6 +152,9 @@ def main() -> int:
         f"{mb('averaging', 'received')} |",
         f"| state volunteers uploaded to it (received) | {mb('state', 'received')} |",
     ]
+    for name, uplink in zip(("node-a", "node-b"), uplinks, strict=True):
+        status = uplink[0].strip("| ") if uplink else "n/a"
+        lines.append(f"| {name}'s uplink over the run | {status} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

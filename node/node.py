@@ -267,6 +267,8 @@ class Node:
         of it (each step's first batch, or in a sync run every batch: parameters change
         only between steps, so the coordinator can recompute them from its checkpoint
         of the step)."""
+        if self.optimizer.out_of_step:
+            return None  # our parameters are not the swarm's at this step: nothing to check
         if not shard.wants_sample(self.stats.step):
             return None
         with torch.no_grad():

@@ -113,7 +113,16 @@ class OptimizerSection:
 
 @dataclass(frozen=True)
 class SwarmSection:
-    """hivemind timings. Short values suit loopback; raise them on slow links."""
+    """hivemind timings. Short values suit loopback; raise them on slow links.
+
+    ``strict_steps`` (sync mode) keeps every peer's parameters bit for bit the
+    swarm's: gradient rounds end exact (every member gets the same bytes, a
+    partial round fails), and a peer whose round failed, or whose group averaged
+    another step, skips the step and loads the state of a peer that took it
+    (the keeper's follower first). Spot checks then match to the last bit. Off,
+    hivemind's way: such a peer steps with its own (or a mixed) gradient and
+    drifts from the swarm until the next state averaging, and its loss samples
+    may miss the keeper's checkpoint. Each skipped step costs a state download."""
 
     matchmaking_time_s: float = 3.0
     averaging_timeout_s: float = 10.0
@@ -121,6 +130,7 @@ class SwarmSection:
     metadata_expiration_s: float = 15.0
     average_state_every: int = 100
     load_state_timeout_s: float = 60.0
+    strict_steps: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Switch one defence off, run the test that must catch it, restore.
 
 Usage: .venv/bin/python scripts/defence_off.py
-    [counts step sybils squat free fault slowloris checkpoint nat weightless]
+    [counts step sybils squat free fault slowloris checkpoint nat weightless drift]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
 git checkout: run it on a clean tree.
@@ -147,6 +147,17 @@ CASES = {
         ],
         "tests/node/test_diloco.py",
         "weighs_nothing",
+    ),
+    "drift": (
+        [
+            (
+                "node/swarm/sync.py",
+                "        self.strict_steps = strict_steps\n",
+                "        self.strict_steps = False\n",
+            )
+        ],
+        "tests/node/test_strict_steps.py",
+        "rejoins_the_swarm",
     ),
 }
 

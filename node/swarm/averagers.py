@@ -4,7 +4,9 @@ Each averages with :class:`~crowdtrain.node.swarm.allreduce.GuardedAllReduceRunn
 :class:`GuardedStateAverager` also refuses downloaded state the coordinator
 disagrees with; :class:`DiLoCoAverager` averages DiLoCo's pseudo-gradients with
 exact results and serves its global state. The RPC names stay hivemind's, so
-guarded and plain hivemind peers still talk. Everything here overrides
+a plain hivemind averager can still download a peer's state; averaging rounds
+are ours alone (exact rounds send averages where hivemind sends differences),
+so every peer of a run must run crowdtrain. Everything here overrides
 hivemind 1.1.12 internals (pinned in pyproject).
 """
 
@@ -14,11 +16,13 @@ import logging
 import math
 import typing
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
+from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -32,6 +36,10 @@ from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard, state_problem
 
 logger = logging.getLogger(__name__)
+
+STEP_KEY = "step"  # the gathered key of a sync gradient round's step
+# The round (hivemind's StepControl) that the averager's task is running.
+_ROUND: ContextVar[StepControl] = ContextVar("crowdtrain_round")
 
 
 class _GuardedAllReduceMixin(DecentralizedAverager):
@@ -51,6 +59,28 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
     _guard_attacks: bool
     _guard_round: int = 0
     _guard_exact: bool = False
+    # Sync gradient rounds are tagged with their step: each member gathers the step
+    # whose gradients it brings (set by the optimizer, in the main process, before each
+    # round), and a partial round is not retried.
+    _guard_tags_steps: bool = False
+    _guard_step_of_round: int | None = None
+
+    def step(self, *args: Any, gather: Any = None, **kwargs: Any) -> Any:
+        # hivemind's GradientAverager.step and .schedule_step both come here.
+        if gather is None and self._guard_tags_steps:
+            gather = {STEP_KEY: self._guard_step_of_round}
+        return super().step(*args, gather=gather, **kwargs)
+
+    async def _step(self, *, step: StepControl, **kwargs: Any) -> None:
+        _ROUND.set(step)  # for _no_retries, in this task and the ones it starts
+        await super()._step(step=step, **kwargs)
+
+    def _no_retries(self) -> None:
+        """Make the running round's failure final: hivemind would look for a new group
+        within the same deadline, which for a sync peer is the next step's group."""
+        step = _ROUND.get(None)
+        if step is not None:
+            step._allow_retries = False  # hivemind's StepControl keeps it private
 
     def _guard_max_weight(self) -> Callable[[PeerID], float]:
         if not self._guard_roster:
@@ -127,6 +157,9 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
         averages = [average async for average in runner]
         container = runner.tensor_part_container
         if container.failed_size > 0:
+            if self._guard_tags_steps:
+                # the members that got every slice already took this step's result
+                self._no_retries()
             raise AllreduceException(
                 f"partial round: {container.failed_size} of {container.total_size} values "
                 "were not averaged by their reducer"
@@ -138,19 +171,23 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
 
 
 class GuardedGradientAverager(GradientAverager, _GuardedAllReduceMixin):
-    """hivemind's GradientAverager whose rounds check what groupmates send.
+    """hivemind's GradientAverager whose rounds check what groupmates send. With
+    ``exact`` (a run's ``[swarm] strict_steps``) they end exact: every member of a round
+    gets the same averaged gradients, a partial round fails (hivemind would leave each
+    member its own gradients in the failed slices) and is not retried, and each member
+    gathers the step it brings gradients of.
 
     Weights are samples, bounded by the roster; the test attack hooks apply here.
     """
 
-    def __init__(self, *args: Any, guard: GuardConfig, **kwargs: Any):
+    def __init__(self, *args: Any, guard: GuardConfig, exact: bool = False, **kwargs: Any):
         self._guard_config, self._guard_roster, self._guard_attacks = guard, True, True
+        self._guard_exact = self._guard_tags_steps = exact
         super().__init__(*args, **kwargs)
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        # hivemind names RPCs after the class: keep hivemind's names so that guarded
-        # peers and plain hivemind peers (a keeper, say) still find each other.
+        # hivemind names RPCs after the class: keep hivemind's names.
         return GradientAverager._get_handle_name(namespace, method_name)
 
 
@@ -182,11 +219,26 @@ class _StateCheckMixin(DecentralizedAverager):
 class GuardedStateAverager(TrainingStateAverager, _StateCheckMixin, _GuardedAllReduceMixin):
     """hivemind's TrainingStateAverager with checked state downloads and checked rounds."""
 
+    # How far below the priority it is given this peer announces its state: a peer out
+    # of step (GuardedOptimizer) sets it before hivemind announces its new step, so that
+    # no peer loads its state meanwhile.
+    priority_discount = 0.0
+
     def __init__(self, *, swarm_guard: SwarmGuard, **kwargs: Any):
         self._swarm_guard = swarm_guard
         self._guard_config = swarm_guard.config
         self._guard_roster = self._guard_attacks = False
         super().__init__(**kwargs)
+
+    @property
+    def state_sharing_priority(self) -> float:
+        return float(self._state_sharing_priority.value)
+
+    @state_sharing_priority.setter
+    def state_sharing_priority(self, value: float) -> None:
+        setter = DecentralizedAverager.state_sharing_priority.fset
+        assert setter is not None
+        setter(self, value - self.priority_discount)
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:

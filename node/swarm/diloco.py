@@ -119,6 +119,10 @@ class DiLoCoOptimizer:
     be ignored there) and call :meth:`shutdown` before the DHT's.
     """
 
+    # A round that failed leaves us on our own global parameters, which the keeper's
+    # checkpoint of the round need not hold; its samples are not spot-checked anyway.
+    out_of_step = False
+
     def __init__(
         self,
         config: DiLoCoConfig,

@@ -23,6 +23,7 @@ from crowdtrain.model import param_groups
 from crowdtrain.node.swarm.averagers import GuardedGradientAverager
 from crowdtrain.node.swarm.compression import compression
 from crowdtrain.node.swarm.guard import SwarmGuard
+from crowdtrain.node.swarm.inner import ClippedAdamW
 from crowdtrain.node.swarm.sync import GuardedOptimizer
 from crowdtrain.protocol.runspec import RunSpec
 
@@ -37,6 +38,10 @@ class SwarmOptimizer(Protocol):
 
     tracker: ProgressTracker
     """The swarm's progress: its peers (``global_progress.num_peers``) and step."""
+
+    out_of_step: bool
+    """Whether this peer's parameters are not the swarm's at its step (sync: it skipped a
+    step whose gradient round failed for it, and has not loaded the swarm's state yet)."""
 
     @property
     def local_epoch(self) -> int:
@@ -74,24 +79,6 @@ class SwarmOptimizer(Protocol):
     def shutdown(self) -> None:
         """Leave the swarm's averaging and stop the optimizer's processes."""
         ...
-
-
-class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips the (already averaged) gradient norm before each step.
-
-    hivemind applies the optimizer to the swarm's averaged gradients, so
-    clipping belongs here rather than in the training loop.
-    """
-
-    def __init__(self, params: Any, max_grad_norm: float, **kwargs: Any):
-        super().__init__(params, **kwargs)
-        self.max_grad_norm = max_grad_norm
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        if self.max_grad_norm > 0:
-            grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        return super().step(closure)
 
 
 def warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> Any:
@@ -162,9 +149,11 @@ def sync_options(
         load_state_compression=compression(opt.state_compression),
         # hivemind inverts this flag internally; passing the DHT's own value is safe.
         client_mode=dht.client_mode,
+        strict_steps=swarm.strict_steps,
         grad_averager_factory=partial(
             GuardedGradientAverager,
             guard=guard.config,
+            exact=swarm.strict_steps,
             request_timeout=swarm.request_timeout_s,
         ),
         averager_opts={"request_timeout": swarm.request_timeout_s},

@@ -17,11 +17,14 @@ and when every node is in client mode it is the group's reducer. It serves its
 state, announced half a step above the nodes', so a node that fell behind
 loads it from here rather than from a volunteer.
 
-A step whose group it missed (it had only its zero gradients) puts it out of
-step: it reloads the swarm's state from a peer at once, says so, and writes
-nothing until it holds the swarm's state again. Otherwise it writes its
-parameters to the outbox every ``[verify] checkpoint_every_s``, where the
-keeper takes them as checkpoints.
+A step whose group it missed (the round failed or was partial for it, or its
+group averaged another step) it skips, as nodes do, and it is out of step: it
+serves its state below the nodes', and when its next checkpoint is due it loads
+the swarm's state from a peer that took the step (at most once a step, and
+only then: every load is a volunteer's upload), or finds that every peer
+skipped the step too. It writes nothing until it holds the swarm's state
+again. Otherwise it writes its parameters to the outbox every ``[verify]
+checkpoint_every_s``, where the keeper takes them as checkpoints.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from crowdtrain.node.swarm.following import (
 )
 from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.node.swarm.optimizer import sync_options
-from crowdtrain.node.swarm.sync import GuardedOptimizer
+from crowdtrain.node.swarm.sync import IN_STEP, WAIT, GuardedOptimizer
 from crowdtrain.protocol.runspec import RunSpec
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,15 @@ class _ZeroWeightOptimizer(GuardedOptimizer):
     def _load_local_gradients_into_optimizer(self) -> None:
         self.missed_step = True  # the step's group failed for us: our gradients are zero
         super()._load_local_gradients_into_optimizer()
+
+    def _skip_step(self, why: str) -> None:
+        self.missed_step = True  # whatever the reason, we are not at the swarm's step
+        super()._skip_step(why)
+
+    def _should_load_state_from_peers(self) -> bool:
+        # Out of step, StepFollower decides when to load (GuardedOptimizer's nodes load
+        # at once): hivemind's own rule only.
+        return bool(hivemind.Optimizer._should_load_state_from_peers(self))
 
     def load_state_from_peers(self, **kwargs: Any) -> None:
         before, epoch = params_sha256(self._model.state_dict()), self.local_epoch
@@ -127,6 +139,7 @@ class StepFollower:
         self.in_step = True
         self._last_write = -float("inf")
         self._written = step  # the keeper's newest checkpoint, where we start
+        self._resync_tried = -1  # the step at which we last tried to load the swarm's state
         self._published = threading.Event()
         self._announce()
         # Nothing written yet: where we start (the keeper's newest checkpoint) is kept
@@ -158,34 +171,51 @@ class StepFollower:
                 stop.wait(POLL_S)
             # Every checkpoint_every_s, and also once the swarm stopped stepping (everyone
             # left): the keeper then holds the run's last step, where a newcomer starts.
+            # Out of step, we load the swarm's state only then (once per step at most):
+            # between checkpoints nobody needs our parameters, and every load is a
+            # volunteer's upload.
             due = time.monotonic() - self._last_write >= self.spec.verify.checkpoint_every_s
+            if not self.in_step and due and self._resync_tried != opt.local_epoch:
+                self._resync_tried = opt.local_epoch
+                self._resync(f"out of step at step {opt.local_epoch}, a checkpoint due")
             if self.in_step and due and self._written != opt.local_epoch:
                 self._write()
 
     def _missed(self, step: int) -> None:
-        """Step ``step``'s group failed for us: what we applied was not the swarm's step."""
+        """Step ``step``'s group failed for us: we skipped it (GuardedOptimizer), and are
+        out of step until the next checkpoint is due."""
         self.stats.missed += 1
+        if self.in_step:
+            logger.warning("step %d's gradient group failed for us: out of step", step)
         self.in_step = False
-        reloads = self.optimizer.reloads
-        self.optimizer.load_state_from_peers()
-        if self.optimizer.reloads != reloads:
-            self._reloaded(f"step {step}'s gradient group failed for us")
-            return
-        progress = self.optimizer.tracker.global_progress
-        if progress.num_clients >= progress.num_peers - 1:
-            # Nobody serves state (every node in client mode, so the group failed for all
-            # of them too): each applied its own step; ours is as good as any.
+        self._announce()
+
+    def _resync(self, why: str) -> None:
+        """Out of step: load the state of a peer that took the step, once one announces it
+        (or find that every peer skipped it too)."""
+        opt = self.optimizer
+        opt.out_of_step = True
+        verdict = opt.resync_verdict()
+        while verdict == WAIT:  # the nodes are still taking the step
+            time.sleep(POLL_S)
+            verdict = opt.resync_verdict()
+        if verdict == IN_STEP:
+            opt.out_of_step = False
             self.in_step = True
             self.stats.jumped += 1
-            logger.warning(
-                "step %d's gradient group failed and no peer serves state; going on with ours",
-                step,
-            )
+            self._announce()
+            logger.warning("%s, and every peer that serves state skipped it too; in step", why)
+            return
+        reloads = opt.reloads
+        opt.load_state_from_peers()
+        if opt.reloads != reloads:
+            self._reloaded(why)
             return
         logger.warning(
-            "step %d's gradient group failed and no peer's state could be loaded; "
-            "writing no checkpoint until we hold the swarm's state again",
-            step,
+            "%s and no peer's state could be loaded (%s); writing no checkpoint until we "
+            "hold the swarm's state again",
+            why,
+            opt.last_refusal or "none served a newer one",
         )
 
     def _reloaded(self, why: str) -> None:
