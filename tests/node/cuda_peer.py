@@ -10,7 +10,6 @@ ones, so the test can catch copies between CPU and GPU that go astray.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing as mp
 import os
@@ -20,9 +19,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-import hivemind
 import torch
 from hivemind.compression import NoCompression, Uniform8BitQuantization
+from peer_script import start_dht, write_record
 
 from crowdtrain.model import GPT, GPTConfig, param_groups
 from crowdtrain.node.device.precision import autocast
@@ -32,12 +31,6 @@ from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 SEQ_LEN = 32
 MICRO_BATCH = 4
-
-
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def _placement(model: torch.nn.Module, opt: DiLoCoOptimizer) -> dict:
@@ -93,15 +86,7 @@ def main() -> int:
         metadata_expiration_s=5.0,
         load_state_timeout_s=10.0,
     )
-    initial_peers = []
-    while args.initial_peers_from is not None and not initial_peers:
-        try:
-            initial_peers = json.loads(args.initial_peers_from.read_text())["maddrs"]
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.1)
-    dht = hivemind.DHT(
-        initial_peers=initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]
-    )
+    dht = start_dht(args.initial_peers_from)
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=256, seq_len=SEQ_LEN, num_layers=2, num_heads=2, d_model=64)
     model = GPT(config).to(device)
@@ -134,14 +119,14 @@ def main() -> int:
         "losses": [],
     }
     try:
-        _write(args.out, record)
+        write_record(args.out, record)
         while not args.go.exists():
             time.sleep(0.05)
         if args.join_late:
             record["loaded"] = opt.load_state_from_peers(timeout=20)
             record["rounds"][str(opt.global_round)] = opt.global_params_sha256()
             record["placement"][str(opt.global_round)] = _placement(model, opt)
-            _write(args.out, record)
+            write_record(args.out, record)
         generator = torch.Generator().manual_seed(os.getpid())
         seen = opt.global_round
         while opt.global_round < args.rounds:
@@ -156,7 +141,7 @@ def main() -> int:
                 record["rounds"][str(seen)] = opt.global_params_sha256()
                 record["placement"][str(seen)] = _placement(model, opt)
                 record["losses"].append(float(loss))
-                _write(args.out, record)
+                write_record(args.out, record)
             time.sleep(args.delay_s)
     finally:
         opt.shutdown()

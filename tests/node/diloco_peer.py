@@ -9,7 +9,6 @@ round. Trains once ``--go`` exists, until its global parameters reach
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -18,9 +17,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-import hivemind
 import torch
 from hivemind.compression import NoCompression, Uniform8BitQuantization
+from peer_script import start_dht, write_record
 
 from crowdtrain.model import GPT, GPTConfig, param_groups
 from crowdtrain.node.swarm.compression import FEEDBACK_KINDS, feedback_codec, install_decoders
@@ -30,12 +29,6 @@ from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 SEQ_LEN = 16
 MICRO_BATCH = 4
-
-
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def main() -> int:
@@ -72,18 +65,7 @@ def main() -> int:
         metadata_expiration_s=5.0,
         load_state_timeout_s=10.0,
     )
-    initial_peers = []
-    while args.initial_peers_from is not None and not initial_peers:
-        try:
-            initial_peers = json.loads(args.initial_peers_from.read_text())["maddrs"]
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.1)
-    dht = hivemind.DHT(
-        initial_peers=initial_peers,
-        start=True,
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        client_mode=args.client_mode,
-    )
+    dht = start_dht(args.initial_peers_from, client_mode=args.client_mode)
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig(vocab_size=256, seq_len=SEQ_LEN, num_layers=2, num_heads=2, d_model=32))
     if args.compression in FEEDBACK_KINDS:
@@ -121,14 +103,14 @@ def main() -> int:
         "epoch": 0,
     }
     try:
-        _write(args.out, record)
+        write_record(args.out, record)
         while not args.go.exists():
             time.sleep(0.05)
         if args.join_late:
             record["loaded"] = opt.load_state_from_peers(timeout=20)
             record["rounds"][str(opt.global_round)] = opt.global_params_sha256()
             record["epoch"] = opt.local_epoch
-            _write(args.out, record)
+            write_record(args.out, record)
         generator = torch.Generator().manual_seed(os.getpid())
         seen = opt.global_round
         while opt.global_round < args.rounds:
@@ -142,7 +124,7 @@ def main() -> int:
                 record["times"][str(seen)] = time.time()
                 record["outcomes"][str(seen)] = opt.last_round_outcome
                 record["epoch"] = opt.local_epoch
-                _write(args.out, record)
+                write_record(args.out, record)
             time.sleep(args.delay_s)
     finally:
         opt.shutdown()

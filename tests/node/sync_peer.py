@@ -13,7 +13,6 @@ alone, after the round: the others got their results, it did not.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -23,9 +22,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import torch
 from hivemind.averaging.partition import AllreduceException
+from peer_script import start_dht, write_record
 
 from crowdtrain.model import GPT, GPTConfig, params_sha256
 from crowdtrain.node.swarm.averagers import GuardedGradientAverager
@@ -53,12 +52,6 @@ class LosingAverager(GuardedGradientAverager):
             raise AllreduceException("test: this peer lost the round's result")
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", type=Path, required=True, help="a sync run's spec")
@@ -72,15 +65,7 @@ def main() -> int:
     torch.set_num_threads(1)
 
     spec = parse_spec(args.spec.read_text(), source=str(args.spec))
-    initial_peers = []
-    while args.initial_peers_from is not None and not initial_peers:
-        try:
-            initial_peers = json.loads(args.initial_peers_from.read_text())["maddrs"]
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.1)
-    dht = hivemind.DHT(
-        initial_peers=initial_peers, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]
-    )
+    dht = start_dht(args.initial_peers_from)
     torch.manual_seed(0)  # every peer starts from the same parameters
     model = GPT(GPTConfig.from_spec(spec.model))
     guard = SwarmGuard(args.out.parent / f"{args.out.stem}-guard", spec.optimizer.target_batch_size)
@@ -106,7 +91,7 @@ def main() -> int:
         "resyncs": 0,
     }
     try:
-        _write(args.out, record)
+        write_record(args.out, record)
         while not args.go.exists():
             time.sleep(0.05)
         if args.initial_peers_from is not None:  # a newcomer: the swarm's state first
@@ -130,7 +115,7 @@ def main() -> int:
                     record["skipped_at"] = opt.local_epoch
                 record.update(step=opt.local_epoch, skipped=opt.skipped_steps)
                 record["resyncs"] = opt.resyncs
-                _write(args.out, record)
+                write_record(args.out, record)
             time.sleep(0.05)
     finally:
         opt.shutdown()
