@@ -232,13 +232,11 @@ class GuardedStateAverager(TrainingStateAverager, _StateCheckMixin, _GuardedAllR
 
     @property
     def state_sharing_priority(self) -> float:
-        return float(self._state_sharing_priority.value)
+        return DecentralizedAverager.state_sharing_priority.__get__(self)
 
     @state_sharing_priority.setter
     def state_sharing_priority(self, value: float) -> None:
-        setter = DecentralizedAverager.state_sharing_priority.fset
-        assert setter is not None
-        setter(self, value - self.priority_discount)
+        DecentralizedAverager.state_sharing_priority.__set__(self, value - self.priority_discount)
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:

@@ -177,12 +177,11 @@ class GuardedOptimizer(hivemind.Optimizer):
             why,
         )
 
-    def _announce_out_of_step(self, out: bool) -> None:
-        """Serve our state below the peers in step (or no longer so)."""
-        averager = self.state_averager
-        averager.priority_discount = OUT_OF_STEP_DISCOUNT if out else 0.0
+    def _announce_in_step(self) -> None:
+        """Serve our state at our step again, as the peers in step do."""
+        self.state_averager.priority_discount = 0.0
         if not self.client_mode:
-            averager.state_sharing_priority = self.local_epoch
+            self.state_averager.state_sharing_priority = self.local_epoch
 
     def _should_load_state_from_peers(self) -> bool:
         if self.out_of_step:
@@ -192,7 +191,7 @@ class GuardedOptimizer(hivemind.Optimizer):
                 return True  # hivemind loads, from the peer that announces the most
             if verdict == IN_STEP:
                 self.out_of_step = False
-                self._announce_out_of_step(False)
+                self._announce_in_step()
                 logger.info(
                     "step %d: every peer that serves state skipped the step too; in step",
                     self.local_epoch,
