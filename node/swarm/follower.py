@@ -233,6 +233,7 @@ class RoundFollower:
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.round)
         self.stats.loaded += 1
+        self.stats.loaded_to_start += int(self.stats.followed == 0)
         self._announce()
         self._write(self.round)
         logger.warning("%s: loaded round %d's global state from a peer", why, state.round)

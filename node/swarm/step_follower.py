@@ -221,6 +221,8 @@ class StepFollower:
     def _reloaded(self, why: str) -> None:
         self.in_step = True
         self.stats.loaded += 1
+        # A swarm that steps faster than a load takes can need a few to catch up with.
+        self.stats.loaded_to_start += int(self.stats.followed == 0)
         self.stats.round = self.optimizer.local_epoch
         self.stats.write(self.outbox)
         self._announce()

@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from queue import Empty, Queue
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,11 +30,13 @@ from tests.swarm import Swarm, small_corpus, write_spec
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
+    import faulthandler, json, sys, time
     from crowdtrain.node import join
     from crowdtrain.protocol.errors import CrowdtrainError
 
     url, home = sys.argv[1], sys.argv[2]
+    # Stuck: every thread's stack into the test's failure message, then exit.
+    faulthandler.dump_traceback_later(float(sys.argv[3]), exit=True)
 
     def say(**event):
         print("@@" + json.dumps(event), flush=True)
@@ -143,10 +146,35 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert not home.exists(), "nothing is created for refused input"
 
 
+STUCK_S = 300  # the script normally ends within a minute, even on a loaded machine
+
+
 def _events(process: subprocess.Popen, lines: list[str]) -> Any:
-    """Yield the script's events as they come; keep every line for the failure message."""
+    """Yield the script's events as they come; keep every line for the failure message.
+
+    Ends when the script has exited and printed everything, not at the end of its output:
+    a hivemind child process that outlives the script for a while holds the pipe open.
+    """
     assert process.stdout is not None
-    for line in process.stdout:
+    out = process.stdout
+    queue: Queue[str | None] = Queue()
+
+    def read() -> None:
+        for line in out:
+            queue.put(line)
+        queue.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + STUCK_S + 60
+    while time.monotonic() < deadline:
+        try:
+            line = queue.get(timeout=1.0)
+        except Empty:
+            if process.poll() is not None:
+                return  # exited, and nothing more came for a second
+            continue
+        if line is None:
+            return
         lines.append(line)
         if line.startswith("@@"):
             yield json.loads(line[2:])
@@ -162,7 +190,7 @@ def test_session_trains_is_interrupted_and_leaves(swarm: Swarm) -> None:
     script = swarm.root / "session_script.py"
     script.write_text(SCRIPT)
     process = subprocess.Popen(
-        [sys.executable, str(script), swarm.url, str(swarm.root / "home")],
+        [sys.executable, str(script), swarm.url, str(swarm.root / "home"), str(STUCK_S)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -178,7 +206,7 @@ def test_session_trains_is_interrupted_and_leaves(swarm: Swarm) -> None:
             if event["event"] == "long":
                 time.sleep(4)
                 process.send_signal(signal.SIGINT)  # the kernel's interrupt button
-        assert process.wait(timeout=120) == 0, "".join(lines[-80:])
+        assert process.wait(timeout=120) == 0, "".join(lines[-300:])
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
