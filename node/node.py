@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from crowdtrain.model import evaluate, save_checkpoint, sequence_losses
 from crowdtrain.node.config import NodeConfig
-from crowdtrain.node.data import SAMPLE_SEQUENCES, ShardProgress, save_position
+from crowdtrain.node.data import ShardProgress, save_position
 from crowdtrain.node.device.device import process_age_s
 from crowdtrain.node.device.hooks import Throttle
 from crowdtrain.node.device.nonfinite import (
@@ -35,7 +35,7 @@ from crowdtrain.node.joining.phases import Joined, join, load_initial_state
 from crowdtrain.node.stats.accounting import NodeStats, TokenAccounting
 from crowdtrain.node.stats.progress import Progress
 from crowdtrain.protocol.errors import CrowdtrainError
-from crowdtrain.protocol.messages import Evaluation
+from crowdtrain.protocol.messages import MAX_SAMPLE_LOSSES, Evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -263,16 +263,16 @@ class Node:
     def _sample_losses(
         self, shard: ShardProgress, logits: torch.Tensor, batch: torch.Tensor
     ) -> list[float] | None:
-        """Per-sequence losses of the batch's first sequences, if the shard wants a sample
-        of it (each step's first batch, or in a sync run every batch: parameters change
-        only between steps, so the coordinator can recompute them from its checkpoint
-        of the step)."""
+        """Per-sequence losses of the whole batch, if the shard wants a sample of it (each
+        step's first batch, or in a sync run every batch: parameters change only between
+        steps, so the coordinator can recompute any of them from its checkpoint of the
+        step)."""
         if self.optimizer.out_of_step:
             return None  # our parameters are not the swarm's at this step: nothing to check
         if not shard.wants_sample(self.stats.step):
             return None
         with torch.no_grad():
-            n = SAMPLE_SEQUENCES
+            n = MAX_SAMPLE_LOSSES
             losses: list[float] = sequence_losses(logits[:n].detach(), batch[:n, 1:]).tolist()
             return losses
 

@@ -125,17 +125,29 @@ class HeartbeatPayload(_Payload):
     traffic: dict[TrafficPurpose, TrafficCount] = {}
 
 
+# A receipt sample holds the loss of every sequence of its micro-batch, up to this many;
+# a receipt holds at most MAX_RECEIPT_SAMPLES samples and MAX_RECEIPT_LOSSES losses in
+# all (a signed envelope holds 64 KiB, a loss takes 9 bytes of it).
+MAX_SAMPLE_LOSSES = 256
+MAX_RECEIPT_SAMPLES = 256
+MAX_RECEIPT_LOSSES = 4096
+
+
 class ReceiptSample(_Payload):
-    """The first micro-batch a node trained at swarm step ``step``.
+    """A micro-batch a node trained at swarm step ``step``.
 
     ``batch`` is its index within the shard's seeded order; ``losses`` are
-    the per-sequence losses of its first sequences, so a verifier holding the
-    checkpoint of ``step`` can recompute them.
+    the per-sequence losses of every sequence in it (the first
+    :data:`MAX_SAMPLE_LOSSES` of a larger one), so a verifier holding the
+    checkpoint of ``step`` can recompute any of them: it picks which after the
+    receipt arrives.
     """
 
     step: Count
     batch: Annotated[int, Field(ge=0, le=2**31)]
-    losses: Annotated[list[Annotated[float, Field(ge=0, le=1e4)]], Field(max_length=8)]
+    losses: Annotated[
+        list[Annotated[float, Field(ge=0, le=1e4)]], Field(max_length=MAX_SAMPLE_LOSSES)
+    ]
 
 
 class ReceiptPayload(_Payload):
@@ -149,7 +161,15 @@ class ReceiptPayload(_Payload):
     started: Annotated[float, Field(ge=0)]
     finished: Annotated[float, Field(ge=0)]
     micro_batch_size: Annotated[int, Field(ge=1, le=65536)] = 1
-    samples: Annotated[list[ReceiptSample], Field(max_length=256)] = []
+    samples: Annotated[list[ReceiptSample], Field(max_length=MAX_RECEIPT_SAMPLES)] = []
+
+    @field_validator("samples")
+    @classmethod
+    def _bounded_losses(cls, samples: list[ReceiptSample]) -> list[ReceiptSample]:
+        total = sum(len(s.losses) for s in samples)
+        if total > MAX_RECEIPT_LOSSES:
+            raise ValueError(f"{total} losses in all; a receipt holds at most {MAX_RECEIPT_LOSSES}")
+        return samples
 
 
 def parse_payload(model: type[_Payload], payload: dict[str, Any]) -> Any:

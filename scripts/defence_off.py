@@ -1,7 +1,8 @@
 """Switch one defence off, run the test that must catch it, restore.
 
 Usage: .venv/bin/python scripts/defence_off.py
-    [counts step sybils squat free fault slowloris checkpoint nat weightless drift]
+    [counts step sybils squat free fault slowloris checkpoint nat weightless drift
+     predictable]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
 git checkout: run it on a clean tree.
@@ -158,6 +159,18 @@ CASES = {
         ],
         "tests/node/test_strict_steps.py",
         "rejoins_the_swarm",
+    ),
+    # The verifier recomputes the first sequences of a sample, as a node can foresee.
+    "predictable": (
+        [
+            (
+                "coordinator/ledger/verifier.py",
+                "        picked = sorted(self.rng.sample(range(len(losses)), count))",
+                "        picked = list(range(count))",
+            )
+        ],
+        "tests/e2e/test_ledger.py",
+        "expects_checked",
     ),
 }
 

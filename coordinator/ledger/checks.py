@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from crowdtrain.protocol.devices import device_peak
-from crowdtrain.protocol.messages import ReceiptPayload
+from crowdtrain.protocol.messages import MAX_SAMPLE_LOSSES, ReceiptPayload
 from crowdtrain.protocol.runspec import RunSpec
 from crowdtrain.protocol.shards import num_windows
 
@@ -44,6 +44,12 @@ DHT_WINDOW_SLACK_S = 10.0
 
 # A record read this long before a shard's start was surely published before it.
 DHT_READ_LAG_S = 2.0
+
+
+# How far a receipt's loss_sum may lie from the sum of its samples' losses, per
+# sequence, when its samples cover every sequence it claims: the node computes both from
+# the same logits (float32, rounded to 5 decimals in a sample).
+LOSS_SUM_TOLERANCE = 1e-3
 
 
 # A sample's swarm step may lie this many steps before the first step its peer
@@ -140,7 +146,8 @@ def possible_sequences(run: PublishedRun, receipt: ReceiptPayload) -> int:
 def check_possible(
     run: PublishedRun, receipt: ReceiptPayload, times: ReceiptTimes, device: str
 ) -> Check:
-    """(a) Could this receipt be true? Shard capacity, lease window and device peak."""
+    """(a) Could this receipt be true? Shard capacity, samples that give every
+    sequence's loss and add up to its loss sum, lease window and device peak."""
     spec = run.spec
     seq_len = spec.model.seq_len
     num_batches = shard_batches(run, receipt)
@@ -160,12 +167,24 @@ def check_possible(
             f"claims {receipt.num_tokens} tokens for {receipt.num_sequences} sequences of "
             f"{seq_len} tokens",
         )
+    per_sample = min(mb, MAX_SAMPLE_LOSSES)
     for sample in receipt.samples:
-        if sample.batch >= num_batches or len(sample.losses) > mb:
+        if sample.batch >= num_batches or len(sample.losses) not in (0, per_sample):
             return Check(
                 "failed",
                 f"a sample names batch {sample.batch} with {len(sample.losses)} losses; the "
-                f"shard has {num_batches} batches of {mb}",
+                f"shard has {num_batches} batches of {mb}, and a sample gives the loss of "
+                f"every sequence of its batch ({per_sample})",
+            )
+    sampled = sum(len(s.losses) for s in receipt.samples)
+    if mb <= MAX_SAMPLE_LOSSES and sampled == receipt.num_sequences:
+        # Every sequence it claims has its loss in a sample: they must add up.
+        total = sum(sum(s.losses) for s in receipt.samples)
+        if not abs(receipt.loss_sum - total) <= LOSS_SUM_TOLERANCE * max(sampled, 1):
+            return Check(
+                "failed",
+                f"claims a loss sum of {receipt.loss_sum:.4f}, but the losses of its "
+                f"{sampled} sequences add up to {total:.4f}",
             )
     if times.finished > times.received_at + CLOCK_SLACK_S:
         return Check("failed", "claims to have finished after the receipt arrived")

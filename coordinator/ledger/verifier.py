@@ -5,10 +5,10 @@ crowdtrain.coordinator.ledger.verifier --data-dir DIR --initial-peers ADDR...`` 
 stops it on shutdown. It joins the coordinator's DHT as a client and, for
 each run with live peers, every ``[verify] checkpoint_every_s`` pulls the
 swarm's state into a checkpoint (:mod:`keeper`). Receipts the ledger queued
-for a spot check are checked here: the losses a node claimed for the first
-sequences of one of its batches are recomputed with the checkpoint of the
-step that batch was trained at, from the coordinator's copy of the shard, in
-the same seeded order nodes use. It shares the coordinator's store (SQLite
+for a spot check are checked here: the losses a node claimed for a few
+sequences of one of its batches, both picked at random here, are recomputed
+with the checkpoint of the step that batch was trained at, from the
+coordinator's copy of the shard, in the same seeded order nodes use. It shares the coordinator's store (SQLite
 allows one writer at a time; both keep their writes short).
 """
 
@@ -103,27 +103,46 @@ class SpotChecker:
             return SpotResult(
                 "skipped", f"no checkpoint of its steps ({span})", ledger.VERIFIED, ""
             )
+        # Which batch and which of its sequences: chosen now, after the receipt arrived,
+        # among all the losses it gives, so a node cannot know which it must get right.
         sample = self.rng.choice(usable)
-        claimed = [float(x) for x in sample["losses"]][: run.spec.verify.spot_check_sequences]
+        losses = [float(x) for x in sample["losses"]]
+        count = min(run.spec.verify.spot_check_sequences, len(losses))
+        picked = sorted(self.rng.sample(range(len(losses)), count))
         model = self._model(run, kept[sample["step"]])
-        batch = self._batch(run, row, int(sample["batch"]))[: len(claimed)]
+        batch = self._batch(run, row, int(sample["batch"]))[picked]
         inputs = torch.from_numpy(batch)
         with torch.no_grad():
             logits, _ = model(inputs[:, :-1])
             actual = sequence_losses(logits, inputs[:, 1:]).tolist()
-        tolerance = run.spec.verify.loss_tolerance
+        verify = run.spec.verify
         where = f"step {sample['step']}, batch {sample['batch']}"
-        for i, (c, a) in enumerate(zip(claimed, actual, strict=True)):
-            if not abs(c - a) <= tolerance:
+        errors = [losses[i] - a for i, a in zip(picked, actual, strict=True)]
+        for i, a, error in zip(picked, actual, errors, strict=True):
+            if not abs(error) <= verify.loss_tolerance:
                 reason = (
-                    f"failed its spot check: claimed loss {c:.4f} for sequence {i} of {where}, "
-                    f"the checkpoint of that step gives {a:.4f} (tolerance {tolerance})"
+                    f"failed its spot check: claimed loss {losses[i]:.4f} for sequence {i} of "
+                    f"{where}, the checkpoint of that step gives {a:.4f} (tolerance "
+                    f"{verify.loss_tolerance})"
                 )
                 return SpotResult("failed", reason, ledger.REJECTED, reason)
-        worst = max(abs(c - a) for c, a in zip(claimed, actual, strict=True))
+        # An honest node whose parameters drifted from the checkpoint's is off by about
+        # the same for every sequence; a node that guessed some losses is off by each
+        # sequence's own distance from its guess.
+        shift = sum(errors) / len(errors)
+        spread = max(abs(e - shift) for e in errors)
+        if not spread <= verify.spread_tolerance:
+            reason = (
+                f"failed its spot check: the claimed losses of sequences {picked} of {where} "
+                f"are off from the checkpoint's by {', '.join(f'{e:+.3f}' for e in errors)}, "
+                f"{spread:.3f} apart from their mean (tolerance {verify.spread_tolerance})"
+            )
+            return SpotResult("failed", reason, ledger.REJECTED, reason)
+        worst = max(abs(e) for e in errors)
         return SpotResult(
             "passed",
-            f"{len(claimed)} losses of {where} within {worst:.2g} of the checkpoint's",
+            f"sequences {picked} of {where} within {worst:.2g} of the checkpoint's losses, "
+            f"{spread:.2g} apart",
             ledger.VERIFIED,
             "",
         )

@@ -9,8 +9,6 @@ nothing about gRPC, the swarm or the model.
 
 from crowdtrain.node.data.cache import ShardCache
 from crowdtrain.node.data.shard_progress import (
-    MAX_RECEIPT_SAMPLES,
-    SAMPLE_SEQUENCES,
     LeasedShard,
     ShardProgress,
     load_position,
@@ -19,8 +17,6 @@ from crowdtrain.node.data.shard_progress import (
 from crowdtrain.node.data.stream import ShardStream, validation_sequences
 
 __all__ = [
-    "MAX_RECEIPT_SAMPLES",
-    "SAMPLE_SEQUENCES",
     "LeasedShard",
     "ShardCache",
     "ShardProgress",

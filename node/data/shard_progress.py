@@ -22,14 +22,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from crowdtrain.protocol.files import atomic_write
-from crowdtrain.protocol.messages import ReceiptPayload, ReceiptSample
+from crowdtrain.protocol.messages import (
+    MAX_RECEIPT_LOSSES,
+    MAX_RECEIPT_SAMPLES,
+    MAX_SAMPLE_LOSSES,
+    ReceiptPayload,
+    ReceiptSample,
+)
 from crowdtrain.protocol.shards import ShardEntry
 
 logger = logging.getLogger(__name__)
 
-# At most this many samples per receipt, and losses per sample (see ReceiptSample).
-MAX_RECEIPT_SAMPLES = 256
-SAMPLE_SEQUENCES = 8
+# Losses are sent to this many decimals: far below any tolerance, and shorter.
+LOSS_DECIMALS = 5
 
 
 @dataclass(frozen=True)
@@ -48,8 +53,10 @@ class ShardProgress:
 
     ``samples`` hold, for the first micro-batch trained at each swarm step (every
     micro-batch with ``every_batch``), the step, the batch's index in the shard's
-    order and the losses of its first sequences: the coordinator's verifier
-    recomputes one it picks at random from its checkpoint of that step. Every
+    order and the loss of every sequence in it: the coordinator's verifier picks a
+    sample and some of its sequences at random once the receipt arrived, and
+    recomputes them from its checkpoint of that step, so a node cannot tell
+    which losses it must compute honestly. Every
     micro-batch only where the parameters stay the swarm's step's for all of
     them (a sync run that does not delay its optimizer step); a DiLoCo peer's
     change at each inner step, so only a round's first micro-batch is checkable. ``batch`` is the index of the micro-batch handed out last.
@@ -78,6 +85,9 @@ class ShardProgress:
         """Whether the batch being trained at ``step`` should be recorded as a sample."""
         if self.replay != 0 or len(self.samples) >= MAX_RECEIPT_SAMPLES:
             return False
+        losses = sum(len(s.losses) for s in self.samples)
+        if losses + min(self.batch_size, MAX_SAMPLE_LOSSES) > MAX_RECEIPT_LOSSES:
+            return False
         return self.every_batch or not self.samples or self.samples[-1].step != step
 
     def record(
@@ -91,7 +101,7 @@ class ShardProgress:
         """Count the current micro-batch as trained: ``num_sequences`` sequences of
         ``num_tokens`` tokens in all, mean loss ``loss``, at swarm step ``step``.
 
-        ``sample`` holds the per-sequence losses of its first sequences when
+        ``sample`` holds the per-sequence losses of its sequences when
         :meth:`wants_sample` asked for them (see :meth:`add_sample`).
         Returns the shard's receipt when this batch completes the leased pass.
         """
@@ -104,13 +114,14 @@ class ShardProgress:
         return self._receipt_when_done()
 
     def add_sample(self, step: int, losses: list[float]) -> None:
-        """Record the losses of the current batch's first sequences, trained at ``step``
-        (the first :data:`SAMPLE_SEQUENCES`; none when one is not finite, or beyond what
-        a receipt may carry)."""
+        """Record the losses of the current batch's sequences, trained at ``step`` (the
+        first :data:`MAX_SAMPLE_LOSSES`; none when one is not finite, or beyond what a
+        receipt may carry)."""
         if not all(math.isfinite(x) for x in losses):
             return
+        rounded = [round(x, LOSS_DECIMALS) for x in losses[:MAX_SAMPLE_LOSSES]]
         try:
-            sample = ReceiptSample(step=step, batch=self.batch, losses=losses[:SAMPLE_SEQUENCES])
+            sample = ReceiptSample(step=step, batch=self.batch, losses=rounded)
         except ValidationError:
             logger.debug("skipped a loss sample of shard %s", self.shard.shard_id)
             return
@@ -193,8 +204,7 @@ def save_position(path: Path, manifest_hash: str, position: dict[str, Any] | Non
 
 
 __all__ = [
-    "MAX_RECEIPT_SAMPLES",
-    "SAMPLE_SEQUENCES",
+    "LOSS_DECIMALS",
     "LeasedShard",
     "ShardProgress",
     "load_position",

@@ -39,17 +39,17 @@ CAPACITY = 28
 STEP = 3
 
 
-def _spec(run_id: str, fraction: float | None) -> str:
-    """The ledger tests' run; ``fraction`` None leaves [verify] out."""
-    verify = {"spot_check_fraction": fraction, "checkpoint_every_s": 5}
+def _spec(run_id: str, fraction: float | None, **more: object) -> str:
+    """The ledger tests' run; ``fraction`` None leaves [verify] out; ``more`` of it."""
+    verify = {"spot_check_fraction": fraction, "checkpoint_every_s": 5, **more}
     return small_spec(
         run={"id": run_id, "seed": 5}, verify=verify if fraction is not None else None
     )
 
 
-def _publish(store, prepared, tmp_path, run_id, fraction):
+def _publish(store, prepared, tmp_path, run_id, fraction, **verify):
     spec_path = tmp_path / f"{run_id}.toml"
-    spec_path.write_text(_spec(run_id, fraction), encoding="utf-8")
+    spec_path.write_text(_spec(run_id, fraction, **verify), encoding="utf-8")
     return get_run(
         store, publish(store, prepare_publication(spec_path, prepared), COORDINATOR_KEY).run_id
     )
@@ -63,6 +63,12 @@ def run(store, prepared, tmp_path):
 @pytest.fixture
 def spot_run(store, prepared, tmp_path):
     return _publish(store, prepared, tmp_path, "spot-run", 1.0)
+
+
+@pytest.fixture
+def pick_run(store, prepared, tmp_path):
+    """Spot checks of 2 of a micro-batch's 4 sequences."""
+    return _publish(store, prepared, tmp_path, "pick-run", 1.0, spot_check_sequences=2)
 
 
 class Peer:
@@ -316,7 +322,8 @@ def test_samples_from_steps_before_the_dht_showed_are_rejected(store, run, histo
     shard = peer.lease(book)
     start = time.time()
     peer.publish_progress(start - 10, start + 10, epochs=(30, 31, 32, 33))
-    old = [{"step": 3, "batch": 0, "losses": [5.0]}, {"step": 32, "batch": 1, "losses": [5.0]}]
+    losses = [5.0] * MICRO_BATCH
+    old = [{"step": 3, "batch": 0, "losses": losses}, {"step": 32, "batch": 1, "losses": losses}]
     payload = receipt(shard, start, samples=old)
     assert submit(store, book, Ledger(store, history), peer, payload) == "rejected"
     assert "sample at step 3" in check_row(store, peer, shard)["reason"]
@@ -328,8 +335,8 @@ def test_samples_whose_steps_go_backwards_are_rejected(store, run, history, book
     start = time.time()
     peer.publish_progress(start, start + 10)
     back = [
-        {"step": STEP + 1, "batch": 0, "losses": [5.0]},
-        {"step": STEP, "batch": 1, "losses": [5.0]},
+        {"step": STEP + 1, "batch": 0, "losses": [5.0] * MICRO_BATCH},
+        {"step": STEP, "batch": 1, "losses": [5.0] * MICRO_BATCH},
     ]
     payload = receipt(shard, start, samples=back)
     assert submit(store, book, Ledger(store, history), peer, payload) == "rejected"
@@ -343,6 +350,39 @@ def test_a_receipt_without_samples_is_rejected(store, run, history, book):
     peer.publish_progress(start, start + 10)
     payload = receipt(shard, start, samples=[])
     assert submit(store, book, Ledger(store, history), peer, payload) == "rejected"
+
+
+def test_a_sample_must_give_every_sequences_loss(store, run, history, book):
+    """Once a sample held the losses of a batch's first sequences: a node could compute
+    just those. Now it holds every sequence's, and the verifier picks among them."""
+    peer = Peer(store, run, history)
+    shard = peer.lease(book)
+    start = time.time()
+    peer.publish_progress(start, start + 10)
+    first_only = [{"step": STEP, "batch": 0, "losses": [5.5] * (MICRO_BATCH - 1)}]
+    payload = receipt(shard, start, samples=first_only)
+    assert submit(store, book, Ledger(store, history), peer, payload) == "rejected"
+    assert "every sequence of its batch (4)" in check_row(store, peer, shard)["reason"]
+
+
+def test_a_loss_sum_that_its_samples_do_not_add_up_to_is_rejected(store, run, history, book):
+    the_ledger = Ledger(store, history)
+    batches = CAPACITY // MICRO_BATCH
+    every_batch = [
+        {"step": STEP, "batch": b, "losses": [5.0 + 0.1 * i for i in range(MICRO_BATCH)]}
+        for b in range(batches)
+    ]
+    total = sum(sum(s["losses"]) for s in every_batch)
+    peer = Peer(store, run, history)
+    start = time.time()
+    peer.publish_progress(start, start + 10)
+    honest = receipt(peer.lease(book), start, samples=every_batch)
+    honest = honest.model_copy(update={"loss_sum": total + 1e-4})  # float sums differ a bit
+    assert submit(store, book, the_ledger, peer, honest) == "verified"
+    shard = peer.lease(book)
+    lower = receipt(shard, start, samples=every_batch).model_copy(update={"loss_sum": total - 3})
+    assert submit(store, book, the_ledger, peer, lower) == "rejected"
+    assert "add up to" in check_row(store, peer, shard)["reason"]
 
 
 def test_no_dht_evidence_is_unverified_not_credited_not_flagged(store, run, history, book):
@@ -406,10 +446,10 @@ def write_checkpoint(store, run, step, seed=11, created_at=None):
     return model
 
 
-def spot_checked(store, spot_run, history, book, losses_of):
+def spot_checked(store, spot_run, history, book, losses_of, name="laptop"):
     """Submit a receipt whose sample (step STEP, batch 2) claims ``losses_of(model)``."""
     model = write_checkpoint(store, spot_run, STEP)
-    peer = Peer(store, spot_run, history)
+    peer = Peer(store, spot_run, history, name=name)
     shard = peer.lease(book)
     start = time.time()
     peer.publish_progress(start, start + 10)
@@ -449,6 +489,47 @@ def test_a_spot_check_fails_when_a_claimed_loss_is_off(store, spot_run, history,
     assert entry["verified_tokens"] == 0
 
 
+def test_a_drift_moves_every_loss_alike_guesses_do_not(store, spot_run, history, book):
+    """A node whose parameters drifted from the checkpoint's is off by about the same for
+    every sequence: passed. Guesses within the loss tolerance, each off its own way: not."""
+    _, row = spot_checked(store, spot_run, history, book, lambda h: [x + 0.3 for x in h])
+    assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]
+
+    def guessed(honest):
+        return [honest[0], honest[1], honest[2] + 0.3, honest[3] - 0.2]
+
+    _, row = spot_checked(store, spot_run, history, book, guessed, name="guesser")
+    assert (row["spot"], row["status"]) == ("failed", "rejected"), row
+    assert "+0.300, -0.200" in row["reason"] and "apart from their mean" in row["reason"]
+
+
+def test_a_spot_check_picks_the_sequences_after_the_receipt_arrived(store, pick_run, history, book):
+    """Right losses for some sequences of a batch and made-up ones for the rest (what a
+    node that computes only the sequences it expects to be checked sends) fail whenever
+    the verifier's pick includes a made-up one; which it picks changes from check to
+    check, so over a few receipts such a node is caught."""
+    model = write_checkpoint(store, pick_run, STEP)
+    outcomes, picks = [], set()
+    for seed in range(8):
+        checker = SpotChecker(store, store.data_dir / CHECKPOINTS_DIR, random.Random(seed))
+        peer = Peer(store, pick_run, history, name=f"half-{seed}")
+        shard = peer.lease(book)
+        start = time.time()
+        peer.publish_progress(start, start + 10)
+        honest = honest_losses(pick_run, shard, 2, model)
+        made_up = [*honest[:2], 1.0, 1.0]  # sequences 2 and 3 are made up
+        payload = receipt(shard, start, samples=[{"step": STEP, "batch": 2, "losses": made_up}])
+        assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
+        assert Verifier(store, None, checker).run_spot_checks(time.time()) == 1
+        row = check_row(store, peer, shard)
+        text = row["spot_reason"] if row["spot"] == "passed" else row["reason"]
+        picks.add(text)
+        guessed = "sequence 2 " in text or "sequence 3 " in text
+        assert row["spot"] == ("failed" if guessed else "passed"), row
+        outcomes.append(row["spot"])
+    assert len(picks) > 2 and "failed" in outcomes, picks
+
+
 def test_a_spot_check_waits_for_a_checkpoint_then_is_skipped(store, spot_run, history, book):
     peer = Peer(store, spot_run, history)
     shard = peer.lease(book)
@@ -473,8 +554,8 @@ def test_a_spot_check_fails_a_sample_from_a_step_the_swarm_had_not_reached(
     start = time.time()
     peer.publish_progress(start, start + 10)
     future = [
-        {"step": STEP, "batch": 0, "losses": [5.0]},
-        {"step": 90, "batch": 1, "losses": [5.0]},
+        {"step": STEP, "batch": 0, "losses": [5.0] * MICRO_BATCH},
+        {"step": 90, "batch": 1, "losses": [5.0] * MICRO_BATCH},
     ]
     payload = receipt(shard, start, samples=future)
     assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
@@ -498,12 +579,12 @@ def test_the_verifier_cuts_the_same_batches_as_the_node(spot_run):
     tokens = read_shard(spot_run.data_path / entry.file)
     order = sequence_order(spot_run.spec.run.seed, 0, entry.id, len(tokens), SEQ_LEN, MICRO_BATCH)
     assert np.array_equal(batch, batch_windows(tokens, order, 2, MICRO_BATCH, SEQ_LEN))
-    # The node records the first batch at each step as a sample.
+    # The node records the first batch at each step as a sample, with every sequence's loss.
     assert progress.wants_sample(STEP)
-    progress.add_sample(STEP, [1.0] * 9)
+    progress.add_sample(STEP, [1.0 + 1e-7 * i for i in range(MICRO_BATCH)])
     assert not progress.wants_sample(STEP) and progress.wants_sample(STEP + 1)
     sent = progress.receipt().model_dump()  # as the node signs it
-    assert sent["samples"] == [{"step": STEP, "batch": 2, "losses": [1.0] * 8}]
+    assert sent["samples"] == [{"step": STEP, "batch": 2, "losses": [1.0] * MICRO_BATCH}]
     assert sent["micro_batch_size"] == MICRO_BATCH
     ReceiptPayload.model_validate({**sent, "finished": sent["started"] + 1})
 
@@ -559,6 +640,7 @@ def test_verify_section_defaults_and_checks():
         ("spot_check_fraction = 1.5", "spot_check_fraction"),
         ("spot_check_sequences = 9", "spot_check_sequences"),
         ("loss_tolerance = 0", "loss_tolerance"),
+        ("spread_tolerance = 11", "spread_tolerance"),
         ("checkpoint_every_s = 0.1", "checkpoint_every_s"),
         ("spot_checks = 1", "spot_checks"),
     ):

@@ -9,19 +9,37 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from bench.keeper_drift import keeper_drift
-from crowdtrain.model import load_checkpoint, params_sha256
+from crowdtrain.model import (
+    GPT,
+    GPTConfig,
+    load_checkpoint,
+    load_into,
+    params_sha256,
+    sequence_losses,
+)
 from crowdtrain.node.link.errors import CoordinatorError
 from crowdtrain.node.link.grpc import CoordinatorClient
 from crowdtrain.protocol.identity import Identity
-from crowdtrain.protocol.messages import ReceiptPayload, ReceiptSample
-from crowdtrain.protocol.shards import load_manifest, num_windows
+from crowdtrain.protocol.messages import HeartbeatPayload, ReceiptPayload, ReceiptSample
+from crowdtrain.protocol.runspec import load_spec
+from crowdtrain.protocol.shards import (
+    batch_windows,
+    load_manifest,
+    num_windows,
+    read_shard,
+    sequence_order,
+)
 from tests.swarm import Swarm, write_spec
+from tests.swarm_keys import SwarmKeys
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +51,19 @@ VERIFY = """
 [verify]
 checkpoint_every_s = {every}
 spot_check_fraction = {fraction}
+loss_tolerance = {tolerance}
 """
+# The cheap spot check's claimant computes this many of each batch's losses.
+COMPUTED = MICRO_BATCH // 2
+CHEAP_SHARDS = 6
+SPOT_TOLERANCE = 0.5  # the default
 
 
-def start_run(swarm: Swarm, fraction: float, every: float = 3.0) -> None:
+def start_run(swarm: Swarm, fraction: float, every: float = 3.0, tolerance: float = 0.5) -> None:
     data = swarm.prepare(SHARD_TOKENS)
     spec = write_spec(swarm.root / "tiny.toml")
-    spec.write_text(spec.read_text() + VERIFY.format(every=every, fraction=fraction))
+    verify = VERIFY.format(every=every, fraction=fraction, tolerance=tolerance)
+    spec.write_text(spec.read_text() + verify)
     published = swarm.publish(spec, data)
     assert published.returncode == 0, published.stderr
     swarm.start_coordinator()
@@ -112,6 +136,133 @@ def test_a_forged_receipt_is_not_credited_and_flags_its_peer(swarm: Swarm) -> No
     assert entry_on_board["flagged"] == node["flagged"]
     (shown,) = swarm.get("/api/runs/tiny/peers")
     assert shown["num_rejected"] == 1
+
+
+def _checkpoint_model(swarm: Swarm, step: int) -> GPT:
+    """The keeper's public checkpoint of ``step``, downloaded as anyone can."""
+    response = httpx.get(f"{swarm.url}/api/runs/tiny/checkpoints/{step}/file", timeout=30)
+    response.raise_for_status()
+    path = swarm.root / f"public-{step}.safetensors"
+    path.write_bytes(response.content)
+    spec = load_spec(swarm.root / "tiny.toml")
+    model = GPT(GPTConfig.from_spec(spec.model)).eval()
+    load_into(model, path)
+    return model
+
+
+def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    """The cheap spot check of issue 14: a peer with valid progress records of its own
+    trains nothing; for each batch of its shard it computes, with the keeper's public
+    checkpoint, the losses of the first sequences (once the only ones a spot check
+    recomputed) by a forward pass alone, and claims their mean for the others. The
+    verifier picks which sequences to recompute after the receipt arrived, and a guess
+    is off by its sequence's own distance from the mean: caught."""
+    start_run(swarm, fraction=1.0, tolerance=SPOT_TOLERANCE)
+    swarm.start_node("node-a")  # an honest node, so the swarm steps and checkpoints come
+
+    def newest_checkpoint() -> dict | None:
+        kept = [c for c in swarm.get("/api/runs/tiny/checkpoints") if c["available"]]
+        newest = max(kept, key=lambda c: c["step"], default=None)
+        return newest if newest is not None and newest["step"] > 0 else None
+
+    swarm.wait_for(newest_checkpoint, 120, "a checkpoint of a step the swarm trained")
+    identity = Identity.generate()
+    client = CoordinatorClient(swarm.url, swarm.ports["grpc_target"], identity)
+    keys = SwarmKeys()
+    keys.write(tmp_path / "identity.key", tmp_path / "progress.key")
+    publisher = swarm.spawn(
+        "cheap-progress",
+        [
+            sys.executable,
+            str(Path(__file__).parents[1] / "fake_progress.py"),
+            "--initial-peers",
+            *swarm.ports["initial_peers"],
+            "--run",
+            "tiny",
+            "--identity",
+            str(tmp_path / "identity.key"),
+            "--progress-key",
+            str(tmp_path / "progress.key"),
+        ],
+    )
+    try:
+        token = client.register("tiny", "cheap", "cpu", "cheap").session_token
+        beat = {
+            "session_key": "session-cheap", "num_tokens": 0, "num_sequences": 0,
+            "tokens_per_s": 0.0, "step": 0, **keys.fields("tiny", identity.public_key),
+        }  # fmt: skip
+        client.heartbeat(token, HeartbeatPayload.model_validate(beat))
+        swarm.wait_for(lambda: "publishing as" in publisher.output(), 60, "its records")
+        time.sleep(7.0)  # the coordinator reads the DHT every 3 s: it has seen them twice
+        leases = []
+        while len(leases) < CHEAP_SHARDS:
+            leases += client.lease(token, CHEAP_SHARDS - len(leases))
+        granted = time.time()
+        checkpoint = newest_checkpoint()
+        assert checkpoint is not None
+        model = _checkpoint_model(swarm, checkpoint["step"])
+        manifest = load_manifest(swarm.root / "data")
+        spec = load_spec(swarm.root / "tiny.toml")
+        receipts = []
+        for lease in leases:
+            entry = next(e for e in manifest.shards if e.id == lease.shard_id)
+            tokens = read_shard(swarm.root / "data" / entry.file)
+            order = sequence_order(
+                spec.run.seed, lease.epoch, entry.id, len(tokens), SEQ_LEN, MICRO_BATCH
+            )
+            samples = []
+            for batch in range(num_windows(entry.num_tokens, SEQ_LEN) // MICRO_BATCH):
+                windows = batch_windows(tokens, order, batch, MICRO_BATCH, SEQ_LEN)
+                inputs = torch.from_numpy(windows[:COMPUTED])
+                with torch.no_grad():
+                    logits, _ = model(inputs[:, :-1])
+                    computed = sequence_losses(logits, inputs[:, 1:]).tolist()
+                guess = sum(computed) / len(computed)
+                losses = [round(x, 5) for x in computed + [guess] * (MICRO_BATCH - COMPUTED)]
+                samples.append(ReceiptSample(step=checkpoint["step"], batch=batch, losses=losses))
+            receipts.append((lease, samples))
+        time.sleep(5.0)  # as long as training would take, or longer
+        for lease, samples in receipts:
+            num_sequences = len(samples) * MICRO_BATCH
+            client.report(
+                token,
+                ReceiptPayload(
+                    shard_id=lease.shard_id,
+                    epoch=lease.epoch,
+                    num_sequences=num_sequences,
+                    num_tokens=num_sequences * SEQ_LEN,
+                    loss_sum=sum(sum(s.losses) for s in samples),
+                    started=granted,
+                    finished=time.time(),
+                    micro_batch_size=MICRO_BATCH,
+                    samples=samples,
+                ),
+            )
+
+        cheap_id = peer_named(swarm, "cheap")["peer_id"]
+
+        def decided() -> list[dict] | None:
+            rows = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == cheap_id]
+            done = len(rows) == CHEAP_SHARDS and all(r["status"] != "pending" for r in rows)
+            return rows if done else None
+
+        rows = swarm.wait_for(decided, 90, "the cheap receipts' spot checks")
+    finally:
+        client.close()
+        swarm.kill(publisher)
+    # A receipt passes when the verifier happens to pick computed sequences, or guesses
+    # that all came close (about 1 in 3 here, early in training, where sequences' losses
+    # lie closest together): over six, at least one is rejected, and the peer flagged.
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert rejected and all(r["checks"]["spot"] == "failed" for r in rejected), rows
+    cheap = peer_named(swarm, "cheap")
+    assert cheap["flagged"] and "spot check" in cheap["flagged"], cheap
+    # The honest node's receipts passed the same checks at the same tolerance.
+    honest_id = peer_named(swarm, "node-a")["peer_id"]
+    honest = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == honest_id]
+    assert honest and not any(r["status"] == "rejected" for r in honest), honest
 
 
 def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:

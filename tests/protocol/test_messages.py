@@ -222,8 +222,16 @@ def test_missing_required_field_is_refused(model):
         ),
         (
             ReceiptPayload,
-            {**RECEIPT, "samples": [{"step": 1, "batch": 0, "losses": [1.0] * 9}]},
+            {**RECEIPT, "samples": [{"step": 1, "batch": 0, "losses": [1.0] * 257}]},
             "samples",
+        ),
+        (
+            ReceiptPayload,
+            {
+                **RECEIPT,
+                "samples": [{"step": 1, "batch": b, "losses": [1.0] * 256} for b in range(17)],
+            },
+            "4352 losses in all",
         ),
         (ReceiptPayload, {**RECEIPT, "micro_batch_size": 0}, "micro_batch_size"),
     ],
