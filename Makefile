@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 # make test runs test files on this many workers (pytest-xdist); TEST_WORKERS=0 runs them in one
 TEST_WORKERS ?= 2
 
-.PHONY: demo test bench lint proto clean
+.PHONY: demo test soak bench lint proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy protocol model coordinator node & types=$$!; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=5; tests=$$?; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=5 -m "not soak"; tests=$$?; \
 	wait $$types; types=$$?; test $$tests -eq 0 && test $$types -eq 0
 
 lint: $(VENV)/.installed-dev
@@ -49,6 +49,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
 BENCH_ARGS ?=
 bench: $(VENV)/.installed-bench
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Scenarios known to fail often (each says why in its docstring), kept runnable.
+soak: $(VENV)/.installed-dev
+	$(PY) -m pytest -q -m soak
 
 proto: $(VENV)/.installed-dev
 	bash scripts/gen_proto.sh .

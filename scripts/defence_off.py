@@ -136,7 +136,7 @@ CASES = {
             )
         ],
         "tests/e2e/test_state_plane.py",
-        "behind_nat",
+        "stalled_follower",
     ),
     "weightless": (
         [

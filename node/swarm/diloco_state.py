@@ -110,7 +110,9 @@ class StateExchange:
 
         A round follower (the coordinator's, announcing half a round above its round) is
         waited for up to :data:`FOLLOWER_PATIENCE_S` after a volunteer announces the round,
-        so that state comes from the coordinator's side rather than a volunteer's uplink.
+        so that state comes from the coordinator's side rather than a volunteer's uplink;
+        also when the follower has the round but a volunteer announces a newer one (the
+        follower a moment behind it): a download comes from whoever announces the most.
         """
         deadline = time.monotonic() + timeout_s
         announced_at: float | None = None
@@ -122,13 +124,14 @@ class StateExchange:
             best = max(rounds, default=-1.0)
             if best >= round_ and announced_at is None:
                 announced_at = time.monotonic()
-            follower_has_it = max(followers, default=-1.0) >= round_
+            follower_best = max(followers, default=-1.0)
+            follower_leads = follower_best >= round_ and follower_best == best
             patience_over = (
                 not followers
                 or announced_at is not None
                 and time.monotonic() - announced_at >= FOLLOWER_PATIENCE_S
             )
-            if follower_has_it or (best >= round_ and patience_over):
+            if follower_leads or (best >= round_ and patience_over):
                 state = self.download(max(1.0, deadline - time.monotonic()))
                 if state is not None and state.round >= round_:
                     return state

