@@ -131,6 +131,19 @@ def main() -> int:
         for r in ledger["receipts"]
         if (m := re.search(r"within ([0-9.e+-]+) of", r["checks"].get("spot_reason") or ""))
     ]
+    spreads = [
+        float(m.group(1))
+        for r in ledger["receipts"]
+        if (
+            m := re.search(
+                r"([0-9.e+-]+) apart", r["checks"].get("spot_reason") or r["reason"] or ""
+            )
+        )
+    ]
+    no_checkpoint = sum(
+        "no checkpoint of its steps" in (r["checks"].get("spot_reason") or "")
+        for r in ledger["receipts"]
+    )
     traffic = follower.get("traffic", {})
 
     def mb(purpose: str, way: str) -> str:
@@ -146,6 +159,10 @@ def main() -> int:
         f"| newest checkpoint behind the run | {'n/a' if drift is None else drift.line()} |",
         "| spot-checked losses: claimed against the keeper's checkpoint, largest gap "
         f"| {'n/a' if not gaps else f'{max(gaps):.2g} nats (median {statistics.median(gaps):.2g}, {len(gaps)} checks)'} |",
+        "| the same differences: how far they lie from their mean, largest "
+        f"| {'n/a' if not spreads else f'{max(spreads):.2g} nats (median {statistics.median(spreads):.2g}, {len(spreads)} checks)'} |",
+        "| spot checks skipped: no checkpoint of the receipt's steps (verified unchecked) "
+        f"| {no_checkpoint} |",
         f"| steps followed / missed / loaded from a peer | {follower.get('followed')} / "
         f"{follower.get('missed')} / {follower.get('loaded')} |",
         f"| the follower's averaging traffic (sent / received) | {mb('averaging', 'sent')} / "

@@ -69,6 +69,7 @@ class GuardedOptimizer(hivemind.Optimizer):
     _out_of_step_since: float | None = None
     skipped_steps = 0  # steps whose gradient round failed with other peers around
     resyncs = 0  # out-of-step states replaced by a peer's
+    loads = 0  # state downloads from peers, for whatever reason
 
     def __init__(
         self,
@@ -201,6 +202,7 @@ class GuardedOptimizer(hivemind.Optimizer):
     def load_state_from_peers(self, **kwargs: Any) -> None:
         self.out_of_step = False  # whatever comes of it: one try per skipped step
         self.state_averager.priority_discount = 0.0  # hivemind announces the loaded step
+        self.loads += 1
         super().load_state_from_peers(**kwargs)
 
     def resync_verdict(self) -> str:

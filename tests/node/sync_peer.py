@@ -86,6 +86,7 @@ def main() -> int:
     record: dict = {
         "maddrs": [str(m) for m in dht.get_visible_maddrs()],
         "steps": {},
+        "loaded_steps": [],
         "step": 0,
         "skipped": 0,
         "resyncs": 0,
@@ -99,7 +100,7 @@ def main() -> int:
                 opt.load_state_from_peers()
                 time.sleep(0.2)
         generator = torch.Generator().manual_seed(os.getpid())
-        seen = None
+        seen, loads = None, opt.loads
         while opt.local_epoch < args.steps:
             batch = torch.randint(0, 256, (MICRO_BATCH, 17), generator=generator)
             _, loss = model(batch[:, :-1], batch[:, 1:])
@@ -111,6 +112,9 @@ def main() -> int:
                 seen = state
                 if not opt.out_of_step:
                     record["steps"][str(opt.local_epoch)] = params_sha256(model.state_dict())
+                if opt.loads != loads:  # a step entered by loading a peer's state
+                    loads = opt.loads
+                    record["loaded_steps"].append(opt.local_epoch)
                 if opt.skipped_steps and "skipped_at" not in record:
                     record["skipped_at"] = opt.local_epoch
                 record.update(step=opt.local_epoch, skipped=opt.skipped_steps)
