@@ -114,12 +114,17 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
     assert {r["checks"]["spot"] for r in receipts} <= {"skipped", "not selected"}, receipts
 
     # The follower took part in the rounds, so it kept their global parameters bit for
-    # bit as each node holds them (the newest rounds only: older files are pruned).
+    # bit as each node holds them (the newest rounds only: older files are pruned). A
+    # round whose peers met in two groups (one without the follower) leaves some holding
+    # other parameters; the next round's group finds out and they reload the heaviest.
     kept = {c["step"]: c for c in swarm.get("/api/runs/tiny/checkpoints")}
     for node in (first, restarted, late):
-        held = dict(re.findall(r"global parameters of round (\d+): ([0-9a-f]{64})", node.output()))
-        assert held, node.output()
+        output = node.output()
+        held = dict(re.findall(r"global parameters of round (\d+): ([0-9a-f]{64})", output))
+        assert held, output
         for round_, sha256 in held.items():
+            if f"round {round_}: our global parameters differed" in output:
+                continue  # found out and reloaded
             if int(round_) in kept:
                 assert kept[int(round_)]["sha256"] == sha256, (node.name, round_)
         rounds = {int(r) for r in held} - missed
