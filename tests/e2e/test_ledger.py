@@ -52,6 +52,7 @@ VERIFY = """
 checkpoint_every_s = {every}
 spot_check_fraction = {fraction}
 loss_tolerance = {tolerance}
+keep_checkpoints = {keep}
 """
 # The cheap spot check's claimant computes this many of each batch's losses.
 COMPUTED = MICRO_BATCH // 2
@@ -59,10 +60,12 @@ CHEAP_SHARDS = 6
 SPOT_TOLERANCE = 0.5  # the default
 
 
-def start_run(swarm: Swarm, fraction: float, every: float = 3.0, tolerance: float = 0.5) -> None:
+def start_run(
+    swarm: Swarm, fraction: float, every: float = 3.0, tolerance: float = 0.5, keep: int = 8
+) -> None:
     data = swarm.prepare(SHARD_TOKENS)
     spec = write_spec(swarm.root / "tiny.toml")
-    verify = VERIFY.format(every=every, fraction=fraction, tolerance=tolerance)
+    verify = VERIFY.format(every=every, fraction=fraction, tolerance=tolerance, keep=keep)
     spec.write_text(spec.read_text() + verify)
     published = swarm.publish(spec, data)
     assert published.returncode == 0, published.stderr
@@ -159,7 +162,10 @@ def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
     recomputed) by a forward pass alone, and claims their mean for the others. The
     verifier picks which sequences to recompute after the receipt arrived, and a guess
     is off by its sequence's own distance from the mean: caught."""
-    start_run(swarm, fraction=1.0, tolerance=SPOT_TOLERANCE)
+    # Every checkpoint's file kept: a spot check of a step whose file was pruned is
+    # skipped and the receipt verified unchecked (a hole of its own, not this attack's;
+    # under load the attacker's step had been pruned by the time it reported).
+    start_run(swarm, fraction=1.0, tolerance=SPOT_TOLERANCE, keep=1000)
     swarm.start_node("node-a")  # an honest node, so the swarm steps and checkpoints come
 
     def newest_checkpoint() -> dict | None:
