@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import pickle
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -21,6 +22,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from crowdtrain.coordinator.runs.bindings import dht_peer_id_of
 from crowdtrain.protocol.identity import swarm_binding_statement
 from crowdtrain.protocol.messages import SwarmProof
+
+if TYPE_CHECKING:
+    from tests.swarm import Process, Swarm
 
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 
@@ -75,3 +79,26 @@ class SwarmKeys:
             "progress_key": self.progress_key,
             "swarm_proof": self.proof(run_id, public_key).model_dump(),
         }
+
+
+def publish_fake_progress(
+    swarm: Swarm, name: str, run_id: str, keys: SwarmKeys, folder: Path
+) -> Process:
+    """Start ``tests/fake_progress.py`` as process ``name``: progress records for ``run_id``
+    signed with ``keys`` (written to ``folder``), claiming work nobody does."""
+    keys.write(folder / "identity.key", folder / "progress.key")
+    return swarm.spawn(
+        name,
+        [
+            sys.executable,
+            str(Path(__file__).parent / "fake_progress.py"),
+            "--initial-peers",
+            *swarm.ports["initial_peers"],
+            "--run",
+            run_id,
+            "--identity",
+            str(folder / "identity.key"),
+            "--progress-key",
+            str(folder / "progress.key"),
+        ],
+    )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import select
 import socket
 import sqlite3
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from crowdtrain.protocol.messages import (
 )
 from crowdtrain.protocol.rpc import KIND_REGISTER, envelope_to_pb
 from tests.swarm import COORDINATOR, Swarm, run_cli, write_spec
-from tests.swarm_keys import SwarmKeys
+from tests.swarm_keys import SwarmKeys, publish_fake_progress
 
 pytestmark = pytest.mark.slow
 
@@ -199,22 +198,7 @@ def test_a_free_rider_with_its_own_progress_records_is_not_credited(
     credited, and its shard goes back to be trained by someone."""
     rider = Peer(live, "free", "rider", device="cuda:NVIDIA GB200")
     keys = SwarmKeys()
-    keys.write(tmp_path / "identity.key", tmp_path / "progress.key")
-    publisher = live.spawn(
-        "rider-progress",
-        [
-            sys.executable,
-            str(Path(__file__).parents[1] / "fake_progress.py"),
-            "--initial-peers",
-            *live.ports["initial_peers"],
-            "--run",
-            "free",
-            "--identity",
-            str(tmp_path / "identity.key"),
-            "--progress-key",
-            str(tmp_path / "progress.key"),
-        ],
-    )
+    publisher = publish_fake_progress(live, "rider-progress", "free", keys, tmp_path)
     rider.beat(**keys.fields("free", rider.identity.public_key))
     live.wait_for(lambda: "publishing as" in publisher.output(), 60, "the rider's records")
     time.sleep(7.0)  # the coordinator reads the DHT every 3 s: it has seen them twice

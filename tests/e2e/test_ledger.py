@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from crowdtrain.protocol.shards import (
     sequence_order,
 )
 from tests.swarm import Swarm, write_spec
-from tests.swarm_keys import SwarmKeys
+from tests.swarm_keys import SwarmKeys, publish_fake_progress
 
 pytestmark = pytest.mark.slow
 
@@ -177,22 +176,7 @@ def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
     identity = Identity.generate()
     client = CoordinatorClient(swarm.url, swarm.ports["grpc_target"], identity)
     keys = SwarmKeys()
-    keys.write(tmp_path / "identity.key", tmp_path / "progress.key")
-    publisher = swarm.spawn(
-        "cheap-progress",
-        [
-            sys.executable,
-            str(Path(__file__).parents[1] / "fake_progress.py"),
-            "--initial-peers",
-            *swarm.ports["initial_peers"],
-            "--run",
-            "tiny",
-            "--identity",
-            str(tmp_path / "identity.key"),
-            "--progress-key",
-            str(tmp_path / "progress.key"),
-        ],
-    )
+    publisher = publish_fake_progress(swarm, "cheap-progress", "tiny", keys, tmp_path)
     try:
         token = client.register("tiny", "cheap", "cpu", "cheap").session_token
         beat = {
