@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
-     predictable]
+     predictable patience]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
 git checkout: run it on a clean tree.
@@ -171,6 +171,12 @@ CASES = {
         ],
         "tests/e2e/test_ledger.py",
         "expects_checked",
+    ),
+    # A round gives up on its group after one timeout, even while a peer may still come.
+    "patience": (
+        [("node/swarm/rounds.py", "ROUND_PATIENCE = 3.0\n", "ROUND_PATIENCE = 1.0\n")],
+        "tests/node/test_diloco.py",
+        "stalls_past",
     ),
 }
 

@@ -279,6 +279,17 @@ class DiLoCoAverager(_GuardedAllReduceMixin):
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
         return self._current_state()
 
+    async def _step(self, *, step: StepControl, **kwargs: Any) -> None:
+        # The group key is the round's (set_group_bits before each round). hivemind moves
+        # it on after every assembled group, so a round retried after its group's
+        # all-reduce failed would look for peers under another round's key.
+        self._matchmaking.group_key_manager.update_key_on_group_assembled = _keep_group_key
+        await super()._step(step=step, **kwargs)
+
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
         return DecentralizedAverager._get_handle_name(namespace, method_name)
+
+
+async def _keep_group_key(group_info: GroupInfo) -> None:
+    """Replaces hivemind's key update after an assembled group: the key stays the round's."""

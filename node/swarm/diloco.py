@@ -42,8 +42,11 @@ from crowdtrain.node.swarm.diloco_state import (
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
 from crowdtrain.node.swarm.packed import FeedbackCodec
 from crowdtrain.node.swarm.rounds import (
+    ROUND_PATIENCE,
+    await_round_group,
     canonical_sha256,
     gathered_weight,
+    others_may_still_meet,
     outer_optimizer,
     outer_step,
     round_averager,
@@ -62,6 +65,7 @@ class _PendingRound:  # an all-reduce under way
     weight: float
     global_sha256: str
     local_at_end: list[torch.Tensor]  # θ_local when the round ended (CPU fp32)
+    give_up_from: float  # monotonic: stop looking for a group once nobody else is coming
     deadline: float  # monotonic: give up waiting after this
 
 
@@ -168,6 +172,7 @@ class DiLoCoOptimizer:
         self._round_samples = 0  # sequences trained in the current round
         self._pending: _PendingRound | None = None
         self._round_timeout_s = max(swarm.averaging_timeout_s, 2 * swarm.matchmaking_time_s)
+        self._round_patience_s = ROUND_PATIENCE * self._round_timeout_s
 
         self._own_guard_folder: Path | None = None
         if swarm_guard is not None:
@@ -363,17 +368,19 @@ class DiLoCoOptimizer:
                 "weight": weight,
                 "serves": not self.client_mode,
             },
-            timeout=self._round_timeout_s,
+            timeout=self._round_patience_s,
             allow_retries=True,
             wait=False,
         )
+        now = time.monotonic()
         self._pending = _PendingRound(
             round=round_,
             control=control,
             weight=weight,
             global_sha256=global_sha256,
             local_at_end=local_at_end,
-            deadline=time.monotonic() + self._round_timeout_s + self.swarm.averaging_timeout_s + 5,
+            give_up_from=now + self._round_timeout_s,
+            deadline=now + self._round_patience_s + self.swarm.averaging_timeout_s + 5,
         )
         if not self.spec.outer_overlap:
             with self.tracker.performance_ema.pause():
@@ -387,7 +394,14 @@ class DiLoCoOptimizer:
         """Apply a round's averaged pseudo-gradient, or recover from its failure."""
         self._pending = None
         try:
-            gathered = pending.control.result(timeout=max(0.0, pending.deadline - time.monotonic()))
+            gathered = await_round_group(
+                pending.control,
+                pending.give_up_from,
+                pending.deadline,
+                lambda: others_may_still_meet(
+                    pending.round, self.exchange, self.tracker, self.swarm.request_timeout_s
+                ),
+            )
         except (Exception, asyncio.CancelledError) as e:  # any failure of the round alike
             if not pending.control.done():
                 pending.control.cancel()

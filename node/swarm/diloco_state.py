@@ -139,9 +139,11 @@ class StateExchange:
                 return None
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
-    def announced_rounds(self) -> list[float]:
-        """The rounds other peers announce for state downloads (a follower's are x.5)."""
-        found = self.dht.get(f"{averager_prefix(self.run_id)}.all_averagers", latest=True)
+    def announced_rounds(self, timeout_s: float | None = None) -> list[float]:
+        """The rounds other peers announce for state downloads (a follower's are x.5).
+        Raises TimeoutError when the DHT does not answer within ``timeout_s``."""
+        key = f"{averager_prefix(self.run_id)}.all_averagers"
+        found = self.dht.get(key, latest=True, return_future=True).result(timeout=timeout_s)
         entries = found.value if found is not None and isinstance(found.value, dict) else {}
         me = self.dht.peer_id.to_bytes()
         return [

@@ -61,7 +61,10 @@ from crowdtrain.node.swarm.following import (
 )
 from crowdtrain.node.swarm.guard import GuardConfig
 from crowdtrain.node.swarm.rounds import (
+    ROUND_PATIENCE,
+    await_round_group,
     canonical_sha256,
+    others_may_still_meet,
     outer_optimizer,
     outer_step,
     round_averager,
@@ -103,6 +106,8 @@ class RoundFollower:
         self.stats = FollowerStats(round=start.round, traffic=self.traffic)
         self._lock = threading.Lock()
         self._round_timeout_s = max(swarm.averaging_timeout_s, 2 * swarm.matchmaking_time_s)
+        self._averaging_timeout_s = swarm.averaging_timeout_s
+        self._request_timeout_s = swarm.request_timeout_s
 
         self.tracker = round_tracker(dht, self.run_id, opt, swarm, client_mode=True, eager=True)
         with self.tracker.pause_updates():
@@ -164,14 +169,22 @@ class RoundFollower:
         self.averager.set_group_bits(round_bits(round_))
         gather = {"round": round_, "sha256": own_sha256, "weight": 0.0, "follower": True}
         try:
+            started = time.monotonic()
             control = self.averager.step(
                 weight=0.0,
                 gather=gather,
-                timeout=self._round_timeout_s,
+                timeout=ROUND_PATIENCE * self._round_timeout_s,
                 allow_retries=True,
                 wait=False,
             )
-            gathered = control.result(timeout=self._round_timeout_s + 30.0)
+            gathered = await_round_group(
+                control,
+                started + self._round_timeout_s,
+                started + ROUND_PATIENCE * self._round_timeout_s + self._averaging_timeout_s + 5,
+                lambda: others_may_still_meet(
+                    round_, self.exchange, self.tracker, self._request_timeout_s
+                ),
+            )
         except (Exception, BaseException) as e:  # any failure of the round alike
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise

@@ -13,20 +13,31 @@ them; :mod:`~crowdtrain.node.swarm.follower` follows with them.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import hivemind
 import torch
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.node.swarm.averagers import DiLoCoAverager
-from crowdtrain.node.swarm.diloco_state import averager_prefix
+from crowdtrain.node.swarm.diloco_state import StateExchange, averager_prefix
 from crowdtrain.node.swarm.guard import GuardConfig
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's peers meet
+
+ROUND_PATIENCE = 3.0
+"""How many round timeouts a round's averaging goes on looking for its group while a
+peer that trained the round has not come to it yet. A machine that stalled (a laptop
+that slept, a loaded CPU) comes to a round's matchmaking late; giving up after one
+timeout would leave every peer applying its own pseudo-gradient, and as each round
+then takes as long for everyone (the timeout and the wait for a peer's state), peers
+would stay that late apart, missing each other at every round from then on."""
 
 
 def round_bits(round_: int) -> str:
@@ -86,7 +97,7 @@ def round_tracker(
     swarm: SwarmSection,
     client_mode: bool,
     eager: bool = False,
-) -> ProgressTracker:
+) -> RoundTracker:
     """The run's round progress (its prefix is the run id): a round ends when the swarm
     trained ``inner_steps * target_batch_size`` sequences. A participant that never
     reports samples (the follower) never publishes a record.
@@ -95,7 +106,7 @@ def round_tracker(
     follower, one process per run) reads twice as often: it has no training to be
     late for, and a round it is late for costs a volunteer's upload of the state."""
     window = swarm.matchmaking_time_s / (2 if eager else 1)
-    return ProgressTracker(
+    return RoundTracker(
         dht=dht,
         prefix=run_id,
         target_batch_size=optimizer.inner_steps * optimizer.target_batch_size,
@@ -106,6 +117,91 @@ def round_tracker(
         metadata_expiration=swarm.metadata_expiration_s,
         start=True,
     )
+
+
+class RoundTracker(ProgressTracker):
+    """hivemind's progress tracker, also keeping the round (local epoch) each other peer
+    reports (:attr:`peer_rounds`, by peer id), refreshed with the swarm's progress."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.peer_rounds: dict[bytes, int] = {}
+        super().__init__(*args, **kwargs)
+
+    def _parse_swarm_progress_data(self, metadata: Any) -> Any:
+        progress = super()._parse_swarm_progress_data(metadata)
+        rounds: dict[bytes, int] = {}
+        for entry in metadata.values() if isinstance(metadata, dict) else ():
+            value = getattr(entry, "value", None)
+            if isinstance(value, dict):
+                peer, epoch = value.get("peer_id"), value.get("epoch")
+                if isinstance(peer, bytes) and isinstance(epoch, int):
+                    rounds[peer] = epoch
+        rounds.pop(self.local_progress.peer_id, None)
+        self.peer_rounds = rounds
+        return progress
+
+
+def round_may_still_meet(
+    round_: int, announced: Sequence[float], peer_rounds: Iterable[int]
+) -> bool:
+    """Whether another participant may still come to round ``round_``'s matchmaking:
+    nobody serves a later round's state yet (``announced``: the rounds others serve, a
+    follower's x.5), and the coordinator's follower is about or a peer reports a round up
+    to ``round_ + 1`` (it is training the round or averaging it)."""
+    if max(announced, default=-1.0) >= round_ + 1:
+        return False  # a peer holds the next round: take its state instead
+    follower_about = any(r != int(r) for r in announced)
+    return follower_about or any(r <= round_ + 1 for r in peer_rounds)
+
+
+def others_may_still_meet(
+    round_: int, exchange: StateExchange, tracker: RoundTracker, timeout_s: float
+) -> bool:
+    """:func:`round_may_still_meet` with what ``exchange`` and ``tracker`` know now; True
+    when the DHT does not answer within ``timeout_s`` (go on looking, within the round's
+    deadline)."""
+    try:
+        announced = exchange.announced_rounds(timeout_s)
+    except TimeoutError:
+        return True
+    return round_may_still_meet(round_, announced, tracker.peer_rounds.values())
+
+
+def await_round_group(
+    control: StepControl,
+    give_up_from: float,
+    deadline: float,
+    may_still_meet: Callable[[], bool],
+) -> Any:
+    """What the round's group gathered once it averaged. From ``give_up_from``
+    (monotonic) on, a round still looking for its group is cancelled as soon as
+    ``may_still_meet()`` says nobody else is coming; at ``deadline`` in any case.
+    Raises what the round raised, or TimeoutError."""
+    checked_at = -math.inf
+    while True:
+        try:
+            return control.result(timeout=max(0.0, min(0.25, deadline - time.monotonic())))
+        except TimeoutError:
+            pass
+        now = time.monotonic()
+        if now >= deadline:
+            _cancel(control, "the round did not finish in time")
+        looking = control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+        if now >= give_up_from and looking and now - checked_at >= 1.0:
+            checked_at = now
+            if not may_still_meet():
+                _cancel(control, "could not find a group, and no other peer is coming")
+
+
+def _cancel(control: StepControl, reason: str, settle_s: float = 10.0) -> None:
+    """Cancel the round and wait (up to ``settle_s``) until the averager has left it: a
+    round still looking for its group when the next round's group bits are set would
+    otherwise meet the next round's group with this round's tensors. Raises TimeoutError."""
+    control.cancel()
+    settle_by = time.monotonic() + settle_s
+    while control.stage != AveragingStage.FINISHED and time.monotonic() < settle_by:
+        time.sleep(0.05)
+    raise TimeoutError(reason)
 
 
 def round_averager(
@@ -179,12 +275,17 @@ def canonical_sha256(gathered: Iterable[Any]) -> str | None:
 
 __all__ = [
     "ROUND_BITS",
+    "ROUND_PATIENCE",
+    "RoundTracker",
+    "await_round_group",
     "canonical_sha256",
     "gathered_weight",
+    "others_may_still_meet",
     "outer_optimizer",
     "outer_step",
     "quiet_averaging_failures",
     "round_averager",
     "round_bits",
+    "round_may_still_meet",
     "round_tracker",
 ]

@@ -8,7 +8,9 @@ and kill every process group they started, pass or fail.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.compression import install_decoders
 from crowdtrain.node.swarm.diloco import DiLoCoConfig, DiLoCoOptimizer
 from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
-from crowdtrain.node.swarm.rounds import canonical_sha256, round_bits
+from crowdtrain.node.swarm.rounds import canonical_sha256, round_bits, round_may_still_meet
 from crowdtrain.protocol.runspec import SwarmSection, parse_spec
 from tests.specs import small_spec
 from tests.swarm import ScriptPeers
@@ -205,6 +207,20 @@ def test_rounds_meet_only_their_own_round_and_the_heaviest_hash_wins() -> None:
     assert canonical_sha256([follower]) == "k"
 
 
+def test_a_round_waits_only_for_peers_that_may_still_come_to_it() -> None:
+    # another peer still training round 5, or averaging it: wait
+    assert round_may_still_meet(5, announced=[], peer_rounds=[5])
+    assert round_may_still_meet(5, announced=[5.0], peer_rounds=[6])
+    # the coordinator's follower holds round 5 (announces 5.5): it comes to round 5
+    assert round_may_still_meet(5, announced=[5.5], peer_rounds=[])
+    # nobody else, or everyone moved past the round
+    assert not round_may_still_meet(5, announced=[], peer_rounds=[])
+    assert not round_may_still_meet(5, announced=[], peer_rounds=[7, 8])
+    # someone serves round 6 already: take its state rather than wait
+    assert not round_may_still_meet(5, announced=[6.0], peer_rounds=[5])
+    assert not round_may_still_meet(5, announced=[6.5], peer_rounds=[5])
+
+
 def test_a_late_joiner_loads_the_global_state_of_a_round(tmp_path: Path) -> None:
     handler = signal.getsignal(signal.SIGINT)
     dhts: list[hivemind.DHT] = []
@@ -367,3 +383,36 @@ def test_peers_whose_global_params_differ_converge_and_leave_cleanly(peers: Peer
     assert peers.agree("a", "b"), peers.logs()
     outcomes = [*peers.read("a")["outcomes"].values(), *peers.read("b")["outcomes"].values()]
     assert "reloaded" in outcomes, peers.logs()
+
+
+def test_a_peer_that_stalls_past_a_rounds_timeout_averages_with_the_others_again(
+    peers: Peers,
+) -> None:
+    """The full peer's training process stops for 12 s (a laptop that slept, a machine
+    under load: 1.5 round timeouts) while its averager and DHT run on. It comes to the
+    next round's matchmaking long after the client-mode peer, which keeps looking for
+    the round's group while a peer that trained it may still come, so the two average
+    together again rather than each applying its own pseudo-gradient from then on."""
+    peers.start("full")
+    peers.start("client", "--client-mode", initial="full")
+    peers.wait_for(
+        "the peers to start",
+        lambda: all("maddrs" in peers.read(name) for name in ("full", "client")),
+        60,
+    )
+    peers.go.touch()
+    peers.wait_for(
+        "two rounds both peers averaged", lambda: len(peers.agree("full", "client")) >= 2, 90
+    )
+    pid = peers.procs["full"].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(12.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    stalled_at = max(peers.rounds("full"))
+    peers.wait_for(
+        "three rounds both peers averaged after the stall",
+        lambda: sum(r > stalled_at for r in peers.agree("full", "client")) >= 3,
+        120,
+    )
