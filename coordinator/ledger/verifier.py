@@ -51,6 +51,9 @@ PORTS_FILE = "ports.json"
 SPOT_CHECK_GRACE_S = 30.0
 _TICK_S = 1.0
 SPOT_CHECK_BUDGET_S = 2.0  # spot checks per tick, at most this long (then checkpoints again)
+# A spot check recomputes a sample from each of up to this many checkpointed steps of its
+# receipt, and passes when one of them matches.
+SPOT_CHECK_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -103,13 +106,39 @@ class SpotChecker:
             return SpotResult(
                 "skipped", f"no checkpoint of its steps ({span})", ledger.VERIFIED, ""
             )
-        # Which batch and which of its sequences: chosen now, after the receipt arrived,
-        # among all the losses it gives, so a node cannot know which it must get right.
-        sample = self.rng.choice(usable)
+        # Which batches and which of their sequences: chosen now, after the receipt
+        # arrived, among all the losses it gives, so a node cannot know which it must get
+        # right. One sample from each of up to SPOT_CHECK_STEPS checkpointed steps: an
+        # honest node in a sync run may hold other parameters than the checkpoint's at one
+        # step (its round there was partial) and the swarm's again at the next.
+        steps = sorted({s["step"] for s in usable})
+        self.rng.shuffle(steps)
+        failures: list[str] = []
+        for step in steps[:SPOT_CHECK_STEPS]:
+            sample = self.rng.choice([s for s in usable if s["step"] == step])
+            passed, text = self._check_sample(run, row, sample, kept[step])
+            if passed:
+                if failures:
+                    text += f"; a sample of another step did not match ({failures[0]})"
+                return SpotResult("passed", text, ledger.VERIFIED, "")
+            failures.append(text)
+        reason = f"failed its spot check: {failures[0]}"
+        if len(failures) > 1:
+            reason += f" (and samples of {len(failures) - 1} other steps did not match either)"
+        return SpotResult("failed", reason, ledger.REJECTED, reason)
+
+    def _check_sample(
+        self,
+        run: PublishedRun,
+        row: dict[str, Any],
+        sample: dict[str, Any],
+        checkpoint: dict[str, Any],
+    ) -> tuple[bool, str]:
+        """Recompute some of ``sample``'s losses with ``checkpoint``: (passed, what was seen)."""
         losses = [float(x) for x in sample["losses"]]
         count = min(run.spec.verify.spot_check_sequences, len(losses))
         picked = sorted(self.rng.sample(range(len(losses)), count))
-        model = self._model(run, kept[sample["step"]])
+        model = self._model(run, checkpoint)
         batch = self._batch(run, row, int(sample["batch"]))[picked]
         inputs = torch.from_numpy(batch)
         with torch.no_grad():
@@ -120,31 +149,25 @@ class SpotChecker:
         errors = [losses[i] - a for i, a in zip(picked, actual, strict=True)]
         for i, a, error in zip(picked, actual, errors, strict=True):
             if not abs(error) <= verify.loss_tolerance:
-                reason = (
-                    f"failed its spot check: claimed loss {losses[i]:.4f} for sequence {i} of "
-                    f"{where}, the checkpoint of that step gives {a:.4f} (tolerance "
-                    f"{verify.loss_tolerance})"
+                return False, (
+                    f"claimed loss {losses[i]:.4f} for sequence {i} of {where}, the "
+                    f"checkpoint of that step gives {a:.4f} (tolerance {verify.loss_tolerance})"
                 )
-                return SpotResult("failed", reason, ledger.REJECTED, reason)
         # An honest node whose parameters drifted from the checkpoint's is off by about
         # the same for every sequence; a node that guessed some losses is off by each
         # sequence's own distance from its guess.
         shift = sum(errors) / len(errors)
         spread = max(abs(e - shift) for e in errors)
         if not spread <= verify.spread_tolerance:
-            reason = (
-                f"failed its spot check: the claimed losses of sequences {picked} of {where} "
-                f"are off from the checkpoint's by {', '.join(f'{e:+.3f}' for e in errors)}, "
-                f"{spread:.3f} apart from their mean (tolerance {verify.spread_tolerance})"
+            return False, (
+                f"the claimed losses of sequences {picked} of {where} are off from the "
+                f"checkpoint's by {', '.join(f'{e:+.3f}' for e in errors)}, {spread:.3f} "
+                f"apart from their mean (tolerance {verify.spread_tolerance})"
             )
-            return SpotResult("failed", reason, ledger.REJECTED, reason)
         worst = max(abs(e) for e in errors)
-        return SpotResult(
-            "passed",
+        return True, (
             f"sequences {picked} of {where} within {worst:.2g} of the checkpoint's losses, "
-            f"{spread:.2g} apart",
-            ledger.VERIFIED,
-            "",
+            f"{spread:.2g} apart"
         )
 
     def _model(self, run: PublishedRun, checkpoint: dict[str, Any]) -> GPT:
