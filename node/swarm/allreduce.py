@@ -275,7 +275,8 @@ class GuardedAllReduceRunner(AllReduceRunner):
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.debug("caught %r when communicating with %s", e, peer_id, exc_info=True)
-            container.register_failed_reducer(peer_index)
+            if not container.finished.is_set():  # finalized (a timeout): its parts are gone
+                container.register_failed_reducer(peer_index)
             raise
 
     async def _reduce_own_slice(self) -> None:
