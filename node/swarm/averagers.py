@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 import typing
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
@@ -38,6 +40,7 @@ from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard, state_problem
 logger = logging.getLogger(__name__)
 
 STEP_KEY = "step"  # the gathered key of a sync gradient round's step
+SERVE_WAIT_S = 5.0  # how long served sync state waits for an optimizer step under way
 # The round (hivemind's StepControl) that the averager's task is running.
 _ROUND: ContextVar[StepControl] = ContextVar("crowdtrain_round")
 
@@ -228,7 +231,25 @@ class GuardedStateAverager(TrainingStateAverager, _StateCheckMixin, _GuardedAllR
         self._swarm_guard = swarm_guard
         self._guard_config = swarm_guard.config
         self._guard_roster = self._guard_attacks = False
+        self._serving = threading.RLock()  # held by step(); taken to serve a consistent state
         super().__init__(**kwargs)
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        with self._serving:
+            return super().step(*args, **kwargs)
+
+    def get_current_state(self) -> Any:
+        # hivemind counts the new step (local_epoch) before its optimizer step has updated
+        # the parameters it serves (in a background executor): a peer downloading then gets
+        # one step's parameters labelled with the next. Serve once that update is done
+        # (within SERVE_WAIT_S; then as hivemind would).
+        give_up_at = time.monotonic() + SERVE_WAIT_S
+        while True:
+            with self._serving:
+                busy = any(not update.done() for update in self.pending_updates)
+                if not busy or time.monotonic() >= give_up_at:
+                    return super().get_current_state()
+            time.sleep(0.01)
 
     @property
     def state_sharing_priority(self) -> float:

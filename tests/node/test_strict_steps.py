@@ -79,8 +79,9 @@ def test_a_peer_whose_round_failed_skips_the_step_and_rejoins_the_swarm_bit_for_
         # Compared: the steps both held from b's first load of a's state during training
         # on, except steps entered by a download. Before it, b holds what its start-up
         # download gave: twice in CI that state was a's parameters of one step labelled
-        # with the next (hivemind's server counts the step before its optimizer step has
-        # applied; an open issue), and b's steps differed from a's until b's first resync.
+        # with the next (hivemind's server counted the step before its optimizer step had
+        # applied; GuardedStateAverager now waits for it, test_state_serving.py), and b's
+        # steps differed from a's until b's first resync.
         a, b = peers.read("a"), peers.read("b")
         loaded = set(a.get("loaded_steps", [])) | set(b.get("loaded_steps", []))
         first = min(b.get("loaded_steps", []), default=None)
