@@ -286,6 +286,17 @@ class Peers(ScriptPeers):
         good = {"averaged", "reloaded", "loaded"}
         return {r: sha for r, sha in self.rounds(name).items() if outcomes.get(str(r)) in good}
 
+    def start_full_and_client(self, *args: str) -> None:
+        """Start a full peer and a client-mode peer (both with ``args``) and let them train."""
+        self.start("full", *args)
+        self.start("client", "--client-mode", *args, initial="full")
+        self.wait_for(
+            "the peers to start",
+            lambda: all("maddrs" in self.read(name) for name in ("full", "client")),
+            60,
+        )
+        self.go.touch()
+
     def agree(self, *names: str) -> list[int]:
         """The rounds all named peers held the swarm's parameters after; asserts they match."""
         held = [self.on_swarm(name) for name in names]
@@ -355,14 +366,7 @@ def test_top_k_pseudo_gradients_keep_peers_bit_identical(peers: Peers) -> None:
     """With 2-bit top-k pseudo-gradients and error feedback (a reducer's average is
     re-coded lossily), a full peer and a client-mode peer still hold the same global
     parameters after every round: every peer decodes the same bytes."""
-    peers.start("full", "--compression", "topk-2bit")
-    peers.start("client", "--client-mode", "--compression", "topk-2bit", initial="full")
-    peers.wait_for(
-        "the peers to start",
-        lambda: all("maddrs" in peers.read(name) for name in ("full", "client")),
-        60,
-    )
-    peers.go.touch()
+    peers.start_full_and_client("--compression", "topk-2bit")
     peers.wait_for(
         "three rounds both peers averaged", lambda: len(peers.agree("full", "client")) >= 3, 90
     )
@@ -398,14 +402,7 @@ def test_a_peer_that_stalls_past_a_rounds_timeout_averages_with_the_others_again
     In ``make soak``, not ``make test``: it passes on an idle machine, but failed once
     under CI's load (at a3e9600), each peer deciding at every round that the other would
     not come (its progress record a round ahead, or lapsed): not solved yet."""
-    peers.start("full")
-    peers.start("client", "--client-mode", initial="full")
-    peers.wait_for(
-        "the peers to start",
-        lambda: all("maddrs" in peers.read(name) for name in ("full", "client")),
-        60,
-    )
-    peers.go.touch()
+    peers.start_full_and_client()
     peers.wait_for(
         "two rounds both peers averaged", lambda: len(peers.agree("full", "client")) >= 2, 90
     )
