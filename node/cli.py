@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from crowdtrain.node.device.priority import DEFAULT_NICE, MAX_NICE
 from crowdtrain.node.stats.progress import MODES
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import setup_logging
@@ -64,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     join.add_argument("--max-seconds", type=float, default=None, help="leave after this long")
     join.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    join.add_argument(
+        "--nice",
+        type=_nice,
+        default=DEFAULT_NICE,
+        help=f"CPU priority of training once it started, 0 (as started) to {MAX_NICE} "
+        f"(lowest); the default {DEFAULT_NICE} lets the machine's other programs go first",
+    )
     join.add_argument(
         "--cache-size",
         type=_size,
@@ -139,6 +147,20 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _nice(text: str) -> int:
+    """A nice value, 0 to MAX_NICE."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_NICE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a nice value: give 0 (train at the priority the node started "
+            f"with) to {MAX_NICE} (yield the CPU to every other program)"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose, args.log_json)
@@ -206,6 +228,7 @@ def _join(args: argparse.Namespace) -> int:
         name=args.name,
         device=args.device,
         threads=args.threads,
+        nice=args.nice,
         progress=args.progress,
         dht_host=args.dht_host,
         dht_port=args.dht_port,

@@ -24,6 +24,9 @@ class NodeConfig:
     name: str = ""
     device: str = "auto"
     threads: int | None = None
+    # The nice value training runs at once it started (0: as started; the command line
+    # gives 10, so the owner's programs come first on a busy CPU).
+    nice: int = 0
     progress: str = "auto"
     dht_host: str = "127.0.0.1"
     dht_port: int = 0

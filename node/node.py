@@ -31,6 +31,7 @@ from crowdtrain.node.device.nonfinite import (
     poison_gradient,
 )
 from crowdtrain.node.device.precision import autocast
+from crowdtrain.node.device.priority import yield_cpu
 from crowdtrain.node.joining.phases import Joined, join, load_initial_state
 from crowdtrain.node.stats.accounting import NodeStats, TokenAccounting
 from crowdtrain.node.stats.progress import Progress
@@ -203,6 +204,7 @@ class Node:
                     logger.info(
                         "first contributing step %.1f s after process start", process_age_s()
                     )
+                    yield_cpu(self.config.nice)
                 self._count(batch.shape[0], batch.shape[1] - 1, loss_value, shard, sample)
                 progress.update(self.stats, batch.shape[0] * (batch.shape[1] - 1))
                 if opt.local_epoch != self.stats.step:
