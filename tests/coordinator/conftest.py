@@ -3,7 +3,10 @@
 import pytest
 
 from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
+from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store
+from crowdtrain.coordinator.swarm.dht import ProgressHistory
+from tests.coordinator.ledger_support import publish_run
 
 NUM_SHARDS = 20
 
@@ -31,3 +34,32 @@ def store(tmp_path):
     store = Store(tmp_path / "coordinator")
     yield store
     store.close()
+
+
+# the ledger's and the spot checks' tests (a module may define its own run or book)
+
+
+@pytest.fixture
+def run(store, prepared, tmp_path):
+    return publish_run(store, prepared, tmp_path, "ledger-run", 0.0)
+
+
+@pytest.fixture
+def spot_run(store, prepared, tmp_path):
+    return publish_run(store, prepared, tmp_path, "spot-run", 1.0)
+
+
+@pytest.fixture
+def pick_run(store, prepared, tmp_path):
+    """Spot checks of 2 of a micro-batch's 4 sequences."""
+    return publish_run(store, prepared, tmp_path, "pick-run", 1.0, spot_check_sequences=2)
+
+
+@pytest.fixture
+def history():
+    return ProgressHistory()
+
+
+@pytest.fixture
+def book(store):
+    return LeaseBook(store)

@@ -1,0 +1,96 @@
+"""What the ledger's and the spot checks' unit tests share: their run, a peer with its
+DHT evidence and leases, receipts, and submitting them as ReportShard does."""
+
+import numpy as np
+
+from crowdtrain.coordinator.records import get_run
+from crowdtrain.coordinator.runs.publish import prepare_publication, publish
+from crowdtrain.coordinator.swarm.dht import ProgressObservation, subkey_hex
+from crowdtrain.protocol.messages import ReceiptPayload
+from tests.coordinator.registration import COORDINATOR_KEY, join_peer
+from tests.specs import small_spec
+
+SEQ_LEN, MICRO_BATCH = 32, 4
+# The prepared shards hold 1024 tokens: 31 windows, 7 micro-batches of 4.
+CAPACITY = 28
+STEP = 3
+
+
+def ledger_spec(run_id: str, fraction: float | None, **more: object) -> str:
+    """The ledger tests' run; ``fraction`` None leaves [verify] out; ``more`` of it."""
+    verify = {"spot_check_fraction": fraction, "checkpoint_every_s": 5, **more}
+    return small_spec(
+        run={"id": run_id, "seed": 5}, verify=verify if fraction is not None else None
+    )
+
+
+def publish_run(store, prepared, tmp_path, run_id, fraction, **verify):
+    spec_path = tmp_path / f"{run_id}.toml"
+    spec_path.write_text(ledger_spec(run_id, fraction, **verify), encoding="utf-8")
+    return get_run(
+        store, publish(store, prepare_publication(spec_path, prepared), COORDINATOR_KEY).run_id
+    )
+
+
+class Peer:
+    """A registered peer with its swarm identity, a lease and its DHT evidence."""
+
+    def __init__(self, store, run, history, name="laptop", rate=50.0):
+        self.store, self.run, self.history = store, run, history
+        self.session = join_peer(store, run.id, name=name)
+        self.key = f"{abs(hash(name)):040x}"[:40]
+        store.set_swarm_ids(run.id, self.session.peer_id, f"Qm{name}", self.key)
+        self.rate = rate
+
+    def lease(self, book):
+        (granted,) = book.grant(self.run, self.session, 1)
+        return granted.shard_id
+
+    def publish_progress(self, start, end, epochs=(STEP,), rate=None):
+        """Progress records seen every 2 s over [start, end], going through ``epochs``."""
+        times = np.arange(start, end + 1e-9, 2.0)
+        for i, t in enumerate(times):
+            self.history.add(
+                self.run.id,
+                ProgressObservation(
+                    seen_at=float(t),
+                    progress_key=subkey_hex(self.key),
+                    dht_peer_id=f"Qm{self.session.peer_id}",
+                    epoch=epochs[min(len(epochs) - 1, i * len(epochs) // len(times))],
+                    samples_accumulated=4 * i,
+                    samples_per_second=self.rate if rate is None else rate,
+                ),
+            )
+
+
+def receipt(shard_id, started, duration=10.0, num_sequences=CAPACITY, samples=None):
+    if samples is None:
+        samples = [{"step": STEP, "batch": 0, "losses": [5.5] * MICRO_BATCH}]
+    return ReceiptPayload(
+        shard_id=shard_id,
+        epoch=0,
+        num_sequences=num_sequences,
+        num_tokens=num_sequences * SEQ_LEN,
+        loss_sum=5.5 * num_sequences,
+        started=started,
+        finished=started + duration,
+        micro_batch_size=MICRO_BATCH,
+        samples=samples,
+    )
+
+
+def submit(store, book, the_ledger, peer, payload, sent_at=None, received_at=None):
+    """Complete the lease and assess the receipt, as ReportShard does."""
+    received_at = payload.finished + 0.5 if received_at is None else received_at
+    book.complete(peer.run, peer.session, payload)
+    return the_ledger.assess(
+        peer.run,
+        peer.session,
+        payload,
+        sent_at=received_at if sent_at is None else sent_at,
+        received_at=received_at,
+    )
+
+
+def check_row(store, peer, shard_id):
+    return store.get_receipt_check(peer.run.id, peer.session.peer_id, shard_id, 0)

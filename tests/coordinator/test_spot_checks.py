@@ -1,0 +1,244 @@
+"""Spot checks on a real store: the verifier recomputes claimed losses (the ledger's check (c)).
+
+Receipts go through the same LeaseBook and Ledger calls the gRPC handler makes;
+the DHT's evidence is a ProgressHistory filled by the test; spot checks use
+checkpoints and private snapshots the test writes. No process, no network, no sleep.
+"""
+
+import random
+import time
+
+import numpy as np
+import torch
+
+from crowdtrain.coordinator.ledger import views as ledger_views
+from crowdtrain.coordinator.ledger.ledger import Ledger
+from crowdtrain.coordinator.ledger.verifier import SpotChecker, Verifier
+from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR
+from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint, sequence_losses
+from crowdtrain.node.data import LeasedShard, ShardStream
+from crowdtrain.protocol.messages import ReceiptPayload
+from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order
+from tests.coordinator.ledger_support import (
+    MICRO_BATCH,
+    SEQ_LEN,
+    STEP,
+    Peer,
+    check_row,
+    receipt,
+    submit,
+)
+
+
+def honest_losses(run, shard_id, batch, model, n=MICRO_BATCH):
+    entry = next(s for s in run.manifest.train_shards if s.id == shard_id)
+    tokens = read_shard(run.data_path / entry.file)
+    order = sequence_order(run.spec.run.seed, 0, shard_id, len(tokens), SEQ_LEN, MICRO_BATCH)
+    inputs = torch.from_numpy(batch_windows(tokens, order, batch, MICRO_BATCH, SEQ_LEN))[:n]
+    with torch.no_grad():
+        logits, _ = model(inputs[:, :-1])
+        return sequence_losses(logits, inputs[:, 1:]).tolist()
+
+
+def write_checkpoint(store, run, step, seed=11, created_at=None):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
+    folder = store.data_dir / CHECKPOINTS_DIR / run.id
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}.safetensors"
+    file_sha = save_checkpoint(folder / name, model.state_dict(), {"step": str(step)})
+    store.insert_checkpoint(
+        {
+            "run_id": run.id,
+            "step": step,
+            "sha256": params_sha256(model.state_dict()),
+            "file": name,
+            "file_sha256": file_sha,
+            "num_bytes": (folder / name).stat().st_size,
+            "spec_hash": run.spec.hash,
+            "created_at": time.time() if created_at is None else created_at,
+            "cpu_s": 0.1,
+        }
+    )
+    return model
+
+
+def spot_checked(store, spot_run, history, book, losses_of, name="laptop"):
+    """Submit a receipt whose sample (step STEP, batch 2) claims ``losses_of(model)``."""
+    model = write_checkpoint(store, spot_run, STEP)
+    peer = Peer(store, spot_run, history, name=name)
+    shard = peer.lease(book)
+    start = time.time()
+    peer.publish_progress(start, start + 10)
+    claimed = losses_of(honest_losses(spot_run, shard, 2, model))
+    samples = [
+        {"step": STEP - 1, "batch": 0, "losses": [9.0] * MICRO_BATCH},  # no checkpoint of it
+        {"step": STEP, "batch": 2, "losses": claimed},
+    ]
+    payload = receipt(shard, start, samples=samples)
+    assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
+    assert check_row(store, peer, shard)["spot"] == "queued"
+    verifier = Verifier(
+        store, None, SpotChecker(store, store.data_dir / CHECKPOINTS_DIR, random.Random(0))
+    )
+    assert verifier.run_spot_checks(time.time()) == 1
+    return peer, check_row(store, peer, shard)
+
+
+def test_a_spot_check_passes_when_the_claimed_losses_are_recomputed(store, spot_run, history, book):
+    peer, row = spot_checked(store, spot_run, history, book, lambda honest: honest)
+    assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]
+    assert row["spot_cpu_s"] > 0
+    assert store.get_peer(spot_run.id, peer.session.peer_id)["flagged"] is None
+    costs = ledger_views.costs_view(store, spot_run)
+    assert costs["num_spot_checks"] == 1 and costs["cpu_s_per_verified_receipt"] > 0
+
+
+def test_a_spot_check_fails_when_a_claimed_loss_is_off(store, spot_run, history, book):
+    def one_off(honest):
+        return [honest[0], honest[1] + 1.5, *honest[2:]]
+
+    peer, row = spot_checked(store, spot_run, history, book, one_off)
+    assert (row["spot"], row["status"]) == ("failed", "rejected")
+    assert "sequence 1 of step 3, batch 2" in row["reason"]
+    assert "spot check" in store.get_peer(spot_run.id, peer.session.peer_id)["flagged"]
+    (entry,) = ledger_views.leaderboard_view(store, spot_run)
+    assert entry["verified_tokens"] == 0
+
+
+def test_a_drift_moves_every_loss_alike_guesses_do_not(store, spot_run, history, book):
+    """A node whose parameters drifted from the checkpoint's is off by about the same for
+    every sequence: passed. Guesses within the loss tolerance, each off its own way: not."""
+    _, row = spot_checked(store, spot_run, history, book, lambda h: [x + 0.3 for x in h])
+    assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]
+
+    def guessed(honest):
+        return [honest[0], honest[1], honest[2] + 0.3, honest[3] - 0.2]
+
+    _, row = spot_checked(store, spot_run, history, book, guessed, name="guesser")
+    assert (row["spot"], row["status"]) == ("failed", "rejected"), row
+    assert "+0.300, -0.200" in row["reason"] and "apart from their mean" in row["reason"]
+
+
+def test_a_spot_check_picks_the_sequences_after_the_receipt_arrived(store, pick_run, history, book):
+    """Right losses for some sequences of a batch and made-up ones for the rest (what a
+    node that computes only the sequences it expects to be checked sends) fail whenever
+    the verifier's pick includes a made-up one; which it picks changes from check to
+    check, so over a few receipts such a node is caught."""
+    model = write_checkpoint(store, pick_run, STEP)
+    outcomes, picks = [], set()
+    for seed in range(8):
+        checker = SpotChecker(store, store.data_dir / CHECKPOINTS_DIR, random.Random(seed))
+        peer = Peer(store, pick_run, history, name=f"half-{seed}")
+        shard = peer.lease(book)
+        start = time.time()
+        peer.publish_progress(start, start + 10)
+        honest = honest_losses(pick_run, shard, 2, model)
+        made_up = [*honest[:2], 1.0, 1.0]  # sequences 2 and 3 are made up
+        payload = receipt(shard, start, samples=[{"step": STEP, "batch": 2, "losses": made_up}])
+        assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
+        assert Verifier(store, None, checker).run_spot_checks(time.time()) == 1
+        row = check_row(store, peer, shard)
+        text = row["spot_reason"] if row["spot"] == "passed" else row["reason"]
+        picks.add(text)
+        guessed = "sequence 2 " in text or "sequence 3 " in text
+        assert row["spot"] == ("failed" if guessed else "passed"), row
+        outcomes.append(row["spot"])
+    assert len(picks) > 2 and "failed" in outcomes, picks
+
+
+def test_a_sample_of_one_step_off_is_forgiven_when_another_steps_matches(
+    store, spot_run, history, book
+):
+    """A sync node whose round at one step was partial holds other parameters than the
+    checkpoint's there, and the swarm's again a step later (it failed CI once as a
+    rejected honest node): the verifier checks a sample of each of up to three
+    checkpointed steps and passes the receipt when one matches; when none does, it fails."""
+    write_checkpoint(store, spot_run, STEP, seed=11)
+    at_next = write_checkpoint(store, spot_run, STEP + 1, seed=12)
+    torch.manual_seed(99)
+    elsewhere = GPT(GPTConfig.from_spec(spot_run.spec.model)).eval()  # parameters of no step
+    with torch.no_grad():
+        for param in elsewhere.parameters():
+            param.mul_(6.0)  # far from any checkpoint: untrained models' losses are all alike
+    for name, next_model, expected in (
+        ("partial", at_next, "passed"),
+        ("off", elsewhere, "failed"),
+    ):
+        peer = Peer(store, spot_run, history, name=name)
+        shard = peer.lease(book)
+        start = time.time()
+        peer.publish_progress(start, start + 10, epochs=(STEP, STEP + 1))
+        samples = [
+            {"step": STEP, "batch": 0, "losses": honest_losses(spot_run, shard, 0, elsewhere)},
+            {"step": STEP + 1, "batch": 1, "losses": honest_losses(spot_run, shard, 1, next_model)},
+        ]
+        payload = receipt(shard, start, samples=samples)
+        assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
+        checker = SpotChecker(store, store.data_dir / CHECKPOINTS_DIR, random.Random(0))
+        assert Verifier(store, None, checker).run_spot_checks(time.time()) == 1
+        row = check_row(store, peer, shard)
+        assert row["spot"] == expected, row
+        if expected == "passed":
+            assert "step 4, batch 1" in row["spot_reason"], row["spot_reason"]
+        else:
+            assert "1 other steps did not match either" in row["reason"], row["reason"]
+
+
+def test_a_spot_check_waits_for_a_checkpoint_then_is_skipped(store, spot_run, history, book):
+    peer = Peer(store, spot_run, history)
+    shard = peer.lease(book)
+    start = time.time()
+    peer.publish_progress(start, start + 10)
+    assert submit(store, book, Ledger(store, history), peer, receipt(shard, start)) == "pending"
+    verifier = Verifier(store, None, SpotChecker(store, store.data_dir / CHECKPOINTS_DIR))
+    assert verifier.run_spot_checks(time.time()) == 0  # no checkpoint yet: it waits
+    # A checkpoint taken after the receipt arrived, of a later step: none of its steps' will come.
+    write_checkpoint(store, spot_run, STEP + 5, created_at=time.time() + 60)
+    assert verifier.run_spot_checks(time.time()) == 1
+    row = check_row(store, peer, shard)
+    assert (row["spot"], row["status"]) == ("skipped", "verified")
+    assert "no checkpoint" in row["spot_reason"]
+
+
+def test_a_spot_check_fails_a_sample_from_a_step_the_swarm_had_not_reached(
+    store, spot_run, history, book
+):
+    peer = Peer(store, spot_run, history)
+    shard = peer.lease(book)
+    start = time.time()
+    peer.publish_progress(start, start + 10)
+    future = [
+        {"step": STEP, "batch": 0, "losses": [5.0] * MICRO_BATCH},
+        {"step": 90, "batch": 1, "losses": [5.0] * MICRO_BATCH},
+    ]
+    payload = receipt(shard, start, samples=future)
+    assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
+    write_checkpoint(store, spot_run, STEP + 2, created_at=time.time() + 60)
+    verifier = Verifier(store, None, SpotChecker(store, store.data_dir / CHECKPOINTS_DIR))
+    assert verifier.run_spot_checks(time.time()) == 1
+    row = check_row(store, peer, shard)
+    assert (row["spot"], row["status"]) == ("failed", "rejected")
+    assert "step 90" in row["reason"] and f"step {STEP + 2}" in row["reason"]
+
+
+def test_the_verifier_cuts_the_same_batches_as_the_node(spot_run):
+    """node/data.py and the verifier share protocol/shards.py's order: the node's third
+    micro-batch of a shard is the one the verifier rebuilds from the receipt's sample."""
+    entry = spot_run.manifest.train_shards[3]
+    stream = ShardStream(spot_run.spec.run.seed, SEQ_LEN, MICRO_BATCH)
+    stream.offer(LeasedShard(entry.id, 0, spot_run.data_path / entry.file, entry))
+    batches = [stream.next_batch() for _ in range(3)]
+    batch, progress = batches[-1]
+    assert progress.batch == 2
+    tokens = read_shard(spot_run.data_path / entry.file)
+    order = sequence_order(spot_run.spec.run.seed, 0, entry.id, len(tokens), SEQ_LEN, MICRO_BATCH)
+    assert np.array_equal(batch, batch_windows(tokens, order, 2, MICRO_BATCH, SEQ_LEN))
+    # The node records the first batch at each step as a sample, with every sequence's loss.
+    assert progress.wants_sample(STEP)
+    progress.add_sample(STEP, [1.0 + 1e-7 * i for i in range(MICRO_BATCH)])
+    assert not progress.wants_sample(STEP) and progress.wants_sample(STEP + 1)
+    sent = progress.receipt().model_dump()  # as the node signs it
+    assert sent["samples"] == [{"step": STEP, "batch": 2, "losses": [1.0] * MICRO_BATCH}]
+    assert sent["micro_batch_size"] == MICRO_BATCH
+    ReceiptPayload.model_validate({**sent, "finished": sent["started"] + 1})
