@@ -176,6 +176,13 @@ class VerifySection:
     The keeper keeps the files of the newest ``keep_checkpoints`` checkpoints
     (their hashes stay recorded after a file is removed); each file is about
     4 bytes per parameter, so lower it for large models on a small disk.
+
+    Checkpoints are public, so a node could compute the losses of checkpointed
+    steps and make up the rest. In a sync run the keeper's step follower also
+    keeps, for a while, its parameters of a ``snapshot_fraction`` of steps
+    picked at random, which it never publishes; a spot check recomputes a
+    sample of such a step whenever the receipt has one. A receipt picked for a
+    spot check whose steps have neither is not credited (unverified).
     """
 
     checkpoint_every_s: float = 60.0
@@ -184,6 +191,7 @@ class VerifySection:
     loss_tolerance: float = 0.5
     spread_tolerance: float = 0.25
     keep_checkpoints: int = 8
+    snapshot_fraction: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -475,6 +483,12 @@ def _validate(spec: RunSpec, source: str) -> None:
         fail("[verify] loss_tolerance", f"must be in (0, 10] nats, got {v.loss_tolerance}")
     if not 0.0 < v.spread_tolerance <= 10.0:
         fail("[verify] spread_tolerance", f"must be in (0, 10] nats, got {v.spread_tolerance}")
+    if not 0.0 <= v.snapshot_fraction <= 1.0:
+        fail(
+            "[verify] snapshot_fraction",
+            f"must be in [0, 1] (the share of sync steps the keeper keeps privately for spot "
+            f"checks; 0 leaves only the public checkpoints), got {v.snapshot_fraction}",
+        )
     if not 1 <= v.keep_checkpoints <= 10_000:
         fail(
             "[verify] keep_checkpoints",

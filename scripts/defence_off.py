@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
-     predictable patience]
+     predictable unchecked patience]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
 git checkout: run it on a clean tree.
@@ -171,6 +171,24 @@ CASES = {
         ],
         "tests/e2e/test_ledger.py",
         "expects_checked",
+    ),
+    # Spot checks without the follower's private snapshots, and a receipt nothing can
+    # check credited (as before).
+    "unchecked": (
+        [
+            (
+                "coordinator/ledger/verifier.py",
+                "            return SpotResult(\"skipped\", reason, ledger.UNVERIFIED, reason)\n        # Which",
+                "            return SpotResult(\"skipped\", reason, ledger.VERIFIED, \"\")\n        # Which",
+            ),
+            (
+                "coordinator/ledger/verifier.py",
+                "snapshots_of=keeper.followers.snapshots",
+                "snapshots_of=None",
+            ),
+        ],
+        "tests/e2e/test_ledger.py",
+        "no_checkpoint_holds",
     ),
     # A round gives up on its group after one timeout, even while a peer may still come.
     "patience": (

@@ -3,12 +3,14 @@
 ``crowdtrain-coordinator serve`` starts it as ``python -m
 crowdtrain.coordinator.ledger.verifier --data-dir DIR --initial-peers ADDR...`` and
 stops it on shutdown. It joins the coordinator's DHT as a client and, for
-each run with live peers, every ``[verify] checkpoint_every_s`` pulls the
-swarm's state into a checkpoint (:mod:`keeper`). Receipts the ledger queued
-for a spot check are checked here: the losses a node claimed for a few
-sequences of one of its batches, both picked at random here, are recomputed
-with the checkpoint of the step that batch was trained at, from the
-coordinator's copy of the shard, in the same seeded order nodes use. It shares the coordinator's store (SQLite
+each run with live peers, keeps the rounds or steps its follower wrote as
+checkpoints (:mod:`keeper`). Receipts the ledger queued for a spot check are
+checked here: the losses a node claimed for a few sequences of one of its
+batches, both picked at random here, are recomputed with the parameters of the
+step that batch was trained at (a sync run's private snapshot of it, else its
+public checkpoint), from the coordinator's copy of the shard, in the same
+seeded order nodes use. A receipt none of whose steps can be recomputed is not
+credited. It shares the coordinator's store (SQLite
 allows one writer at a time; both keep their writes short).
 """
 
@@ -25,6 +27,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +41,11 @@ from crowdtrain.coordinator.ledger import checks, ledger
 from crowdtrain.coordinator.records import PublishedRun
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.keeper import Keeper
-from crowdtrain.model import GPT, GPTConfig, load_into, sequence_losses
+from crowdtrain.model import GPT, CheckpointError, GPTConfig, load_into, sequence_losses
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.logs import TEXT_FORMAT, JsonFormatter, setup_logging
 from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order, verify_shard
+from crowdtrain.protocol.snapshots import list_snapshots
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +73,20 @@ class SpotResult:
 class SpotChecker:
     """Recomputes claimed losses. Keeps the last few checkpoints' models in memory."""
 
-    def __init__(self, store: Store, keeper_folder: Path, rng: random.Random | None = None):
+    def __init__(
+        self,
+        store: Store,
+        keeper_folder: Path,
+        rng: random.Random | None = None,
+        snapshots_of: Callable[[str], Path] | None = None,
+    ):
+        """``keeper_folder`` holds the runs' checkpoints; ``snapshots_of(run_id)`` is where
+        its step follower keeps private snapshots (None: public checkpoints only)."""
         self.store = store
         self.folder = keeper_folder
+        self.snapshots_of = snapshots_of
         self.rng = rng or random.Random()
-        self._models: OrderedDict[tuple[str, int], GPT] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str], GPT] = OrderedDict()
         self._verified_shards: set[tuple[str, int, int]] = set()
 
     def check(self, run: PublishedRun, row: dict[str, Any], now: float) -> SpotResult | None:
@@ -87,9 +100,12 @@ class SpotChecker:
                 f"swarm was at step {max(later)} after the receipt arrived"
             )
             return SpotResult("failed", reason, ledger.REJECTED, reason)
-        kept = {c["step"]: c for c in checkpoints if c["file"]}
-        usable = [s for s in samples if s["step"] in kept]
-        if not usable:
+        public = {c["step"]: self.folder / run.id / c["file"] for c in checkpoints if c["file"]}
+        private = list_snapshots(self.snapshots_of(run.id)) if self.snapshots_of else {}
+        steps = {s["step"] for s in samples}
+        private_steps = sorted(steps & private.keys())
+        public_steps = sorted((steps & public.keys()) - private.keys())
+        if not private_steps and not public_steps:
             # A checkpoint of one of its steps may still come while the swarm trains, until
             # the keeper has pulled once since the receipt arrived.
             newer = any(c["created_at"] > row["received_at"] for c in checkpoints)
@@ -101,44 +117,79 @@ class SpotChecker:
                 and waited < run.spec.verify.checkpoint_every_s + SPOT_CHECK_GRACE_S
             ):
                 return None
-            steps = sorted({s["step"] for s in samples})
-            span = f"{steps[0]}..{steps[-1]}" if steps else "none"
-            return SpotResult(
-                "skipped", f"no checkpoint of its steps ({span})", ledger.VERIFIED, ""
-            )
+            span = f"{min(steps)}..{max(steps)}" if steps else "none"
+            reason = f"could not be spot-checked: no checkpoint of its steps ({span})"
+            return SpotResult("skipped", reason, ledger.UNVERIFIED, reason)
         # Which batches and which of their sequences: chosen now, after the receipt
         # arrived, among all the losses it gives, so a node cannot know which it must get
-        # right. One sample from each of up to SPOT_CHECK_STEPS checkpointed steps: an
-        # honest node in a sync run may hold other parameters than the checkpoint's at one
-        # step (its round there was partial) and the swarm's again at the next.
-        steps = sorted({s["step"] for s in usable})
-        self.rng.shuffle(steps)
-        failures: list[str] = []
-        for step in steps[:SPOT_CHECK_STEPS]:
-            sample = self.rng.choice([s for s in usable if s["step"] == step])
-            passed, text = self._check_sample(run, row, sample, kept[step])
-            if passed:
-                if failures:
-                    text += f"; a sample of another step did not match ({failures[0]})"
-                return SpotResult("passed", text, ledger.VERIFIED, "")
-            failures.append(text)
+        # right. Steps the keeper kept privately first: a node knows which steps have a
+        # public checkpoint and could compute just those. One sample from each of up to
+        # SPOT_CHECK_STEPS steps: an honest node in a sync run may hold other parameters
+        # than the keeper's at one step (its round there was partial) and the swarm's
+        # again at the next.
+        self.rng.shuffle(private_steps)
+        self.rng.shuffle(public_steps)
+        first = private_steps or public_steps
+        passed, failures = self._check_steps(run, row, samples, first, private | public)
+        if passed is not None:
+            if failures:
+                passed += f"; a sample of another step did not match ({failures[0]})"
+            return SpotResult("passed", passed, ledger.VERIFIED, "")
+        if not failures:  # every file it needed went away meanwhile (pruned)
+            reason = "could not be spot-checked: its steps' checkpoints were removed"
+            return SpotResult("skipped", reason, ledger.UNVERIFIED, reason)
+        if private_steps and public_steps:
+            # Right where the node could know it would be checked, wrong where it could
+            # not: not credited. Not flagged either: an honest node whose rounds at those
+            # steps were partial looks the same.
+            matched, _ = self._check_steps(run, row, samples, public_steps, public)
+            if matched is not None:
+                reason = (
+                    f"failed its spot check where the node could not foresee it "
+                    f"({failures[0]}), though its samples at publicly checkpointed steps "
+                    f"match ({matched}): not credited"
+                )
+                return SpotResult("failed", reason, ledger.UNVERIFIED, reason)
         reason = f"failed its spot check: {failures[0]}"
         if len(failures) > 1:
             reason += f" (and samples of {len(failures) - 1} other steps did not match either)"
         return SpotResult("failed", reason, ledger.REJECTED, reason)
+
+    def _check_steps(
+        self,
+        run: PublishedRun,
+        row: dict[str, Any],
+        samples: list[dict[str, Any]],
+        steps: list[int],
+        files: dict[int, Path],
+    ) -> tuple[str | None, list[str]]:
+        """Check one random sample of each of the first SPOT_CHECK_STEPS ``steps`` with
+        ``files``, until one passes: (what passed or None, what failed before)."""
+        failures: list[str] = []
+        for step in steps[:SPOT_CHECK_STEPS]:
+            sample = self.rng.choice([s for s in samples if s["step"] == step])
+            try:
+                model = self._model(run, files[step])
+            except (OSError, CheckpointError) as e:  # pruned since we listed it
+                logger.info("spot check: the parameters of step %d went away: %s", step, e)
+                continue
+            passed, text = self._check_sample(run, row, sample, model)
+            if passed:
+                return text, failures
+            failures.append(text)
+        return None, failures
 
     def _check_sample(
         self,
         run: PublishedRun,
         row: dict[str, Any],
         sample: dict[str, Any],
-        checkpoint: dict[str, Any],
+        model: GPT,
     ) -> tuple[bool, str]:
-        """Recompute some of ``sample``'s losses with ``checkpoint``: (passed, what was seen)."""
+        """Recompute some of ``sample``'s losses with ``model``: (passed, what was seen)."""
         losses = [float(x) for x in sample["losses"]]
         count = min(run.spec.verify.spot_check_sequences, len(losses))
         picked = sorted(self.rng.sample(range(len(losses)), count))
-        model = self._model(run, checkpoint)
         batch = self._batch(run, row, int(sample["batch"]))[picked]
         inputs = torch.from_numpy(batch)
         with torch.no_grad():
@@ -150,8 +201,8 @@ class SpotChecker:
         for i, a, error in zip(picked, actual, errors, strict=True):
             if not abs(error) <= verify.loss_tolerance:
                 return False, (
-                    f"claimed loss {losses[i]:.4f} for sequence {i} of {where}, the "
-                    f"checkpoint of that step gives {a:.4f} (tolerance {verify.loss_tolerance})"
+                    f"claimed loss {losses[i]:.4f} for sequence {i} of {where}, the keeper's "
+                    f"parameters of that step give {a:.4f} (tolerance {verify.loss_tolerance})"
                 )
         # An honest node whose parameters drifted from the checkpoint's is off by about
         # the same for every sequence; a node that guessed some losses is off by each
@@ -161,7 +212,7 @@ class SpotChecker:
         if not spread <= verify.spread_tolerance:
             return False, (
                 f"the claimed losses of sequences {picked} of {where} are off from the "
-                f"checkpoint's by {', '.join(f'{e:+.3f}' for e in errors)}, {spread:.3f} "
+                f"keeper's by {', '.join(f'{e:+.3f}' for e in errors)}, {spread:.3f} "
                 f"apart from their mean (tolerance {verify.spread_tolerance})"
             )
         worst = max(abs(e) for e in errors)
@@ -170,11 +221,11 @@ class SpotChecker:
             f"{spread:.2g} apart"
         )
 
-    def _model(self, run: PublishedRun, checkpoint: dict[str, Any]) -> GPT:
-        key = (run.id, int(checkpoint["step"]))
+    def _model(self, run: PublishedRun, path: Path) -> GPT:
+        key = (run.id, str(path))
         if key not in self._models:
             model = GPT(GPTConfig.from_spec(run.spec.model))
-            load_into(model, self.folder / run.id / checkpoint["file"])
+            load_into(model, path)
             model.eval()
             self._models[key] = model
             while len(self._models) > 3:
@@ -236,12 +287,14 @@ class Verifier:
                 run = records.get_run(self.store, row["run_id"])
                 result = self.checker.check(run, row, now)
             except (CrowdtrainError, OSError, StopIteration, ValueError, KeyError) as e:
-                # Our own data is at fault (a missing shard, say): never blame the peer.
-                result = SpotResult("skipped", f"the verifier could not check it: {e}", "", "")
+                # Our own data is at fault (a missing shard, say): never blame the peer, and
+                # never credit what nobody checked.
+                reason = f"could not be spot-checked: the verifier failed ({e})"
+                result = SpotResult("skipped", reason, ledger.UNVERIFIED, reason)
                 logger.warning("spot check of %s skipped: %s", row["shard_id"], e)
             if result is None:
                 continue
-            status = result.status or ledger.VERIFIED
+            status = result.status
             self.store.finish_spot_check(
                 {
                     "run_id": row["run_id"],
@@ -260,6 +313,7 @@ class Verifier:
                 ledger.flag_for_receipt(
                     self.store, row["run_id"], row["peer_id"], row["shard_id"], result.reason
                 )
+            if result.spot == "failed":  # its shard may well be untrained: someone trains it
                 self.store.reopen_unproven_shard(row["run_id"], row["epoch"], row["shard_id"])
             logger.info("spot check of %s by %s: %s", row["shard_id"], row["peer_id"], result.spot)
             done += 1
@@ -318,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         peers = _initial_peers(args.data_dir, args.initial_peers)
         keeper = Keeper(store, initial_peers=peers, follower_host=args.follower_host)
-        verifier = Verifier(store, keeper, SpotChecker(store, keeper.folder))
+        checker = SpotChecker(store, keeper.folder, snapshots_of=keeper.followers.snapshots)
+        verifier = Verifier(store, keeper, checker)
         logger.info("verifier ready (pid %d)", os.getpid())
         while not stop.is_set() and _parent_alive(args.parent_pid):
             try:

@@ -70,6 +70,10 @@ class Followers:
     def outbox(self, run_id: str) -> Path:
         return self.folder / run_id / "outbox"
 
+    def snapshots(self, run_id: str) -> Path:
+        """A sync run's private verification snapshots (:mod:`crowdtrain.protocol.snapshots`)."""
+        return self.folder / run_id / "snapshots"
+
     def guard(self, run_id: str) -> Path:
         return self.folder / run_id / "guard"
 
@@ -130,6 +134,8 @@ class Followers:
             str(self.outbox(run_id)),
             "--guard",
             str(self.guard(run_id)),
+            "--snapshots",
+            str(self.snapshots(run_id)),
             "--host",
             self.host,
             "--parent-pid",

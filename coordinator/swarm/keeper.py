@@ -169,14 +169,20 @@ class Keeper:
 
     def _follower_due(self, run: PublishedRun, now: float) -> bool:
         """A DiLoCo run's follower runs whenever the keeper does, but for idle spells (it
-        keeps every round from round 0, and may be the only reducer). A sync run's starts :data:`SYNC_FOLLOWER_LEAD_S` before its
-        first checkpoint is due, ``checkpoint_every_s`` after peers came: a run that
-        stops sooner costs the coordinator's machine no follower."""
-        if run.spec.optimizer.mode != "sync":
+        keeps every round from round 0, and may be the only reducer). So does a sync run's
+        where spot checks need its private snapshots of steps (``[verify]
+        snapshot_fraction``): it must follow from the first step, and starting takes longer
+        than a step of a small model. Otherwise a sync run's starts
+        :data:`SYNC_FOLLOWER_LEAD_S` before its first checkpoint is due,
+        ``checkpoint_every_s`` after peers came: a run that stops sooner costs the
+        coordinator's machine no follower."""
+        verify = run.spec.verify
+        snapshots = verify.spot_check_fraction > 0 and verify.snapshot_fraction > 0
+        if run.spec.optimizer.mode != "sync" or snapshots:
             return True
         if run.id not in self._peers_since:
             return False  # a sync follower has nothing to do before a node comes
-        lead = run.spec.verify.checkpoint_every_s - SYNC_FOLLOWER_LEAD_S
+        lead = verify.checkpoint_every_s - SYNC_FOLLOWER_LEAD_S
         return now - self._peers_since[run.id] >= lead
 
     def _follow_from(self, run: PublishedRun) -> tuple[Path | None, Path | None]:

@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--guard", type=Path, required=True, help="the guard's folder (roster.json, reports)"
     )
+    parser.add_argument(
+        "--snapshots", type=Path, help="where a sync run's private snapshots go (none: not kept)"
+    )
     parser.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs")
     parser.add_argument("--checkpoint", type=Path, help="start from this kept round")
     parser.add_argument("--outer", type=Path, help="that round's outer momentum")
@@ -372,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.guard.mkdir(parents=True, exist_ok=True)
         if spec.optimizer.mode == "sync":
-            follower = StepFollower(spec, dht, args.outbox, args.checkpoint, args.guard)
+            follower = StepFollower(
+                spec, dht, args.outbox, args.checkpoint, args.guard, args.snapshots
+            )
         else:
             start = start_state(spec, args.checkpoint, args.outer)
             follower = RoundFollower(spec, dht, args.outbox, start, args.guard)

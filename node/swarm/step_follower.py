@@ -24,12 +24,16 @@ the swarm's state from a peer that took the step (at most once a step, and
 only then: every load is a volunteer's upload), or finds that every peer
 skipped the step too. It writes nothing until it holds the swarm's state
 again. Otherwise it writes its parameters to the outbox every ``[verify]
-checkpoint_every_s``, where the keeper takes them as checkpoints.
+checkpoint_every_s``, where the keeper takes them as checkpoints, and those of a
+``[verify] snapshot_fraction`` of the steps it followed, picked at random, to
+the private snapshots folder the verifier recomputes spot checks with
+(:mod:`crowdtrain.protocol.snapshots`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from pathlib import Path
@@ -40,7 +44,7 @@ import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 
-from crowdtrain.model import load_checkpoint, params_sha256
+from crowdtrain.model import CheckpointError, load_checkpoint, params_sha256, save_checkpoint
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.node.swarm.following import (
     FOLLOWER_BONUS,
@@ -52,6 +56,7 @@ from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.node.swarm.optimizer import sync_options
 from crowdtrain.node.swarm.sync import IN_STEP, WAIT, GuardedOptimizer
 from crowdtrain.protocol.runspec import RunSpec
+from crowdtrain.protocol.snapshots import prune_snapshots, snapshot_name
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +119,18 @@ class StepFollower:
     process's main thread; call :meth:`shutdown`."""
 
     def __init__(
-        self, spec: RunSpec, dht: hivemind.DHT, outbox: Path, start: Path | None, guard: Path
+        self,
+        spec: RunSpec,
+        dht: hivemind.DHT,
+        outbox: Path,
+        start: Path | None,
+        guard: Path,
+        snapshots: Path | None = None,
     ):
         self.spec, self.dht, self.outbox = spec, dht, outbox
+        self.snapshots = snapshots
+        # Which steps are kept must not be foreseeable: the operating system's randomness.
+        self._picks = random.SystemRandom()
         self.run_id = spec.run.id
         self.model = seeded_model(spec)
         step = 0
@@ -145,6 +159,7 @@ class StepFollower:
         # Nothing written yet: where we start (the keeper's newest checkpoint) is kept
         # already, and the swarm may be steps past it.
         self.stats.write(outbox)
+        self._snapshot()  # the start is the swarm's state of its step (seeded, or kept)
 
     # the loop
 
@@ -167,6 +182,8 @@ class StepFollower:
                 if self.in_step:
                     self.stats.followed += int(followed)
                     self._announce()
+                    if self._picks.random() < self.spec.verify.snapshot_fraction:
+                        self._snapshot()
             else:
                 stop.wait(POLL_S)
             # Every checkpoint_every_s, and also once the swarm stopped stepping (everyone
@@ -226,6 +243,7 @@ class StepFollower:
         self.stats.round = self.optimizer.local_epoch
         self.stats.write(self.outbox)
         self._announce()
+        self._snapshot()  # the swarm's state of this step: the steps before are not ours
         logger.warning("%s: loaded step %d's state from a peer", why, self.optimizer.local_epoch)
 
     # what peers see
@@ -285,6 +303,22 @@ class StepFollower:
             self.stats.loaded,
             self.traffic.total_sent() / 1e6,
         )
+
+    def _snapshot(self) -> None:
+        """Keep this step's parameters privately for spot checks (older ones pruned)."""
+        if self.snapshots is None or self.spec.verify.snapshot_fraction == 0:
+            return
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        step = self.optimizer.local_epoch
+        if (self.snapshots / snapshot_name(step)).exists():
+            return  # kept already (a step we loaded, then counted as reached)
+        state, _ = self.optimizer.checkpoint_state()
+        metadata = {"run_id": self.run_id, "step": str(step), "params_sha256": params_sha256(state)}
+        try:
+            save_checkpoint(self.snapshots / snapshot_name(step), state, metadata)
+        except CheckpointError as e:  # a full disk: spot checks fall back on checkpoints
+            logger.warning("could not keep a snapshot of step %d: %s", step, e)
+        prune_snapshots(self.snapshots)
 
     def shutdown(self) -> None:
         self.optimizer.shutdown()

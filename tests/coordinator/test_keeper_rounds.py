@@ -33,10 +33,12 @@ def test_round_0_is_the_replica_every_node_builds() -> None:
 
 
 def test_a_sync_follower_starts_after_a_node_came_and_before_the_first_checkpoint_is_due() -> None:
-    """A sync run's follower costs the coordinator's machine a hivemind peer: it starts
-    SYNC_FOLLOWER_LEAD_S before the first checkpoint is due, never before a node came; a
-    DiLoCo run's is always due (it keeps round 0 and may be the only reducer)."""
-    sync = SimpleNamespace(id="s", spec=parse_spec(small_spec(verify={"checkpoint_every_s": 60})))
+    """A sync run's follower costs the coordinator's machine a hivemind peer: without
+    snapshots for spot checks it starts SYNC_FOLLOWER_LEAD_S before the first checkpoint
+    is due, never before a node came; with them, when the first node came. A DiLoCo
+    run's is always due (it keeps round 0 and may be the only reducer)."""
+    verify = {"checkpoint_every_s": 60, "snapshot_fraction": 0.0}
+    sync = SimpleNamespace(id="s", spec=parse_spec(small_spec(verify=verify)))
     diloco = SimpleNamespace(id="d", spec=parse_spec(small_spec(optimizer={"mode": "diloco"})))
     kept = object.__new__(keeper.Keeper)  # only its start policy, no store
     kept._peers_since = {}
@@ -46,5 +48,10 @@ def test_a_sync_follower_starts_after_a_node_came_and_before_the_first_checkpoin
     lead = 60 - keeper.SYNC_FOLLOWER_LEAD_S
     assert not kept._follower_due(sync, now=1000.0 + lead - 1)
     assert kept._follower_due(sync, now=1000.0 + lead)
-    quick = SimpleNamespace(id="s", spec=parse_spec(small_spec(verify={"checkpoint_every_s": 3})))
-    assert kept._follower_due(quick, now=1000.0)  # checkpoints due sooner than the lead
+    quick = {"checkpoint_every_s": 3, "snapshot_fraction": 0.0}
+    quick_run = SimpleNamespace(id="s", spec=parse_spec(small_spec(verify=quick)))
+    assert kept._follower_due(quick_run, now=1000.0)  # checkpoints due sooner than the lead
+    snapshots = SimpleNamespace(
+        id="s", spec=parse_spec(small_spec(verify={"checkpoint_every_s": 60}))
+    )
+    assert kept._follower_due(snapshots, now=1000.0)  # the default: snapshots from the start

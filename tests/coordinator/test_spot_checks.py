@@ -19,6 +19,7 @@ from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint, seq
 from crowdtrain.node.data import LeasedShard, ShardStream
 from crowdtrain.protocol.messages import ReceiptPayload
 from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order
+from crowdtrain.protocol.snapshots import snapshot_name
 from tests.coordinator.ledger_support import (
     MICRO_BATCH,
     SEQ_LEN,
@@ -185,7 +186,10 @@ def test_a_sample_of_one_step_off_is_forgiven_when_another_steps_matches(
             assert "1 other steps did not match either" in row["reason"], row["reason"]
 
 
-def test_a_spot_check_waits_for_a_checkpoint_then_is_skipped(store, spot_run, history, book):
+def test_a_spot_check_waits_for_a_checkpoint_then_is_not_credited(store, spot_run, history, book):
+    """A receipt picked for a spot check that nothing can recompute is never credited
+    (once it was verified unchecked: a node claiming steps no checkpoint would hold got
+    full credit), nor is its peer flagged."""
     peer = Peer(store, spot_run, history)
     shard = peer.lease(book)
     start = time.time()
@@ -197,8 +201,73 @@ def test_a_spot_check_waits_for_a_checkpoint_then_is_skipped(store, spot_run, hi
     write_checkpoint(store, spot_run, STEP + 5, created_at=time.time() + 60)
     assert verifier.run_spot_checks(time.time()) == 1
     row = check_row(store, peer, shard)
-    assert (row["spot"], row["status"]) == ("skipped", "verified")
-    assert "no checkpoint" in row["spot_reason"]
+    assert (row["spot"], row["status"]) == ("skipped", "unverified")
+    assert "no checkpoint of its steps (3..3)" in row["reason"]
+    (entry,) = ledger_views.leaderboard_view(store, spot_run)
+    assert entry["verified_tokens"] == 0 and entry["flagged"] is None
+
+
+def write_snapshot(folder, run, step, seed):
+    """The step follower's private snapshot of ``step`` (a model seeded ``seed``)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
+    (folder / run.id).mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    metadata = {"step": str(step), "params_sha256": params_sha256(state)}
+    save_checkpoint(folder / run.id / snapshot_name(step), state, metadata)
+    return model
+
+
+def test_a_node_right_only_at_publicly_checkpointed_steps_is_not_credited(
+    store, spot_run, history, book, tmp_path
+):
+    """Checkpoints are public: a node can compute the losses of the checkpointed steps'
+    batches and make up the others. The verifier checks a step the keeper kept privately
+    first: made up there and right at the public step, the receipt is not credited (not
+    flagged: an honest node whose round there was partial looks alike); right at both,
+    it passes on the private step. With only the public checkpoints (no snapshots), the
+    made-up receipt passes."""
+    public = write_checkpoint(store, spot_run, STEP, seed=11)
+    snapshots = tmp_path / "snapshots"
+    private = write_snapshot(snapshots, spot_run, STEP + 1, seed=12)
+    torch.manual_seed(99)
+    elsewhere = GPT(GPTConfig.from_spec(spot_run.spec.model)).eval()
+    with torch.no_grad():
+        for param in elsewhere.parameters():
+            param.mul_(6.0)  # parameters of no step: the made-up losses
+    outcomes = {}
+    for name, at_private, snapshots_of in (
+        ("foresees", elsewhere, lambda run_id: snapshots / run_id),
+        ("honest", private, lambda run_id: snapshots / run_id),
+        ("foresees-unseen", elsewhere, None),
+    ):
+        peer = Peer(store, spot_run, history, name=name)
+        shard = peer.lease(book)
+        start = time.time()
+        peer.publish_progress(start, start + 10, epochs=(STEP, STEP + 1))
+        samples = [
+            {"step": STEP, "batch": 0, "losses": honest_losses(spot_run, shard, 0, public)},
+            {"step": STEP + 1, "batch": 1, "losses": honest_losses(spot_run, shard, 1, at_private)},
+        ]
+        payload = receipt(shard, start, samples=samples)
+        assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
+        checker = SpotChecker(
+            store, store.data_dir / CHECKPOINTS_DIR, random.Random(0), snapshots_of=snapshots_of
+        )
+        assert Verifier(store, None, checker).run_spot_checks(time.time()) == 1
+        row = check_row(store, peer, shard)
+        flagged = store.get_peer(spot_run.id, peer.session.peer_id)["flagged"]
+        outcomes[name] = (row["spot"], row["status"], flagged)
+        if name == "foresees":
+            assert "where the node could not foresee it" in row["reason"], row["reason"]
+            assert "step 4, batch 1" in row["reason"], row["reason"]
+        if name == "honest":
+            assert "step 4, batch 1" in row["spot_reason"], row["spot_reason"]
+    assert outcomes == {
+        "foresees": ("failed", "unverified", None),
+        "honest": ("passed", "verified", None),
+        "foresees-unseen": ("passed", "verified", None),
+    }, outcomes
 
 
 def test_a_spot_check_fails_a_sample_from_a_step_the_swarm_had_not_reached(

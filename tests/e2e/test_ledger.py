@@ -7,9 +7,12 @@ two honest nodes end with every receipt verified, spot checks included.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -152,6 +155,34 @@ def _checkpoint_model(swarm: Swarm, step: int) -> GPT:
     return model
 
 
+@contextlib.contextmanager
+def _cheater(
+    swarm: Swarm, name: str, folder: Path
+) -> Iterator[tuple[CoordinatorClient, str, list]]:
+    """A scripted peer with valid progress records of its own in the DHT (claiming work
+    it never does) and CHEAP_SHARDS leases: (its client, its session token, the leases)."""
+    identity = Identity.generate()
+    client = CoordinatorClient(swarm.url, swarm.ports["grpc_target"], identity)
+    keys = SwarmKeys()
+    publisher = publish_fake_progress(swarm, f"{name}-progress", "tiny", keys, folder)
+    try:
+        token = client.register("tiny", name, "cpu", name).session_token
+        beat = {
+            "session_key": f"session-{name}", "num_tokens": 0, "num_sequences": 0,
+            "tokens_per_s": 0.0, "step": 0, **keys.fields("tiny", identity.public_key),
+        }  # fmt: skip
+        client.heartbeat(token, HeartbeatPayload.model_validate(beat))
+        swarm.wait_for(lambda: "publishing as" in publisher.output(), 60, "its records")
+        time.sleep(7.0)  # the coordinator reads the DHT every 3 s: it has seen them twice
+        leases: list = []
+        while len(leases) < CHEAP_SHARDS:
+            leases += client.lease(token, CHEAP_SHARDS - len(leases))
+        yield client, token, leases
+    finally:
+        client.close()
+        swarm.kill(publisher)
+
+
 def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
     swarm: Swarm, tmp_path: Path
 ) -> None:
@@ -161,9 +192,10 @@ def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
     recomputed) by a forward pass alone, and claims their mean for the others. The
     verifier picks which sequences to recompute after the receipt arrived, and a guess
     is off by its sequence's own distance from the mean: caught."""
-    # Every checkpoint's file kept: a spot check of a step whose file was pruned is
-    # skipped and the receipt verified unchecked (a hole of its own, not this attack's;
-    # under load the attacker's step had been pruned by the time it reported).
+    # Every checkpoint's file kept: a spot check of a step whose file was pruned (and of
+    # which no private snapshot is left) is not credited, and this attack would not be
+    # caught as rejected (under load the attacker's step had been pruned by the time it
+    # reported).
     start_run(swarm, fraction=1.0, tolerance=SPOT_TOLERANCE, keep=1000)
     swarm.start_node("node-a")  # an honest node, so the swarm steps and checkpoints come
 
@@ -173,22 +205,7 @@ def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
         return newest if newest is not None and newest["step"] > 0 else None
 
     swarm.wait_for(newest_checkpoint, 120, "a checkpoint of a step the swarm trained")
-    identity = Identity.generate()
-    client = CoordinatorClient(swarm.url, swarm.ports["grpc_target"], identity)
-    keys = SwarmKeys()
-    publisher = publish_fake_progress(swarm, "cheap-progress", "tiny", keys, tmp_path)
-    try:
-        token = client.register("tiny", "cheap", "cpu", "cheap").session_token
-        beat = {
-            "session_key": "session-cheap", "num_tokens": 0, "num_sequences": 0,
-            "tokens_per_s": 0.0, "step": 0, **keys.fields("tiny", identity.public_key),
-        }  # fmt: skip
-        client.heartbeat(token, HeartbeatPayload.model_validate(beat))
-        swarm.wait_for(lambda: "publishing as" in publisher.output(), 60, "its records")
-        time.sleep(7.0)  # the coordinator reads the DHT every 3 s: it has seen them twice
-        leases = []
-        while len(leases) < CHEAP_SHARDS:
-            leases += client.lease(token, CHEAP_SHARDS - len(leases))
+    with _cheater(swarm, "cheap", tmp_path) as (client, token, leases):
         granted = time.time()
         checkpoint = newest_checkpoint()
         assert checkpoint is not None
@@ -239,9 +256,6 @@ def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
             return rows if done else None
 
         rows = swarm.wait_for(decided, 90, "the cheap receipts' spot checks")
-    finally:
-        client.close()
-        swarm.kill(publisher)
     # A receipt passes when the verifier happens to pick computed sequences, or guesses
     # that all came close (about 1 in 3 here, early in training, where sequences' losses
     # lie closest together): over six, at least one is rejected, and the peer flagged.
@@ -250,6 +264,72 @@ def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
     cheap = peer_named(swarm, "cheap")
     assert cheap["flagged"] and "spot check" in cheap["flagged"], cheap
     # The honest node's receipts passed the same checks at the same tolerance.
+    honest_id = peer_named(swarm, "node-a")["peer_id"]
+    honest = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == honest_id]
+    assert honest and not any(r["status"] == "rejected" for r in honest), honest
+
+
+def test_made_up_losses_at_steps_no_checkpoint_holds_are_never_credited(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    """Checkpoints are public and come every checkpoint_every_s: a peer that trains
+    nothing claims every sample at the swarm's newest steps, of which no public
+    checkpoint exists, with losses it made up without a forward pass. Once such a spot
+    check was skipped and the receipt credited (15 of 32 honest checks in a bench run
+    found no checkpoint). Now the keeper's follower keeps private snapshots of random
+    steps: a made-up loss checked against one is caught, and a receipt nothing can check
+    is not credited."""
+    start_run(swarm, fraction=1.0, every=60.0, keep=1000)  # public checkpoints are rare
+    swarm.start_node("node-a")  # an honest node, so the swarm steps
+    swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 4, 120, "the swarm at step 4")
+    rng = random.Random(7)
+    with _cheater(swarm, "unseen", tmp_path) as (client, token, leases):
+        granted = time.time()
+        time.sleep(5.0)  # as long as training would take
+        now = swarm.get("/api/runs/tiny")["step"]
+        public = {c["step"] for c in swarm.get("/api/runs/tiny/checkpoints")}
+        steps = [x for x in range(now - 2, now + 1) if x not in public] or [now]
+        manifest = load_manifest(swarm.root / "data")
+        for lease in leases:
+            entry = next(e for e in manifest.shards if e.id == lease.shard_id)
+            batches = num_windows(entry.num_tokens, SEQ_LEN) // MICRO_BATCH
+            samples = [
+                ReceiptSample(
+                    step=steps[min(len(steps) - 1, batch * len(steps) // batches)],
+                    batch=batch,
+                    losses=[round(4.5 + rng.uniform(-0.3, 0.3), 5) for _ in range(MICRO_BATCH)],
+                )
+                for batch in range(batches)
+            ]
+            num_sequences = batches * MICRO_BATCH
+            client.report(
+                token,
+                ReceiptPayload(
+                    shard_id=lease.shard_id,
+                    epoch=lease.epoch,
+                    num_sequences=num_sequences,
+                    num_tokens=num_sequences * SEQ_LEN,
+                    loss_sum=sum(sum(s.losses) for s in samples),
+                    started=granted,
+                    finished=time.time(),
+                    micro_batch_size=MICRO_BATCH,
+                    samples=samples,
+                ),
+            )
+        unseen_id = peer_named(swarm, "unseen")["peer_id"]
+
+        def decided() -> list[dict] | None:
+            rows = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == unseen_id]
+            done = len(rows) == CHEAP_SHARDS and all(r["status"] != "pending" for r in rows)
+            return rows if done else None
+
+        rows = swarm.wait_for(decided, 150, "the receipts' spot checks")
+    print("claimed steps", steps, "public", sorted(public))  # for the closing note (-s)
+    print([(r["status"], r["checks"]["spot"], r["reason"][:120]) for r in rows])
+    assert not any(r["status"] == "verified" for r in rows), rows
+    # Checked against the follower's private snapshots: at least one caught outright.
+    assert any(r["checks"]["spot"] == "failed" for r in rows), rows
+    assert peer_named(swarm, "unseen")["verified_tokens"] == 0
     honest_id = peer_named(swarm, "node-a")["peer_id"]
     honest = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == honest_id]
     assert honest and not any(r["status"] == "rejected" for r in honest), honest
