@@ -144,6 +144,10 @@ def main() -> int:
         "no checkpoint of its steps" in (r["checks"].get("spot_reason") or "")
         for r in ledger["receipts"]
     )
+    on_snapshots = sum(
+        "with a private snapshot" in (r["checks"].get("spot_reason") or "")
+        for r in ledger["receipts"]
+    )
     traffic = follower.get("traffic", {})
 
     def mb(purpose: str, way: str) -> str:
@@ -161,7 +165,8 @@ def main() -> int:
         f"| {'n/a' if not gaps else f'{max(gaps):.2g} nats (median {statistics.median(gaps):.2g}, {len(gaps)} checks)'} |",
         "| the same differences: how far they lie from their mean, largest "
         f"| {'n/a' if not spreads else f'{max(spreads):.2g} nats (median {statistics.median(spreads):.2g}, {len(spreads)} checks)'} |",
-        "| spot checks skipped: no checkpoint of the receipt's steps (verified unchecked) "
+        f"| spot checks passed on the follower's private snapshots | {on_snapshots} |",
+        "| spot checks no snapshot or checkpoint could recompute (receipt not credited) "
         f"| {no_checkpoint} |",
         f"| steps followed / missed / loaded from a peer | {follower.get('followed')} / "
         f"{follower.get('missed')} / {follower.get('loaded')} |",

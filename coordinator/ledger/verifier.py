@@ -132,6 +132,7 @@ class SpotChecker:
         first = private_steps or public_steps
         passed, failures = self._check_steps(run, row, samples, first, private | public)
         if passed is not None:
+            passed += ", with a private snapshot" if private_steps else ", with its checkpoint"
             if failures:
                 passed += f"; a sample of another step did not match ({failures[0]})"
             return SpotResult("passed", passed, ledger.VERIFIED, "")

@@ -67,6 +67,9 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
     # round), and a partial round is not retried.
     _guard_tags_steps: bool = False
     _guard_step_of_round: int | None = None
+    # A round whose reducers did not all answer fails (after the slices that came were
+    # applied) and is not retried: for a peer that must know it missed the swarm's step.
+    _guard_fail_partial: bool = False
 
     def step(self, *args: Any, gather: Any = None, **kwargs: Any) -> Any:
         # hivemind's GradientAverager.step and .schedule_step both come here.
@@ -148,6 +151,13 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
                 tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
+            container = runner.tensor_part_container
+            if self._guard_fail_partial and container.failed_size > 0:
+                self._no_retries()
+                raise AllreduceException(
+                    f"partial round: {container.failed_size} of {container.total_size} "
+                    "values were not averaged by their reducer"
+                )
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
@@ -178,14 +188,24 @@ class GuardedGradientAverager(GradientAverager, _GuardedAllReduceMixin):
     ``exact`` (a run's ``[swarm] strict_steps``) they end exact: every member of a round
     gets the same averaged gradients, a partial round fails (hivemind would leave each
     member its own gradients in the failed slices) and is not retried, and each member
-    gathers the step it brings gradients of.
+    gathers the step it brings gradients of. With ``fail_partial`` (the keeper's step
+    follower, in either mode) a partial round fails too, so that it knows it did not
+    take the swarm's step.
 
     Weights are samples, bounded by the roster; the test attack hooks apply here.
     """
 
-    def __init__(self, *args: Any, guard: GuardConfig, exact: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        guard: GuardConfig,
+        exact: bool = False,
+        fail_partial: bool = False,
+        **kwargs: Any,
+    ):
         self._guard_config, self._guard_roster, self._guard_attacks = guard, True, True
         self._guard_exact = self._guard_tags_steps = exact
+        self._guard_fail_partial = fail_partial
         super().__init__(*args, **kwargs)
 
     @classmethod

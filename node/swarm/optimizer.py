@@ -123,9 +123,11 @@ def sync_options(
     dht: hivemind.DHT,
     guard: SwarmGuard,
     micro_batch_size: int,
+    partial_fails: bool = False,
 ) -> dict[str, Any]:
     """The keyword arguments of a sync run's :class:`GuardedOptimizer` (or of a class
-    derived from it: the keeper's step follower uses the same)."""
+    derived from it: the keeper's step follower uses the same, with ``partial_fails``: a
+    gradient round that some reducer did not answer fails for it, in either mode)."""
     opt, swarm = spec.optimizer, spec.swarm
     return dict(
         swarm_guard=guard,
@@ -154,6 +156,7 @@ def sync_options(
             GuardedGradientAverager,
             guard=guard.config,
             exact=swarm.strict_steps,
+            fail_partial=partial_fails,
             request_timeout=swarm.request_timeout_s,
         ),
         averager_opts={"request_timeout": swarm.request_timeout_s},

@@ -147,7 +147,12 @@ class StepFollower:
             traffic=self.traffic,
             keep_files=True,  # the keeper writes the roster there
         )
-        options = sync_options(spec, self.model, dht, swarm_guard, spec.optimizer.micro_batch_size)
+        # A partial round (some reducer did not answer) leaves hivemind's members their own
+        # values in that slice, silently: we would hold, and snapshot, parameters no node
+        # holds. It fails for us instead, and we are out of step.
+        options = sync_options(
+            spec, self.model, dht, swarm_guard, spec.optimizer.micro_batch_size, partial_fails=True
+        )
         self.optimizer = _ZeroWeightOptimizer(**options)
         self.optimizer.set_step(step)
         self.in_step = True
