@@ -118,13 +118,16 @@ def main() -> int:
         f"| same at the default fraction ({DEFAULT_FRACTION}) "
         f"| {pct(share, DEFAULT_FRACTION / FRACTION)} |",
         "",
-        "| peer | verified tokens | verified share | rejected | flagged |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| peer | verified tokens | verified share | share of the tokens trained (receipts) "
+        "| rejected | flagged |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
     ]
+    trained = sum(row["num_tokens"] for row in board) or 1
     for row in board:
         lines.append(
             f"| {row['name']} | {row['verified_tokens']:,} | {row['verified_share']:.1%} "
-            f"| {row['num_rejected']} | {row.get('flagged') or '-'} |"
+            f"| {row['num_tokens'] / trained:.1%} | {row['num_rejected']} "
+            f"| {row.get('flagged') or '-'} |"
         )
     gaps = [
         float(m.group(1))

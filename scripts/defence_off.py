@@ -178,8 +178,8 @@ CASES = {
         [
             (
                 "coordinator/ledger/verifier.py",
-                "            return SpotResult(\"skipped\", reason, ledger.UNVERIFIED, reason)\n        # Which",
-                "            return SpotResult(\"skipped\", reason, ledger.VERIFIED, \"\")\n        # Which",
+                '            return SpotResult("skipped", reason, ledger.UNVERIFIED, reason)\n        # Which',
+                '            return SpotResult("skipped", reason, ledger.VERIFIED, "")\n        # Which',
             ),
             (
                 "coordinator/ledger/verifier.py",
