@@ -132,7 +132,12 @@ class StateExchange:
                 and time.monotonic() - announced_at >= FOLLOWER_PATIENCE_S
             )
             if follower_leads or (best >= round_ and patience_over):
-                state = self.download(max(1.0, deadline - time.monotonic()))
+                # Still patient: only from the follower, which must still lead when we ask
+                # (rounds of a small model end every second or so, and a volunteer that
+                # ended one a moment before the follower announces more meanwhile).
+                state = self.download(
+                    max(1.0, deadline - time.monotonic()), follower_only=not patience_over
+                )
                 if state is not None and state.round >= round_:
                     return state
             if time.monotonic() >= deadline:
@@ -155,12 +160,15 @@ class StateExchange:
             and math.isfinite(entry.value)
         ]
 
-    def download(self, timeout_s: float) -> GlobalState | None:
+    def download(self, timeout_s: float, follower_only: bool = False) -> GlobalState | None:
         """A peer's global state, checked; None when none came or it was refused
-        (:attr:`last_refusal` then says why)."""
+        (:attr:`last_refusal` then says why), or, ``follower_only``, when a volunteer
+        announces more than the coordinator's follower (hivemind asks the highest first)."""
         self.last_refusal = None
         best = max(self.announced_rounds(), default=-1.0)
         from_follower = best != int(best)
+        if follower_only and not from_follower:
+            return None
         self.last_source = "the coordinator's follower" if from_follower else "a peer"
         try:
             loaded = self.averager.load_state_from_peers(timeout=timeout_s)
