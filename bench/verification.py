@@ -33,7 +33,7 @@ from tests.swarm import Swarm  # noqa: E402
 
 RUN_ID = "stdlib-tiny"
 FRACTION = 1.0
-DEFAULT_FRACTION = 0.1  # protocol.runspec.VerifySection's default
+DEFAULT_FRACTION = 0.7  # protocol.runspec.VerifySection's default
 
 
 def main() -> int:

@@ -22,9 +22,10 @@ group averaged another step) it skips, as nodes do, and it is out of step: it
 serves its state below the nodes', and when its next checkpoint is due it loads
 the swarm's state from a peer that took the step (at most once a step, and
 only then: every load is a volunteer's upload), or finds that every peer
-skipped the step too. It writes nothing until it holds the swarm's state
-again. Otherwise it writes its parameters to the outbox every ``[verify]
-checkpoint_every_s``, where the keeper takes them as checkpoints, and those of a
+skipped the step too. Where it keeps snapshots for spot checks (below) it
+does so every :data:`SNAPSHOT_RESYNC_S` at most: out of step it has none to keep. It writes nothing until it holds
+the swarm's state again. Otherwise it writes its parameters to the outbox every
+``[verify] checkpoint_every_s``, where the keeper takes them as checkpoints, and those of a
 ``[verify] snapshot_fraction`` of the steps it followed, picked at random, to
 the private snapshots folder the verifier recomputes spot checks with
 (:mod:`crowdtrain.protocol.snapshots`).
@@ -61,6 +62,9 @@ from crowdtrain.protocol.snapshots import prune_snapshots, snapshot_name
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  # how often the loop asks the optimizer whether the swarm stepped
+# Out of step, a follower that keeps snapshots for spot checks loads the swarm's state
+# (a volunteer's upload) this often at most; without snapshots, when a checkpoint is due.
+SNAPSHOT_RESYNC_S = 15.0
 
 
 class _ZeroWeightOptimizer(GuardedOptimizer):
@@ -129,6 +133,12 @@ class StepFollower:
     ):
         self.spec, self.dht, self.outbox = spec, dht, outbox
         self.snapshots = snapshots
+        verify = spec.verify
+        self._keeps_snapshots = (
+            snapshots is not None
+            and verify.snapshot_fraction > 0
+            and verify.spot_check_fraction > 0
+        )
         # Which steps are kept must not be foreseeable: the operating system's randomness.
         self._picks = random.SystemRandom()
         self.run_id = spec.run.id
@@ -159,6 +169,7 @@ class StepFollower:
         self._last_write = -float("inf")
         self._written = step  # the keeper's newest checkpoint, where we start
         self._resync_tried = -1  # the step at which we last tried to load the swarm's state
+        self._resync_at = -float("inf")  # and when
         self._published = threading.Event()
         self._announce()
         # Nothing written yet: where we start (the keeper's newest checkpoint) is kept
@@ -195,10 +206,15 @@ class StepFollower:
             # left): the keeper then holds the run's last step, where a newcomer starts.
             # Out of step, we load the swarm's state only then (once per step at most):
             # between checkpoints nobody needs our parameters, and every load is a
-            # volunteer's upload.
+            # volunteer's upload. Unless spot checks want our snapshots.
             due = time.monotonic() - self._last_write >= self.spec.verify.checkpoint_every_s
-            if not self.in_step and due and self._resync_tried != opt.local_epoch:
+            # Spot checks need our snapshots of the steps nodes train now: then we load
+            # the swarm's state out of step every SNAPSHOT_RESYNC_S at most.
+            since = time.monotonic() - self._resync_at
+            resync = due or (self._keeps_snapshots and since >= SNAPSHOT_RESYNC_S)
+            if not self.in_step and resync and self._resync_tried != opt.local_epoch:
                 self._resync_tried = opt.local_epoch
+                self._resync_at = time.monotonic()
                 self._resync(f"out of step at step {opt.local_epoch}, a checkpoint due")
             if self.in_step and due and self._written != opt.local_epoch:
                 self._write()
@@ -311,7 +327,7 @@ class StepFollower:
 
     def _snapshot(self) -> None:
         """Keep this step's parameters privately for spot checks (older ones pruned)."""
-        if self.snapshots is None or self.spec.verify.snapshot_fraction == 0:
+        if not self._keeps_snapshots or self.snapshots is None:
             return
         self.snapshots.mkdir(parents=True, exist_ok=True)
         step = self.optimizer.local_epoch
