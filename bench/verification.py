@@ -29,11 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.keeper_drift import keeper_drift  # noqa: E402
+from crowdtrain.node.device.priority import DEFAULT_NICE  # noqa: E402
 from tests.swarm import Swarm  # noqa: E402
 
 RUN_ID = "stdlib-tiny"
 FRACTION = 1.0
-DEFAULT_FRACTION = 0.7  # protocol.runspec.VerifySection's default
+DEFAULT_FRACTION = 0.1  # protocol.runspec.VerifySection's default
 
 
 def main() -> int:
@@ -63,7 +64,11 @@ def main() -> int:
             assert published.returncode == 0, published.stderr
             swarm.start_coordinator()
             nodes = [
-                swarm.start_node(name, "--max-seconds", str(args.seconds), run_id=RUN_ID)
+                swarm.start_node(
+                    name,
+                    *("--max-seconds", str(args.seconds), "--nice", str(DEFAULT_NICE)),
+                    run_id=RUN_ID,
+                )
                 for name in ("node-a", "node-b")
             ]
             for node in nodes:

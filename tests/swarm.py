@@ -314,7 +314,11 @@ class Swarm(Processes):
     def start_node(
         self, name: str, *extra: str, run_id: str = "tiny", env: dict[str, str] | None = None
     ) -> Process:
-        """Start ``crowdtrain-node join`` with its home in ``root/name``; ``env`` adds variables."""
+        """Start ``crowdtrain-node join`` with its home in ``root/name``; ``env`` adds variables.
+
+        Nodes train at normal priority here (``--nice 0``, unless ``extra`` says otherwise):
+        on one machine, the coordinator's processes and the nodes share the CPU, and
+        tests keep the scheduling they were written under; benches measure the default."""
         return self.spawn(
             name,
             [
@@ -331,6 +335,8 @@ class Swarm(Processes):
                 "1",
                 "--progress",
                 "log",
+                "--nice",
+                "0",
                 *extra,
             ],
             env=env,

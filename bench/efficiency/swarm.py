@@ -23,6 +23,7 @@ import httpx
 
 from bench.efficiency.specs import dump_toml
 from bench.efficiency.traffic import ByteSampler
+from crowdtrain.node.device.priority import DEFAULT_NICE
 from tests.swarm import Process, Swarm
 
 SAMPLE_EVERY_S = 2.0
@@ -92,7 +93,10 @@ class SwarmRun:
         assert self.swarm is not None and self.bytes is not None
         self.started_at[name] = time.time()
         node = self.swarm.start_node(
-            name, "--device", self.device, run_id=self.run_id, env=self.node_env.get(name)
+            name,
+            *("--device", self.device, "--nice", str(DEFAULT_NICE)),  # the product's default
+            run_id=self.run_id,
+            env=self.node_env.get(name),
         )
         self.nodes[name] = node
         self.bytes.add(name, node.popen.pid)

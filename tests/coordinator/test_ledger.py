@@ -341,7 +341,7 @@ def test_leaderboard_ranks_by_verified_compute_and_a_banned_peer_gets_nothing(
 def test_verify_section_defaults_and_checks():
     base = ledger_spec("v", None)
     spec = parse_spec(base)
-    assert spec.verify.spot_check_fraction == 0.7 and spec.verify.checkpoint_every_s == 60.0
+    assert spec.verify.spot_check_fraction == 0.1 and spec.verify.checkpoint_every_s == 60.0
     for bad, key in (
         ("spot_check_fraction = 1.5", "spot_check_fraction"),
         ("spot_check_sequences = 9", "spot_check_sequences"),
