@@ -193,10 +193,23 @@ class RoundFollower:
         group = gathered if isinstance(gathered, dict) else {}
         canonical = canonical_sha256(group.values())
         if canonical is not None and canonical != own_sha256:
-            # Ours come from the keeper's round or from following every round since: the
-            # peers that hold others are off (or lie about it), and they reload the round
-            # from the best announcer, which is us. A peer's claim never replaces ours.
             self.stats.disagreed += 1
+            volunteers = [
+                v for v in group.values() if isinstance(v, dict) and not v.get("follower")
+            ]
+            if any(v.get("serves") for v in volunteers):
+                # The round before met in two groups, and the volunteers' heaviest held
+                # other parameters than ours: the nodes keep theirs (canonical_sha256), so
+                # we take theirs, or the keeper would hold a round nobody trains on. The
+                # next round's state is checked as every download is.
+                self._catch_up(
+                    round_ + 1,
+                    f"round {round_}: the group's heaviest global-parameter hash is "
+                    f"{canonical[:16]}, ours {own_sha256[:16]}",
+                )
+                return
+            # Nobody of the group serves state: ours is the one every peer can load, and
+            # the nodes that hold others reload it (canonical_sha256).
             logger.warning(
                 "round %d: the group's heaviest global-parameter hash is %s, ours %s; keeping ours",
                 round_,

@@ -118,6 +118,14 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
     # round whose peers met in two groups (one without the follower) leaves some holding
     # other parameters; the next round's group finds out and they reload the heaviest.
     kept = {c["step"]: c for c in swarm.get("/api/runs/tiny/checkpoints")}
+    # A round whose group the follower found holding other parameters than its own (it
+    # had met a smaller group) it kept as it held it, and loaded the next from the nodes.
+    split = {
+        int(r)
+        for r in re.findall(
+            r"round (\d+): the group's heaviest global-parameter", follower_log(swarm)
+        )
+    }
     for node in (first, restarted, late):
         output = node.output()
         held = dict(re.findall(r"global parameters of round (\d+): ([0-9a-f]{64})", output))
@@ -125,6 +133,8 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
         for round_, sha256 in held.items():
             if f"round {round_}: our global parameters differed" in output:
                 continue  # found out and reloaded
+            if int(round_) in split:
+                continue
             if int(round_) in kept:
                 assert kept[int(round_)]["sha256"] == sha256, (node.name, round_)
         rounds = {int(r) for r in held} - missed
