@@ -472,7 +472,11 @@ class DiLoCoOptimizer:
                 state.round,
                 self.exchange.last_source,
             )
-            self._adopt(state, local_at_end=local_at_end)
+            # Progress since the round's end came from its base: on top of the next round
+            # it is what overlap keeps; rounds further on, it is stale (a peer stalled for
+            # rounds, training on alone), and the swarm's state is taken as it is.
+            keep = local_at_end if state.round <= round_ + 1 else None
+            self._adopt(state, local_at_end=keep)
             self.last_round_outcome = "loaded"
             return
         if reason.startswith(("no sequences", "the swarm is at")):
