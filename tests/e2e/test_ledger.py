@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -184,6 +185,40 @@ def _cheater(
         swarm.kill(publisher)
 
 
+def _report(
+    client: CoordinatorClient, token: str, lease: Any, samples: list[ReceiptSample], granted: float
+) -> None:
+    """Report ``lease``'s shard as trained from ``granted`` until now, with ``samples``
+    (one per batch) and the loss sum they add up to."""
+    num_sequences = len(samples) * MICRO_BATCH
+    client.report(
+        token,
+        ReceiptPayload(
+            shard_id=lease.shard_id,
+            epoch=lease.epoch,
+            num_sequences=num_sequences,
+            num_tokens=num_sequences * SEQ_LEN,
+            loss_sum=sum(sum(s.losses) for s in samples),
+            started=granted,
+            finished=time.time(),
+            micro_batch_size=MICRO_BATCH,
+            samples=samples,
+        ),
+    )
+
+
+def _decided(swarm: Swarm, name: str, timeout: float) -> list[dict]:
+    """The CHEAP_SHARDS receipts of peer ``name``, once none is pending."""
+    peer_id = peer_named(swarm, name)["peer_id"]
+
+    def decided() -> list[dict] | None:
+        rows = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == peer_id]
+        done = len(rows) == CHEAP_SHARDS and all(r["status"] != "pending" for r in rows)
+        return rows if done else None
+
+    return swarm.wait_for(decided, timeout, f"the spot checks of {name}'s receipts")
+
+
 def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
     swarm: Swarm, tmp_path: Path
 ) -> None:
@@ -233,30 +268,9 @@ def test_losses_computed_for_the_sequences_a_node_expects_checked_fail(
             receipts.append((lease, samples))
         time.sleep(5.0)  # as long as training would take, or longer
         for lease, samples in receipts:
-            num_sequences = len(samples) * MICRO_BATCH
-            client.report(
-                token,
-                ReceiptPayload(
-                    shard_id=lease.shard_id,
-                    epoch=lease.epoch,
-                    num_sequences=num_sequences,
-                    num_tokens=num_sequences * SEQ_LEN,
-                    loss_sum=sum(sum(s.losses) for s in samples),
-                    started=granted,
-                    finished=time.time(),
-                    micro_batch_size=MICRO_BATCH,
-                    samples=samples,
-                ),
-            )
+            _report(client, token, lease, samples, granted)
 
-        cheap_id = peer_named(swarm, "cheap")["peer_id"]
-
-        def decided() -> list[dict] | None:
-            rows = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == cheap_id]
-            done = len(rows) == CHEAP_SHARDS and all(r["status"] != "pending" for r in rows)
-            return rows if done else None
-
-        rows = swarm.wait_for(decided, 90, "the cheap receipts' spot checks")
+        rows = _decided(swarm, "cheap", 90)
     # A receipt passes when the verifier happens to pick computed sequences, or guesses
     # that all came close (about 1 in 3 here, early in training, where sequences' losses
     # lie closest together): over six, at least one is rejected, and the peer flagged.
@@ -302,29 +316,8 @@ def test_made_up_losses_at_steps_no_checkpoint_holds_are_never_credited(
                 )
                 for batch in range(batches)
             ]
-            num_sequences = batches * MICRO_BATCH
-            client.report(
-                token,
-                ReceiptPayload(
-                    shard_id=lease.shard_id,
-                    epoch=lease.epoch,
-                    num_sequences=num_sequences,
-                    num_tokens=num_sequences * SEQ_LEN,
-                    loss_sum=sum(sum(s.losses) for s in samples),
-                    started=granted,
-                    finished=time.time(),
-                    micro_batch_size=MICRO_BATCH,
-                    samples=samples,
-                ),
-            )
-        unseen_id = peer_named(swarm, "unseen")["peer_id"]
-
-        def decided() -> list[dict] | None:
-            rows = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == unseen_id]
-            done = len(rows) == CHEAP_SHARDS and all(r["status"] != "pending" for r in rows)
-            return rows if done else None
-
-        rows = swarm.wait_for(decided, 150, "the receipts' spot checks")
+            _report(client, token, lease, samples, granted)
+        rows = _decided(swarm, "unseen", 150)
     print("claimed steps", steps, "public", sorted(public))  # for the closing note (-s)
     print([(r["status"], r["checks"]["spot"], r["reason"][:120]) for r in rows])
     # Checked against the follower's private snapshots (caught: rejected), or with nothing
