@@ -64,6 +64,17 @@ def write_checkpoint(store, run, step, seed=11, created_at=None):
     return model
 
 
+def model_of_no_step(run):
+    """Parameters far from any checkpoint (untrained models' losses are all alike): the
+    losses they give stand for made-up ones."""
+    torch.manual_seed(99)
+    model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(6.0)
+    return model
+
+
 def spot_checked(store, spot_run, history, book, losses_of, name="laptop"):
     """Submit a receipt whose sample (step STEP, batch 2) claims ``losses_of(model)``."""
     model = write_checkpoint(store, spot_run, STEP)
@@ -157,11 +168,7 @@ def test_a_sample_of_one_step_off_is_forgiven_when_another_steps_matches(
     checkpointed steps and passes the receipt when one matches; when none does, it fails."""
     write_checkpoint(store, spot_run, STEP, seed=11)
     at_next = write_checkpoint(store, spot_run, STEP + 1, seed=12)
-    torch.manual_seed(99)
-    elsewhere = GPT(GPTConfig.from_spec(spot_run.spec.model)).eval()  # parameters of no step
-    with torch.no_grad():
-        for param in elsewhere.parameters():
-            param.mul_(6.0)  # far from any checkpoint: untrained models' losses are all alike
+    elsewhere = model_of_no_step(spot_run)
     for name, next_model, expected in (
         ("partial", at_next, "passed"),
         ("off", elsewhere, "failed"),
@@ -230,11 +237,7 @@ def test_a_node_right_only_at_publicly_checkpointed_steps_is_not_credited(
     public = write_checkpoint(store, spot_run, STEP, seed=11)
     snapshots = tmp_path / "snapshots"
     private = write_snapshot(snapshots, spot_run, STEP + 1, seed=12)
-    torch.manual_seed(99)
-    elsewhere = GPT(GPTConfig.from_spec(spot_run.spec.model)).eval()
-    with torch.no_grad():
-        for param in elsewhere.parameters():
-            param.mul_(6.0)  # parameters of no step: the made-up losses
+    elsewhere = model_of_no_step(spot_run)
     outcomes = {}
     for name, at_private, snapshots_of in (
         ("foresees", elsewhere, lambda run_id: snapshots / run_id),
