@@ -411,7 +411,25 @@ def main(argv: list[str] | None = None) -> int:
         if follower is not None:
             follower.shutdown()
         dht.shutdown()
+        _stop_helpers()
     return 0
+
+
+def _stop_helpers() -> None:
+    """hivemind's helper processes (the DHT's and averagers' forks, p2pd) outlived a
+    follower whose parent had died (nobody then stops its process group): as the group's
+    leader (the keeper starts us so), stop every other member on the way out."""
+    group = os.getpgrp()
+    if group != os.getpid() or not os.path.isdir("/proc"):
+        return
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            if os.getpgid(int(entry)) == group:
+                os.kill(int(entry), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
 
 
 def _watch_parent(pid: int | None, stop: threading.Event) -> None:
