@@ -173,10 +173,12 @@ class Node:
                 batch, shard = self.stream.next_batch()
                 computed = time.perf_counter()
                 batch_t = torch.from_numpy(batch).to(self.device)
+                sample = self._sample_at_global(shard, batch_t) if opt.samples_at_global else None
                 with autocast(self.device):
                     logits, loss = self.forward(batch_t[:, :-1], batch_t[:, 1:])
                 assert loss is not None  # targets were given
-                sample = self._sample_losses(shard, logits, batch_t)
+                if not opt.samples_at_global:
+                    sample = self._sample_losses(shard, logits, batch_t)
                 del logits
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
@@ -227,7 +229,7 @@ class Node:
         seq_len: int,
         loss: float,
         shard: ShardProgress,
-        sample: list[float] | None,
+        sample: tuple[int, list[float]] | None,
     ) -> None:
         """Count a trained micro-batch (``self.stats.step`` is still the step its forward ran
         at) into the node's counters and its shard's, and send the shard's receipt when
@@ -235,7 +237,10 @@ class Node:
         num_tokens = num_sequences * seq_len
         self._accounting.record(num_sequences, num_tokens, loss, shard.shard.shard_id)
         self.stats.num_peers = self.optimizer.tracker.global_progress.num_peers
-        receipt = shard.record(num_sequences, num_tokens, loss, self.stats.step, sample)
+        step, losses = sample if sample is not None else (self.stats.step, None)
+        receipt = shard.record(
+            num_sequences, num_tokens, loss, self.stats.step, losses, sample_step=step
+        )
         if receipt is not None:
             self.link.send_receipt(receipt)
 
@@ -264,11 +269,11 @@ class Node:
 
     def _sample_losses(
         self, shard: ShardProgress, logits: torch.Tensor, batch: torch.Tensor
-    ) -> list[float] | None:
-        """Per-sequence losses of the whole batch, if the shard wants a sample of it (each
-        step's first batch, or in a sync run every batch: parameters change only between
-        steps, so the coordinator can recompute any of them from its checkpoint of the
-        step)."""
+    ) -> tuple[int, list[float]] | None:
+        """The step and per-sequence losses of the whole batch, if the shard wants a sample
+        of it (each step's first batch, or in a sync run every batch: parameters change
+        only between steps, so the coordinator can recompute any of them from its
+        checkpoint of the step)."""
         if self.optimizer.out_of_step:
             return None  # our parameters are not the swarm's at this step: nothing to check
         if not shard.wants_sample(self.stats.step):
@@ -276,7 +281,30 @@ class Node:
         with torch.no_grad():
             n = MAX_SAMPLE_LOSSES
             losses: list[float] = sequence_losses(logits[:n].detach(), batch[:n, 1:]).tolist()
-            return losses
+            return self.stats.step, losses
+
+    def _sample_at_global(
+        self, shard: ShardProgress, batch: torch.Tensor
+    ) -> tuple[int, list[float]] | None:
+        """DiLoCo: local parameters change at every inner step and no checkpoint holds
+        them, so the sample of each round (a shard's first batch, then the first batch after
+        each new round's global parameters) is the batch's per-sequence losses at the
+        round's global parameters, which the keeper's checkpoint of the round holds bit for
+        bit: one extra forward pass per round. While ours may differ from the keeper's (a
+        round we averaged without its follower, or applied alone), the sample carries no
+        losses: the receipt is then not credited, rather than its peer flagged."""
+        step, state = self.optimizer.global_sample_state()
+        if not shard.wants_sample(step):
+            return None
+        if state is None:
+            return step, []
+        names = dict(self.model.named_parameters())  # each tied parameter once
+        params = {name: state[name].to(self.device) for name in names}
+        n = MAX_SAMPLE_LOSSES
+        with torch.no_grad():
+            logits, _ = torch.func.functional_call(self.model, params, (batch[:n, :-1],))
+            losses: list[float] = sequence_losses(logits.float(), batch[:n, 1:]).tolist()
+        return step, losses
 
     def _on_new_step(self, step: int) -> None:
         self.stats.step = step

@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
-     predictable unchecked patience]
+     predictable unchecked patience diloco]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
 git checkout: run it on a clean tree.
@@ -195,6 +195,20 @@ CASES = {
         [("node/swarm/rounds.py", "ROUND_PATIENCE = 3.0\n", "ROUND_PATIENCE = 1.0\n")],
         "tests/node/test_diloco.py",
         "stalls_past",
+    ),
+    # DiLoCo receipts skip their spot check and are verified (as before).
+    "diloco": (
+        [
+            (
+                "coordinator/ledger/ledger.py",
+                '                spot_reason = "the model trains with dropout"\n',
+                '                spot_reason = "the model trains with dropout"\n'
+                '            elif run.spec.optimizer.mode == "diloco":\n'
+                '                status, reason, spot = VERIFIED, "", "skipped"\n',
+            )
+        ],
+        "tests/e2e/test_ledger.py",
+        "diloco_free_rider",
     ),
 }
 

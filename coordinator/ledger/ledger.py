@@ -219,10 +219,6 @@ class Ledger:
                 # Losses trained with dropout cannot be recomputed.
                 status, reason, spot = VERIFIED, "", "skipped"
                 spot_reason = "the model trains with dropout"
-            elif run.spec.optimizer.mode == "diloco":
-                # Local parameters change at every inner step: no checkpoint holds them.
-                status, reason, spot = VERIFIED, "", "skipped"
-                spot_reason = "diloco peers train local parameters no checkpoint holds"
         else:
             status, reason = VERIFIED, ""
         return {"status": status, "reason": reason, "spot": spot, "spot_reason": spot_reason}

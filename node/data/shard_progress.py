@@ -56,10 +56,12 @@ class ShardProgress:
     order and the loss of every sequence in it: the coordinator's verifier picks a
     sample and some of its sequences at random once the receipt arrived, and
     recomputes them from its checkpoint of that step, so a node cannot tell
-    which losses it must compute honestly. Every
-    micro-batch only where the parameters stay the swarm's step's for all of
-    them (a sync run that does not delay its optimizer step); a DiLoCo peer's
-    change at each inner step, so only a round's first micro-batch is checkable. ``batch`` is the index of the micro-batch handed out last.
+    which losses it must compute honestly. Every micro-batch only where the
+    parameters stay the swarm's step's for all of them (a sync run that does not
+    delay its optimizer step); a DiLoCo peer's change at each inner step, so its
+    samples are losses at the round's global parameters (one extra forward pass
+    of the first batch at each new round). ``batch`` is the index of the
+    micro-batch handed out last.
     ``replay`` counts the passes over the shard after the first (0: the
     leased pass, the only one receipted).
     """
@@ -97,16 +99,17 @@ class ShardProgress:
         loss: float,
         step: int,
         sample: list[float] | None = None,
+        sample_step: int | None = None,
     ) -> ReceiptPayload | None:
         """Count the current micro-batch as trained: ``num_sequences`` sequences of
         ``num_tokens`` tokens in all, mean loss ``loss``, at swarm step ``step``.
 
         ``sample`` holds the per-sequence losses of its sequences when
-        :meth:`wants_sample` asked for them (see :meth:`add_sample`).
-        Returns the shard's receipt when this batch completes the leased pass.
+        :meth:`wants_sample` asked for them (see :meth:`add_sample`), computed with the
+        parameters of swarm step ``sample_step`` (default: ``step``). Returns the shard's receipt when this batch completes the leased pass.
         """
         if sample is not None:
-            self.add_sample(step, sample)
+            self.add_sample(step if sample_step is None else sample_step, sample)
         self.batches_done += 1
         self.num_sequences += num_sequences
         self.num_tokens += num_tokens

@@ -43,6 +43,18 @@ class SwarmOptimizer(Protocol):
     """Whether this peer's parameters are not the swarm's at its step (sync: it skipped a
     step whose gradient round failed for it, and has not loaded the swarm's state yet)."""
 
+    samples_at_global: bool
+    """Whether a receipt's loss samples are computed at the swarm's global parameters
+    (:meth:`global_sample_state`; DiLoCo, whose local parameters no checkpoint holds)
+    rather than from the training forward pass (sync)."""
+
+    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """With :attr:`samples_at_global`: the round whose global parameters this peer
+        holds, and those parameters under state-dict names when they are the ones the
+        keeper's checkpoint of the round holds (None while they may differ). Do not
+        modify the tensors."""
+        ...
+
     @property
     def local_epoch(self) -> int:
         """The swarm step (sync) or round (DiLoCo) this peer is at."""

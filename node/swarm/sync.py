@@ -66,6 +66,7 @@ class GuardedOptimizer(hivemind.Optimizer):
     """
 
     out_of_step = False
+    samples_at_global = False  # parameters change only between steps: sample as trained
     _out_of_step_since: float | None = None
     skipped_steps = 0  # steps whose gradient round failed with other peers around
     resyncs = 0  # out-of-step states replaced by a peer's
@@ -198,6 +199,9 @@ class GuardedOptimizer(hivemind.Optimizer):
                     self.local_epoch,
                 )
         return bool(super()._should_load_state_from_peers())
+
+    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor] | None]:
+        return self.local_epoch, None  # not used: samples come from the training pass
 
     def load_state_from_peers(self, **kwargs: Any) -> None:
         self.out_of_step = False  # whatever comes of it: one try per skipped step

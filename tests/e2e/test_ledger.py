@@ -42,6 +42,7 @@ from crowdtrain.protocol.shards import (
     read_shard,
     sequence_order,
 )
+from tests.specs import TINY_DILOCO, write_tiny_spec
 from tests.swarm import Swarm, write_spec
 from tests.swarm_keys import SwarmKeys, publish_fake_progress
 
@@ -186,11 +187,17 @@ def _cheater(
 
 
 def _report(
-    client: CoordinatorClient, token: str, lease: Any, samples: list[ReceiptSample], granted: float
+    client: CoordinatorClient,
+    token: str,
+    lease: Any,
+    samples: list[ReceiptSample],
+    granted: float,
+    num_batches: int | None = None,
 ) -> None:
-    """Report ``lease``'s shard as trained from ``granted`` until now, with ``samples``
-    (one per batch) and the loss sum they add up to."""
-    num_sequences = len(samples) * MICRO_BATCH
+    """Report ``lease``'s shard as trained from ``granted`` until now: ``num_batches``
+    batches (default: one per sample), with ``samples`` and their mean loss."""
+    num_sequences = (num_batches or len(samples)) * MICRO_BATCH
+    losses = [x for s in samples for x in s.losses]
     client.report(
         token,
         ReceiptPayload(
@@ -198,7 +205,7 @@ def _report(
             epoch=lease.epoch,
             num_sequences=num_sequences,
             num_tokens=num_sequences * SEQ_LEN,
-            loss_sum=sum(sum(s.losses) for s in samples),
+            loss_sum=sum(losses) / len(losses) * num_sequences,
             started=granted,
             finished=time.time(),
             micro_batch_size=MICRO_BATCH,
@@ -327,6 +334,47 @@ def test_made_up_losses_at_steps_no_checkpoint_holds_are_never_credited(
     honest_id = peer_named(swarm, "node-a")["peer_id"]
     honest = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == honest_id]
     assert honest and not any(r["status"] == "rejected" for r in honest), honest
+
+
+def test_a_diloco_free_rider_with_made_up_losses_is_rejected(swarm: Swarm, tmp_path: Path) -> None:
+    """The free rider of issue 14 in a DiLoCo run, where DiLoCo receipts once skipped
+    their spot check and were verified: a peer with valid progress records of its own
+    trains nothing and claims, for each batch of its shards, losses at the swarm's
+    current rounds made up around the run's latest validation loss. A DiLoCo node's
+    samples are the losses of a round's first batch at the round's global parameters,
+    which the keeper's checkpoint of every round holds bit for bit: recomputed, the
+    made-up ones fail. The honest node's receipts pass the same checks."""
+    data = swarm.prepare(SHARD_TOKENS)
+    verify = {"checkpoint_every_s": 3.0, "spot_check_fraction": 1.0, "keep_checkpoints": 1000}
+    spec = write_tiny_spec(swarm.root / "tiny.toml", optimizer=TINY_DILOCO, verify=verify)
+    assert swarm.publish(spec, data).returncode == 0
+    swarm.start_coordinator()
+    swarm.start_node("node-a")  # an honest node, so rounds and their checkpoints come
+    swarm.wait_for(lambda: swarm.get("/api/runs/tiny")["step"] >= 3, 180, "round 3")
+    rng = random.Random(11)
+    with _cheater(swarm, "rider", tmp_path) as (client, token, leases):
+        granted = time.time()
+        time.sleep(5.0)  # as long as training would take
+        run = swarm.get("/api/runs/tiny")
+        level = run["val_loss"] or 4.5
+        manifest = load_manifest(swarm.root / "data")
+        for lease in leases:
+            entry = next(e for e in manifest.shards if e.id == lease.shard_id)
+            batches = num_windows(entry.num_tokens, SEQ_LEN) // MICRO_BATCH
+            losses = [round(level + rng.uniform(-0.3, 0.3), 5) for _ in range(MICRO_BATCH)]
+            # One sample per round, as a node records them: its shard's first batch.
+            samples = [ReceiptSample(step=run["step"], batch=0, losses=losses)]
+            _report(client, token, lease, samples, granted, num_batches=batches)
+        rows = _decided(swarm, "rider", 150)
+    print([(r["status"], r["checks"]["spot"], r["reason"][:120]) for r in rows])
+    assert all(r["status"] in ("rejected", "unverified") for r in rows), rows
+    assert any(r["status"] == "rejected" for r in rows), rows
+    rider = peer_named(swarm, "rider")
+    assert rider["verified_tokens"] == 0 and rider["flagged"], rider
+    honest_id = peer_named(swarm, "node-a")["peer_id"]
+    honest = [r for r in ledger(swarm)["receipts"] if r["peer_id"] == honest_id]
+    assert honest and not any(r["status"] == "rejected" for r in honest), honest
+    assert any(r["checks"]["spot"] == "passed" for r in honest), honest
 
 
 def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:

@@ -20,7 +20,7 @@ import torch
 from hivemind.compression import Uniform8BitQuantization
 from hivemind.p2p import P2P
 
-from crowdtrain.model import GPT, GPTConfig, param_groups
+from crowdtrain.model import GPT, GPTConfig, param_groups, params_sha256
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.compression import install_decoders
 from crowdtrain.node.swarm.diloco import DiLoCoConfig, DiLoCoOptimizer
@@ -252,6 +252,9 @@ def test_a_late_joiner_loads_the_global_state_of_a_round(tmp_path: Path) -> None
         assert set(joiner.global_state_dict()) == set(joiner.model.state_dict())
         assert joiner.tracker.local_progress.epoch == 3
         assert joiner.global_params_sha256() == served
+        # Loaded (checked) state is the keeper's too: receipts sample losses at it.
+        round_, sampled = joiner.global_sample_state()
+        assert round_ == 3 and sampled is not None and params_sha256(sampled) == served
         for param, global_ in zip(joiner.model.parameters(), joiner.global_params, strict=True):
             assert torch.equal(param.detach(), global_)
         for ours, theirs in zip(joiner.global_params, momentum, strict=True):
