@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
-# (title, what it shows and the goal, script or package, extra arguments[, "gpu"]); a "gpu"
+# (title, what it shows and the goal, script or package, extra arguments[, flags]); a "gpu"
 # benchmark runs only with --device cuda, and otherwise its committed results are shown as
-# they are.
+# they are; "as:NAME" names a second run of a script (its results go to NAME.md).
 BENCHMARKS: list[tuple] = [
     (
         "Data wait per step",
@@ -49,6 +49,24 @@ BENCHMARKS: list[tuple] = [
         "every step with the nodes instead of pulling state.",
         "verification.py",
         ["--seconds", "150"],
+    ),
+    (
+        "Verification cost, DiLoCo",
+        "The same for the DiLoCo example's run: every receipt spot-checked with the losses "
+        "each node samples at its rounds' global parameters, against the keeper's checkpoint "
+        "of every round. Goal: every honest receipt verified, verified shares within 5% of "
+        "the tokens trained.",
+        "verification.py",
+        ["--diloco", "--seconds", "240"],
+        "as:verification-diloco",
+    ),
+    (
+        "What a DiLoCo pseudo-gradient shows of its data",
+        "Whether a gauntlet-style score (the loss an update removes on its peer's own data, "
+        "less on held-out data) tells an honest update from a copied one, noise or an "
+        "average, for the demo's model after one pass over a shard.",
+        "gauntlet_signal.py",
+        ["--inner-steps", "100", "--warmup", "150"],
     ),
     (
         "Coordinator under load",
@@ -102,6 +120,11 @@ def machine() -> str:
     )
 
 
+def _name(script: str, flags: list[str]) -> str:
+    """A benchmark's name: its script's, or the one an "as:NAME" flag gives."""
+    return next((f[3:] for f in flags if f.startswith("as:")), script.removesuffix(".py"))
+
+
 def _fragment(path: Path) -> str:
     """A benchmark's markdown, less any heading of its own (this file titles it)."""
     lines = path.read_text().splitlines()
@@ -118,7 +141,7 @@ def main() -> int:
     the efficiency bench's nodes on the GPU and runs the GPU-only benchmarks (MFU);
     without it those show their committed results.
     """
-    names = [script.removesuffix(".py") for _, _, script, *_ in BENCHMARKS]
+    names = [_name(script, flags) for _, _, script, _, *flags in BENCHMARKS]
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
         description=inspect.cleandoc(main.__doc__ or ""),
@@ -138,12 +161,12 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     sections = []
     for title, about, script, extra, *flags in BENCHMARKS:
-        name = script.removesuffix(".py")
+        name = _name(script, flags)
         out = RESULTS / f"{name}.md"
         gpu_only = "gpu" in flags
         if gpu_only or (device == "cuda" and name == "efficiency"):
             extra = [*extra, "--device", "cuda"]
-        runner = [f"bench/{script}"] if script.endswith(".py") else ["-m", f"bench.{name}"]
+        runner = [f"bench/{script}"] if script.endswith(".py") else ["-m", f"bench.{script}"]
         command = ["python", *runner, *extra, "--out", str(out.relative_to(ROOT))]
         took = ""
         skip = gpu_only and device != "cuda"

@@ -12,6 +12,11 @@ were from the ones its checkpoints give (the parameters' drift, as the
 verifier sees it), and what its step follower cost the volunteers.
 
     python bench/verification.py --seconds 150 --out bench/results/verification.md
+    python bench/verification.py --diloco --seconds 240 --out bench/results/verification-diloco.md
+
+With ``--diloco`` the run is the DiLoCo example's: receipts are spot-checked with the
+losses each node samples at its rounds' global parameters, against the keeper's
+checkpoint of every round.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from crowdtrain.node.device.priority import DEFAULT_NICE  # noqa: E402
 from tests.swarm import Swarm  # noqa: E402
 
 RUN_ID = "stdlib-tiny"
+DILOCO_RUN_ID = "stdlib-diloco"
 FRACTION = 1.0
 DEFAULT_FRACTION = 0.1  # protocol.runspec.VerifySection's default
 
@@ -46,7 +52,9 @@ def main() -> int:
     parser.add_argument(
         "--strict-steps", action="store_true", help="the run's [swarm] strict_steps = true"
     )
+    parser.add_argument("--diloco", action="store_true", help=f"the run of {DILOCO_RUN_ID}.toml")
     args = parser.parse_args()
+    run_id = DILOCO_RUN_ID if args.diloco else RUN_ID
     with tempfile.TemporaryDirectory(prefix="crowdtrain-bench-") as scratch:
         tmp = str(args.keep or scratch)
         Path(tmp).mkdir(parents=True, exist_ok=True)
@@ -54,7 +62,7 @@ def main() -> int:
         try:
             data = swarm.prepare(shard_tokens=args.shard_tokens)
             spec = Path(tmp) / "spec.toml"
-            text = (ROOT / "examples" / f"{RUN_ID}.toml").read_text()
+            text = (ROOT / "examples" / f"{run_id}.toml").read_text()
             if args.strict_steps:
                 text = text.replace("[swarm]\n", "[swarm]\nstrict_steps = true\n", 1)
             spec.write_text(
@@ -67,7 +75,7 @@ def main() -> int:
                 swarm.start_node(
                     name,
                     *("--max-seconds", str(args.seconds), "--nice", str(DEFAULT_NICE)),
-                    run_id=RUN_ID,
+                    run_id=run_id,
                 )
                 for name in ("node-a", "node-b")
             ]
@@ -78,15 +86,15 @@ def main() -> int:
             # Let the last receipts meet their DHT evidence and queued spot checks run.
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
-                ledger = swarm.get(f"/api/runs/{RUN_ID}/ledger")
+                ledger = swarm.get(f"/api/runs/{run_id}/ledger")
                 waiting = [r for r in ledger["receipts"] if r.get("status") == "pending"]
                 if not waiting:
                     break
                 time.sleep(2)
-            board = swarm.get(f"/api/runs/{RUN_ID}/leaderboard")
-            drift = keeper_drift(swarm.coord_dir / "coordinator.db", RUN_ID)
+            board = swarm.get(f"/api/runs/{run_id}/leaderboard")
+            drift = keeper_drift(swarm.coord_dir / "coordinator.db", run_id)
             follower = json.loads(
-                (swarm.coord_dir / "followers" / RUN_ID / "outbox" / "stats.json").read_text()
+                (swarm.coord_dir / "followers" / run_id / "outbox" / "stats.json").read_text()
             )
         finally:
             swarm.stop_all()
@@ -106,6 +114,7 @@ def main() -> int:
     lines = [
         f"Two nodes, one thread each, {args.seconds:.0f} s of training on shards of "
         f"{args.shard_tokens:,} tokens; every receipt spot-checked, a checkpoint every 15 s; "
+        f"{'DiLoCo' if args.diloco else 'sync'}, "
         f"strict_steps = {'true' if args.strict_steps else 'false'}.",
         "",
         "| figure | value |",
@@ -163,8 +172,8 @@ def main() -> int:
 
     lines += [
         "",
-        "The sync keeper's drift (its step follower averages every step with weight 0 and "
-        "writes its parameters every 15 s here):",
+        "The keeper's drift (its follower averages every step or round with weight 0; "
+        "sync parameters are written every 15 s here, every DiLoCo round is kept):",
         "",
         "| figure | value |",
         "| --- | ---: |",
@@ -176,7 +185,7 @@ def main() -> int:
         f"| spot checks passed on the follower's private snapshots | {on_snapshots} |",
         "| spot checks no snapshot or checkpoint could recompute (receipt not credited) "
         f"| {no_checkpoint} |",
-        f"| steps followed / missed / loaded from a peer | {follower.get('followed')} / "
+        f"| steps or rounds followed / missed / loaded from a peer | {follower.get('followed')} / "
         f"{follower.get('missed')} / {follower.get('loaded')} |",
         f"| the follower's averaging traffic (sent / received) | {mb('averaging', 'sent')} / "
         f"{mb('averaging', 'received')} |",
