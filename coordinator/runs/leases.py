@@ -125,7 +125,7 @@ class LeaseBook:
         latest = self.store.latest_epoch(run.id) or 0
         granted: list[Lease] = []
         while wanted > 0:
-            shard_ids = self.store.pending_shards(run.id, epoch, wanted)
+            shard_ids = self.store.pending_shards(run.id, epoch, wanted, session.peer_id)
             self.store.grant_leases(run.id, epoch, session.peer_id, shard_ids)
             for shard_id in shard_ids:
                 self._deadlines[(run.id, epoch, shard_id, session.peer_id)] = self._deadline(run)

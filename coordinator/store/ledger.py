@@ -55,6 +55,15 @@ class LedgerRecords(StoreBase):
                 result,
             )
 
+    def failed_spot_checks(self, run_id: str, peer_id: str) -> int:
+        """How many of a peer's receipts in a run were rejected by their spot check."""
+        row = self._one(
+            "SELECT COUNT(*) AS n FROM receipt_checks WHERE run_id = ? AND peer_id = ?"
+            " AND spot = 'failed' AND status = 'rejected'",
+            (run_id, peer_id),
+        )
+        return int(row["n"]) if row else 0
+
     def ledger_totals(self, run_id: str) -> dict[str, dict[str, Any]]:
         """Per peer: what its receipts claim, and the part that passed every check."""
         rows = self._all(

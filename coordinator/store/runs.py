@@ -387,13 +387,27 @@ class RunRecords(StoreBase):
                     (run_id, epoch, shard_id, peer_id, now),
                 )
 
-    def pending_shards(self, run_id: str, epoch: int, limit: int) -> list[str]:
+    def pending_shards(
+        self, run_id: str, epoch: int, limit: int, peer_id: str | None = None
+    ) -> list[str]:
+        """Pending shards in their order; for ``peer_id``, those whose receipt of it was
+        not credited (a failed spot check reopens a shard) last: someone else trains
+        them, unless nobody else is there."""
+        failed = {
+            r["shard_id"]
+            for r in self._all(
+                "SELECT shard_id FROM receipt_checks WHERE run_id = ? AND peer_id = ?"
+                " AND epoch = ? AND status IN ('rejected', 'unverified')",
+                (run_id, peer_id or "", epoch),
+            )
+        }
         rows = self._all(
             "SELECT shard_id FROM shards WHERE run_id = ? AND epoch = ? AND state = 'pending'"
             " ORDER BY position LIMIT ?",
-            (run_id, epoch, limit),
+            (run_id, epoch, limit + len(failed)),
         )
-        return [r["shard_id"] for r in rows]
+        found = [r["shard_id"] for r in rows]
+        return sorted(found, key=lambda shard_id: shard_id in failed)[:limit]
 
     def expire_lease(self, run_id: str, epoch: int, shard_id: str, peer_id: str) -> None:
         """A lease ran out: its shard goes back to pending; a late receipt still counts."""

@@ -75,10 +75,11 @@ def model_of_no_step(run):
     return model
 
 
-def spot_checked(store, spot_run, history, book, losses_of, name="laptop"):
-    """Submit a receipt whose sample (step STEP, batch 2) claims ``losses_of(model)``."""
+def spot_checked(store, spot_run, history, book, losses_of, name="laptop", peer=None):
+    """Submit a receipt whose sample (step STEP, batch 2) claims ``losses_of(model)``, from
+    a new peer ``name`` or from ``peer``."""
     model = write_checkpoint(store, spot_run, STEP)
-    peer = Peer(store, spot_run, history, name=name)
+    peer = peer or Peer(store, spot_run, history, name=name)
     shard = peer.lease(book)
     start = time.time()
     peer.publish_progress(start, start + 10)
@@ -113,9 +114,16 @@ def test_a_spot_check_fails_when_a_claimed_loss_is_off(store, spot_run, history,
     peer, row = spot_checked(store, spot_run, history, book, one_off)
     assert (row["spot"], row["status"]) == ("failed", "rejected")
     assert "sequence 1 of step 3, batch 2" in row["reason"]
-    assert "spot check" in store.get_peer(spot_run.id, peer.session.peer_id)["flagged"]
     (entry,) = ledger_views.leaderboard_view(store, spot_run)
     assert entry["verified_tokens"] == 0
+    # One failed spot check is not credited but flags nobody: an honest node that held
+    # other parameters at one step (a partial round) fails one too. The second flags.
+    assert store.get_peer(spot_run.id, peer.session.peer_id)["flagged"] is None
+    _, again = spot_checked(store, spot_run, history, book, one_off, peer=peer)
+    assert (again["spot"], again["status"]) == ("failed", "rejected")
+    # The reopened shard is leased to others first; this peer got another.
+    assert again["shard_id"] != row["shard_id"]
+    assert "spot check" in store.get_peer(spot_run.id, peer.session.peer_id)["flagged"]
 
 
 def test_a_drift_moves_every_loss_alike_guesses_do_not(store, spot_run, history, book):

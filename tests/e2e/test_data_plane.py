@@ -25,6 +25,20 @@ def receipts(swarm: Swarm) -> list[tuple[str, str, int]]:
         db.close()
 
 
+def reopened_shards(swarm: Swarm, epoch: int = 0) -> dict[str, int]:
+    """How many receipts of each shard failed their spot check (which reopens the shard)."""
+    db = sqlite3.connect(f"file:{swarm.coord_dir / 'coordinator.db'}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT shard_id, COUNT(*) FROM receipt_checks WHERE epoch = ? AND spot = 'failed'"
+            " GROUP BY shard_id",
+            (epoch,),
+        ).fetchall()
+    finally:
+        db.close()
+    return {shard: n for shard, n in rows}
+
+
 def peer_ids(swarm: Swarm) -> dict[str, str]:
     return {p["name"]: p["peer_id"] for p in swarm.get("/api/runs/tiny/peers")}
 
@@ -122,11 +136,16 @@ def test_one_epoch_of_50_shards_each_exactly_once(swarm: Swarm) -> None:
     for node in nodes:
         assert swarm.stop(node, signal.SIGINT) == 0, node.output()
     shards = coverage(swarm)
-    assert all(s["num_completions"] == 1 for s in shards), [
-        s for s in shards if s["num_completions"] != 1
+    # Each shard once, and once more for each receipt the verifier reopened it after (a
+    # failed spot check: in lenient sync an honest node's parameters can drift from the
+    # keeper's at a step, fresh-clone CI at 6f37bb6).
+    reopened = reopened_shards(swarm)
+    assert all(s["num_completions"] == 1 + reopened.get(s["shard"], 0) for s in shards), [
+        (s, reopened) for s in shards if s["num_completions"] != 1
     ]
     epoch0 = [r for r in receipts(swarm) if r[2] == 0]
-    assert len(epoch0) == len(shards)
+    # (a peer that trains a reopened shard again replaces its own receipt)
+    assert len(shards) <= len(epoch0) <= len(shards) + sum(reopened.values())
     assert len({shard for _, shard, _ in epoch0}) == len(shards)
     assert len({peer for peer, _, _ in epoch0}) == 2, "every node trained part of the epoch"
 
