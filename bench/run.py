@@ -61,6 +61,15 @@ BENCHMARKS: list[tuple] = [
         "as:verification-diloco",
     ),
     (
+        "How soon a faker is caught",
+        "Seeded runs of the real ledger and verifier on a real store: a peer faking every "
+        "receipt or 10% of them (made-up losses near the run's loss level), at the default "
+        "spot_check_fraction with probation. Goal (issue 14): a free rider caught within 3 "
+        "shards.",
+        "catch_rate.py",
+        ["--runs", "200"],
+    ),
+    (
         "What a DiLoCo pseudo-gradient shows of its data",
         "Whether a gauntlet-style score (the loss an update removes on its peer's own data, "
         "less on held-out data) tells an honest update from a copied one, noise or an "

@@ -158,9 +158,10 @@ class VerifySection:
     Every ``checkpoint_every_s`` the coordinator's keeper downloads the
     swarm's state and keeps it as a checkpoint. A ``spot_check_fraction`` of
     receipts is spot-checked (the checks cost under 1% of the swarm's compute even
-    at 1.0, measured on CPU; at 0.7 a peer that makes up every receipt is caught
-    within 3 shards about 19 times in 20, at 0.1 one time in four; the default
-    stays 0.1 while a false positive can flag an honest node, see BENCHMARKS.md):
+    at 1.0, measured on CPU; a peer is checked at every receipt while on
+    probation, see below, so the fraction prices established peers: at 0.1 one
+    that starts faking every receipt is caught within 3 shards one time in four,
+    at 0.7 about 19 times in 20; see BENCHMARKS.md):
     the verifier recomputes the loss of
     ``spot_check_sequences`` sequences of a batch the node trained (batch and
     sequences picked at random once the receipt arrived, among the losses of
@@ -191,6 +192,13 @@ class VerifySection:
     (7-17% of honest receipts in the verification bench), so the default keeps
     every step (the newest 16, each about 4 bytes per parameter on the
     coordinator's disk; lower it for large models).
+
+    Trust is earned, as in BOINC's adaptive replication: while fewer than
+    ``probation_checks`` of a peer's spot checks have passed since its last
+    failed one (a new peer, or one caught), every receipt of it is spot-checked,
+    whatever ``spot_check_fraction`` says (unless that is 0: spot checks off). A
+    peer that makes up its receipts from the start is caught at its first
+    checkable one; the fraction prices only established peers.
     """
 
     checkpoint_every_s: float = 60.0
@@ -200,6 +208,7 @@ class VerifySection:
     spread_tolerance: float = 0.25
     keep_checkpoints: int = 8
     snapshot_fraction: float = 1.0
+    probation_checks: int = 3
 
 
 @dataclass(frozen=True)
@@ -496,6 +505,12 @@ def _validate(spec: RunSpec, source: str) -> None:
             "[verify] snapshot_fraction",
             f"must be in [0, 1] (the share of sync steps the keeper keeps privately for spot "
             f"checks; 0 leaves only the public checkpoints), got {v.snapshot_fraction}",
+        )
+    if not 0 <= v.probation_checks <= 1000:
+        fail(
+            "[verify] probation_checks",
+            f"must be 0 to 1000 (passed spot checks before a peer's receipts are checked "
+            f"at spot_check_fraction; 0: from the start), got {v.probation_checks}",
         )
     if not 1 <= v.keep_checkpoints <= 10_000:
         fail(

@@ -134,7 +134,7 @@ class Ledger:
         if not possible.failed:
             final = received_at >= times.finished + DHT_WINDOW_SLACK_S
             dht = check_dht(DhtClaim.of(receipt, times), self.history, run.id, peer, final)
-        verdict = self._verdict(run, possible, dht, receipt)
+        verdict = self._verdict(run, session.peer_id, possible, dht, receipt)
         capacity = possible_sequences(run, receipt)
         num_sequences = min(receipt.num_sequences, capacity)  # what is stored is possible
         row = {
@@ -173,7 +173,8 @@ class Ledger:
             dht = check_dht(claim, self.history, run.id, peer, final)
             if dht.state == "waiting":
                 continue
-            verdict = self._verdict(run, OK, dht, samples=json.loads(row["samples_json"]))
+            samples = json.loads(row["samples_json"])
+            verdict = self._verdict(run, row["peer_id"], OK, dht, samples=samples)
             update = {**row, "dht": dht.state, **verdict}
             update["assess_cpu_s"] = row["assess_cpu_s"] + time.thread_time() - cpu_started
             self.store.insert_receipt_check(update)
@@ -190,6 +191,7 @@ class Ledger:
     def _verdict(
         self,
         run: PublishedRun,
+        peer_id: str,
         possible: Check,
         dht: Check,
         receipt: ReceiptPayload | None = None,
@@ -213,7 +215,7 @@ class Ledger:
             status, reason = PENDING, dht.reason
         elif dht.state == "no evidence":
             status, reason = UNVERIFIED, dht.reason
-        elif self.rng.random() < run.spec.verify.spot_check_fraction:
+        elif self.rng.random() < self.spot_check_fraction(run, peer_id):
             status, reason, spot = PENDING, "waiting for its spot check", "queued"
             if run.spec.model.dropout > 0:
                 # Losses trained with dropout cannot be recomputed.
@@ -222,6 +224,16 @@ class Ledger:
         else:
             status, reason = VERIFIED, ""
         return {"status": status, "reason": reason, "spot": spot, "spot_reason": spot_reason}
+
+    def spot_check_fraction(self, run: PublishedRun, peer_id: str) -> float:
+        """The share of this peer's receipts to spot-check: all of them while it is on
+        probation (fewer than ``probation_checks`` passed since its last failed one),
+        else the run's fraction."""
+        verify = run.spec.verify
+        if verify.spot_check_fraction <= 0:
+            return 0.0
+        passed = self.store.spot_checks_passed_since_failure(run.id, peer_id)
+        return 1.0 if passed < verify.probation_checks else verify.spot_check_fraction
 
     def announce(self, row: dict[str, Any]) -> None:
         """Log a receipt check's outcome (a rejected one flagged its peer, with it)."""

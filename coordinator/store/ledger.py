@@ -64,6 +64,17 @@ class LedgerRecords(StoreBase):
         )
         return int(row["n"]) if row else 0
 
+    def spot_checks_passed_since_failure(self, run_id: str, peer_id: str) -> int:
+        """How many of a peer's spot checks passed since its last failed one (all, when
+        none failed)."""
+        row = self._one(
+            "SELECT COUNT(*) AS n FROM receipt_checks WHERE run_id = ? AND peer_id = ?"
+            " AND spot = 'passed' AND spot_at > COALESCE((SELECT MAX(spot_at) FROM"
+            " receipt_checks WHERE run_id = ? AND peer_id = ? AND spot = 'failed'), 0)",
+            (run_id, peer_id, run_id, peer_id),
+        )
+        return int(row["n"]) if row else 0
+
     def ledger_totals(self, run_id: str) -> dict[str, dict[str, Any]]:
         """Per peer: what its receipts claim, and the part that passed every check."""
         rows = self._all(

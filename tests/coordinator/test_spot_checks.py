@@ -26,6 +26,7 @@ from tests.coordinator.ledger_support import (
     STEP,
     Peer,
     check_row,
+    publish_run,
     receipt,
     submit,
 )
@@ -322,3 +323,39 @@ def test_the_verifier_cuts_the_same_batches_as_the_node(spot_run):
     assert sent["samples"] == [{"step": STEP, "batch": 2, "losses": [1.0] * MICRO_BATCH}]
     assert sent["micro_batch_size"] == MICRO_BATCH
     ReceiptPayload.model_validate({**sent, "finished": sent["started"] + 1})
+
+
+def test_a_peer_is_spot_checked_at_every_receipt_until_its_checks_pass(
+    store, prepared, tmp_path, history, book
+):
+    """Probation: at a spot_check_fraction of 0.01, a new peer's receipts are all checked
+    until probation_checks (2) passed; then at the fraction; a failed check puts it back
+    on probation. A free rider is thus checked from its first receipt."""
+    run = publish_run(store, prepared, tmp_path, "probation-run", 0.01, probation_checks=2)
+    ledger = Ledger(store, history, random.Random(0))
+    peer = Peer(store, run, history, name="newcomer")
+    assert ledger.spot_check_fraction(run, peer.session.peer_id) == 1.0
+    for _ in range(2):  # spot_checked asserts the receipt was queued for its check
+        _, row = spot_checked(store, run, history, book, lambda honest: honest, peer=peer)
+        assert row["spot"] == "passed", row["spot_reason"]
+    assert ledger.spot_check_fraction(run, peer.session.peer_id) == 0.01
+    shard = peer.lease(book)
+    start = time.time()
+    peer.publish_progress(start, start + 10)
+    samples = [{"step": STEP, "batch": 0, "losses": [4.0] * MICRO_BATCH}]
+    assert submit(store, book, ledger, peer, receipt(shard, start, samples=samples)) == "verified"
+    assert check_row(store, peer, shard)["spot"] == "not selected"
+
+    class Picked(random.Random):  # this receipt is picked for its spot check
+        def random(self) -> float:
+            return 0.0
+
+    shard = peer.lease(book)
+    peer.publish_progress(start, start + 10)
+    samples = [{"step": STEP, "batch": 2, "losses": [9.0] * MICRO_BATCH}]
+    picked = Ledger(store, history, Picked())
+    assert submit(store, book, picked, peer, receipt(shard, start, samples=samples)) == "pending"
+    checker = SpotChecker(store, store.data_dir / CHECKPOINTS_DIR, random.Random(0))
+    assert Verifier(store, None, checker).run_spot_checks(time.time()) == 1
+    assert check_row(store, peer, shard)["spot"] == "failed"
+    assert ledger.spot_check_fraction(run, peer.session.peer_id) == 1.0
