@@ -15,6 +15,7 @@ receipts have none (2 of 29 in the verification bench) and are not credited
 instead of caught, which lowers the catch rate by that share.
 
     python bench/catch_rate.py --runs 200 --out bench/results/catch_rate.md
+    python bench/catch_rate.py --runs 200 --diloco --out bench/results/catch_rate-diloco.md
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from tests.coordinator.ledger_support import (  # noqa: E402
     Peer,
     publish_run,  # noqa: E402
 )
+from tests.specs import TINY_DILOCO  # noqa: E402
 
 
 def prepared(root: Path) -> Path:
@@ -81,7 +83,13 @@ def one_run(
     store = Store(folder / "coordinator")
     try:
         run = publish_run(
-            store, data, folder, f"catch-{seed}", args.fraction, probation_checks=args.probation
+            store,
+            data,
+            folder,
+            f"catch-{seed}",
+            args.fraction,
+            optimizer=TINY_DILOCO if args.diloco else None,
+            probation_checks=args.probation,
         )
         torch.manual_seed(seed)
         model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
@@ -154,12 +162,16 @@ def main() -> int:
     parser.add_argument("--fake", type=float, default=0.1, help="share of receipts faked")
     parser.add_argument("--fraction", type=float, default=0.1, help="[verify] spot_check_fraction")
     parser.add_argument("--probation", type=int, default=3, help="[verify] probation_checks")
+    parser.add_argument(
+        "--diloco", action="store_true", help="a DiLoCo run ([verify] diloco_tolerance applies)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # each caught receipt logs why
     lines = [
         f"{args.runs} seeded runs per row; a peer fakes each receipt with probability "
-        f"{args.fake} (made-up losses); spot_check_fraction {args.fraction}, "
+        f"{args.fake} (made-up losses); {'DiLoCo' if args.diloco else 'sync'} run, "
+        f"spot_check_fraction {args.fraction}, "
         f"probation_checks {args.probation}. Caught: a receipt rejected.",
         "",
         "| peer | caught within 1 | 3 | 10 | 30 | 100 receipts (from its first) | median |",

@@ -70,6 +70,14 @@ BENCHMARKS: list[tuple] = [
         ["--runs", "200"],
     ),
     (
+        "How soon a faker is caught, DiLoCo",
+        "The same in a DiLoCo run, whose samples are checked within [verify] "
+        "diloco_tolerance (their parameters are held bit for bit).",
+        "catch_rate.py",
+        ["--runs", "200", "--diloco"],
+        "as:catch_rate-diloco",
+    ),
+    (
         "What a DiLoCo pseudo-gradient shows of its data",
         "Whether a gauntlet-style score (the loss an update removes on its peer's own data, "
         "less on held-out data) tells an honest update from a copied one, noise or an "

@@ -205,24 +205,28 @@ class SpotChecker:
             logits, _ = model(inputs[:, :-1])
             actual = sequence_losses(logits, inputs[:, 1:]).tolist()
         verify = run.spec.verify
+        # DiLoCo samples are at parameters held bit for bit, in fp32: no drift to allow.
+        exact = run.spec.optimizer.mode == "diloco"
+        loss_tolerance = verify.diloco_tolerance if exact else verify.loss_tolerance
+        spread_tolerance = verify.diloco_tolerance if exact else verify.spread_tolerance
         where = f"step {sample['step']}, batch {sample['batch']}"
         errors = [losses[i] - a for i, a in zip(picked, actual, strict=True)]
         for i, a, error in zip(picked, actual, errors, strict=True):
-            if not abs(error) <= verify.loss_tolerance:
+            if not abs(error) <= loss_tolerance:
                 return False, (
                     f"claimed loss {losses[i]:.4f} for sequence {i} of {where}, the keeper's "
-                    f"parameters of that step give {a:.4f} (tolerance {verify.loss_tolerance})"
+                    f"parameters of that step give {a:.4f} (tolerance {loss_tolerance})"
                 )
         # An honest node whose parameters drifted from the checkpoint's is off by about
         # the same for every sequence; a node that guessed some losses is off by each
         # sequence's own distance from its guess.
         shift = sum(errors) / len(errors)
         spread = max(abs(e - shift) for e in errors)
-        if not spread <= verify.spread_tolerance:
+        if not spread <= spread_tolerance:
             return False, (
                 f"the claimed losses of sequences {picked} of {where} are off from the "
                 f"keeper's by {', '.join(f'{e:+.3f}' for e in errors)}, {spread:.3f} "
-                f"apart from their mean (tolerance {verify.spread_tolerance})"
+                f"apart from their mean (tolerance {spread_tolerance})"
             )
         worst = max(abs(e) for e in errors)
         return True, (

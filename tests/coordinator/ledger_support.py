@@ -16,17 +16,22 @@ CAPACITY = 28
 STEP = 3
 
 
-def ledger_spec(run_id: str, fraction: float | None, **more: object) -> str:
-    """The ledger tests' run; ``fraction`` None leaves [verify] out; ``more`` of it."""
+def ledger_spec(
+    run_id: str, fraction: float | None, optimizer: dict | None = None, **more: object
+) -> str:
+    """The ledger tests' run; ``fraction`` None leaves [verify] out; ``more`` of it;
+    ``optimizer`` keys override the run's."""
     verify = {"spot_check_fraction": fraction, "checkpoint_every_s": 5, **more}
     return small_spec(
-        run={"id": run_id, "seed": 5}, verify=verify if fraction is not None else None
+        run={"id": run_id, "seed": 5},
+        verify=verify if fraction is not None else None,
+        **({"optimizer": optimizer} if optimizer else {}),
     )
 
 
-def publish_run(store, prepared, tmp_path, run_id, fraction, **verify):
+def publish_run(store, prepared, tmp_path, run_id, fraction, optimizer=None, **verify):
     spec_path = tmp_path / f"{run_id}.toml"
-    spec_path.write_text(ledger_spec(run_id, fraction, **verify), encoding="utf-8")
+    spec_path.write_text(ledger_spec(run_id, fraction, optimizer, **verify), encoding="utf-8")
     return get_run(
         store, publish(store, prepare_publication(spec_path, prepared), COORDINATOR_KEY).run_id
     )

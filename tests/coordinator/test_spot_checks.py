@@ -30,6 +30,7 @@ from tests.coordinator.ledger_support import (
     receipt,
     submit,
 )
+from tests.specs import TINY_DILOCO
 
 
 def honest_losses(run, shard_id, batch, model, n=MICRO_BATCH):
@@ -359,3 +360,23 @@ def test_a_peer_is_spot_checked_at_every_receipt_until_its_checks_pass(
     assert Verifier(store, None, checker).run_spot_checks(time.time()) == 1
     assert check_row(store, peer, shard)["spot"] == "failed"
     assert ledger.spot_check_fraction(run, peer.session.peer_id) == 1.0
+
+
+def test_diloco_samples_must_match_within_the_exact_tolerance(
+    store, prepared, tmp_path, history, book, spot_run
+):
+    """A DiLoCo sample is computed at parameters the keeper holds bit for bit: a shift of
+    0.1 nats on every loss (losses from another round's parameters, say) passes as drift
+    in a sync run and fails at diloco_tolerance (0.05)."""
+    diloco = publish_run(store, prepared, tmp_path, "diloco-spot", 1.0, optimizer=TINY_DILOCO)
+
+    def shifted(honest):
+        return [x + 0.1 for x in honest]
+
+    _, row = spot_checked(store, spot_run, history, book, shifted, name="sync-node")
+    assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]
+    _, row = spot_checked(store, diloco, history, book, shifted, name="diloco-node")
+    assert (row["spot"], row["status"]) == ("failed", "rejected"), row["spot_reason"]
+    assert "(tolerance 0.05)" in row["reason"], row["reason"]
+    _, row = spot_checked(store, diloco, history, book, lambda honest: honest, name="honest")
+    assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]
