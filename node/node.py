@@ -229,7 +229,7 @@ class Node:
         seq_len: int,
         loss: float,
         shard: ShardProgress,
-        sample: tuple[int, list[float]] | None,
+        sample: tuple[int, list[float], str | None] | None,
     ) -> None:
         """Count a trained micro-batch (``self.stats.step`` is still the step its forward ran
         at) into the node's counters and its shard's, and send the shard's receipt when
@@ -237,9 +237,15 @@ class Node:
         num_tokens = num_sequences * seq_len
         self._accounting.record(num_sequences, num_tokens, loss, shard.shard.shard_id)
         self.stats.num_peers = self.optimizer.tracker.global_progress.num_peers
-        step, losses = sample if sample is not None else (self.stats.step, None)
+        step, losses, params = sample if sample is not None else (self.stats.step, None, None)
         receipt = shard.record(
-            num_sequences, num_tokens, loss, self.stats.step, losses, sample_step=step
+            num_sequences,
+            num_tokens,
+            loss,
+            self.stats.step,
+            losses,
+            sample_step=step,
+            sample_params=params,
         )
         if receipt is not None:
             self.link.send_receipt(receipt)
@@ -269,7 +275,7 @@ class Node:
 
     def _sample_losses(
         self, shard: ShardProgress, logits: torch.Tensor, batch: torch.Tensor
-    ) -> tuple[int, list[float]] | None:
+    ) -> tuple[int, list[float], str | None] | None:
         """The step and per-sequence losses of the whole batch, if the shard wants a sample
         of it (each step's first batch, or in a sync run every batch: parameters change
         only between steps, so the coordinator can recompute any of them from its
@@ -281,30 +287,28 @@ class Node:
         with torch.no_grad():
             n = MAX_SAMPLE_LOSSES
             losses: list[float] = sequence_losses(logits[:n].detach(), batch[:n, 1:]).tolist()
-            return self.stats.step, losses
+            return self.stats.step, losses, None
 
     def _sample_at_global(
         self, shard: ShardProgress, batch: torch.Tensor
-    ) -> tuple[int, list[float]] | None:
+    ) -> tuple[int, list[float], str | None] | None:
         """DiLoCo: local parameters change at every inner step and no checkpoint holds
         them, so the sample of each round (a shard's first batch, then the first batch after
         each new round's global parameters) is the batch's per-sequence losses at the
-        round's global parameters, which the keeper's checkpoint of the round holds bit for
-        bit: one extra forward pass per round. While ours may differ from the keeper's (a
-        round we averaged without its follower, or applied alone), the sample carries no
-        losses: the receipt is then not credited, rather than its peer flagged."""
-        step, state = self.optimizer.global_sample_state()
+        round's global parameters, in fp32, with their sha256: the keeper's checkpoint of
+        the round holds the same parameters bit for bit unless ours differ (a round met in
+        two groups, or applied alone), which the hash tells the verifier. One extra
+        forward pass per round."""
+        step, state, params_sha256 = self.optimizer.global_sample_state()
         if not shard.wants_sample(step):
             return None
-        if state is None:
-            return step, []
         names = dict(self.model.named_parameters())  # each tied parameter once
         params = {name: state[name].to(self.device) for name in names}
         n = MAX_SAMPLE_LOSSES
         with torch.no_grad():
             logits, _ = torch.func.functional_call(self.model, params, (batch[:n, :-1],))
             losses: list[float] = sequence_losses(logits.float(), batch[:n, 1:]).tolist()
-        return step, losses
+        return step, losses, params_sha256
 
     def _on_new_step(self, step: int) -> None:
         self.stats.step = step

@@ -10,7 +10,15 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from crowdtrain.protocol.errors import CrowdtrainError
 
@@ -148,6 +156,18 @@ class ReceiptSample(_Payload):
     losses: Annotated[
         list[Annotated[float, Field(ge=0, le=1e4)]], Field(max_length=MAX_SAMPLE_LOSSES)
     ]
+    # DiLoCo: the sha256 (model.params_sha256) of the global parameters the losses were
+    # computed at, so that a round whose parameters differ from the keeper's checkpoint
+    # of it (a round met in two groups) is not checked against it. None in sync runs.
+    params_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_hash(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A sync sample (no hash) serializes, and is signed, as before the field existed.
+        data: dict[str, Any] = handler(self)
+        if data.get("params_sha256") is None:
+            data.pop("params_sha256", None)
+        return data
 
 
 class ReceiptPayload(_Payload):

@@ -108,6 +108,24 @@ class SpotChecker:
                 f"swarm was at step {max(later)} after the receipt arrived"
             )
             return SpotResult("failed", reason, ledger.REJECTED, reason)
+        # A DiLoCo sample names the hash of the global parameters it was computed at: one
+        # of a round the keeper holds other parameters of (the round met in two groups, or
+        # its node applied it alone) is not checked against them.
+        kept = {c["step"]: c["sha256"] for c in checkpoints}
+        other = [
+            s
+            for s in samples
+            if s.get("params_sha256") and kept.get(s["step"]) not in (None, s["params_sha256"])
+        ]
+        if other:
+            samples = [s for s in samples if s not in other]
+            if not samples:
+                rounds = sorted({s["step"] for s in other})
+                reason = (
+                    f"could not be spot-checked: its node held other global parameters than "
+                    f"the keeper's checkpoints of rounds {rounds}"
+                )
+                return SpotResult("skipped", reason, ledger.UNVERIFIED, reason)
         public = {c["step"]: self.folder / run.id / c["file"] for c in checkpoints if c["file"]}
         private = list_snapshots(self.snapshots_of(run.id)) if self.snapshots_of else {}
         steps = {s["step"] for s in samples}

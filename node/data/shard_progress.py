@@ -100,23 +100,25 @@ class ShardProgress:
         step: int,
         sample: list[float] | None = None,
         sample_step: int | None = None,
+        sample_params: str | None = None,
     ) -> ReceiptPayload | None:
         """Count the current micro-batch as trained: ``num_sequences`` sequences of
         ``num_tokens`` tokens in all, mean loss ``loss``, at swarm step ``step``.
 
         ``sample`` holds the per-sequence losses of its sequences when
         :meth:`wants_sample` asked for them (see :meth:`add_sample`), computed with the
-        parameters of swarm step ``sample_step`` (default: ``step``). Returns the shard's receipt when this batch completes the leased pass.
+        parameters of swarm step ``sample_step`` (default: ``step``), whose sha256 is
+        ``sample_params`` when given (DiLoCo's global parameters). Returns the shard's receipt when this batch completes the leased pass.
         """
         if sample is not None:
-            self.add_sample(step if sample_step is None else sample_step, sample)
+            self.add_sample(step if sample_step is None else sample_step, sample, sample_params)
         self.batches_done += 1
         self.num_sequences += num_sequences
         self.num_tokens += num_tokens
         self.loss_sum += loss * num_sequences
         return self._receipt_when_done()
 
-    def add_sample(self, step: int, losses: list[float]) -> None:
+    def add_sample(self, step: int, losses: list[float], params_sha256: str | None = None) -> None:
         """Record the losses of the current batch's sequences, trained at ``step`` (the
         first :data:`MAX_SAMPLE_LOSSES`; none when one is not finite, or beyond what a
         receipt may carry)."""
@@ -124,7 +126,9 @@ class ShardProgress:
             return
         rounded = [round(x, LOSS_DECIMALS) for x in losses[:MAX_SAMPLE_LOSSES]]
         try:
-            sample = ReceiptSample(step=step, batch=self.batch, losses=rounded)
+            sample = ReceiptSample(
+                step=step, batch=self.batch, losses=rounded, params_sha256=params_sha256
+            )
         except ValidationError:
             logger.debug("skipped a loss sample of shard %s", self.shard.shard_id)
             return

@@ -124,13 +124,10 @@ class DiLoCoOptimizer:
     """
 
     # A round that failed leaves us on our own global parameters, which the keeper's
-    # checkpoint of the round need not hold: global_sample_state says so.
+    # checkpoint of the round need not hold: samples carry their hash.
     out_of_step = False
     # Local parameters change at every inner step; receipts sample the global ones.
     samples_at_global = True
-    # Whether our global parameters are those the keeper's checkpoint of their round holds:
-    # false after a round averaged without its follower or applied alone.
-    _global_as_kept = True
 
     def __init__(
         self,
@@ -241,11 +238,12 @@ class DiLoCoOptimizer:
         for param in self._params:
             param.grad = None
 
-    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor] | None]:
-        """The round of our global parameters, and those parameters (state-dict names)
-        when they are the keeper's checkpoint of the round's: we loaded them, or averaged
-        the round with its follower in the group and the group's hash was ours."""
-        return self.global_round, self.global_state_dict() if self._global_as_kept else None
+    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor], str | None]:
+        """The round of our global parameters, those parameters (state-dict names) and
+        their sha256: the verifier checks a sample only against a checkpoint of the round
+        with the same hash (ours differ after a round met in two groups, or applied
+        alone)."""
+        return self.global_round, self.global_state_dict(), self.global_params_sha256()
 
     def global_params_sha256(self) -> str:
         """:func:`params_sha256` of the global parameters under the model's state-dict names
@@ -436,11 +434,6 @@ class DiLoCoOptimizer:
             self.global_params_sha256(),
         )
         canonical = canonical_sha256(group.values())
-        # Only the follower's presence says the keeper holds what we now hold.
-        self._global_as_kept = len(peers) < len(group) and canonical in (
-            None,
-            pending.global_sha256,
-        )
         if canonical is not None and canonical != pending.global_sha256:
             # Our global parameters had drifted from the group's (an earlier failed
             # round): stop serving them and take the group's from a peer.
@@ -508,7 +501,6 @@ class DiLoCoOptimizer:
         with torch.no_grad(), self.averager.get_tensors() as own:
             self._outer_step(own)  # the buffers still hold our pseudo-gradient
         self._follow_local(local_at_end)
-        self._global_as_kept = False
         self.last_round_outcome = "own"
 
     def _adopt(
@@ -528,7 +520,6 @@ class DiLoCoOptimizer:
                     self.outer.state[global_]["momentum_buffer"] = momentum.clone()
                 self.global_round = state.round
                 self._global_version += 1
-                self._global_as_kept = True  # checked as every download is
             if reference is not None:
                 self._follow_local(reference, keep_progress=keep_local or None)
             else:

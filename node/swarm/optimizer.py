@@ -48,11 +48,11 @@ class SwarmOptimizer(Protocol):
     (:meth:`global_sample_state`; DiLoCo, whose local parameters no checkpoint holds)
     rather than from the training forward pass (sync)."""
 
-    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor] | None]:
+    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor], str | None]:
         """With :attr:`samples_at_global`: the round whose global parameters this peer
-        holds, and those parameters under state-dict names when they are the ones the
-        keeper's checkpoint of the round holds (None while they may differ). Do not
-        modify the tensors."""
+        holds, those parameters under state-dict names, and their sha256 (the keeper's
+        checkpoint of the round hashes the same when it holds them). Do not modify the
+        tensors."""
         ...
 
     @property

@@ -200,8 +200,8 @@ class GuardedOptimizer(hivemind.Optimizer):
                 )
         return bool(super()._should_load_state_from_peers())
 
-    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor] | None]:
-        return self.local_epoch, None  # not used: samples come from the training pass
+    def global_sample_state(self) -> tuple[int, dict[str, torch.Tensor], str | None]:
+        raise NotImplementedError("sync samples come from the training forward pass")
 
     def load_state_from_peers(self, **kwargs: Any) -> None:
         self.out_of_step = False  # whatever comes of it: one try per skipped step

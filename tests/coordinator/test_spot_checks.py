@@ -77,9 +77,12 @@ def model_of_no_step(run):
     return model
 
 
-def spot_checked(store, spot_run, history, book, losses_of, name="laptop", peer=None):
+def spot_checked(
+    store, spot_run, history, book, losses_of, name="laptop", peer=None, sha256_of=None
+):
     """Submit a receipt whose sample (step STEP, batch 2) claims ``losses_of(model)``, from
-    a new peer ``name`` or from ``peer``."""
+    a new peer ``name`` or from ``peer``; with ``sha256_of``, the sample names the hash of
+    its parameters, ``sha256_of(the checkpoint's)``, and is the receipt's only one."""
     model = write_checkpoint(store, spot_run, STEP)
     peer = peer or Peer(store, spot_run, history, name=name)
     shard = peer.lease(book)
@@ -90,6 +93,8 @@ def spot_checked(store, spot_run, history, book, losses_of, name="laptop", peer=
         {"step": STEP - 1, "batch": 0, "losses": [9.0] * MICRO_BATCH},  # no checkpoint of it
         {"step": STEP, "batch": 2, "losses": claimed},
     ]
+    if sha256_of is not None:
+        samples = [{**samples[1], "params_sha256": sha256_of(params_sha256(model.state_dict()))}]
     payload = receipt(shard, start, samples=samples)
     assert submit(store, book, Ledger(store, history), peer, payload) == "pending"
     assert check_row(store, peer, shard)["spot"] == "queued"
@@ -379,4 +384,32 @@ def test_diloco_samples_must_match_within_the_exact_tolerance(
     assert (row["spot"], row["status"]) == ("failed", "rejected"), row["spot_reason"]
     assert "(tolerance 0.05)" in row["reason"], row["reason"]
     _, row = spot_checked(store, diloco, history, book, lambda honest: honest, name="honest")
+    assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]
+
+
+def test_a_diloco_sample_of_other_parameters_than_the_keepers_is_not_checked_against_them(
+    store, prepared, tmp_path, history, book
+):
+    """A DiLoCo node whose round met in a group without the keeper's follower holds other
+    global parameters than the keeper's checkpoint of that round; its sample says so by
+    their hash: not credited, not failed (its node not flagged). Naming the keeper's hash
+    with losses of other parameters fails."""
+    diloco = publish_run(store, prepared, tmp_path, "diloco-hash", 1.0, optimizer=TINY_DILOCO)
+
+    def elsewhere(honest):
+        return [x + 1.0 for x in honest]
+
+    peer, row = spot_checked(
+        store, diloco, history, book, elsewhere, name="split", sha256_of=lambda kept: "0" * 64
+    )
+    assert (row["spot"], row["status"]) == ("skipped", "unverified"), row["spot_reason"]
+    assert "other global parameters" in row["reason"], row["reason"]
+    assert store.get_peer(diloco.id, peer.session.peer_id)["flagged"] is None
+    _, row = spot_checked(
+        store, diloco, history, book, elsewhere, name="liar", sha256_of=lambda kept: kept
+    )
+    assert (row["spot"], row["status"]) == ("failed", "rejected"), row["spot_reason"]
+    _, row = spot_checked(
+        store, diloco, history, book, lambda h: h, name="kept", sha256_of=lambda kept: kept
+    )
     assert (row["spot"], row["status"]) == ("passed", "verified"), row["spot_reason"]

@@ -252,9 +252,9 @@ def test_a_late_joiner_loads_the_global_state_of_a_round(tmp_path: Path) -> None
         assert set(joiner.global_state_dict()) == set(joiner.model.state_dict())
         assert joiner.tracker.local_progress.epoch == 3
         assert joiner.global_params_sha256() == served
-        # Loaded (checked) state is the keeper's too: receipts sample losses at it.
-        round_, sampled = joiner.global_sample_state()
-        assert round_ == 3 and sampled is not None and params_sha256(sampled) == served
+        # Receipts sample losses at the global parameters, with their hash.
+        round_, sampled, sha256 = joiner.global_sample_state()
+        assert round_ == 3 and params_sha256(sampled) == served == sha256
         for param, global_ in zip(joiner.model.parameters(), joiner.global_params, strict=True):
             assert torch.equal(param.detach(), global_)
         for ours, theirs in zip(joiner.global_params, momentum, strict=True):
