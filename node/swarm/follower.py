@@ -432,10 +432,20 @@ def _stop_helpers() -> None:
             continue
 
 
+# Nobody stops a follower whose coordinator died: when its clean exit hangs (a test run
+# found one, with its p2p daemon, 12 minutes after its coordinator was killed), it ends
+# itself and its helpers this long after.
+EXIT_GRACE_S = 30.0
+
+
 def _watch_parent(pid: int | None, stop: threading.Event) -> None:
     while pid is not None and not stop.wait(1.0):
         if os.getppid() != pid:
             stop.set()
+            time.sleep(EXIT_GRACE_S)  # a clean exit ends the process (and us) before
+            logger.warning("still here %.0f s after the coordinator went: exiting", EXIT_GRACE_S)
+            _stop_helpers()
+            os._exit(1)
 
 
 if __name__ == "__main__":
