@@ -31,48 +31,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
 
-from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data  # noqa: E402
 from crowdtrain.coordinator.ledger.ledger import REJECTED, Ledger  # noqa: E402
 from crowdtrain.coordinator.ledger.verifier import SpotChecker, Verifier  # noqa: E402
 from crowdtrain.coordinator.runs.leases import LeaseBook  # noqa: E402
 from crowdtrain.coordinator.store import Store  # noqa: E402
 from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR  # noqa: E402
 from crowdtrain.coordinator.swarm.dht import ProgressHistory  # noqa: E402
-from crowdtrain.model import (  # noqa: E402
-    GPT,
-    GPTConfig,
-    params_sha256,
-    save_checkpoint,
-    sequence_losses,  # noqa: E402
-)
 from crowdtrain.protocol.messages import ReceiptPayload  # noqa: E402
 from crowdtrain.protocol.shards import (  # noqa: E402
-    batch_windows,
     num_windows,
-    read_shard,
-    sequence_order,
 )
 from tests.coordinator.ledger_support import (  # noqa: E402
     MICRO_BATCH,
     SEQ_LEN,
     STEP,
     Peer,
-    publish_run,  # noqa: E402
+    honest_losses,
+    prepare_small_data,
+    publish_run,
+    write_checkpoint,
 )
 from tests.specs import TINY_DILOCO  # noqa: E402
-
-
-def prepared(root: Path) -> Path:
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(10):
-        line = f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n"
-        (corpus / f"doc{i:02d}.txt").write_text(line * 50, encoding="utf-8")
-    out = root / "data"
-    prepare_data(PrepareConfig(sources=(corpus,), out=out, shard_tokens=1024, val_fraction=0.2))
-    return out
 
 
 def one_run(
@@ -91,20 +71,7 @@ def one_run(
             optimizer=TINY_DILOCO if args.diloco else None,
             probation_checks=args.probation,
         )
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
-        checkpoints = store.data_dir / CHECKPOINTS_DIR / run.id
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        name = f"step-{STEP:08d}.safetensors"
-        file_sha = save_checkpoint(checkpoints / name, model.state_dict(), {"step": str(STEP)})
-        store.insert_checkpoint(
-            {
-                "run_id": run.id, "step": STEP, "sha256": params_sha256(model.state_dict()),
-                "file": name, "file_sha256": file_sha,
-                "num_bytes": (checkpoints / name).stat().st_size, "spec_hash": run.spec.hash,
-                "created_at": time.time(), "cpu_s": 0.0,
-            }
-        )  # fmt: skip
+        model = write_checkpoint(store, run, STEP, seed=seed)
         history = ProgressHistory()
         rng = random.Random(seed)
         ledger = Ledger(store, history, random.Random(seed + 1))
@@ -120,13 +87,7 @@ def one_run(
         for i in range(honest_first + args.shards):
             (lease,) = book.grant(run, peer.session, 1)
             entry = next(s for s in run.manifest.train_shards if s.id == lease.shard_id)
-            tokens = read_shard(run.data_path / entry.file)
-            order = sequence_order(
-                run.spec.run.seed, lease.epoch, entry.id, len(tokens), SEQ_LEN, MICRO_BATCH
-            )
-            batch = torch.from_numpy(batch_windows(tokens, order, 0, MICRO_BATCH, SEQ_LEN))
-            with torch.no_grad():
-                honest = sequence_losses(model(batch[:, :-1])[0], batch[:, 1:]).tolist()
+            honest = honest_losses(run, lease.shard_id, 0, model, epoch=lease.epoch)
             fake = i >= honest_first and rng.random() < args.fake
             level = run_level / max(1, levels) if levels else 5.5
             losses = [round(level + rng.uniform(-0.3, 0.3), 5) for _ in honest] if fake else honest
@@ -179,7 +140,7 @@ def main() -> int:
     ]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="crowdtrain-catch-") as tmp:
-        data = prepared(Path(tmp))
+        data = prepare_small_data(Path(tmp))
         kinds = (
             ("fakes every receipt, new identity", 0, 1.0),
             (f"fakes {args.fake:.0%}, new identity", 0, args.fake),

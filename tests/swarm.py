@@ -30,17 +30,21 @@ NODE = str(BIN / "crowdtrain-node")
 # The nonce journal records every signed session message that reached the
 # coordinator, refused or not (a refused message's nonce stays spent).
 JOURNAL_TABLES = {"nonces"}
+# The metrics sampler writes its time series on its own clock every few seconds while a
+# peer is live, whatever a request did.
+CLOCK_TABLES = {"run_samples"}
 
 
 def db_rows(coord_dir: Path) -> dict[str, list]:
-    """Every row of every table of a coordinator's database but its nonce journal."""
+    """Every row of every table of a coordinator's database but its nonce journal and the
+    metrics sampler's time series."""
     db = sqlite3.connect(coord_dir / "coordinator.db")
     try:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         return {
             t: db.execute(f"SELECT * FROM {t}").fetchall()
             for t in sorted(tables)
-            if t not in JOURNAL_TABLES
+            if t not in JOURNAL_TABLES | CLOCK_TABLES
         }
     finally:
         db.close()

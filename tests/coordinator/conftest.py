@@ -2,11 +2,11 @@
 
 import pytest
 
-from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
 from crowdtrain.coordinator.runs.leases import LeaseBook
 from crowdtrain.coordinator.store import Store
 from crowdtrain.coordinator.swarm.dht import ProgressHistory
-from tests.coordinator.ledger_support import publish_run
+from crowdtrain.protocol.shards import load_manifest
+from tests.coordinator.ledger_support import prepare_small_data, publish_run
 
 NUM_SHARDS = 20
 
@@ -14,16 +14,8 @@ NUM_SHARDS = 20
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A prepared data folder of 20 train shards (the last 501 tokens) and one val shard."""
-    root = tmp_path_factory.mktemp("prepared")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(10):
-        line = f"document {i}: the quick brown fox jumps over the lazy dog.\n"
-        (corpus / f"doc{i:02d}.txt").write_text(line * 50, encoding="utf-8")
-    out = root / "data"
-    manifest = prepare_data(
-        PrepareConfig(sources=(corpus,), out=out, shard_tokens=1024, val_fraction=0.2)
-    )
+    out = prepare_small_data(tmp_path_factory.mktemp("prepared"))
+    manifest = load_manifest(out)
     assert len(manifest.train_shards) == NUM_SHARDS and len(manifest.val_shards) == 1
     assert min(s.num_tokens for s in manifest.shards) == 501
     return out

@@ -1,12 +1,21 @@
-"""What the ledger's and the spot checks' unit tests share: their run, a peer with its
-DHT evidence and leases, receipts, and submitting them as ReportShard does."""
+"""What the ledger's and the spot checks' unit tests (and bench/catch_rate.py) share: their
+prepared data and run, a peer with its DHT evidence and leases, receipts, submitting them
+as ReportShard does, and checkpoints to check them against."""
+
+import time
+from pathlib import Path
 
 import numpy as np
+import torch
 
+from crowdtrain.coordinator.data.prepare import PrepareConfig, prepare_data
 from crowdtrain.coordinator.records import get_run
 from crowdtrain.coordinator.runs.publish import prepare_publication, publish
+from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR
 from crowdtrain.coordinator.swarm.dht import ProgressObservation, subkey_hex
+from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint, sequence_losses
 from crowdtrain.protocol.messages import ReceiptPayload
+from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order
 from tests.coordinator.registration import COORDINATOR_KEY, join_peer
 from tests.specs import small_spec
 
@@ -14,6 +23,18 @@ SEQ_LEN, MICRO_BATCH = 32, 4
 # The prepared shards hold 1024 tokens: 31 windows, 7 micro-batches of 4.
 CAPACITY = 28
 STEP = 3
+
+
+def prepare_small_data(root: Path) -> Path:
+    """A prepared data folder of 20 train shards (the last 501 tokens) and one val shard."""
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        line = f"document {i}: the quick brown fox jumps over the lazy dog.\n"
+        (corpus / f"doc{i:02d}.txt").write_text(line * 50, encoding="utf-8")
+    out = root / "data"
+    prepare_data(PrepareConfig(sources=(corpus,), out=out, shard_tokens=1024, val_fraction=0.2))
+    return out
 
 
 def ledger_spec(
@@ -99,3 +120,38 @@ def submit(store, book, the_ledger, peer, payload, sent_at=None, received_at=Non
 
 def check_row(store, peer, shard_id):
     return store.get_receipt_check(peer.run.id, peer.session.peer_id, shard_id, 0)
+
+
+def write_checkpoint(store, run, step, seed=11, created_at=None):
+    """A checkpoint of ``step`` as the keeper writes it: a seeded model, returned."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
+    folder = store.data_dir / CHECKPOINTS_DIR / run.id
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}.safetensors"
+    file_sha = save_checkpoint(folder / name, model.state_dict(), {"step": str(step)})
+    store.insert_checkpoint(
+        {
+            "run_id": run.id,
+            "step": step,
+            "sha256": params_sha256(model.state_dict()),
+            "file": name,
+            "file_sha256": file_sha,
+            "num_bytes": (folder / name).stat().st_size,
+            "spec_hash": run.spec.hash,
+            "created_at": time.time() if created_at is None else created_at,
+            "cpu_s": 0.1,
+        }
+    )
+    return model
+
+
+def honest_losses(run, shard_id, batch, model, n=MICRO_BATCH, epoch=0):
+    """The per-sequence losses ``model`` gives on micro-batch ``batch`` of a shard."""
+    entry = next(s for s in run.manifest.train_shards if s.id == shard_id)
+    tokens = read_shard(run.data_path / entry.file)
+    order = sequence_order(run.spec.run.seed, epoch, shard_id, len(tokens), SEQ_LEN, MICRO_BATCH)
+    inputs = torch.from_numpy(batch_windows(tokens, order, batch, MICRO_BATCH, SEQ_LEN))[:n]
+    with torch.no_grad():
+        logits, _ = model(inputs[:, :-1])
+        return sequence_losses(logits, inputs[:, 1:]).tolist()

@@ -15,7 +15,7 @@ from crowdtrain.coordinator.ledger import views as ledger_views
 from crowdtrain.coordinator.ledger.ledger import Ledger
 from crowdtrain.coordinator.ledger.verifier import SpotChecker, Verifier
 from crowdtrain.coordinator.swarm.checkpoints import CHECKPOINTS_DIR
-from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint, sequence_losses
+from crowdtrain.model import GPT, GPTConfig, params_sha256, save_checkpoint
 from crowdtrain.node.data import LeasedShard, ShardStream
 from crowdtrain.protocol.messages import ReceiptPayload
 from crowdtrain.protocol.shards import batch_windows, read_shard, sequence_order
@@ -26,44 +26,13 @@ from tests.coordinator.ledger_support import (
     STEP,
     Peer,
     check_row,
+    honest_losses,
     publish_run,
     receipt,
     submit,
+    write_checkpoint,
 )
 from tests.specs import TINY_DILOCO
-
-
-def honest_losses(run, shard_id, batch, model, n=MICRO_BATCH):
-    entry = next(s for s in run.manifest.train_shards if s.id == shard_id)
-    tokens = read_shard(run.data_path / entry.file)
-    order = sequence_order(run.spec.run.seed, 0, shard_id, len(tokens), SEQ_LEN, MICRO_BATCH)
-    inputs = torch.from_numpy(batch_windows(tokens, order, batch, MICRO_BATCH, SEQ_LEN))[:n]
-    with torch.no_grad():
-        logits, _ = model(inputs[:, :-1])
-        return sequence_losses(logits, inputs[:, 1:]).tolist()
-
-
-def write_checkpoint(store, run, step, seed=11, created_at=None):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_spec(run.spec.model)).eval()
-    folder = store.data_dir / CHECKPOINTS_DIR / run.id
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}.safetensors"
-    file_sha = save_checkpoint(folder / name, model.state_dict(), {"step": str(step)})
-    store.insert_checkpoint(
-        {
-            "run_id": run.id,
-            "step": step,
-            "sha256": params_sha256(model.state_dict()),
-            "file": name,
-            "file_sha256": file_sha,
-            "num_bytes": (folder / name).stat().st_size,
-            "spec_hash": run.spec.hash,
-            "created_at": time.time() if created_at is None else created_at,
-            "cpu_s": 0.1,
-        }
-    )
-    return model
 
 
 def model_of_no_step(run):

@@ -134,16 +134,8 @@ def test_allowlist_run_admits_listed_keys_only(live: Swarm) -> None:
     _client(live, identity=ALLOWED).register("listed", "listed", "cpu", "")
 
 
-def _stored(live: Swarm) -> dict[str, list]:
-    """Every stored row but the metrics sampler's time series, which it writes on its own
-    clock every few seconds while a peer is live (this module's peers are)."""
-    rows = db_rows(live.coord_dir)
-    rows.pop("run_samples", None)
-    return rows
-
-
 def test_admin_routes_need_the_admin_key(live: Swarm) -> None:
-    before = _stored(live)
+    before = db_rows(live.coord_dir)
     url = f"{live.url}/api/admin/runs/invited/invites"
     assert httpx.post(url, json={}).status_code == 401
     wrong = {"Authorization": "Bearer " + "x" * 43}
@@ -168,7 +160,7 @@ def test_admin_routes_need_the_admin_key(live: Swarm) -> None:
     )
     huge = httpx.post(url, content=b"{" + b" " * 100_000 + b"}", headers=_admin(live))
     assert huge.status_code == 413
-    assert _stored(live) == before
+    assert db_rows(live.coord_dir) == before
 
 
 def test_a_banned_peer_cannot_lease_report_or_return(live: Swarm) -> None:

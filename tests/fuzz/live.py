@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +21,7 @@ import pytest
 from crowdtrain.protocol import coordinator_pb2 as pb
 from crowdtrain.protocol.identity import Envelope, Identity
 from crowdtrain.protocol.rpc import KIND_HEARTBEAT, KIND_RECEIPT, KIND_REGISTER, envelope_to_pb
-from tests.swarm import Swarm, db_rows, write_spec
+from tests.swarm import Swarm, write_spec
 from tests.swarm_keys import SwarmKeys
 
 SEED = int(os.environ.get("CROWDTRAIN_FUZZ_SEED", "4004"))
@@ -59,17 +58,6 @@ MAX_REQUEST_BYTES = 256 * 1024  # the coordinator's limit (coordinator/auth.py)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's own limit (protocol/rpc.py)
 RUN_IDS = ("tiny", "locked")
 VALID_READ = "valid read"
-
-
-# Rows the coordinator writes on its own clock, whatever requests come: the
-# throughput sampler appends one per run with live peers every few seconds.
-CLOCK_TABLES = {"run_samples"}
-
-
-def state_rows(coord_dir: Path) -> dict[str, list]:
-    """The coordinator's tables a request could change (:func:`db_rows` without the
-    sampler's time series)."""
-    return {t: rows for t, rows in db_rows(coord_dir).items() if t not in CLOCK_TABLES}
 
 
 # The live coordinator and the peers the fuzz speaks for

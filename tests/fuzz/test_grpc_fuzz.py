@@ -37,9 +37,8 @@ from tests.fuzz.live import (
     bearer,
     pack,
     signed,
-    state_rows,
 )
-from tests.swarm import Swarm
+from tests.swarm import Swarm, db_rows
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +96,7 @@ def test_grpc_fuzz_refuses_everything_and_changes_nothing(
     f.sent["heartbeat"] = ("Heartbeat", fresh.SerializeToString())
     rng = random.Random(SEED)
     refusals_before = sum(r["count"] for r in live.get("/api/refusals"))
-    before = state_rows(live.coord_dir)
+    before = db_rows(live.coord_dir)
     tally = Tally()
     generators, weights = zip(*FAMILIES, strict=True)
     started = time.monotonic()
@@ -131,7 +130,7 @@ def test_grpc_fuzz_refuses_everything_and_changes_nothing(
     assert tally.tried >= 2000, summary
     assert not tally.surprises, "\n".join(tally.surprises[:20])
     assert accepted == 0, summary
-    after = state_rows(live.coord_dir)
+    after = db_rows(live.coord_dir)
     changed = [t for t in before if before[t] != after.get(t)]
     assert after == before, f"tables changed by refused requests: {changed}"
     # Each refusal the coordinator's own code made is counted on /api/refusals; the

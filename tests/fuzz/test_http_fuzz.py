@@ -20,9 +20,8 @@ from tests.fuzz.live import (
     RUN_IDS,
     SEED,
     Target,
-    state_rows,
 )
-from tests.swarm import Swarm
+from tests.swarm import Swarm, db_rows
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +36,7 @@ class HttpLog:
 
 @pytest.fixture(scope="module")
 def http_log(live: Swarm, target: Target) -> HttpLog:
-    return HttpLog(before=state_rows(live.coord_dir))
+    return HttpLog(before=db_rows(live.coord_dir))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,7 @@ def test_http_fuzz_left_the_coordinator_up_and_its_state_as_allowed(
     """
     assert live.processes[0].popen.poll() is None, live.processes[0].output()[-3000:]
     assert live.get("/healthz") == {"status": "ok"}
-    before, after = http_log.before, state_rows(live.coord_dir)
+    before, after = http_log.before, db_rows(live.coord_dir)
     for table in sorted(before):
         if table not in ("invites", "bans", "peers"):
             assert after[table] == before[table], table

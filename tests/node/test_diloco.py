@@ -389,7 +389,9 @@ def test_peers_whose_global_params_differ_converge_and_leave_cleanly(peers: Peer
     assert set(peers.rounds("a")) == set(peers.rounds("b")) == {1, 2, 3}, peers.logs()
     assert peers.agree("a", "b"), peers.logs()
     outcomes = [*peers.read("a")["outcomes"].values(), *peers.read("b")["outcomes"].values()]
-    assert "reloaded" in outcomes, peers.logs()
+    # A round whose averaging broke halfway (one peer got its parts, the other not) ends
+    # with a peer loading the other's state instead, which converges them too.
+    assert {"reloaded", "loaded"} & set(outcomes), peers.logs()
 
 
 @pytest.mark.soak
