@@ -86,6 +86,16 @@ BENCHMARKS: list[tuple] = [
         ["--inner-steps", "100", "--warmup", "150"],
     ),
     (
+        "Robust aggregation against poisoned gradients",
+        "Sync data parallel of the demo's model simulated in one process with the guard's "
+        "checks and each [trust] aggregation rule, one hostile peer of four (sign flip x9.9, "
+        "a little is enough, inner-product manipulation) or two of six: validation loss as a "
+        "ratio to the all-honest swarm, when the attacker is first reported, and what the "
+        "rule costs per step. Goal (issue 15): within 5% of the all-honest swarm.",
+        "robust.py",
+        ["--steps", "60"],
+    ),
+    (
         "Coordinator under load",
         "A real coordinator on a store holding 100,000 identities that once registered and "
         "1,000,000 evaluation rows: the latency of one heartbeat and of the run's page, and "

@@ -220,6 +220,37 @@ class VerifySection:
     probation_checks: int = 3
 
 
+Aggregation = Literal["mean", "trimmed_mean", "centered_clip"]
+
+
+@dataclass(frozen=True)
+class TrustSection:
+    """How each reducer combines the parts of its slice of an averaging round.
+
+    ``"mean"`` is hivemind's weighted mean: one part scaled inside the guard's
+    bounds (a sign flip times 9.9) moves it anywhere. ``"centered_clip"`` (the
+    default; Karimireddy et al. 2021, run inside an all-reduce as BTARD does)
+    starts from the coordinate-wise median of the parts and moves
+    ``clip_iterations`` times towards their weighted mean, each part's pull
+    clipped to ``clip_radius`` times the median distance of the parts from the
+    centre: a part far from the others moves the result by at most that radius
+    times its share of the weight. ``"trimmed_mean"`` drops, for each
+    coordinate, the ``trim_fraction`` of highest and of lowest values (at least
+    one of each from three parts on) and averages the rest, weighted. With two
+    parts every rule is the mean: nobody can tell which of two is wrong.
+
+    A part that lies more than ``report_distance`` clip radii from the result is
+    reported, as a dropped part is (honest parts lay at most REPORTED_FAR apart in
+    the measurements of BENCHMARKS.md).
+    """
+
+    aggregation: Aggregation = "centered_clip"
+    clip_iterations: int = 3
+    clip_radius: float = 1.0
+    trim_fraction: float = 0.2
+    report_distance: float = 8.0
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """A whole run spec. Build it with :func:`parse_spec` or :func:`load_spec`."""
@@ -232,6 +263,7 @@ class RunSpec:
     eval: EvalSection = field(default_factory=EvalSection)
     access: AccessSection = field(default_factory=AccessSection)
     verify: VerifySection = field(default_factory=VerifySection)
+    trust: TrustSection = field(default_factory=TrustSection)
 
     def to_dict(self) -> dict[str, Any]:
         """All values, defaults included, as plain JSON-able types."""
@@ -253,6 +285,7 @@ _SECTIONS: dict[str, type] = {
     "eval": EvalSection,
     "access": AccessSection,
     "verify": VerifySection,
+    "trust": TrustSection,
 }
 _REQUIRED_SECTIONS = ("run", "model", "optimizer")
 
@@ -528,4 +561,29 @@ def _validate(spec: RunSpec, source: str) -> None:
             "[verify] keep_checkpoints",
             f"must be 1 to 10000 (files of the newest checkpoints the keeper keeps; "
             f"spot checks need the recent ones), got {v.keep_checkpoints}",
+        )
+    t = spec.trust
+    if not 1 <= t.clip_iterations <= 20:
+        fail(
+            "[trust] clip_iterations",
+            f"must be 1 to 20 (CenteredClip's steps towards the clipped mean), "
+            f"got {t.clip_iterations}",
+        )
+    if not 0.0 < t.clip_radius <= 100.0:
+        fail(
+            "[trust] clip_radius",
+            f"must be in (0, 100] (times the parts' median distance from the centre), "
+            f"got {t.clip_radius}",
+        )
+    if not 0.0 <= t.trim_fraction < 0.5:
+        fail(
+            "[trust] trim_fraction",
+            f"must be in [0, 0.5) (the share of highest and of lowest values dropped per "
+            f"coordinate), got {t.trim_fraction}",
+        )
+    if not 1.0 <= t.report_distance <= 1000.0:
+        fail(
+            "[trust] report_distance",
+            f"must be in [1, 1000] clip radii (parts further from the result are reported), "
+            f"got {t.report_distance}",
         )

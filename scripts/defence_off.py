@@ -2,9 +2,10 @@
 
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
-     predictable unchecked patience diloco]
+     predictable unchecked patience diloco aggregation progress]
 Each case edits the working tree, runs its test (issue 14's in
-tests/e2e/test_hostile_peers.py; which must then FAIL), and puts the files back with
+tests/e2e/test_hostile_peers.py, issue 15's in tests/e2e/test_adversarial.py; which must
+then FAIL), and puts the files back with
 git checkout: run it on a clean tree.
 """
 
@@ -209,6 +210,28 @@ CASES = {
         ],
         "tests/e2e/test_ledger.py",
         "diloco_free_rider",
+    ),
+    "aggregation": (
+        [
+            (
+                "protocol/runspec.py",
+                '    aggregation: Aggregation = "centered_clip"\n',
+                '    aggregation: Aggregation = "mean"\n',
+            )
+        ],
+        "tests/e2e/test_adversarial.py",
+        "sign_flipping",
+    ),
+    "progress": (
+        [
+            (
+                "node/swarm/progress.py",
+                "        return super()._parse_swarm_progress_data(self._plausible(metadata))",
+                "        return super()._parse_swarm_progress_data(metadata)",
+            )
+        ],
+        "tests/e2e/test_adversarial.py",
+        "progress_record_ahead",
     ),
 }
 

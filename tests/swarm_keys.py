@@ -82,10 +82,11 @@ class SwarmKeys:
 
 
 def publish_fake_progress(
-    swarm: Swarm, name: str, run_id: str, keys: SwarmKeys, folder: Path
+    swarm: Swarm, name: str, run_id: str, keys: SwarmKeys, folder: Path, ahead: int = 0
 ) -> Process:
     """Start ``tests/fake_progress.py`` as process ``name``: progress records for ``run_id``
-    signed with ``keys`` (written to ``folder``), claiming work nobody does."""
+    signed with ``keys`` (written to ``folder``), claiming work nobody does; with
+    ``ahead``, as a full peer that many epochs ahead of the swarm's records."""
     keys.write(folder / "identity.key", folder / "progress.key")
     return swarm.spawn(
         name,
@@ -100,5 +101,7 @@ def publish_fake_progress(
             str(folder / "identity.key"),
             "--progress-key",
             str(folder / "progress.key"),
+            "--ahead",
+            str(ahead),
         ],
     )

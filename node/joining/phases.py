@@ -379,6 +379,7 @@ def join_swarm(
             ),
             named_parameters=replica.model.named_parameters(remove_duplicate=False),
             traffic=client.traffic,
+            trust=spec.trust,
         )
         with _sigint_kept():
             optimizer = build_optimizer(spec, replica.model, dht, guard, replica.micro_batch_size)

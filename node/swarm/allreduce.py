@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from hivemind.utils.asyncio import (
 )
 
 from crowdtrain.node.swarm.guard import (
+    FAR,
     SHAPE,
     GuardConfig,
     _norm,
@@ -35,26 +36,87 @@ from crowdtrain.node.swarm.guard import (
     reference_norm,
     result_problem,
 )
+from crowdtrain.node.swarm.robust import aggregate
+from crowdtrain.protocol.runspec import TrustSection
 
 logger = logging.getLogger(__name__)
 
+FLIP = -9.9
+"""The ``flip`` test attack's factor: a sign flip just inside the guard's CLIP_BOUND."""
 
-class _WeightedPartReducer(TensorPartReducer):
-    """hivemind's reducer, except that a slice nobody gave any weight averages to zero.
 
-    hivemind divides the weighted sum by the total weight, so a group whose
-    every part weighs 0 (the keeper's step follower and a node tagging along
-    with nothing accumulated) would hand every member 0/0 = NaN. Zero is what
-    such a group contributes; the step follower takes an all-zero average as a
-    step it did not get.
+class _RobustPartReducer(TensorPartReducer):
+    """hivemind's reducer, combining each slice's parts by the run's ``[trust]`` rule.
+
+    hivemind adds each part into a running weighted sum as it comes; here each
+    part is kept until every current sender's is in, then :func:`aggregate`
+    combines them (the weighted mean under ``aggregation = "mean"``). A slice
+    nobody gave any weight averages to zero: hivemind would hand every member
+    0/0 = NaN when every part weighs 0 (the keeper's step follower and a node
+    tagging along with nothing accumulated); the step follower takes an all-zero
+    average as a step it did not get. ``far(sender_index, distance)`` hears of
+    each part that lay more than ``trust.report_distance`` clip radii from its
+    slice's result.
     """
 
-    denominator: float  # hivemind's: the weight accumulated for the current slice
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        trust: TrustSection,
+        far: Callable[[int, float], None],
+    ):
+        self._trust, self._far = trust, far
+        self._parts: dict[int, tuple[torch.Tensor, float]] = {}
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        self._parts = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        # hivemind 1.1.12's TensorPartReducer.accumulate_part, keeping the part.
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.finished.is_set():
+                raise AllreduceException("attempted to aggregate part in a finalized reducer")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._parts[sender_index] = (tensor_part, float(weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
 
     def check_current_part_finished(self) -> None:
-        if self.current_part_accumulated_from == self.num_current_senders and self.denominator <= 0:
-            self.denominator = 1.0  # the accumulator holds 0 * every part: zero
-        super().check_current_part_finished()
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from != self.num_current_senders:
+            return
+        senders = sorted(self._parts)
+        if senders:
+            result = aggregate(
+                [self._parts[i][0] for i in senders],
+                [self._parts[i][1] for i in senders],
+                self._trust,
+            )
+            average = result.value
+            for i, distance in zip(senders, result.distances, strict=True):
+                if distance > self._trust.report_distance:
+                    self._far(i, distance)
+        else:
+            average = torch.zeros(self.part_shapes[self.current_part_index])
+        self.current_part_future.set_result(average)
+        self.reset_accumulators()
 
 
 class GuardedAllReduceRunner(AllReduceRunner):
@@ -96,10 +158,13 @@ class GuardedAllReduceRunner(AllReduceRunner):
         # having received nothing warns "Reducer: received 0.0% of input tensors").
         self.tensor_part_reducer.current_part_future.cancel()
         self.tensor_part_reducer.finished.set()
-        self.tensor_part_reducer = _WeightedPartReducer(
+        self.tensor_part_reducer = _RobustPartReducer(
             tuple(part.shape for part in self.parts_for_local_averaging),
             len(self.sender_peer_ids),
+            guard.trust,
+            self._far,
         )
+        self._far_reported: set[int] = set()
         self._guard, self._max_weight, self._attack = guard, max_weight, attack
         self._exact = exact_results
         # A failed reducer's slice then holds our own part (not a zero difference).
@@ -109,6 +174,20 @@ class GuardedAllReduceRunner(AllReduceRunner):
         # part index -> sender index -> that part's norm (None: weight 0, not compared)
         self._norms: dict[int, dict[int, float | None]] = {}
         self._norms_complete: dict[int, asyncio.Event] = {}
+
+    def _far(self, sender_index: int, distance: float) -> None:
+        """A sender's part lay far from its slice's robust result: reported once a round."""
+        peer_id = self.sender_peer_ids[sender_index]
+        if sender_index in self._far_reported or peer_id == self.peer_id:
+            return
+        self._far_reported.add(sender_index)
+        logger.warning(
+            "averaging part from peer %s lay %.1f clip radii from the slice's %s",
+            peer_id.to_base58(),
+            distance,
+            self._guard.trust.aggregation,
+        )
+        self._guard.report(peer_id.to_base58(), FAR)
 
     def _drop(self, peer_id: PeerID, reason: str, what: str) -> None:
         logger.warning("dropped averaging %s from peer %s: %s", what, peer_id.to_base58(), reason)
@@ -339,7 +418,10 @@ def _corrupt(message: averaging_pb2.AveragingData, attack: str) -> None:
         message.weight = max(message.weight, 1.0) * 100
         return
     part = deserialize_torch_tensor(message.tensor_part)
-    part = torch.full_like(part, math.nan) if attack == "nan" else part * -1000
+    if attack == "nan":
+        part = torch.full_like(part, math.nan)
+    else:
+        part = part * (FLIP if attack == "flip" else -1000)
     message.tensor_part.CopyFrom(serialize_torch_tensor(part))
 
 

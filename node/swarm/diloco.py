@@ -53,7 +53,7 @@ from crowdtrain.node.swarm.rounds import (
     round_bits,
     round_tracker,
 )
-from crowdtrain.protocol.runspec import OptimizerSection, RunSpec, SwarmSection
+from crowdtrain.protocol.runspec import OptimizerSection, RunSpec, SwarmSection, TrustSection
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class DiLoCoConfig:
     state_compression: CompressionBase | None = None
     # Low-bit or top-k pseudo-gradients: what is sent is decided here, with error feedback.
     feedback: FeedbackCodec | None = None
+    # How reducers combine pseudo-gradients (used when no swarm guard is given).
+    trust: TrustSection = TrustSection()
 
     @classmethod
     def from_spec(cls, spec: RunSpec, client_mode: bool) -> DiLoCoConfig:
@@ -98,6 +100,7 @@ class DiLoCoConfig:
             pseudo_grad_compression=compression(opt.pseudo_grad_compression),
             state_compression=compression(opt.state_compression),
             feedback=feedback_codec(opt.pseudo_grad_compression, opt.pseudo_grad_topk),
+            trust=spec.trust,
         )
 
 
@@ -181,7 +184,7 @@ class DiLoCoOptimizer:
             guard_config = swarm_guard.config
         else:
             self._own_guard_folder = Path(tempfile.mkdtemp(prefix="crowdtrain-diloco-guard-"))
-            guard_config = GuardConfig(self._own_guard_folder, math.inf)
+            guard_config = GuardConfig(self._own_guard_folder, math.inf, trust=config.trust)
 
         self.tracker = round_tracker(dht, self.run_id, spec, swarm, self.client_mode)
         try:

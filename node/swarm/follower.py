@@ -121,7 +121,9 @@ class RoundFollower:
                 opt,
                 swarm,
                 like=self.global_params,
-                guard=GuardConfig(guard, 2.0 * opt.target_batch_size, traffic=self.traffic),
+                guard=GuardConfig(
+                    guard, 2.0 * opt.target_batch_size, traffic=self.traffic, trust=spec.trust
+                ),
                 use_roster=True,
                 current_state=self._current_state,
                 compression=compression(opt.pseudo_grad_compression),
@@ -198,20 +200,20 @@ class RoundFollower:
                 v for v in group.values() if isinstance(v, dict) and not v.get("follower")
             ]
             if any(v.get("serves") for v in volunteers):
-                # The round before met in two groups, and the volunteers' heaviest held
+                # The round before met in two groups, and the volunteers' most held
                 # other parameters than ours: the nodes keep theirs (canonical_sha256), so
                 # we take theirs, or the keeper would hold a round nobody trains on. The
                 # next round's state is checked as every download is.
                 self._catch_up(
                     round_ + 1,
-                    f"round {round_}: the group's heaviest global-parameter hash is "
+                    f"round {round_}: the group's most held global-parameter hash is "
                     f"{canonical[:16]}, ours {own_sha256[:16]}",
                 )
                 return
             # Nobody of the group serves state: ours is the one every peer can load, and
             # the nodes that hold others reload it (canonical_sha256).
             logger.warning(
-                "round %d: the group's heaviest global-parameter hash is %s, ours %s; keeping ours",
+                "round %d: the group's most held global-parameter hash is %s, ours %s; keeping ours",
                 round_,
                 canonical[:16],
                 own_sha256[:16],

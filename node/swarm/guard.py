@@ -40,6 +40,7 @@ from crowdtrain.model import params_sha256
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.messages import PeerReport
+from crowdtrain.protocol.runspec import TrustSection
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +74,16 @@ COORDINATOR_LAG_S = 8.0
 """The coordinator reads the swarm's step from the DHT every 5 s: state that is
 further ahead is checked again after this long before it is refused."""
 
-# Reasons a part or a result is dropped; reports carry them to the coordinator.
-MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM = (
+# Reasons a part or a result is dropped; reports carry them to the coordinator. FAR: a
+# part kept, but far from its slice's robust result (see crowdtrain.node.swarm.robust).
+MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR = (
     "malformed",
     "dtype",
     "shape",
     "weight",
     "non-finite",
     "norm",
+    "far",
 )
 
 _MAX_REPORTS = 32  # as many as a heartbeat carries
@@ -165,6 +168,8 @@ class GuardConfig:
     attack: str = ""
     # Where the averager processes count the bytes they send and receive (shared memory).
     traffic: Traffic | None = None
+    # How reducers combine the parts of their slice (the run spec's [trust]).
+    trust: TrustSection = TrustSection()
 
     def count(self, purpose: str, sent: int = 0, received: int = 0) -> None:
         if self.traffic is not None:
@@ -298,7 +303,8 @@ class SwarmGuard:
     downloaded state is checked for its shape and finiteness only).
     ``named_parameters`` names the model's parameters (tied ones under each name)
     for hashing downloaded state. ``attack`` is the test hook that makes this a
-    hostile peer (empty: honest). ``traffic`` counts the bytes the averagers send and
+    hostile peer (empty: honest). ``trust`` is the run spec's rule for combining
+    averaging parts. ``traffic`` counts the bytes the averagers send and
     receive. Start it before hivemind: a previous session's files are removed, unless
     ``keep_files`` (the keeper's step follower, whose roster the keeper writes). Tests may
     replace the three callables and
@@ -315,11 +321,14 @@ class SwarmGuard:
         named_parameters: Iterable[tuple[str, torch.Tensor]] = (),
         traffic: Traffic | None = None,
         keep_files: bool = False,
+        trust: TrustSection | None = None,
     ):
         folder.mkdir(parents=True, exist_ok=True)
         # A fast honest peer can collect more than the target in one round (1.5x seen
         # on loopback), so a peer the roster does not list yet may claim twice it.
-        self.config = GuardConfig(folder, 2.0 * target_batch_size, attack, traffic)
+        self.config = GuardConfig(
+            folder, 2.0 * target_batch_size, attack, traffic, trust or TrustSection()
+        )
         if not keep_files:
             self.config.reports_path.unlink(missing_ok=True)
             self.config.roster_path.unlink(missing_ok=True)

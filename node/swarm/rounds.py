@@ -22,11 +22,11 @@ import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase
-from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.node.swarm.averagers import DiLoCoAverager
 from crowdtrain.node.swarm.diloco_state import StateExchange, averager_prefix
 from crowdtrain.node.swarm.guard import GuardConfig
+from crowdtrain.node.swarm.progress import PlausibleProgressTracker
 from crowdtrain.protocol.runspec import OptimizerSection, SwarmSection
 
 ROUND_BITS = 8  # group-key bits carrying the round (mod 2**8): only one round's peers meet
@@ -119,8 +119,9 @@ def round_tracker(
     )
 
 
-class RoundTracker(ProgressTracker):
-    """hivemind's progress tracker, also keeping the round (local epoch) each other peer
+class RoundTracker(PlausibleProgressTracker):
+    """hivemind's progress tracker (records claiming rounds the swarm cannot have
+    reached left out: :class:`PlausibleProgressTracker`), also keeping the round (local epoch) each other peer
     reports (:attr:`peer_rounds`, by peer id), refreshed with the swarm's progress."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -130,6 +131,7 @@ class RoundTracker(ProgressTracker):
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
         progress = super()._parse_swarm_progress_data(metadata)
         rounds: dict[bytes, int] = {}
+        metadata = self._plausible(metadata)
         for entry in metadata.values() if isinstance(metadata, dict) else ():
             value = getattr(entry, "value", None)
             if isinstance(value, dict):
@@ -248,29 +250,32 @@ def gathered_weight(gathered: Any) -> float:
 
 
 def canonical_sha256(gathered: Iterable[Any]) -> str | None:
-    """The group's global-parameter hash held by the most weight (ties: the smallest),
-    among the peers that serve state (others could never download a client's). A
-    follower's (the coordinator's, weight 0) counts only when no volunteer of the group
-    serves state: it is then the one state every peer can download, so peers whose
-    parameters drifted apart (a round that failed for everyone) all converge on it."""
+    """The group's global-parameter hash held by the most members (ties: the follower's,
+    else the smallest), among the peers that serve state (others could never download a
+    client's). Members count one each: the weight a member gathers is its own claim, and
+    one claiming 1e300 made its hash the group's. A follower's (the coordinator's)
+    counts only when no volunteer of the group serves state: it is then the one state
+    every peer can download, so peers whose parameters drifted apart (a round that failed
+    for everyone) all converge on it."""
     dicts = [v for v in gathered if isinstance(v, dict)]
+    followers = {
+        v["sha256"] for v in dicts if v.get("follower") and isinstance(v.get("sha256"), str)
+    }
     values = [v for v in dicts if not v.get("follower")]
     if any(v.get("serves") for v in values):
         values = [v for v in values if v.get("serves")]
-    else:
-        followers = [
-            v["sha256"] for v in dicts if v.get("follower") and isinstance(v.get("sha256"), str)
-        ]
-        if followers:
-            return min(followers)
-    weights: dict[str, float] = {}
+    elif followers:
+        return min(followers)
+    votes: dict[str, int] = {}
     for value in values:
         sha256 = value.get("sha256")
         if isinstance(sha256, str):
-            weights[sha256] = weights.get(sha256, 0.0) + gathered_weight(value)
-    if not weights:
+            votes[sha256] = votes.get(sha256, 0) + 1
+    if not votes:
         return None
-    return min(weights, key=lambda sha: (-weights[sha], sha))
+    most = max(votes.values())
+    tied = sorted(sha for sha, n in votes.items() if n == most)
+    return next((sha for sha in tied if sha in followers), tied[0])
 
 
 __all__ = [

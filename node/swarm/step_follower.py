@@ -156,6 +156,7 @@ class StepFollower:
             named_parameters=self.model.named_parameters(remove_duplicate=False),
             traffic=self.traffic,
             keep_files=True,  # the keeper writes the roster there
+            trust=spec.trust,
         )
         # A partial round (some reducer did not answer) leaves hivemind's members their own
         # values in that slice, silently: we would hold, and snapshot, parameters no node

@@ -17,10 +17,12 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from crowdtrain.node.swarm.averagers import STEP_KEY, GuardedStateAverager
 from crowdtrain.node.swarm.guard import SwarmGuard
+from crowdtrain.node.swarm.progress import PlausibleProgressTracker
 from crowdtrain.node.swarm.rounds import quiet_averaging_failures
 
 logger = logging.getLogger(__name__)
@@ -91,6 +93,21 @@ class GuardedOptimizer(hivemind.Optimizer):
                 f"{type(self).__name__} needs an inner optimizer that can skip a step "
                 f"(ClippedAdamW), got {type(self.state_averager.optimizer).__name__}"
             )
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
+        # hivemind's Optimizer._make_progress_tracker, building ours: records that claim
+        # steps the swarm cannot have reached are not read.
+        tracker = PlausibleProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
+        tracker.trusted_epoch = self._swarm_guard.coordinator_step
+        return tracker
 
     def _make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
         # hivemind's Optimizer._make_state_averager, building our class.

@@ -18,6 +18,7 @@ import torch
 
 from crowdtrain.model import load_checkpoint
 from tests.swarm import Swarm, write_spec
+from tests.swarm_keys import SwarmKeys, publish_fake_progress
 
 pytestmark = pytest.mark.slow
 
@@ -133,3 +134,92 @@ def test_a_node_whose_gradients_are_never_finite_stops_with_advice(swarm: Swarm)
     assert "mixed precision" in output
     state, _ = load_checkpoint(swarm.root / "broken" / "runs" / "tiny" / "checkpoint.safetensors")
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_a_sign_flipping_peer_is_outvoted_reported_and_flagged(swarm: Swarm) -> None:
+    """The attacker runs our own node with every averaging part flipped and scaled by
+    9.9 (hook ``flip``: inside the guard's norm bounds, so no part is dropped). Under the
+    weighted mean that is the swarm's step, against the gradient; under the default
+    CenteredClip the honest nodes' models improve all along (their validation loss never
+    rises above where it began), they report the attacker's parts as far from the
+    result, and the coordinator flags it."""
+    data = swarm.prepare(32_768)
+    published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+    nodes = {
+        "honest-a": swarm.start_node("honest-a"),
+        "honest-b": swarm.start_node("honest-b"),
+        "attacker": swarm.start_node("attacker", env={"CROWDTRAIN_TEST_ATTACK": "flip"}),
+    }
+    honest = ("honest-a", "honest-b")
+
+    def flagged_and_improved() -> bool:
+        flagged = any(
+            p["name"] == "attacker" and p["flagged"] for p in swarm.get("/api/runs/tiny/peers")
+        )
+        return flagged and all(improved(evals_of(swarm, name)) for name in honest)
+
+    swarm.wait_for(
+        flagged_and_improved,
+        timeout=300,
+        what="the attacker's flag and both honest nodes' models to improve",
+    )
+    for process in nodes.values():
+        process.popen.send_signal(signal.SIGINT)
+    for name in honest:
+        assert nodes[name].wait(timeout=90) == 0, nodes[name].output()[-5000:]
+
+    attacker = dht_peer_id(swarm, "attacker")
+    for name in honest:
+        losses = evals_of(swarm, name)
+        assert max(losses) <= losses[0] + 0.05, (name, losses)
+        seen = reports(swarm, name)
+        # far until the flag; then the roster bounds its weight to 0 and its parts are
+        # refused for their weight
+        reasons = {r["reason"] for r in seen if r["dht_peer_id"] == attacker}
+        assert "far" in reasons and reasons <= {"far", "weight"}, seen
+        assert all(r["dht_peer_id"] == attacker for r in seen if r["reason"] == "far"), seen
+    peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert "far" in peers["attacker"]["flagged"], peers["attacker"]
+    assert not any(peers[name]["flagged"] for name in honest), peers
+
+
+def test_a_progress_record_ahead_of_the_swarm_moves_no_one(swarm: Swarm) -> None:
+    """A DHT peer publishes a valid, signed progress record as a full peer five steps
+    ahead of the swarm's (tests/fake_progress.py --ahead 5), renewed every second. hivemind
+    took the highest record's epoch as the swarm's: its peers reloaded state and threw
+    their gradients away at every step. The honest nodes now leave the record out (it is
+    ahead of what the other peers back) and keep stepping."""
+    data = swarm.prepare(32_768)
+    published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+    nodes = {name: swarm.start_node(name) for name in ("honest-a", "honest-b")}
+
+    def steps() -> dict[str, int]:
+        return {
+            p["name"]: p["step"] or 0
+            for p in swarm.get("/api/runs/tiny/peers")
+            if p["name"] in nodes
+        }
+
+    swarm.wait_for(
+        lambda: len(steps()) == 2 and min(steps().values()) >= 2, 180, "two steps of both"
+    )
+    folder = swarm.root / "hijacker"
+    folder.mkdir()
+    hijacker = publish_fake_progress(swarm, "hijacker", "tiny", SwarmKeys(), folder, ahead=5)
+    swarm.wait_for(lambda: "publishing as" in hijacker.output(), 60, "the hijacker's records")
+    before = steps()
+    swarm.wait_for(
+        lambda: all(steps()[name] >= before[name] + 5 for name in nodes),
+        120,
+        "five more steps of both honest nodes",
+    )
+    for name, process in nodes.items():
+        assert "ignored a progress record claiming epoch" in process.output(), name
+    for process in nodes.values():
+        process.popen.send_signal(signal.SIGINT)
+    for process in nodes.values():
+        assert process.wait(timeout=90) == 0, process.output()[-5000:]

@@ -124,14 +124,14 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
     # The follower took part in the rounds, so it kept their global parameters bit for
     # bit as each node holds them (the newest rounds only: older files are pruned). A
     # round whose peers met in two groups (one without the follower) leaves some holding
-    # other parameters; the next round's group finds out and they reload the heaviest.
+    # other parameters; the next round's group finds out and they reload the most held.
     kept = {c["step"]: c for c in swarm.get("/api/runs/tiny/checkpoints")}
     # A round whose group the follower found holding other parameters than its own (it
     # had met a smaller group) it kept as it held it, and loaded the next from the nodes.
     split = {
         int(r)
         for r in re.findall(
-            r"round (\d+): the group's heaviest global-parameter", follower_log(swarm)
+            r"round (\d+): the group's most held global-parameter", follower_log(swarm)
         )
     }
     for node in (first, restarted, late):

@@ -189,12 +189,15 @@ def test_inner_steps_take_the_sequence_weighted_mean_gradient() -> None:
         signal.signal(signal.SIGINT, handler)
 
 
-def test_rounds_meet_only_their_own_round_and_the_heaviest_hash_wins() -> None:
+def test_rounds_meet_only_their_own_round_and_the_most_held_hash_wins() -> None:
     assert round_bits(3) == "00000011" and round_bits(3 + 256) == round_bits(3)
     assert round_bits(4) != round_bits(3)
     group = [{"sha256": "b", "weight": 5.0}, {"sha256": "a", "weight": 2.0}, {"sha256": "a"}]
-    assert canonical_sha256(group) == "b"
-    assert canonical_sha256([{"sha256": "b", "weight": 1}, {"sha256": "a", "weight": 1}]) == "a"
+    assert canonical_sha256(group) == "a"
+    # a member's gathered weight is its own claim: 1e300 buys nothing (it did, issue 15)
+    group = [{"sha256": "x", "weight": 1e300}, {"sha256": "a"}, {"sha256": "a"}]
+    assert canonical_sha256(group) == "a"
+    assert canonical_sha256([{"sha256": "b", "weight": 1}, {"sha256": "a", "weight": 9}]) == "a"
     assert canonical_sha256([None, {}]) is None
     # a client-mode peer cannot serve its parameters: the serving peers' hash wins
     group = [{"sha256": "c", "weight": 9.0}, {"sha256": "f", "weight": 1.0, "serves": True}]
@@ -205,6 +208,9 @@ def test_rounds_meet_only_their_own_round_and_the_heaviest_hash_wins() -> None:
     assert canonical_sha256([*group, follower]) == "f"
     assert canonical_sha256([{"sha256": "c", "weight": 9.0}, follower]) == "k"
     assert canonical_sha256([follower]) == "k"
+    # a tie among serving volunteers goes to the hash the follower holds
+    tie = [{"sha256": "a", "serves": True}, {"sha256": "k", "serves": True}, follower]
+    assert canonical_sha256(tie) == "k"
 
 
 def test_a_round_waits_only_for_peers_that_may_still_come_to_it() -> None:
@@ -377,8 +383,8 @@ def test_top_k_pseudo_gradients_keep_peers_bit_identical(peers: Peers) -> None:
 
 def test_peers_whose_global_params_differ_converge_and_leave_cleanly(peers: Peers) -> None:
     """Two peers that start from different parameters (as after a failed round both
-    recovered alone) see it in the round's gathered hashes; the one holding less weight
-    (ties: the larger hash) reloads the other's, and from then on they agree. Both leave
+    recovered alone) see it in the round's gathered hashes; with one member each, the one
+    holding the larger hash reloads the other's, and from then on they agree. Both leave
     on their own after three rounds, through shutdown()."""
     peers.start("a", "--rounds", "3")
     peers.start("b", "--rounds", "3", "--seed", "1", initial="a")

@@ -38,6 +38,7 @@ from crowdtrain.node.swarm.guard import (
     state_problem,
 )
 from crowdtrain.protocol.errors import CrowdtrainError
+from crowdtrain.protocol.runspec import TrustSection
 
 SHAPE = torch.Size([1000])
 
@@ -308,8 +309,10 @@ async def _all_reduce(
     hostile_reducer: bool,
     values: tuple[float, ...] = (1.0, 3.0, 5.0),
     weights: tuple[float, ...] = (1.0, 1.0, 1.0),
+    aggregation: str = "centered_clip",
 ) -> list[torch.Tensor]:
-    """Three peers average ``values`` (as vectors); the third may be hostile.
+    """Three peers average ``values`` (as vectors) by ``aggregation``; the third may be
+    hostile.
 
     Returns the first two peers' results."""
     p2ps = [await P2P.create()]
@@ -321,7 +324,11 @@ async def _all_reduce(
         runners = []
         for index, p2p in enumerate(p2ps):
             hostile = index == 2
-            guard = GuardConfig(folder / f"peer{index}", unknown_max_weight=10.0)
+            guard = GuardConfig(
+                folder / f"peer{index}",
+                unknown_max_weight=10.0,
+                trust=TrustSection(aggregation=aggregation),  # type: ignore[arg-type]
+            )
             guard.folder.mkdir(parents=True)
             cls = HostileReducer if hostile and hostile_reducer else GuardedAllReduceRunner
             runner = cls(
@@ -397,9 +404,11 @@ def test_a_hostile_reducers_results_are_not_used(tmp_path: Path) -> None:
         assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"non-finite"}
 
 
-def test_a_spike_is_clipped_quietly(tmp_path: Path) -> None:
+def test_under_the_mean_a_spike_is_clipped_quietly(tmp_path: Path) -> None:
     """An honest peer whose gradient spiked (50x the typical) is scaled down, not reported."""
-    results = asyncio.run(_all_reduce(tmp_path, "", hostile_reducer=False, values=(1, 3, 150)))
+    results = asyncio.run(
+        _all_reduce(tmp_path, "", hostile_reducer=False, values=(1, 3, 150), aggregation="mean")
+    )
     clipped = (1 + 3 + CLIP_BOUND * 3) / 3  # slices the first two reduce: 150 clipped to 30
     own_slice = (1 + 3 + 150) / 3  # the spiking peer's own part is its own business
     for result in results:
@@ -407,6 +416,45 @@ def test_a_spike_is_clipped_quietly(tmp_path: Path) -> None:
         assert len(values) == 2 and values == pytest.approx(sorted([clipped, own_slice])), values
     for index in range(3):
         assert _reports(tmp_path / f"peer{index}") == []
+
+
+def test_under_centered_clip_a_spike_changes_nothing_and_is_reported_far(tmp_path: Path) -> None:
+    """The same spike under the default rule: every slice averages to the median's 3 (the
+    spike's pull is clipped to the others' distance from it, which the low part's
+    balances), and the honest reducers report it as far (one such round flags no one:
+    the coordinator needs three reports)."""
+    results = asyncio.run(_all_reduce(tmp_path, "", hostile_reducer=False, values=(1, 3, 150)))
+    for result in results:
+        assert result.unique().tolist() == pytest.approx([3.0])
+    spiking = None
+    for index in (0, 1):
+        reports = _reports(tmp_path / f"peer{index}")
+        assert [r["reason"] for r in reports] == ["far"], reports
+        spiking = spiking or reports[0]["dht_peer_id"]
+        assert reports[0]["dht_peer_id"] == spiking
+    assert _reports(tmp_path / "peer2") == []
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "trimmed_mean", "centered_clip"])
+def test_a_sign_flip_inside_the_bounds_wins_only_the_mean(tmp_path: Path, aggregation: str) -> None:
+    """A sender that flips its part and scales it by 9.9 (under CLIP_BOUND, so the norm
+    checks pass it) turns the mean of the honest 1 and 3 negative; the robust rules keep
+    every slice the honest peers reduce within the honest values, and report the sender."""
+    results = asyncio.run(
+        _all_reduce(tmp_path, "flip", hostile_reducer=False, aggregation=aggregation)
+    )
+    for result in results:
+        values = result.unique().tolist()
+        if aggregation == "mean":
+            assert min(values) < 0, values  # (1 + 3 - 9.9 * 5) / 3
+        else:
+            # 3 on the attacker's own slice (its local part is the honest 5)
+            assert all(1.0 <= v <= 3.0 for v in values), values
+    reported = [_reports(tmp_path / f"peer{index}") for index in (0, 1)]
+    if aggregation == "centered_clip":
+        assert all([r["reason"] for r in seen] == ["far"] for seen in reported), reported
+    elif aggregation == "mean":
+        assert reported == [[], []]
 
 
 def test_a_reducer_with_nothing_of_its_own_judges_by_the_others(tmp_path: Path) -> None:

@@ -287,6 +287,14 @@ def test_wrong_types_name_key_and_expectation(changes, expected):
             {"verify": {"keep_checkpoints": "100000"}},
             "[verify] keep_checkpoints must be 1 to 10000",
         ),
+        (
+            {"trust": {"aggregation": '"median"'}},
+            "[trust] aggregation must be 'mean' or 'trimmed_mean' or 'centered_clip'",
+        ),
+        ({"trust": {"clip_iterations": "0"}}, "[trust] clip_iterations must be 1 to 20"),
+        ({"trust": {"clip_radius": "0"}}, "[trust] clip_radius must be in (0, 100]"),
+        ({"trust": {"trim_fraction": "0.5"}}, "[trust] trim_fraction must be in [0, 0.5)"),
+        ({"trust": {"report_distance": "0.5"}}, "[trust] report_distance must be in [1, 1000]"),
     ],
 )
 def test_cross_field_checks(changes, expected):

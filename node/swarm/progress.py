@@ -1,0 +1,126 @@
+"""The swarm's progress as peers publish it in the DHT, without the records nobody backs.
+
+hivemind's ProgressTracker takes the swarm's epoch to be the highest any peer
+publishes: one record with a higher epoch (any DHT peer may write one) makes sync
+peers reload state and throw their gradients away at every step, ends every DiLoCo
+round after one inner step, and an epoch near 2**62 keeps hivemind's scheduler
+looping. :class:`PlausibleProgressTracker` leaves out, before hivemind reads them,
+records whose epoch is ahead of what the swarm can have reached
+(:func:`epoch_limit`); the sync optimizer and every DiLoCo participant use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from hivemind.optim.progress_tracker import ProgressTracker
+
+logger = logging.getLogger(__name__)
+
+TRUSTED_TTL_S = 10.0  # how long the coordinator's view of the epoch is reused
+
+
+def epoch_limit(own: int, others: Sequence[int], trusted: int | None = None) -> int:
+    """The highest epoch a peer's progress record may claim and be believed.
+
+    One ahead of ours (a peer that ended the epoch first); as far as more than half of
+    the other peers that publish records are, plus one (a newcomer or a peer that
+    slept catches up with the swarm: with one other peer, that peer); and, when known,
+    ``trusted`` (the coordinator's view of the swarm's epoch, which peers' claims do
+    not move). A single record far ahead of the others is nobody's epoch but its own.
+    """
+    limit = own + 1
+    if others:
+        ordered = sorted(others, reverse=True)
+        limit = max(limit, ordered[len(ordered) // 2] + 1)
+    if trusted is not None:
+        limit = max(limit, trusted)
+    return limit
+
+
+def _epoch_of(entry: Any) -> int | None:
+    value = getattr(entry, "value", None)
+    epoch = value.get("epoch") if isinstance(value, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def _peer_of(entry: Any) -> Any:
+    value = getattr(entry, "value", None)
+    return value.get("peer_id") if isinstance(value, dict) else None
+
+
+class PlausibleProgressTracker(ProgressTracker):
+    """hivemind's progress tracker, reading only records within :func:`epoch_limit`.
+
+    ``trusted_epoch()`` (None: unknown) is the coordinator's view, set after
+    construction by participants that have one."""
+
+    trusted_epoch: Callable[[], int | None] = staticmethod(lambda: None)  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._ignored: dict[Any, int] = {}  # record key -> the epoch it claimed, logged once
+        self._trusted_value: int | None = None
+        self._trusted_at = -math.inf
+        super().__init__(*args, **kwargs)
+
+    def _trusted(self) -> int | None:
+        """``trusted_epoch()``, asked at most every TRUSTED_TTL_S (it may be a request)."""
+        now = time.monotonic()
+        if now - self._trusted_at > TRUSTED_TTL_S:
+            try:
+                self._trusted_value = self.trusted_epoch()
+            except Exception:  # the coordinator's view is a hint: never a reason to stop
+                self._trusted_value = None
+            self._trusted_at = now
+        return self._trusted_value
+
+    def _parse_swarm_progress_data(self, metadata: Any) -> Any:
+        return super()._parse_swarm_progress_data(self._plausible(metadata))
+
+    def _plausible(self, metadata: Any) -> Any:
+        if not isinstance(metadata, dict) or not metadata:
+            return metadata
+        kept, ignored = plausible_records(
+            metadata, self.local_progress.epoch, self.local_progress.peer_id, self._trusted
+        )
+        for key, epoch, limit in ignored:
+            if self._ignored.get(key) != epoch:  # each claim is logged once
+                self._ignored[key] = epoch
+                logger.warning(
+                    "ignored a progress record claiming epoch %d: the swarm cannot be past "
+                    "%d (ours is %d)",
+                    epoch,
+                    limit,
+                    self.local_progress.epoch,
+                )
+        return kept
+
+
+def plausible_records(
+    metadata: dict[Any, Any], own: int, own_peer: Any, trusted: Callable[[], int | None]
+) -> tuple[dict[Any, Any], list[tuple[Any, int, int]]]:
+    """The progress records (hivemind's subkey -> entry) within :func:`epoch_limit`, and
+    (key, epoch claimed, limit) for each left out. ``trusted`` is asked only when a
+    record claims more than the peers back."""
+    epochs = {key: _epoch_of(entry) for key, entry in metadata.items()}
+    others = [
+        e for key, e in epochs.items() if e is not None and _peer_of(metadata[key]) != own_peer
+    ]
+    limit = epoch_limit(own, others)
+    if any(e is not None and e > limit for e in epochs.values()):
+        limit = epoch_limit(own, others, trusted())
+    kept, ignored = {}, []
+    for key, entry in metadata.items():
+        epoch = epochs[key]
+        if epoch is not None and epoch > limit:
+            ignored.append((key, epoch, limit))
+        else:
+            kept[key] = entry
+    return kept, ignored
+
+
+__all__ = ["PlausibleProgressTracker", "epoch_limit", "plausible_records"]

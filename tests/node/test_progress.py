@@ -1,0 +1,72 @@
+"""Progress records that claim epochs the swarm cannot have reached are not read
+(crowdtrain.node.swarm.progress): one hostile DHT record used to move every peer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from crowdtrain.node.swarm.progress import epoch_limit, plausible_records
+
+
+def record(peer: str, epoch: int) -> SimpleNamespace:
+    """A DHT entry as hivemind's ProgressTracker reads it."""
+    return SimpleNamespace(value={"peer_id": peer.encode(), "epoch": epoch})
+
+
+def no_view() -> int | None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("own", "others", "trusted", "limit"),
+    [
+        (10, [10, 10], None, 11),  # one ahead of us: a peer that ended the epoch first
+        (10, [10, 15], None, 11),  # one record far ahead of the others: nobody's epoch
+        (10, [10, 10, 2**62], None, 11),
+        (0, [50], None, 51),  # a newcomer with one other peer follows it
+        (3, [40, 40, 39], None, 41),  # a peer that slept catches up with the majority
+        (3, [40, 41, 2], None, 41),
+        (10, [10, 15], 14, 14),  # the coordinator's view backs the swarm's epoch
+        (10, [], None, 11),
+    ],
+)
+def test_epoch_limit(own: int, others: list[int], trusted: int | None, limit: int) -> None:
+    assert epoch_limit(own, others, trusted) == limit
+
+
+def test_a_record_far_ahead_is_left_out_and_ours_is_not_a_vote() -> None:
+    metadata = {
+        b"a": record("honest", 7),
+        b"me": record("me", 7),
+        b"x": record("hostile", 12),
+    }
+    asked = []
+
+    def view() -> int | None:
+        asked.append(True)
+        return 7
+
+    kept, ignored = plausible_records(metadata, 7, b"me", view)
+    assert set(kept) == {b"a", b"me"}
+    assert ignored == [(b"x", 12, 8)]
+    assert asked  # asked only because a record claimed more than the peers back
+
+
+def test_the_coordinators_view_is_asked_only_when_needed() -> None:
+    metadata = {b"a": record("honest", 8), b"me": record("me", 7)}
+
+    def view() -> int | None:
+        raise AssertionError("asked")
+
+    kept, ignored = plausible_records(metadata, 7, b"me", view)
+    assert set(kept) == {b"a", b"me"} and ignored == []
+
+
+def test_a_hostile_majority_is_what_the_roster_must_stop() -> None:
+    """Two sybils against one honest peer win the vote: what a record says is only as
+    good as the peers behind it (the roster bounds them)."""
+    metadata = {b"a": record("honest", 7), b"s1": record("s1", 30), b"s2": record("s2", 30)}
+    kept, _ = plausible_records(metadata, 7, b"me", no_view)
+    assert set(kept) == {b"a", b"s1", b"s2"}
