@@ -28,33 +28,19 @@ import sysconfig
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gauntlet_signal import BATCH, mean_loss, sequences  # noqa: E402
 from crowdtrain.model import GPT, GPTConfig, sequence_losses  # noqa: E402
 from crowdtrain.node.swarm.guard import clip_scale, norm_problem, reference_norm  # noqa: E402
 from crowdtrain.node.swarm.robust import aggregate  # noqa: E402
 from crowdtrain.protocol.runspec import TrustSection  # noqa: E402
 
-BATCH = 16
-SEQ = 129  # 128 targets
 PART = 2**17  # values per slice (hivemind's parts are of this order)
 RULES = ("mean", "trimmed_mean", "centered_clip")
 ATTACKS = {"none": (4, 0), "flip": (4, 1), "alie": (4, 1), "ipm": (4, 1), "sybils": (6, 2)}
-
-
-def sequences(files: list[str], n: int) -> torch.Tensor:
-    data = b"".join(open(f, "rb").read() for f in files)
-    tokens = np.frombuffer(data, dtype=np.uint8)
-    k = min(n, len(tokens) // SEQ)
-    return torch.tensor(tokens[: k * SEQ].reshape(k, SEQ).astype(np.int64))
-
-
-def mean_loss(model: GPT, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(sequence_losses(model(x[:, :-1])[0], x[:, 1:]).mean())
 
 
 def hostile(attack: str, own: torch.Tensor, honest: list[torch.Tensor]) -> torch.Tensor:

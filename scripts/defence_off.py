@@ -2,7 +2,8 @@
 
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
-     predictable unchecked patience diloco aggregation progress]
+     predictable unchecked patience diloco aggregation progress
+     sources]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py, issue 15's in tests/e2e/test_adversarial.py; which must
 then FAIL), and puts the files back with
@@ -232,6 +233,11 @@ CASES = {
         ],
         "tests/e2e/test_adversarial.py",
         "progress_record_ahead",
+    ),
+    "sources": (
+        [("node/swarm/averagers.py", "MAX_STATE_SOURCES = 3\n", "MAX_STATE_SOURCES = 1\n")],
+        "tests/node/test_guard.py",
+        "top_priority",
     ),
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 import typing
@@ -26,12 +27,14 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.control import StepControl
 from hivemind.averaging.group_info import GroupInfo
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
+from hivemind.utils.asyncio import aiter_with_timeout, as_aiter, azip
+from hivemind.utils.streaming import combine_from_streaming
 
 from crowdtrain.node.device.hooks import ATTACKS
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
@@ -214,29 +217,118 @@ class GuardedGradientAverager(GradientAverager, _GuardedAllReduceMixin):
         return GradientAverager._get_handle_name(namespace, method_name)
 
 
+MAX_STATE_SOURCES = 3
+"""How many peers a state download tries, each after the previous one's state was refused."""
+
+
 class _StateCheckMixin(DecentralizedAverager):
-    """Refuses downloaded state that disagrees with the coordinator (runs in the trainer)."""
+    """Refuses downloaded state that disagrees with the coordinator (the check runs in the
+    trainer) and then downloads from the next peer by priority, up to MAX_STATE_SOURCES:
+    hivemind takes the state of the peer announcing the highest priority, so one hostile
+    peer announcing the top priority used to stop every newcomer from loading any."""
 
     _swarm_guard: SwarmGuard
     last_refusal: str | None = None
 
     def load_state_from_peers(self, wait: bool = True, timeout: float | None = None) -> Any:
         self.last_refusal = None
-        loaded = super().load_state_from_peers(wait=wait, timeout=timeout)
-        if loaded is None or not wait:
-            return loaded
-        metadata, tensors = loaded
-        try:
-            main = self.main_parameters  # type: ignore[attr-defined]
-            problem = state_problem(self._swarm_guard, main, metadata, tensors)
-        except Exception as e:  # the coordinator or keeper may be away: say so, refuse nothing
-            logger.warning("could not check the downloaded state (%s); accepting it", e)
-            problem = None
-        if problem is not None:
+        if not wait:
+            return super().load_state_from_peers(wait=wait, timeout=timeout)
+        refused: list[str] = []
+        for _ in range(MAX_STATE_SOURCES):
+            future: MPFuture = MPFuture()
+            self._outer_pipe.send(
+                (
+                    "_load_state_from_peers",
+                    [],
+                    dict(timeout=timeout, future=future, skip=tuple(refused), with_source=True),
+                )
+            )
+            found = future.result(timeout=timeout)
+            if found is None:
+                return None  # nobody (else) served state; last_refusal says why, if refused
+            metadata, tensors, source = found
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            self._guard_config.count("state", received=size)  # type: ignore[attr-defined]
+            try:
+                main = self.main_parameters  # type: ignore[attr-defined]
+                problem = state_problem(self._swarm_guard, main, metadata, tensors)
+            except Exception as e:  # the coordinator or keeper may be away: refuse nothing
+                logger.warning("could not check the downloaded state (%s); accepting it", e)
+                problem = None
+            if problem is None:
+                self.last_refusal = None
+                return metadata, tensors
             self.last_refusal = problem
-            logger.warning("refused the state downloaded from peers: %s", problem)
-            return None
-        return loaded
+            logger.warning("refused the state downloaded from peer %s: %s", source, problem)
+            refused.append(source)
+        return None
+
+    async def _load_state_from_peers(
+        self,
+        future: MPFuture,
+        timeout: float | None = None,
+        skip: Sequence[str] = (),
+        with_source: bool = False,
+    ) -> None:
+        # hivemind 1.1.12's DecentralizedAverager._load_state_from_peers (in the averager
+        # process), passing over the peers in ``skip`` (base58) and, ``with_source``,
+        # giving (metadata, tensors, the peer's base58 id).
+        if timeout is not None:
+            timeout = (
+                self.next_chunk_timeout
+                if self.next_chunk_timeout is not None
+                else self.request_timeout
+            )
+        try:
+            key_manager = self._matchmaking.group_key_manager
+            found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or (
+                {},
+                None,
+            )
+            priority = {
+                PeerID(peer_id): (float(info.value), random.random())  # random breaks ties
+                for peer_id, info in (found.items() if isinstance(found, dict) else ())
+                if isinstance(info, ValueWithExpiration) and isinstance(info.value, float | int)
+            }
+            for peer in sorted(priority, key=priority.__getitem__, reverse=True):
+                if peer == self.peer_id or peer.to_base58() in skip:
+                    continue
+                try:
+                    loaded = await self._download_state(peer, timeout)
+                except Exception as e:
+                    logger.warning("could not download state from %s (%r)", peer, e)
+                    continue
+                if loaded is None:
+                    continue
+                metadata, tensors = loaded
+                future.set_result(
+                    (metadata, tensors, peer.to_base58()) if with_source else (metadata, tensors)
+                )
+                return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    async def _download_state(
+        self, peer: PeerID, timeout: float | None
+    ) -> tuple[Any, list[torch.Tensor]] | None:
+        """One peer's served state (hivemind's stream of it), or None when it sent none."""
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata: Any = None
+        parts: list[Any] = []
+        tensors: list[torch.Tensor] = []
+        async for message in aiter_with_timeout(stream, timeout=timeout):
+            if message.metadata:
+                metadata = self.serializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:  # a new tensor begins
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        return (metadata, tensors) if metadata else None
 
 
 class GuardedStateAverager(TrainingStateAverager, _StateCheckMixin, _GuardedAllReduceMixin):

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import signal
+import time
 from pathlib import Path
 
 import hivemind
@@ -512,6 +513,60 @@ def test_a_joining_peer_refuses_state_the_coordinator_disagrees_with(tmp_path: P
         assert joiner.last_refusal is None
         assert joiner.local_epoch == 42
         assert torch.equal(models[1].token_embedding.weight, models[0].token_embedding.weight)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_a_refused_top_priority_server_does_not_stop_a_newcomer(tmp_path: Path) -> None:
+    """A hostile peer announces the highest state-sharing priority and serves poisoned
+    parameters labelled with the keeper's checkpointed step (the checkpoint says
+    otherwise); an honest peer serves the checkpoint's parameters at a lower priority.
+    hivemind took the first peer's state and, refused, the newcomer loaded nothing; it
+    now moves on to the honest peer's."""
+    handler = signal.getsignal(signal.SIGINT)
+    dhts: list = []
+    averagers: list = []
+    try:
+        dhts.append(hivemind.DHT(start=True))
+        for _ in range(2):
+            dhts.append(hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), start=True))
+        models = [_model(), _model(), _model()]  # honest, hostile, newcomer
+        with torch.no_grad():
+            for p in models[1].parameters():
+                p.add_(torch.randn_like(p))  # far from the checkpoint
+            for p in models[2].parameters():
+                p.mul_(0.5)  # the newcomer starts elsewhere
+        keeper = Coordinator(7, checkpoints={7: dict(models[0].state_dict())})
+        guards = []
+        for index, (dht, model) in enumerate(zip(dhts, models, strict=True)):
+            guard = _state_guard(tmp_path / str(index), model, keeper)
+            guards.append(guard)
+            averagers.append(
+                GuardedStateAverager(
+                    swarm_guard=guard,
+                    dht=dht,
+                    prefix="guardtest_state_averager",
+                    optimizer=torch.optim.AdamW,
+                    params=model.parameters(),
+                    request_timeout=1.0,
+                    start=True,
+                )
+            )
+        honest, hostile, newcomer = averagers
+        honest.local_epoch = hostile.local_epoch = 7
+        honest.state_sharing_priority = 7
+        hostile.state_sharing_priority = 1e9
+        time.sleep(2.0)  # both announcements in the DHT
+
+        newcomer.load_state_from_peers(timeout=20)
+        assert newcomer.last_refusal is None
+        assert newcomer.local_epoch == 7
+        for ours, theirs in zip(models[2].parameters(), models[0].parameters(), strict=True):
+            assert torch.equal(ours, theirs)
     finally:
         for averager in averagers:
             averager.shutdown()
