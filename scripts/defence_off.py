@@ -3,7 +3,7 @@
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
      predictable unchecked patience diloco aggregation progress
-     sources]
+     sources judge]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py, issue 15's in tests/e2e/test_adversarial.py; which must
 then FAIL), and puts the files back with
@@ -238,6 +238,17 @@ CASES = {
         [("node/swarm/averagers.py", "MAX_STATE_SOURCES = 3\n", "MAX_STATE_SOURCES = 1\n")],
         "tests/node/test_guard.py",
         "top_priority",
+    ),
+    "judge": (
+        [
+            (
+                "node/swarm/guard.py",
+                "        return loss_problem(guard, main_parameters, tensors)\n",
+                "        return None\n",
+            )
+        ],
+        "tests/node/test_guard.py",
+        "breaks_the_model",
     ),
 }
 

@@ -97,10 +97,16 @@ class Followers:
         return stats if isinstance(stats, dict) else {}
 
     def ensure(
-        self, run_id: str, spec_toml: str, start: Path | None, start_outer: Path | None
+        self,
+        run_id: str,
+        spec_toml: str,
+        start: Path | None,
+        start_outer: Path | None,
+        heldout: Path | None = None,
     ) -> bool:
         """Start the run's follower unless it runs (``start``: the newest kept round's file
-        and ``start_outer`` its momentum; None: round 0). Returns whether it runs now."""
+        and ``start_outer`` its momentum; None: round 0; ``heldout``: a validation shard it
+        judges the state peers serve on). Returns whether it runs now."""
         process = self._processes.get(run_id)
         now = time.monotonic()
         if process is not None:
@@ -143,6 +149,8 @@ class Followers:
             "--initial-peers",
             *self.initial_peers,
         ]
+        if heldout is not None:
+            command += ["--heldout", str(heldout)]
         if start is not None:
             command += ["--checkpoint", str(start)]
             if start_outer is not None:

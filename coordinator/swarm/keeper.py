@@ -141,7 +141,9 @@ class Keeper:
         self.followers.update_roster(run.id, roster(self.store, run))
         if not self.followers.running(run.id) and self._follower_due(run, now):
             start, outer = self._follow_from(run)
-            self.followers.ensure(run.id, run.row["spec_toml"], start, outer)
+            val = run.manifest.val_shards
+            heldout = run.data_path / val[0].file if val else None
+            self.followers.ensure(run.id, run.row["spec_toml"], start, outer, heldout)
         row = None
         for followed in self.followers.rounds(run.id):
             cpu_started = tree_cpu_s()

@@ -367,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         "--snapshots", type=Path, help="where a sync run's private snapshots go (none: not kept)"
     )
     parser.add_argument("--initial-peers", nargs="+", required=True, help="DHT multiaddrs")
+    parser.add_argument(
+        "--heldout",
+        type=Path,
+        help="a validation shard: state a sync run's peers serve is judged on it",
+    )
     parser.add_argument("--checkpoint", type=Path, help="start from this kept round")
     parser.add_argument("--outer", type=Path, help="that round's outer momentum")
     parser.add_argument("--host", default="127.0.0.1", help="address peers reach us at")
@@ -391,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         args.guard.mkdir(parents=True, exist_ok=True)
         if spec.optimizer.mode == "sync":
             follower = StepFollower(
-                spec, dht, args.outbox, args.checkpoint, args.guard, args.snapshots
+                spec, dht, args.outbox, args.checkpoint, args.guard, args.snapshots, args.heldout
             )
         else:
             start = start_state(spec, args.checkpoint, args.outer)

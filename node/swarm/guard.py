@@ -70,6 +70,13 @@ are never bit-identical (each adds the average's difference to its own values) a
 drift apart between state averaging rounds: two at step 72 of a test run were 1%
 apart. A fabricated or foreign model is about 100% away."""
 
+LOSS_MARGIN = 0.5
+"""Downloaded parameters that no checkpoint of their step vouches for are refused when
+their loss on held-out sequences is more than this many nats above the reference's (the
+keeper's follower: its own parameters, at most a few steps older). A state pushed along
+the gradient to break the model (issue 15: 9.7% away, loss 0.08 to 3.6) is nats worse;
+a few honest steps change it by hundredths."""
+
 COORDINATOR_LAG_S = 8.0
 """The coordinator reads the swarm's step from the DHT every 5 s: state that is
 further ahead is checked again after this long before it is refused."""
@@ -238,7 +245,7 @@ def state_problem(
             return "its parameters are not finite"
     expected = guard.checkpoint_sha256(epoch)
     if expected is None:
-        return None
+        return loss_problem(guard, main_parameters, tensors)
     theirs = guard.named_state(main_parameters, tensors)
     if params_sha256(theirs) == expected:
         return None
@@ -253,6 +260,26 @@ def state_problem(
         return (
             f"its parameters are {distance:.1%} away from the coordinator's checkpoint of "
             f"step {epoch} (at most {STATE_DISTANCE_BOUND:.0%} allowed)"
+        )
+    return None
+
+
+def loss_problem(
+    guard: SwarmGuard, main_parameters: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
+) -> str | None:
+    """Why downloaded parameters are refused by their held-out loss, or None: more than
+    LOSS_MARGIN above the reference state's (when the guard has both)."""
+    if guard.heldout_loss is None or guard.reference_state is None:
+        return None
+    reference = guard.reference_state()
+    if reference is None:
+        return None
+    theirs = guard.heldout_loss(guard.named_state(main_parameters, tensors))
+    ours = guard.heldout_loss(reference)
+    if not theirs <= ours + LOSS_MARGIN:  # NaN too
+        return (
+            f"its parameters' loss on held-out data is {theirs:.3f}, more than "
+            f"{LOSS_MARGIN} nats above the reference state's {ours:.3f}"
         )
     return None
 
@@ -345,6 +372,10 @@ class SwarmGuard:
             self.checkpoint_state = coordinator.checkpoint_state
         self.named_parameters: list[tuple[str, torch.Tensor]] = list(named_parameters)
         self.coordinator_lag_s = COORDINATOR_LAG_S
+        # Judging state no checkpoint vouches for (:func:`loss_problem`): a state's mean
+        # loss on held-out sequences, and the state to compare with. None: not judged.
+        self.heldout_loss: Callable[[dict[str, torch.Tensor]], float] | None = None
+        self.reference_state: Callable[[], dict[str, torch.Tensor] | None] | None = None
 
     def update_roster(self, roster: dict[str, float]) -> None:
         """Set each peer's largest averaging weight (``{dht_peer_id: max_weight}``).
@@ -413,4 +444,6 @@ __all__ = [
     "result_problem",
     "state_distance",
     "state_problem",
+    "loss_problem",
+    "LOSS_MARGIN",
 ]

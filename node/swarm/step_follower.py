@@ -54,6 +54,7 @@ from crowdtrain.node.swarm.following import (
     seeded_model,
 )
 from crowdtrain.node.swarm.guard import SwarmGuard
+from crowdtrain.node.swarm.heldout import HeldoutLoss
 from crowdtrain.node.swarm.optimizer import sync_options
 from crowdtrain.node.swarm.sync import IN_STEP, WAIT, GuardedOptimizer
 from crowdtrain.protocol.runspec import RunSpec
@@ -130,6 +131,7 @@ class StepFollower:
         start: Path | None,
         guard: Path,
         snapshots: Path | None = None,
+        heldout: Path | None = None,
     ):
         self.spec, self.dht, self.outbox = spec, dht, outbox
         self.snapshots = snapshots
@@ -158,6 +160,12 @@ class StepFollower:
             keep_files=True,  # the keeper writes the roster there
             trust=spec.trust,
         )
+        if heldout is not None:
+            # No checkpoint vouches for the swarm's state when we load it (we make them):
+            # a state whose held-out loss is well above our own parameters' is refused
+            # (a peer announcing the top priority used to become the keeper's checkpoint).
+            swarm_guard.heldout_loss = HeldoutLoss(spec, heldout)
+            swarm_guard.reference_state = lambda: dict(self.model.state_dict())
         # A partial round (some reducer did not answer) leaves hivemind's members their own
         # values in that slice, silently: we would hold, and snapshot, parameters no node
         # holds. It fails for us instead, and we are out of step.

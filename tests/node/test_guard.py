@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import hivemind
+import numpy as np
 import pytest
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -24,8 +25,10 @@ from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, sav
 from crowdtrain.node.device.hooks import TestHooks
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.averagers import GuardedStateAverager
+from crowdtrain.node.swarm.following import seeded_model
 from crowdtrain.node.swarm.guard import (
     CLIP_BOUND,
+    LOSS_MARGIN,
     NORM_BOUND,
     STEP_TOLERANCE,
     GuardConfig,
@@ -38,8 +41,11 @@ from crowdtrain.node.swarm.guard import (
     state_distance,
     state_problem,
 )
+from crowdtrain.node.swarm.heldout import HeldoutLoss
 from crowdtrain.protocol.errors import CrowdtrainError
-from crowdtrain.protocol.runspec import TrustSection
+from crowdtrain.protocol.runspec import TrustSection, parse_spec
+from crowdtrain.protocol.shards import write_shard
+from tests.specs import small_spec
 
 SHAPE = torch.Size([1000])
 
@@ -565,6 +571,69 @@ def test_a_refused_top_priority_server_does_not_stop_a_newcomer(tmp_path: Path) 
         newcomer.load_state_from_peers(timeout=20)
         assert newcomer.last_refusal is None
         assert newcomer.local_epoch == 7
+        for ours, theirs in zip(models[2].parameters(), models[0].parameters(), strict=True):
+            assert torch.equal(ours, theirs)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_the_keepers_follower_refuses_state_that_breaks_the_model(tmp_path: Path) -> None:
+    """No checkpoint vouches for the state the keeper's follower loads (it makes them):
+    it judges a download by its loss on held-out sequences against its own parameters'.
+    A hostile peer announcing the top priority serves parameters pushed off the model
+    (nats worse); the follower refuses them and loads the honest peer's (a few hundredths
+    apart). Without the judge, the poisoned state was loaded (and became a checkpoint)."""
+    handler = signal.getsignal(signal.SIGINT)
+    spec = parse_spec(small_spec())
+    tokens = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, dtype=np.uint8)
+    shard = tmp_path / "val.bin"
+    write_shard(shard, tokens.astype(np.int64), "uint8")
+    dhts: list = []
+    averagers: list = []
+    try:
+        dhts.append(hivemind.DHT(start=True))
+        for _ in range(2):
+            dhts.append(hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), start=True))
+        models = [seeded_model(spec) for _ in range(3)]  # honest, hostile, keeper's
+        with torch.no_grad():
+            for p in models[0].parameters():
+                p.add_(1e-3 * torch.randn_like(p))  # a few steps on
+            for p in models[1].parameters():
+                p.add_(torch.randn_like(p))  # pushed off the model
+        judge = HeldoutLoss(spec, shard)
+        honest_loss, hostile_loss = judge(models[0].state_dict()), judge(models[1].state_dict())
+        assert hostile_loss > judge(models[2].state_dict()) + LOSS_MARGIN
+        for index, (dht, model) in enumerate(zip(dhts, models, strict=True)):
+            guard = SwarmGuard(tmp_path / str(index), target_batch_size=16)
+            guard.named_parameters = list(model.named_parameters(remove_duplicate=False))
+            if index == 2:
+                guard.heldout_loss = judge
+                guard.reference_state = lambda model=model: dict(model.state_dict())
+            averagers.append(
+                GuardedStateAverager(
+                    swarm_guard=guard,
+                    dht=dht,
+                    prefix="guardtest_state_averager",
+                    optimizer=torch.optim.AdamW,
+                    params=model.parameters(),
+                    request_timeout=1.0,
+                    start=True,
+                )
+            )
+        honest, hostile, keeper = averagers
+        honest.local_epoch = hostile.local_epoch = 9
+        honest.state_sharing_priority = 9
+        hostile.state_sharing_priority = 1e9
+        time.sleep(2.0)  # both announcements in the DHT
+
+        keeper.load_state_from_peers(timeout=20)
+        assert keeper.last_refusal is None
+        assert keeper.local_epoch == 9
+        assert judge(models[2].state_dict()) == pytest.approx(honest_loss)
         for ours, theirs in zip(models[2].parameters(), models[0].parameters(), strict=True):
             assert torch.equal(ours, theirs)
     finally:
