@@ -68,6 +68,7 @@ from crowdtrain.node.stats.accounting import NodeStats
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.node.swarm.binding import fresh_identity_path, swarm_proof
 from crowdtrain.node.swarm.guard import SwarmGuard
+from crowdtrain.node.swarm.heldout import HeldoutLoss
 from crowdtrain.node.swarm.optimizer import SwarmOptimizer, build_optimizer, progress_key
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.identity import Identity
@@ -178,7 +179,7 @@ def join(config: NodeConfig, stats: NodeStats, stop: threading.Event) -> Joined:
             leaving.callback(contact.session.leave)
             replica = build_replica(config, contact)
             shards = lease_first_shards(config, contact, data, replica)
-            swarm = join_swarm(config, contact, replica, stack)
+            swarm = join_swarm(config, contact, replica, data, stack)
             reporter = Reporter(
                 stats,
                 contact.device_name,
@@ -343,9 +344,10 @@ def lease_first_shards(
 
 
 def join_swarm(
-    config: NodeConfig, contact: Contact, replica: Replica, stack: ExitStack
+    config: NodeConfig, contact: Contact, replica: Replica, data: RunData, stack: ExitStack
 ) -> SwarmPeer:
-    """Start the DHT, the guard and the collaborative optimizer (in the main thread)."""
+    """Start the DHT, the guard and the collaborative optimizer (in the main thread); the
+    guard judges downloaded state on ``data``'s validation sequences."""
     announce = None
     if config.announce_host:
         announce = [tcp_multiaddr(config.announce_host, config.dht_port)]
@@ -381,6 +383,7 @@ def join_swarm(
             traffic=client.traffic,
             trust=spec.trust,
         )
+        guard.heldout_loss = HeldoutLoss(spec, data.val_sequences)
         with _sigint_kept():
             optimizer = build_optimizer(spec, replica.model, dht, guard, replica.micro_batch_size)
         stack.callback(optimizer.shutdown)

@@ -184,6 +184,7 @@ class RunView:
     download: Callable[..., None]  # (url, path, max_bytes=, sha256=)
     ca_cert: Path | None = None
     traffic: Traffic | None = None  # counts each GET as control
+    _newest: tuple[int, dict[str, torch.Tensor]] | None = None  # newest_checkpoint_state's
 
     def get(self, route: str, **values: object) -> Any:
         """GET one of the run's public JSON routes (a :mod:`crowdtrain.protocol.api` route,
@@ -229,6 +230,25 @@ class RunView:
         except (httpx.HTTPError, ValueError) as e:
             logger.info("could not ask the coordinator for its checkpoint of step %d (%s)", step, e)
             return None
+
+    def newest_checkpoint_state(self, at_most: int) -> dict[str, torch.Tensor] | None:
+        """The tensors of the coordinator's newest checkpoint of a step up to ``at_most``
+        whose file it keeps (the last one fetched is kept for the next ask), or None."""
+        try:
+            listed = [api.CheckpointInfo.model_validate(c) for c in self.get(api.CHECKPOINTS) or []]
+        except (httpx.HTTPError, ValueError) as e:
+            logger.info("could not list the coordinator's checkpoints (%s)", e)
+            return None
+        steps = [c.step for c in listed if c.available and c.step <= at_most]
+        if not steps:
+            return None
+        step = max(steps)
+        if self._newest is None or self._newest[0] != step:
+            state = self.checkpoint_state(step)
+            if state is None:
+                return None
+            self._newest = (step, state)
+        return self._newest[1]
 
     def checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None:
         """The tensors of the coordinator's checkpoint of ``step`` (safetensors: no pickle),

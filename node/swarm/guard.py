@@ -244,9 +244,11 @@ def state_problem(
         if not bool(torch.isfinite(tensor).all()):
             return "its parameters are not finite"
     expected = guard.checkpoint_sha256(epoch)
-    if expected is None:
-        return loss_problem(guard, main_parameters, tensors)
     theirs = guard.named_state(main_parameters, tensors)
+    if expected is None:
+        # Nothing vouches for this step: judged against the newest trusted state before it.
+        reference = guard.reference_state(epoch) if guard.reference_state is not None else None
+        return loss_problem(guard, theirs, reference)
     if params_sha256(theirs) == expected:
         return None
     kept = guard.checkpoint_state(epoch)
@@ -261,25 +263,25 @@ def state_problem(
             f"its parameters are {distance:.1%} away from the coordinator's checkpoint of "
             f"step {epoch} (at most {STATE_DISTANCE_BOUND:.0%} allowed)"
         )
-    return None
+    # Near is not enough: a push along the gradient 9.7% away broke a model (issue 15).
+    return loss_problem(guard, theirs, kept)
 
 
 def loss_problem(
-    guard: SwarmGuard, main_parameters: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]
+    guard: SwarmGuard,
+    state: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor] | None,
 ) -> str | None:
-    """Why downloaded parameters are refused by their held-out loss, or None: more than
-    LOSS_MARGIN above the reference state's (when the guard has both)."""
-    if guard.heldout_loss is None or guard.reference_state is None:
+    """Why downloaded parameters (``state``) are refused by their held-out loss, or None:
+    more than LOSS_MARGIN above ``reference``'s (unjudged without either, or without the
+    guard's ``heldout_loss``)."""
+    if guard.heldout_loss is None or reference is None:
         return None
-    reference = guard.reference_state()
-    if reference is None:
-        return None
-    theirs = guard.heldout_loss(guard.named_state(main_parameters, tensors))
-    ours = guard.heldout_loss(reference)
+    theirs, ours = guard.heldout_loss(state), guard.heldout_loss(reference)
     if not theirs <= ours + LOSS_MARGIN:  # NaN too
         return (
             f"its parameters' loss on held-out data is {theirs:.3f}, more than "
-            f"{LOSS_MARGIN} nats above the reference state's {ours:.3f}"
+            f"{LOSS_MARGIN} nats above the trusted state's {ours:.3f}"
         )
     return None
 
@@ -309,6 +311,8 @@ class CoordinatorView(Protocol):
     def checkpoint_sha256(self, step: int) -> str | None: ...
 
     def checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None: ...
+
+    def newest_checkpoint_state(self, at_most: int) -> dict[str, torch.Tensor] | None: ...
 
 
 def _no_step() -> int | None:
@@ -372,10 +376,13 @@ class SwarmGuard:
             self.checkpoint_state = coordinator.checkpoint_state
         self.named_parameters: list[tuple[str, torch.Tensor]] = list(named_parameters)
         self.coordinator_lag_s = COORDINATOR_LAG_S
-        # Judging state no checkpoint vouches for (:func:`loss_problem`): a state's mean
-        # loss on held-out sequences, and the state to compare with. None: not judged.
+        # Judging downloaded state by its loss (:func:`loss_problem`): a state's mean loss
+        # on held-out sequences (None: not judged), and, for a step no checkpoint vouches
+        # for, the newest trusted state at or before it (None: none known).
         self.heldout_loss: Callable[[dict[str, torch.Tensor]], float] | None = None
-        self.reference_state: Callable[[], dict[str, torch.Tensor] | None] | None = None
+        self.reference_state: Callable[[int], dict[str, torch.Tensor] | None] | None = (
+            coordinator.newest_checkpoint_state if coordinator is not None else None
+        )
 
     def update_roster(self, roster: dict[str, float]) -> None:
         """Set each peer's largest averaging weight (``{dht_peer_id: max_weight}``).

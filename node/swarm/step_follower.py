@@ -164,8 +164,8 @@ class StepFollower:
             # No checkpoint vouches for the swarm's state when we load it (we make them):
             # a state whose held-out loss is well above our own parameters' is refused
             # (a peer announcing the top priority used to become the keeper's checkpoint).
-            swarm_guard.heldout_loss = HeldoutLoss(spec, heldout)
-            swarm_guard.reference_state = lambda: dict(self.model.state_dict())
+            swarm_guard.heldout_loss = HeldoutLoss.from_shard(spec, heldout)
+            swarm_guard.reference_state = lambda epoch: dict(self.model.state_dict())
         # A partial round (some reducer did not answer) leaves hivemind's members their own
         # values in that slice, silently: we would hold, and snapshot, parameters no node
         # holds. It fails for us instead, and we are out of step.

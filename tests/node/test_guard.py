@@ -21,7 +21,14 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.p2p import P2P
 from hivemind.proto import averaging_pb2
 
-from crowdtrain.model import GPT, GPTConfig, load_checkpoint, params_sha256, save_checkpoint
+from crowdtrain.model import (
+    GPT,
+    GPTConfig,
+    load_checkpoint,
+    params_sha256,
+    save_checkpoint,
+    sequence_losses,
+)
 from crowdtrain.node.device.hooks import TestHooks
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.averagers import GuardedStateAverager
@@ -604,7 +611,7 @@ def test_the_keepers_follower_refuses_state_that_breaks_the_model(tmp_path: Path
                 p.add_(1e-3 * torch.randn_like(p))  # a few steps on
             for p in models[1].parameters():
                 p.add_(torch.randn_like(p))  # pushed off the model
-        judge = HeldoutLoss(spec, shard)
+        judge = HeldoutLoss.from_shard(spec, shard)
         honest_loss, hostile_loss = judge(models[0].state_dict()), judge(models[1].state_dict())
         assert hostile_loss > judge(models[2].state_dict()) + LOSS_MARGIN
         for index, (dht, model) in enumerate(zip(dhts, models, strict=True)):
@@ -612,7 +619,7 @@ def test_the_keepers_follower_refuses_state_that_breaks_the_model(tmp_path: Path
             guard.named_parameters = list(model.named_parameters(remove_duplicate=False))
             if index == 2:
                 guard.heldout_loss = judge
-                guard.reference_state = lambda model=model: dict(model.state_dict())
+                guard.reference_state = lambda epoch, model=model: dict(model.state_dict())
             averagers.append(
                 GuardedStateAverager(
                     swarm_guard=guard,
@@ -642,3 +649,50 @@ def test_the_keepers_follower_refuses_state_that_breaks_the_model(tmp_path: Path
         for dht in dhts:
             dht.shutdown()
         signal.signal(signal.SIGINT, handler)
+
+
+def _trained_and_pushed(spec, sequences: torch.Tensor) -> tuple[GPT, GPT]:
+    """A model trained on ``sequences`` and a copy pushed 9% of its norm along the loss's
+    gradient (issue 15's poisoned state: within the distance bound, nats worse)."""
+    model = seeded_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = sequence_losses(model(sequences[:, :-1])[0], sequences[:, 1:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pushed = seeded_model(spec)
+    pushed.load_state_dict(model.state_dict())
+    loss = sequence_losses(pushed(sequences[:, :-1])[0], sequences[:, 1:]).mean()
+    pushed.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        norm = torch.sqrt(sum((p**2).sum() for p in pushed.parameters()))
+        grad = torch.sqrt(sum((p.grad**2).sum() for p in pushed.parameters()))
+        for p in pushed.parameters():
+            p.add_(p.grad * (0.09 * norm / grad))
+    return model, pushed
+
+
+def test_state_near_the_keepers_but_worse_on_held_out_data_is_refused(tmp_path: Path) -> None:
+    """Within 10% of the keeper's checkpoint of its step, or at a step no checkpoint
+    vouches for: a state pushed along the gradient (loss from about 0.4 to 4) is refused
+    by its held-out loss; the keeper's own parameters, slightly moved, are not."""
+    spec = parse_spec(small_spec())
+    tokens = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, dtype=np.uint8)
+    sequences = torch.from_numpy(
+        np.stack([tokens[i * 32 : i * 32 + 33] for i in range(16)]).astype(np.int64)
+    )
+    model, pushed = _trained_and_pushed(spec, sequences)
+    kept = dict(model.state_dict())
+    guard = _state_guard(tmp_path, model, Coordinator(5, checkpoints={5: kept}))
+    guard.heldout_loss = HeldoutLoss(spec, sequences)
+    guard.reference_state = lambda epoch: kept if epoch >= 5 else None
+    main = list(model.parameters())
+    poisoned = [p.detach().clone() for p in pushed.parameters()]
+    honest = [p.detach() + 1e-4 * torch.randn_like(p) for p in model.parameters()]
+    assert state_distance(guard.named_state(main, poisoned), kept) < 0.1
+    for step in (5, 6):  # the checkpoint's step, and one no checkpoint vouches for
+        problem = state_problem(guard, main, {"epoch": step}, poisoned)
+        assert problem is not None and "held-out" in problem, (step, problem)
+        assert state_problem(guard, main, {"epoch": step}, honest) is None
