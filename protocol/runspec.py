@@ -237,7 +237,10 @@ class TrustSection:
     times its share of the weight. ``"trimmed_mean"`` drops, for each
     coordinate, the ``trim_fraction`` of highest and of lowest values (at least
     one of each from three parts on) and averages the rest, weighted. With two
-    parts every rule is the mean: nobody can tell which of two is wrong.
+    parts every rule is the mean: nobody can tell which of two is wrong. Under both
+    robust rules a part's weight (the samples its sender says it accumulated) counts for
+    at most ``max_weight_ratio`` times the median weight of the slice's parts: a sender
+    claiming the allowed four target batches no longer takes most of the round.
 
     A part that lies more than ``report_distance`` clip radii from the result is
     reported, as a dropped part is (honest parts lay at most REPORTED_FAR apart in
@@ -249,6 +252,7 @@ class TrustSection:
     clip_radius: float = 1.0
     trim_fraction: float = 0.2
     report_distance: float = 8.0
+    max_weight_ratio: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -580,6 +584,12 @@ def _validate(spec: RunSpec, source: str) -> None:
             "[trust] trim_fraction",
             f"must be in [0, 0.5) (the share of highest and of lowest values dropped per "
             f"coordinate), got {t.trim_fraction}",
+        )
+    if not 1.0 <= t.max_weight_ratio <= 1000.0:
+        fail(
+            "[trust] max_weight_ratio",
+            f"must be in [1, 1000] (times the median weight a part may count for), "
+            f"got {t.max_weight_ratio}",
         )
     if not 1.0 <= t.report_distance <= 1000.0:
         fail(

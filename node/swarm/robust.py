@@ -44,6 +44,9 @@ def aggregate(
         return Aggregate(torch.zeros_like(parts[0], dtype=torch.float32), distances)
     stacked = torch.stack([parts[i].float().reshape(-1) for i in counted])
     w = torch.tensor([float(weights[i]) for i in counted], dtype=torch.float64)
+    if trust.aggregation != "mean" and len(counted) > 2:
+        # A weight is its sender's claim: bounded by the others'.
+        w = torch.clamp(w, max=trust.max_weight_ratio * float(w.median()))
     w = (w / w.sum()).to(torch.float32)
     if trust.aggregation == "mean" or len(counted) <= 2:
         value = w @ stacked

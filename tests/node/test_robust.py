@@ -108,3 +108,19 @@ def test_shapes_survive() -> None:
     parts = [torch.randn(3, 5) for _ in range(4)]
     for rule in ("mean", *RULES):
         assert aggregate(parts, [1.0] * 4, trust(rule)).value.shape == (3, 5)
+
+
+def test_a_heavy_claim_counts_for_at_most_twice_the_median_weight() -> None:
+    """A flipper claiming 4 target batches against three honest peers' one each: under the
+    mean (weights as claimed) it owns the round; the robust rules count it as 2."""
+    true, parts = honest_parts(3)
+    attacker = -9.9 * parts[0]
+    weights = [1.0, 1.0, 1.0, 4.0]
+    assert cosine(aggregate([*parts, attacker], weights, trust("mean")).value, true) < 0
+    for rule in RULES:
+        robust = aggregate([*parts, attacker], weights, trust(rule)).value
+        assert cosine(robust, true) > 0.5, rule
+    # what the cap means: 4 counts as 2 (twice the median of 1, 1, 1, 4)
+    spread = [torch.full((4,), float(v)) for v in (0.0, 0.0, 0.0, 1.0)]
+    capped = aggregate(spread, weights, TrustSection(aggregation="trimmed_mean", trim_fraction=0.0))
+    assert capped.value.tolist() == pytest.approx([2 / 5] * 4)

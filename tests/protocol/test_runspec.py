@@ -295,6 +295,7 @@ def test_wrong_types_name_key_and_expectation(changes, expected):
         ({"trust": {"clip_radius": "0"}}, "[trust] clip_radius must be in (0, 100]"),
         ({"trust": {"trim_fraction": "0.5"}}, "[trust] trim_fraction must be in [0, 0.5)"),
         ({"trust": {"report_distance": "0.5"}}, "[trust] report_distance must be in [1, 1000]"),
+        ({"trust": {"max_weight_ratio": "0.5"}}, "[trust] max_weight_ratio must be in [1, 1000]"),
     ],
 )
 def test_cross_field_checks(changes, expected):
