@@ -43,7 +43,7 @@ class _Phases:
 
             return run
 
-        def join_swarm(config, contact, replica, stack: ExitStack):
+        def join_swarm(config, contact, replica, data, stack: ExitStack):
             stack.callback(log.append, "dht.shutdown")
             self._maybe_fail("dht")
             stack.callback(log.append, "optimizer.shutdown")
