@@ -72,14 +72,15 @@ def combine(parts: list[torch.Tensor], trust: TrustSection) -> tuple[torch.Tenso
 
 def run(
     rule: str, attack: str, steps: int, data: torch.Tensor, held: torch.Tensor
-) -> tuple[list[float], int | None]:
-    """Validation losses every 10 steps and the first step the attacker was found far."""
+) -> tuple[list[float], int | None, int]:
+    """Validation losses every 10 steps, the first step the attacker was found far, and
+    how many times an honest peer's part was (false reports)."""
     peers, attackers = ATTACKS[attack]
     model = demo_model()
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.1)
     trust = TrustSection(aggregation=rule)  # type: ignore[arg-type]
-    losses, found = [mean_loss(model, held)], None
+    losses, found, honest_far = [mean_loss(model, held)], None, 0
     honest_peers = peers - attackers
     for step in range(steps):
         grads = []
@@ -97,6 +98,7 @@ def run(
         average, far = combine(parts, trust)
         if found is None and attackers and any(i >= honest_peers for i in far):
             found = step + 1
+        honest_far += sum(i < honest_peers for i in far)
         offset = 0
         for p in params:
             p.grad = average[offset : offset + p.numel()].view_as(p).clone()
@@ -105,7 +107,7 @@ def run(
         opt.step()
         if (step + 1) % 10 == 0:
             losses.append(mean_loss(model, held))
-    return losses, found
+    return losses, found, honest_far
 
 
 def demo_model() -> GPT:
@@ -177,14 +179,15 @@ def main() -> None:
     baseline = None
     for attack in ATTACKS:
         for rule in RULES:
-            losses, found = run(rule, attack, args.steps, data, held)
+            losses, found, honest_far = run(rule, attack, args.steps, data, held)
             curves[(rule, attack)] = losses
             if baseline is None:
                 baseline = losses[-1]  # all honest, the mean
-            rows.append((attack, rule, losses[-1], found))
+            rows.append((attack, rule, losses[-1], found, honest_far))
             print(
                 f"{attack:7} {rule:14} loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-                f"(x{losses[-1] / baseline:.3f}), found far at step {found}",
+                f"(x{losses[-1] / baseline:.3f}), found far at step {found}, honest parts "
+                f"found far {honest_far}",
                 flush=True,
             )
     assert baseline is not None
@@ -195,13 +198,13 @@ def main() -> None:
         "this machine). Ratio: to the all-honest swarm under the mean.",
         "",
         "| attack | rule | val loss at the end | ratio to all-honest | attacker reported far "
-        "from step |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "from step | honest parts reported far |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for attack, rule, loss, found in rows:
+    for attack, rule, loss, found, honest_far in rows:
         lines.append(
             f"| {attack} | {rule} | {loss:.3f} | {loss / baseline:.3f} | "
-            f"{'-' if found is None else found} |"
+            f"{'-' if found is None else found} | {honest_far} |"
         )
     lines += ["", *cost(data)]
     print("\n".join(lines))
