@@ -59,7 +59,8 @@ from crowdtrain.node.swarm.following import (
     put_in_outbox,
     seeded_model,
 )
-from crowdtrain.node.swarm.guard import GuardConfig
+from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
+from crowdtrain.node.swarm.heldout import HeldoutLoss
 from crowdtrain.node.swarm.rounds import (
     ROUND_PATIENCE,
     await_round_group,
@@ -83,11 +84,20 @@ class RoundFollower:
     ``outbox``. Create it in the process's main thread; call :meth:`shutdown`."""
 
     def __init__(
-        self, spec: RunSpec, dht: hivemind.DHT, outbox: Path, start: GlobalState, guard: Path
+        self,
+        spec: RunSpec,
+        dht: hivemind.DHT,
+        outbox: Path,
+        start: GlobalState,
+        guard: Path,
+        heldout: Path | None = None,
     ):
         """``guard`` is the guard's folder: the keeper writes the run's roster (each
         peer's largest averaging weight, as nodes get it) there as ``roster.json``; the
-        senders whose parts the follower dropped go to ``reports.jsonl``."""
+        senders whose parts the follower dropped go to ``reports.jsonl``. ``heldout`` is
+        a validation shard: a round's state a peer serves is refused when its loss there
+        is well above our own global parameters' (nothing else vouches for it: we make
+        the checkpoints)."""
         self.spec, self.dht, self.outbox = spec, dht, outbox
         self.run_id = spec.run.id
         swarm, opt = spec.swarm, spec.optimizer
@@ -134,6 +144,16 @@ class RoundFollower:
         except BaseException:
             self.tracker.shutdown(1.0)
             raise
+        judge = None
+        if heldout is not None:
+            judge = SwarmGuard(
+                guard,
+                opt.target_batch_size,
+                named_parameters=self.model.named_parameters(remove_duplicate=False),
+                keep_files=True,  # the keeper writes the roster there
+            )
+            judge.heldout_loss = HeldoutLoss.from_shard(spec, heldout)
+            judge.reference_state = lambda round_: self._state_dict()
         self.exchange = StateExchange(
             self.averager,
             dht,
@@ -141,6 +161,7 @@ class RoundFollower:
             like=self.global_params,
             model_params=self._params,
             num_peers=lambda: self.tracker.global_progress.num_peers + 1,
+            swarm_guard=judge,
         )
         self._announce()
         self._write(self.round)
@@ -400,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             start = start_state(spec, args.checkpoint, args.outer)
-            follower = RoundFollower(spec, dht, args.outbox, start, args.guard)
+            follower = RoundFollower(spec, dht, args.outbox, start, args.guard, args.heldout)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         watcher = threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True)

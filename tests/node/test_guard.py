@@ -12,6 +12,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import hivemind
 import numpy as np
@@ -32,6 +33,7 @@ from crowdtrain.model import (
 from crowdtrain.node.device.hooks import TestHooks
 from crowdtrain.node.swarm.allreduce import GuardedAllReduceRunner
 from crowdtrain.node.swarm.averagers import GuardedStateAverager
+from crowdtrain.node.swarm.diloco_state import GlobalState, StateExchange, served_state
 from crowdtrain.node.swarm.following import seeded_model
 from crowdtrain.node.swarm.guard import (
     CLIP_BOUND,
@@ -696,3 +698,38 @@ def test_state_near_the_keepers_but_worse_on_held_out_data_is_refused(tmp_path: 
         problem = state_problem(guard, main, {"epoch": step}, poisoned)
         assert problem is not None and "held-out" in problem, (step, problem)
         assert state_problem(guard, main, {"epoch": step}, honest) is None
+
+
+def test_a_diloco_round_state_that_breaks_the_model_is_refused_by_the_follower(
+    tmp_path: Path,
+) -> None:
+    """The keeper's DiLoCo round follower judges a round's global state a peer serves as
+    its sync follower does (held-out loss against its own global parameters), through the
+    same StateExchange check nodes use."""
+    spec = parse_spec(small_spec())
+    tokens = np.frombuffer(b"def f(x):\n    return x + 1\n" * 40, dtype=np.uint8)
+    sequences = torch.from_numpy(
+        np.stack([tokens[i * 32 : i * 32 + 33] for i in range(16)]).astype(np.int64)
+    )
+    model, pushed = _trained_and_pushed(spec, sequences)
+    params = list(model.parameters())
+    judge = SwarmGuard(tmp_path, target_batch_size=16)
+    judge.named_parameters = list(model.named_parameters(remove_duplicate=False))
+    judge.heldout_loss = HeldoutLoss(spec, sequences)
+    judge.reference_state = lambda round_: dict(model.state_dict())
+    like = [p.detach().clone() for p in params]
+    exchange = StateExchange(
+        SimpleNamespace(client_mode=True),
+        None,
+        "run",
+        like=like,
+        model_params=params,
+        num_peers=lambda: 2,
+        swarm_guard=judge,
+    )
+    momentum = [torch.zeros_like(p) for p in like]
+    poisoned = GlobalState(4, [p.detach().clone() for p in pushed.parameters()], momentum)
+    honest = GlobalState(4, [p.detach() + 1e-4 * torch.randn_like(p) for p in params], momentum)
+    problem = exchange._problem(*served_state(poisoned, 4)[:2])
+    assert problem is not None and "held-out" in problem, problem
+    assert exchange._problem(*served_state(honest, 4)[:2]) is None
