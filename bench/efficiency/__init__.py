@@ -16,6 +16,8 @@ Parts (``--parts``, all by default), in the order they run:
 - ``baseline``: one process at the same global batch, evaluated at the swarms' tokens
 - ``late_joiner``: a third node joining a 10M-parameter run, start to first step
 - ``half_speed``: a throttled node's share of samples against its share of compute
+- ``robust``: a 3-peer sync swarm's tokens/s under ``[trust] aggregation = "mean"`` and
+  ``"centered_clip"``, alternated twice
 
 Each part's raw numbers go to ``efficiency.json`` beside ``--out`` as soon as it
 ends (a failed part records its error and the rest still run); the markdown

@@ -41,7 +41,19 @@ from bench.efficiency.specs import diloco_spec, gpt_config, sync_spec, with_over
 from bench.efficiency.swarm import SwarmRun, spec_json
 from bench.efficiency.traffic import ByteSampler
 
-PARTS = ("solo", "throughput", "hivemind", "loss", "baseline", "late_joiner", "half_speed")
+PARTS = (
+    "solo",
+    "throughput",
+    "hivemind",
+    "loss",
+    "baseline",
+    "late_joiner",
+    "half_speed",
+    "robust",
+)
+# The robust part: 3-peer sync swarms under each rule, alternated this many times.
+ROBUST_RULES = ("mean", "centered_clip")
+ROBUST_REPEATS = 2
 # The loss part's swarms: diloco-KIND is diloco with pseudo_grad_compression KIND.
 LOSS_MODES = ("sync", "diloco", "diloco-topk-2bit", "diloco-4bit")
 # The late joiner's model: about 10.6M parameters.
@@ -180,11 +192,13 @@ class Bench:
         names: list[str],
         window_s: float,
         node_env: dict[str, dict[str, str]] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """Per-peer tokens/s and sequences over ``window_s`` after all peers train and a warm-up."""
+        """Per-peer tokens/s and sequences over ``window_s`` after all peers train and a
+        warm-up; ``overrides`` changes sections of the mode's spec."""
         swarm = SwarmRun(
-            self.work / run_id, self.data, self.spec(mode, run_id), self.args.device,
-            node_env=node_env or {},
+            self.work / run_id, self.data, self.spec(mode, run_id, **(overrides or {})),
+            self.args.device, node_env=node_env or {},
         )  # fmt: skip
         try:
             swarm.start(names)
@@ -226,6 +240,28 @@ class Bench:
             }
         finally:
             swarm.shutdown()
+
+    def part_robust(self) -> dict[str, Any]:
+        """A 3-peer sync swarm under the weighted mean and under CenteredClip (with two
+        peers every rule is the mean), alternated ROBUST_REPEATS times: what robust
+        aggregation costs in tokens/s with no attacker."""
+        out: dict[str, Any] = {rule: [] for rule in ROBUST_RULES}
+        for repeat in range(ROBUST_REPEATS):
+            for rule in ROBUST_RULES:
+                run_id = f"eff-robust-{rule.replace('_', '-')}-{repeat}"
+                try:
+                    out[rule].append(
+                        self._window_run(
+                            "sync",
+                            run_id,
+                            ["node-a", "node-b", "node-c"],
+                            self.plan.sync_window_s,
+                            overrides={"trust": {"aggregation": rule}},
+                        )
+                    )
+                except Exception as e:
+                    out[rule].append({"error": error_summary(e)})
+        return out
 
     def part_hivemind(self) -> dict[str, Any]:
         """Plain hivemind with its defaults; its tuned run is under ``"tuned"``."""

@@ -293,6 +293,29 @@ def _half_row(r: dict[str, Any]) -> Row:
     return row
 
 
+def _robust_row(r: dict[str, Any]) -> Row:
+    row = Row(
+        "tokens/s of a 3-peer sync swarm, aggregation = centered_clip / mean (no attacker)",
+        ">= 0.95",
+    )
+    runs = r.get("robust", {})
+    clip, mean = runs.get("centered_clip", []), runs.get("mean", [])
+    if not clip or not mean or not all(_ok(x) for x in [*clip, *mean]):
+        bad = next((x for x in [*clip, *mean] if not _ok(x)), None)
+        row.notes = _why(bad) if bad is not None else "not run"
+        return row
+    rates = {k: [x["tokens_per_s"] for x in v] for k, v in (("clip", clip), ("mean", mean))}
+    ratio = statistics.mean(rates["clip"]) / statistics.mean(rates["mean"])
+    notes = (
+        f"{', '.join(f'{x:,.0f}' for x in rates['clip'])} vs "
+        f"{', '.join(f'{x:,.0f}' for x in rates['mean'])} tok/s for the swarm, runs alternated "
+        f"(mean first), {clip[0]['window_s']:.0f} s windows; 3 peers and the keeper's "
+        "follower share the 2 cores"
+    )
+    row.set(f"{ratio:.3f}", ratio >= 0.95, notes)
+    return row
+
+
 def rows(r: dict[str, Any]) -> list[Row]:
     makers = [
         (_loss_row, ("diloco", 1.03)),
@@ -311,6 +334,7 @@ def rows(r: dict[str, Any]) -> list[Row]:
         (_late_row, ()),
         (_restart_row, ()),
         (_half_row, ()),
+        (_robust_row, ()),
     ]
     out = []
     for make, extra in makers:
