@@ -52,22 +52,34 @@ def hostile(attack: str, own: torch.Tensor, honest: list[torch.Tensor]) -> torch
     return -stacked.mean(0)  # ipm
 
 
-def combine(parts: list[torch.Tensor], trust: TrustSection) -> tuple[torch.Tensor, set[int]]:
-    """The guard's checks and the rule, slice by slice: (the result, senders found far)."""
-    out, far = torch.empty_like(parts[0]), set()
-    for start in range(0, parts[0].numel(), PART):
-        chunk = [p[start : start + PART] for p in parts]
-        norms = [float(c.norm()) for c in chunk]
-        reference = reference_norm(norms)
-        kept, kept_index = [], []
-        for i, (c, n) in enumerate(zip(chunk, norms, strict=True)):
-            if norm_problem(n, reference) is None:
-                kept.append(c * clip_scale(n, reference))
-                kept_index.append(i)
-        result = aggregate(kept, [1.0] * len(kept), trust)
-        out[start : start + PART] = result.value
-        far |= {kept_index[i] for i, d in enumerate(result.distances) if d > trust.report_distance}
-    return out, far
+def combine(parts: list[torch.Tensor], trust: TrustSection) -> tuple[torch.Tensor, list[int]]:
+    """The guard's checks and the rule, part by part of each peer's slice (each peer
+    reduces a 1/len(parts) slice, in parts of PART values, as hivemind splits them):
+    (the result, one sender per report a reducer would make: most of the sender's
+    judged parts of its slice far)."""
+    out, reports = torch.empty_like(parts[0]), []
+    size = parts[0].numel()
+    bounds = [size * k // len(parts) for k in range(len(parts) + 1)]
+    for reducer, (begin, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        far, judged = [0] * len(parts), [0] * len(parts)
+        for start in range(begin, end, PART):
+            chunk = [p[start : min(start + PART, end)] for p in parts]
+            norms = [float(c.norm()) for c in chunk]
+            reference = reference_norm(norms)
+            kept, kept_index = [], []
+            for i, (c, n) in enumerate(zip(chunk, norms, strict=True)):
+                if norm_problem(n, reference) is None:
+                    kept.append(c * clip_scale(n, reference))
+                    kept_index.append(i)
+            result = aggregate(kept, [1.0] * len(kept), trust)
+            out[start : start + len(chunk[0])] = result.value
+            if result.judged:
+                for i, d in zip(kept_index, result.distances, strict=True):
+                    judged[i] += 1
+                    far[i] += d > trust.report_distance
+        # (a reducer never reports itself)
+        reports += [i for i in range(len(parts)) if i != reducer and 2 * far[i] > judged[i]]
+    return out, reports
 
 
 def run(

@@ -242,9 +242,10 @@ class TrustSection:
     at most ``max_weight_ratio`` times the median weight of the slice's parts: a sender
     claiming the allowed four target batches no longer takes most of the round.
 
-    A part that lies more than ``report_distance`` clip radii from the result is
-    reported, as a dropped part is (honest parts lay at most REPORTED_FAR apart in
-    the measurements of BENCHMARKS.md).
+    A sender most of whose parts of a reducer's slice lie more than
+    ``report_distance`` clip radii from their results is reported, as a dropped part
+    is: an honest part strays on one part of a slice now and then (its batch's own
+    data), a hostile sender's on every part (see ``bench/robust.py`` in BENCHMARKS.md).
     """
 
     aggregation: Aggregation = "centered_clip"

@@ -54,9 +54,11 @@ class _RobustPartReducer(TensorPartReducer):
     nobody gave any weight averages to zero: hivemind would hand every member
     0/0 = NaN when every part weighs 0 (the keeper's step follower and a node
     tagging along with nothing accumulated); the step follower takes an all-zero
-    average as a step it did not get. ``far(sender_index, distance)`` hears of
-    each part that lay more than ``trust.report_distance`` clip radii from its
-    slice's result.
+    average as a step it did not get. ``far(sender_index, count, judged)`` hears,
+    once the last part is reduced, of each sender most of whose judged parts (``count``
+    of ``judged``) lay more than ``trust.report_distance`` clip radii from their
+    results: an honest part can stray on one part of a slice (its batch's own data); a
+    hostile sender's lie on every part.
     """
 
     def __init__(
@@ -64,10 +66,12 @@ class _RobustPartReducer(TensorPartReducer):
         part_shapes: Sequence[torch.Size],
         num_senders: int,
         trust: TrustSection,
-        far: Callable[[int, float], None],
+        far: Callable[[int, int, int], None],
     ):
         self._trust, self._far = trust, far
         self._parts: dict[int, tuple[torch.Tensor, float]] = {}
+        self._judged = [0] * num_senders  # parts of each sender judged by their distance
+        self._far_parts = [0] * num_senders  # and of those, found far
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -110,12 +114,18 @@ class _RobustPartReducer(TensorPartReducer):
                 self._trust,
             )
             average = result.value
-            for i, distance in zip(senders, result.distances, strict=True):
-                if distance > self._trust.report_distance:
-                    self._far(i, distance)
+            if result.judged:
+                for i, distance in zip(senders, result.distances, strict=True):
+                    if self._parts[i][1] > 0:
+                        self._judged[i] += 1
+                        self._far_parts[i] += distance > self._trust.report_distance
         else:
             average = torch.zeros(self.part_shapes[self.current_part_index])
         self.current_part_future.set_result(average)
+        if self.current_part_index == self.num_parts - 1:
+            for i, (far, judged) in enumerate(zip(self._far_parts, self._judged, strict=True)):
+                if 2 * far > judged:
+                    self._far(i, far, judged)
         self.reset_accumulators()
 
 
@@ -164,7 +174,6 @@ class GuardedAllReduceRunner(AllReduceRunner):
             guard.trust,
             self._far,
         )
-        self._far_reported: set[int] = set()
         self._guard, self._max_weight, self._attack = guard, max_weight, attack
         self._exact = exact_results
         # A failed reducer's slice then holds our own part (not a zero difference).
@@ -175,17 +184,19 @@ class GuardedAllReduceRunner(AllReduceRunner):
         self._norms: dict[int, dict[int, float | None]] = {}
         self._norms_complete: dict[int, asyncio.Event] = {}
 
-    def _far(self, sender_index: int, distance: float) -> None:
-        """A sender's part lay far from its slice's robust result: reported once a round."""
+    def _far(self, sender_index: int, far: int, judged: int) -> None:
+        """Most of a sender's parts lay far from our slice's robust results: reported."""
         peer_id = self.sender_peer_ids[sender_index]
-        if sender_index in self._far_reported or peer_id == self.peer_id:
+        if peer_id == self.peer_id:
             return
-        self._far_reported.add(sender_index)
         logger.warning(
-            "averaging part from peer %s lay %.1f clip radii from the slice's %s",
+            "averaging parts from peer %s lay more than %.0f clip radii from our slice's "
+            "%s in %d of %d parts",
             peer_id.to_base58(),
-            distance,
+            self._guard.trust.report_distance,
             self._guard.trust.aggregation,
+            far,
+            judged,
         )
         self._guard.report(peer_id.to_base58(), FAR)
 

@@ -24,10 +24,12 @@ from crowdtrain.protocol.runspec import TrustSection
 @dataclass(frozen=True)
 class Aggregate:
     """A slice's result and, per part given, its distance from it in clip radii
-    (0 for parts of weight 0 and under the mean, which has no radius)."""
+    (0 for parts of weight 0 and under the mean, which has no radius); ``judged``: the
+    distances mean something (CenteredClip with a radius)."""
 
     value: torch.Tensor
     distances: list[float]
+    judged: bool = False
 
 
 def aggregate(
@@ -58,6 +60,7 @@ def aggregate(
             far = torch.linalg.vector_norm(stacked - value, dim=1) / radius
             for i, d in zip(counted, far.tolist(), strict=True):
                 distances[i] = d
+            return Aggregate(value.reshape(parts[0].shape), distances, judged=True)
     return Aggregate(value.reshape(parts[0].shape), distances)
 
 
