@@ -124,3 +124,11 @@ def test_a_heavy_claim_counts_for_at_most_twice_the_median_weight() -> None:
     spread = [torch.full((4,), float(v)) for v in (0.0, 0.0, 0.0, 1.0)]
     capped = aggregate(spread, weights, TrustSection(aggregation="trimmed_mean", trim_fraction=0.0))
     assert capped.value.tolist() == pytest.approx([2 / 5] * 4)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
+def test_the_median_is_the_middle_value_or_the_mean_of_the_middle_two(n: int) -> None:
+    stacked = torch.randn(n, 257)
+    ordered = stacked.sort(dim=0).values
+    expected = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+    assert torch.allclose(median(stacked), expected, atol=1e-6)
