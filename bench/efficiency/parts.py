@@ -229,7 +229,18 @@ class Bench:
                 }
             swarm.stop_nodes(grace_s=60)
             logs = {n: p.output() for n, p in swarm.nodes.items()}
+            # What each node reported of the others' averaging parts (all honest here:
+            # any report is a false positive), and who the coordinator flagged.
+            reports: dict[str, dict[str, int]] = {}
+            for n in names:
+                path = self.work / run_id / n / "runs" / run_id / "guard" / "reports.jsonl"
+                lines = path.read_text().splitlines() if path.exists() else []
+                for line in lines:
+                    reason = json.loads(line).get("reason", "?") if line.endswith("}") else "?"
+                    reports.setdefault(n, {})[reason] = reports.get(n, {}).get(reason, 0) + 1
             return {
+                "reports": reports,
+                "flagged": sorted(n for n in names if end.peers.get(n, {}).get("flagged")),
                 "run_id": run_id,
                 "window_s": span,
                 "steps": [begin.step, end.step],

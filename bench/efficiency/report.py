@@ -306,12 +306,27 @@ def _robust_row(r: dict[str, Any]) -> Row:
         return row
     rates = {k: [x["tokens_per_s"] for x in v] for k, v in (("clip", clip), ("mean", mean))}
     ratio = statistics.mean(rates["clip"]) / statistics.mean(rates["mean"])
+    far = sum(
+        count
+        for run in clip
+        for reasons in run.get("reports", {}).values()
+        for reason, count in reasons.items()
+        if reason == "far"
+    )
+    flagged = sorted({n for run in clip for n in run.get("flagged", [])})
+    spans = ", ".join("{}->{}".format(*run["steps"]) for run in clip)
     notes = (
         f"{', '.join(f'{x:,.0f}' for x in rates['clip'])} vs "
         f"{', '.join(f'{x:,.0f}' for x in rates['mean'])} tok/s for the swarm, runs alternated "
-        f"(mean first), {clip[0]['window_s']:.0f} s windows; 3 peers and the keeper's "
-        "follower share the 2 cores"
+        f"(mean first), {clip[0]['window_s']:.0f} s windows, steps "
+        f"{spans} under CenteredClip; "
+        f"3 peers and the keeper's follower share the 2 cores"
     )
+    if all("reports" in run for run in clip):
+        notes += (
+            f"; honest parts reported far under CenteredClip: {far}, peers flagged: "
+            f"{', '.join(flagged) or 'none'}"
+        )
     row.set(f"{ratio:.3f}", ratio >= 0.95, notes)
     return row
 
