@@ -24,7 +24,8 @@ from tests.swarm_keys import SwarmKeys, publish_fake_progress
 pytestmark = pytest.mark.slow
 
 HONEST = ("honest-inf", "honest")
-REASONS = {"non-finite", "norm", "weight"}
+# far: a part kept (inside the norm bounds) but far from the robust result
+REASONS = {"non-finite", "norm", "weight", "far"}
 
 
 def reports(swarm: Swarm, name: str) -> list[dict]:
