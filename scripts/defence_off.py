@@ -236,7 +236,7 @@ CASES = {
     ),
     "sources": (
         [("node/swarm/averagers.py", "MAX_STATE_SOURCES = 3\n", "MAX_STATE_SOURCES = 1\n")],
-        "tests/node/test_guard.py",
+        "tests/node/test_state_checks.py",
         "top_priority",
     ),
     "judge": (
@@ -247,7 +247,7 @@ CASES = {
                 "        return None\n",
             )
         ],
-        "tests/node/test_guard.py",
+        "tests/node/test_state_checks.py",
         "breaks_the_model",
     ),
 }
