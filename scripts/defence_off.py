@@ -243,7 +243,7 @@ CASES = {
         [
             (
                 "node/swarm/guard.py",
-                "        return loss_problem(guard, main_parameters, tensors)\n",
+                "        return loss_problem(guard, theirs, reference)\n",
                 "        return None\n",
             )
         ],
