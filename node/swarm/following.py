@@ -46,6 +46,7 @@ class FollowerStats:
     followed: int = 0  # rounds averaged with the group and applied
     loaded: int = 0  # rounds loaded from a peer (missed, or our state differed)
     loaded_to_start: int = 0  # of those, loads before the first round followed (catching up)
+    behind: int = 0  # of those, loads because the swarm stepped on before we joined its step
     missed: int = 0  # round ends with no group and no peer ahead
     jumped: int = 0  # rounds nobody could serve, skipped keeping our global parameters
     disagreed: int = 0  # rounds whose group said other global parameters were the swarm's

@@ -201,6 +201,9 @@ class StepFollower:
                 opt.missed_step = False
                 self._missed(step)
             elif opt.reloads != reloads:
+                # hivemind found the swarm past our step before we joined its group (our
+                # step call came late: a starved machine).
+                self.stats.behind += 1
                 self._reloaded(f"step {step} was behind the swarm's")
             if opt.local_epoch != step:
                 self._published.set()  # tell the swarm our new step now, not at the next refresh

@@ -438,13 +438,16 @@ def test_two_honest_nodes_end_fully_verified(swarm: Swarm) -> None:
     assert drift is not None and drift.max_age_s <= 3.0 + 12.0, drift
     # It loads state from a volunteer to start (more than once where the swarm steps faster
     # than a load takes, as here under load), and after that only after a step whose
-    # gradient group it missed (or, on a starved machine, once a step the swarm took
-    # without it).
+    # gradient group it missed or one the swarm took before it joined (a starved machine:
+    # fresh-clone CI under pytest-xdist saw 3 of those in 14 steps), and it follows more
+    # steps than it loses that way.
     stats = json.loads(
         (swarm.coord_dir / "followers" / "tiny" / "outbox" / "stats.json").read_text()
     )
     assert stats["followed"] >= 3, stats
-    assert stats["loaded"] - stats["loaded_to_start"] <= 1 + stats["missed"], stats
+    reloads = stats["loaded"] - stats["loaded_to_start"]
+    assert reloads <= 1 + stats["missed"] + stats["behind"], stats
+    assert stats["behind"] < stats["followed"], stats
     # The keeper's checkpoints: each file holds the parameters its listed hash names.
     checkpoints = swarm.get("/api/runs/tiny/checkpoints")
     latest = next(c for c in reversed(checkpoints) if c["available"])
