@@ -3,7 +3,7 @@
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
      predictable unchecked patience diloco aggregation progress
-     sources judge]
+     sources judge round_judge]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py, issue 15's in tests/e2e/test_adversarial.py; which must
 then FAIL), and puts the files back with
@@ -249,6 +249,24 @@ CASES = {
         ],
         "tests/node/test_state_checks.py",
         "breaks_the_model",
+    ),
+    # A DiLoCo round's average applied without judging its held-out loss (nodes and the
+    # keeper's round follower): the mean of one honest node and a flipper wins.
+    "round_judge": (
+        [
+            (
+                "node/swarm/diloco.py",
+                "        if guard is None or guard.heldout_loss is None:\n",
+                "        if True:\n",
+            ),
+            (
+                "node/swarm/follower.py",
+                "        if self._judge is None:\n",
+                "        if True:\n",
+            ),
+        ],
+        "tests/e2e/test_adversarial.py",
+        "one_honest_node_and_a_flipper",
     ),
 }
 

@@ -39,10 +39,11 @@ from crowdtrain.node.swarm.diloco_state import (
     failure_reason,
     served_state,
 )
-from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
+from crowdtrain.node.swarm.guard import HARMFUL, GuardConfig, SwarmGuard, loss_problem
 from crowdtrain.node.swarm.packed import FeedbackCodec
 from crowdtrain.node.swarm.rounds import (
     ROUND_PATIENCE,
+    after_outer_step,
     await_round_group,
     canonical_sha256,
     gathered_weight,
@@ -154,7 +155,9 @@ class DiLoCoOptimizer:
         self.global_round = 0  # outer steps in the global parameters
         # How the last round ended: averaged, reloaded (the group's parameters differed from
         # ours: theirs taken), loaded (failed: a peer's next round taken), own (failed: our
-        # pseudo-gradient applied) or diverged. Only the last two leave us off the swarm's.
+        # pseudo-gradient applied), refused (averaged, but the average made our global
+        # parameters worse on held-out data: ours applied) or diverged. Only own, refused
+        # and diverged leave us off the swarm's.
         self.last_round_outcome: str | None = None
         self._global_version = 0  # bumped whenever the global parameters change
         self._sha256_cache: tuple[int, str] | None = None
@@ -421,7 +424,12 @@ class DiLoCoOptimizer:
             return
         group = gathered if isinstance(gathered, dict) else {}
         with torch.no_grad(), self.averager.get_tensors() as average:
-            self._outer_step(average)
+            problem = self._result_problem(average)
+            if problem is None:
+                self._outer_step(average)
+        if problem is not None:
+            self._refuse_result(pending, group, problem)
+            return
         self._follow_local(pending.local_at_end)
         self.last_round_outcome = "averaged"
         peers = [v for v in group.values() if not (isinstance(v, dict) and v.get("follower"))]
@@ -450,6 +458,52 @@ class DiLoCoOptimizer:
                 self._adopt(state, local_at_end=None, keep_local=True)
             self.last_round_outcome = "reloaded" if state is not None else "diverged"
             self.exchange.allow(True)
+
+    def _result_problem(self, average: Sequence[torch.Tensor]) -> str | None:
+        """Why a round's averaged pseudo-gradient must not be applied, or None: the global
+        parameters it would give lose more than the guard's margin on held-out sequences
+        against ours now (:func:`~crowdtrain.node.swarm.guard.loss_problem`). The robust
+        rules need an honest majority of a group; a group of two (ours and one hostile
+        part, as when the third peer is late) is the mean, and a flipped part won it."""
+        guard = self.swarm_guard
+        if guard is None or guard.heldout_loss is None:
+            return None
+        with self._state_lock:
+            candidate = after_outer_step(self.outer, self.global_params, average, self.spec)
+        theirs = {}
+        for param, new in zip(self._params, candidate, strict=True):
+            for name in self._names.get(id(param), []):
+                theirs[name] = new
+        return loss_problem(guard, theirs, self.global_state_dict())
+
+    def _refuse_result(self, pending: _PendingRound, group: dict[Any, Any], problem: str) -> None:
+        """A round's average made our global parameters worse on held-out data: apply our
+        own pseudo-gradient instead (as after a failed round). With one other contributor
+        in the group, the harm was its part: it is reported."""
+        others = [
+            peer_id
+            for peer_id, value in group.items()
+            if peer_id != self.averager.peer_id
+            and gathered_weight(value) > 0
+            and not (isinstance(value, dict) and value.get("follower"))
+        ]
+        if len(others) == 1 and self.swarm_guard is not None:
+            self.swarm_guard.config.report(others[0].to_base58(), HARMFUL)
+        logger.warning(
+            "round %d: refused the group's average (%s; %d other contributor(s)); applying "
+            "our own pseudo-gradient",
+            pending.round,
+            problem.replace("its parameters'", "the averaged parameters'"),
+            len(others),
+        )
+        with torch.no_grad():
+            own = [
+                global_ - local
+                for global_, local in zip(self.global_params, pending.local_at_end, strict=True)
+            ]
+            self._outer_step(own)
+        self._follow_local(pending.local_at_end)
+        self.last_round_outcome = "refused"
 
     def _outer_step(self, average: Sequence[torch.Tensor]) -> None:
         with self._state_lock:

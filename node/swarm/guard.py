@@ -83,7 +83,9 @@ further ahead is checked again after this long before it is refused."""
 
 # Reasons a part or a result is dropped; reports carry them to the coordinator. FAR: a
 # part kept, but far from its slice's robust result (see crowdtrain.node.swarm.robust).
-MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR = (
+# HARMFUL: the one other contributor of a DiLoCo round whose average made the global
+# parameters worse on held-out data (see crowdtrain.node.swarm.diloco).
+MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR, HARMFUL = (
     "malformed",
     "dtype",
     "shape",
@@ -91,6 +93,7 @@ MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR = (
     "non-finite",
     "norm",
     "far",
+    "harmful",
 )
 
 _MAX_REPORTS = 32  # as many as a heartbeat carries

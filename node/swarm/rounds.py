@@ -90,6 +90,25 @@ def outer_step(
         global_.grad = None
 
 
+def after_outer_step(
+    outer: torch.optim.SGD,
+    global_params: Sequence[torch.Tensor],
+    average: Sequence[torch.Tensor],
+    spec: OptimizerSection,
+) -> list[torch.Tensor]:
+    """The global parameters :func:`outer_step` would give, on copies: ``global_params``
+    and ``outer``'s momentum stay as they are (a round's result judged before it is
+    applied)."""
+    candidate = [g.detach().clone() for g in global_params]
+    trial = outer_optimizer(candidate, spec)
+    for param, global_ in zip(candidate, global_params, strict=True):
+        buffer = outer.state.get(global_, {}).get("momentum_buffer")
+        if buffer is not None:
+            trial.state[param]["momentum_buffer"] = buffer.clone()
+    outer_step(trial, candidate, average)
+    return candidate
+
+
 def round_tracker(
     dht: hivemind.DHT,
     run_id: str,
