@@ -217,17 +217,16 @@ def test_a_diloco_round_met_by_one_honest_node_and_a_flipper_is_refused(swarm: S
     )
     attacker = dht_peer_id(swarm, "attacker")
 
-    def improved_and_reported() -> bool:
-        harmful = any(
+    swarm.wait_for(
+        lambda: improved(evals_of(swarm, "honest")), 240, "the honest node's model to improve"
+    )
+    swarm.wait_for(
+        lambda: any(
             r["dht_peer_id"] == attacker and r["reason"] == "harmful"
             for r in reports(swarm, "honest")
-        )
-        return harmful and improved(evals_of(swarm, "honest"))
-
-    swarm.wait_for(
-        improved_and_reported,
-        timeout=240,
-        what="the honest node's model to improve and its report of the attacker",
+        ),
+        60,
+        "the honest node's report of the attacker",
     )
     for process in nodes.values():
         process.popen.send_signal(signal.SIGINT)
