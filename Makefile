@@ -33,7 +33,7 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy protocol model coordinator node & types=$$!; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=5 -m "not soak"; tests=$$?; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 -m "not soak"; tests=$$?; \
 	wait $$types; types=$$?; test $$tests -eq 0 && test $$types -eq 0
 
 lint: $(VENV)/.installed-dev

@@ -479,7 +479,9 @@ class DiLoCoOptimizer:
     def _refuse_result(self, pending: _PendingRound, group: dict[Any, Any], problem: str) -> None:
         """A round's average made our global parameters worse on held-out data: apply our
         own pseudo-gradient instead (as after a failed round). With one other contributor
-        in the group, the harm was its part: it is reported."""
+        in the group, and ours passing the same judgement alone, the harm was its part: it
+        is reported. (Ours fails too where our local parameters trained on a stale base:
+        two honest peers' average then fails as well, and neither is to blame.)"""
         others = [
             peer_id
             for peer_id, value in group.items()
@@ -487,20 +489,22 @@ class DiLoCoOptimizer:
             and gathered_weight(value) > 0
             and not (isinstance(value, dict) and value.get("follower"))
         ]
-        if len(others) == 1 and self.swarm_guard is not None:
-            self.swarm_guard.config.report(others[0].to_base58(), HARMFUL)
-        logger.warning(
-            "round %d: refused the group's average (%s; %d other contributor(s)); applying "
-            "our own pseudo-gradient",
-            pending.round,
-            problem.replace("its parameters'", "the averaged parameters'"),
-            len(others),
-        )
         with torch.no_grad():
             own = [
                 global_ - local
                 for global_, local in zip(self.global_params, pending.local_at_end, strict=True)
             ]
+            blame = len(others) == 1 and self._result_problem(own) is None
+            if blame and self.swarm_guard is not None:
+                self.swarm_guard.config.report(others[0].to_base58(), HARMFUL)
+            logger.warning(
+                "round %d: refused the group's average (%s; %d other contributor(s)%s); "
+                "applying our own pseudo-gradient",
+                pending.round,
+                problem.replace("its parameters'", "the averaged parameters'"),
+                len(others),
+                f", {others[0].to_base58()} reported" if blame else "",
+            )
             self._outer_step(own)
         self._follow_local(pending.local_at_end)
         self.last_round_outcome = "refused"
