@@ -250,18 +250,13 @@ CASES = {
         "tests/node/test_state_checks.py",
         "breaks_the_model",
     ),
-    # A DiLoCo round's average applied without judging its held-out loss (nodes and the
-    # keeper's round follower): the mean of one honest node and a flipper wins.
+    # A DiLoCo round's average applied without judging its held-out loss against the
+    # node's own pseudo-gradient's: the mean of one honest node and a flipper wins.
     "round_judge": (
         [
             (
                 "node/swarm/diloco.py",
                 "        if guard is None or guard.heldout_loss is None:\n",
-                "        if True:\n",
-            ),
-            (
-                "node/swarm/follower.py",
-                "        if self._judge is None:\n",
                 "        if True:\n",
             ),
         ],

@@ -424,7 +424,7 @@ class DiLoCoOptimizer:
             return
         group = gathered if isinstance(gathered, dict) else {}
         with torch.no_grad(), self.averager.get_tensors() as average:
-            problem = self._result_problem(average)
+            problem = self._result_problem(average, self._own(pending))
             if problem is None:
                 self._outer_step(average)
         if problem is not None:
@@ -459,29 +459,46 @@ class DiLoCoOptimizer:
             self.last_round_outcome = "reloaded" if state is not None else "diverged"
             self.exchange.allow(True)
 
-    def _result_problem(self, average: Sequence[torch.Tensor]) -> str | None:
+    def _result_problem(
+        self, average: Sequence[torch.Tensor], own: Sequence[torch.Tensor]
+    ) -> str | None:
         """Why a round's averaged pseudo-gradient must not be applied, or None: the global
-        parameters it would give lose more than the guard's margin on held-out sequences
-        against ours now (:func:`~crowdtrain.node.swarm.guard.loss_problem`). The robust
-        rules need an honest majority of a group; a group of two (ours and one hostile
-        part, as when the third peer is late) is the mean, and a flipped part won it."""
+        parameters it would give lose more than LOSS_MARGIN on held-out sequences against
+        those our ``own`` pseudo-gradient would give alone
+        (:func:`~crowdtrain.node.swarm.guard.loss_problem`). The robust rules need an
+        honest majority of a group; a group of two (ours and one hostile part, as when the
+        third peer is late) is the mean, and a flipped part won it. Against our own round,
+        not our parameters now: an honest round alone raised the loss by 0.68 nats early
+        in a run (the outer Nesterov momentum overshoots)."""
         guard = self.swarm_guard
         if guard is None or guard.heldout_loss is None:
             return None
         with self._state_lock:
-            candidate = after_outer_step(self.outer, self.global_params, average, self.spec)
-        theirs = {}
-        for param, new in zip(self._params, candidate, strict=True):
+            group = after_outer_step(self.outer, self.global_params, average, self.spec)
+            alone = after_outer_step(self.outer, self.global_params, own, self.spec)
+        return loss_problem(
+            guard, self._named(group), self._named(alone), what="our own pseudo-gradient"
+        )
+
+    def _own(self, pending: _PendingRound) -> list[torch.Tensor]:
+        """Our pseudo-gradient of the pending round, as computed before compression."""
+        return [
+            global_ - local
+            for global_, local in zip(self.global_params, pending.local_at_end, strict=True)
+        ]
+
+    def _named(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors in the order of the global parameters, under the model's state-dict names."""
+        state = {}
+        for param, tensor in zip(self._params, tensors, strict=True):
             for name in self._names.get(id(param), []):
-                theirs[name] = new
-        return loss_problem(guard, theirs, self.global_state_dict())
+                state[name] = tensor
+        return state
 
     def _refuse_result(self, pending: _PendingRound, group: dict[Any, Any], problem: str) -> None:
-        """A round's average made our global parameters worse on held-out data: apply our
-        own pseudo-gradient instead (as after a failed round). With one other contributor
-        in the group, and ours passing the same judgement alone, the harm was its part: it
-        is reported. (Ours fails too where our local parameters trained on a stale base:
-        two honest peers' average then fails as well, and neither is to blame.)"""
+        """A round's average made our global parameters worse on held-out data than our
+        own pseudo-gradient alone: apply ours instead (as after a failed round). With one
+        other contributor in the group, the harm was its part: it is reported."""
         others = [
             peer_id
             for peer_id, value in group.items()
@@ -490,11 +507,7 @@ class DiLoCoOptimizer:
             and not (isinstance(value, dict) and value.get("follower"))
         ]
         with torch.no_grad():
-            own = [
-                global_ - local
-                for global_, local in zip(self.global_params, pending.local_at_end, strict=True)
-            ]
-            blame = len(others) == 1 and self._result_problem(own) is None
+            blame = len(others) == 1
             if blame and self.swarm_guard is not None:
                 self.swarm_guard.config.report(others[0].to_base58(), HARMFUL)
             logger.warning(
@@ -505,7 +518,7 @@ class DiLoCoOptimizer:
                 len(others),
                 f", {others[0].to_base58()} reported" if blame else "",
             )
-            self._outer_step(own)
+            self._outer_step(self._own(pending))
         self._follow_local(pending.local_at_end)
         self.last_round_outcome = "refused"
 

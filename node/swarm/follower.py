@@ -59,11 +59,10 @@ from crowdtrain.node.swarm.following import (
     put_in_outbox,
     seeded_model,
 )
-from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard, loss_problem
+from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
 from crowdtrain.node.swarm.heldout import HeldoutLoss
 from crowdtrain.node.swarm.rounds import (
     ROUND_PATIENCE,
-    after_outer_step,
     await_round_group,
     canonical_sha256,
     others_may_still_meet,
@@ -155,7 +154,6 @@ class RoundFollower:
             )
             judge.heldout_loss = HeldoutLoss.from_shard(spec, heldout)
             judge.reference_state = lambda round_: self._state_dict()
-        self._judge = judge
         self.exchange = StateExchange(
             self.averager,
             dht,
@@ -241,23 +239,9 @@ class RoundFollower:
                 canonical[:16],
                 own_sha256[:16],
             )
-        with torch.no_grad(), self.averager.get_tensors() as average:
-            problem = self._result_problem(average)
-            if problem is None:
-                with self._lock:
-                    outer_step(self.outer, self.global_params, average)
-                    self.round = round_ + 1
-        if problem is not None:
-            # Never the keeper's checkpoint: a peer that refused it too applied its own
-            # pseudo-gradient; its state is judged as every download is.
-            self.stats.refused += 1
-            self._catch_up(
-                round_ + 1,
-                f"round {round_}: refused the group's average ("
-                + problem.replace("its parameters'", "the averaged parameters'")
-                + ")",
-            )
-            return
+        with torch.no_grad(), self.averager.get_tensors() as average, self._lock:
+            outer_step(self.outer, self.global_params, average)
+            self.round = round_ + 1
         self.stats.followed += 1
         self._announce()
         self._write(self.round)
@@ -272,22 +256,6 @@ class RoundFollower:
             self.traffic.total_sent() / 1e6,
             sum(self.traffic.received(p) for p in self.traffic.counts()) / 1e6,
         )
-
-    def _result_problem(self, average: list[torch.Tensor]) -> str | None:
-        """Why the round's average must not be applied: the global parameters it gives lose
-        more than the guard's margin on held-out sequences against ours (None without
-        ``heldout``). A group of one node and a hostile one is their mean."""
-        if self._judge is None:
-            return None
-        with self._lock:
-            candidate = after_outer_step(
-                self.outer, self.global_params, average, self.spec.optimizer
-            )
-        theirs = {}
-        for param, new in zip(self._params, candidate, strict=True):
-            for name in self._tied[str(id(param))]:
-                theirs[name] = new
-        return loss_problem(self._judge, theirs, self._state_dict())
 
     def _catch_up(self, round_: int, why: str) -> None:
         """Load round ``round_`` (or later) from a peer: we missed what led to it."""

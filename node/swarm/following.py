@@ -50,7 +50,6 @@ class FollowerStats:
     missed: int = 0  # round ends with no group and no peer ahead
     jumped: int = 0  # rounds nobody could serve, skipped keeping our global parameters
     disagreed: int = 0  # rounds whose group said other global parameters were the swarm's
-    refused: int = 0  # rounds whose average made the global parameters worse on held-out data
     traffic: Traffic | None = None  # what it sent and received, by purpose
 
     def write(self, folder: Path) -> None:

@@ -274,17 +274,19 @@ def loss_problem(
     guard: SwarmGuard,
     state: dict[str, torch.Tensor],
     reference: dict[str, torch.Tensor] | None,
+    margin: float = LOSS_MARGIN,
+    what: str = "the trusted state",
 ) -> str | None:
     """Why downloaded parameters (``state``) are refused by their held-out loss, or None:
-    more than LOSS_MARGIN above ``reference``'s (unjudged without either, or without the
-    guard's ``heldout_loss``)."""
+    more than ``margin`` above ``reference``'s (``what``; unjudged without either, or
+    without the guard's ``heldout_loss``)."""
     if guard.heldout_loss is None or reference is None:
         return None
     theirs, ours = guard.heldout_loss(state), guard.heldout_loss(reference)
-    if not theirs <= ours + LOSS_MARGIN:  # NaN too
+    if not theirs <= ours + margin:  # NaN too
         return (
             f"its parameters' loss on held-out data is {theirs:.3f}, more than "
-            f"{LOSS_MARGIN} nats above the trusted state's {ours:.3f}"
+            f"{margin} nats above {what}'s {ours:.3f}"
         )
     return None
 
