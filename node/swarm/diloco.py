@@ -360,7 +360,7 @@ class DiLoCoOptimizer:
             local_at_end = [p.detach().to("cpu", torch.float32, copy=True) for p in self._params]
         if weight == 0:
             # Nothing of ours to average (we just joined or caught up): follow the swarm.
-            self._recover(round_, local_at_end, "no sequences trained in it")
+            self._recover(round_, local_at_end, "no sequences trained in it", trained=False)
             return
         swarm_round = self.tracker.global_epoch
         if swarm_round > round_ + 1:
@@ -480,6 +480,19 @@ class DiLoCoOptimizer:
             guard, self._named(group), self._named(alone), what="our own pseudo-gradient"
         )
 
+    def _loaded_problem(self, state: GlobalState, own: Sequence[torch.Tensor]) -> str | None:
+        """Why downloaded global state must not replace our round: its held-out loss is more
+        than LOSS_MARGIN above that of the global parameters our ``own`` pseudo-gradient
+        gives alone."""
+        guard = self.swarm_guard
+        if guard is None or guard.heldout_loss is None:
+            return None
+        with self._state_lock:
+            alone = after_outer_step(self.outer, self.global_params, own, self.spec)
+        return loss_problem(
+            guard, self._named(state.params), self._named(alone), what="our own pseudo-gradient"
+        )
+
     def _own(self, pending: _PendingRound) -> list[torch.Tensor]:
         """Our pseudo-gradient of the pending round, as computed before compression."""
         return [
@@ -544,9 +557,29 @@ class DiLoCoOptimizer:
                 else:
                     param.copy_(global_)
 
-    def _recover(self, round_: int, local_at_end: list[torch.Tensor], reason: str) -> None:
-        """A round without an average: take the next round's state from a peer, else our own."""
+    def _recover(
+        self, round_: int, local_at_end: list[torch.Tensor], reason: str, trained: bool = True
+    ) -> None:
+        """A round without an average: take the next round's state from a peer, else our own.
+
+        Where we ``trained`` in the round, a state whose held-out loss is more than
+        LOSS_MARGIN above what our own pseudo-gradient gives alone is not taken (as a
+        group's average is not): the keeper's follower, alone in rounds with a flipper,
+        applied its parts, and an honest node that had fallen behind loaded its rounds."""
         state = self.exchange.await_round(round_ + 1, self._round_timeout_s)
+        refused = None
+        if state is not None and trained:
+            own = [g - local for g, local in zip(self.global_params, local_at_end, strict=True)]
+            refused = self._loaded_problem(state, own)
+            if refused is not None:
+                logger.warning(
+                    "round %d: refused round %d's global state from %s (%s)",
+                    round_,
+                    state.round,
+                    self.exchange.last_source,
+                    refused.replace("its parameters'", "its"),
+                )
+                state = None
         if state is not None:
             logger.warning(
                 "round %d: averaging failed (%s); loaded round %d's global state from %s",
@@ -562,7 +595,7 @@ class DiLoCoOptimizer:
             self._adopt(state, local_at_end=keep)
             self.last_round_outcome = "loaded"
             return
-        if reason.startswith(("no sequences", "the swarm is at")):
+        if refused is None and reason.startswith(("no sequences", "the swarm is at")):
             logger.info("round %d: %s and no peer is ahead; nothing to average", round_, reason)
             return
         logger.warning(

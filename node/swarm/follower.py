@@ -77,6 +77,12 @@ from crowdtrain.protocol.runspec import RunSpec, load_spec
 
 logger = logging.getLogger(__name__)
 
+VOUCH_MARGIN = 1.5
+"""A round whose global parameters lose this many nats more on held-out sequences than the
+last round written is not written or served (:meth:`RoundFollower._vouches`). One honest
+node's round alone raised the loss by up to 1.03 nats (the outer Nesterov momentum
+overshoots); a flip x9.9 of one round, by 2 to 7."""
+
 
 class RoundFollower:
     """Follows a DiLoCo run's rounds from ``start`` (round, global parameters, outer
@@ -154,6 +160,9 @@ class RoundFollower:
             )
             judge.heldout_loss = HeldoutLoss.from_shard(spec, heldout)
             judge.reference_state = lambda round_: self._state_dict()
+        self._judge = judge
+        # The held-out loss of the last round written (None: not judged, or none yet).
+        self._vouched_loss: float | None = None
         self.exchange = StateExchange(
             self.averager,
             dht,
@@ -343,12 +352,43 @@ class RoundFollower:
         return served_state(state, self.round)
 
     def _write(self, round_: int) -> None:
+        """Put round ``round_`` in the outbox (the keeper's checkpoint of it), unless we do
+        not vouch for it (:meth:`_vouches`)."""
         with self._lock:
             state = {k: v.clone() for k, v in self._state_dict().items()}
             momentum = dict(zip(self.names, [m.clone() for m in self._momentum()], strict=True))
-        put_in_outbox(self.outbox, self.run_id, round_, state, momentum)
         self.stats.round = round_
+        if self._vouches(state, round_):
+            put_in_outbox(self.outbox, self.run_id, round_, state, momentum)
+        else:
+            self.stats.unvouched += 1
         self.stats.write(self.outbox)
+
+    def _vouches(self, state: dict[str, torch.Tensor], round_: int) -> bool:
+        """Whether round ``round_``'s global parameters may be checkpointed and served: not
+        when their held-out loss is more than VOUCH_MARGIN above the last written round's.
+        We follow every round's group and cannot judge its average (we have no
+        pseudo-gradient of our own to compare it with, as nodes do); a group of one node
+        flipping its parts made us apply them, and a node that had fallen behind loaded
+        them from us, vouched for by the checkpoint. Such rounds are neither written nor
+        served until a round comes back within the margin (or we load one that does)."""
+        if self._judge is None or self._judge.heldout_loss is None:
+            return True
+        loss = self._judge.heldout_loss(state)
+        if self._vouched_loss is not None and not loss <= self._vouched_loss + VOUCH_MARGIN:
+            self.exchange.allow(False)
+            logger.warning(
+                "round %d: held-out loss %.3f, more than %.1f nats above the last written "
+                "round's %.3f: not written, not served",
+                round_,
+                loss,
+                VOUCH_MARGIN,
+                self._vouched_loss,
+            )
+            return False
+        self._vouched_loss = loss
+        self.exchange.allow(True)
+        return True
 
     def shutdown(self) -> None:
         self.tracker.shutdown(1.0)

@@ -50,6 +50,7 @@ class FollowerStats:
     missed: int = 0  # round ends with no group and no peer ahead
     jumped: int = 0  # rounds nobody could serve, skipped keeping our global parameters
     disagreed: int = 0  # rounds whose group said other global parameters were the swarm's
+    unvouched: int = 0  # rounds followed but neither written nor served (held-out loss up)
     traffic: Traffic | None = None  # what it sent and received, by purpose
 
     def write(self, folder: Path) -> None:

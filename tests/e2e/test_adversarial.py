@@ -189,8 +189,9 @@ def test_a_sign_flipping_peer_is_outvoted_reported_and_flagged(swarm: Swarm, mod
         # far until the flag; then the roster bounds its weight to 0 and its parts are
         # refused for their weight
         reasons = {r["reason"] for r in seen if r["dht_peer_id"] == attacker}
-        # (harmful: a DiLoCo round met by one honest node and the attacker alone)
-        assert "far" in reasons and reasons <= {"far", "weight", "harmful"}, seen
+        # (harmful: a DiLoCo round met by one honest node and the attacker alone; norm:
+        # a part above 200 times the slice's lower median, as when an honest part is tiny)
+        assert "far" in reasons and reasons <= {"far", "weight", "harmful", "norm"}, seen
         assert all(r["dht_peer_id"] == attacker for r in seen if r["reason"] == "far"), seen
     peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
     assert "far" in peers["attacker"]["flagged"], peers["attacker"]
@@ -226,12 +227,12 @@ def test_a_diloco_round_met_by_one_honest_node_and_a_flipper_is_refused(swarm: S
         return max((e["step"] for e in evals if e["peer_id"] == honest_id), default=0)
 
     # Long enough for the flip to show: without the judge the loss is past 30 by round 10.
-    # The keeper's round follower applies such a group's mean (it has no pseudo-gradient
-    # of its own to judge it against), and a node that loads the follower's round is set
-    # back until its next refusal: 3.4 to 5.3 nats once, here.
+    # (The keeper's round follower applies such a group's mean, having no pseudo-gradient
+    # of its own to judge it against, but neither writes nor serves a round whose held-out
+    # loss rose more than 1.5 nats: a node that had fallen behind loaded those, 3.4 to 11.)
     swarm.wait_for(lambda: rounds_evaluated() >= 20, 240, "20 rounds of the honest node")
     losses = evals_of(swarm, "honest")
-    assert improved(losses) and max(losses[1:]) < 7.0, losses
+    assert improved(losses) and max(losses[1:]) < 5.0, losses
     swarm.wait_for(
         lambda: any(
             r["dht_peer_id"] == attacker and r["reason"] == "harmful"
