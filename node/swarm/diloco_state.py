@@ -181,7 +181,7 @@ class StateExchange:
         problem = self._problem(metadata, tensors)
         if problem is not None:
             self.last_refusal = problem
-            logger.warning("refused the global state a peer served: %s", problem)
+            logger.warning("refused the global state %s served: %s", self.last_source, problem)
             return None
         n = len(self._like)
         return GlobalState(

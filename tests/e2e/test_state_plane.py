@@ -99,9 +99,10 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
 
     # Every byte of state a volunteer's uplink carried, by each node's own count: one
     # state per download from a peer (a round the follower missed, or the follower
-    # catching up on it), none otherwise: never for joining.
+    # catching up on it; loaded, or refused once downloaded), none otherwise: never for
+    # joining.
     logs = "".join(n.output() for n in (first, doomed, restarted, late))
-    downloads = len(peer_loads(logs)) + len(peer_loads(follower_log(swarm)))
+    downloads = peer_downloads(logs) + peer_downloads(follower_log(swarm))
     sent = sum(state_sent(swarm).values())
     assert sent <= downloads * served_bytes(swarm) * 1.05, (state_sent(swarm), downloads)
 
@@ -163,6 +164,16 @@ def peer_loads(log: str) -> list[int]:
         r"loaded (?:round (\d+)'s global state|the global state of round (\d+)) from a peer", log
     )
     return [int(a or b) for a, b in found]
+
+
+def peer_downloads(log: str) -> int:
+    """How many global states ``log``'s process downloaded from a volunteer, loaded
+    (:func:`peer_loads`) or refused once downloaded (by the state checks, or as worse on
+    held-out data than the node's own round)."""
+    refused = re.findall(
+        r"refused (?:the global state a peer served|round \d+'s global state from a peer)", log
+    )
+    return len(peer_loads(log)) + len(refused)
 
 
 def follower_log(swarm: Swarm) -> str:
