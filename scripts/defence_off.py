@@ -255,8 +255,8 @@ CASES = {
     "round_judge": (
         [
             (
-                "node/swarm/diloco.py",
-                "        if guard is None or guard.heldout_loss is None:\n",
+                "node/swarm/round_judge.py",
+                "        if self._guard is None or self._guard.heldout_loss is None:\n",
                 "        if True:\n",
             ),
         ],

@@ -39,11 +39,11 @@ from crowdtrain.node.swarm.diloco_state import (
     failure_reason,
     served_state,
 )
-from crowdtrain.node.swarm.guard import HARMFUL, GuardConfig, SwarmGuard, loss_problem
+from crowdtrain.node.swarm.guard import HARMFUL, GuardConfig, SwarmGuard
 from crowdtrain.node.swarm.packed import FeedbackCodec
+from crowdtrain.node.swarm.round_judge import RoundJudge, contributors, own_pseudo_gradient
 from crowdtrain.node.swarm.rounds import (
     ROUND_PATIENCE,
-    after_outer_step,
     await_round_group,
     canonical_sha256,
     gathered_weight,
@@ -174,6 +174,9 @@ class DiLoCoOptimizer:
             ]
         self.outer = outer_optimizer(self.global_params, spec)
         self._state_lock = threading.Lock()
+        self.judge = RoundJudge(
+            swarm_guard, self.outer, self.global_params, spec, self._named, self._state_lock
+        )
         self._grad_sums = [torch.zeros_like(p) for p in self._params]
         self._has_grad = [False] * len(self._params)
         self._accumulated = 0  # sequences in the grad sums
@@ -264,11 +267,7 @@ class DiLoCoOptimizer:
     def global_state_dict(self) -> dict[str, torch.Tensor]:
         """The global parameters under the model's state-dict names (tied ones under each),
         as a checkpoint of round ``global_round`` holds them. Do not modify them."""
-        state = {}
-        for param, global_ in zip(self._params, self.global_params, strict=True):
-            for name in self._names.get(id(param), []):
-                state[name] = global_
-        return state
+        return self._named(self.global_params)
 
     def load_state_from_peers(self, timeout: float | None = None) -> bool:
         """Download the global parameters, outer momentum and round from a peer.
@@ -424,7 +423,8 @@ class DiLoCoOptimizer:
             return
         group = gathered if isinstance(gathered, dict) else {}
         with torch.no_grad(), self.averager.get_tensors() as average:
-            problem = self._result_problem(average, self._own(pending))
+            own = own_pseudo_gradient(self.global_params, pending.local_at_end)
+            problem = self.judge.average_problem(average, own)
             if problem is None:
                 self._outer_step(average)
         if problem is not None:
@@ -459,47 +459,6 @@ class DiLoCoOptimizer:
             self.last_round_outcome = "reloaded" if state is not None else "diverged"
             self.exchange.allow(True)
 
-    def _result_problem(
-        self, average: Sequence[torch.Tensor], own: Sequence[torch.Tensor]
-    ) -> str | None:
-        """Why a round's averaged pseudo-gradient must not be applied, or None: the global
-        parameters it would give lose more than LOSS_MARGIN on held-out sequences against
-        those our ``own`` pseudo-gradient would give alone
-        (:func:`~crowdtrain.node.swarm.guard.loss_problem`). The robust rules need an
-        honest majority of a group; a group of two (ours and one hostile part, as when the
-        third peer is late) is the mean, and a flipped part won it. Against our own round,
-        not our parameters now: an honest round alone raised the loss by 0.68 nats early
-        in a run (the outer Nesterov momentum overshoots)."""
-        guard = self.swarm_guard
-        if guard is None or guard.heldout_loss is None:
-            return None
-        with self._state_lock:
-            group = after_outer_step(self.outer, self.global_params, average, self.spec)
-            alone = after_outer_step(self.outer, self.global_params, own, self.spec)
-        return loss_problem(
-            guard, self._named(group), self._named(alone), what="our own pseudo-gradient"
-        )
-
-    def _loaded_problem(self, state: GlobalState, own: Sequence[torch.Tensor]) -> str | None:
-        """Why downloaded global state must not replace our round: its held-out loss is more
-        than LOSS_MARGIN above that of the global parameters our ``own`` pseudo-gradient
-        gives alone."""
-        guard = self.swarm_guard
-        if guard is None or guard.heldout_loss is None:
-            return None
-        with self._state_lock:
-            alone = after_outer_step(self.outer, self.global_params, own, self.spec)
-        return loss_problem(
-            guard, self._named(state.params), self._named(alone), what="our own pseudo-gradient"
-        )
-
-    def _own(self, pending: _PendingRound) -> list[torch.Tensor]:
-        """Our pseudo-gradient of the pending round, as computed before compression."""
-        return [
-            global_ - local
-            for global_, local in zip(self.global_params, pending.local_at_end, strict=True)
-        ]
-
     def _named(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Tensors in the order of the global parameters, under the model's state-dict names."""
         state = {}
@@ -512,13 +471,7 @@ class DiLoCoOptimizer:
         """A round's average made our global parameters worse on held-out data than our
         own pseudo-gradient alone: apply ours instead (as after a failed round). With one
         other contributor in the group, the harm was its part: it is reported."""
-        others = [
-            peer_id
-            for peer_id, value in group.items()
-            if peer_id != self.averager.peer_id
-            and gathered_weight(value) > 0
-            and not (isinstance(value, dict) and value.get("follower"))
-        ]
+        others = contributors(group, self.averager.peer_id)
         with torch.no_grad():
             blame = len(others) == 1
             if blame and self.swarm_guard is not None:
@@ -531,7 +484,7 @@ class DiLoCoOptimizer:
                 len(others),
                 f", {others[0].to_base58()} reported" if blame else "",
             )
-            self._outer_step(self._own(pending))
+            self._outer_step(own_pseudo_gradient(self.global_params, pending.local_at_end))
         self._follow_local(pending.local_at_end)
         self.last_round_outcome = "refused"
 
@@ -569,8 +522,8 @@ class DiLoCoOptimizer:
         state = self.exchange.await_round(round_ + 1, self._round_timeout_s)
         refused = None
         if state is not None and trained:
-            own = [g - local for g, local in zip(self.global_params, local_at_end, strict=True)]
-            refused = self._loaded_problem(state, own)
+            own = own_pseudo_gradient(self.global_params, local_at_end)
+            refused = self.judge.worse_than_own(state.params, own)
             if refused is not None:
                 logger.warning(
                     "round %d: refused round %d's global state from %s (%s)",
