@@ -3,7 +3,7 @@
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
      predictable unchecked patience diloco aggregation progress
-     sources judge round_judge]
+     sources judge round_judge reducer]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py, issue 15's in tests/e2e/test_adversarial.py; which must
 then FAIL), and puts the files back with
@@ -249,6 +249,20 @@ CASES = {
         ],
         "tests/node/test_state_checks.py",
         "breaks_the_model",
+    ),
+    # A reducer's results for our slice taken without judging their direction: one
+    # returning its slice times -100 (inside the result norm bound) steers a third of
+    # every sync step.
+    "reducer": (
+        [
+            (
+                "node/swarm/guard.py",
+                "    return None if cosine > RESULT_COSINE_FLOOR and pull > RESULT_PULL_FLOOR else CONTRARY\n",
+                "    return None\n",
+            ),
+        ],
+        "tests/e2e/test_adversarial.py",
+        "returns_its_slice_flipped",
     ),
     # A DiLoCo round's average applied without judging its held-out loss against the
     # node's own pseudo-gradient's: the mean of one honest node and a flipper wins.

@@ -23,9 +23,10 @@ from crowdtrain.protocol.errors import CrowdtrainError
 logger = logging.getLogger(__name__)
 
 ATTACK_ENV = "CROWDTRAIN_TEST_ATTACK"
-"""``nan``, ``scale``, ``weight``, ``flip`` or ``cycle`` makes this node a hostile peer: what
-it sends to the swarm's averaging is corrupted (``cycle`` takes the first three in turn;
-``flip`` sends every part times -9.9, inside the guard's norm bounds)."""
+"""``nan``, ``scale``, ``weight``, ``flip``, ``reducer`` or ``cycle`` makes this node a hostile
+peer: what it sends to the swarm's averaging is corrupted (``cycle`` takes the first three in
+turn; ``flip`` sends every part times -9.9, inside the guard's norm bounds; ``reducer`` sends
+honest parts but returns each slice it reduces times -100 to the other senders)."""
 
 ATTACKS = ("nan", "scale", "weight")
 """The attacks ``cycle`` goes through, in order."""
@@ -61,10 +62,10 @@ class TestHooks:
     memory_cap_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.attack and self.attack not in (*ATTACKS, "flip", "cycle"):
+        if self.attack and self.attack not in (*ATTACKS, "flip", "reducer", "cycle"):
             raise CrowdtrainError(
-                f"{ATTACK_ENV}={self.attack!r}: use one of {', '.join(ATTACKS)}, flip or "
-                "cycle, or unset it"
+                f"{ATTACK_ENV}={self.attack!r}: use one of {', '.join(ATTACKS)}, flip, "
+                "reducer or cycle, or unset it"
             )
         if self.inf_grad_every < 0:
             raise CrowdtrainError(f"{INF_GRAD_ENV}={self.inf_grad_every}: must not be negative")

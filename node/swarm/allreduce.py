@@ -35,6 +35,7 @@ from crowdtrain.node.swarm.guard import (
     part_problem,
     reference_norm,
     result_problem,
+    slice_problem,
 )
 from crowdtrain.node.swarm.robust import aggregate
 from crowdtrain.protocol.runspec import TrustSection
@@ -43,6 +44,13 @@ logger = logging.getLogger(__name__)
 
 FLIP = -9.9
 """The ``flip`` test attack's factor: a sign flip just inside the guard's CLIP_BOUND."""
+
+HOSTILE_RESULT = -100.0
+"""The ``reducer`` test attack's factor: what a hostile reducer returns, times the average.
+Inside the bound on a result's norm (RESULT_NORM_BOUND times our part)."""
+
+PART_ATTACKS = ("nan", "scale", "weight", "flip")
+"""The test attacks on what a sender sends (``reducer`` is on what a reducer returns)."""
 
 
 class _RobustPartReducer(TensorPartReducer):
@@ -299,7 +307,15 @@ class GuardedAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     break  # banned meanwhile (a timeout): nothing more of it is needed
 
-                if self._exact:
+                if self._attack == "reducer":
+                    serialized = await loop.run_in_executor(
+                        None,
+                        _serialize_delta,
+                        averaged_part * HOSTILE_RESULT,
+                        torch.zeros_like(tensor_part) if self._exact else tensor_part,
+                        part_compression,
+                    )
+                elif self._exact:
                     serialized = await self._serialized_average(part_index - 1, averaged_part)
                 else:
                     # The sender adds this to what it sent, so it is relative to the unclipped part.
@@ -335,6 +351,8 @@ class GuardedAllReduceRunner(AllReduceRunner):
                 await done_sending.wait()
 
             part_index = 0
+            # Taken in only once the whole slice is in: judged as one (slice_problem).
+            results: list[torch.Tensor] = []
             async for delta, code in amap_in_executor(
                 _deserialize_result,
                 self._received(aiter_with_timeout(stream, self.reducer_timeout)),
@@ -354,7 +372,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     if peer_id in self.sender_peer_ids:
                         await self._ban_sender(peer_id)
                     raise AllreduceException(f"{peer_id} returned a bad result: {problem}")
-                container.register_processed_part(peer_index, part_index, delta)
+                results.append(delta)
                 part_index += 1
 
             if part_index != container.num_parts_by_peer[peer_index]:
@@ -362,6 +380,23 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     f"peer {peer_id} sent {part_index} parts, but we expected "
                     f"{container.num_parts_by_peer[peer_index]}"
                 )
+            # Under the mean a hostile sender moves an honest reducer's result anywhere, so
+            # a result against ours would not tell who lied; the robust rules keep it with
+            # the honest majority. Nothing of ours weighed in (weight 0): nothing to judge by.
+            if self.weight > 0 and self._guard.trust.aggregation != "mean":
+                ours = [part for part, _ in container._input_parts_by_peer[peer_index]]
+                # results are deltas from what we sent, or (exact) the averages themselves
+                averages = (
+                    results if self._exact else [d + o for d, o in zip(results, ours, strict=True)]
+                )
+                problem = slice_problem(averages, ours)
+                if problem is not None:
+                    self._drop(peer_id, problem, "results")
+                    if peer_id in self.sender_peer_ids:
+                        await self._ban_sender(peer_id)
+                    raise AllreduceException(f"{peer_id} returned results against ours: {problem}")
+            for index, delta in enumerate(results):
+                container.register_processed_part(peer_index, index, delta)
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.debug("caught %r when communicating with %s", e, peer_id, exc_info=True)
@@ -387,7 +422,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
         self, peer_index: int
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super()._generate_input_for_peer(peer_index):
-            if self._attack:
+            if self._attack in PART_ATTACKS:
                 _corrupt(message, self._attack)
             self._guard.count("averaging", sent=message.ByteSize())
             yield message

@@ -70,6 +70,19 @@ are never bit-identical (each adds the average's difference to its own values) a
 drift apart between state averaging rounds: two at step 72 of a test run were 1%
 apart. A fabricated or foreign model is about 100% away."""
 
+RESULT_COSINE_FLOOR = -0.3
+RESULT_PULL_FLOOR = -1.0
+"""A reducer's results for our slice, taken together, must not point against our own parts
+of it: their cosine with our parts must be above RESULT_COSINE_FLOOR, and their projection
+on our parts (in units of our parts: how far they pull against ours) above
+RESULT_PULL_FLOOR. Every rule (the mean, a trimmed mean, CenteredClip) weighs our part in
+and honest gradients share a direction. ``python bench/result_direction.py`` measured
+honest groups of 2 to 4 peers (the demo's model at 0, 50 and 300 steps; equal batches, and
+one peer's 8 times smaller) over whole slices: the smallest cosine -0.03 (median +0.95) and
+the smallest projection -0.01 (single parts went down to -0.69, hence judging by slice).
+A reducer returning the result flipped (-100x) gives a cosine near -0.95 and a projection
+near -100; one returning it times -1, a cosine near -0.95."""
+
 LOSS_MARGIN = 0.5
 """Downloaded parameters that no checkpoint of their step vouches for are refused when
 their loss on held-out sequences is more than this many nats above the reference's (the
@@ -85,7 +98,8 @@ further ahead is checked again after this long before it is refused."""
 # part kept, but far from its slice's robust result (see crowdtrain.node.swarm.robust).
 # HARMFUL: the one other contributor of a DiLoCo round whose average made the global
 # parameters worse on held-out data (see crowdtrain.node.swarm.diloco).
-MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR, HARMFUL = (
+# CONTRARY: a reducer whose results for our slice point against our own parts.
+MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR, HARMFUL, CONTRARY = (
     "malformed",
     "dtype",
     "shape",
@@ -94,6 +108,7 @@ MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR, HARMFUL = (
     "norm",
     "far",
     "harmful",
+    "contrary",
 )
 
 _MAX_REPORTS = 32  # as many as a heartbeat carries
@@ -159,6 +174,23 @@ def result_problem(
         if ours > 0 and _norm(delta) > RESULT_NORM_BOUND * ours:
             return NORM
     return None
+
+
+def slice_problem(results: Sequence[torch.Tensor], ours: Sequence[torch.Tensor]) -> str | None:
+    """CONTRARY when a reducer's ``results`` for our slice (the averages, part by part) point
+    against our own parts of it (``ours``): cosine at most RESULT_COSINE_FLOOR, or pulling
+    against ours by RESULT_PULL_FLOOR of ours or more. Unjudged when either is all zero
+    (nothing of ours weighed in)."""
+    dot = sum(
+        float(torch.dot(r.float().reshape(-1), o.float().reshape(-1)))
+        for r, o in zip(results, ours, strict=True)
+    )
+    theirs = math.sqrt(sum(_norm(r) ** 2 for r in results))
+    own = math.sqrt(sum(_norm(o) ** 2 for o in ours))
+    if theirs == 0 or own == 0:
+        return None
+    cosine, pull = dot / (theirs * own), dot / own**2
+    return None if cosine > RESULT_COSINE_FLOOR and pull > RESULT_PULL_FLOOR else CONTRARY
 
 
 def _norm(tensor: torch.Tensor) -> float:
@@ -454,6 +486,7 @@ __all__ = [
     "part_problem",
     "reference_norm",
     "result_problem",
+    "slice_problem",
     "state_distance",
     "state_problem",
     "loss_problem",

@@ -252,6 +252,56 @@ def test_a_diloco_round_met_by_one_honest_node_and_a_flipper_is_refused(swarm: S
     assert "refused the group's average" in nodes["honest"].output()
 
 
+def test_a_reducer_that_returns_its_slice_flipped_is_refused_and_reported(
+    swarm: Swarm,
+) -> None:
+    """The attacker runs our own node: it trains and sends honest parts, but every slice it
+    reduces goes back to the other senders times -100 (hook ``reducer``: inside the bound
+    on a result's norm, 1000 times our own part). A sync step's gradient then pointed away
+    from the honest ones in a third of the model. The honest nodes now judge each reducer's
+    results for their slice together: pointing against their own parts, they are refused
+    (the slice keeps the node's own gradient, as after a failed reducer) and the reducer
+    is reported as ``contrary``. The honest models improve and never rise more than 0.5
+    nats above their first evaluation."""
+    data = swarm.prepare(32_768)
+    published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
+    assert published.returncode == 0, published.stderr
+    swarm.start_coordinator()
+    nodes = {
+        "honest-a": swarm.start_node("honest-a"),
+        "honest-b": swarm.start_node("honest-b"),
+        "attacker": swarm.start_node("attacker", env={"CROWDTRAIN_TEST_ATTACK": "reducer"}),
+    }
+    honest = ("honest-a", "honest-b")
+    swarm.wait_for(
+        lambda: "joined the swarm as" in nodes["attacker"].output(), 120, "the attacker to join"
+    )
+    attacker = dht_peer_id(swarm, "attacker")
+
+    def reported_and_evaluated() -> bool:
+        return all(
+            any(r["dht_peer_id"] == attacker for r in reports(swarm, name))
+            and len(evals_of(swarm, name)) >= 4
+            for name in honest
+        )
+
+    swarm.wait_for(
+        reported_and_evaluated, 300, "both honest nodes' reports and four evaluations each"
+    )
+    for process in nodes.values():
+        process.popen.send_signal(signal.SIGINT)
+    for name in honest:
+        assert nodes[name].wait(timeout=90) == 0, nodes[name].output()[-5000:]
+    for name in honest:
+        losses = evals_of(swarm, name)
+        # (without the check the loss rises in a few steps)
+        assert improved(losses) and max(losses) <= losses[0] + 0.5, (name, losses)
+        seen = reports(swarm, name)
+        assert {r["reason"] for r in seen if r["dht_peer_id"] == attacker} == {"contrary"}, seen
+        # an honest reducer's results are never refused
+        assert all(r["reason"] != "contrary" for r in seen if r["dht_peer_id"] != attacker), seen
+
+
 def test_a_progress_record_ahead_of_the_swarm_moves_no_one(swarm: Swarm) -> None:
     """A DHT peer publishes a valid, signed progress record as a full peer five steps
     ahead of the swarm's (tests/fake_progress.py --ahead 5), renewed every second. hivemind

@@ -29,6 +29,7 @@ from crowdtrain.node.swarm.guard import (
     part_problem,
     reference_norm,
     result_problem,
+    slice_problem,
 )
 from crowdtrain.protocol.errors import CrowdtrainError
 from crowdtrain.protocol.runspec import TrustSection
@@ -259,6 +260,36 @@ def test_a_hostile_reducers_results_are_not_used(tmp_path: Path) -> None:
         values = set(result.unique().tolist())
         assert own in values and values <= {own, 2.0, 3.0}, values
         assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"non-finite"}
+
+
+def test_a_slices_results_are_judged_by_their_direction_together() -> None:
+    generator = torch.Generator().manual_seed(0)
+    ours = [torch.randn(500, generator=generator) + 0.5 for _ in range(3)]
+    honest = [o + torch.randn(500, generator=generator) for o in ours]  # others' noise
+    assert slice_problem(honest, ours) is None
+    assert slice_problem([-100 * h for h in honest], ours) == "contrary"
+    assert slice_problem([-h for h in honest], ours) == "contrary"  # by its direction
+    # a result pulling against ours by more than ours, whatever else it holds
+    against = [
+        h - 2.5 * o + 50 * torch.randn(500, generator=generator)
+        for h, o in zip(honest, ours, strict=True)
+    ]
+    assert slice_problem(against, ours) == "contrary"
+    # one part against ours among parts with ours: the slice as a whole decides
+    assert slice_problem([-honest[0], honest[1], honest[2]], ours) is None
+    assert slice_problem(honest, [torch.zeros(500)] * 3) is None  # nothing of ours to judge by
+
+
+def test_a_reducer_returning_its_slice_flipped_is_refused_and_reported(tmp_path: Path) -> None:
+    """The ``reducer`` hook: honest parts, every result returned times -100."""
+    results = asyncio.run(_all_reduce(tmp_path, "reducer", hostile_reducer=False))
+    for index, result in enumerate(results):
+        # The hostile reducer's slice keeps our own value; elsewhere the average is 3, or
+        # 2 for parts that arrived after its sender was banned for its results.
+        own = (1.0, 3.0)[index]
+        values = set(result.unique().tolist())
+        assert own in values and values <= {own, 2.0, 3.0}, values
+        assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"contrary"}
 
 
 def test_under_the_mean_a_spike_is_clipped_quietly(tmp_path: Path) -> None:
