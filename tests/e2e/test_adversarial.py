@@ -261,8 +261,8 @@ def test_a_reducer_that_returns_its_slice_flipped_is_refused_and_reported(
     from the honest ones in a third of the model. The honest nodes now judge each reducer's
     results for their slice together: pointing against their own parts, they are refused
     (the slice keeps the node's own gradient, as after a failed reducer) and the reducer
-    is reported as ``contrary``. The honest models improve and never rise more than 0.5
-    nats above their first evaluation."""
+    is reported as ``contrary``. The honest models improve (below 4 nats in five
+    evaluations) and never rise more than 0.5 nats above their first evaluation."""
     data = swarm.prepare(32_768)
     published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
     assert published.returncode == 0, published.stderr
@@ -281,12 +281,12 @@ def test_a_reducer_that_returns_its_slice_flipped_is_refused_and_reported(
     def reported_and_evaluated() -> bool:
         return all(
             any(r["dht_peer_id"] == attacker for r in reports(swarm, name))
-            and len(evals_of(swarm, name)) >= 4
+            and len(evals_of(swarm, name)) >= 5
             for name in honest
         )
 
     swarm.wait_for(
-        reported_and_evaluated, 300, "both honest nodes' reports and four evaluations each"
+        reported_and_evaluated, 300, "both honest nodes' reports and five evaluations each"
     )
     for process in nodes.values():
         process.popen.send_signal(signal.SIGINT)
@@ -294,8 +294,10 @@ def test_a_reducer_that_returns_its_slice_flipped_is_refused_and_reported(
         assert nodes[name].wait(timeout=90) == 0, nodes[name].output()[-5000:]
     for name in honest:
         losses = evals_of(swarm, name)
-        # (without the check the loss rises in a few steps)
-        assert improved(losses) and max(losses) <= losses[0] + 0.5, (name, losses)
+        # Defended: 5.43 to 3.62 in five evaluations (8 steps), 3.39 at step 20. Without
+        # the check: 5.43, 4.45, 4.38, 4.37, 4.51, 4.72, rising.
+        assert improved(losses) and losses[-1] < 4.0, (name, losses)
+        assert max(losses) <= losses[0] + 0.5, (name, losses)
         seen = reports(swarm, name)
         assert {r["reason"] for r in seen if r["dht_peer_id"] == attacker} == {"contrary"}, seen
         # an honest reducer's results are never refused
