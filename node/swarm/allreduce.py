@@ -342,6 +342,12 @@ class GuardedAllReduceRunner(AllReduceRunner):
         container = self.tensor_part_container
         peer_index = self.ordered_peer_ids.index(peer_id)
         try:
+            if self.weight > 0 and not self._exact and self._max_weight(peer_id) <= 0:
+                # Flagged or banned (the coordinator's roster bounds it to nothing): neither
+                # our parts nor its results; its slice keeps our own, as after a failed
+                # reducer. Not in exact rounds (a partial one fails for the whole group) nor
+                # with nothing of our own to keep (the keeper's follower would miss the step).
+                raise AllreduceException(f"{peer_id} is flagged: its slice keeps our own part")
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(
                 self._generate_input_for_peer(peer_index), done_sending

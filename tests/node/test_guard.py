@@ -168,9 +168,10 @@ async def _all_reduce(
     values: tuple[float, ...] = (1.0, 3.0, 5.0),
     weights: tuple[float, ...] = (1.0, 1.0, 1.0),
     aggregation: str = "centered_clip",
+    flagged: bool = False,
 ) -> list[torch.Tensor]:
     """Three peers average ``values`` (as vectors) by ``aggregation``; the third may be
-    hostile.
+    hostile, and ``flagged`` (the roster bounds its weight to 0).
 
     Returns the first two peers' results."""
     p2ps = [await P2P.create()]
@@ -191,7 +192,7 @@ async def _all_reduce(
             cls = HostileReducer if hostile and hostile_reducer else GuardedAllReduceRunner
             runner = cls(
                 guard=guard,
-                max_weight=lambda peer_id: 10.0,
+                max_weight=lambda peer_id: 0.0 if flagged and peer_id == peer_ids[2] else 10.0,
                 attack=attack if hostile else "",
                 p2p=p2p,
                 servicer_type=GuardedAllReduceRunner,
@@ -290,6 +291,18 @@ def test_a_reducer_returning_its_slice_flipped_is_refused_and_reported(tmp_path:
         values = set(result.unique().tolist())
         assert own in values and values <= {own, 2.0, 3.0}, values
         assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"contrary"}
+
+
+def test_a_flagged_peer_neither_reduces_nor_sends_for_us(tmp_path: Path) -> None:
+    """Once the roster bounds a peer to nothing, its results are not even asked for (its
+    slice keeps our own part: no result of its is judged or reported) and its parts are
+    refused for their weight."""
+    results = asyncio.run(_all_reduce(tmp_path, "reducer", hostile_reducer=False, flagged=True))
+    for index, result in enumerate(results):
+        own = (1.0, 3.0)[index]
+        values = set(result.unique().tolist())
+        assert own in values and values <= {own, 2.0}, values
+        assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"weight"}
 
 
 def test_under_the_mean_a_spike_is_clipped_quietly(tmp_path: Path) -> None:
