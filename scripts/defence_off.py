@@ -257,8 +257,8 @@ CASES = {
         [
             (
                 "node/swarm/guard.py",
-                "    return None if cosine > RESULT_COSINE_FLOOR and pull > RESULT_PULL_FLOOR else CONTRARY\n",
-                "    return None\n",
+                "    if cosine > RESULT_COSINE_FLOOR and pull > RESULT_PULL_FLOOR:\n",
+                "    if True:\n",
             ),
         ],
         "tests/e2e/test_adversarial.py",

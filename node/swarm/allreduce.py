@@ -26,6 +26,7 @@ from hivemind.utils.asyncio import (
 )
 
 from crowdtrain.node.swarm.guard import (
+    AGAINST,
     FAR,
     SHAPE,
     GuardConfig,
@@ -389,17 +390,29 @@ class GuardedAllReduceRunner(AllReduceRunner):
             # Under the mean a hostile sender moves an honest reducer's result anywhere, so
             # a result against ours would not tell who lied; the robust rules keep it with
             # the honest majority. Nothing of ours weighed in (weight 0): nothing to judge by.
-            if self.weight > 0 and self._guard.trust.aggregation != "mean":
+            # Exact rounds (DiLoCo) are judged whole, by the held-out loss of the global
+            # parameters they give (crowdtrain.node.swarm.round_judge): refusing one slice
+            # there fails the round for us, and a peer whose rounds keep failing falls
+            # behind its group (seen in the three-peer DiLoCo sign-flip test).
+            judged = self.weight > 0 and not self._exact
+            if judged and self._guard.trust.aggregation != "mean":
                 ours = [part for part, _ in container._input_parts_by_peer[peer_index]]
                 # results are deltas from what we sent, or (exact) the averages themselves
                 averages = (
                     results if self._exact else [d + o for d, o in zip(results, ours, strict=True)]
                 )
                 problem = slice_problem(averages, ours)
-                if problem is not None:
+                if problem == AGAINST:  # refused, but an honest reducer can return it
+                    logger.warning(
+                        "refused averaging results from peer %s: against our own parts (the "
+                        "mean of too few parts can give it; not reported)",
+                        peer_id.to_base58(),
+                    )
+                elif problem is not None:
                     self._drop(peer_id, problem, "results")
                     if peer_id in self.sender_peer_ids:
                         await self._ban_sender(peer_id)
+                if problem is not None:
                     raise AllreduceException(f"{peer_id} returned results against ours: {problem}")
             for index, delta in enumerate(results):
                 container.register_processed_part(peer_index, index, delta)

@@ -81,7 +81,17 @@ honest groups of 2 to 4 peers (the demo's model at 0, 50 and 300 steps; equal ba
 one peer's 8 times smaller) over whole slices: the smallest cosine -0.03 (median +0.95) and
 the smallest projection -0.01 (single parts went down to -0.69, hence judging by slice).
 A reducer returning the result flipped (-100x) gives a cosine near -0.95 and a projection
-near -100; one returning it times -1, a cosine near -0.95."""
+near -100; one returning it times -1, a cosine near -0.95.
+
+Such results are refused, but the reducer is reported (CONTRARY) only when they also pull
+against ours by more than BLAME_PULL times ours. An honest reducer's result points against
+ours too when its robust rule had only two parts to combine, which is the mean (ours and a
+flipped one, or ours and the keeper's follower's weightless part and a flip): one part
+within CLIP_BOUND of the smaller pulls by at most CLIP_BOUND, whatever the weights. Seen in the
+three-peer sign-flip test: an honest node reported the other honest node as contrary
+once, and the flipper (running our code) reported both; two such reports flag a peer."""
+
+BLAME_PULL = -CLIP_BOUND
 
 LOSS_MARGIN = 0.5
 """Downloaded parameters that no checkpoint of their step vouches for are refused when
@@ -98,8 +108,9 @@ further ahead is checked again after this long before it is refused."""
 # part kept, but far from its slice's robust result (see crowdtrain.node.swarm.robust).
 # HARMFUL: the one other contributor of a DiLoCo round whose average made the global
 # parameters worse on held-out data (see crowdtrain.node.swarm.diloco).
-# CONTRARY: a reducer whose results for our slice point against our own parts.
-MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR, HARMFUL, CONTRARY = (
+# CONTRARY: a reducer whose results for our slice point against our own parts, further
+# than an honest reducer's can (AGAINST: refused, nobody reported).
+MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR, HARMFUL, CONTRARY, AGAINST = (
     "malformed",
     "dtype",
     "shape",
@@ -109,6 +120,7 @@ MALFORMED, DTYPE, SHAPE, WEIGHT, NON_FINITE, NORM, FAR, HARMFUL, CONTRARY = (
     "far",
     "harmful",
     "contrary",
+    "against",
 )
 
 _MAX_REPORTS = 32  # as many as a heartbeat carries
@@ -177,9 +189,11 @@ def result_problem(
 
 
 def slice_problem(results: Sequence[torch.Tensor], ours: Sequence[torch.Tensor]) -> str | None:
-    """CONTRARY when a reducer's ``results`` for our slice (the averages, part by part) point
-    against our own parts of it (``ours``): cosine at most RESULT_COSINE_FLOOR, or pulling
-    against ours by RESULT_PULL_FLOOR of ours or more. Unjudged when either is all zero
+    """Why a reducer's ``results`` for our slice (the averages, part by part) are refused, or
+    None: they point against our own parts of it (``ours``: cosine at most
+    RESULT_COSINE_FLOOR, or pulling against ours by RESULT_PULL_FLOOR of ours or more):
+    CONTRARY (its reducer is to blame) when they also pull by more than BLAME_PULL, AGAINST
+    (the mean of too few parts can give it) otherwise. Unjudged when either is all zero
     (nothing of ours weighed in)."""
     dot = sum(
         float(torch.dot(r.float().reshape(-1), o.float().reshape(-1)))
@@ -190,7 +204,9 @@ def slice_problem(results: Sequence[torch.Tensor], ours: Sequence[torch.Tensor])
     if theirs == 0 or own == 0:
         return None
     cosine, pull = dot / (theirs * own), dot / own**2
-    return None if cosine > RESULT_COSINE_FLOOR and pull > RESULT_PULL_FLOOR else CONTRARY
+    if cosine > RESULT_COSINE_FLOOR and pull > RESULT_PULL_FLOOR:
+        return None
+    return CONTRARY if pull < BLAME_PULL else AGAINST
 
 
 def _norm(tensor: torch.Tensor) -> float:

@@ -269,13 +269,17 @@ def test_a_slices_results_are_judged_by_their_direction_together() -> None:
     honest = [o + torch.randn(500, generator=generator) for o in ours]  # others' noise
     assert slice_problem(honest, ours) is None
     assert slice_problem([-100 * h for h in honest], ours) == "contrary"
-    assert slice_problem([-h for h in honest], ours) == "contrary"  # by its direction
-    # a result pulling against ours by more than ours, whatever else it holds
-    against = [
+    # Refused but nobody blamed: the mean of ours and one flipped part (what an honest
+    # reducer returns when its rule had only two parts) points against ours too, but
+    # pulls by at most CLIP_BOUND times ours.
+    assert slice_problem([-h for h in honest], ours) == "against"
+    flipped_mean = [(o - CLIP_BOUND * h) / 2 for o, h in zip(ours, honest, strict=True)]
+    assert slice_problem(flipped_mean, ours) == "against"
+    noisy = [
         h - 2.5 * o + 50 * torch.randn(500, generator=generator)
         for h, o in zip(honest, ours, strict=True)
     ]
-    assert slice_problem(against, ours) == "contrary"
+    assert slice_problem(noisy, ours) == "against"  # by how far it pulls against ours
     # one part against ours among parts with ours: the slice as a whole decides
     assert slice_problem([-honest[0], honest[1], honest[2]], ours) is None
     assert slice_problem(honest, [torch.zeros(500)] * 3) is None  # nothing of ours to judge by
