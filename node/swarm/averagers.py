@@ -82,7 +82,43 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
 
     async def _step(self, *, step: StepControl, **kwargs: Any) -> None:
         _ROUND.set(step)  # for _no_retries, in this task and the ones it starts
+        self._guard_matchmaking()
         await super()._step(step=step, **kwargs)
+
+    def _guard_flagged(self, peer_id: PeerID) -> bool:
+        """The coordinator's roster bounds the peer to nothing (flagged or banned)."""
+        return self._guard_roster and self._guard_max_weight()(peer_id) <= 0
+
+    def _guard_matchmaking(self) -> None:
+        """Groups without flagged peers: we do not ask a flagged leader to take us in (and
+        :meth:`rpc_join_group` turns flagged peers away). Its parts would be refused for
+        their weight anyway, but as a member it would still reduce a slice of ours, and
+        the keeper's follower, which sends no gradient, cannot judge a reducer's results.
+        Set on hivemind's Matchmaking, which the averager process builds at its start."""
+        matchmaking = self._matchmaking
+        if getattr(matchmaking, "_crowdtrain_guarded", False):
+            return
+        request_join_group = matchmaking._request_join_group
+
+        async def unless_flagged(leader: PeerID) -> Any:
+            if self._guard_flagged(leader):
+                logger.debug("not joining the group of flagged peer %s", leader.to_base58())
+                return None
+            return await request_join_group(leader)
+
+        setattr(matchmaking, "_request_join_group", unless_flagged)  # noqa: B010
+        setattr(matchmaking, "_crowdtrain_guarded", True)  # noqa: B010
+
+    async def rpc_join_group(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:  # noqa: UP006
+        # hivemind's, turning flagged peers away (see _guard_matchmaking). A streamed
+        # answer is told by typing.AsyncIterator's hint, as in rpc_download_state.
+        if self._guard_flagged(context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
 
     def _no_retries(self) -> None:
         """Make the running round's failure final: hivemind would look for a new group
