@@ -358,7 +358,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
                 await done_sending.wait()
 
             part_index = 0
-            # Taken in only once the whole slice is in: judged as one (slice_problem).
+            # Taken in only once the whole slice is in: judged as one (slice_problem below).
             results: list[torch.Tensor] = []
             async for delta, code in amap_in_executor(
                 _deserialize_result,
@@ -397,10 +397,8 @@ class GuardedAllReduceRunner(AllReduceRunner):
             judged = self.weight > 0 and not self._exact
             if judged and self._guard.trust.aggregation != "mean":
                 ours = [part for part, _ in container._input_parts_by_peer[peer_index]]
-                # results are deltas from what we sent, or (exact) the averages themselves
-                averages = (
-                    results if self._exact else [d + o for d, o in zip(results, ours, strict=True)]
-                )
+                # the results are deltas from what we sent
+                averages = [d + o for d, o in zip(results, ours, strict=True)]
                 problem = slice_problem(averages, ours)
                 if problem == AGAINST:  # refused, but an honest reducer can return it
                     logger.warning(
