@@ -35,7 +35,6 @@ def coordinator(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         assert published.returncode == 0, published.stderr
         store = Store(swarm.coord_dir)
         try:
-            join_peer(store, "tiny", name="laptop")
             now = time.time()
             for i in range(3):
                 store.insert_sample(
@@ -73,6 +72,13 @@ def coordinator(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         finally:
             store.close()
         swarm.start_coordinator()
+        # Joined once the coordinator is up: a peer is active for PEER_TIMEOUT_S (20 s)
+        # after its last heartbeat, and starting the coordinator took 29 s in one CI run.
+        store = Store(swarm.coord_dir)
+        try:
+            join_peer(store, "tiny", name="laptop")
+        finally:
+            store.close()
         yield swarm
     finally:
         swarm.stop_all()

@@ -359,18 +359,21 @@ def test_a_diloco_free_rider_with_made_up_losses_is_rejected(swarm: Swarm, tmp_p
         time.sleep(5.0)  # as long as training would take
         run = swarm.get("/api/runs/tiny")
         level = run["val_loss"] or 4.5
+        # A round the keeper holds (its checkpoints are public): claims at a round it
+        # missed cannot be checked (CI saw its follower miss rounds 2 and 3).
+        kept = max(c["step"] for c in swarm.get("/api/runs/tiny/checkpoints"))
         manifest = load_manifest(swarm.root / "data")
         for lease in leases:
             entry = next(e for e in manifest.shards if e.id == lease.shard_id)
             batches = num_windows(entry.num_tokens, SEQ_LEN) // MICRO_BATCH
             losses = [round(level + rng.uniform(-0.3, 0.3), 5) for _ in range(MICRO_BATCH)]
             # One sample per round, as a node records them: its shard's first batch.
-            samples = [ReceiptSample(step=run["step"], batch=0, losses=losses)]
+            samples = [ReceiptSample(step=kept, batch=0, losses=losses)]
             _report(client, token, lease, samples, granted, num_batches=batches)
         rows = _decided(swarm, "rider", 150)
     print([(r["status"], r["checks"]["spot"], r["reason"][:120]) for r in rows])
     assert all(r["status"] in ("rejected", "unverified") for r in rows), rows
-    assert any(r["status"] == "rejected" for r in rows), rows
+    assert any(r["status"] == "rejected" and r["checks"]["spot"] == "failed" for r in rows), rows
     rider = peer_named(swarm, "rider")
     assert rider["verified_tokens"] == 0 and rider["flagged"], rider
     honest_id = peer_named(swarm, "node-a")["peer_id"]
