@@ -80,14 +80,25 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
             gather = {STEP_KEY: self._guard_step_of_round}
         return super().step(*args, gather=gather, **kwargs)
 
+    # Each peer's weight bound as the running round started (the roster is read once a
+    # round): the group it joins, whom it lets in and whose parts and results it takes.
+    _guard_weights: Callable[[PeerID], float] | None = None
+
     async def _step(self, *, step: StepControl, **kwargs: Any) -> None:
         _ROUND.set(step)  # for _no_retries, in this task and the ones it starts
+        self._guard_weights = self._guard_max_weight()
         self._guard_matchmaking()
         await super()._step(step=step, **kwargs)
 
+    def _guard_round_weights(self) -> Callable[[PeerID], float]:
+        """The running round's weight bounds (read now before any round ran)."""
+        if self._guard_weights is None:
+            self._guard_weights = self._guard_max_weight()
+        return self._guard_weights
+
     def _guard_flagged(self, peer_id: PeerID) -> bool:
         """The coordinator's roster bounds the peer to nothing (flagged or banned)."""
-        return self._guard_roster and self._guard_max_weight()(peer_id) <= 0
+        return self._guard_roster and self._guard_round_weights()(peer_id) <= 0
 
     def _guard_matchmaking(self) -> None:
         """Groups without flagged peers: we do not ask a flagged leader to take us in (and
@@ -169,7 +180,7 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
         group_id = group_info.group_id if group_id is None else group_id
         runner = GuardedAllReduceRunner(
             guard=self._guard_config,
-            max_weight=self._guard_max_weight(),
+            max_weight=self._guard_round_weights(),
             attack=self._guard_next_attack(),
             exact_results=self._guard_exact,
             p2p=self._p2p,
