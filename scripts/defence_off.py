@@ -3,7 +3,7 @@
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
      predictable unchecked patience diloco aggregation progress
-     sources judge round_judge reducer]
+     sources judge round_judge reducer refused_slice follower]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py, issue 15's in tests/e2e/test_adversarial.py; which must
 then FAIL), and puts the files back with
@@ -276,6 +276,44 @@ CASES = {
         ],
         "tests/e2e/test_adversarial.py",
         "one_honest_node_and_a_flipper",
+    ),
+    # A refused slice keeps each node's own part (hivemind's way after a failed reducer)
+    # instead of stepping on nothing: the honest nodes that refused it move apart.
+    "refused_slice": (
+        [
+            (
+                "node/swarm/allreduce.py",
+                "            if isinstance(e, _RefusedSlice):\n",
+                "            if False:\n",
+            ),
+        ],
+        "tests/node/test_guard.py",
+        "flagged_peer_neither or returning_its_slice_flipped",
+    ),
+    # The keeper's step follower sends zeros (nothing to judge a reducer's results by)
+    # and writes and keeps whatever its steps gave it: a hostile reducer's results become
+    # the checkpoints and snapshots honest nodes' receipts are spot-checked against.
+    "follower": (
+        [
+            (
+                "node/swarm/step_follower.py",
+                "            swarm_guard.config = dataclasses.replace(swarm_guard.config, "
+                "reference_parts=True)\n",
+                "            pass\n",
+            ),
+            (
+                "node/swarm/step_follower.py",
+                "        if self._heldout is not None:\n            self.optimizer.reference = ",
+                "        if False:\n            self.optimizer.reference = ",
+            ),
+            (
+                "node/swarm/step_follower.py",
+                "        if self._heldout is None:\n            return True\n",
+                "        if True:\n            return True\n",
+            ),
+        ],
+        "tests/e2e/test_adversarial.py",
+        "returns_its_slice_flipped",
     ),
 }
 

@@ -54,6 +54,10 @@ PART_ATTACKS = ("nan", "scale", "weight", "flip")
 """The test attacks on what a sender sends (``reducer`` is on what a reducer returns)."""
 
 
+class _RefusedSlice(AllreduceException):
+    """A reducer whose slice we do not take: flagged, or its results point against ours."""
+
+
 class _RobustPartReducer(TensorPartReducer):
     """hivemind's reducer, combining each slice's parts by the run's ``[trust]`` rule.
 
@@ -345,10 +349,9 @@ class GuardedAllReduceRunner(AllReduceRunner):
         try:
             if self.weight > 0 and not self._exact and self._max_weight(peer_id) <= 0:
                 # Flagged or banned (the coordinator's roster bounds it to nothing): neither
-                # our parts nor its results; its slice keeps our own, as after a failed
-                # reducer. Not in exact rounds (a partial one fails for the whole group) nor
-                # with nothing of our own to keep (the keeper's follower would miss the step).
-                raise AllreduceException(f"{peer_id} is flagged: its slice keeps our own part")
+                # our parts nor its results (_RefusedSlice). Not in exact rounds (a partial
+                # one fails for the whole group) nor with nothing of our own in the round.
+                raise _RefusedSlice(f"{peer_id} is flagged: we step on nothing in its slice")
             done_sending = asyncio.Event()
             inputs_aiter = attach_event_on_finished(
                 self._generate_input_for_peer(peer_index), done_sending
@@ -357,8 +360,18 @@ class GuardedAllReduceRunner(AllReduceRunner):
             if self.should_delay_results(self.peer_id):
                 await done_sending.wait()
 
+            # Under the mean a hostile sender moves an honest reducer's result anywhere, so
+            # a result against ours would not tell who lied; the robust rules keep it with
+            # the honest majority. Nothing of ours weighed in (weight 0): nothing to judge
+            # by, unless our parts are a reference (GuardConfig.reference_parts). Exact
+            # rounds (DiLoCo) are judged whole, by the held-out loss of the global
+            # parameters they give (crowdtrain.node.swarm.round_judge): refusing one slice
+            # there fails the round for us, and a peer whose rounds keep failing falls
+            # behind its group (seen in the three-peer DiLoCo sign-flip test).
+            reference = self.weight > 0 or self._guard.reference_parts
+            judged = reference and not self._exact and self._guard.trust.aggregation != "mean"
             part_index = 0
-            # Taken in only once the whole slice is in: judged as one (slice_problem below).
+            # A judged slice is taken in only once it is whole (slice_problem below).
             results: list[torch.Tensor] = []
             async for delta, code in amap_in_executor(
                 _deserialize_result,
@@ -378,8 +391,11 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     self._drop(peer_id, problem, "results")
                     if peer_id in self.sender_peer_ids:
                         await self._ban_sender(peer_id)
-                    raise AllreduceException(f"{peer_id} returned a bad result: {problem}")
-                results.append(delta)
+                    raise _RefusedSlice(f"{peer_id} returned a bad result: {problem}")
+                if judged:
+                    results.append(delta)
+                else:
+                    container.register_processed_part(peer_index, part_index, delta)
                 part_index += 1
 
             if part_index != container.num_parts_by_peer[peer_index]:
@@ -387,15 +403,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     f"peer {peer_id} sent {part_index} parts, but we expected "
                     f"{container.num_parts_by_peer[peer_index]}"
                 )
-            # Under the mean a hostile sender moves an honest reducer's result anywhere, so
-            # a result against ours would not tell who lied; the robust rules keep it with
-            # the honest majority. Nothing of ours weighed in (weight 0): nothing to judge by.
-            # Exact rounds (DiLoCo) are judged whole, by the held-out loss of the global
-            # parameters they give (crowdtrain.node.swarm.round_judge): refusing one slice
-            # there fails the round for us, and a peer whose rounds keep failing falls
-            # behind its group (seen in the three-peer DiLoCo sign-flip test).
-            judged = self.weight > 0 and not self._exact
-            if judged and self._guard.trust.aggregation != "mean":
+            if judged:
                 ours = [part for part, _ in container._input_parts_by_peer[peer_index]]
                 # the results are deltas from what we sent
                 averages = [d + o for d, o in zip(results, ours, strict=True)]
@@ -411,15 +419,34 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     if peer_id in self.sender_peer_ids:
                         await self._ban_sender(peer_id)
                 if problem is not None:
-                    raise AllreduceException(f"{peer_id} returned results against ours: {problem}")
+                    raise _RefusedSlice(f"{peer_id} returned results against ours: {problem}")
             for index, delta in enumerate(results):
                 container.register_processed_part(peer_index, index, delta)
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.debug("caught %r when communicating with %s", e, peer_id, exc_info=True)
-            if not container.finished.is_set():  # finalized (a timeout): its parts are gone
+            if container.finished.is_set():  # finalized (a timeout): its parts are gone
+                raise
+            if isinstance(e, _RefusedSlice):
+                self._step_on_nothing(peer_index)
+            else:
                 container.register_failed_reducer(peer_index)
             raise
+
+    def _step_on_nothing(self, peer_index: int) -> None:
+        """A refused slice: its average is taken as zero (the delta from our part is minus
+        our part). Every honest sender refuses a hostile reducer's results (each by its own
+        parts), and stepping on nothing there keeps them in step with each other; each
+        keeping its own part, as after a reducer that failed, moved each its own way, and
+        they stayed apart for good (spot checks then judge a node by parameters it never
+        held)."""
+        container = self.tensor_part_container
+        start = container._outputs_registered_by_peer[peer_index]
+        for index, (part, _) in enumerate(container._input_parts_by_peer[peer_index]):
+            if index >= start:
+                nothing = -part if container.return_deltas else torch.zeros_like(part)
+                container.register_processed_part(peer_index, index, nothing)
+                container.failed_size += part.numel()
 
     async def _reduce_own_slice(self) -> None:
         """Our own slice in exact mode: keep the average exactly as the other senders get it."""

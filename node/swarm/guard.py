@@ -228,6 +228,9 @@ class GuardConfig:
     traffic: Traffic | None = None
     # How reducers combine the parts of their slice (the run spec's [trust]).
     trust: TrustSection = TrustSection()
+    # Our parts weigh nothing but are a reference to judge reducers' results by (the
+    # keeper's step follower sends a gradient of held-out sequences with weight 0).
+    reference_parts: bool = False
 
     def count(self, purpose: str, sent: int = 0, received: int = 0) -> None:
         if self.traffic is not None:

@@ -22,7 +22,11 @@ group averaged another step) it skips, as nodes do, and it is out of step: it
 serves its state below the nodes', and when its next checkpoint is due it loads
 the swarm's state from a peer that took the step (at most once a step, and
 only then: every load is a volunteer's upload), or finds that every peer
-skipped the step too. Where it keeps snapshots for spot checks (below) it
+skipped the step too. It is out of step as well when its parameters' loss on
+held-out sequences rose more than the spot checks' ``loss_tolerance`` above the
+lowest since it last held the swarm's state: it has nothing of its own to judge
+a reducer's results by, and such parameters would fail honest nodes' receipts.
+Where it keeps snapshots for spot checks (below) it
 does so every :data:`SNAPSHOT_RESYNC_S` at most: out of step it has none to keep. It writes nothing until it holds
 the swarm's state again. Otherwise it writes its parameters to the outbox every
 ``[verify] checkpoint_every_s``, where the keeper takes them as checkpoints, and those of a
@@ -33,10 +37,12 @@ the private snapshots folder the verifier recomputes spot checks with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +51,13 @@ import torch
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 
-from crowdtrain.model import CheckpointError, load_checkpoint, params_sha256, save_checkpoint
+from crowdtrain.model import (
+    CheckpointError,
+    load_checkpoint,
+    params_sha256,
+    save_checkpoint,
+    sequence_losses,
+)
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.node.swarm.following import (
     FOLLOWER_BONUS,
@@ -74,11 +86,22 @@ class _ZeroWeightOptimizer(GuardedOptimizer):
 
     missed_step = False
     reloads = 0
+    # Puts a gradient of held-out sequences in the parameters' .grad: sent with weight 0,
+    # it counts for nothing and is what the reducers' results are judged by.
+    reference: Callable[[], None] | None = None
 
     def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler: Any) -> bool:
         return True  # no gradients of its own, no samples to report
 
     def _begin_averaging_gradients(self, grad_scaler: Any) -> bool:
+        if self.reference is not None:
+            self.reference()
+            averager = self.grad_averager
+            with torch.no_grad():
+                grads = averager._grads_from_parameters()
+                for grad, accumulator in zip(grads, averager._grad_accumulators(), strict=True):
+                    accumulator.copy_(grad)
+            averager.local_times_accumulated = 1  # and no samples: weight 0
         began = bool(super()._begin_averaging_gradients(grad_scaler))
         self.missed_step = self.missed_step or not began
         return began
@@ -96,6 +119,7 @@ class _ZeroWeightOptimizer(GuardedOptimizer):
 
     def _load_local_gradients_into_optimizer(self) -> None:
         self.missed_step = True  # the step's group failed for us: our gradients are zero
+        self.grad_averager.reset_accumulated_grads_()  # (not the held-out reference)
         super()._load_local_gradients_into_optimizer()
 
     def _skip_step(self, why: str) -> None:
@@ -160,11 +184,19 @@ class StepFollower:
             keep_files=True,  # the keeper writes the roster there
             trust=spec.trust,
         )
+        self._heldout: HeldoutLoss | None = None
+        # The lowest held-out loss of our parameters since we last held the swarm's state
+        # for sure (our start, or a load): see _vouches.
+        self._vouched_loss: float | None = None
         if heldout is not None:
             # No checkpoint vouches for the swarm's state when we load it (we make them):
             # a state whose held-out loss is well above our own parameters' is refused
             # (a peer announcing the top priority used to become the keeper's checkpoint).
-            swarm_guard.heldout_loss = HeldoutLoss.from_shard(spec, heldout)
+            self._heldout = HeldoutLoss.from_shard(spec, heldout)
+            swarm_guard.heldout_loss = self._heldout
+            # Our parts weigh nothing: a gradient of held-out sequences in them gives the
+            # reducers' results a direction to be judged by (see _reference_gradient).
+            swarm_guard.config = dataclasses.replace(swarm_guard.config, reference_parts=True)
             swarm_guard.reference_state = lambda epoch: dict(self.model.state_dict())
         # A partial round (some reducer did not answer) leaves hivemind's members their own
         # values in that slice, silently: we would hold, and snapshot, parameters no node
@@ -173,6 +205,8 @@ class StepFollower:
             spec, self.model, dht, swarm_guard, spec.optimizer.micro_batch_size, partial_fails=True
         )
         self.optimizer = _ZeroWeightOptimizer(**options)
+        if self._heldout is not None:
+            self.optimizer.reference = self._reference_gradient
         self.optimizer.set_step(step)
         self.in_step = True
         self._last_write = -float("inf")
@@ -184,6 +218,7 @@ class StepFollower:
         # Nothing written yet: where we start (the keeper's newest checkpoint) is kept
         # already, and the swarm may be steps past it.
         self.stats.write(outbox)
+        self._vouch_anew()
         self._snapshot()  # the start is the swarm's state of its step (seeded, or kept)
 
     # the loop
@@ -211,7 +246,8 @@ class StepFollower:
                     self.stats.followed += int(followed)
                     self._announce()
                     if self._picks.random() < self.spec.verify.snapshot_fraction:
-                        self._snapshot()
+                        if self._vouches():
+                            self._snapshot()
             else:
                 stop.wait(POLL_S)
             # Every checkpoint_every_s, and also once the swarm stopped stepping (everyone
@@ -228,7 +264,7 @@ class StepFollower:
                 self._resync_tried = opt.local_epoch
                 self._resync_at = time.monotonic()
                 self._resync(f"out of step at step {opt.local_epoch}, a checkpoint due")
-            if self.in_step and due and self._written != opt.local_epoch:
+            if self.in_step and due and self._written != opt.local_epoch and self._vouches():
                 self._write()
 
     def _missed(self, step: int) -> None:
@@ -268,6 +304,59 @@ class StepFollower:
             opt.last_refusal or "none served a newer one",
         )
 
+    def _reference_gradient(self) -> None:
+        """The gradient of the held-out sequences' loss at our parameters, in their .grad.
+
+        Nodes judge a reducer's results for their slice by their own parts (refused when
+        they point against them, and then nobody steps on that slice). Sent with weight
+        0, this is ours: we refuse what the nodes refuse and stay in step with them (a
+        reducer returning its slice times -100 used to steer us alone, and honest
+        receipts then failed their spot checks against our parameters). It costs a
+        forward and backward pass of HELDOUT_SEQUENCES sequences per step, and never
+        trains: the held-out data stays held out."""
+        assert self._heldout is not None
+        batch = self._heldout.batch
+        self.model.zero_grad(set_to_none=False)
+        with torch.enable_grad():
+            logits, _ = self.model(batch[:, :-1])
+            sequence_losses(logits.float(), batch[:, 1:]).mean().backward()
+
+    def _vouches(self) -> bool:
+        """Whether our parameters may be written (a checkpoint) or kept (a snapshot): not
+        when their held-out loss is more than ``[verify] loss_tolerance`` above the lowest
+        since we last held the swarm's state for sure. We follow every step's group with
+        nothing of our own to judge a reducer's results by (nodes judge them by their own
+        parts, and step on nothing in a slice they refuse): a hostile reducer's results
+        moved us where no node was, and every honest node's receipt then failed its spot
+        checks against our parameters and flagged it. Such parameters would convict honest
+        nodes and start newcomers: we are out of step instead, and load the swarm's state
+        when a checkpoint is due."""
+        if self._heldout is None:
+            return True
+        loss = self._heldout(self.optimizer.checkpoint_state()[0])
+        margin = self.spec.verify.loss_tolerance
+        if self._vouched_loss is not None and not loss <= self._vouched_loss + margin:
+            self.stats.unvouched += 1
+            logger.warning(
+                "at step %d: held-out loss %.3f, more than %.2f nats above our lowest since "
+                "we last held the swarm's state (%.3f): out of step, nothing written",
+                self.optimizer.local_epoch,
+                loss,
+                margin,
+                self._vouched_loss,
+            )
+            self.in_step = False
+            self._announce()
+            return False
+        self._vouched_loss = loss if self._vouched_loss is None else min(self._vouched_loss, loss)
+        return True
+
+    def _vouch_anew(self) -> None:
+        """We hold the swarm's state (our start, or one loaded and checked): the held-out
+        loss our parameters are held to starts from it."""
+        if self._heldout is not None:
+            self._vouched_loss = self._heldout(self.optimizer.checkpoint_state()[0])
+
     def _reloaded(self, why: str) -> None:
         self.in_step = True
         self.stats.loaded += 1
@@ -276,6 +365,7 @@ class StepFollower:
         self.stats.round = self.optimizer.local_epoch
         self.stats.write(self.outbox)
         self._announce()
+        self._vouch_anew()
         self._snapshot()  # the swarm's state of this step: the steps before are not ours
         logger.warning("%s: loaded step %d's state from a peer", why, self.optimizer.local_epoch)
 

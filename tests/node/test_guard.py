@@ -255,12 +255,12 @@ def test_a_hostile_reducers_results_are_not_used(tmp_path: Path) -> None:
     results = asyncio.run(_all_reduce(tmp_path, "", hostile_reducer=True))
     for index, result in enumerate(results):
         assert torch.isfinite(result).all()
-        # The hostile reducer's slice keeps our own value. Elsewhere the average is 3, or 2
-        # for parts that arrived after its sender was banned for its bad results.
-        own = (1.0, 3.0)[index]
+        # Both step on nothing in the hostile reducer's slice (zero). Elsewhere the average
+        # is 3, or 2 for parts that arrived after its sender was banned for its results.
         values = set(result.unique().tolist())
-        assert own in values and values <= {own, 2.0, 3.0}, values
+        assert 0.0 in values and values <= {0.0, 2.0, 3.0}, values
         assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"non-finite"}
+    assert torch.equal(results[0] == 0, results[1] == 0)
 
 
 def test_a_slices_results_are_judged_by_their_direction_together() -> None:
@@ -289,24 +289,25 @@ def test_a_reducer_returning_its_slice_flipped_is_refused_and_reported(tmp_path:
     """The ``reducer`` hook: honest parts, every result returned times -100."""
     results = asyncio.run(_all_reduce(tmp_path, "reducer", hostile_reducer=False))
     for index, result in enumerate(results):
-        # The hostile reducer's slice keeps our own value; elsewhere the average is 3, or
-        # 2 for parts that arrived after its sender was banned for its results.
-        own = (1.0, 3.0)[index]
+        # Both honest peers step on nothing in the hostile reducer's slice (zero: they stay
+        # in step with each other); elsewhere the average is 3, or 2 for parts that
+        # arrived after its sender was banned for its results.
         values = set(result.unique().tolist())
-        assert own in values and values <= {own, 2.0, 3.0}, values
+        assert 0.0 in values and values <= {0.0, 2.0, 3.0}, values
         assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"contrary"}
+    assert torch.equal(results[0] == 0, results[1] == 0)  # the same slice, refused by both
 
 
 def test_a_flagged_peer_neither_reduces_nor_sends_for_us(tmp_path: Path) -> None:
-    """Once the roster bounds a peer to nothing, its results are not even asked for (its
-    slice keeps our own part: no result of its is judged or reported) and its parts are
-    refused for their weight."""
+    """Once the roster bounds a peer to nothing, its results are not even asked for (we
+    step on nothing in its slice: no result of its is judged or reported) and its parts
+    are refused for their weight."""
     results = asyncio.run(_all_reduce(tmp_path, "reducer", hostile_reducer=False, flagged=True))
     for index, result in enumerate(results):
-        own = (1.0, 3.0)[index]
         values = set(result.unique().tolist())
-        assert own in values and values <= {own, 2.0}, values
+        assert values == {0.0, 2.0}, values
         assert {r["reason"] for r in _reports(tmp_path / f"peer{index}")} == {"weight"}
+    assert torch.equal(results[0], results[1])
 
 
 def test_under_the_mean_a_spike_is_clipped_quietly(tmp_path: Path) -> None:
