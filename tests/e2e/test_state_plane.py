@@ -153,6 +153,13 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
     nodes_output = "".join(n.output() for n in [doomed, *nodes])
     for r in re.findall(r"round (\d+): our global parameters differed", nodes_output):
         split |= {int(r), int(r) + 1}
+    # Rounds the follower did not vouch for (held-out loss more than VOUCH_MARGIN above the
+    # last written round's) are neither written nor served. Honest rounds too, early on: CI
+    # saw round 3 at 6.12 nats after round 2's 3.90 (the outer Nesterov momentum).
+    unvouched = {
+        int(r)
+        for r in re.findall(r"round (\d+): held-out loss [0-9.]+, more than", follower_log(swarm))
+    }
     for node in nodes:
         output = node.output()
         held = dict(re.findall(r"global parameters of round (\d+): ([0-9a-f]{64})", output))
@@ -162,8 +169,9 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
                 continue  # found out and reloaded
             if int(round_) in kept:
                 assert kept[int(round_)]["sha256"] == sha256, (node.name, round_)
-        rounds = {int(r) for r in held} - missed
-        assert rounds - {max(rounds)} <= set(kept), (rounds, sorted(kept))  # last: on its way
+        rounds = {int(r) for r in held} - missed - unvouched
+        last = {max(rounds)} if rounds else set()  # on its way
+        assert rounds - last <= set(kept), (rounds, sorted(kept))
     latest = max(kept.values(), key=lambda c: c["step"])
     assert latest["outer_sha256"], latest
     response = httpx.get(f"{swarm.url}/api/runs/tiny/checkpoints/{latest['step']}/file")
