@@ -22,10 +22,12 @@ group averaged another step) it skips, as nodes do, and it is out of step: it
 serves its state below the nodes', and when its next checkpoint is due it loads
 the swarm's state from a peer that took the step (at most once a step, and
 only then: every load is a volunteer's upload), or finds that every peer
-skipped the step too. It is out of step as well when its parameters' loss on
-held-out sequences rose more than the spot checks' ``loss_tolerance`` above the
-lowest since it last held the swarm's state: it has nothing of its own to judge
-a reducer's results by, and such parameters would fail honest nodes' receipts.
+skipped the step too. Its parts are the gradient of its held-out sequences (weight
+0: nobody counts them), by which it judges reducers' results as nodes judge them
+by theirs; a refused slice leaves it out of step. It is out of step as well when
+its parameters' loss on held-out sequences rose more than the spot checks'
+``loss_tolerance`` above the lowest since it last held the swarm's state: such
+parameters would fail honest nodes' receipts.
 Where it keeps snapshots for spot checks (below) it
 does so every :data:`SNAPSHOT_RESYNC_S` at most: out of step it has none to keep. It writes nothing until it holds
 the swarm's state again. Otherwise it writes its parameters to the outbox every
@@ -324,13 +326,13 @@ class StepFollower:
     def _vouches(self) -> bool:
         """Whether our parameters may be written (a checkpoint) or kept (a snapshot): not
         when their held-out loss is more than ``[verify] loss_tolerance`` above the lowest
-        since we last held the swarm's state for sure. We follow every step's group with
-        nothing of our own to judge a reducer's results by (nodes judge them by their own
-        parts, and step on nothing in a slice they refuse): a hostile reducer's results
-        moved us where no node was, and every honest node's receipt then failed its spot
-        checks against our parameters and flagged it. Such parameters would convict honest
-        nodes and start newcomers: we are out of step instead, and load the swarm's state
-        when a checkpoint is due."""
+        since we last held the swarm's state for sure. Behind the reference gradient
+        (_reference_gradient), which judges each reducer's results: results that pass it
+        and still move us where no node is (a drift the direction check misses) would
+        fail honest nodes' receipts against our parameters and start newcomers there.
+        We are out of step instead, and load the swarm's state when a checkpoint is due
+        (with vouching alone, a snapshot taken before the drift was caught had already
+        failed an honest receipt)."""
         if self._heldout is None:
             return True
         loss = self._heldout(self.optimizer.checkpoint_state()[0])
