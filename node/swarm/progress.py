@@ -57,11 +57,22 @@ class PlausibleProgressTracker(ProgressTracker):
     """hivemind's progress tracker, reading only records within :func:`epoch_limit`.
 
     ``trusted_epoch()`` (None: unknown) is the coordinator's view, set after
-    construction by participants that have one."""
+    construction by participants that have one.
+
+    With ``counts_itself``, ``global_progress.num_peers`` counts this peer whether or
+    not its own record was read: hivemind publishes a peer's record only once it has
+    reported samples, so a newcomer that has just loaded the swarm's state reads one
+    peer (the one it loaded from), takes itself to be alone and steps with its own
+    gradients, while that peer, whose view is older than the newcomer, does the same:
+    two peers at one step with different parameters. Counting itself, the newcomer
+    joins a round instead, and if the other stepped alone, the newcomer's round fails
+    and it loads that peer's state (strict steps).
+    """
 
     trusted_epoch: Callable[[], int | None] = staticmethod(lambda: None)  # type: ignore[assignment]
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, counts_itself: bool = False, **kwargs: Any):
+        self.counts_itself = counts_itself  # (before hivemind's fetcher starts)
         self._ignored: dict[Any, int] = {}  # record key -> the epoch it claimed, logged once
         self._trusted_value: int | None = None
         self._trusted_at = -math.inf
@@ -79,7 +90,11 @@ class PlausibleProgressTracker(ProgressTracker):
         return self._trusted_value
 
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
-        return super()._parse_swarm_progress_data(self._plausible(metadata))
+        kept = self._plausible(metadata)
+        progress = super()._parse_swarm_progress_data(kept)
+        if self.counts_itself and not has_record_of(kept, self.local_progress.peer_id):
+            progress.num_peers += 1
+        return progress
 
     def _plausible(self, metadata: Any) -> Any:
         if not isinstance(metadata, dict) or not metadata:
@@ -98,6 +113,11 @@ class PlausibleProgressTracker(ProgressTracker):
                     self.local_progress.epoch,
                 )
         return kept
+
+
+def has_record_of(metadata: Any, peer: Any) -> bool:
+    """Whether ``peer`` has a record among ``metadata`` (hivemind's subkey -> entry)."""
+    return isinstance(metadata, dict) and any(_peer_of(e) == peer for e in metadata.values())
 
 
 def plausible_records(
@@ -123,4 +143,4 @@ def plausible_records(
     return kept, ignored
 
 
-__all__ = ["PlausibleProgressTracker", "epoch_limit", "plausible_records"]
+__all__ = ["PlausibleProgressTracker", "epoch_limit", "has_record_of", "plausible_records"]

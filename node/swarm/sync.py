@@ -104,6 +104,7 @@ class GuardedOptimizer(hivemind.Optimizer):
             client_mode=self.client_mode,
             status_loglevel=self.status_loglevel,
             start=True,
+            counts_itself=True,  # a peer is never alone for not having reported yet
             **kwargs,
         )
         tracker.trusted_epoch = self._swarm_guard.coordinator_step

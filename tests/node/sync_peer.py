@@ -77,6 +77,7 @@ def main() -> int:
         exact=spec.swarm.strict_steps,
         request_timeout=spec.swarm.request_timeout_s,
     )
+    options["verbose"] = True  # what each step did, in the peer's log
     opt = GuardedOptimizer(**options)
 
     def leave(signum: int, frame: object) -> None:

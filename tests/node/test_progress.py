@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
+import hivemind
 import pytest
 
-from crowdtrain.node.swarm.progress import epoch_limit, plausible_records
+from crowdtrain.node.swarm.progress import PlausibleProgressTracker, epoch_limit, plausible_records
 
 
 def record(peer: str, epoch: int) -> SimpleNamespace:
@@ -70,3 +72,38 @@ def test_a_hostile_majority_is_what_the_roster_must_stop() -> None:
     metadata = {b"a": record("honest", 7), b"s1": record("s1", 30), b"s2": record("s2", 30)}
     kept, _ = plausible_records(metadata, 7, b"me", no_view)
     assert set(kept) == {b"a", b"s1", b"s2"}
+
+
+@pytest.mark.parametrize("counts_itself", [True, False])
+def test_a_newcomer_that_has_not_reported_counts_itself(counts_itself: bool) -> None:
+    """hivemind publishes a peer's progress record only once it has reported samples: a
+    newcomer that just loaded a peer's state reads that peer's record alone. Counting
+    itself, it knows it is not alone (otherwise it steps with its own gradients while
+    the other peer, which has not seen it yet, does the same, and the two hold different
+    parameters at one step: fresh-clone CI, tests/node/test_strict_steps.py)."""
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = hivemind.DHT(
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        initial_peers=[str(m) for m in first.get_visible_maddrs()],
+    )
+    trackers = []
+    try:
+        options = {"prefix": "counting", "target_batch_size": 16, "min_refresh_period": 0.1}
+        old = PlausibleProgressTracker(first, **options, start=True)
+        trackers.append(old)
+        old.report_local_progress(local_epoch=4, samples_accumulated=4)  # published
+        new = PlausibleProgressTracker(second, **options, counts_itself=counts_itself, start=True)
+        trackers.append(new)
+        new.report_local_progress(local_epoch=4, samples_accumulated=0)  # not published
+        deadline = time.monotonic() + 30
+        while new.global_progress.epoch < 4 and time.monotonic() < deadline:  # old's read
+            new.global_state_updated.set()  # fetch now
+            time.sleep(0.2)
+        assert new.global_progress.epoch == 4
+        assert new.global_progress.num_peers == (2 if counts_itself else 1)
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(5)
+        second.shutdown()
+        first.shutdown()
