@@ -49,8 +49,14 @@ def evals_of(swarm: Swarm, name: str) -> list[float]:
 
 def improved(losses: list[float]) -> bool:
     """A peer's validation loss fell since it began (a late joiner begins from the
-    swarm's loaded state) and is well below an untrained model's (ln 256 = 5.5)."""
-    return len(losses) >= 3 and losses[-1] < losses[0] - 0.05 and losses[-1] < 4.5
+    swarm's loaded state) and is well below an untrained model's (ln 256 = 5.5): the
+    median of its last three evaluations (one may catch a round that a defence let
+    through before it was refused; fresh-clone CI saw a last value above 4.5 after
+    values near 3.5 in the DiLoCo flip test)."""
+    if len(losses) < 3:
+        return False
+    recent = sorted(losses[-3:])[1]
+    return recent < losses[0] - 0.05 and recent < 4.5
 
 
 def test_hostile_parts_are_dropped_and_honest_models_stay_finite(swarm: Swarm) -> None:
@@ -245,7 +251,7 @@ def test_a_diloco_round_met_by_one_honest_node_and_a_flipper_is_refused(swarm: S
     # round the judge let through (fresh-clone CI saw one at 6.35 among values near 3.5);
     # without the judge most are past 8 and the last is the worst.
     later = sorted(losses[1:])
-    assert improved(losses) and later[len(later) // 2] < 4.5, losses
+    assert improved(losses) and later[len(later) // 2] < 4.5, f"{losses}"
     swarm.wait_for(
         lambda: any(
             r["dht_peer_id"] == attacker and r["reason"] == "harmful"
