@@ -60,6 +60,21 @@ class HeldoutLoss:
             logits, _ = model(self.batch[:, :-1])
             return float(sequence_losses(logits.float(), self.batch[:, 1:]).mean())
 
+    def of_model(self, model: torch.nn.Module) -> float:
+        """The mean loss of ``model`` as it is (a GPT; its training mode is restored
+        after), without the copy :meth:`__call__` makes: for a caller that judges its own
+        parameters often (the keeper's step follower, at every step it keeps)."""
+        device = next(model.parameters()).device
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                batch = self.batch.to(device)
+                logits, _ = model(batch[:, :-1])
+                return float(sequence_losses(logits.float(), batch[:, 1:]).mean())
+        finally:
+            model.train(training)
+
 
 def _count(available: int) -> int:
     return min(HELDOUT_SEQUENCES, available)

@@ -335,7 +335,7 @@ class StepFollower:
         failed an honest receipt)."""
         if self._heldout is None:
             return True
-        loss = self._heldout(self.optimizer.checkpoint_state()[0])
+        loss = self._heldout.of_model(self.model)
         margin = self.spec.verify.loss_tolerance
         if self._vouched_loss is not None and not loss <= self._vouched_loss + margin:
             self.stats.unvouched += 1
@@ -357,7 +357,7 @@ class StepFollower:
         """We hold the swarm's state (our start, or one loaded and checked): the held-out
         loss our parameters are held to starts from it."""
         if self._heldout is not None:
-            self._vouched_loss = self._heldout(self.optimizer.checkpoint_state()[0])
+            self._vouched_loss = self._heldout.of_model(self.model)
 
     def _reloaded(self, why: str) -> None:
         self.in_step = True

@@ -408,3 +408,20 @@ def test_a_diloco_round_state_that_breaks_the_model_is_refused_by_the_follower(
     problem = exchange._problem(*served_state(poisoned, 4)[:2])
     assert problem is not None and "held-out" in problem, problem
     assert exchange._problem(*served_state(honest, 4)[:2]) is None
+
+
+def test_a_models_heldout_loss_in_place_is_its_states() -> None:
+    """The keeper's step follower judges its own parameters in place at every step it
+    keeps (HeldoutLoss.of_model): the same loss as judging a copy of its state, and the
+    model is left in the mode it was in."""
+    spec = parse_spec(small_spec())
+    sequences = torch.randint(0, 256, (40, spec.model.seq_len + 1))
+    judge = HeldoutLoss(spec, sequences)
+    model = seeded_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+    for training in (True, False):
+        model.train(training)
+        assert judge.of_model(model) == pytest.approx(judge(model.state_dict()), rel=1e-6)
+        assert model.training is training
