@@ -9,21 +9,30 @@ No HTTP or gRPC here.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import CrowdtrainError
-from crowdtrain.protocol.runspec import RunSpec, parse_spec
+from crowdtrain.protocol.runspec import (
+    MAX_WEIGHT_BATCHES,
+    NEWCOMER_WEIGHT_BATCHES,
+    RunSpec,
+    parse_spec,
+)
 from crowdtrain.protocol.shards import ShardManifest
 
 # A peer that has not sent a heartbeat for this long is shown as gone.
 PEER_TIMEOUT_S = 20.0
-# The most averaging weight a peer may claim in one round, in target batches
-# (hivemind's rounds overshoot the target; a 100x claim never passes).
-MAX_WEIGHT_BATCHES = 4.0
+# A peer's averaging weight counts for at most WEIGHT_SLACK times the sequences of its
+# verified receipts received in the last VERIFIED_WINDOW_S, per step the run made then.
+VERIFIED_WINDOW_S = 900.0
+WEIGHT_SLACK = 2.0
+ROSTER_TTL_S = 5.0  # how long a run's weight caps are reused (every heartbeat reads them)
 
 
 class UnknownRunError(CrowdtrainError):
@@ -72,15 +81,60 @@ def num_active_peers(store: Store, run_id: str, now: float | None = None) -> int
 
 
 def roster(store: Store, run: PublishedRun, now: float | None = None) -> list[tuple[str, float]]:
-    """Each live peer's swarm id with the most averaging weight others accept from it:
-    :data:`MAX_WEIGHT_BATCHES` target batches, or nothing from a flagged or banned peer.
-    Nodes get it with each heartbeat's answer; the keeper's round follower from a file."""
+    """Each live peer's swarm id with the most averaging weight (samples per round, in a
+    DiLoCo run per inner step of the round) that others count its parts for: its
+    :func:`weight_caps`, or nothing for a flagged or banned peer. Nodes get it with each
+    heartbeat's answer; the keeper's followers from a file."""
     now = time.time() if now is None else now
-    limit = MAX_WEIGHT_BATCHES * run.spec.optimizer.target_batch_size
+    caps = weight_caps(store, run, now)
+    newcomer = NEWCOMER_WEIGHT_BATCHES * run.spec.optimizer.target_batch_size
     return [
-        (p["dht_peer_id"], 0.0 if p["flagged"] or p["state"] == "banned" else limit)
+        (
+            p["dht_peer_id"],
+            0.0 if p["flagged"] or p["state"] == "banned" else caps.get(p["peer_id"], newcomer),
+        )
         for p in store.roster_rows(run.id, since=now - PEER_TIMEOUT_S)
     ]
+
+
+_caps_lock = threading.Lock()
+_caps: weakref.WeakKeyDictionary[Store, dict[str, tuple[float, dict[str, float]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def weight_caps(store: Store, run: PublishedRun, now: float) -> dict[str, float]:
+    """The most averaging weight each peer with verified work may have counted (by peer
+    id): :data:`WEIGHT_SLACK` times the sequences of its verified receipts received in the
+    last :data:`VERIFIED_WINDOW_S` per step the run made meanwhile, between
+    :data:`NEWCOMER_WEIGHT_BATCHES` (what a peer without verified work gets, so that a
+    volunteer's first shard counts) and :data:`MAX_WEIGHT_BATCHES` target batches.
+
+    A weight is the sender's own claim: before, any peer could claim four target batches
+    a round, more than a whole swarm of small honest peers, with no work behind it (a
+    fresh identity each time it is flagged). Now only work the verifier accepted buys
+    weight. Reused for :data:`ROSTER_TTL_S` (every heartbeat reads it)."""
+    with _caps_lock:
+        kept = _caps.setdefault(store, {}).get(run.id)
+    if kept is not None and 0 <= now - kept[0] < ROSTER_TTL_S:
+        return kept[1]
+    opt = run.spec.optimizer
+    since = now - VERIFIED_WINDOW_S
+    step_then = store.step_at(run.id, since)
+    if step_then is None:  # a run younger than the window (or not sampled yet)
+        step_then = 0
+    steps = max(1, int(run.row["step"]) - step_then)
+    # a DiLoCo round is inner_steps steps of the target batch (nodes scale the roster)
+    per_round = opt.inner_steps if opt.mode == "diloco" else 1
+    low = NEWCOMER_WEIGHT_BATCHES * opt.target_batch_size
+    high = MAX_WEIGHT_BATCHES * opt.target_batch_size
+    caps = {
+        peer: min(high, max(low, WEIGHT_SLACK * sequences / steps / per_round))
+        for peer, sequences in store.verified_sequences_since(run.id, since).items()
+    }
+    with _caps_lock:
+        _caps.setdefault(store, {})[run.id] = (now, caps)
+    return caps
 
 
 def peer_state(peer: dict[str, Any], now: float) -> str:

@@ -3,7 +3,8 @@
 Usage: .venv/bin/python scripts/defence_off.py
     [counts step sybils squat free fault slowloris checkpoint nat weightless drift
      predictable unchecked patience diloco aggregation progress
-     sources judge round_judge reducer refused_slice follower]
+     sources judge round_judge reducer refused_slice follower weight_cap
+     weight_roster]
 Each case edits the working tree, runs its test (issue 14's in
 tests/e2e/test_hostile_peers.py, issue 15's in tests/e2e/test_adversarial.py; which must
 then FAIL), and puts the files back with
@@ -314,6 +315,25 @@ CASES = {
         ],
         "tests/e2e/test_adversarial.py",
         "returns_its_slice_flipped",
+    ),
+    # A part's weight counts as claimed (up to the refusal bound): the roster's cap by
+    # verified work bounds nothing.
+    "weight_cap": (
+        [("node/swarm/allreduce.py", "weight=min(weight, max_weight),", "weight=weight,")],
+        "tests/node/test_guard.py",
+        "past_the_senders_cap",
+    ),
+    # The coordinator gives every peer a newcomer's weight, whatever its verified work.
+    "weight_roster": (
+        [
+            (
+                "coordinator/records.py",
+                "        for peer, sequences in store.verified_sequences_since(run.id, since).items()",
+                "        for peer, sequences in {}.items()",
+            ),
+        ],
+        "tests/coordinator/test_store_and_publish.py",
+        "capped_by_its_verified_work",
     ),
 }
 

@@ -188,6 +188,8 @@ CREATE TABLE IF NOT EXISTS receipt_checks (
     PRIMARY KEY (run_id, peer_id, shard_id, epoch)
 );
 CREATE INDEX IF NOT EXISTS receipt_checks_by_spot ON receipt_checks (spot, received_at);
+-- the roster's weight caps read a run's recent verified receipts at each refresh
+CREATE INDEX IF NOT EXISTS receipt_checks_by_received ON receipt_checks (run_id, received_at);
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT NOT NULL,
     step INTEGER NOT NULL,

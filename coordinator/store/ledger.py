@@ -115,6 +115,16 @@ class LedgerRecords(StoreBase):
         assert row is not None
         return {"tokens": float(row["tokens"]), "flops": float(row["flops"])}
 
+    def verified_sequences_since(self, run_id: str, since: float) -> dict[str, int]:
+        """Each peer's sequences in verified receipts received at or after ``since`` (the
+        coordinator's clock, not the claimed times)."""
+        rows = self._all(
+            "SELECT peer_id, CAST(TOTAL(num_sequences) AS INTEGER) AS n FROM receipt_checks"
+            " WHERE run_id = ? AND status = 'verified' AND received_at >= ? GROUP BY peer_id",
+            (run_id, since),
+        )
+        return {r["peer_id"]: int(r["n"]) for r in rows}
+
     def verified_tokens(self, run_id: str, peer_id: str) -> int:
         row = self._one(
             "SELECT CAST(TOTAL(num_tokens) AS INTEGER) AS n FROM receipt_checks WHERE run_id = ?"

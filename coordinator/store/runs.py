@@ -135,10 +135,11 @@ class RunRecords(StoreBase):
         """Peers with a swarm id that are live or banned: whom a roster names."""
         return self._all(
             # INDEXED BY: the planner would otherwise range over every peer with a swarm id.
-            "SELECT dht_peer_id, flagged, state, last_seen FROM peers INDEXED BY"
+            "SELECT peer_id, dht_peer_id, flagged, state, last_seen FROM peers INDEXED BY"
             " peers_by_last_seen WHERE run_id = ? AND last_seen >= ? AND dht_peer_id != ''"
             # CROSS JOIN: from the (few) bans to their peers, never the other way round.
-            " UNION ALL SELECT p.dht_peer_id, p.flagged, p.state, p.last_seen FROM bans b"
+            " UNION ALL SELECT p.peer_id, p.dht_peer_id, p.flagged, p.state, p.last_seen"
+            " FROM bans b"
             " CROSS JOIN peers p ON p.run_id = b.run_id AND p.peer_id = b.peer_id"
             " WHERE b.run_id = ? AND p.dht_peer_id != '' AND p.last_seen < ?",
             (run_id, since, run_id, since),
@@ -330,6 +331,15 @@ class RunRecords(StoreBase):
             (run_id, since, limit),
         )
         return rows[::-1]
+
+    def step_at(self, run_id: str, when: float) -> int | None:
+        """The run's step in its newest sample at or before ``when``; None without one."""
+        row = self._one(
+            "SELECT step FROM run_samples WHERE run_id = ? AND time <= ? ORDER BY time DESC"
+            " LIMIT 1",
+            (run_id, when),
+        )
+        return int(row["step"]) if row else None
 
     def count_samples(self, run_id: str) -> int:
         row = self._one("SELECT COUNT(*) AS n FROM run_samples WHERE run_id = ?", (run_id,))

@@ -145,7 +145,9 @@ class _RobustPartReducer(TensorPartReducer):
 class GuardedAllReduceRunner(AllReduceRunner):
     """An AllReduceRunner that checks every part and every result it receives.
 
-    ``max_weight`` maps a sender to the largest weight it may claim. A sender
+    ``max_weight`` maps a sender to the most weight its parts count for (0: refused);
+    a claim above it and up to ``max_claim`` counts at it, a claim above both is
+    refused (``max_claim`` 0: every claim above ``max_weight`` is). A sender
     whose part fails is banned for the round (its later parts are excluded,
     its earlier ones had passed), its stream is closed and it is reported; a
     reducer whose result fails is treated as failed (our own values are used
@@ -172,6 +174,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
         *,
         guard: GuardConfig,
         max_weight: Callable[[PeerID], float],
+        max_claim: float = 0.0,
         attack: str = "",
         exact_results: bool = False,
         **kwargs: Any,
@@ -188,6 +191,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
             self._far,
         )
         self._guard, self._max_weight, self._attack = guard, max_weight, attack
+        self._max_claim = max_claim
         self._exact = exact_results
         # A failed reducer's slice then holds our own part (not a zero difference).
         self.tensor_part_container.return_deltas = not exact_results
@@ -272,6 +276,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         sender = self.sender_peer_ids[sender_index]
         max_weight = self._max_weight(sender)
+        refused_above = max(max_weight, self._max_claim) if max_weight > 0 else 0.0
         reducer = self.tensor_part_reducer
         part_index = 0
         try:
@@ -285,7 +290,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
                     self._drop(sender, SHAPE, "parts")
                     break
                 problem = part_problem(
-                    tensor_part, weight, reducer.part_shapes[part_index], max_weight
+                    tensor_part, weight, reducer.part_shapes[part_index], refused_above
                 )
                 norm, reference = 0.0, None
                 if problem is None:
@@ -306,7 +311,7 @@ class GuardedAllReduceRunner(AllReduceRunner):
                         sender_index,
                         part_index,
                         tensor_part if scale == 1.0 else tensor_part * scale,
-                        weight=weight,
+                        weight=min(weight, max_weight),  # what the sender's work backs
                     )
                     part_index += 1
                 except BannedException:

@@ -138,6 +138,11 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
         if step is not None:
             step._allow_retries = False  # hivemind's StepControl keeps it private
 
+    def _guard_max_claim(self) -> float:
+        """Claims above a sender's bound and up to this count at its bound (the roster
+        caps weights by verified work); 0: a claim above the bound is refused."""
+        return self._guard_config.max_claim if self._guard_roster else 0.0
+
     def _guard_max_weight(self) -> Callable[[PeerID], float]:
         if not self._guard_roster:
             return lambda peer_id: 1.0
@@ -181,6 +186,7 @@ class _GuardedAllReduceMixin(DecentralizedAverager):
         runner = GuardedAllReduceRunner(
             guard=self._guard_config,
             max_weight=self._guard_round_weights(),
+            max_claim=self._guard_max_claim(),
             attack=self._guard_next_attack(),
             exact_results=self._guard_exact,
             p2p=self._p2p,
@@ -455,6 +461,11 @@ class DiLoCoAverager(_GuardedAllReduceMixin):
         roster = self._guard_config.read_roster()
         default, scale = self._guard_config.unknown_max_weight, self._weight_scale
         return lambda peer_id: scale * roster.get(peer_id.to_base58(), default)
+
+    def _guard_max_claim(self) -> float:
+        if not self._guard_roster:
+            return 0.0
+        return self._weight_scale * self._guard_config.max_claim
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
         return self._current_state()

@@ -73,7 +73,12 @@ from crowdtrain.node.swarm.rounds import (
     round_tracker,
 )
 from crowdtrain.node.swarm.step_follower import StepFollower
-from crowdtrain.protocol.runspec import RunSpec, load_spec
+from crowdtrain.protocol.runspec import (
+    MAX_WEIGHT_BATCHES,
+    NEWCOMER_WEIGHT_BATCHES,
+    RunSpec,
+    load_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +134,8 @@ class RoundFollower:
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.round)
         try:
-            # Weights as a node bounds them: the roster's, twice a round's target batch for
-            # a peer it does not list yet.
+            # Weights as a node bounds them: the roster's, a newcomer's for a peer it does
+            # not list yet.
             self.averager = round_averager(
                 dht,
                 self.run_id,
@@ -138,7 +143,11 @@ class RoundFollower:
                 swarm,
                 like=self.global_params,
                 guard=GuardConfig(
-                    guard, 2.0 * opt.target_batch_size, traffic=self.traffic, trust=spec.trust
+                    guard,
+                    NEWCOMER_WEIGHT_BATCHES * opt.target_batch_size,
+                    traffic=self.traffic,
+                    trust=spec.trust,
+                    max_claim=MAX_WEIGHT_BATCHES * opt.target_batch_size,
                 ),
                 use_roster=True,
                 current_state=self._current_state,

@@ -40,7 +40,7 @@ from crowdtrain.model import params_sha256
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol.files import atomic_write
 from crowdtrain.protocol.messages import PeerReport
-from crowdtrain.protocol.runspec import TrustSection
+from crowdtrain.protocol.runspec import MAX_WEIGHT_BATCHES, NEWCOMER_WEIGHT_BATCHES, TrustSection
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ class GuardConfig:
     """
 
     folder: Path
+    # The weight a sender the roster does not list counts for at most.
     unknown_max_weight: float
     attack: str = ""
     # Where the averager processes count the bytes they send and receive (shared memory).
@@ -231,6 +232,10 @@ class GuardConfig:
     # Our parts weigh nothing but are a reference to judge reducers' results by (the
     # keeper's step follower sends a gradient of held-out sequences with weight 0).
     reference_parts: bool = False
+    # A part claiming more weight than its sender's bound (the roster's, or
+    # unknown_max_weight) and at most this counts at that bound; one claiming more than
+    # both is refused and its sender reported (0: every claim above the bound is).
+    max_claim: float = 0.0
 
     def count(self, purpose: str, sent: int = 0, received: int = 0) -> None:
         if self.traffic is not None:
@@ -411,10 +416,16 @@ class SwarmGuard:
         trust: TrustSection | None = None,
     ):
         folder.mkdir(parents=True, exist_ok=True)
-        # A fast honest peer can collect more than the target in one round (1.5x seen
-        # on loopback), so a peer the roster does not list yet may claim twice it.
+        # A peer the roster does not list counts as a newcomer; a claim past the cap
+        # counts at the cap (a fast honest peer collects more than the target in one
+        # round: 1.5x seen on loopback) up to MAX_WEIGHT_BATCHES, which nobody honest makes.
         self.config = GuardConfig(
-            folder, 2.0 * target_batch_size, attack, traffic, trust or TrustSection()
+            folder,
+            NEWCOMER_WEIGHT_BATCHES * target_batch_size,
+            attack,
+            traffic,
+            trust or TrustSection(),
+            max_claim=MAX_WEIGHT_BATCHES * target_batch_size,
         )
         if not keep_files:
             self.config.reports_path.unlink(missing_ok=True)
@@ -441,10 +452,11 @@ class SwarmGuard:
         )
 
     def update_roster(self, roster: dict[str, float]) -> None:
-        """Set each peer's largest averaging weight (``{dht_peer_id: max_weight}``).
+        """Set the most averaging weight each peer's parts count for
+        (``{dht_peer_id: max_weight}``; 0: refused).
 
-        Takes effect from the next averaging round. Peers not listed may claim
-        up to twice the run's target batch size.
+        Takes effect from the next averaging round. Peers not listed count for up to
+        NEWCOMER_WEIGHT_BATCHES target batches.
         """
         atomic_write(
             self.config.roster_path, json.dumps({str(k): float(v) for k, v in roster.items()})

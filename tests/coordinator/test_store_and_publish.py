@@ -317,7 +317,8 @@ def test_a_heartbeat_is_answered_with_the_step_peers_roster_and_credit(run, stor
     )
     answer = peers.take_heartbeat(store, book, session, beat)
     assert (answer.step, answer.num_peers) == (2, 1)
-    assert answer.roster == ((keys.dht_peer_id, 4.0 * run.spec.optimizer.target_batch_size),)
+    # no verified work yet: a newcomer's weight
+    assert answer.roster == ((keys.dht_peer_id, 1.0 * run.spec.optimizer.target_batch_size),)
     assert (answer.verified_tokens, answer.verified_share) == (0, 0.0)
     assert peers_view(store, run.id)[0]["num_tokens"] == 1000
     with pytest.raises(UnknownRunError):
@@ -466,7 +467,9 @@ def _swarm_beat(session, keys: SwarmKeys, reports=()) -> HeartbeatPayload:
     )
 
 
-def _verified_receipt(store, session, shard_id: str) -> None:
+def _verified_receipt(
+    store, session, shard_id: str, num_sequences: int = 1, received_at: float = 1.0
+) -> None:
     """A verified receipt check for ``session``'s peer: it has done checked work."""
     store.insert_receipt_check(
         {
@@ -474,14 +477,14 @@ def _verified_receipt(store, session, shard_id: str) -> None:
             "peer_id": session.peer_id,
             "shard_id": shard_id,
             "epoch": 0,
-            "num_sequences": 1,
+            "num_sequences": num_sequences,
             "num_tokens": 32,
             "flops": 1.0,
             "device": "cpu",
             "device_s": 1.0,
             "started": 0.0,
             "finished": 1.0,
-            "received_at": 1.0,
+            "received_at": received_at,
             "status": "verified",
             "reason": "",
             "possible": "ok",
@@ -501,7 +504,7 @@ def test_a_sender_is_flagged_only_when_two_credited_peers_report_it_repeatedly(r
     a, b, evil = (keys[n].dht_peer_id for n in ("a", "b", "evil"))
     for session, name in ((honest_a, "a"), (honest_b, "b"), (attacker, "evil")):
         peers.heartbeat(store, session, _swarm_beat(session, keys[name]))
-    limit = 4 * run.spec.optimizer.target_batch_size
+    limit = 1.0 * run.spec.optimizer.target_batch_size  # newcomers
     assert sorted(records.roster(store, run)) == sorted([(a, limit), (b, limit), (evil, limit)])
 
     for session, shard in ((honest_a, "s-a"), (honest_b, "s-b"), (attacker, "s-e")):
@@ -535,3 +538,40 @@ def test_a_swarm_id_held_by_another_peer_is_refused_and_changes_nothing(run, sto
     with pytest.raises(AccessError, match="belong to another peer"):
         peers.heartbeat(store, second, _swarm_beat(second, keys))
     assert peers_view(store, run.id) == before
+
+
+def test_a_peers_weight_is_capped_by_its_verified_work_per_step(run, store):
+    """A part's weight is its sender's claim: it counts for at most twice the sequences of
+    the sender's verified receipts of the last 15 minutes per step the run made then
+    (between a newcomer's one target batch and four), so weight is bought with checked
+    work, not claimed (any identity could claim four target batches before)."""
+    target = run.spec.optimizer.target_batch_size
+    now = 100_000.0
+    busy, slow, fresh, old = (
+        _join(store, run.id, name=n) for n in ("busy", "slow", "fresh", "old")
+    )
+    keys = {name: SwarmKeys() for name in ("busy", "slow", "fresh", "old")}
+    for session, name in ((busy, "busy"), (slow, "slow"), (fresh, "fresh"), (old, "old")):
+        peers.heartbeat(store, session, _swarm_beat(session, keys[name]))
+    # the run went from step 100 to 110 in the window
+    store.insert_sample(
+        {
+            "run_id": run.id,
+            "time": now - 1000,
+            "step": 100,
+            "num_tokens": 0,
+            "tokens_per_s": 0.0,
+            "num_peers": 4,
+        }
+    )
+    store.raise_run_step(run.id, 110)
+    _verified_receipt(store, busy, "s-busy", num_sequences=10 * target, received_at=now - 60)
+    _verified_receipt(store, slow, "s-slow", num_sequences=8 * target, received_at=now - 60)
+    _verified_receipt(store, old, "s-old", num_sequences=1000 * target, received_at=now - 2000)
+    stored = store.get_run(run.id)
+    assert stored is not None and stored["step"] == 110, stored
+    caps = dict(records.roster(store, records.get_run(store, run.id), now=now))
+    assert caps[keys["busy"].dht_peer_id] == 2.0 * target  # 2 x 10 targets / 10 steps
+    assert caps[keys["slow"].dht_peer_id] == 1.6 * target
+    assert caps[keys["fresh"].dht_peer_id] == 1.0 * target  # no verified work: a newcomer
+    assert caps[keys["old"].dht_peer_id] == 1.0 * target  # its work is past the window

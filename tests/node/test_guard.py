@@ -124,7 +124,8 @@ def test_roster_reaches_the_averagers_and_a_restart_starts_clean(tmp_path: Path)
     assert guard.config.read_roster() == {}
     guard.update_roster({"QmA": 64, "QmBanned": 0})
     assert guard.config.read_roster() == {"QmA": 64.0, "QmBanned": 0.0}
-    assert guard.config.unknown_max_weight == 64.0
+    # a peer the roster does not list counts as a newcomer; nobody may claim past 4 targets
+    assert (guard.config.unknown_max_weight, guard.config.max_claim) == (32.0, 128.0)
     guard.config.report("QmA", "norm")
     again = SwarmGuard(tmp_path, target_batch_size=32)
     assert again.drain_reports() == []
@@ -169,6 +170,7 @@ async def _all_reduce(
     weights: tuple[float, ...] = (1.0, 1.0, 1.0),
     aggregation: str = "centered_clip",
     flagged: bool = False,
+    max_claim: float = 0.0,
 ) -> list[torch.Tensor]:
     """Three peers average ``values`` (as vectors) by ``aggregation``; the third may be
     hostile, and ``flagged`` (the roster bounds its weight to 0).
@@ -193,6 +195,7 @@ async def _all_reduce(
             runner = cls(
                 guard=guard,
                 max_weight=lambda peer_id: 0.0 if flagged and peer_id == peer_ids[2] else 10.0,
+                max_claim=max_claim,
                 attack=attack if hostile else "",
                 p2p=p2p,
                 servicer_type=GuardedAllReduceRunner,
@@ -249,6 +252,23 @@ def test_a_hostile_senders_parts_are_dropped_and_reported(
         hostile = hostile or reports[0]["dht_peer_id"]
         assert reports[0]["dht_peer_id"] == hostile
     assert _reports(tmp_path / "peer2") == []
+
+
+def test_a_claim_past_the_senders_cap_counts_at_the_cap(tmp_path: Path) -> None:
+    """The roster caps each sender's weight by its verified work (10 here); a claim above
+    the cap and up to ``max_claim`` (what no honest peer exceeds) is counted at the cap,
+    neither refused nor reported: the third peer claims 30 under the plain mean, and the
+    slices honest peers reduce average (1 + 3 + 10 * 5) / 12 = 4.5, not 154 / 32."""
+    results = asyncio.run(
+        _all_reduce(
+            tmp_path, "", False, weights=(1.0, 1.0, 30.0), aggregation="mean", max_claim=40.0
+        )
+    )
+    for result in results:
+        values = set(result.unique().tolist())
+        # (the third peer's own slice counts its own claim: 154 / 32)
+        assert 4.5 in values and values <= {4.5, 154 / 32}, values
+    assert all(_reports(tmp_path / f"peer{index}") == [] for index in range(3))
 
 
 def test_a_hostile_reducers_results_are_not_used(tmp_path: Path) -> None:
