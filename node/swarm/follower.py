@@ -82,6 +82,9 @@ from crowdtrain.protocol.runspec import (
 
 logger = logging.getLogger(__name__)
 
+# How often a follower kept out of its round says why (the swarm's progress as it reads it).
+WAIT_REPORT_S = 30.0
+
 VOUCH_MARGIN = 1.5
 """A round whose global parameters lose this many nats more on held-out sequences than the
 last round written is not written or served (:meth:`RoundFollower._vouches`). One honest
@@ -188,11 +191,29 @@ class RoundFollower:
 
     def run(self, stop: threading.Event) -> None:
         """Follow rounds until ``stop`` is set."""
+        waiting_since = last_said = time.monotonic()
         while not stop.is_set():
             progress = self.tracker.global_progress
             if progress.num_peers == 0 or not self.tracker.ready_to_update_epoch:
+                now = time.monotonic()
+                if now - last_said >= WAIT_REPORT_S:
+                    # What keeps us out of the round, for whoever reads why nodes meet
+                    # nobody (fresh-clone CI: client-mode nodes failed round 0 for four
+                    # minutes while we had not joined it).
+                    last_said = now
+                    logger.info(
+                        "waiting %.0f s for round %d: the swarm's progress shows %d peers, "
+                        "%d of %d samples at round %d",
+                        now - waiting_since,
+                        self.round,
+                        progress.num_peers,
+                        progress.samples_accumulated,
+                        progress.target_batch_size,
+                        progress.epoch,
+                    )
                 stop.wait(0.1)
                 continue
+            waiting_since = last_said = time.monotonic()
             if progress.epoch > self.round + 1:
                 # The swarm is rounds ahead (we started late): only a peer has its state.
                 self._catch_up(progress.epoch, f"the swarm is at round {progress.epoch}")
