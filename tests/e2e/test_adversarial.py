@@ -21,7 +21,7 @@ from tests.specs import TINY_DILOCO, write_tiny_spec
 from tests.swarm import Swarm, write_spec
 from tests.swarm_keys import SwarmKeys, publish_fake_progress
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.swarm]
 
 HONEST = ("honest-inf", "honest")
 # far: a part kept (inside the norm bounds) but far from the robust result

@@ -26,7 +26,7 @@ from crowdtrain.model import load_checkpoint, params_sha256
 from tests.specs import TINY_DILOCO, write_tiny_spec
 from tests.swarm import Process, Swarm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.swarm]
 
 DILOCO = {
     "optimizer": {**TINY_DILOCO, "pseudo_grad_compression": "8bit"},

@@ -30,6 +30,8 @@ from crowdtrain.protocol.runspec import SwarmSection, parse_spec
 from tests.specs import small_spec
 from tests.swarm import ScriptPeers
 
+pytestmark = pytest.mark.swarm
+
 PEER = Path(__file__).parent / "diloco_peer.py"
 
 

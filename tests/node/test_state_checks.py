@@ -209,6 +209,9 @@ def test_a_joining_peer_refuses_state_the_coordinator_disagrees_with(tmp_path: P
         server, joiner = averagers
         server.local_epoch = 42
         server.state_sharing_priority = 42
+        # (fresh-clone CI: loading before the announcement reached the joiner found no
+        # peer to load from, and nothing was refused)
+        _wait_announced(dhts[1], f"{server.prefix}.all_averagers", 42)
 
         guards[1].coordinator_step = lambda: 5  # the coordinator recorded step 5
         joiner.load_state_from_peers(timeout=20)
@@ -259,6 +262,18 @@ def _state_peers(guards: list[SwarmGuard], models: list[GPT]) -> Iterator[list]:
         for dht in dhts:
             dht.shutdown()
         signal.signal(signal.SIGINT, handler)
+
+
+def _wait_announced(dht, key: str, priority: float, timeout_s: float = 30.0) -> None:
+    """Until some peer's state-sharing priority ``priority`` is in the DHT under ``key``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = dht.get(key, latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else {}
+        if any(getattr(e, "value", None) == priority for e in entries.values()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no peer announced priority {priority} under {key} in {timeout_s} s")
 
 
 def _serve_honest_and_hostile(honest, hostile, step: int) -> None:

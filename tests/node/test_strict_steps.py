@@ -18,6 +18,8 @@ from crowdtrain.protocol.runspec import parse_spec
 from tests.specs import small_spec
 from tests.swarm import ScriptPeers
 
+pytestmark = pytest.mark.swarm
+
 PEER = Path(__file__).parent / "sync_peer.py"
 LOST = 3  # the gradient round whose result peer b loses
 
