@@ -38,7 +38,7 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/mypy protocol model coordinator node & types=$$!; \
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 -m "not soak and not swarm"; \
 	tests=$$?; \
-	$(PY) -m pytest -q --durations=15 -m "swarm and not soak"; swarm=$$?; \
+	$(PY) -m pytest -q -n 1 --durations=15 -m "swarm and not soak"; swarm=$$?; \
 	wait $$types; types=$$?; test $$tests -eq 0 && test $$swarm -eq 0 && test $$types -eq 0
 
 lint: $(VENV)/.installed-dev

@@ -43,6 +43,7 @@ from typing import Any
 
 import hivemind
 import torch
+from hivemind.utils import get_dht_time
 
 from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.node.stats.traffic import Traffic
@@ -63,6 +64,7 @@ from crowdtrain.node.swarm.guard import GuardConfig, SwarmGuard
 from crowdtrain.node.swarm.heldout import HeldoutLoss
 from crowdtrain.node.swarm.rounds import (
     ROUND_PATIENCE,
+    RoundTracker,
     await_round_group,
     canonical_sha256,
     others_may_still_meet,
@@ -84,6 +86,8 @@ logger = logging.getLogger(__name__)
 
 # How often a follower kept out of its round says why (the swarm's progress as it reads it).
 WAIT_REPORT_S = 30.0
+# Past its next read by this much, our view of the swarm's progress is stuck: read it anew.
+TRACKER_STALE_S = 60.0
 
 VOUCH_MARGIN = 1.5
 """A round whose global parameters lose this many nats more on held-out sequences than the
@@ -133,9 +137,7 @@ class RoundFollower:
         self._averaging_timeout_s = swarm.averaging_timeout_s
         self._request_timeout_s = swarm.request_timeout_s
 
-        self.tracker = round_tracker(dht, self.run_id, opt, swarm, client_mode=True, eager=True)
-        with self.tracker.pause_updates():
-            self.tracker.update_epoch(self.round)
+        self.tracker = self._new_tracker()
         try:
             # Weights as a node bounds them: the roster's, a newcomer's for a peer it does
             # not list yet.
@@ -187,6 +189,35 @@ class RoundFollower:
         self._announce()
         self._write(self.round)
 
+    def _new_tracker(self) -> RoundTracker:
+        tracker = round_tracker(
+            self.dht,
+            self.run_id,
+            self.spec.optimizer,
+            self.spec.swarm,
+            client_mode=True,
+            eager=True,
+        )
+        with tracker.pause_updates():
+            tracker.update_epoch(self.round)
+        return tracker
+
+    def _renew_tracker(self, stale_s: float) -> None:
+        """Our view of the swarm's progress stopped being refreshed: read it afresh.
+
+        Fresh-clone CI (make test, one test at a time): the follower saw "2 peers, 0 of 80
+        samples at round 0" for four minutes while both client-mode nodes trained rounds 1
+        to 5, applying their own pseudo-gradients: hivemind's tracker reads the DHT with no
+        timeout, and nothing else re-reads it. Nodes behind NAT meet only through us."""
+        logger.warning(
+            "round %d: the swarm's progress was last read %.0f s ago (a read that never "
+            "returned); reading it afresh",
+            self.round,
+            stale_s,
+        )
+        old, self.tracker = self.tracker, self._new_tracker()
+        threading.Thread(target=old.shutdown, args=(1.0,), daemon=True).start()
+
     # the loop
 
     def run(self, stop: threading.Event) -> None:
@@ -194,6 +225,10 @@ class RoundFollower:
         waiting_since = last_said = time.monotonic()
         while not stop.is_set():
             progress = self.tracker.global_progress
+            stale_s = get_dht_time() - progress.next_fetch_time
+            if stale_s > TRACKER_STALE_S:
+                self._renew_tracker(stale_s)
+                continue
             if progress.num_peers == 0 or not self.tracker.ready_to_update_epoch:
                 now = time.monotonic()
                 if now - last_said >= WAIT_REPORT_S:
