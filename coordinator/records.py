@@ -18,12 +18,8 @@ from typing import Any
 
 from crowdtrain.coordinator.store import Store
 from crowdtrain.protocol.errors import CrowdtrainError
-from crowdtrain.protocol.runspec import (
-    MAX_WEIGHT_BATCHES,
-    NEWCOMER_WEIGHT_BATCHES,
-    RunSpec,
-    parse_spec,
-)
+from crowdtrain.protocol.messages import MAX_WEIGHT_BATCHES, NEWCOMER_WEIGHT_BATCHES
+from crowdtrain.protocol.runspec import RunSpec, parse_spec
 from crowdtrain.protocol.shards import ShardManifest
 
 # A peer that has not sent a heartbeat for this long is shown as gone.

@@ -27,6 +27,16 @@ Rate = Annotated[float, Field(ge=0, le=1e15)]
 ShortText = Annotated[str, Field(max_length=128)]
 
 
+# Averaging weight (samples a sender says it accumulated for a round), in target batches
+# (a DiLoCo round's: times its inner steps). A part claiming more than MAX_WEIGHT_BATCHES
+# is refused and its sender reported: no honest peer collects four targets in one round.
+# Below that a claim counts for at most what the coordinator's roster allows the sender
+# (about twice its verified work per step), and NEWCOMER_WEIGHT_BATCHES for a sender
+# with no verified work yet or that the roster does not list.
+MAX_WEIGHT_BATCHES = 4.0
+NEWCOMER_WEIGHT_BATCHES = 1.0
+
+
 class PayloadError(CrowdtrainError):
     """A payload that does not match its schema."""
 

@@ -23,15 +23,6 @@ from typing import Any, Literal
 
 from crowdtrain.protocol.errors import SpecError
 
-# Averaging weight (samples a sender says it accumulated for a round), in target batches
-# (a DiLoCo round's: times its inner steps). A part claiming more than MAX_WEIGHT_BATCHES
-# is refused and its sender reported: no honest peer collects four targets in one round.
-# Below that a claim counts for at most what the coordinator's roster allows the sender
-# (about twice its verified work per step), and NEWCOMER_WEIGHT_BATCHES for a sender
-# with no verified work yet or that the roster does not list.
-MAX_WEIGHT_BATCHES = 4.0
-NEWCOMER_WEIGHT_BATCHES = 1.0
-
 RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 PUBLIC_KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 

@@ -75,12 +75,8 @@ from crowdtrain.node.swarm.rounds import (
     round_tracker,
 )
 from crowdtrain.node.swarm.step_follower import StepFollower
-from crowdtrain.protocol.runspec import (
-    MAX_WEIGHT_BATCHES,
-    NEWCOMER_WEIGHT_BATCHES,
-    RunSpec,
-    load_spec,
-)
+from crowdtrain.protocol.messages import MAX_WEIGHT_BATCHES, NEWCOMER_WEIGHT_BATCHES
+from crowdtrain.protocol.runspec import RunSpec, load_spec
 
 logger = logging.getLogger(__name__)
 

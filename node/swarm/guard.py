@@ -39,8 +39,8 @@ from pydantic import ValidationError
 from crowdtrain.model import params_sha256
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol.files import atomic_write
-from crowdtrain.protocol.messages import PeerReport
-from crowdtrain.protocol.runspec import MAX_WEIGHT_BATCHES, NEWCOMER_WEIGHT_BATCHES, TrustSection
+from crowdtrain.protocol.messages import MAX_WEIGHT_BATCHES, NEWCOMER_WEIGHT_BATCHES, PeerReport
+from crowdtrain.protocol.runspec import TrustSection
 
 logger = logging.getLogger(__name__)
 
