@@ -508,6 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.spec)
     args.outbox.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
+    # Before anything that can hang (the DHT, the followers' hivemind objects, their
+    # shutdown): whatever stops us, we are gone EXIT_GRACE_S later.
+    threading.Thread(
+        target=exit_deadline, args=(args.parent_pid, stop, EXIT_GRACE_S), daemon=True
+    ).start()
     dht = hivemind.DHT(
         initial_peers=args.initial_peers,
         host_maddrs=[f"/ip4/{args.host}/tcp/0"],
@@ -525,8 +530,6 @@ def main(argv: list[str] | None = None) -> int:
             follower = RoundFollower(spec, dht, args.outbox, start, args.guard, args.heldout)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        watcher = threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True)
-        watcher.start()
         logger.info(
             "following run %s (%s) from %s %d (pid %d)",
             spec.run.id,
@@ -561,20 +564,26 @@ def _stop_helpers() -> None:
             continue
 
 
-# Nobody stops a follower whose coordinator died: when its clean exit hangs (a test run
-# found one, with its p2p daemon, 12 minutes after its coordinator was killed), it ends
-# itself and its helpers this long after.
+# Nobody stops a follower whose coordinator died, and a clean exit can hang in hivemind's
+# shutdown (a test run found one, with its p2p daemon, 12 minutes after its coordinator
+# was killed; another, five followers two hours after theirs, asked to stop by the
+# coordinator, which was then killed before it could kill them): this long after any
+# stop, a follower ends itself and its helpers.
 EXIT_GRACE_S = 30.0
 
 
-def _watch_parent(pid: int | None, stop: threading.Event) -> None:
-    while pid is not None and not stop.wait(1.0):
-        if os.getppid() != pid:
+def exit_deadline(parent_pid: int | None, stop: threading.Event, grace_s: float) -> None:
+    """Set ``stop`` when the parent ``parent_pid`` is gone; ``grace_s`` after ``stop`` is
+    set, for whatever reason, stop our helpers and exit (a clean exit ends the process,
+    this thread with it, before)."""
+    while not stop.wait(1.0):
+        if parent_pid is not None and os.getppid() != parent_pid:
+            logger.warning("the coordinator (pid %d) is gone: leaving", parent_pid)
             stop.set()
-            time.sleep(EXIT_GRACE_S)  # a clean exit ends the process (and us) before
-            logger.warning("still here %.0f s after the coordinator went: exiting", EXIT_GRACE_S)
-            _stop_helpers()
-            os._exit(1)
+    time.sleep(grace_s)
+    logger.warning("still here %.0f s after being asked to stop: exiting", grace_s)
+    _stop_helpers()
+    os._exit(1)
 
 
 if __name__ == "__main__":
