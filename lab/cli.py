@@ -1,0 +1,132 @@
+"""``python -m lab`` (``make lab LAB_ARGS=...``): build the lab, run a scenario, tear it down.
+
+Commands: ``check`` (can a lab run here), ``speed`` (measure each capped link with a
+TCP stream), ``nat-round`` (the small DiLoCo scenario across a home NAT), ``scale``
+(the link rate that keeps a real case's compute-to-transfer ratio), ``cleanup``
+(remove every lab's leftovers). Everything a command builds is removed when it ends,
+also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from lab import nat_round, netns, scaling, speed
+from lab.network import HostSpec, Lab, Link
+
+MBIT = 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check", help="say whether a lab can run here")
+    commands.add_parser("cleanup", help=f"remove every namespace named {netns.PREFIX}*")
+    speed_parser = commands.add_parser("speed", help="measure each peer's capped links")
+    speed_parser.add_argument("--peers", type=int, default=1, help="public peers")
+    speed_parser.add_argument("--nat-peers", type=int, default=1, help="peers behind NAT")
+    speed_parser.add_argument("--seconds", type=float, default=3.0, help="per stream")
+    round_parser = commands.add_parser("nat-round", help=nat_round.__doc__.splitlines()[0])
+    round_parser.add_argument("--timeout", type=float, default=150.0, help="seconds")
+    for sub in (speed_parser, round_parser):
+        sub.add_argument("--up-mbit", type=float, default=2.0, help="each peer's uplink cap")
+        sub.add_argument("--down-mbit", type=float, default=8.0, help="each peer's downlink cap")
+        sub.add_argument("--logs", type=Path, help="where logs go (default: a temporary folder)")
+    scale_parser = commands.add_parser("scale", help=scaling.__doc__.splitlines()[0])
+    scale_parser.add_argument("--params", type=float, required=True, help="our model's parameters")
+    scale_parser.add_argument(
+        "--compute-s", type=float, required=True, help="measured compute seconds per round"
+    )
+    scale_parser.add_argument("--bits", type=float, default=8, help="bits sent per parameter")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s lab %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except netns.LabUnavailable as e:
+        print(f"lab: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lab: interrupted; everything it built is removed", file=sys.stderr)
+        return 130
+
+
+def check(args: argparse.Namespace) -> int:
+    netns.require()
+    with Lab([HostSpec("probe")], Path(tempfile.mkdtemp(prefix="crowdtrain-lab-"))) as lab:
+        delay = "available" if lab.netem else "not available (no sch_netem): no delay is added"
+    print(f"lab: ready (ip, tc, nft, namespaces); propagation delay {delay}")
+    return 0
+
+
+def cleanup(args: argparse.Namespace) -> int:
+    removed = netns.cleanup()
+    print(f"lab: removed {len(removed)} namespaces{': ' if removed else ''}{' '.join(removed)}")
+    return 0
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    link = Link(args.up_mbit * MBIT, args.down_mbit * MBIT)
+    specs = [HostSpec("coordinator")]
+    specs += [HostSpec(f"peer{i}", link) for i in range(1, args.peers + 1)]
+    specs += [HostSpec(f"home{i}", link, behind_nat=True) for i in range(1, args.nat_peers + 1)]
+    with Lab(specs, _logs(args)) as lab:
+        _say_delay(lab)
+        for spec in specs[1:]:
+            for direction, cap in (("up", link.up_bps), ("down", link.down_bps)):
+                got = speed.measure(lab, spec.name, "coordinator", direction, args.seconds)
+                assert cap is not None
+                print(
+                    f"{spec.name:>8} {direction:>4}: {got.bps / MBIT:6.2f} Mbit/s of "
+                    f"{cap / MBIT:g} ({got.bps / cap:.0%}), seen from {got.peer}",
+                    flush=True,
+                )
+    return 0
+
+
+def run_nat_round(args: argparse.Namespace) -> int:
+    config = nat_round.NatRoundConfig(args.up_mbit * MBIT, args.down_mbit * MBIT, args.timeout)
+    logs = _logs(args)
+    with Lab(nat_round.hosts(config), logs) as lab:
+        _say_delay(lab)
+        result = nat_round.run(lab, logs, config)
+    print(
+        f"lab: round {result.round} averaged by both peers {result.peers_s:.0f} s after they "
+        f"started; the NAT'd peer's uplink carried {result.home_uplink_bytes:,} bytes "
+        f"(cap x time: {result.home_uplink_cap_bytes:,.0f}); logs in {logs}"
+    )
+    return 0
+
+
+def scale(args: argparse.Namespace) -> int:
+    real = scaling.CONSUMER_GPU
+    rate = scaling.scaled_uplink_bps(args.params, args.compute_s, args.bits)
+    print(
+        f"real case: {real.num_params:.3g} parameters x {real.bits_per_param:g} bits over "
+        f"{real.uplink_bps / MBIT:g} Mbit/s = {real.transfer_s_per_round:.0f} s per round, "
+        f"compute {real.compute_s_per_round:.0f} s (ratio {real.compute_to_transfer:.2f})\n"
+        f"lab uplink: {rate / MBIT:.3f} Mbit/s (scale x{rate / real.uplink_bps:.3g} of every "
+        f"real rate) for {args.params:.3g} parameters and {args.compute_s:g} s compute per round"
+    )
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> Path:
+    return args.logs or Path(tempfile.mkdtemp(prefix="crowdtrain-lab-"))
+
+
+def _say_delay(lab: Lab) -> None:
+    if not lab.netem:
+        print("lab: no propagation delay (this kernel has no sch_netem); caps only", flush=True)
+
+
+COMMANDS = {
+    "check": check,
+    "cleanup": cleanup,
+    "speed": run_speed,
+    "nat-round": run_nat_round,
+    "scale": scale,
+}
