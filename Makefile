@@ -14,7 +14,7 @@ TORCH := torch==2.13.0
 # seconds late missed round after round (fresh-clone CI).
 TEST_WORKERS ?= 2
 
-.PHONY: demo test soak bench lint proto clean
+.PHONY: demo test soak bench lab lint proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev pyproject.toml
 BENCH_ARGS ?=
 bench: $(VENV)/.installed-bench
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The lab (lab/): a small internet of network namespaces on this machine, with capped home
+# links and NAT routers, where a real coordinator and nodes run. Needs root, iproute2 and
+# nftables. make lab LAB_ARGS=--help lists its commands; LAB_ARGS=speed measures the links;
+# LAB_ARGS=cleanup removes what a killed lab left.
+LAB_ARGS ?= nat-round
+lab: $(VENV)/.installed-dev
+	$(PY) -m lab $(LAB_ARGS)
 
 # Scenarios known to fail often (each says why in its docstring), kept runnable.
 soak: $(VENV)/.installed-dev
