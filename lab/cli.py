@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     scale_parser.add_argument("--bits", type=float, default=8, help="bits sent per parameter")
     args = parser.parse_args(argv)
+    # Ctrl-C must end a lab even where it was started with SIGINT ignored (a background
+    # job of a non-interactive shell): what it built comes down on the way out.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lab %(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
