@@ -43,7 +43,6 @@ from typing import Any
 
 import hivemind
 import torch
-from hivemind.utils import get_dht_time
 
 from crowdtrain.model import load_checkpoint, params_sha256
 from crowdtrain.node.stats.traffic import Traffic
@@ -82,8 +81,6 @@ logger = logging.getLogger(__name__)
 
 # How often a follower kept out of its round says why (the swarm's progress as it reads it).
 WAIT_REPORT_S = 30.0
-# Past its next read by this much, our view of the swarm's progress is stuck: read it anew.
-TRACKER_STALE_S = 60.0
 
 VOUCH_MARGIN = 1.5
 """A round whose global parameters lose this many nats more on held-out sequences than the
@@ -198,22 +195,6 @@ class RoundFollower:
             tracker.update_epoch(self.round)
         return tracker
 
-    def _renew_tracker(self, stale_s: float) -> None:
-        """Our view of the swarm's progress stopped being refreshed: read it afresh.
-
-        Fresh-clone CI (make test, one test at a time): the follower saw "2 peers, 0 of 80
-        samples at round 0" for four minutes while both client-mode nodes trained rounds 1
-        to 5, applying their own pseudo-gradients: hivemind's tracker reads the DHT with no
-        timeout, and nothing else re-reads it. Nodes behind NAT meet only through us."""
-        logger.warning(
-            "round %d: the swarm's progress was last read %.0f s ago (a read that never "
-            "returned); reading it afresh",
-            self.round,
-            stale_s,
-        )
-        old, self.tracker = self.tracker, self._new_tracker()
-        threading.Thread(target=old.shutdown, args=(1.0,), daemon=True).start()
-
     # the loop
 
     def run(self, stop: threading.Event) -> None:
@@ -221,10 +202,6 @@ class RoundFollower:
         waiting_since = last_said = time.monotonic()
         while not stop.is_set():
             progress = self.tracker.global_progress
-            stale_s = get_dht_time() - progress.next_fetch_time
-            if stale_s > TRACKER_STALE_S:
-                self._renew_tracker(stale_s)
-                continue
             if progress.num_peers == 0 or not self.tracker.ready_to_update_epoch:
                 now = time.monotonic()
                 if now - last_said >= WAIT_REPORT_S:

@@ -7,21 +7,30 @@ round after one inner step, and an epoch near 2**62 keeps hivemind's scheduler
 looping. :class:`PlausibleProgressTracker` leaves out, before hivemind reads them,
 records whose epoch is ahead of what the swarm can have reached
 (:func:`epoch_limit`); the sync optimizer and every DiLoCo participant use it.
+It also gives each read of the swarm's progress a deadline: hivemind's waits for
+ever, and one read that never returned left a peer blind to the swarm for good.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.progress_tracker import GlobalTrainingProgress, ProgressTracker
+from hivemind.utils import ValueWithExpiration, enter_asynchronously, get_dht_time
 
 logger = logging.getLogger(__name__)
 
 TRUSTED_TTL_S = 10.0  # how long the coordinator's view of the epoch is reused
+# A read of the swarm's progress takes well under a second on a live DHT; one that has
+# not returned by then never will (fresh-clone CI: a follower saw "2 peers, 0 of 80
+# samples at round 0" for four minutes while both nodes trained rounds 1 to 5).
+FETCH_TIMEOUT_S = 20.0
+RETRY_PAUSE_S = 1.0  # after a read that failed or timed out
 
 
 def epoch_limit(own: int, others: Sequence[int], trusted: int | None = None) -> int:
@@ -77,6 +86,52 @@ class PlausibleProgressTracker(ProgressTracker):
         self._trusted_value: int | None = None
         self._trusted_at = -math.inf
         super().__init__(*args, **kwargs)
+
+    fetch_timeout_s = FETCH_TIMEOUT_S
+    global_progress: GlobalTrainingProgress  # (hivemind's, untyped)
+
+    async def _progress_fetcher(self) -> None:
+        """hivemind's loop that reads the swarm's progress when it is due, with a deadline
+        on each read and a retry after one that failed (hivemind's waits for ever, and
+        an error ends its loop: either leaves the peer's view of the swarm frozen)."""
+        loop = asyncio.get_event_loop()
+        shutdown = loop.run_in_executor(None, self.shutdown_triggered.wait)
+        try:
+            while not self.shutdown_triggered.is_set():
+                wait_s = max(0.0, self.global_progress.next_fetch_time - get_dht_time())
+                if await loop.run_in_executor(None, self.global_state_updated.wait, wait_s):
+                    self.global_state_updated.clear()
+                    continue
+                async with enter_asynchronously(self.lock_global_progress):
+                    read = asyncio.ensure_future(
+                        self.dht.get(self.training_progress_key, latest=True, return_future=True)
+                    )
+                    done, _ = await asyncio.wait(
+                        {read, shutdown},
+                        timeout=self.fetch_timeout_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if self.shutdown_triggered.is_set():
+                        read.cancel()
+                        break
+                    try:
+                        if read not in done:
+                            read.cancel()
+                            raise TimeoutError(f"no answer in {self.fetch_timeout_s:.0f} s")
+                        found = read.result()
+                        metadata = found.value if isinstance(found, ValueWithExpiration) else None
+                        self.global_progress = self._parse_swarm_progress_data(metadata)
+                        self.fetched_global_progress_this_epoch.set()
+                        continue
+                    except Exception as e:  # never a reason to stop reading
+                        # (the record gets text: a record holding the error held this
+                        # thread's event loop through its traceback, and whichever thread
+                        # dropped the record last aborted the interpreter)
+                        why = f"{type(e).__name__}: {e}"
+                        logger.warning("reading the swarm's progress failed (%s): retrying", why)
+                await asyncio.sleep(RETRY_PAUSE_S)
+        finally:
+            logger.debug("no longer reading %s", self.training_progress_key)
 
     def _trusted(self) -> int | None:
         """``trusted_epoch()``, asked at most every TRUSTED_TTL_S (it may be a request)."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 
@@ -102,6 +103,57 @@ def test_a_newcomer_that_has_not_reported_counts_itself(counts_itself: bool) -> 
             time.sleep(0.2)
         assert new.global_progress.epoch == 4
         assert new.global_progress.num_peers == (2 if counts_itself else 1)
+    finally:
+        for tracker in trackers:
+            tracker.shutdown(5)
+        second.shutdown()
+        first.shutdown()
+
+
+class FirstReadHangs:
+    """A real DHT whose first background read of the progress records never returns."""
+
+    def __init__(self, dht: hivemind.DHT):
+        self._dht = dht
+        self.hung = 0
+
+    def get(self, key: object, latest: bool = False, return_future: bool = False) -> object:
+        if return_future and not self.hung:
+            self.hung += 1
+            return asyncio.sleep(3600)  # never returns in time
+        return self._dht.get(key, latest=latest, return_future=return_future)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._dht, name)
+
+
+def test_a_read_of_the_swarms_progress_that_never_returns_is_given_up() -> None:
+    """hivemind's tracker waits for ever on each read of the swarm's progress: one that
+    never returned left the keeper's follower blind for four minutes in fresh-clone CI
+    (it saw 2 peers at round 0 while both nodes trained rounds 1 to 5 alone)."""
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = hivemind.DHT(
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        initial_peers=[str(m) for m in first.get_visible_maddrs()],
+    )
+    trackers = []
+    try:
+        options = {"prefix": "hanging", "target_batch_size": 16, "min_refresh_period": 0.1}
+        other = PlausibleProgressTracker(first, **options, start=True)
+        trackers.append(other)
+        proxy = FirstReadHangs(second)
+        reader = PlausibleProgressTracker(proxy, **options, start=False)  # type: ignore[arg-type]
+        reader.fetch_timeout_s = 2.0
+        reader.start()
+        trackers.append(reader)
+        other.report_local_progress(local_epoch=3, samples_accumulated=5)
+        deadline = time.monotonic() + 20
+        while reader.global_progress.epoch < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proxy.hung == 1
+        assert reader.global_progress.epoch == 3, "the reader's view stayed frozen"
+        assert reader.global_progress.samples_accumulated == 5
     finally:
         for tracker in trackers:
             tracker.shutdown(5)
