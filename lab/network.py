@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 from lab import netns, shaping
 
@@ -119,7 +120,7 @@ class Lab:
         self.started: list[Started] = []
         self.netem = False
         self._namespaces: list[str] = []
-        self._sigterm: signal.Handlers | None | object = None
+        self._sigterm: Any = None  # SIGTERM's handler before start(), restored at shutdown
 
     def _plan(self, i: int, spec: HostSpec) -> Host:
         wan = f"{WAN_NET}.{i}.2"
@@ -271,7 +272,7 @@ class Lab:
         finally:
             if main:
                 if self._sigterm is not None:
-                    signal.signal(signal.SIGTERM, self._sigterm)  # type: ignore[arg-type]
+                    signal.signal(signal.SIGTERM, self._sigterm)
                     self._sigterm = None
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
 
