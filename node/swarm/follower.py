@@ -202,7 +202,13 @@ class RoundFollower:
         waiting_since = last_said = time.monotonic()
         while not stop.is_set():
             progress = self.tracker.global_progress
-            if progress.num_peers == 0 or not self.tracker.ready_to_update_epoch:
+            # Client-mode nodes start round r's averaging reporting round r + 1 (and their
+            # samples of round r are gone from their records): hivemind's readiness sees
+            # neither, and the nodes, which need us as their reducer, failed round after
+            # round while we waited at "0 of 80 samples" (make soak, the stalled test).
+            swarm_round = max(progress.epoch, self.tracker.majority_round() or 0)
+            ready = self.tracker.ready_to_update_epoch or swarm_round > self.round
+            if progress.num_peers == 0 or not ready:
                 now = time.monotonic()
                 if now - last_said >= WAIT_REPORT_S:
                     # What keeps us out of the round, for whoever reads why nodes meet
@@ -222,9 +228,9 @@ class RoundFollower:
                 stop.wait(0.1)
                 continue
             waiting_since = last_said = time.monotonic()
-            if progress.epoch > self.round + 1:
+            if swarm_round > self.round + 1:
                 # The swarm is rounds ahead (we started late): only a peer has its state.
-                self._catch_up(progress.epoch, f"the swarm is at round {progress.epoch}")
+                self._catch_up(swarm_round, f"the swarm is at round {swarm_round}")
             else:
                 self._follow(self.round)
 

@@ -161,6 +161,19 @@ class RoundTracker(PlausibleProgressTracker):
         self.peer_rounds = rounds
         return progress
 
+    def majority_round(self) -> int | None:
+        """The highest round that more than half of the other peers report having reached
+        (None: no other peer), client-mode peers included: hivemind's swarm epoch counts
+        only peers that accept connections, so a follower among client-mode nodes never
+        saw them start a round's averaging (which a peer reports as the next round)."""
+        return majority_round(self.peer_rounds.values())
+
+
+def majority_round(rounds: Iterable[int]) -> int | None:
+    """The highest round that more than half of ``rounds`` are at or past."""
+    ordered = sorted(rounds, reverse=True)
+    return ordered[len(ordered) // 2] if ordered else None
+
 
 def round_may_still_meet(
     round_: int, announced: Sequence[float], peer_rounds: Iterable[int]

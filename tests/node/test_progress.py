@@ -11,6 +11,7 @@ import hivemind
 import pytest
 
 from crowdtrain.node.swarm.progress import PlausibleProgressTracker, epoch_limit, plausible_records
+from crowdtrain.node.swarm.rounds import majority_round
 
 
 def record(peer: str, epoch: int) -> SimpleNamespace:
@@ -159,3 +160,23 @@ def test_a_read_of_the_swarms_progress_that_never_returns_is_given_up() -> None:
             tracker.shutdown(5)
         second.shutdown()
         first.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("rounds", "expected"),
+    [
+        ([], None),
+        ([7], 7),
+        ([8, 8], 8),  # both client-mode nodes began round 7's averaging
+        ([8, 7], 7),  # one of two is no majority
+        ([8, 8, 3], 8),
+        ([2**62, 8, 8], 8),  # one record far ahead moves nothing
+        ([2**62, 2**62, 8], 2**62),  # (a hostile majority: the roster's part)
+    ],
+)
+def test_the_round_most_peers_reached(rounds: list[int], expected: int | None) -> None:
+    """The keeper's follower joins a round's averaging once most peers report the next
+    round, client-mode peers too: hivemind's swarm epoch leaves them out, and client-mode
+    nodes, which need the follower as their reducer, failed round after round while it
+    waited (make soak)."""
+    assert majority_round(rounds) == expected
