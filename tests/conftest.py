@@ -25,10 +25,23 @@ def reap_children() -> Iterator[None]:
     could not stop, or one that left its group (every test stops its own; this is the
     net under them, as hivemind's own test suite keeps)."""
     yield
-    children = psutil.Process().children(recursive=True)
+    # Not torch's shared-memory manager (hivemind shares tensors through files): freeing a
+    # shared tensor at exit after it died threw 'std::system_error: Broken pipe' and
+    # aborted the interpreter, and the run's summary with it (make test's swarm phase). It
+    # ends by itself once its clients are gone.
+    children = [
+        c for c in psutil.Process().children(recursive=True) if _name(c) != "torch_shm_manager"
+    ]
     for child in children:
         try:
             child.kill()
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(children, timeout=10)
+
+
+def _name(process: psutil.Process) -> str | None:
+    try:
+        return process.name()
+    except psutil.Error:
+        return None
