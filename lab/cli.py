@@ -2,7 +2,8 @@
 
 Commands: ``check`` (can a lab run here), ``speed`` (measure each capped link with a
 TCP stream), ``nat-round`` (the small DiLoCo scenario across a home NAT), ``scale``
-(the link rate that keeps a real case's compute-to-transfer ratio), ``cleanup``
+(the link rate that keeps a real case's compute-to-transfer ratio), ``sweep`` (the
+bandwidth sweep: 4 peers at three scaled link speeds, :mod:`lab.sweep`), ``cleanup``
 (remove every lab's leftovers). Everything a command builds is removed when it ends,
 also on Ctrl-C or SIGTERM.
 """
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lab import nat_round, netns, scaling, speed
+from lab import nat_round, netns, scaling, speed, sweep, sweep_figures
 from lab.network import HostSpec, Lab, Link
 
 MBIT = 1e6
@@ -37,6 +38,34 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--up-mbit", type=float, default=2.0, help="each peer's uplink cap")
         sub.add_argument("--down-mbit", type=float, default=8.0, help="each peer's downlink cap")
         sub.add_argument("--logs", type=Path, help="where logs go (default: a temporary folder)")
+    sweep_parser = commands.add_parser("sweep", help=sweep.__doc__.splitlines()[0])
+    sweep_parser.add_argument(
+        "--modes", default="diloco", help="comma-separated: diloco, sync (default: diloco)"
+    )
+    sweep_parser.add_argument(
+        "--real-mbit", default="10,50,200", help="the real uplinks the links stand for"
+    )
+    sweep_parser.add_argument("--window-s", type=float, default=75.0, help="measured per run")
+    sweep_parser.add_argument(
+        "--inner-steps",
+        type=int,
+        default=sweep.SweepConfig.inner_steps,
+        help="DiLoCo's inner steps per round (its compute time per round)",
+    )
+    sweep_parser.add_argument(
+        "--calibration",
+        type=Path,
+        help="an earlier sweep.json of this machine: its peers' compute rates, no new calibration",
+    )
+    sweep_parser.add_argument("--out", type=Path, default=Path("lab/results"), help="figures")
+    sweep_parser.add_argument(
+        "--logs", type=Path, help="where logs go (default: a temporary folder)"
+    )
+    report_parser = commands.add_parser(
+        "sweep-report", help="the tables and plot of a sweep's sweep.json, again"
+    )
+    report_parser.add_argument("sweep_json", type=Path, nargs="+", help="one or more, in order")
+    report_parser.add_argument("--plot", type=Path, required=True, help="where the plot goes")
     scale_parser = commands.add_parser("scale", help=scaling.__doc__.splitlines()[0])
     scale_parser.add_argument("--params", type=float, required=True, help="our model's parameters")
     scale_parser.add_argument(
@@ -105,6 +134,49 @@ def run_nat_round(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    modes = tuple(m for m in args.modes.split(",") if m)
+    unknown = [m for m in modes if m not in sweep.SPECS]
+    if unknown:
+        print(f"lab: unknown mode {unknown[0]!r}: use {', '.join(sweep.SPECS)}", file=sys.stderr)
+        return 2
+    config = sweep.SweepConfig(
+        modes=modes,
+        real_uplinks_mbit=tuple(float(x) for x in args.real_mbit.split(",")),
+        window_s=args.window_s,
+        inner_steps=args.inner_steps,
+    )
+    logs = _logs(args)
+    print(
+        f"lab: sweep of {', '.join(modes)} at {args.real_mbit} Mbit/s; logs in {logs}", flush=True
+    )
+    rates = None
+    if args.calibration is not None:
+        rates = sweep.load(args.calibration)[0]["peer_tokens_per_s"]
+    _, runs = sweep.run(logs, config, lambda line: print(f"lab: {line}", flush=True), rates)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep.json").write_text((logs / "sweep.json").read_text(), encoding="utf-8")
+    _report(runs, args.out / "sweep_utilisation.png")
+    print(f"lab: figures in {args.out}/sweep.json and {args.out}/sweep_utilisation.png")
+    return 0
+
+
+def sweep_report(args: argparse.Namespace) -> int:
+    runs = [run for path in args.sweep_json for run in sweep.load(path)[1]]
+    _report(runs, args.plot)
+    return 0
+
+
+def _report(runs: list[sweep_figures.RunFigures], plot: Path) -> None:
+    """Print the sweep's tables (losses also at the fewest tokens a measured run reached)
+    and draw its plot."""
+    measured = [r.swarm_tokens for r in runs if r.real_uplink_mbit]
+    print(sweep_figures.run_table(runs, at_tokens=min(measured) if measured else None))
+    print()
+    print(sweep_figures.bytes_table(runs))
+    sweep.plot(runs, plot)
+
+
 def scale(args: argparse.Namespace) -> int:
     real = scaling.CONSUMER_GPU
     rate = scaling.scaled_uplink_bps(args.params, args.compute_s, args.bits)
@@ -133,4 +205,6 @@ COMMANDS = {
     "speed": run_speed,
     "nat-round": run_nat_round,
     "scale": scale,
+    "sweep": run_sweep,
+    "sweep-report": sweep_report,
 }
