@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         help="DiLoCo's inner steps per round (its compute time per round)",
     )
     sweep_parser.add_argument(
+        "--averaging-timeout-s", type=float, help="the run spec's (default: the tiny run's 10 s)"
+    )
+    sweep_parser.add_argument(
         "--calibration",
         type=Path,
         help="an earlier sweep.json of this machine: its peers' compute rates, no new calibration",
@@ -145,6 +148,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         real_uplinks_mbit=tuple(float(x) for x in args.real_mbit.split(",")),
         window_s=args.window_s,
         inner_steps=args.inner_steps,
+        averaging_timeout_s=args.averaging_timeout_s,
     )
     logs = _logs(args)
     print(

@@ -55,6 +55,7 @@ class SweepConfig:
     num_peers: int = 4
     window_s: float = 75.0
     inner_steps: int = DILOCO["optimizer"]["inner_steps"]  # DiLoCo's: a round's length
+    averaging_timeout_s: float | None = None  # [swarm] averaging_timeout_s; None: the tiny run's
     calibration_s: float = 40.0
     warmup_s: float = 10.0
     join_timeout_s: float = 150.0
@@ -85,17 +86,23 @@ class Calibration:
 
 def spec(mode: str, config: SweepConfig) -> dict[str, Any]:
     """The spec sections of ``mode``'s runs (DiLoCo's rounds ``config.inner_steps`` long)."""
-    if mode != "diloco":
-        return SPECS[mode]
-    return {"optimizer": {**DILOCO["optimizer"], "inner_steps": config.inner_steps}}
+    sections = dict(SPECS[mode])
+    if mode == "diloco":
+        sections["optimizer"] = {**DILOCO["optimizer"], "inner_steps": config.inner_steps}
+    if config.averaging_timeout_s is not None:
+        sections["swarm"] = {"averaging_timeout_s": config.averaging_timeout_s}
+    return sections
 
 
 def series(mode: str, config: SweepConfig) -> str:
-    """A run's name less its speed: the mode, and DiLoCo's round length where it is not
-    the default (``diloco-r100``)."""
+    """A run's name less its speed: the mode, DiLoCo's round length and the averaging
+    timeout where they are not the default (``diloco-r100``, ``diloco-r100-t60``)."""
+    name = mode
     if mode == "diloco" and config.inner_steps != SweepConfig.inner_steps:
-        return f"diloco-r{config.inner_steps}"
-    return mode
+        name += f"-r{config.inner_steps}"
+    if config.averaging_timeout_s is not None:
+        name += f"-t{config.averaging_timeout_s:g}"
+    return name
 
 
 def num_params() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lab.sweep import Calibration
+from lab.sweep import Calibration, SweepConfig, series, spec
 from lab.sweep_figures import (
     RunFigures,
     Snapshot,
@@ -86,3 +86,15 @@ def test_the_lab_rates_keep_the_real_ratio_at_every_speed() -> None:
     assert calibration.uplink_50_bps == pytest.approx(115_008 * 8 / 8.0)  # transfer = compute
     assert calibration.lab_uplink_bps(10) == pytest.approx(calibration.uplink_50_bps / 5)
     assert calibration.lab_uplink_bps(200) == pytest.approx(calibration.uplink_50_bps * 4)
+
+
+def test_a_variant_of_the_sweep_is_named_and_specified_by_what_it_changes() -> None:
+    default = SweepConfig()
+    assert series("diloco", default) == "diloco"
+    assert spec("diloco", default)["optimizer"]["inner_steps"] == 20
+    assert "swarm" not in spec("sync", default)
+    longer = SweepConfig(inner_steps=100, averaging_timeout_s=60.0)
+    assert series("diloco", longer) == "diloco-r100-t60"
+    assert series("sync", longer) == "sync-t60"
+    assert spec("diloco", longer)["optimizer"]["inner_steps"] == 100
+    assert spec("diloco", longer)["swarm"] == {"averaging_timeout_s": 60.0}
