@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lab import scaling
+from lab import scaling, shaping
 from lab.nat_round import COORDINATOR, DILOCO, LabSwarm
 from lab.network import HostSpec, Lab, Link
 from lab.sweep_figures import RunFigures, Snapshot, peer_figures, window_counts
@@ -167,9 +167,11 @@ def measure(
                 "every peer's first contributing step",
             )
             time.sleep(config.warmup_s)
+            wire_before = [_wire(lab, swarm.placement[n]) for n in names]
             before, offsets = _read(swarm), [len(n.output()) for n in nodes]
             time.sleep(window_s)
             after, logs = _read(swarm), [n.output() for n in nodes]
+            wire_after = [_wire(lab, swarm.placement[n]) for n in names]
             run = swarm.get(f"/api/runs/{RUN_ID}")
             evals = swarm.get(f"/api/runs/{RUN_ID}/evals")
         finally:
@@ -181,8 +183,11 @@ def measure(
             after,
             rates.get(n) if rates else None,
             window_counts(log, start, len(log)),
+            (up_after - up_before, down_after - down_before),
         )
-        for n, log, start in zip(names, logs, offsets, strict=True)
+        for n, log, start, (up_before, down_before), (up_after, down_after) in zip(
+            names, logs, offsets, wire_before, wire_after, strict=True
+        )
     ]
     return RunFigures(
         name=name,
@@ -196,6 +201,14 @@ def measure(
         swarm_tokens=sum(p["num_tokens"] for p in after.peers.values()),
         evals=evals,
     )
+
+
+def _wire(lab: Lab, host: str) -> tuple[int, int]:
+    """Bytes ``host``'s uplink and downlink carried so far (0 where uncapped)."""
+    spec = lab.host(host)
+    up = shaping.sent_bytes(*spec.uplink) if spec.spec.link.up_bps else 0
+    down = shaping.sent_bytes(*spec.downlink) if spec.spec.link.down_bps else 0
+    return up, down
 
 
 def _read(swarm: LabSwarm) -> Snapshot:

@@ -56,6 +56,9 @@ class PeerFigures:
     rounds_averaged: int  # in the window: diloco rounds averaged with another peer
     rounds_failed: int  # in the window: diloco rounds failed or refused, sync steps skipped
     step: int  # at the window's end
+    # What the capped links carried in the window (tc's counters), everything included.
+    wire_sent: int = 0
+    wire_received: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,9 +106,11 @@ def peer_figures(
     after: Snapshot,
     compute_rate: float | None,
     rounds: tuple[int, int],
+    wire: tuple[int, int] = (0, 0),
 ) -> PeerFigures:
     """``name``'s figures between two snapshots; ``compute_rate`` is its calibrated tokens/s
-    (None in the calibration run itself), ``rounds`` its (averaged, failed) in the window."""
+    (None in the calibration run itself), ``rounds`` its (averaged, failed) in the window,
+    ``wire`` the bytes its uplink and downlink carried in the window."""
     a, b = before.peers.get(name), after.peers[name]
     window_s = after.at_s - before.at_s
     if window_s <= 0:
@@ -129,6 +134,8 @@ def peer_figures(
         rounds_averaged=rounds[0],
         rounds_failed=rounds[1],
         step=int(b["step"]),
+        wire_sent=wire[0],
+        wire_received=wire[1],
     )
 
 
@@ -183,13 +190,24 @@ def run_table(runs: list[RunFigures], at_tokens: float | None = None) -> str:
 
 
 def bytes_table(runs: list[RunFigures]) -> str:
-    """A markdown table of the mean bytes per peer in the window, by purpose (MB up/down)."""
+    """A markdown table of the mean bytes per peer in the window, by purpose (MB up/down),
+    and what its capped links carried (tc's counters; "-" where the links were not capped
+    or the run predates the counters)."""
     head = " | ".join(f"{p} up/down (MB)" for p in TRAFFIC_PURPOSES)
-    lines = [f"| run | {head} |", "|---|" + "---|" * len(TRAFFIC_PURPOSES)]
+    lines = [
+        f"| run | {head} | on the wire up/down (MB) |",
+        "|---|" + "---|" * (len(TRAFFIC_PURPOSES) + 1),
+    ]
     for r in runs:
         cells = " | ".join(
             f"{_mb(r.mean_bytes('sent', p))} / {_mb(r.mean_bytes('received', p))}"
             for p in TRAFFIC_PURPOSES
         )
-        lines.append(f"| {r.name} | {cells} |")
+        sent = [p.wire_sent for p in r.peers]
+        wire = (
+            f"{_mb(statistics.mean(sent))} / {_mb(statistics.mean(p.wire_received for p in r.peers))}"
+            if any(sent)
+            else "-"
+        )
+        lines.append(f"| {r.name} | {cells} | {wire} |")
     return "\n".join(lines)

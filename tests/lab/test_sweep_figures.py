@@ -77,6 +77,10 @@ def test_the_tables_have_a_row_per_run() -> None:
     assert len(rows) == 3 and "| diloco-50 | 50 | 1/4 | 80%; 80% | 400 |" in rows[2]
     assert rows[2].endswith("| 3.100 (3) | 4.500 |")
     assert "1.00 / 2.00" in bytes_table([run])  # averaging MB up / down
+    assert bytes_table([run]).endswith("| - |")  # no counters of the capped links
+    wired = peer_figures("node-1", before, after, 500.0, (3, 0), wire=(1_500_000, 3_000_000))
+    capped = RunFigures("diloco-50", "diloco", 50.0, 1e6, 4e6, [wired], 3.1, 3, 4_000)
+    assert bytes_table([capped]).endswith("| 1.50 / 3.00 |")
 
 
 def test_the_lab_rates_keep_the_real_ratio_at_every_speed() -> None:
