@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import hivemind
@@ -21,6 +23,33 @@ def record(peer: str, epoch: int) -> SimpleNamespace:
 
 def no_view() -> int | None:
     return None
+
+
+@dataclass
+class TwoDHTs:
+    """Two connected DHT peers, and the trackers a test made on them (shut down after)."""
+
+    first: hivemind.DHT
+    second: hivemind.DHT
+    trackers: list[PlausibleProgressTracker] = field(default_factory=list)
+
+
+@pytest.fixture
+def two_dhts() -> Iterator[TwoDHTs]:
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    second = hivemind.DHT(
+        start=True,
+        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+        initial_peers=[str(m) for m in first.get_visible_maddrs()],
+    )
+    made = TwoDHTs(first, second)
+    try:
+        yield made
+    finally:
+        for tracker in made.trackers:
+            tracker.shutdown(5)
+        second.shutdown()
+        first.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -77,38 +106,29 @@ def test_a_hostile_majority_is_what_the_roster_must_stop() -> None:
 
 
 @pytest.mark.parametrize("counts_itself", [True, False])
-def test_a_newcomer_that_has_not_reported_counts_itself(counts_itself: bool) -> None:
+def test_a_newcomer_that_has_not_reported_counts_itself(
+    counts_itself: bool, two_dhts: TwoDHTs
+) -> None:
     """hivemind publishes a peer's progress record only once it has reported samples: a
     newcomer that just loaded a peer's state reads that peer's record alone. Counting
     itself, it knows it is not alone (otherwise it steps with its own gradients while
     the other peer, which has not seen it yet, does the same, and the two hold different
     parameters at one step: fresh-clone CI, tests/node/test_strict_steps.py)."""
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = hivemind.DHT(
-        start=True,
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        initial_peers=[str(m) for m in first.get_visible_maddrs()],
+    options = {"prefix": "counting", "target_batch_size": 16, "min_refresh_period": 0.1}
+    old = PlausibleProgressTracker(two_dhts.first, **options, start=True)
+    two_dhts.trackers.append(old)
+    old.report_local_progress(local_epoch=4, samples_accumulated=4)  # published
+    new = PlausibleProgressTracker(
+        two_dhts.second, **options, counts_itself=counts_itself, start=True
     )
-    trackers = []
-    try:
-        options = {"prefix": "counting", "target_batch_size": 16, "min_refresh_period": 0.1}
-        old = PlausibleProgressTracker(first, **options, start=True)
-        trackers.append(old)
-        old.report_local_progress(local_epoch=4, samples_accumulated=4)  # published
-        new = PlausibleProgressTracker(second, **options, counts_itself=counts_itself, start=True)
-        trackers.append(new)
-        new.report_local_progress(local_epoch=4, samples_accumulated=0)  # not published
-        deadline = time.monotonic() + 30
-        while new.global_progress.epoch < 4 and time.monotonic() < deadline:  # old's read
-            new.global_state_updated.set()  # fetch now
-            time.sleep(0.2)
-        assert new.global_progress.epoch == 4
-        assert new.global_progress.num_peers == (2 if counts_itself else 1)
-    finally:
-        for tracker in trackers:
-            tracker.shutdown(5)
-        second.shutdown()
-        first.shutdown()
+    two_dhts.trackers.append(new)
+    new.report_local_progress(local_epoch=4, samples_accumulated=0)  # not published
+    deadline = time.monotonic() + 30
+    while new.global_progress.epoch < 4 and time.monotonic() < deadline:  # old's read
+        new.global_state_updated.set()  # fetch now
+        time.sleep(0.2)
+    assert new.global_progress.epoch == 4
+    assert new.global_progress.num_peers == (2 if counts_itself else 1)
 
 
 class FirstReadHangs:
@@ -128,38 +148,25 @@ class FirstReadHangs:
         return getattr(self._dht, name)
 
 
-def test_a_read_of_the_swarms_progress_that_never_returns_is_given_up() -> None:
-    """hivemind's tracker waits for ever on each read of the swarm's progress: one that
-    never returned left the keeper's follower blind for four minutes in fresh-clone CI
-    (it saw 2 peers at round 0 while both nodes trained rounds 1 to 5 alone)."""
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    second = hivemind.DHT(
-        start=True,
-        host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-        initial_peers=[str(m) for m in first.get_visible_maddrs()],
-    )
-    trackers = []
-    try:
-        options = {"prefix": "hanging", "target_batch_size": 16, "min_refresh_period": 0.1}
-        other = PlausibleProgressTracker(first, **options, start=True)
-        trackers.append(other)
-        proxy = FirstReadHangs(second)
-        reader = PlausibleProgressTracker(proxy, **options, start=False)  # type: ignore[arg-type]
-        reader.fetch_timeout_s = 2.0
-        reader.start()
-        trackers.append(reader)
-        other.report_local_progress(local_epoch=3, samples_accumulated=5)
-        deadline = time.monotonic() + 20
-        while reader.global_progress.epoch < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert proxy.hung == 1
-        assert reader.global_progress.epoch == 3, "the reader's view stayed frozen"
-        assert reader.global_progress.samples_accumulated == 5
-    finally:
-        for tracker in trackers:
-            tracker.shutdown(5)
-        second.shutdown()
-        first.shutdown()
+def test_a_read_of_the_swarms_progress_that_never_returns_is_given_up(two_dhts: TwoDHTs) -> None:
+    """hivemind's tracker waits for ever on each read of the swarm's progress and stops
+    reading at an error: one read that never returns freezes a peer's view of the swarm
+    for good."""
+    options = {"prefix": "hanging", "target_batch_size": 16, "min_refresh_period": 0.1}
+    other = PlausibleProgressTracker(two_dhts.first, **options, start=True)
+    two_dhts.trackers.append(other)
+    proxy = FirstReadHangs(two_dhts.second)
+    reader = PlausibleProgressTracker(proxy, **options, start=False)  # type: ignore[arg-type]
+    reader.fetch_timeout_s = 2.0
+    reader.start()
+    two_dhts.trackers.append(reader)
+    other.report_local_progress(local_epoch=3, samples_accumulated=5)
+    deadline = time.monotonic() + 20
+    while reader.global_progress.epoch < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proxy.hung == 1
+    assert reader.global_progress.epoch == 3, "the reader's view stayed frozen"
+    assert reader.global_progress.samples_accumulated == 5
 
 
 @pytest.mark.parametrize(
