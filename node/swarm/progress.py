@@ -27,8 +27,10 @@ logger = logging.getLogger(__name__)
 
 TRUSTED_TTL_S = 10.0  # how long the coordinator's view of the epoch is reused
 # A read of the swarm's progress takes well under a second on a live DHT; one that has
-# not returned by then never will (fresh-clone CI: a follower saw "2 peers, 0 of 80
-# samples at round 0" for four minutes while both nodes trained rounds 1 to 5).
+# not returned by then never will. (The keeper's follower once saw "2 peers, 0 of 80
+# samples at round 0" for minutes in fresh-clone CI; that was its readiness with
+# client-mode nodes, RoundFollower.run, not a hung read, but a read with no deadline
+# would freeze a peer's view for good just the same.)
 FETCH_TIMEOUT_S = 20.0
 RETRY_PAUSE_S = 1.0  # after a read that failed or timed out
 
