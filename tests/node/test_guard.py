@@ -172,19 +172,20 @@ async def _all_reduce(
     flagged: bool = False,
     max_claim: float = 0.0,
 ) -> list[torch.Tensor]:
-    """Three peers average ``values`` (as vectors) by ``aggregation``; the third may be
-    hostile, and ``flagged`` (the roster bounds its weight to 0).
+    """As many peers as ``values`` (three by default) average them (as vectors) by
+    ``aggregation``; the last may be hostile, and ``flagged`` (the roster bounds its weight
+    to 0).
 
-    Returns the first two peers' results."""
+    Returns the other peers' results."""
     p2ps = [await P2P.create()]
     maddrs = await p2ps[0].get_visible_maddrs()
-    p2ps += [await P2P.create(initial_peers=maddrs) for _ in range(2)]
+    p2ps += [await P2P.create(initial_peers=maddrs) for _ in values[1:]]
     try:
         peer_ids = [p.peer_id for p in p2ps]
         tensors = [[torch.full((3000,), float(v)), torch.full((17,), float(v))] for v in values]
         runners = []
         for index, p2p in enumerate(p2ps):
-            hostile = index == 2
+            hostile = index == len(values) - 1
             guard = GuardConfig(
                 folder / f"peer{index}",
                 unknown_max_weight=10.0,
@@ -194,7 +195,7 @@ async def _all_reduce(
             cls = HostileReducer if hostile and hostile_reducer else GuardedAllReduceRunner
             runner = cls(
                 guard=guard,
-                max_weight=lambda peer_id: 0.0 if flagged and peer_id == peer_ids[2] else 10.0,
+                max_weight=lambda peer_id: 0.0 if flagged and peer_id == peer_ids[-1] else 10.0,
                 max_claim=max_claim,
                 attack=attack if hostile else "",
                 p2p=p2p,
@@ -204,7 +205,7 @@ async def _all_reduce(
                 tensors=[t.clone() for t in tensors[index]],
                 weight=weights[index],
                 ordered_peer_ids=peer_ids,
-                peer_fractions=(1.0, 1.0, 1.0),
+                peer_fractions=(1.0,) * len(values),
                 part_size_bytes=1024,
                 sender_timeout=5.0,
                 reducer_timeout=10.0,
@@ -220,7 +221,7 @@ async def _all_reduce(
                 index += 1
 
         await asyncio.wait_for(asyncio.gather(*(run(r) for r in runners)), timeout=60)
-        return [torch.cat(r.tensor_part_container.local_tensors) for r in runners[:2]]
+        return [torch.cat(r.tensor_part_container.local_tensors) for r in runners[:-1]]
     finally:
         for p2p in p2ps:
             await p2p.shutdown()
@@ -381,6 +382,28 @@ def test_a_sign_flip_inside_the_bounds_wins_only_the_mean(tmp_path: Path, aggreg
         assert all([r["reason"] for r in seen] == ["far"] for seen in reported), reported
     elif aggregation == "mean":
         assert reported == [[], []]
+
+
+@pytest.mark.parametrize("aggregation", ["trimmed_mean", "centered_clip"])
+def test_a_round_met_by_the_flipper_alone_moves_nothing(tmp_path: Path, aggregation: str) -> None:
+    """An honest peer and a flipper (9.9 times its honest 1, within CLIP_BOUND) in a group
+    of two: no rule can outvote it, the result of every slice is the mean (1 - 9.9) / 2,
+    against the honest part. The honest peer refuses it in its own slice, steps on nothing
+    there (0) and blames nobody; before, it took it (-4.45), and fresh-clone CI saw an
+    honest node's loss go from 3.9 to 6.8 in the three-peer sign-flip test. (The flipper's
+    own slice averages its honest 1 with ours: the hook flips only the parts it sends.)"""
+    [result] = asyncio.run(
+        _all_reduce(
+            tmp_path,
+            "flip",
+            hostile_reducer=False,
+            values=(1, 1),
+            weights=(1, 1),
+            aggregation=aggregation,
+        )
+    )
+    assert set(result.unique().tolist()) == {0.0, 1.0}, result.unique()
+    assert _reports(tmp_path / "peer0") == []
 
 
 def test_a_reducer_with_nothing_of_its_own_judges_by_the_others(tmp_path: Path) -> None:
