@@ -9,8 +9,10 @@ same peers on the same cores, whose rounds never end (nothing is averaged, so it
 peers only compute), gives each peer's compute rate in tokens per second. In a
 measured run, a peer's utilisation is its token rate over its calibrated rate: the
 share of its wall time it spent computing, if computing a token costs what it cost
-in calibration. Nodes count no compute time of their own (``NodeStats.train_s`` is
-the wall time of the training call, waits included).
+in calibration. Beside it, each node's own count: the share of its training loop's
+time it spent computing and blocked on the swarm in the window (the peers view's
+``time``, from each heartbeat; on this machine's shared cores a node computing beside
+three others computes more slowly, so the two measures differ).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class PeerFigures:
     # What the capped links carried in the window (tc's counters), everything included.
     wire_sent: int = 0
     wire_received: int = 0
+    # The node's own count in the window: the shares of its training loop's time spent
+    # computing and blocked on the swarm (None: no heartbeat carried its time).
+    computing_share: float | None = None
+    swarm_wait_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ def peer_figures(
         now = b["traffic"][purpose]
         sent[purpose] = now["sent"] - then["sent"]
         received[purpose] = now["received"] - then["received"]
+    computing_share, swarm_wait_share = _time_shares(a, b)
     return PeerFigures(
         name=name,
         num_tokens=tokens,
@@ -136,7 +143,26 @@ def peer_figures(
         step=int(b["step"]),
         wire_sent=wire[0],
         wire_received=wire[1],
+        computing_share=computing_share,
+        swarm_wait_share=swarm_wait_share,
     )
+
+
+def _time_shares(
+    before: dict[str, Any] | None, after: dict[str, Any]
+) -> tuple[float | None, float | None]:
+    """The shares of the training loop's time spent computing and waiting on the swarm
+    between two reads of a peer (None without the node's time split)."""
+    now = after.get("time")
+    if not now:
+        return None, None
+    then = (before or {}).get("time") or {}
+    training = now["training_s"] - then.get("training_s", 0.0)
+    if training <= 0:
+        return None, None
+    computing = now["computing_s"] - then.get("computing_s", 0.0)
+    waiting = now["swarm_wait_s"] - then.get("swarm_wait_s", 0.0)
+    return computing / training, waiting / training
 
 
 def val_at_tokens(evals: list[dict[str, Any]], swarm_tokens: float) -> float | None:
@@ -160,14 +186,15 @@ def _mb(n: float) -> str:
 
 def run_table(runs: list[RunFigures], at_tokens: float | None = None) -> str:
     """A markdown table, a row per run: link, utilisation, rates, rounds, the latest
-    validation loss at the window's end (equal wall time) and, with ``at_tokens``, the
-    latest made by then (equal tokens)."""
+    validation loss at the window's end (equal wall time), with ``at_tokens`` the latest
+    made by then (equal tokens), and the nodes' own count of their time (computing /
+    blocked on the swarm, mean shares; "-" for runs that predate it)."""
     equal = f" val loss at {at_tokens / 1e3:,.0f}k tokens |" if at_tokens else ""
     lines = [
         "| run | real uplink (Mbit/s) | lab up/down (Mbit/s) | utilisation (mean; per peer) "
         "| tokens/s per peer (mean) | rounds averaged / failed (per peer, mean) | step "
-        f"| val loss at the end (step) |{equal}",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if at_tokens else ""),
+        f"| val loss at the end (step) |{equal} nodes' count: computing / swarm wait |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if at_tokens else ""),
     ]
     for r in runs:
         util = (
@@ -185,8 +212,17 @@ def run_table(runs: list[RunFigures], at_tokens: float | None = None) -> str:
             f"| {r.name} | {real} | {_mbit(r.up_bps)}/{_mbit(r.down_bps)} | {util} "
             f"| {per_peer:.0f} | {averaged:.1f} / {failed:.1f} | {step} | {val} |"
             + (f" {_loss(val_at_tokens(r.evals, at_tokens))} |" if at_tokens else "")
+            + f" {_own_count(r)} |"
         )
     return "\n".join(lines)
+
+
+def _own_count(run: RunFigures) -> str:
+    computing = [p.computing_share for p in run.peers if p.computing_share is not None]
+    waiting = [p.swarm_wait_share for p in run.peers if p.swarm_wait_share is not None]
+    if not computing or not waiting:
+        return "-"
+    return f"{statistics.mean(computing):.0%} / {statistics.mean(waiting):.0%}"
 
 
 def bytes_table(runs: list[RunFigures]) -> str:

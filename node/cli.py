@@ -267,11 +267,14 @@ def _join(args: argparse.Namespace) -> int:
         if node is not None:
             node.shutdown()
     share = 100 * stats.data_wait_s / stats.train_s if stats.train_s else 0.0
+    split = stats.time.split()
+    whole = split.training_s or 1.0
     _say(
         args,
         f"left run {args.run}: {stats.num_tokens:,} tokens trained, step {stats.step}, "
         f"data wait {stats.data_wait_s:.2f}s of {stats.train_s:.1f}s training ({share:.2f}%), "
-        f"checkpoint {node.checkpoint_path}",
+        f"computing {split.computing_s / whole:.1%}, waiting on the swarm "
+        f"{split.swarm_wait_s / whole:.1%}, checkpoint {node.checkpoint_path}",
     )
     return 0
 

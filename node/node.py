@@ -166,12 +166,17 @@ class Node:
         last_saved = started
         inf_every = self.config.hooks.inf_grad_every
         num_micro_batches = 0
+        loop_time = self.stats.time
+        loop_time.start()
         try:
             while not self.stop_event.is_set() and time.monotonic() < deadline:
                 if steps is not None and opt.local_epoch - start_step >= steps:
                     break
+                data_wait = self.stream.data_wait_s
                 batch, shard = self.stream.next_batch()
+                loop_time.add(data_wait_s=self.stream.data_wait_s - data_wait)
                 computed = time.perf_counter()
+                swarm_wait = opt.swarm_wait.seconds
                 batch_t = torch.from_numpy(batch).to(self.device)
                 sample = self._sample_at_global(shard, batch_t) if opt.samples_at_global else None
                 with autocast(self.device):
@@ -201,6 +206,10 @@ class Node:
                 self._num_non_finite_in_row = 0
                 opt.step(batch_size=batch.shape[0])
                 opt.zero_grad()
+                waited = opt.swarm_wait.seconds - swarm_wait
+                loop_time.add(
+                    computing_s=time.perf_counter() - computed - waited, swarm_wait_s=waited
+                )
                 if not self._contributed:
                     self._contributed = True
                     logger.info(
@@ -215,6 +224,7 @@ class Node:
                     self.save_position()
                     last_saved = time.monotonic()
         finally:
+            loop_time.stop()
             progress.close(self.stats)
             self.stats.train_s += time.monotonic() - started
             self.stats.data_wait_s += self.stream.data_wait_s - wait_before

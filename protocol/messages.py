@@ -18,6 +18,7 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from crowdtrain.protocol.errors import CrowdtrainError
@@ -103,6 +104,32 @@ class TrafficCount(_Payload):
     received: Count = 0
 
 
+Seconds = Annotated[float, Field(ge=0, le=1e12)]
+
+
+class TimeSplit(_Payload):
+    """Where a node process's training loop spent its wall time since it started:
+    ``training_s`` in all, of which ``computing_s`` in forward and backward passes and
+    local optimizer steps, ``swarm_wait_s`` blocked on the swarm (averaging rounds it had
+    to wait for, state downloads) and ``data_wait_s`` waiting for the next batch. Compute
+    utilisation is ``computing_s / training_s``. Self-reported: shown, never credited."""
+
+    training_s: Seconds = 0.0
+    computing_s: Seconds = 0.0
+    swarm_wait_s: Seconds = 0.0
+    data_wait_s: Seconds = 0.0
+
+    @model_validator(mode="after")
+    def _parts_within_whole(self) -> TimeSplit:
+        parts = self.computing_s + self.swarm_wait_s + self.data_wait_s
+        if parts > self.training_s * 1.01 + 1.0:  # (each part is timed apart)
+            raise ValueError(
+                f"computing, swarm and data seconds ({parts:.1f} in all) exceed the "
+                f"training loop's {self.training_s:.1f}"
+            )
+        return self
+
+
 class SwarmProof(_Payload):
     """Proof that a node holds the keys behind its swarm ids: its libp2p identity's
     public key (hex, DER; its hash is the hivemind peer id) and both keys' signatures
@@ -141,6 +168,8 @@ class HeartbeatPayload(_Payload):
     # Bytes sent and received since the node started, by purpose. Self-reported:
     # shown to people, never credited.
     traffic: dict[TrafficPurpose, TrafficCount] = {}
+    # Where the training loop's time went since the node started (see TimeSplit).
+    time: TimeSplit | None = None
 
 
 # A receipt sample holds the loss of every sequence of its micro-batch, up to this many;

@@ -25,6 +25,7 @@ from crowdtrain.coordinator.swarm.checkpoints import checkpoints_view
 
 PEER_STATES = ("active", "gone", "left", "banned")
 SHARD_STATES = ("pending", "leased", "done")
+TIME_PARTS = ("training", "computing", "swarm_wait", "data_wait")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -107,6 +108,13 @@ class CoordinatorCollector(Collector):
             "control, data) and direction; self-reported, never credited.",
             labels=["run", "peer_id", "purpose", "direction"],
         )
+        peer_seconds = CounterMetricFamily(
+            "crowdtrain_peer_seconds",
+            "Seconds each peer's training loop ran (what=training), and of those, spent "
+            "computing, waiting for the swarm and waiting for data; self-reported, never "
+            "credited.",
+            labels=["run", "peer_id", "what"],
+        )
         checkpoint_step = GaugeMetricFamily(
             "crowdtrain_checkpoint_step",
             "The step of the latest checkpoint whose file can be downloaded.",
@@ -148,6 +156,8 @@ class CoordinatorCollector(Collector):
                     for direction in ("sent", "received"):
                         labels = [run_id, p["peer_id"], purpose, direction]
                         peer_bytes.add_metric(labels, counts[direction])
+                for part in TIME_PARTS:
+                    peer_seconds.add_metric([run_id, p["peer_id"], part], p["time"][f"{part}_s"])
             kept = [c for c in checkpoints_view(self.store, run_id) if c["available"]]
             checkpoints.add_metric([run_id], len(kept))
             if kept:
@@ -161,7 +171,7 @@ class CoordinatorCollector(Collector):
             refused.add_metric([str(r["method"]), str(r["reason"])], cast(int, r["count"]))
         yield from (info, peers, tokens_per_s, tokens, sequences, step, epoch, val_loss, val_bpb)
         yield from (train_loss, shards, leases, verified, peer_verified, checkpoint_step)
-        yield from (peer_bytes, checkpoints, refused)
+        yield from (peer_bytes, peer_seconds, checkpoints, refused)
 
 
 def coordinator_registry(store: Store, refusals: Refusals) -> CollectorRegistry:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from crowdtrain.coordinator.ledger.checks import flops_per_token
 from crowdtrain.coordinator.ledger.ledger import Ledger
@@ -143,8 +144,9 @@ def authenticate(store: Store, token: str) -> Session:
 
 
 def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
-    """Apply a heartbeat: swarm ids (checked, :mod:`bindings`), counters (bounded by
-    what is possible), liveness, evaluations and reports, and the run's step."""
+    """Apply a heartbeat: swarm ids (checked, :mod:`bindings`), counters and the time
+    split (bounded by what is possible), liveness, evaluations and reports, and the run's
+    step."""
     peer = store.get_peer(session.run_id, session.peer_id)
     assert peer is not None, "a session always has its peer"
     if beat.dht_peer_id or beat.progress_key:
@@ -190,6 +192,7 @@ def heartbeat(store: Store, session: Session, beat: HeartbeatPayload) -> None:
             }
             for purpose, count in beat.traffic.items()
         ],
+        _time_split_row(session, beat, possible_seconds(peer, now)),
     )
     store.raise_run_step(session.run_id, agreed_step(store, session.run_id, now))
     if beat.reports:
@@ -203,11 +206,32 @@ COUNTER_GRACE_S = 3600.0
 MAX_BYTES_PER_S = 12.5e9
 
 
+def possible_seconds(peer: dict, now: float) -> float:
+    """The most seconds a peer's node process can have run by ``now``: since the peer
+    first registered, plus the grace."""
+    return max(0.0, now - float(peer["registered_at"])) + COUNTER_GRACE_S
+
+
 def possible_counts(run: PublishedRun, peer: dict, now: float) -> tuple[int, int]:
     """The most tokens and bytes a peer's node process can have counted by ``now``."""
-    age_s = max(0.0, now - float(peer["registered_at"])) + COUNTER_GRACE_S
+    age_s = possible_seconds(peer, now)
     tokens = age_s * UNKNOWN_GPU.max_flops / flops_per_token(run.spec)
     return int(tokens), int(age_s * MAX_BYTES_PER_S)
+
+
+def _time_split_row(
+    session: Session, beat: HeartbeatPayload, max_seconds: float
+) -> dict[str, Any] | None:
+    """The heartbeat's time split as a ``peer_time`` row, each part at most
+    ``max_seconds``; None from a node too old to send one."""
+    if beat.time is None:
+        return None
+    return {
+        "run_id": session.run_id,
+        "peer_id": session.peer_id,
+        "session_key": beat.session_key,
+        **{part: min(seconds, max_seconds) for part, seconds in beat.time.model_dump().items()},
+    }
 
 
 def agreed_step(store: Store, run_id: str, now: float) -> int:

@@ -12,7 +12,7 @@ from crowdtrain.coordinator.ledger.views import peer_credit
 from crowdtrain.coordinator.records import PEER_TIMEOUT_S, get_run, peer_state
 from crowdtrain.coordinator.runs.peers import leading_step
 from crowdtrain.coordinator.store import Store
-from crowdtrain.protocol.messages import TRAFFIC_PURPOSES
+from crowdtrain.protocol.messages import TRAFFIC_PURPOSES, TimeSplit
 
 # What the peers view shows of each peer's ledger (the full ledger is its own view).
 _CREDIT_KEYS = ("verified_tokens", "verified_flops", "verified_share", "num_rejected")
@@ -23,6 +23,7 @@ def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict
     now = time.time() if now is None else now
     totals = store.peer_totals(run_id)
     traffic = store.peer_traffic(run_id)
+    seconds = store.peer_time(run_id)
     credit = peer_credit(store, run_id)
     zero = {"num_tokens": 0, "num_sequences": 0}
     return [
@@ -43,6 +44,7 @@ def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict
             "num_skipped_steps": p["num_skipped_steps"],
             "dht_peer_id": p["dht_peer_id"],
             "traffic": _traffic_view(traffic.get(p["peer_id"], {})),
+            "time": _time_view(seconds.get(p["peer_id"], {})),
             **{k: credit.get(p["peer_id"], {}).get(k, 0) for k in _CREDIT_KEYS},
         }
         for p in store.list_peers(run_id)
@@ -54,6 +56,14 @@ def _traffic_view(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]
     return {
         purpose: counts.get(purpose, {"sent": 0, "received": 0}) for purpose in TRAFFIC_PURPOSES
     }
+
+
+def _time_view(seconds: dict[str, float]) -> dict[str, float | None]:
+    """Every part of the training loop's time, zero where the peer reported none, and its
+    compute utilisation (computing over training; None before any training)."""
+    parts = {part: seconds.get(part, 0.0) for part in TimeSplit.model_fields}
+    training_s = parts["training_s"]
+    return {**parts, "utilisation": parts["computing_s"] / training_s if training_s else None}
 
 
 def run_view(store: Store, run_id: str, now: float | None = None) -> dict[str, Any]:

@@ -67,6 +67,18 @@ CREATE TABLE IF NOT EXISTS peer_traffic (
     received INTEGER NOT NULL,
     PRIMARY KEY (run_id, peer_id, session_key, purpose)
 );
+-- Where a node process's training loop spent its wall time (self-reported: shown,
+-- never credited). Like peer_traffic, cumulative per process, only rising.
+CREATE TABLE IF NOT EXISTS peer_time (
+    run_id TEXT NOT NULL,
+    peer_id TEXT NOT NULL,
+    session_key TEXT NOT NULL,
+    training_s REAL NOT NULL,
+    computing_s REAL NOT NULL,
+    swarm_wait_s REAL NOT NULL,
+    data_wait_s REAL NOT NULL,
+    PRIMARY KEY (run_id, peer_id, session_key)
+);
 CREATE TABLE IF NOT EXISTS peer_counters (
     run_id TEXT NOT NULL,
     peer_id TEXT NOT NULL,

@@ -150,12 +150,25 @@ class RunRecords(StoreBase):
         update: dict[str, Any],
         evaluations: list[dict[str, Any]],
         traffic: list[dict[str, Any]] | None = None,
+        time_split: dict[str, Any] | None = None,
     ) -> None:
-        """Apply one heartbeat. Counters (tokens, sequences, and ``traffic``'s bytes per
-        purpose) are cumulative per node process (``session_key``) and only ever rise,
-        so a heartbeat applied twice, or two processes sharing one identity, count once
-        each."""
+        """Apply one heartbeat. Counters (tokens, sequences, ``traffic``'s bytes per
+        purpose and ``time_split``'s seconds of the training loop) are cumulative per node
+        process (``session_key``) and only ever rise, so a heartbeat applied twice, or two
+        processes sharing one identity, count once each."""
         with self.transaction() as db:
+            if time_split is not None:
+                db.execute(
+                    "INSERT INTO peer_time (run_id, peer_id, session_key, training_s,"
+                    " computing_s, swarm_wait_s, data_wait_s) VALUES (:run_id, :peer_id,"
+                    " :session_key, :training_s, :computing_s, :swarm_wait_s, :data_wait_s)"
+                    " ON CONFLICT (run_id, peer_id, session_key) DO UPDATE SET"
+                    " training_s = MAX(training_s, :training_s),"
+                    " computing_s = MAX(computing_s, :computing_s),"
+                    " swarm_wait_s = MAX(swarm_wait_s, :swarm_wait_s),"
+                    " data_wait_s = MAX(data_wait_s, :data_wait_s)",
+                    time_split,
+                )
             if traffic:
                 db.executemany(
                     "INSERT INTO peer_traffic (run_id, peer_id, session_key, purpose, sent,"
@@ -264,6 +277,18 @@ class RunRecords(StoreBase):
                 "received": int(r["received"]),
             }
         return found
+
+    def peer_time(self, run_id: str) -> dict[str, dict[str, float]]:
+        """Seconds of the training loop per peer, summed over its node processes:
+        ``{peer_id: {"training_s": s, "computing_s": s, "swarm_wait_s": s,
+        "data_wait_s": s}}``."""
+        rows = self._all(
+            "SELECT peer_id, TOTAL(training_s) AS training_s, TOTAL(computing_s) AS computing_s,"
+            " TOTAL(swarm_wait_s) AS swarm_wait_s, TOTAL(data_wait_s) AS data_wait_s"
+            " FROM peer_time WHERE run_id = ? GROUP BY peer_id",
+            (run_id,),
+        )
+        return {r.pop("peer_id"): r for r in rows}
 
     def run_totals(self, run_id: str) -> dict[str, Any]:
         row = self._one(

@@ -69,6 +69,7 @@ class Reporter:
             num_skipped_steps=s.num_skipped_steps,
             reports=self.guard.drain_reports(),
             traffic=s.traffic.counts(),
+            time=s.time.split(),
         )
 
     def on_reply(self, reply: pb.HeartbeatReply) -> None:

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from crowdtrain.node.stats.loop_time import LoopTime
 from crowdtrain.node.stats.traffic import Traffic
 
 # The moving loss is over this many micro-batches; the rate over this many seconds.
@@ -38,6 +39,8 @@ class NodeStats:
     verified_tokens: int = 0  # this peer's tokens the coordinator has verified, run-wide
     # Bytes sent and received by purpose (shared with hivemind's averager processes).
     traffic: Traffic = field(default_factory=Traffic)
+    # Where the training loop's wall time went: computing, blocked on the swarm, data.
+    time: LoopTime = field(default_factory=LoopTime)
 
 
 class TokenAccounting:

@@ -81,16 +81,23 @@ def _count(n: float) -> str:
 
 
 def status_line(stats: NodeStats) -> str:
-    """``step 12 | 3.4k tok/s | loss 2.31 | val 2.40 | peers 3 | shard s00017 | verified 1.2M tok
-    | up 1.2 MB (averaging 1.0, state 0.2, control 0.0, data 0.0)``.
+    """``step 12 | 3.4k tok/s | computing 83% | loss 2.31 | val 2.40 | peers 3 | shard s00017 |
+    verified 1.2M tok | up 1.2 MB (averaging 1.0, state 0.2, control 0.0, data 0.0)``.
 
-    The shard shows once training has one; ``up`` is what this node has sent, by purpose.
+    ``computing`` is the share of the training loop's time spent computing (the rest
+    waited on the swarm, for data, or evaluated); the shard shows once training has one;
+    ``up`` is what this node has sent, by purpose.
     """
     loss = f"{stats.loss:.3f}" if stats.loss is not None else "-"
     val = f"{stats.val_loss:.3f}" if stats.val_loss is not None else "-"
     parts = [
         f"step {stats.step}",
         f"{_count(stats.tokens_per_s)} tok/s",
+    ]
+    utilisation = stats.time.utilisation
+    if utilisation is not None:
+        parts.append(f"computing {utilisation:.0%}")
+    parts += [
         f"loss {loss}",
         f"val {val}",
         f"peers {stats.num_peers}",

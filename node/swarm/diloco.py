@@ -32,6 +32,7 @@ from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.compression import CompressionBase
 
 from crowdtrain.model import params_sha256
+from crowdtrain.node.stats.loop_time import SwarmWait
 from crowdtrain.node.swarm.compression import compression, feedback_codec
 from crowdtrain.node.swarm.diloco_state import (
     GlobalState,
@@ -145,6 +146,7 @@ class DiLoCoOptimizer:
         swarm_guard: SwarmGuard | None = None,
     ):
         self.config, self.dht, self.model = config, dht, model
+        self.swarm_wait = SwarmWait()
         # The config's parts under short names: the round logic reads them often.
         self.run_id, self.client_mode = config.run_id, config.client_mode
         self.spec, self.swarm = config.optimizer, config.swarm
@@ -276,12 +278,13 @@ class DiLoCoOptimizer:
         state is kept). Returns False when no peer served acceptable state;
         :attr:`last_refusal` then says why a served state was refused.
         """
-        self._wait_pending()
-        timeout_s = timeout if timeout is not None else self.swarm.load_state_timeout_s
-        state = self.exchange.download(timeout_s)
-        if state is None:
-            return False
-        self._adopt(state, local_at_end=None)
+        with self.swarm_wait.timed():
+            self._wait_pending()
+            timeout_s = timeout if timeout is not None else self.swarm.load_state_timeout_s
+            state = self.exchange.download(timeout_s)
+            if state is None:
+                return False
+            self._adopt(state, local_at_end=None)
         logger.info(
             "loaded the global state of round %d from %s", state.round, self.exchange.last_source
         )
@@ -401,8 +404,11 @@ class DiLoCoOptimizer:
                 self._wait_pending()
 
     def _wait_pending(self, block: bool = True) -> None:
+        # Waiting for the round, and applying its result or recovering from its failure
+        # (a state download, maybe): time the trainer waits on the swarm.
         if self._pending is not None and (block or self._pending.control.done()):
-            self._finish(self._pending)
+            with self.swarm_wait.timed():
+                self._finish(self._pending)
 
     def _finish(self, pending: _PendingRound) -> None:
         """Apply a round's averaged pseudo-gradient, or recover from its failure."""

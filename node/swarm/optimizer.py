@@ -20,6 +20,7 @@ import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 
 from crowdtrain.model import param_groups
+from crowdtrain.node.stats.loop_time import SwarmWait
 from crowdtrain.node.swarm.averagers import GuardedGradientAverager
 from crowdtrain.node.swarm.compression import compression
 from crowdtrain.node.swarm.guard import SwarmGuard
@@ -42,6 +43,10 @@ class SwarmOptimizer(Protocol):
     out_of_step: bool
     """Whether this peer's parameters are not the swarm's at its step (sync: it skipped a
     step whose gradient round failed for it, and has not loaded the swarm's state yet)."""
+
+    swarm_wait: SwarmWait
+    """The seconds :meth:`step` and :meth:`load_state_from_peers` kept the trainer waiting
+    on the swarm (rounds, state downloads)."""
 
     samples_at_global: bool
     """Whether a receipt's loss samples are computed at the swarm's global parameters

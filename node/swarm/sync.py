@@ -20,6 +20,7 @@ import torch
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 
+from crowdtrain.node.stats.loop_time import SwarmWait
 from crowdtrain.node.swarm.averagers import STEP_KEY, GuardedStateAverager
 from crowdtrain.node.swarm.guard import SwarmGuard
 from crowdtrain.node.swarm.progress import PlausibleProgressTracker
@@ -85,6 +86,7 @@ class GuardedOptimizer(hivemind.Optimizer):
         self._swarm_guard = swarm_guard
         self._model = model
         self.strict_steps = strict_steps
+        self.swarm_wait = SwarmWait()
         quiet_averaging_failures()  # a failed round is one line, not a traceback
         super().__init__(**kwargs)
         skips = callable(getattr(self.state_averager.optimizer, "skip_next_step", None))
@@ -150,6 +152,13 @@ class GuardedOptimizer(hivemind.Optimizer):
         # each member of the round gathers the step whose gradients it brings
         if self.strict_steps:
             self.grad_averager._guard_step_of_round = self.local_epoch
+
+    def _update_global_epoch(self, grad_scaler: Any) -> None:
+        # The swarm's step: its gradient round (waited for unless the optimizer step is
+        # delayed), the optimizer step and the state round. All of it is time the trainer
+        # waits on the swarm (the optimizer step itself takes milliseconds).
+        with self.swarm_wait.timed():
+            super()._update_global_epoch(grad_scaler)
 
     def _begin_averaging_gradients(self, grad_scaler: Any) -> bool:
         if self.scheduled_grads is None or self.scheduled_grads.done():
@@ -225,7 +234,8 @@ class GuardedOptimizer(hivemind.Optimizer):
         self.out_of_step = False  # whatever comes of it: one try per skipped step
         self.state_averager.priority_discount = 0.0  # hivemind announces the loaded step
         self.loads += 1
-        super().load_state_from_peers(**kwargs)
+        with self.swarm_wait.timed():
+            super().load_state_from_peers(**kwargs)
 
     def resync_verdict(self) -> str:
         """What an out-of-step peer should do now, from the state priorities peers announce

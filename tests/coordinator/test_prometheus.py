@@ -152,3 +152,78 @@ def test_metrics_agree_with_the_api(swarm: Swarm) -> None:
     assert missing.status_code == 404 and "no run 'nope'" in missing.json()["detail"]
     assert httpx.get(f"{swarm.url}/api/runs/tiny/metrics?since=-1").status_code == 422
     assert time.time() >= sampled[-1]["time"]
+
+
+def test_peer_time_in_api_and_metrics(swarm: Swarm) -> None:
+    """Where each peer's training loop spent its time: kept per node process (only
+    rising), summed over a peer's processes, clamped to what the peer's age allows, shown
+    with its utilisation in /peers and exported per peer; older nodes send none."""
+    data = swarm.prepare()
+    assert swarm.publish(write_spec(swarm.root / "tiny.toml"), data).returncode == 0
+    swarm.start_coordinator()
+    wire = Wire(swarm.ports["grpc_target"])
+    steady, boaster, old = Identity.generate(), Identity.generate(), Identity.generate()
+    steady_token, _ = register(wire, steady)
+    before_boaster = time.time()
+    boaster_token, _ = register(wire, boaster)
+    old_token, _ = register(wire, old)
+
+    def split(training: float, computing: float, swarm_wait: float, data_wait: float) -> dict:
+        return {
+            "training_s": training,
+            "computing_s": computing,
+            "swarm_wait_s": swarm_wait,
+            "data_wait_s": data_wait,
+        }
+
+    heartbeat(
+        wire, steady, steady_token, session_key="steady-first", num_tokens=1024,
+        tokens_per_s=100.0, time=split(100.0, 80.0, 15.0, 4.0),
+    )  # fmt: skip
+    # The same process reporting less later (a replay, a reordered heartbeat): seconds only rise.
+    heartbeat(
+        wire, steady, steady_token, session_key="steady-first", num_tokens=1024,
+        tokens_per_s=100.0, time=split(50.0, 10.0, 5.0, 2.0),
+    )  # fmt: skip
+    # A second process of the same peer: its seconds add to the first's.
+    heartbeat(
+        wire, steady, steady_token, session_key="steady-second", num_tokens=512,
+        tokens_per_s=100.0, time=split(20.0, 5.0, 10.0, 5.0),
+    )  # fmt: skip
+    # More seconds than the peer can have trained since it registered: clamped, not refused.
+    heartbeat(
+        wire, boaster, boaster_token, num_tokens=1024, tokens_per_s=100.0,
+        time=split(1e9, 9e8, 5e7, 1e7),
+    )  # fmt: skip
+    # A node from before the time split.
+    heartbeat(wire, old, old_token, num_tokens=1024, tokens_per_s=100.0)
+
+    peers = {p["peer_id"]: p for p in swarm.get("/api/runs/tiny/peers")}
+    assert peers[steady.peer_id]["time"] == {
+        "training_s": 120.0,
+        "computing_s": 85.0,
+        "swarm_wait_s": 25.0,
+        "data_wait_s": 9.0,
+        "utilisation": pytest.approx(85.0 / 120.0),
+    }
+    boasted = peers[boaster.peer_id]["time"]
+    most = time.time() - before_boaster + 3600.0  # its age, and the grace
+    for part in ("training_s", "computing_s", "swarm_wait_s", "data_wait_s"):
+        assert 3600.0 <= boasted[part] <= most, (part, boasted)
+    assert boasted["utilisation"] == pytest.approx(1.0)
+    assert peers[old.peer_id]["time"] == {
+        "training_s": 0.0,
+        "computing_s": 0.0,
+        "swarm_wait_s": 0.0,
+        "data_wait_s": 0.0,
+        "utilisation": None,
+    }
+
+    samples, types, _ = scrape(swarm)
+    assert types["crowdtrain_peer_seconds"] == "counter"
+    for peer_id, peer in peers.items():
+        for what in ("training", "computing", "swarm_wait", "data_wait"):
+            found = value(
+                samples, "crowdtrain_peer_seconds_total", run="tiny", peer_id=peer_id, what=what
+            )
+            assert found == peer["time"][f"{what}_s"], (peer_id, what)

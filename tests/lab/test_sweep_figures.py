@@ -35,6 +35,28 @@ def test_a_peer_is_measured_between_the_two_reads() -> None:
     assert (figures.rounds_averaged, figures.rounds_failed, figures.step) == (2, 1, 4)
 
 
+def test_the_nodes_own_count_of_their_time_is_taken_in_the_window() -> None:
+    """Each heartbeat carries where the node's training loop spent its time since it
+    started: the window's shares are the differences between the two reads."""
+
+    def timed(training_s: float, computing_s: float, swarm_wait_s: float) -> dict:
+        split = {"training_s": training_s, "computing_s": computing_s}
+        return {**_peer("node-1", 0, 0, 0), "time": {**split, "swarm_wait_s": swarm_wait_s}}
+
+    before = Snapshot.of(0.0, [timed(100.0, 90.0, 5.0)])
+    after = Snapshot.of(10.0, [timed(120.0, 95.0, 20.0)])
+    figures = peer_figures("node-1", before, after, None, (0, 0))
+    assert figures.computing_share == pytest.approx(0.25)  # 5 of the window's 20 s
+    assert figures.swarm_wait_share == pytest.approx(0.75)
+    run = RunFigures("sync-10", "sync", 10.0, 1e6, 4e6, [figures], None, None, 0)
+    assert run_table([run]).splitlines()[2].endswith("| 25% / 75% |")
+    # a node that sent no time split (an older node): no share, and the table says so
+    plain = peer_figures(
+        "node-1", Snapshot.of(0.0, []), Snapshot.of(1.0, [_peer("node-1", 1, 0, 0)]), None, (0, 0)
+    )
+    assert (plain.computing_share, plain.swarm_wait_share) == (None, None)
+
+
 def test_a_peer_missing_from_the_first_read_counts_from_zero() -> None:
     after = Snapshot.of(10.0, [_peer("node-2", 800, 0, 1)])
     figures = peer_figures("node-2", Snapshot.of(0.0, []), after, None, (0, 0))
@@ -75,7 +97,7 @@ def test_the_tables_have_a_row_per_run() -> None:
     run = RunFigures("diloco-50", "diloco", 50.0, 1e6, 4e6, [peer], 3.1, 3, 4_000, evals)
     rows = run_table([run], at_tokens=2_000).splitlines()
     assert len(rows) == 3 and "| diloco-50 | 50 | 1/4 | 80%; 80% | 400 |" in rows[2]
-    assert rows[2].endswith("| 3.100 (3) | 4.500 |")
+    assert rows[2].endswith("| 3.100 (3) | 4.500 | - |")  # no time split from the nodes
     assert "1.00 / 2.00" in bytes_table([run])  # averaging MB up / down
     assert bytes_table([run]).endswith("| - |")  # no counters of the capped links
     wired = peer_figures("node-1", before, after, 500.0, (3, 0), wire=(1_500_000, 3_000_000))

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from crowdtrain.node import join
+from crowdtrain.node.stats.loop_time import LoopTime
 from crowdtrain.node.stats.progress import Progress, status_line
 from crowdtrain.node.stats.traffic import Traffic
 from crowdtrain.protocol.errors import CrowdtrainError
@@ -90,11 +91,18 @@ def test_the_status_line_shows_shard_credit_and_uplink(capsys: pytest.CaptureFix
     stats = SimpleNamespace(  # the fields of NodeStats the line shows
         step=12, tokens_per_s=3456.0, loss=2.3456, val_loss=None, num_peers=3,
         shard="train-00017", verified_tokens=1_234_567, num_tokens=5000, traffic=traffic,
+        time=LoopTime(),
     )  # fmt: skip
     assert status_line(stats) == (
         "step 12 | 3.5k tok/s | loss 2.346 | val - | peers 3 | shard train-00017 | "
         "verified 1.2M tok | up 1.2 MB (averaging 1.0, state 0.2, control 0.0, data 0.0)"
     )
+    # once the training loop ran: its share of time spent computing
+    stats.time.start()
+    time.sleep(0.05)
+    stats.time.stop()
+    stats.time.add(computing_s=0.8 * stats.time.split().training_s)
+    assert "| 3.5k tok/s | computing 80% | loss 2.346 |" in status_line(stats)
     # Outside a Jupyter kernel the notebook bar is tqdm's text bar, on stderr.
     bar = Progress("notebook", "nb")
     bar.update(stats, 512)

@@ -153,6 +153,7 @@
       td(loss(p.loss), "num"),
       td(ago(p.last_seen), "num"),
       uplink(p.traffic),
+      utilisation(p.time),
       td(share(p.verified_share), "num"),
     ]);
   }
@@ -163,6 +164,16 @@
     const sent = purposes.reduce((sum, [, counts]) => sum + counts.sent, 0);
     const detail = purposes.map(([purpose, counts]) => `${purpose} ${ct.bytes(counts.sent)}`);
     return td(ct.bytes(sent), "num uplink", detail.join(", "));
+  }
+
+  // The share of its training loop's time the peer spent computing (as it reported),
+  // with where the rest went on hover.
+  function utilisation(time) {
+    if (!time || time.utilisation === null) return td("–", "num utilisation");
+    const hours = (s) => `${(s / 3600).toFixed(2)} h`;
+    const detail = `training ${hours(time.training_s)}: computing ${hours(time.computing_s)}, `
+      + `swarm wait ${hours(time.swarm_wait_s)}, data wait ${hours(time.data_wait_s)}`;
+    return td(`${(100 * time.utilisation).toFixed(1)}%`, "num utilisation", detail);
   }
 
   function showLeaderboard(rows) {
