@@ -167,7 +167,7 @@ class Node:
         inf_every = self.config.hooks.inf_grad_every
         num_micro_batches = 0
         loop_time = self.stats.time
-        loop_time.start()
+        loop_time.start(opt.swarm_wait)
         try:
             while not self.stop_event.is_set() and time.monotonic() < deadline:
                 if steps is not None and opt.local_epoch - start_step >= steps:
@@ -176,7 +176,7 @@ class Node:
                 batch, shard = self.stream.next_batch()
                 loop_time.add(data_wait_s=self.stream.data_wait_s - data_wait)
                 computed = time.perf_counter()
-                swarm_wait = opt.swarm_wait.seconds
+                swarm_wait = opt.swarm_wait.so_far()
                 batch_t = torch.from_numpy(batch).to(self.device)
                 sample = self._sample_at_global(shard, batch_t) if opt.samples_at_global else None
                 with autocast(self.device):
@@ -206,10 +206,8 @@ class Node:
                 self._num_non_finite_in_row = 0
                 opt.step(batch_size=batch.shape[0])
                 opt.zero_grad()
-                waited = opt.swarm_wait.seconds - swarm_wait
-                loop_time.add(
-                    computing_s=time.perf_counter() - computed - waited, swarm_wait_s=waited
-                )
+                waited = opt.swarm_wait.so_far() - swarm_wait
+                loop_time.add(computing_s=time.perf_counter() - computed - waited)
                 if not self._contributed:
                     self._contributed = True
                     logger.info(

@@ -19,13 +19,47 @@ def test_a_wait_inside_a_wait_counts_once() -> None:
         time.sleep(0.05)
         with wait.timed():
             time.sleep(0.05)
-    assert 0.1 <= wait.seconds < 0.2
+    assert 0.1 <= wait.so_far() < 0.2
     with pytest.raises(RuntimeError), wait.timed():
         raise RuntimeError("a failed round still took the time")
-    assert wait.seconds >= 0.1
+    assert wait.so_far() >= 0.1
     with wait.timed():
         pass
     assert wait._depth == 0
+
+
+def test_a_wait_under_way_counts_in_the_split_as_in_the_whole() -> None:
+    """A heartbeat sent while the trainer waits for a long round: the wait so far is in
+    the swarm's part as it is in the loop's time (counted only once the round returned,
+    two reads around its end gave a window with more waiting than time)."""
+    swarm, loop = SwarmWait(), LoopTime()
+    with swarm.timed():
+        time.sleep(0.05)  # before the loop (joining's state download): not the loop's
+    loop.start(swarm)
+    waiting, done = threading.Event(), threading.Event()
+
+    def round_() -> None:
+        with swarm.timed():
+            waiting.set()
+            done.wait()
+
+    trainer = threading.Thread(target=round_)
+    trainer.start()
+    try:
+        waiting.wait()
+        time.sleep(0.1)
+        during = loop.split()
+        assert during.swarm_wait_s >= 0.1 and during.training_s >= during.swarm_wait_s
+    finally:
+        done.set()
+        trainer.join()
+    loop.stop()
+    after = loop.split()
+    assert after.swarm_wait_s >= during.swarm_wait_s
+    assert after.swarm_wait_s <= after.training_s
+    with swarm.timed():
+        time.sleep(0.05)  # after the loop: not the loop's either
+    assert loop.split().swarm_wait_s == after.swarm_wait_s
 
 
 def test_the_split_counts_the_period_under_way_and_only_the_loops_periods() -> None:
@@ -34,7 +68,7 @@ def test_the_split_counts_the_period_under_way_and_only_the_loops_periods() -> N
     assert loop.split() == TimeSplit()
     loop.start()
     time.sleep(0.1)
-    loop.add(computing_s=0.06, swarm_wait_s=0.02, data_wait_s=0.01)
+    loop.add(computing_s=0.06, data_wait_s=0.01)
     running = loop.split()
     assert running.training_s >= 0.1  # read while the loop runs (the heartbeat's thread)
     loop.stop()
@@ -43,7 +77,7 @@ def test_the_split_counts_the_period_under_way_and_only_the_loops_periods() -> N
     loop.stop()
     stopped = loop.split()
     assert running.training_s <= stopped.training_s < 0.15
-    assert (stopped.computing_s, stopped.swarm_wait_s, stopped.data_wait_s) == (0.06, 0.02, 0.01)
+    assert (stopped.computing_s, stopped.swarm_wait_s, stopped.data_wait_s) == (0.06, 0.0, 0.01)
     assert loop.utilisation == pytest.approx(0.06 / stopped.training_s)
 
 
