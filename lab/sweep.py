@@ -312,15 +312,21 @@ def load(path: Path) -> tuple[dict[str, Any], list[RunFigures]]:
     return saved["calibration"], runs
 
 
+def _mean_share(run: RunFigures) -> float | None:
+    shares = [p.computing_share for p in run.peers if p.computing_share is not None]
+    return sum(shares) / len(shares) if shares else None
+
+
 def plot(runs: list[RunFigures], path: Path) -> None:
     """Utilisation (mean over peers, and each peer) against the real uplink it stands for,
-    a line per series of runs (:func:`series`)."""
+    a line per series of runs (:func:`series`), and a dotted one of the nodes' own count of
+    their computing time where they reported it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.4))
     measured = [r for r in runs if r.real_uplink_mbit]
     names = list(dict.fromkeys(r.name.rsplit("-", 1)[0] for r in measured))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -338,13 +344,18 @@ def plot(runs: list[RunFigures], path: Path) -> None:
             ax.scatter([x] * len(r.peers),
                        [100 * (p.utilisation or 0) for p in r.peers],
                        color=color, alpha=0.35, s=14)  # fmt: skip
+        own = [(x, _mean_share(r)) for x, r in points if _mean_share(r) is not None]
+        if own:
+            ax.plot([x for x, _ in own], [100 * (v or 0) for _, v in own], marker="x",
+                    linestyle=":", color=color,
+                    label=f"{name}, the nodes' own count of computing time")  # fmt: skip
     ax.axhline(90, color="gray", linestyle="--", linewidth=1, label="goal: 90% at 50 Mbit/s")
     ax.set_xscale("log")
     ax.set_xlabel("real uplink the lab's link stands for (Mbit/s; downlink 4x)")
     ax.set_ylabel("compute utilisation (%)")
     ax.set_title("Bandwidth sweep: 4 peers, tiny run, links scaled to a 1B model's rounds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

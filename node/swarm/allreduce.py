@@ -200,6 +200,13 @@ class GuardedAllReduceRunner(AllReduceRunner):
         # part index -> sender index -> that part's norm (None: weight 0, not compared)
         self._norms: dict[int, dict[int, float | None]] = {}
         self._norms_complete: dict[int, asyncio.Event] = {}
+        if self.weight == 0 and not guard.reference_parts and not exact_results:
+            # (how often this happens is worth knowing: the results of such a round are
+            # taken unjudged, whatever a group of two made of a flip)
+            logger.info(
+                "averaging round with nothing of ours in it (weight 0): its results are "
+                "taken unjudged"
+            )
 
     def _far(self, sender_index: int, far: int, judged: int) -> None:
         """Most of a sender's parts lay far from our slice's robust results: reported."""
