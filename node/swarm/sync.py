@@ -42,10 +42,12 @@ class AloneAwareTracker(PlausibleProgressTracker):
     TRUSTED_TTL_S) waits up to ``alone_hold_s`` before it takes a step alone.
 
     hivemind steps a peer that sees nobody else with its own gradients as soon as it
-    has the target batch by itself. In the lab, at the scaled 10 Mbit/s, peers whose
-    DHT reads failed on saturated uplinks did that at every step (158 steps in 75 s,
-    no averaging byte sent), while the peers they had left behind loaded their state
-    over the same links and computed 1-2% of the time. Held, such a peer goes on
+    has the target batch by itself. In the lab, at the scaled 10 Mbit/s, two peers
+    that read nobody else did that at every step (158 steps in 75 s, no averaging
+    byte sent) while the two others computed 1-2% of the time: a swarm split in
+    three, whose states the peers' spot checks and the keeper then disagree on. At
+    start, the first peer to reach the target stepped alone before the others'
+    records were read. Held, such a peer goes on
     accumulating its gradients (they count in the next round it meets) and steps alone
     at most once per ``alone_hold_s``: a peer whose others really left (the coordinator
     counts a peer live for a minute after its last heartbeat) still trains."""
