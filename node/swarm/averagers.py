@@ -273,6 +273,15 @@ class GuardedGradientAverager(GradientAverager, _GuardedAllReduceMixin):
 MAX_STATE_SOURCES = 3
 """How many peers a state download tries, each after the previous one's state was refused."""
 
+STATE_CHUNK_TIMEOUT_S = 10.0
+"""A state download waits at least this long for each next chunk (64 KiB) before it gives
+the serving peer up; the whole download still ends at its own timeout (the spec's
+``load_state_timeout_s``). hivemind waits the averaging request timeout (1 s in the
+default spec), which a 64 KiB chunk exceeds on a slow or saturated uplink: at the lab's
+scaled 10 Mbit/s (23.6 KB/s, 2.8 s a chunk) the keeper's step follower gave up all of its
+21 downloads from nodes in 75 s, each after the node's uplink had carried part of the
+state for nothing. A peer that stalls is still given up within this long."""
+
 
 class _StateCheckMixin(DecentralizedAverager):
     """Refuses downloaded state that disagrees with the coordinator (the check runs in the
@@ -326,13 +335,15 @@ class _StateCheckMixin(DecentralizedAverager):
     ) -> None:
         # hivemind 1.1.12's DecentralizedAverager._load_state_from_peers (in the averager
         # process), passing over the peers in ``skip`` (base58) and, ``with_source``,
-        # giving (metadata, tensors, the peer's base58 id).
+        # giving (metadata, tensors, the peer's base58 id); each chunk may take
+        # STATE_CHUNK_TIMEOUT_S.
         if timeout is not None:
-            timeout = (
+            chunk = (
                 self.next_chunk_timeout
                 if self.next_chunk_timeout is not None
                 else self.request_timeout
             )
+            timeout = min(timeout, max(chunk, STATE_CHUNK_TIMEOUT_S))
         try:
             key_manager = self._matchmaking.group_key_manager
             found, _ = self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True) or (

@@ -6,6 +6,7 @@ averagers (each with its DHT and forked averager process), one peer hostile.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import signal
@@ -13,11 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import AsyncIterator  # noqa: UP035 (hivemind tells a stream by typing's name)
 
 import hivemind
 import numpy as np
 import pytest
 import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
 
 from crowdtrain.model import (
     GPT,
@@ -232,10 +236,48 @@ def test_a_joining_peer_refuses_state_the_coordinator_disagrees_with(tmp_path: P
         signal.signal(signal.SIGINT, handler)
 
 
+class StallingServer(GuardedStateAverager):
+    """Serves its state as hivemind does, its second chunk 1.5 s after the first: a
+    64 KiB chunk on a slow or saturated uplink (the lab's scaled 10 Mbit/s: 2.8 s)."""
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        index = 0
+        async for message in super().rpc_download_state(request, context):
+            if index == 1:
+                await asyncio.sleep(1.5)
+            index += 1
+            yield message
+
+
+def test_a_state_download_waits_for_a_slow_chunk(tmp_path: Path) -> None:
+    """The averaging request timeout is 1 s; hivemind gave up a download whose next chunk
+    took longer, after the server had sent part of its state for nothing (the keeper's
+    step follower gave up all 21 of its downloads in 75 s on the lab's slow links). A
+    chunk may now take STATE_CHUNK_TIMEOUT_S."""
+    models = [_model(), _model()]
+    with torch.no_grad():
+        for p in models[1].parameters():
+            p.mul_(0.5)  # the joiner starts elsewhere
+    guards = [_state_guard(tmp_path / str(i), m, Coordinator(42)) for i, m in enumerate(models)]
+    with _state_peers(guards, models, server=StallingServer) as (server, joiner):
+        server.local_epoch = 42
+        server.state_sharing_priority = 42
+        _wait_announced(joiner.dht, f"{server.prefix}.all_averagers", 42)
+        joiner.load_state_from_peers(timeout=30)
+        assert joiner.local_epoch == 42
+        for ours, theirs in zip(models[1].parameters(), models[0].parameters(), strict=True):
+            assert torch.equal(ours, theirs)
+
+
 @contextlib.contextmanager
-def _state_peers(guards: list[SwarmGuard], models: list[GPT]) -> Iterator[list]:
+def _state_peers(
+    guards: list[SwarmGuard], models: list[GPT], server: type = GuardedStateAverager
+) -> Iterator[list]:
     """One DHT and GuardedStateAverager per guard and model (the first DHT the others'
-    bootstrap); shut down, and SIGINT's handler restored, on the way out."""
+    bootstrap; the first averager a ``server``); shut down, and SIGINT's handler
+    restored, on the way out."""
     handler = signal.getsignal(signal.SIGINT)
     dhts: list = []
     averagers: list = []
@@ -243,9 +285,9 @@ def _state_peers(guards: list[SwarmGuard], models: list[GPT]) -> Iterator[list]:
         dhts.append(hivemind.DHT(start=True))
         for _ in guards[1:]:
             dhts.append(hivemind.DHT(initial_peers=dhts[0].get_visible_maddrs(), start=True))
-        for guard, dht, model in zip(guards, dhts, models, strict=True):
+        for index, (guard, dht, model) in enumerate(zip(guards, dhts, models, strict=True)):
             averagers.append(
-                GuardedStateAverager(
+                (server if index == 0 else GuardedStateAverager)(
                     swarm_guard=guard,
                     dht=dht,
                     prefix="guardtest_state_averager",
