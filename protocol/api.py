@@ -113,13 +113,12 @@ class ShardCounts(Reply):
 
 class RunHead(Reply):
     """What a node reads of a run (:data:`RUN`, or a row of :data:`RUNS`): its id, the
-    step the coordinator records, how far ahead live peers may be (``leading_step``)
-    and how many peers are live (``num_peers``; both absent from older coordinators). Parsing only these, a node is not tied to the rest."""
+    step the coordinator records and how far ahead live peers may be (``leading_step``;
+    absent from older coordinators). Parsing only these, a node is not tied to the rest."""
 
     id: str
     step: Count
     leading_step: Count | None = None
-    num_peers: Count | None = None  # live peers (absent from older coordinators)
 
 
 class RunSummary(Reply):

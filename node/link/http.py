@@ -215,11 +215,6 @@ class RunView:
             return None
         return head.leading_step if head.leading_step is not None else head.step
 
-    def fresh_num_peers(self) -> int | None:
-        """The run's live peers as the coordinator counts them now (None: unknown)."""
-        head = self._head()
-        return head.num_peers if head is not None else None
-
     def _head(self) -> api.RunHead | None:
         try:
             return api.RunHead.model_validate(self.get(api.RUN))

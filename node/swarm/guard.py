@@ -369,8 +369,6 @@ class CoordinatorView(Protocol):
 
     def fresh_leading_step(self) -> int | None: ...
 
-    def fresh_num_peers(self) -> int | None: ...
-
     def checkpoint_sha256(self, step: int) -> str | None: ...
 
     def checkpoint_state(self, step: int) -> dict[str, torch.Tensor] | None: ...
@@ -390,8 +388,7 @@ class SwarmGuard:
     """The trainer's side of the guard: allowances in, reports out, state checks configured.
 
     ``coordinator_step()`` gives the step the coordinator recorded (None when
-    unknown), ``coordinator_num_peers()`` the run's live peers it counts,
-    ``checkpoint_sha256(step)`` the :func:`params_sha256` of the
+    unknown), ``checkpoint_sha256(step)`` the :func:`params_sha256` of the
     coordinator's checkpoint of ``step`` (None when it has none) and
     ``checkpoint_state(step)`` its tensors (None when unavailable): ``coordinator``
     gives all three (a :class:`CoordinatorView`; without one, nothing is known and
@@ -437,13 +434,11 @@ class SwarmGuard:
         self._lock = threading.Lock()
         self.coordinator_step: Callable[[], int | None] = _no_step
         self.coordinator_leading_step: Callable[[], int | None] = _no_step
-        self.coordinator_num_peers: Callable[[], int | None] = _no_step
         self.checkpoint_sha256: Callable[[int], str | None] = _no_checkpoint
         self.checkpoint_state: Callable[[int], dict[str, torch.Tensor] | None] = _no_checkpoint
         if coordinator is not None:
             self.coordinator_step = coordinator.fresh_step
             self.coordinator_leading_step = coordinator.fresh_leading_step
-            self.coordinator_num_peers = coordinator.fresh_num_peers
             self.checkpoint_sha256 = coordinator.checkpoint_sha256
             self.checkpoint_state = coordinator.checkpoint_state
         self.named_parameters: list[tuple[str, torch.Tensor]] = list(named_parameters)

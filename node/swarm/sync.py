@@ -9,11 +9,10 @@ node drives both modes through.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hivemind
@@ -24,7 +23,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from crowdtrain.node.stats.loop_time import SwarmWait
 from crowdtrain.node.swarm.averagers import STEP_KEY, GuardedStateAverager
 from crowdtrain.node.swarm.guard import SwarmGuard
-from crowdtrain.node.swarm.progress import TRUSTED_TTL_S, PlausibleProgressTracker
+from crowdtrain.node.swarm.progress import PlausibleProgressTracker
 from crowdtrain.node.swarm.rounds import quiet_averaging_failures
 
 logger = logging.getLogger(__name__)
@@ -34,66 +33,6 @@ logger = logging.getLogger(__name__)
 OUT_OF_STEP_DISCOUNT = 0.5
 # What an out-of-step peer does (GuardedOptimizer.resync_verdict).
 LOAD, IN_STEP, WAIT = "load", "in step", "wait"
-
-
-class AloneAwareTracker(PlausibleProgressTracker):
-    """The sync optimizer's tracker: a peer that reads no other peer's progress while the
-    coordinator counts other live peers (``expected_peers()``, asked at most every
-    TRUSTED_TTL_S) waits up to ``alone_hold_s`` before it takes a step alone.
-
-    hivemind steps a peer that sees nobody else with its own gradients as soon as it
-    has the target batch by itself. In the lab, at the scaled 10 Mbit/s, two peers
-    that read nobody else did that at every step (158 steps in 75 s, no averaging
-    byte sent) while the two others computed 1-2% of the time: a swarm split in
-    three, whose states the peers' spot checks and the keeper then disagree on. At
-    start, the first peer to reach the target stepped alone before the others'
-    records were read. Held, such a peer goes on
-    accumulating its gradients (they count in the next round it meets) and steps alone
-    at most once per ``alone_hold_s``: a peer whose others really left (the coordinator
-    counts a peer live for a minute after its last heartbeat) still trains."""
-
-    expected_peers: Callable[[], int | None] = staticmethod(lambda: None)  # type: ignore[assignment]
-    alone_hold_s = 0.0
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self._alone_since: float | None = None
-        self._alone_epoch = -1
-        self._expected_value: int | None = None
-        self._expected_at = -math.inf
-        super().__init__(*args, **kwargs)
-
-    @property
-    def ready_to_update_epoch(self) -> bool:
-        ready = bool(super().ready_to_update_epoch)
-        if not ready or self.alone_hold_s <= 0 or self.global_epoch > self.local_progress.epoch:
-            return ready  # (a later epoch in the swarm: hivemind loads its state)
-        if self.global_progress.num_peers > 1:
-            self._alone_since = None
-            return True
-        expected = self._expected()
-        if expected is None or expected <= 1:
-            return True
-        now = time.monotonic()
-        if self._alone_since is None or self._alone_epoch != self.local_progress.epoch:
-            self._alone_since, self._alone_epoch = now, self.local_progress.epoch
-            logger.info(
-                "step %d: the coordinator counts %d live peers but we read no other's "
-                "progress; waiting up to %.0f s for them before stepping alone",
-                self.local_progress.epoch,
-                expected,
-                self.alone_hold_s,
-            )
-        return now - self._alone_since >= self.alone_hold_s
-
-    def _expected(self) -> int | None:
-        now = time.monotonic()
-        if now - self._expected_at > TRUSTED_TTL_S:
-            try:
-                self._expected_value = self.expected_peers()
-            except Exception:  # the coordinator's count is a hint: never a reason to stop
-                self._expected_value = None
-            self._expected_at = now
-        return self._expected_value
 
 
 def round_step(gathered: Mapping[Any, Any]) -> int | None:
@@ -150,7 +89,6 @@ class GuardedOptimizer(hivemind.Optimizer):
         self.swarm_wait = SwarmWait()
         quiet_averaging_failures()  # a failed round is one line, not a traceback
         super().__init__(**kwargs)
-        self.tracker.alone_hold_s = self.averaging_timeout
         skips = callable(getattr(self.state_averager.optimizer, "skip_next_step", None))
         if strict_steps and not skips:
             raise TypeError(
@@ -161,7 +99,7 @@ class GuardedOptimizer(hivemind.Optimizer):
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         # hivemind's Optimizer._make_progress_tracker, building ours: records that claim
         # steps the swarm cannot have reached are not read.
-        tracker = AloneAwareTracker(
+        tracker = PlausibleProgressTracker(
             dht=self.dht,
             prefix=self.run_id,
             target_batch_size=target_batch_size,
@@ -172,7 +110,6 @@ class GuardedOptimizer(hivemind.Optimizer):
             **kwargs,
         )
         tracker.trusted_epoch = self._swarm_guard.coordinator_step
-        tracker.expected_peers = self._swarm_guard.coordinator_num_peers
         return tracker
 
     def _make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:

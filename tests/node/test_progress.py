@@ -14,7 +14,6 @@ import pytest
 
 from crowdtrain.node.swarm.progress import PlausibleProgressTracker, epoch_limit, plausible_records
 from crowdtrain.node.swarm.rounds import majority_round
-from crowdtrain.node.swarm.sync import AloneAwareTracker
 
 
 def record(peer: str, epoch: int) -> SimpleNamespace:
@@ -130,48 +129,6 @@ def test_a_newcomer_that_has_not_reported_counts_itself(
         time.sleep(0.2)
     assert new.global_progress.epoch == 4
     assert new.global_progress.num_peers == (2 if counts_itself else 1)
-
-
-def _until(condition: object, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
-        time.sleep(0.1)
-    assert condition(), "timed out"  # type: ignore[operator]
-
-
-@pytest.mark.parametrize("coordinator_counts", [None, 1, 3])
-def test_a_sync_peer_that_reads_nobody_while_the_coordinator_counts_others_waits(
-    coordinator_counts: int | None, two_dhts: TwoDHTs
-) -> None:
-    """A sync peer with the target batch by itself, reading no other peer's progress: it
-    steps alone at once when the coordinator counts nobody else (or is not heard), but
-    waits up to ``alone_hold_s`` while the coordinator counts 3 live peers (the lab's
-    scaled 10 Mbit/s links: peers whose DHT reads failed stepped alone 158 times in 75 s,
-    and the others loaded their state). The hold begins again at the next step, and ends
-    at once when another peer's progress is read."""
-    options = {"prefix": "alone", "target_batch_size": 8, "min_refresh_period": 0.1}
-    tracker = AloneAwareTracker(two_dhts.first, **options, counts_itself=True, start=True)
-    two_dhts.trackers.append(tracker)
-    tracker.expected_peers = lambda: coordinator_counts
-    tracker.alone_hold_s = 2.0
-    tracker.report_local_progress(local_epoch=3, samples_accumulated=8)  # the target alone
-    _until(lambda: tracker.global_progress.samples_accumulated >= 8)
-    assert tracker.global_progress.num_peers == 1
-    if coordinator_counts is None or coordinator_counts <= 1:
-        assert tracker.ready_to_update_epoch
-        return
-    began = time.monotonic()
-    assert not tracker.ready_to_update_epoch
-    _until(lambda: tracker.ready_to_update_epoch, timeout_s=10)
-    assert time.monotonic() - began >= 1.8  # (the hold began at the first ask)
-    tracker.report_local_progress(local_epoch=4, samples_accumulated=8)  # stepped alone
-    _until(lambda: tracker.global_progress.epoch == 4)
-    assert not tracker.ready_to_update_epoch  # held again
-    other = PlausibleProgressTracker(two_dhts.second, **options, start=True)
-    two_dhts.trackers.append(other)
-    other.report_local_progress(local_epoch=4, samples_accumulated=8)
-    _until(lambda: tracker.global_progress.num_peers >= 2)
-    assert tracker.ready_to_update_epoch
 
 
 class FirstReadHangs:
