@@ -11,7 +11,7 @@ measured run, a peer's utilisation is its token rate over its calibrated rate: t
 share of its wall time it spent computing, if computing a token costs what it cost
 in calibration. Beside it, each node's own count: the share of its training loop's
 time it spent computing and blocked on the swarm in the window (the peers view's
-``time``, from each heartbeat; on this machine's shared cores a node computing beside
+``loop_time``, from each heartbeat; on this machine's shared cores a node computing beside
 three others computes more slowly, so the two measures differ).
 """
 
@@ -153,10 +153,10 @@ def _time_shares(
 ) -> tuple[float | None, float | None]:
     """The shares of the training loop's time spent computing and waiting on the swarm
     between two reads of a peer (None without the node's time split)."""
-    now = after.get("time")
+    now = after.get("loop_time")
     if not now:
         return None, None
-    then = (before or {}).get("time") or {}
+    then = (before or {}).get("loop_time") or {}
     training = now["training_s"] - then.get("training_s", 0.0)
     if training <= 0:
         return None, None

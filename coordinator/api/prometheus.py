@@ -157,7 +157,9 @@ class CoordinatorCollector(Collector):
                         labels = [run_id, p["peer_id"], purpose, direction]
                         peer_bytes.add_metric(labels, counts[direction])
                 for part in TIME_PARTS:
-                    peer_seconds.add_metric([run_id, p["peer_id"], part], p["time"][f"{part}_s"])
+                    peer_seconds.add_metric(
+                        [run_id, p["peer_id"], part], p["loop_time"][f"{part}_s"]
+                    )
             kept = [c for c in checkpoints_view(self.store, run_id) if c["available"]]
             checkpoints.add_metric([run_id], len(kept))
             if kept:

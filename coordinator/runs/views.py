@@ -44,7 +44,7 @@ def peers_view(store: Store, run_id: str, now: float | None = None) -> list[dict
             "num_skipped_steps": p["num_skipped_steps"],
             "dht_peer_id": p["dht_peer_id"],
             "traffic": _traffic_view(traffic.get(p["peer_id"], {})),
-            "time": _time_view(seconds.get(p["peer_id"], {})),
+            "loop_time": _time_view(seconds.get(p["peer_id"], {})),
             **{k: credit.get(p["peer_id"], {}).get(k, 0) for k in _CREDIT_KEYS},
         }
         for p in store.list_peers(run_id)

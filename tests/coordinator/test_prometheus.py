@@ -199,19 +199,19 @@ def test_peer_time_in_api_and_metrics(swarm: Swarm) -> None:
     heartbeat(wire, old, old_token, num_tokens=1024, tokens_per_s=100.0)
 
     peers = {p["peer_id"]: p for p in swarm.get("/api/runs/tiny/peers")}
-    assert peers[steady.peer_id]["time"] == {
+    assert peers[steady.peer_id]["loop_time"] == {
         "training_s": 120.0,
         "computing_s": 85.0,
         "swarm_wait_s": 25.0,
         "data_wait_s": 9.0,
         "utilisation": pytest.approx(85.0 / 120.0),
     }
-    boasted = peers[boaster.peer_id]["time"]
+    boasted = peers[boaster.peer_id]["loop_time"]
     most = time.time() - before_boaster + 3600.0  # its age, and the grace
     for part in ("training_s", "computing_s", "swarm_wait_s", "data_wait_s"):
         assert 3600.0 <= boasted[part] <= most, (part, boasted)
     assert boasted["utilisation"] == pytest.approx(1.0)
-    assert peers[old.peer_id]["time"] == {
+    assert peers[old.peer_id]["loop_time"] == {
         "training_s": 0.0,
         "computing_s": 0.0,
         "swarm_wait_s": 0.0,
@@ -226,4 +226,4 @@ def test_peer_time_in_api_and_metrics(swarm: Swarm) -> None:
             found = value(
                 samples, "crowdtrain_peer_seconds_total", run="tiny", peer_id=peer_id, what=what
             )
-            assert found == peer["time"][f"{what}_s"], (peer_id, what)
+            assert found == peer["loop_time"][f"{what}_s"], (peer_id, what)

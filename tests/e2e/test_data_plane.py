@@ -143,7 +143,10 @@ def test_one_epoch_of_50_shards_each_exactly_once(swarm: Swarm) -> None:
     # failed spot check: in lenient sync an honest node's parameters can drift from the
     # keeper's at a step, fresh-clone CI at 6f37bb6).
     reopened = reopened_shards(swarm)
-    assert all(s["num_completions"] == 1 + reopened.get(s["shard"], 0) for s in shards), [
+    # (A failed check does not always reopen its shard: reopen_unproven_shard leaves it
+    # done while another receipt of it may still show it trained. Fresh-clone CI at
+    # 2f4cd4d saw a shard with a failed check stay done, completed once.)
+    assert all(1 <= s["num_completions"] <= 1 + reopened.get(s["shard"], 0) for s in shards), [
         (s, reopened) for s in shards if s["num_completions"] != 1
     ]
     epoch0 = [r for r in receipts(swarm) if r[2] == 0]

@@ -87,7 +87,7 @@ def test_sync_nodes_train_together_with_delayed_averaging_and_fp16(swarm: Swarm)
     # Where each node's training loop spent its time, by its own count: computing, and
     # blocked on the swarm at each step's rounds; the parts within the whole.
     for name, peer in peers.items():
-        split = peer["time"]
+        split = peer["loop_time"]
         parts = split["computing_s"] + split["swarm_wait_s"] + split["data_wait_s"]
         assert split["computing_s"] > 0 and split["swarm_wait_s"] > 0, (name, split)
         assert parts <= split["training_s"] * 1.01 + 1.0, (name, split)

@@ -107,7 +107,7 @@ def test_rounds_a_restarted_node_and_a_late_joiner_all_from_the_keepers_side(
         assert traffic["averaging"]["sent"] > 0 and traffic["averaging"]["received"] > 0, name
         assert traffic["control"]["sent"] > 0 and traffic["data"]["received"] > 0, name
         # and where its training loop's time went (waits on the rounds can all overlap)
-        split = peer["time"]
+        split = peer["loop_time"]
         assert split["computing_s"] > 0 and 0 < split["utilisation"] <= 1, (name, split)
 
     # Every byte of state a volunteer's uplink carried, by each node's own count: one

@@ -41,7 +41,7 @@ def test_the_nodes_own_count_of_their_time_is_taken_in_the_window() -> None:
 
     def timed(training_s: float, computing_s: float, swarm_wait_s: float) -> dict:
         split = {"training_s": training_s, "computing_s": computing_s}
-        return {**_peer("node-1", 0, 0, 0), "time": {**split, "swarm_wait_s": swarm_wait_s}}
+        return {**_peer("node-1", 0, 0, 0), "loop_time": {**split, "swarm_wait_s": swarm_wait_s}}
 
     before = Snapshot.of(0.0, [timed(100.0, 90.0, 5.0)])
     after = Snapshot.of(10.0, [timed(120.0, 95.0, 20.0)])

@@ -153,7 +153,7 @@
       td(loss(p.loss), "num"),
       td(ago(p.last_seen), "num"),
       uplink(p.traffic),
-      utilisation(p.time),
+      utilisation(p.loop_time),
       td(share(p.verified_share), "num"),
     ]);
   }
