@@ -85,13 +85,16 @@ def test_sync_nodes_train_together_with_delayed_averaging_and_fp16(swarm: Swarm)
     assert run["val_loss"] < run["first_val_loss"] - 0.5, run
     assert run["num_tokens"] == sum(p["num_tokens"] for p in peers.values())
     # Where each node's training loop spent its time, by its own count: computing, and
-    # blocked on the swarm at each step's rounds; the parts within the whole.
+    # blocked on the swarm at each step's rounds; the parts within the whole. (The late
+    # joiner may have trained for less than a step: fresh-clone CI at fd9e4b0 saw
+    # node-b's loop run 0.37 s, all of it computing.)
     for name, peer in peers.items():
         split = peer["loop_time"]
         parts = split["computing_s"] + split["swarm_wait_s"] + split["data_wait_s"]
-        assert split["computing_s"] > 0 and split["swarm_wait_s"] > 0, (name, split)
+        assert split["computing_s"] > 0, (name, split)
         assert parts <= split["training_s"] * 1.01 + 1.0, (name, split)
         assert 0 < split["utilisation"] <= 1, (name, split)
+    assert peers["node-a"]["loop_time"]["swarm_wait_s"] > 0, peers["node-a"]
     for name in ("node-a", "node-b"):
         assert (swarm.root / name / "runs" / "tiny" / "checkpoint.safetensors").exists()
 
